@@ -1,0 +1,197 @@
+//! Helpers for Intentflow's end-to-end tests against a real Apache Kafka broker.
+//!
+//! The broker is the one `scripts/kafka start` runs (or `INTENTFLOW_TEST_BROKERS`). Every
+//! test uses its own topics and consumer group, so tests can share the broker and run in
+//! parallel. The `intentflow` binary under test is the one built next to the test executable
+//! (`scripts/test` builds it first).
+
+use anyhow::{bail, Context, Result};
+use intentflow_model::train::{train, TrainConfig};
+use intentflow_model::{Device, IntentModel};
+use intentflow_operators::generate::{generate, GeneratorConfig};
+use intentflow_pipeline::kafka::{self, DeliveryWindow};
+use intentflow_schemas::{Event, ScoredIntent};
+use rdkafka::Message;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Bootstrap servers of the test broker.
+pub fn brokers() -> String {
+    std::env::var("INTENTFLOW_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// Fails with instructions when no broker answers.
+pub fn require_broker() -> String {
+    let b = brokers();
+    if let Err(e) = kafka::partition_count(&b, "__intentflow_probe") {
+        panic!("no Kafka broker at {b} ({e:#}); start one with `scripts/kafka start` or run `scripts/test`");
+    }
+    b
+}
+
+/// A topic or group name unique to this test run.
+pub fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("it-{name}-{}-{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+/// The `intentflow` binary built alongside the test executable.
+pub fn intentflow_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let bin = dir.join("intentflow");
+    assert!(bin.is_file(), "{} is missing: build it with `cargo build -p intentflow-pipeline` (scripts/test does)", bin.display());
+    bin
+}
+
+/// Generated events for `users` users, in time order.
+pub fn generated_events(users: usize, events: usize, seed: u64) -> Vec<Event> {
+    generate(&GeneratorConfig { users, events, seed, ..Default::default() }).into_iter().map(|g| g.event).collect()
+}
+
+/// A model trained once per test process on generated data (hidden size 16, 2 epochs).
+pub fn trained_model_dir() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let events = generated_events(800, 16_000, 42);
+        let cfg = TrainConfig { hidden_dim: 16, epochs: 2, ..TrainConfig::default() };
+        let (params, spec, summary) = train(&events, &cfg, &Device::Cpu, |_, _, _, _| {}).expect("training");
+        let dir = tempfile::tempdir().expect("tempdir");
+        IntentModel::save(dir.path(), &params, spec, Some(summary)).expect("saving model");
+        dir
+    })
+    .path()
+}
+
+/// Creates a topic with `partitions` partitions.
+pub fn create_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let n = rt.block_on(kafka::ensure_topic(brokers, topic, partitions))?;
+    if n != partitions {
+        bail!("topic {topic} has {n} partitions, wanted {partitions}");
+    }
+    Ok(())
+}
+
+/// Produces `(key, value)` records in order (per key order is kept by the idempotent producer).
+pub fn produce(brokers: &str, topic: &str, records: &[(String, Vec<u8>)]) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let producer = kafka::producer(brokers, &Default::default())?;
+        let mut window = DeliveryWindow::new(&producer, 50_000);
+        for (k, v) in records {
+            window.send(topic, k.as_bytes(), v).await?;
+        }
+        window.finish().await?;
+        Ok(())
+    })
+}
+
+/// Produces events as schema-v1 JSON keyed by user id.
+pub fn produce_events(brokers: &str, topic: &str, events: &[Event]) -> Result<()> {
+    let records: Vec<(String, Vec<u8>)> = events.iter().map(|e| (e.user_id.clone(), serde_json::to_vec(e).unwrap())).collect();
+    produce(brokers, topic, &records)
+}
+
+/// Reads scored intents from `topic` until `expected` arrived or none came for `idle`.
+pub fn read_intents(brokers: &str, topic: &str, expected: usize, idle: Duration) -> Result<Vec<ScoredIntent>> {
+    kafka::read_topic(brokers, topic, idle, |n| n >= expected)?
+        .iter()
+        .map(|m| serde_json::from_slice(m.payload().unwrap_or_default()).context("output is not a scored intent"))
+        .collect()
+}
+
+/// Counts committed records in `topic` (a progress probe while an operator runs).
+pub fn count_records(brokers: &str, topic: &str) -> Result<usize> {
+    Ok(kafka::read_topic(brokers, topic, Duration::from_millis(500), |_| false)?.len())
+}
+
+/// A running `intentflow run` process.
+pub struct Operator {
+    child: Child,
+    /// File with the operator's stderr log.
+    pub log: PathBuf,
+}
+
+impl Operator {
+    /// Starts `intentflow run` with the given flags; logs go to `log`.
+    pub fn start(args: &[String], log: PathBuf) -> Result<Operator> {
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(intentflow_bin())
+            .arg("run")
+            .args(args)
+            .env("INTENTFLOW_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .context("starting intentflow")?;
+        Ok(Operator { child, log })
+    }
+
+    /// Sends SIGTERM and waits for the exit (up to 60 s, then kills).
+    pub fn terminate(mut self) -> Result<ExitStatus> {
+        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status()?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                self.child.kill()?;
+                bail!("intentflow did not exit within 60 s of SIGTERM; log: {}", self.log.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Standard `run` flags for a test operator.
+pub fn run_args(brokers: &str, input: &str, output: &str, group: &str, state: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--brokers", brokers, "--input-topic", input, "--output-topic", output, "--group", group,
+        "--state-dir", &state.display().to_string(), "--model-dir", &trained_model_dir().display().to_string(),
+        "--metrics-addr", "",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Offline scores per user: each user's events scored one by one from a fresh state.
+pub fn offline_scores(events: &[Event]) -> BTreeMap<String, intentflow_model::SequenceScores> {
+    let model = IntentModel::load(trained_model_dir(), &Device::Cpu).expect("model");
+    let mut by_user: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
+    for e in events {
+        by_user.entry(&e.user_id).or_default().push(e);
+    }
+    by_user.into_iter().map(|(u, evs)| (u.to_string(), model.score_sequence(evs).expect("offline scoring"))).collect()
+}
+
+/// Groups intents by user, in the order they were read (per user that is partition order).
+pub fn intents_by_user(intents: &[ScoredIntent]) -> BTreeMap<String, Vec<&ScoredIntent>> {
+    let mut out: BTreeMap<String, Vec<&ScoredIntent>> = BTreeMap::new();
+    for i in intents {
+        out.entry(i.user_id.clone()).or_default().push(i);
+    }
+    out
+}

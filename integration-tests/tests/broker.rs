@@ -1,0 +1,190 @@
+//! The end-to-end slice on a real Kafka broker: events → RocksDB state → GRU → intents.
+
+use intentflow_integration_tests::*;
+use intentflow_schemas::{Event, ScoredIntent};
+use intentflow_state::{StateStore, StoreOptions};
+use std::collections::{BTreeMap, HashSet};
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+const IDLE: Duration = Duration::from_secs(120);
+
+/// Every valid input has exactly one intent, in its user's event order, with the offline score;
+/// the final states equal the offline final states.
+fn assert_matches_offline(intents: &[ScoredIntent], events: &[Event], state_dir: &std::path::Path) {
+    assert_eq!(intents.len(), events.len(), "one intent per valid input");
+    let sources: HashSet<(i32, i64)> = intents.iter().map(|i| (i.source.partition, i.source.offset)).collect();
+    assert_eq!(sources.len(), events.len(), "no input scored twice");
+    let offline = offline_scores(events);
+    let by_user = intents_by_user(intents);
+    assert_eq!(by_user.len(), offline.len());
+    let mut expected_ids: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for e in events {
+        expected_ids.entry(&e.user_id).or_default().push(e.event_id.as_deref().unwrap());
+    }
+    for (user, got) in &by_user {
+        let ids: Vec<&str> = got.iter().map(|i| i.event_id.as_deref().unwrap()).collect();
+        assert_eq!(ids, expected_ids[user.as_str()], "user {user}: intents out of event order");
+        for (i, (intent, want)) in got.iter().zip(&offline[user].scores).enumerate() {
+            assert!((intent.score - want).abs() <= 1e-5, "user {user} event {i}: streamed {} vs offline {want}", intent.score);
+        }
+    }
+    let store = StateStore::open(state_dir, StoreOptions::default()).unwrap();
+    let states = store.users().unwrap();
+    assert_eq!(states.len(), offline.len());
+    for (_, user, state) in states {
+        let want = &offline[&user];
+        assert_eq!(state.session, want.session, "user {user}: session state");
+        for (a, b) in state.hidden.iter().zip(&want.hidden) {
+            assert!((a - b).abs() <= 1e-5, "user {user}: hidden state {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn streamed_scores_equal_offline_scores_across_four_partitions() {
+    let brokers = require_broker();
+    let (input, output, group) = (unique("oracle-in"), unique("oracle-out"), unique("oracle"));
+    create_topic(&brokers, &input, 4).unwrap();
+    let events = generated_events(1_200, 24_000, 7);
+    produce_events(&brokers, &input, &events).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let op = Operator::start(&run_args(&brokers, &input, &output, &group, &state, &[]), dir.path().join("op.log")).unwrap();
+    let intents = read_intents(&brokers, &output, events.len(), IDLE).unwrap();
+    let log = op.log.clone();
+    let status = op.terminate().unwrap();
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+    assert!(log.contains("24000 records in, 24000 intents out, 0 invalid"), "summary missing; log:\n{log}");
+
+    let partitions: HashSet<i32> = intents.iter().map(|i| i.source.partition).collect();
+    assert_eq!(partitions.len(), 4, "events interleaved across 4 partitions");
+    assert_matches_offline(&intents, &events, &state);
+    let store = StateStore::open(&state, StoreOptions::default()).unwrap();
+    let recorded: i64 = (0..4).map(|p| store.offset(&input, p).unwrap().unwrap()).sum();
+    assert_eq!(recorded, events.len() as i64, "the store records the next offset of every partition");
+}
+
+#[test]
+fn sigterm_mid_stream_then_restart_loses_and_repeats_nothing() {
+    let brokers = require_broker();
+    let (input, output, group) = (unique("restart-in"), unique("restart-out"), unique("restart"));
+    create_topic(&brokers, &input, 4).unwrap();
+    let events = generated_events(1_000, 30_000, 11);
+    produce_events(&brokers, &input, &events).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // Small batches make the first run slow enough to stop it in the middle.
+    let slow = ["--max-batch-records", "25", "--batch-linger-ms", "1"];
+    let first = Operator::start(&run_args(&brokers, &input, &output, &group, &state, &slow), dir.path().join("first.log")).unwrap();
+    let started = Instant::now();
+    while count_records(&brokers, &output).unwrap_or(0) < 2_000 {
+        assert!(started.elapsed() < IDLE, "no progress; log:\n{}", first.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = first.terminate().unwrap();
+    assert!(status.success(), "first run exit {status}");
+    let before = read_intents(&brokers, &output, usize::MAX, Duration::from_secs(3)).unwrap();
+    assert!(before.len() < events.len(), "the first run was stopped mid-stream ({} of {})", before.len(), events.len());
+
+    let second = Operator::start(&run_args(&brokers, &input, &output, &group, &state, &[]), dir.path().join("second.log")).unwrap();
+    let intents = read_intents(&brokers, &output, events.len(), IDLE).unwrap();
+    // Nothing beyond the expected count arrives either.
+    let status = second.terminate().unwrap();
+    assert!(status.success(), "second run exit {status}");
+    let all = read_intents(&brokers, &output, usize::MAX, Duration::from_secs(3)).unwrap();
+    assert_eq!(all.len(), events.len(), "exactly one intent per event across both runs");
+
+    let first_users: HashSet<&str> = before.iter().map(|i| i.user_id.as_str()).collect();
+    let before_sources: HashSet<(i32, i64)> = before.iter().map(|i| (i.source.partition, i.source.offset)).collect();
+    let continued = intents
+        .iter()
+        .filter(|i| !before_sources.contains(&(i.source.partition, i.source.offset)) && first_users.contains(i.user_id.as_str()))
+        .count();
+    assert!(continued > 0, "some users have events on both sides of the restart");
+    assert_matches_offline(&intents, &events, &state);
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse::<f64>().ok()))
+        .map_or(0, |v| v as u64)
+}
+
+#[test]
+fn malformed_records_are_skipped_counted_and_logged_while_valid_ones_are_scored() {
+    let brokers = require_broker();
+    let (input, output, group) = (unique("bad-in"), unique("bad-out"), unique("bad"));
+    create_topic(&brokers, &input, 4).unwrap();
+    let events = generated_events(200, 3_000, 13);
+    let future_ts = chrono_like_future();
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("invalid_json", br#"{"user_id":"u1","ts":"#.to_vec()),
+        ("wrong_type", br#"{"user_id":"u1","ts":1704067200000,"type":"view","price":"cheap"}"#.to_vec()),
+        ("missing_field", br#"{"ts":1704067200000,"type":"view"}"#.to_vec()),
+        ("unknown_event_type", br#"{"user_id":"u1","ts":1704067200000,"type":"teleport"}"#.to_vec()),
+        ("out_of_range", br#"{"user_id":"u1","ts":1704067200000,"type":"view","price":-5}"#.to_vec()),
+        ("out_of_range", format!(r#"{{"user_id":"u1","ts":{future_ts},"type":"view"}}"#).into_bytes()),
+        ("oversized", format!(r#"{{"user_id":"u1","ts":1704067200000,"type":"view","x":"{}"}}"#, "a".repeat(70_000)).into_bytes()),
+        ("empty", Vec::new()),
+    ];
+    let mut records = Vec::new();
+    let mut expected_invalid: BTreeMap<&str, u64> = BTreeMap::new();
+    for (i, e) in events.iter().enumerate() {
+        records.push((e.user_id.clone(), serde_json::to_vec(e).unwrap()));
+        if i % 10 == 0 {
+            let (kind, bytes) = &bad[(i / 10) % bad.len()];
+            records.push((e.user_id.clone(), bytes.clone()));
+            *expected_invalid.entry(kind).or_default() += 1;
+        }
+    }
+    produce(&brokers, &input, &records).unwrap();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut args = run_args(&brokers, &input, &output, &group, &state, &[]);
+    let at = args.iter().position(|a| a == "--metrics-addr").unwrap();
+    args[at + 1] = addr.clone();
+    let op = Operator::start(&args, dir.path().join("op.log")).unwrap();
+    let intents = read_intents(&brokers, &output, events.len(), IDLE).unwrap();
+
+    // The batch that produced the last intent has also counted its rejections.
+    let metrics = http_get(&addr, "/metrics");
+    let health = http_get(&addr, "/health");
+    let log_path = op.log.clone();
+    let status = op.terminate().unwrap();
+    let log = std::fs::read_to_string(log_path).unwrap();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+
+    let invalid_total: u64 = expected_invalid.values().sum();
+    for (kind, n) in &expected_invalid {
+        let got = metric(&metrics, &format!("intentflow_records_invalid_total{{error_type=\"{kind}\"}}"));
+        assert_eq!(got, *n, "invalid records of kind {kind}; metrics:\n{metrics}");
+    }
+    assert_eq!(metric(&metrics, "intentflow_intents_out_total"), events.len() as u64);
+    assert!(health.contains("\"status\":\"running\""), "{health}");
+    assert!(log.contains(&format!("{} records in, {} intents out, {invalid_total} invalid", records.len(), events.len())), "log:\n{log}");
+    let rejected_lines: Vec<&str> = log.lines().filter(|l| l.contains("rejected record")).collect();
+    assert!(!rejected_lines.is_empty());
+    assert!(rejected_lines.iter().all(|l| l.contains(&format!("topic={input}")) && l.contains("partition=") && l.contains("offset=")));
+    assert_matches_offline(&intents, &events, &state);
+}
+
+/// Epoch milliseconds a year from now: far beyond the decoder's one-day tolerance.
+fn chrono_like_future() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    now + 365 * 86_400_000
+}

@@ -1,0 +1,195 @@
+//! The one feature path shared by training, offline scoring and the streaming operator.
+//!
+//! [`FeatureSpec::featurize`] advances a user's [`SessionState`] by one event and returns the
+//! normalised input vector of the GRU step plus whether the hidden state must be reset (the
+//! event opened a new session). Nothing else in the project computes features.
+
+use intentflow_schemas::{Event, EventType, SessionConfig, SessionState};
+use serde::{Deserialize, Serialize};
+
+/// Number of inputs of the GRU per event.
+pub const FEATURE_DIM: usize = 16;
+
+/// Names of the feature slots, in order; written to `model.json`.
+pub const FEATURE_NAMES: [&str; FEATURE_DIM] = [
+    "type_view",
+    "type_click",
+    "type_add_to_cart",
+    "type_remove_from_cart",
+    "type_wishlist",
+    "type_purchase",
+    "log_gap_seconds",
+    "log_price",
+    "has_price",
+    "hour_sin",
+    "hour_cos",
+    "log_cart_count",
+    "log_cart_value",
+    "log_event_index",
+    "first_in_session",
+    "log_session_seconds",
+];
+
+/// One event's features, before or after normalisation.
+pub type Features = [f32; FEATURE_DIM];
+
+/// The feature contract of a trained model: the session rule and the normalisation statistics
+/// fitted on its training split. Stored in `model.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureSpec {
+    /// Feature names, checked against [`FEATURE_NAMES`] on load.
+    pub names: Vec<String>,
+    /// Per-feature mean subtracted before the GRU.
+    pub mean: Vec<f32>,
+    /// Per-feature standard deviation divided by before the GRU (never 0).
+    pub std: Vec<f32>,
+    /// How sessions are cut.
+    pub session: SessionConfig,
+}
+
+/// Output of [`FeatureSpec::featurize`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prepared {
+    /// Normalised GRU input.
+    pub features: Features,
+    /// The event opened a new session: start from a zero hidden vector.
+    pub reset_hidden: bool,
+}
+
+/// Raw (unnormalised) features of `ev`, given the session state *after* applying it.
+fn raw_features(ev: &Event, after: &SessionState, gap_ms: i64, new_session: bool) -> Features {
+    let mut f = [0f32; FEATURE_DIM];
+    f[ev.kind.index()] = 1.0;
+    f[6] = (gap_ms as f64 / 1000.0).ln_1p() as f32;
+    if let Some(p) = ev.price {
+        f[7] = p.ln_1p() as f32;
+        f[8] = 1.0;
+    }
+    let day_ms = 86_400_000i64;
+    let angle = (ev.ts.rem_euclid(day_ms) as f64 / day_ms as f64) * std::f64::consts::TAU;
+    f[9] = angle.sin() as f32;
+    f[10] = angle.cos() as f32;
+    f[11] = f64::from(after.cart_count).ln_1p() as f32;
+    f[12] = after.cart_value.ln_1p() as f32;
+    f[13] = f64::from(after.events - 1).ln_1p() as f32;
+    f[14] = f32::from(u8::from(new_session));
+    f[15] = ((after.last_ts_ms - after.started_ms).max(0) as f64 / 1000.0).ln_1p() as f32;
+    debug_assert!(EventType::ALL.len() == 6);
+    f
+}
+
+impl FeatureSpec {
+    /// A spec with identity normalisation, used before statistics are fitted.
+    pub fn identity(session: SessionConfig) -> FeatureSpec {
+        FeatureSpec {
+            names: FEATURE_NAMES.iter().map(|s| s.to_string()).collect(),
+            mean: vec![0.0; FEATURE_DIM],
+            std: vec![1.0; FEATURE_DIM],
+            session,
+        }
+    }
+
+    /// Fits mean and standard deviation on raw feature rows (a zero deviation becomes 1).
+    pub fn fit(session: SessionConfig, rows: &[Features]) -> FeatureSpec {
+        let n = rows.len().max(1) as f64;
+        let mut mean = [0f64; FEATURE_DIM];
+        for r in rows {
+            for (m, x) in mean.iter_mut().zip(r) {
+                *m += f64::from(*x) / n;
+            }
+        }
+        let mut var = [0f64; FEATURE_DIM];
+        for r in rows {
+            for ((v, x), m) in var.iter_mut().zip(r).zip(&mean) {
+                *v += (f64::from(*x) - m).powi(2) / n;
+            }
+        }
+        FeatureSpec {
+            names: FEATURE_NAMES.iter().map(|s| s.to_string()).collect(),
+            mean: mean.iter().map(|m| *m as f32).collect(),
+            std: var.iter().map(|v| if *v > 1e-12 { v.sqrt() as f32 } else { 1.0 }).collect(),
+            session,
+        }
+    }
+
+    /// Advances `session` by `ev` and returns the raw features with the reset decision.
+    pub fn featurize_raw(&self, session: &mut SessionState, ev: &Event) -> (Features, bool) {
+        let step = session.advance(ev, &self.session);
+        (raw_features(ev, session, step.gap_ms, step.new_session), step.new_session)
+    }
+
+    /// Applies the fitted normalisation to raw features.
+    pub fn normalize(&self, raw: &Features) -> Features {
+        let mut out = [0f32; FEATURE_DIM];
+        for i in 0..FEATURE_DIM {
+            out[i] = (raw[i] - self.mean[i]) / self.std[i];
+        }
+        out
+    }
+
+    /// Advances `session` by `ev` and returns the normalised GRU input.
+    pub fn featurize(&self, session: &mut SessionState, ev: &Event) -> Prepared {
+        let (raw, reset_hidden) = self.featurize_raw(session, ev);
+        Prepared { features: self.normalize(&raw), reset_hidden }
+    }
+
+    /// Checks that the spec matches this build's feature layout.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let names_ok = self.names.len() == FEATURE_DIM && self.names.iter().zip(FEATURE_NAMES).all(|(a, b)| a == b);
+        if !names_ok {
+            return Err(format!("feature names {:?} do not match this build's {:?}", self.names, FEATURE_NAMES));
+        }
+        if self.mean.len() != FEATURE_DIM || self.std.len() != FEATURE_DIM {
+            return Err("feature statistics have the wrong length".into());
+        }
+        if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) || self.mean.iter().any(|m| !m.is_finite()) {
+            return Err("feature statistics must be finite with positive deviations".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn features_follow_the_session() {
+        let spec = FeatureSpec::identity(SessionConfig::default());
+        let mut s = SessionState::default();
+        let mk = |ts: i64, kind, price| Event {
+            user_id: "u".into(),
+            ts,
+            kind,
+            event_id: None,
+            session_id: None,
+            item_id: None,
+            category: None,
+            price,
+            quantity: None,
+        };
+        let a = spec.featurize(&mut s, &mk(0, EventType::View, Some(9.0)));
+        assert!(a.reset_hidden);
+        assert_eq!(a.features[0], 1.0);
+        assert_eq!(a.features[14], 1.0);
+        assert!((a.features[7] - 10f32.ln()).abs() < 1e-6);
+        let b = spec.featurize(&mut s, &mk(9_000, EventType::AddToCart, Some(9.0)));
+        assert!(!b.reset_hidden);
+        assert_eq!(b.features[2], 1.0);
+        assert!((b.features[6] - 10f32.ln()).abs() < 1e-6, "gap of 9 s");
+        assert!((b.features[11] - 2f32.ln()).abs() < 1e-6, "one unit in cart");
+        assert!((b.features[13] - 2f32.ln()).abs() < 1e-6, "second event");
+    }
+
+    #[test]
+    fn fit_normalises_to_zero_mean_unit_std() {
+        let rows: Vec<Features> = (0..100).map(|i| [i as f32; FEATURE_DIM]).collect();
+        let spec = FeatureSpec::fit(SessionConfig::default(), &rows);
+        let z: Vec<Features> = rows.iter().map(|r| spec.normalize(r)).collect();
+        let mean: f32 = z.iter().map(|r| r[3]).sum::<f32>() / 100.0;
+        let var: f32 = z.iter().map(|r| r[3] * r[3]).sum::<f32>() / 100.0;
+        assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4);
+        assert!(spec.validate().is_ok());
+    }
+}

@@ -1,0 +1,209 @@
+//! The purchase-intent model of Intentflow, in candle. No Kafka, no storage.
+//!
+//! * [`features`] — the single feature path: an event plus the user's session state becomes a
+//!   normalised GRU input, identically in training, offline scoring and streaming.
+//! * [`IntentModel`] — a trained GRU + head loaded from a model directory (`model.safetensors`
+//!   with PyTorch `nn.GRU` tensor names, `model.json` with dimensions, feature spec and a
+//!   content-hash version). [`IntentModel::step`] advances a whole batch of users by one event
+//!   each; the host-side `f32` buffers in and out keep tensors out of the state layer.
+//! * [`train`] — BCE + AdamW training on "this session purchases later" labels.
+//! * [`eval`] — ROC-AUC and log loss.
+//!
+//! The model runs on candle's CPU device, or on CUDA when built with the `cuda` feature.
+
+pub mod eval;
+pub mod features;
+mod gru;
+mod io;
+pub mod train;
+
+pub use features::{FeatureSpec, Features, Prepared, FEATURE_DIM};
+pub use gru::{names, GruParams};
+pub use io::{ModelMeta, TrainingSummary, MODEL_FILE, META_FILE};
+
+pub use candle_core::Device;
+use candle_core::Tensor;
+use intentflow_schemas::{Event, SessionState};
+use std::path::PathBuf;
+
+/// Errors of the model crate.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A candle tensor operation failed.
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// Reading or writing a model file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// No model at the given directory.
+    #[error("no trained model in {0} (expected model.safetensors and model.json); train one with `intentflow train --input EVENTS.jsonl --model-dir {0}`")]
+    Missing(PathBuf),
+    /// The model files are inconsistent or do not match this build.
+    #[error("invalid model: {0}")]
+    Invalid(String),
+    /// `model.json` could not be parsed.
+    #[error("model.json: {0}")]
+    Json(#[from] serde_json::Error),
+    /// CUDA was asked for but is not available.
+    #[error("CUDA device unavailable: {0}")]
+    CudaUnavailable(String),
+    /// Training could not run (no data, no labels).
+    #[error("training: {0}")]
+    Training(String),
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// candle's CPU backend.
+    #[default]
+    Cpu,
+    /// The first CUDA GPU (needs the `cuda` cargo feature).
+    Cuda,
+}
+
+impl DeviceKind {
+    /// Opens the candle device.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::CudaUnavailable`] when CUDA is asked for in a build without the `cuda`
+    /// feature or on a machine without a usable GPU.
+    pub fn open(self) -> Result<Device, ModelError> {
+        match self {
+            DeviceKind::Cpu => Ok(Device::Cpu),
+            #[cfg(feature = "cuda")]
+            DeviceKind::Cuda => Device::new_cuda(0).map_err(|e| ModelError::CudaUnavailable(e.to_string())),
+            #[cfg(not(feature = "cuda"))]
+            DeviceKind::Cuda => Err(ModelError::CudaUnavailable(
+                "this binary was built without the `cuda` feature (cargo build --features cuda)".into(),
+            )),
+        }
+    }
+}
+
+/// Result of one batched step: new hidden vectors (row-major `B × H`) and scores (`B`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutput {
+    /// Hidden vectors after the step, `B × H`.
+    pub hidden: Vec<f32>,
+    /// Purchase probabilities after the step.
+    pub scores: Vec<f32>,
+}
+
+/// A trained purchase-intent model on a device.
+#[derive(Debug, Clone)]
+pub struct IntentModel {
+    params: GruParams,
+    meta: ModelMeta,
+    device: Device,
+}
+
+impl IntentModel {
+    /// Builds a model from parameters and metadata, moving the parameters to `device`.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::Invalid`] when shapes disagree with each other or with the metadata.
+    pub fn new(params: GruParams, meta: ModelMeta, device: Device) -> Result<IntentModel, ModelError> {
+        params.validate().map_err(ModelError::Invalid)?;
+        meta.features.validate().map_err(ModelError::Invalid)?;
+        if params.input_dim() != FEATURE_DIM || params.hidden_dim() != meta.hidden_dim || meta.input_dim != FEATURE_DIM {
+            return Err(ModelError::Invalid(format!(
+                "dimensions disagree: tensors D={} H={}, model.json D={} H={}, this build D={FEATURE_DIM}",
+                params.input_dim(),
+                params.hidden_dim(),
+                meta.input_dim,
+                meta.hidden_dim
+            )));
+        }
+        let params = params.to_device(&device)?;
+        Ok(IntentModel { params, meta, device })
+    }
+
+    /// The model's metadata (`model.json`).
+    pub fn meta(&self) -> &ModelMeta {
+        &self.meta
+    }
+
+    /// Content-hash version, e.g. `gru-3f9a0c1b2d4e`.
+    pub fn version(&self) -> &str {
+        &self.meta.version
+    }
+
+    /// Hidden size H.
+    pub fn hidden_dim(&self) -> usize {
+        self.meta.hidden_dim
+    }
+
+    /// The feature contract to prepare inputs with.
+    pub fn features(&self) -> &FeatureSpec {
+        &self.meta.features
+    }
+
+    /// The parameters (on the model's device).
+    pub fn params(&self) -> &GruParams {
+        &self.params
+    }
+
+    /// Advances `B = inputs.len()` users by one event each.
+    ///
+    /// `hidden` holds their current hidden vectors row-major (`B × H`; zeros for a new
+    /// session). Returns the new hidden vectors and the purchase probabilities.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::Invalid`] if `hidden` has the wrong length; candle errors otherwise.
+    pub fn step(&self, inputs: &[Features], hidden: &[f32]) -> Result<StepOutput, ModelError> {
+        let (b, h) = (inputs.len(), self.hidden_dim());
+        if hidden.len() != b * h {
+            return Err(ModelError::Invalid(format!("hidden buffer holds {} values, expected {b}×{h}", hidden.len())));
+        }
+        if b == 0 {
+            return Ok(StepOutput { hidden: Vec::new(), scores: Vec::new() });
+        }
+        let x = Tensor::from_slice(inputs.as_flattened(), (b, FEATURE_DIM), &self.device)?;
+        let h0 = Tensor::from_slice(hidden, (b, h), &self.device)?;
+        let h1 = self.params.cell(&self.params.input_gates(&x)?, &h0)?;
+        let scores = gru::sigmoid(&self.params.logits(&h1)?)?;
+        Ok(StepOutput { hidden: h1.flatten_all()?.to_vec1()?, scores: scores.to_vec1()? })
+    }
+
+    /// Scores one user's events one at a time, in the given order, from a fresh state: the
+    /// reference that the streaming operator must reproduce. Returns every score and the
+    /// final state.
+    ///
+    /// # Errors
+    ///
+    /// Candle errors.
+    pub fn score_sequence<'a>(&self, events: impl IntoIterator<Item = &'a Event>) -> Result<SequenceScores, ModelError> {
+        let mut out = SequenceScores { scores: Vec::new(), hidden: vec![0f32; self.hidden_dim()], session: SessionState::default() };
+        for ev in events {
+            let prepared = self.features().featurize(&mut out.session, ev);
+            if prepared.reset_hidden {
+                out.hidden.fill(0.0);
+            }
+            let step = self.step(&[prepared.features], &out.hidden)?;
+            out.hidden = step.hidden;
+            out.scores.push(step.scores[0]);
+        }
+        Ok(out)
+    }
+}
+
+/// Offline scores of one user's sequence and the state it ends in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SequenceScores {
+    /// One score per event.
+    pub scores: Vec<f32>,
+    /// Hidden vector after the last event.
+    pub hidden: Vec<f32>,
+    /// Session state after the last event.
+    pub session: SessionState,
+}

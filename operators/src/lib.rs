@@ -1,0 +1,38 @@
+//! The Kafka-agnostic stream operators of Intentflow.
+//!
+//! The life of a micro-batch, whoever feeds it (a Kafka consumer, a file replay, a test):
+//!
+//! 1. **decode** — raw record bytes become validated [`Event`]s or [`Rejected`] records with a
+//!    reason ([`decode::decode_batch`]).
+//! 2. **featurize + score** — [`IntentOperator::process`] loads each user's [`UserState`] from the
+//!    [`StateStore`], then advances the users in *waves*: wave *k* holds the *k*-th event of
+//!    every user in the batch, so each wave is one batched GRU step across many users while each
+//!    user's events are applied strictly in their order.
+//! 3. **encode** — [`encode::encode_intent`] writes a [`ScoredIntent`] as JSON.
+//!
+//! The caller (the pipeline) produces the outputs, then writes the returned states and commits
+//! offsets; nothing here touches Kafka.
+//!
+//! [`generate`] is the seeded synthetic clickstream source used by the CLI, the tests and the
+//! benchmarks when no real data is at hand.
+
+pub mod decode;
+pub mod encode;
+pub mod generate;
+mod score;
+
+pub use decode::{Decoded, Rejected, SourceRecord};
+pub use intentflow_schemas::{Event, ScoredIntent, SourcePosition};
+pub use intentflow_state::{StateStore, UserState};
+pub use score::{BatchOutput, IntentOperator, PositionedEvent};
+
+/// Errors of the operators.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    /// The model failed to step.
+    #[error(transparent)]
+    Model(#[from] intentflow_model::ModelError),
+    /// The state store failed.
+    #[error(transparent)]
+    State(#[from] intentflow_state::StateError),
+}

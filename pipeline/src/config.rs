@@ -1,0 +1,277 @@
+//! Configuration of `intentflow run`: a TOML file, command-line flags over it, and checks.
+//!
+//! Plain data with units in the names, `deny_unknown_fields` so a typo is an error, and
+//! cross-field checks in [`RunConfig::validate`]. The reference is `docs/config.md`.
+
+use clap::Args;
+use intentflow_model::DeviceKind;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Everything `intentflow run` needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// Input topics (co-partitioned by user id when more than one).
+    pub input_topics: Vec<String>,
+    /// Output topic of scored intents.
+    pub output_topic: String,
+    /// Consumer group id; instances with the same group share the partitions.
+    pub group: String,
+    /// Directory of the RocksDB state store.
+    pub state_dir: PathBuf,
+    /// Directory of the trained model (`model.safetensors`, `model.json`).
+    pub model_dir: PathBuf,
+    /// Device of the GRU.
+    pub device: DeviceKind,
+    /// Most records per micro-batch.
+    pub max_batch_records: usize,
+    /// How long a micro-batch waits for more records after its first one.
+    pub batch_linger_ms: u64,
+    /// Address of the `/metrics` and `/health` endpoints; empty to disable.
+    pub metrics_addr: String,
+    /// Largest accepted input record in bytes.
+    pub max_record_bytes: usize,
+    /// Extra librdkafka properties for the consumer and the producer.
+    pub kafka: KafkaOverrides,
+}
+
+/// librdkafka properties passed through as they are (see librdkafka's CONFIGURATION.md).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaOverrides {
+    /// Consumer properties, e.g. `"fetch.max.bytes" = "52428800"`.
+    pub consumer: BTreeMap<String, String>,
+    /// Producer properties, e.g. `"compression.type" = "lz4"`.
+    pub producer: BTreeMap<String, String>,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            brokers: "127.0.0.1:9092".into(),
+            input_topics: vec!["events".into()],
+            output_topic: "intents".into(),
+            group: "intentflow".into(),
+            state_dir: PathBuf::from("./intentflow-state"),
+            model_dir: PathBuf::from("./intentflow-model"),
+            device: DeviceKind::Cpu,
+            max_batch_records: 4096,
+            batch_linger_ms: 20,
+            metrics_addr: "127.0.0.1:9464".into(),
+            max_record_bytes: 64 * 1024,
+            kafka: KafkaOverrides::default(),
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The TOML file is malformed or has unknown keys.
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: toml::de::Error,
+    },
+    /// A value or a combination of values is invalid.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Command-line flags of `intentflow run`; each one overrides the config file.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunArgs {
+    /// TOML config file (flags override its values).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Kafka bootstrap servers [default: 127.0.0.1:9092].
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Input topic; repeat for several [default: events].
+    #[arg(long = "input-topic")]
+    pub input_topics: Vec<String>,
+    /// Output topic of scored intents [default: intents].
+    #[arg(long)]
+    pub output_topic: Option<String>,
+    /// Consumer group [default: intentflow].
+    #[arg(long)]
+    pub group: Option<String>,
+    /// RocksDB state directory [default: ./intentflow-state].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Trained model directory [default: ./intentflow-model].
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// Device: cpu or cuda [default: cpu].
+    #[arg(long, value_parser = parse_device)]
+    pub device: Option<DeviceKind>,
+    /// Most records per micro-batch [default: 4096].
+    #[arg(long)]
+    pub max_batch_records: Option<usize>,
+    /// Milliseconds a micro-batch waits for more records [default: 20].
+    #[arg(long)]
+    pub batch_linger_ms: Option<u64>,
+    /// Address for /metrics and /health, or "" to disable [default: 127.0.0.1:9464].
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
+}
+
+fn parse_device(s: &str) -> Result<DeviceKind, String> {
+    match s {
+        "cpu" => Ok(DeviceKind::Cpu),
+        "cuda" => Ok(DeviceKind::Cuda),
+        other => Err(format!("unknown device `{other}` (cpu or cuda)")),
+    }
+}
+
+impl RunConfig {
+    /// Reads a TOML file; absent keys keep their defaults.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Read`] and [`ConfigError::Parse`].
+    pub fn from_file(path: &Path) -> Result<RunConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    }
+
+    /// Builds the effective configuration: defaults, then the file, then the flags; validated.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ConfigError`].
+    pub fn resolve(args: &RunArgs) -> Result<RunConfig, ConfigError> {
+        let mut cfg = match &args.config {
+            Some(path) => RunConfig::from_file(path)?,
+            None => RunConfig::default(),
+        };
+        if let Some(v) = &args.brokers {
+            cfg.brokers.clone_from(v);
+        }
+        if !args.input_topics.is_empty() {
+            cfg.input_topics.clone_from(&args.input_topics);
+        }
+        if let Some(v) = &args.output_topic {
+            cfg.output_topic.clone_from(v);
+        }
+        if let Some(v) = &args.group {
+            cfg.group.clone_from(v);
+        }
+        if let Some(v) = &args.state_dir {
+            cfg.state_dir.clone_from(v);
+        }
+        if let Some(v) = &args.model_dir {
+            cfg.model_dir.clone_from(v);
+        }
+        if let Some(v) = args.device {
+            cfg.device = v;
+        }
+        if let Some(v) = args.max_batch_records {
+            cfg.max_batch_records = v;
+        }
+        if let Some(v) = args.batch_linger_ms {
+            cfg.batch_linger_ms = v;
+        }
+        if let Some(v) = &args.metrics_addr {
+            cfg.metrics_addr.clone_from(v);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Cross-field checks.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] naming the problem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.brokers.trim().is_empty() {
+            return bad("brokers must not be empty".into());
+        }
+        if self.input_topics.is_empty() || self.input_topics.iter().any(|t| t.trim().is_empty()) {
+            return bad("at least one non-empty input topic is needed".into());
+        }
+        if self.input_topics.contains(&self.output_topic) {
+            return bad(format!("output topic `{}` is also an input topic: scores would feed back", self.output_topic));
+        }
+        if self.output_topic.trim().is_empty() || self.group.trim().is_empty() {
+            return bad("output topic and group must not be empty".into());
+        }
+        if self.max_batch_records == 0 {
+            return bad("max_batch_records must be at least 1".into());
+        }
+        if self.batch_linger_ms > 10_000 {
+            return bad(format!("batch_linger_ms = {} exceeds 10 s: scores would lag", self.batch_linger_ms));
+        }
+        if self.max_record_bytes < 64 {
+            return bad("max_record_bytes must be at least 64".into());
+        }
+        self.metrics_socket()?;
+        Ok(())
+    }
+
+    /// The metrics address, or `None` when disabled.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] for an unparseable address.
+    pub fn metrics_socket(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.metrics_addr.trim().is_empty() {
+            return Ok(None);
+        }
+        self.metrics_addr
+            .parse()
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid(format!("metrics_addr `{}`: {e}", self.metrics_addr)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_file_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(
+            &path,
+            "brokers = \"k1:9092\"\ninput_topics = [\"a\", \"b\"]\ngroup = \"g\"\n[kafka.consumer]\n\"fetch.max.bytes\" = \"1048576\"\n",
+        )
+        .unwrap();
+        let args = RunArgs { config: Some(path), group: Some("g2".into()), ..Default::default() };
+        let cfg = RunConfig::resolve(&args).unwrap();
+        assert_eq!(cfg.brokers, "k1:9092");
+        assert_eq!(cfg.input_topics, ["a", "b"]);
+        assert_eq!(cfg.group, "g2");
+        assert_eq!(cfg.output_topic, "intents");
+        assert_eq!(cfg.kafka.consumer["fetch.max.bytes"], "1048576");
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_feedback_loops() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, "brokerz = \"x\"\n").unwrap();
+        let err = RunConfig::resolve(&RunArgs { config: Some(path), ..Default::default() }).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        let args = RunArgs { input_topics: vec!["intents".into()], ..Default::default() };
+        assert!(RunConfig::resolve(&args).unwrap_err().to_string().contains("feed back"));
+    }
+}

@@ -1,0 +1,191 @@
+//! Readers of event files: schema-v1 JSONL, and the public REES46 and Taobao CSV layouts.
+//!
+//! Mappings (also in `docs/schemas.md`):
+//!
+//! * **REES46** (`event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session`):
+//!   `event_time` `2019-10-01 00:00:00 UTC` → `ts`; `view`/`cart`/`remove_from_cart`/`purchase`
+//!   → `type`; `product_id` → `item_id`; `category_code` (or `category_id` when empty) →
+//!   `category`; `price`; `user_id`; `user_session` → `session_id`.
+//! * **Taobao UserBehavior** (no header: `user_id,item_id,category_id,behavior_type,timestamp`):
+//!   `pv`/`cart`/`fav`/`buy` → `view`/`add_to_cart`/`wishlist`/`purchase`; `timestamp` in epoch
+//!   seconds.
+//!
+//! Rows that do not fit are reported with their line numbers and skipped; the events that do
+//! are returned in time order (stable, so equal times keep file order).
+
+use anyhow::{Context, Result};
+use intentflow_schemas::{Event, EventDecoder, EventType};
+use std::io::BufRead;
+use std::path::Path;
+
+/// Input file layouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Schema-v1 events, one JSON object per line.
+    Jsonl,
+    /// REES46 "eCommerce behavior data from multi category store" CSV.
+    Rees46,
+    /// Alibaba Tianchi Taobao UserBehavior CSV.
+    Taobao,
+}
+
+/// A row that could not become an event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadRow {
+    /// 1-based line number in the file.
+    pub line: usize,
+    /// Why.
+    pub reason: String,
+}
+
+/// Events read from a file, and the rows that were skipped.
+#[derive(Debug, Default)]
+pub struct Imported {
+    /// Valid events in time order.
+    pub events: Vec<Event>,
+    /// Skipped rows.
+    pub bad: Vec<BadRow>,
+}
+
+/// Reads `path` in `format`.
+///
+/// # Errors
+///
+/// If the file cannot be opened or read; bad rows are not errors.
+pub fn read_events(path: &Path, format: Format) -> Result<Imported> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut out = match format {
+        Format::Jsonl => read_jsonl(std::io::BufReader::new(file))?,
+        Format::Rees46 => read_csv(file, true, rees46_row)?,
+        Format::Taobao => read_csv(file, false, taobao_row)?,
+    };
+    out.events.sort_by_key(|e| e.ts);
+    Ok(out)
+}
+
+fn read_jsonl(reader: impl BufRead) -> Result<Imported> {
+    let decoder = EventDecoder::default();
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut out = Imported::default();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match decoder.decode(line.as_bytes(), now) {
+            Ok(e) => out.events.push(e),
+            Err(e) => out.bad.push(BadRow { line: i + 1, reason: e.to_string() }),
+        }
+    }
+    Ok(out)
+}
+
+fn read_csv(file: std::fs::File, header: bool, row: fn(&csv::StringRecord) -> Result<Event, String>) -> Result<Imported> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(header).flexible(true).from_reader(file);
+    let mut out = Imported::default();
+    let mut record = csv::StringRecord::new();
+    let first_line = if header { 2 } else { 1 };
+    let mut line = first_line;
+    loop {
+        match reader.read_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => match row(&record) {
+                Ok(e) => out.events.push(e),
+                Err(reason) => out.bad.push(BadRow { line, reason }),
+            },
+            Err(e) => out.bad.push(BadRow { line, reason: e.to_string() }),
+        }
+        line += 1;
+    }
+    Ok(out)
+}
+
+fn field<'a>(r: &'a csv::StringRecord, i: usize, name: &str) -> Result<&'a str, String> {
+    r.get(i).map(str::trim).filter(|s| !s.is_empty()).ok_or_else(|| format!("missing {name}"))
+}
+
+fn price(s: Option<&str>) -> Result<Option<f64>, String> {
+    match s.map(str::trim).filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(s) => {
+            let p: f64 = s.parse().map_err(|_| format!("price `{s}` is not a number"))?;
+            if p.is_finite() && p >= 0.0 { Ok(Some(p)) } else { Err(format!("price {p} is negative")) }
+        }
+    }
+}
+
+fn rees46_row(r: &csv::StringRecord) -> Result<Event, String> {
+    let time = field(r, 0, "event_time")?;
+    let ts = chrono::NaiveDateTime::parse_from_str(time.trim_end_matches(" UTC"), "%Y-%m-%d %H:%M:%S")
+        .map_err(|e| format!("event_time `{time}`: {e}"))?
+        .and_utc()
+        .timestamp_millis();
+    let kind_text = field(r, 1, "event_type")?;
+    let kind = EventType::parse(kind_text).ok_or_else(|| format!("unknown event_type `{kind_text}`"))?;
+    let category = field(r, 4, "category_code").or_else(|_| field(r, 3, "category_id")).ok().map(str::to_string);
+    Ok(Event {
+        user_id: field(r, 7, "user_id")?.to_string(),
+        ts,
+        kind,
+        event_id: None,
+        session_id: field(r, 8, "user_session").ok().map(str::to_string),
+        item_id: field(r, 2, "product_id").ok().map(str::to_string),
+        category,
+        price: price(r.get(6))?,
+        quantity: None,
+    })
+}
+
+fn taobao_row(r: &csv::StringRecord) -> Result<Event, String> {
+    let kind_text = field(r, 3, "behavior_type")?;
+    let kind = EventType::parse(kind_text).ok_or_else(|| format!("unknown behavior_type `{kind_text}`"))?;
+    let secs: i64 = field(r, 4, "timestamp")?.parse().map_err(|_| "timestamp is not an integer".to_string())?;
+    Ok(Event {
+        user_id: field(r, 0, "user_id")?.to_string(),
+        ts: secs * 1000,
+        kind,
+        event_id: None,
+        session_id: None,
+        item_id: field(r, 1, "item_id").ok().map(str::to_string),
+        category: field(r, 2, "category_id").ok().map(str::to_string),
+        price: None,
+        quantity: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn rees46_rows_map_and_bad_rows_are_reported() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session").unwrap();
+        writeln!(f, "2019-10-01 00:00:05 UTC,cart,44600062,2103807459595387724,,shiseido,35.79,541312140,72d76fde").unwrap();
+        writeln!(f, "2019-10-01 00:00:00 UTC,view,3900821,2053013552326770905,appliances.water_heater,aqua,33.20,554748717,9333dfbd").unwrap();
+        writeln!(f, "2019-10-01 00:00:07 UTC,teleport,1,2,,,1.0,5,s").unwrap();
+        writeln!(f, "2019-10-01 00:00:08 UTC,view,1,2,,,-4,5,s").unwrap();
+        let got = read_events(f.path(), Format::Rees46).unwrap();
+        assert_eq!(got.events.len(), 2);
+        let first = &got.events[0];
+        assert_eq!((first.user_id.as_str(), first.kind, first.ts), ("554748717", EventType::View, 1_569_888_000_000));
+        assert_eq!(first.category.as_deref(), Some("appliances.water_heater"));
+        assert_eq!(got.events[1].kind, EventType::AddToCart);
+        assert_eq!(got.events[1].category.as_deref(), Some("2103807459595387724"));
+        assert_eq!(got.events[1].session_id.as_deref(), Some("72d76fde"));
+        assert_eq!(got.bad.iter().map(|b| b.line).collect::<Vec<_>>(), [4, 5]);
+    }
+
+    #[test]
+    fn taobao_rows_map() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "1,2268318,2520377,pv,1511544070").unwrap();
+        writeln!(f, "1,2333346,2520771,buy,1511561733").unwrap();
+        writeln!(f, "1,2333346,2520771,fav").unwrap();
+        let got = read_events(f.path(), Format::Taobao).unwrap();
+        assert_eq!(got.events.iter().map(|e| e.kind).collect::<Vec<_>>(), [EventType::View, EventType::Purchase]);
+        assert_eq!(got.events[0].ts, 1_511_544_070_000);
+        assert_eq!(got.bad.len(), 1);
+    }
+}

@@ -1,0 +1,208 @@
+//! Kafka wiring shared by the commands: client configs, topic creation, a bounded window of
+//! in-flight deliveries, and a bulk reader.
+
+use anyhow::{anyhow, bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::future_producer::{Delivery, DeliveryFuture, OwnedDeliveryResult};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{Message, TopicPartitionList};
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+/// Metadata and admin requests give up after this long.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A base client config for `brokers` with the given extra properties applied last.
+pub fn client_config(brokers: &str, overrides: &BTreeMap<String, String>) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers);
+    for (k, v) in overrides {
+        cfg.set(k, v);
+    }
+    cfg
+}
+
+/// An idempotent producer tuned for throughput with bounded latency.
+///
+/// # Errors
+///
+/// If librdkafka rejects the configuration.
+pub fn producer(brokers: &str, overrides: &BTreeMap<String, String>) -> Result<FutureProducer> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "500000")
+        .set("message.timeout.ms", "120000");
+    for (k, v) in overrides {
+        cfg.set(k, v);
+    }
+    cfg.create().context("creating Kafka producer")
+}
+
+/// Creates `topic` with `partitions` partitions (replication factor 1 unless the broker
+/// default applies) if it does not exist yet. Returns the topic's partition count.
+///
+/// # Errors
+///
+/// If the broker cannot be reached or refuses the topic.
+pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<i32> {
+    if let Some(n) = partition_count(brokers, topic)? {
+        return Ok(n);
+    }
+    let admin: AdminClient<DefaultClientContext> = client_config(brokers, &BTreeMap::new()).create()?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
+    let results = admin
+        .create_topics([&new], &AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT)))
+        .await
+        .with_context(|| format!("creating topic {topic}"))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => bail!("creating topic {name}: {code}"),
+        }
+    }
+    // Creation is asynchronous on the broker: wait until metadata shows the partitions.
+    for _ in 0..100 {
+        if let Some(n) = partition_count(brokers, topic)? {
+            return Ok(n);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("topic {topic} was created but its metadata did not appear")
+}
+
+/// The number of partitions of `topic`, or `None` if it does not exist.
+///
+/// # Errors
+///
+/// If the broker cannot be reached.
+pub fn partition_count(brokers: &str, topic: &str) -> Result<Option<i32>> {
+    let consumer: BaseConsumer = client_config(brokers, &BTreeMap::new())
+        .set("allow.auto.create.topics", "false")
+        .create()?;
+    let md = consumer
+        .fetch_metadata(Some(topic), ADMIN_TIMEOUT)
+        .with_context(|| format!("fetching metadata of {topic} from {brokers}"))?;
+    Ok(md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.partitions().len() as i32))
+}
+
+/// Keeps up to `capacity` deliveries in flight and surfaces the first failure.
+///
+/// Sending never blocks on a round trip: when librdkafka's queue is full, the oldest delivery
+/// is awaited to make room.
+pub struct DeliveryWindow<'p> {
+    producer: &'p FutureProducer,
+    pending: VecDeque<DeliveryFuture>,
+    capacity: usize,
+    delivered: u64,
+}
+
+impl<'p> DeliveryWindow<'p> {
+    /// A window over `producer` with at most `capacity` deliveries awaited at once.
+    pub fn new(producer: &'p FutureProducer, capacity: usize) -> Self {
+        DeliveryWindow { producer, pending: VecDeque::new(), capacity: capacity.max(1), delivered: 0 }
+    }
+
+    async fn settle_oldest(&mut self) -> Result<()> {
+        if let Some(fut) = self.pending.pop_front() {
+            settle(fut.await)?;
+            self.delivered += 1;
+        }
+        Ok(())
+    }
+
+    /// Enqueues one record.
+    ///
+    /// # Errors
+    ///
+    /// The first failed delivery, or a non-retriable enqueue error.
+    pub async fn send(&mut self, topic: &str, key: &[u8], payload: &[u8]) -> Result<()> {
+        if self.pending.len() >= self.capacity {
+            self.settle_oldest().await?;
+        }
+        loop {
+            let record = FutureRecord::to(topic).key(key).payload(payload);
+            match self.producer.send_result(record) {
+                Ok(fut) => {
+                    self.pending.push_back(fut);
+                    return Ok(());
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    if self.pending.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    } else {
+                        self.settle_oldest().await?;
+                    }
+                }
+                Err((e, _)) => return Err(anyhow!(e).context(format!("producing to {topic}"))),
+            }
+        }
+    }
+
+    /// Awaits every pending delivery; returns how many were delivered in all.
+    ///
+    /// # Errors
+    ///
+    /// The first failed delivery.
+    pub async fn finish(&mut self) -> Result<u64> {
+        while !self.pending.is_empty() {
+            self.settle_oldest().await?;
+        }
+        Ok(self.delivered)
+    }
+}
+
+fn settle<Canceled>(r: Result<OwnedDeliveryResult, Canceled>) -> Result<Delivery> {
+    match r {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err((e, m))) => Err(anyhow!(e).context(format!("delivery to {} failed", m.topic()))),
+        Err(_) => bail!("producer dropped a delivery"),
+    }
+}
+
+/// Reads every record of `topic` from the beginning until `until(count)` says stop or the
+/// topic has been idle for `idle`. Reads committed data only. Returns the records in the order
+/// read (per partition in offset order).
+///
+/// # Errors
+///
+/// Kafka errors.
+pub fn read_topic(brokers: &str, topic: &str, idle: Duration, mut until: impl FnMut(usize) -> bool) -> Result<Vec<OwnedMessage>> {
+    let partitions = partition_count(brokers, topic)?.ok_or_else(|| anyhow!("topic {topic} does not exist"))?;
+    let consumer: BaseConsumer = client_config(brokers, &BTreeMap::new())
+        .set("group.id", "intentflow-reader")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut out = Vec::new();
+    let mut last = std::time::Instant::now();
+    while !until(out.len()) && last.elapsed() < idle {
+        match consumer.poll(Timeout::After(Duration::from_millis(200))) {
+            Some(Ok(m)) => {
+                out.push(m.detach());
+                last = std::time::Instant::now();
+            }
+            Some(Err(e)) => return Err(anyhow!(e).context(format!("reading {topic}"))),
+            None => {}
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,84 @@
+//! `intentflow`: purchase-intent scores from Kafka clickstreams.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use intentflow_pipeline::{commands, config, runtime, telemetry};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(name = "intentflow", version, about = "Live purchase-intent scores from Kafka clickstreams")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `intentflow_pipeline=debug`.
+    #[arg(long, global = true, env = "INTENTFLOW_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the streaming operator: consume events, score them, produce intents.
+    Run(config::RunArgs),
+    /// Generate a seeded synthetic clickstream into a file or a topic.
+    Generate(commands::GenerateArgs),
+    /// Convert a dataset (REES46, Taobao, JSONL) into schema-v1 events in a file or a topic.
+    Import(commands::ImportArgs),
+    /// Train the intent GRU from an event file.
+    Train(commands::TrainArgs),
+    /// Print scored intents from the output topic.
+    Tail(commands::TailArgs),
+}
+
+/// Turns SIGTERM and SIGINT into the shutdown signal.
+fn watch_signals() -> Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = watch::channel(false);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{name} received: finishing the current batch");
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+async fn run(args: config::RunArgs) -> Result<()> {
+    let cfg = config::RunConfig::resolve(&args)?;
+    let health = Arc::new(telemetry::Health::default());
+    if let Some(addr) = cfg.metrics_socket()? {
+        let prometheus = telemetry::install_recorder()?;
+        let health = health.clone();
+        tokio::spawn(async move {
+            if let Err(e) = telemetry::serve(addr, prometheus, health).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+    let summary = runtime::run(cfg, watch_signals()?, health).await?;
+    eprintln!(
+        "intentflow run: {} records in, {} intents out, {} invalid, {} skipped as already applied, {} batches",
+        summary.records, summary.intents, summary.invalid, summary.skipped, summary.batches
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log)?)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Run(args) => run(args).await,
+        Command::Generate(args) => commands::generate_cmd(&args).await,
+        Command::Import(args) => commands::import_cmd(&args).await,
+        Command::Train(args) => tokio::task::block_in_place(|| commands::train_cmd(&args)),
+        Command::Tail(args) => tokio::task::block_in_place(|| commands::tail_cmd(&args)),
+    }
+}

@@ -1,0 +1,245 @@
+//! The streaming runtime of `intentflow run`.
+//!
+//! One loop owns the consumer, the producer, the state store and the operator:
+//!
+//! 1. collect a micro-batch (up to `max_batch_records`, waiting at most `batch_linger_ms` after
+//!    the first record);
+//! 2. drop records the state store already reflects (see [`offsets::already_applied`]);
+//! 3. decode, then score with [`IntentOperator::process`] (waves of batched GRU steps);
+//! 4. produce every intent and await every acknowledgement;
+//! 5. write the users' new states and the next offsets to RocksDB in one atomic batch;
+//! 6. commit the next offsets to the consumer group.
+//!
+//! A crash before 5 re-scores the batch on restart (outputs may repeat: at-least-once); a
+//! crash between 5 and 6 is harmless, because step 2 skips what the store already holds, so a
+//! user's hidden state never applies an event twice. On SIGTERM/SIGINT the loop finishes the
+//! batch in hand, commits synchronously and returns.
+
+use crate::config::RunConfig;
+use crate::kafka::{self, DeliveryWindow};
+use crate::telemetry::{BatchMetrics, BatchStats, Health};
+use anyhow::{Context, Result};
+use intentflow_model::IntentModel;
+use intentflow_operators::{decode::decode_batch, encode::encode_intent, IntentOperator, SourceRecord};
+use intentflow_schemas::{EventDecoder, Limits};
+use intentflow_state::{StateStore, StoreOptions};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+pub mod offsets;
+
+/// Totals of a run, returned when it stops.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Records consumed.
+    pub records: u64,
+    /// Intents produced and acknowledged.
+    pub intents: u64,
+    /// Records rejected as invalid.
+    pub invalid: u64,
+    /// Records skipped because the state already reflected them.
+    pub skipped: u64,
+    /// Batches processed.
+    pub batches: u64,
+}
+
+/// Consumer context: tracks the assignment and tells the loop when it changed.
+struct RebalanceTracker {
+    health: Arc<Health>,
+    changed: AtomicBool,
+}
+
+impl ClientContext for RebalanceTracker {}
+
+impl ConsumerContext for RebalanceTracker {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        match rebalance {
+            Rebalance::Assign(tpl) => tracing::info!(partitions = tpl.count(), "partitions assigned"),
+            Rebalance::Revoke(tpl) => tracing::info!(partitions = tpl.count(), "partitions revoked"),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+        self.health.assigned_partitions.store(assigned, Ordering::Relaxed);
+        self.changed.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Resolves when `shutdown` says stop (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs the operator until `shutdown` turns true. Returns the totals.
+///
+/// # Errors
+///
+/// Start-up failures (no model, state store locked, broker unreachable) and failures that
+/// would risk losing data (a delivery that did not succeed, a state write that failed). The
+/// offsets of the failed batch are not committed, so a restart repeats it.
+pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Arc<Health>) -> Result<RunSummary> {
+    let device = cfg.device.open()?;
+    let model = IntentModel::load(&cfg.model_dir, &device)?;
+    tracing::info!(version = model.version(), hidden = model.hidden_dim(), device = ?cfg.device, "model loaded");
+    let operator = IntentOperator::new(model);
+    let store = StateStore::open(&cfg.state_dir, StoreOptions::default())
+        .with_context(|| format!("opening state store {}", cfg.state_dir.display()))?;
+    let decoder = EventDecoder::new(Limits { max_record_bytes: cfg.max_record_bytes, ..Limits::default() });
+
+    let input_partitions = kafka::partition_count(&cfg.brokers, &cfg.input_topics[0])?.unwrap_or(4);
+    kafka::ensure_topic(&cfg.brokers, &cfg.output_topic, input_partitions).await?;
+    let producer = kafka::producer(&cfg.brokers, &cfg.kafka.producer)?;
+
+    let tracker = RebalanceTracker { health: health.clone(), changed: AtomicBool::new(true) };
+    let mut consumer_cfg = kafka::client_config(&cfg.brokers, &Default::default());
+    consumer_cfg
+        .set("group.id", &cfg.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed");
+    for (k, v) in &cfg.kafka.consumer {
+        consumer_cfg.set(k, v);
+    }
+    let consumer: StreamConsumer<RebalanceTracker> = consumer_cfg.create_with_context(tracker)?;
+    let topics: Vec<&str> = cfg.input_topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    tracing::info!(topics = ?cfg.input_topics, group = %cfg.group, output = %cfg.output_topic, "subscribed");
+
+    let metrics = BatchMetrics::default();
+    let linger = Duration::from_millis(cfg.batch_linger_ms);
+    let mut applied: HashMap<(String, i32), Option<i64>> = HashMap::new();
+    let mut summary = RunSummary::default();
+    health.running.store(true, Ordering::Relaxed);
+
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = stopped(&mut shutdown) => break,
+            m = consumer.recv() => m,
+        };
+        let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(cfg.max_batch_records);
+        match first {
+            Ok(m) => batch.push(m),
+            Err(e) => {
+                tracing::warn!(error = %e, "consumer error");
+                continue;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + linger;
+        while batch.len() < cfg.max_batch_records {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m),
+                Ok(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        if consumer.context().changed.swap(false, Ordering::Relaxed) {
+            // Ownership may have moved: re-read the recorded offsets on next use.
+            applied.clear();
+        }
+
+        let mut stats = BatchStats { records: batch.len() as u64, ..Default::default() };
+        let mut fresh = Vec::with_capacity(batch.len());
+        for m in &batch {
+            let key = (m.topic().to_string(), m.partition());
+            if !applied.contains_key(&key) {
+                applied.insert(key.clone(), store.offset(&key.0, key.1)?);
+            }
+            if offsets::already_applied(m.offset(), applied[&key]) {
+                stats.skipped += 1;
+            } else {
+                fresh.push(SourceRecord { topic: m.topic(), partition: m.partition(), offset: m.offset(), payload: m.payload() });
+            }
+        }
+        let decoded = decode_batch(&decoder, fresh, chrono::Utc::now().timestamp_millis());
+        report_rejections(&decoded.rejected, &mut stats);
+        let out = tokio::task::block_in_place(|| {
+            operator.process(&decoded.events, &store, chrono::Utc::now().timestamp_millis())
+        })?;
+
+        let mut window = DeliveryWindow::new(&producer, 100_000);
+        for intent in &out.intents {
+            window.send(&cfg.output_topic, intent.user_id.as_bytes(), &encode_intent(intent)).await?;
+        }
+        window.finish().await?;
+
+        let next = offsets::next_offsets(batch.iter().map(|m| (m.topic(), m.partition(), m.offset())));
+        store.commit(
+            out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)),
+            next.iter().map(|((t, p), o)| (t.as_str(), *p, *o)),
+        )?;
+        for ((t, p), o) in &next {
+            applied.insert((t.clone(), *p), Some(*o));
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), o) in &next {
+            tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            // The state store holds the offsets too, so a lost commit only costs a re-read.
+            tracing::warn!(error = %e, "offset commit failed");
+        }
+
+        stats.intents = out.intents.len() as u64;
+        stats.state_resets = out.reset_states as u64;
+        stats.waves = out.waves as u64;
+        stats.seconds = started.elapsed().as_secs_f64();
+        metrics.emit(&stats, &health);
+        summary.records += stats.records;
+        summary.intents += stats.intents;
+        summary.skipped += stats.skipped;
+        summary.invalid += stats.invalid.values().sum::<u64>();
+        summary.batches += 1;
+        tracing::debug!(records = stats.records, intents = stats.intents, waves = stats.waves, seconds = stats.seconds, "batch done");
+    }
+
+    health.running.store(false, Ordering::Relaxed);
+    // Every processed batch committed asynchronously; make the last position durable.
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), o) in &applied {
+        if let Some(o) = o {
+            tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
+        }
+    }
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+            tracing::warn!(error = %e, "final offset commit failed; the state store holds the offsets");
+        }
+    }
+    consumer.unsubscribe();
+    tracing::info!(?summary, "stopped");
+    Ok(summary)
+}
+
+/// Logs rejected records (each one names topic/partition/offset, up to a cap per batch) and
+/// counts them by reason.
+fn report_rejections(rejected: &[intentflow_operators::Rejected], stats: &mut BatchStats) {
+    const LOGGED_PER_BATCH: usize = 20;
+    for (i, r) in rejected.iter().enumerate() {
+        *stats.invalid.entry(r.error.kind()).or_default() += 1;
+        if i < LOGGED_PER_BATCH {
+            tracing::warn!(
+                topic = %r.source.topic,
+                partition = r.source.partition,
+                offset = r.source.offset,
+                error_type = r.error.kind(),
+                "rejected record: {}",
+                r.error
+            );
+        }
+    }
+    if rejected.len() > LOGGED_PER_BATCH {
+        tracing::warn!(more = rejected.len() - LOGGED_PER_BATCH, "further rejected records in this batch not logged");
+    }
+}

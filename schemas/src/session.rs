@@ -1,0 +1,163 @@
+//! The session part of a user's state, and the one rule that advances it.
+//!
+//! Streaming, offline scoring and training all call [`SessionState::advance`], so a session
+//! boundary is decided the same way everywhere.
+
+use crate::{Event, EventType};
+use serde::{Deserialize, Serialize};
+
+/// How sessions are cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Inactivity after which the next event starts a new session (default 30 minutes).
+    pub gap_ms: i64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig { gap_ms: 30 * 60 * 1000 }
+    }
+}
+
+/// Per-user session counters and times. A fresh user is `SessionState::default()`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SessionState {
+    /// The shop's session id of the current session, if events carry one.
+    pub session_id: Option<String>,
+    /// Index of the current session among the user's sessions (0-based).
+    pub session_seq: u32,
+    /// Events in the current session so far.
+    pub events: u32,
+    /// Units in the cart (adds minus removes, never below zero).
+    pub cart_count: u32,
+    /// Value of the units in the cart (never below zero).
+    pub cart_value: f64,
+    /// Time of the first event of the current session (epoch ms).
+    pub started_ms: i64,
+    /// Latest event time seen in the current session (epoch ms).
+    pub last_ts_ms: i64,
+    /// Whether the current session already purchased; the next event then opens a new session.
+    pub purchased: bool,
+    /// Every event ever applied to this user, across sessions.
+    pub total_events: u64,
+}
+
+/// What [`SessionState::advance`] decided for one event.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SessionStep {
+    /// The event opened a new session: the caller resets the hidden intent vector.
+    pub new_session: bool,
+    /// Milliseconds since the previous event of the same session (0 for the first, and for an
+    /// event older than the previous one).
+    pub gap_ms: i64,
+}
+
+impl SessionState {
+    /// Applies one event and says whether it opened a new session.
+    ///
+    /// A new session starts on a user's first event; after `gap_ms` of inactivity; when the
+    /// event's `session_id` differs from the current one (both present); or after a purchase,
+    /// which closes its session. A new session resets `events`, the cart and the start time and
+    /// increments `session_seq`; `total_events` always counts on. An event older than the
+    /// previous one stays in the session with a gap of 0 and does not move `last_ts_ms` back.
+    pub fn advance(&mut self, ev: &Event, cfg: &SessionConfig) -> SessionStep {
+        let fresh = self.total_events == 0;
+        let id_changed = matches!((&self.session_id, &ev.session_id), (Some(a), Some(b)) if a != b);
+        let new_session = fresh || self.purchased || id_changed || ev.ts - self.last_ts_ms > cfg.gap_ms;
+        let gap_ms = if new_session {
+            if !fresh {
+                self.session_seq += 1;
+            }
+            self.events = 0;
+            self.cart_count = 0;
+            self.cart_value = 0.0;
+            self.started_ms = ev.ts;
+            self.last_ts_ms = ev.ts;
+            self.purchased = false;
+            self.session_id = None;
+            0
+        } else {
+            (ev.ts - self.last_ts_ms).max(0)
+        };
+        if ev.session_id.is_some() {
+            self.session_id.clone_from(&ev.session_id);
+        }
+        self.events += 1;
+        self.total_events += 1;
+        self.last_ts_ms = self.last_ts_ms.max(ev.ts);
+        let units = ev.quantity.unwrap_or(1);
+        let value = ev.price.unwrap_or(0.0) * f64::from(units);
+        match ev.kind {
+            EventType::AddToCart => {
+                self.cart_count = self.cart_count.saturating_add(units);
+                self.cart_value += value;
+            }
+            EventType::RemoveFromCart => {
+                self.cart_count = self.cart_count.saturating_sub(units);
+                self.cart_value = (self.cart_value - value).max(0.0);
+            }
+            EventType::Purchase => self.purchased = true,
+            EventType::View | EventType::Click | EventType::Wishlist => {}
+        }
+        SessionStep { new_session, gap_ms }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(ts_s: i64, kind: EventType, session: Option<&str>) -> Event {
+        Event {
+            user_id: "u".into(),
+            ts: ts_s * 1000,
+            kind,
+            event_id: None,
+            session_id: session.map(str::to_string),
+            item_id: None,
+            category: None,
+            price: Some(10.0),
+            quantity: None,
+        }
+    }
+
+    #[test]
+    fn gap_session_id_and_purchase_cut_sessions() {
+        let cfg = SessionConfig::default();
+        let mut s = SessionState::default();
+        let steps: Vec<_> = [
+            ev(0, EventType::View, None),
+            ev(60, EventType::AddToCart, None),
+            ev(60 + 1801, EventType::View, None),         // 30 min + 1 s gap
+            ev(60 + 1802, EventType::View, Some("a")),     // id appears: same session
+            ev(60 + 1803, EventType::View, Some("b")),     // id changes
+            ev(60 + 1804, EventType::Purchase, Some("b")),
+            ev(60 + 1805, EventType::View, Some("b")),     // after purchase
+        ]
+        .iter()
+        .map(|e| s.advance(e, &cfg))
+        .collect();
+        let news: Vec<bool> = steps.iter().map(|s| s.new_session).collect();
+        assert_eq!(news, [true, false, true, false, true, false, true]);
+        assert_eq!(steps[1].gap_ms, 60_000);
+        assert_eq!(s.session_seq, 4);
+        assert_eq!(s.events, 1);
+        assert_eq!(s.total_events, 7);
+        assert_eq!(s.cart_count, 0);
+    }
+
+    #[test]
+    fn cart_never_negative_and_late_events_keep_time() {
+        let cfg = SessionConfig::default();
+        let mut s = SessionState::default();
+        s.advance(&ev(100, EventType::AddToCart, None), &cfg);
+        assert_eq!((s.cart_count, s.cart_value), (1, 10.0));
+        s.advance(&ev(101, EventType::RemoveFromCart, None), &cfg);
+        let step = s.advance(&ev(50, EventType::RemoveFromCart, None), &cfg);
+        assert_eq!((s.cart_count, s.cart_value), (0, 0.0));
+        assert!(!step.new_session);
+        assert_eq!(step.gap_ms, 0);
+        assert_eq!(s.last_ts_ms, 101_000);
+    }
+}
