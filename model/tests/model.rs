@@ -59,8 +59,11 @@ fn labels_mark_events_before_the_purchase() {
 fn training_learns_cart_leads_to_purchase_and_round_trips() {
     let events = learnable_events();
     let (params, spec, summary) = train(&events, &quick_config(), &Device::Cpu, |_, _, _, _| {}).unwrap();
+    // The first two events of every session look alike whatever follows, so the best possible
+    // ranking ties them: ROC-AUC 28/32 = 0.875 (2 of 4 positives and 4 of 8 negatives per three
+    // sessions are indistinguishable).
     let auc = summary.val_roc_auc.expect("validation has both classes");
-    assert!(auc > 0.9, "validation ROC-AUC {auc}");
+    assert!(auc > 0.85, "validation ROC-AUC {auc}");
 
     let dir = tempfile::tempdir().unwrap();
     let meta = IntentModel::save(dir.path(), &params, spec, Some(summary)).unwrap();

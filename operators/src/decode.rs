@@ -1,6 +1,6 @@
 //! Decoding raw records into events, with every rejection kept and explained.
 
-use intentflow_schemas::{DecodeError, Event, EventDecoder, SourcePosition};
+use intentflow_schemas::{DecodeError, EventDecoder, SourcePosition};
 
 /// A raw input record as any source sees it.
 #[derive(Debug, Clone, Copy)]

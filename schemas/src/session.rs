@@ -141,7 +141,7 @@ mod tests {
         let news: Vec<bool> = steps.iter().map(|s| s.new_session).collect();
         assert_eq!(news, [true, false, true, false, true, false, true]);
         assert_eq!(steps[1].gap_ms, 60_000);
-        assert_eq!(s.session_seq, 4);
+        assert_eq!(s.session_seq, 3, "four sessions, numbered from 0");
         assert_eq!(s.events, 1);
         assert_eq!(s.total_events, 7);
         assert_eq!(s.cart_count, 0);
