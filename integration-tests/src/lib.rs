@@ -104,9 +104,18 @@ pub fn read_intents(brokers: &str, topic: &str, expected: usize, idle: Duration)
         .collect()
 }
 
-/// Counts committed records in `topic` (a progress probe while an operator runs).
-pub fn count_records(brokers: &str, topic: &str) -> Result<usize> {
-    Ok(kafka::read_topic(brokers, topic, Duration::from_millis(500), |_| false)?.len())
+/// Records in `topic` so far: the sum of its partitions' high watermarks (an instant progress
+/// probe while an operator runs; the producer is not transactional, so every record counts).
+pub fn topic_size(brokers: &str, topic: &str) -> Result<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let Some(partitions) = kafka::partition_count(brokers, topic)? else { return Ok(0) };
+    let consumer: BaseConsumer = kafka::client_config(brokers, &Default::default()).create()?;
+    let mut total = 0;
+    for p in 0..partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        total += high - low;
+    }
+    Ok(total)
 }
 
 /// A running `intentflow run` process.

@@ -46,6 +46,7 @@ fn streamed_scores_equal_offline_scores_across_four_partitions() {
     let brokers = require_broker();
     let (input, output, group) = (unique("oracle-in"), unique("oracle-out"), unique("oracle"));
     create_topic(&brokers, &input, 4).unwrap();
+    create_topic(&brokers, &output, 4).unwrap();
     let events = generated_events(1_200, 24_000, 7);
     produce_events(&brokers, &input, &events).unwrap();
 
@@ -72,6 +73,7 @@ fn sigterm_mid_stream_then_restart_loses_and_repeats_nothing() {
     let brokers = require_broker();
     let (input, output, group) = (unique("restart-in"), unique("restart-out"), unique("restart"));
     create_topic(&brokers, &input, 4).unwrap();
+    create_topic(&brokers, &output, 4).unwrap();
     let events = generated_events(1_000, 30_000, 11);
     produce_events(&brokers, &input, &events).unwrap();
 
@@ -81,7 +83,7 @@ fn sigterm_mid_stream_then_restart_loses_and_repeats_nothing() {
     let slow = ["--max-batch-records", "25", "--batch-linger-ms", "1"];
     let first = Operator::start(&run_args(&brokers, &input, &output, &group, &state, &slow), dir.path().join("first.log")).unwrap();
     let started = Instant::now();
-    while count_records(&brokers, &output).unwrap_or(0) < 2_000 {
+    while topic_size(&brokers, &output).unwrap() < 2_000 {
         assert!(started.elapsed() < IDLE, "no progress; log:\n{}", first.log_text());
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -127,6 +129,7 @@ fn malformed_records_are_skipped_counted_and_logged_while_valid_ones_are_scored(
     let brokers = require_broker();
     let (input, output, group) = (unique("bad-in"), unique("bad-out"), unique("bad"));
     create_topic(&brokers, &input, 4).unwrap();
+    create_topic(&brokers, &output, 4).unwrap();
     let events = generated_events(200, 3_000, 13);
     let future_ts = chrono_like_future();
     let bad: Vec<(&str, Vec<u8>)> = vec![
@@ -177,9 +180,11 @@ fn malformed_records_are_skipped_counted_and_logged_while_valid_ones_are_scored(
     assert_eq!(metric(&metrics, "intentflow_intents_out_total"), events.len() as u64);
     assert!(health.contains("\"status\":\"running\""), "{health}");
     assert!(log.contains(&format!("{} records in, {} intents out, {invalid_total} invalid", records.len(), events.len())), "log:\n{log}");
-    let rejected_lines: Vec<&str> = log.lines().filter(|l| l.contains("rejected record")).collect();
+    let rejected_lines: Vec<&str> = log.lines().filter(|l| l.contains("rejected record:")).collect();
     assert!(!rejected_lines.is_empty());
-    assert!(rejected_lines.iter().all(|l| l.contains(&format!("topic={input}")) && l.contains("partition=") && l.contains("offset=")));
+    for line in &rejected_lines {
+        assert!(line.contains(&format!("topic={input}")) && line.contains("partition=") && line.contains("offset="), "{line}");
+    }
     assert_matches_offline(&intents, &events, &state);
 }
 
