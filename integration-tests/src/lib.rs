@@ -140,8 +140,9 @@ impl Operator {
         Ok(Operator { child, log })
     }
 
-    /// Sends SIGTERM and waits for the exit (up to 60 s, then kills).
-    pub fn terminate(mut self) -> Result<ExitStatus> {
+    /// Sends SIGTERM and waits for the exit (up to 60 s, then kills). Returns the exit status
+    /// and the whole log.
+    pub fn terminate(mut self) -> Result<(ExitStatus, String)> {
         let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status()?;
         if !status.success() {
             bail!("kill -TERM failed");
@@ -149,7 +150,7 @@ impl Operator {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(s) = self.child.try_wait()? {
-                return Ok(s);
+                return Ok((s, self.log_text()));
             }
             if Instant::now() > deadline {
                 self.child.kill()?;
@@ -172,18 +173,62 @@ impl Drop for Operator {
     }
 }
 
-/// Standard `run` flags for a test operator.
-pub fn run_args(brokers: &str, input: &str, output: &str, group: &str, state: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--brokers", brokers, "--input-topic", input, "--output-topic", output, "--group", group,
-        "--state-dir", &state.display().to_string(), "--model-dir", &trained_model_dir().display().to_string(),
-        "--metrics-addr", "",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
+/// One test's own topics, consumer group and state directory on the shared broker.
+pub struct Scenario {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// Input topic.
+    pub input: String,
+    /// Output topic.
+    pub output: String,
+    /// Consumer group.
+    pub group: String,
+    /// State directory of the operator.
+    pub state: PathBuf,
+    /// Holds the state directory and the logs.
+    pub dir: tempfile::TempDir,
+}
+
+impl Scenario {
+    /// Creates input and output topics with `partitions` partitions each.
+    pub fn new(name: &str, partitions: i32) -> Scenario {
+        let brokers = require_broker();
+        let (input, output, group) = (unique(&format!("{name}-in")), unique(&format!("{name}-out")), unique(name));
+        create_topic(&brokers, &input, partitions).unwrap();
+        create_topic(&brokers, &output, partitions).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        Scenario { brokers, input, output, group, state, dir }
+    }
+
+    /// `intentflow run` flags for this scenario, then `extra` (metrics are off unless `extra`
+    /// sets `--metrics-addr`).
+    pub fn run_args(&self, extra: &[&str]) -> Vec<String> {
+        let state = self.state.display().to_string();
+        let model = trained_model_dir().display().to_string();
+        let mut args: Vec<String> = [
+            "--brokers", &self.brokers, "--input-topic", &self.input, "--output-topic", &self.output,
+            "--group", &self.group, "--state-dir", &state, "--model-dir", &model,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if !extra.contains(&"--metrics-addr") {
+            args.extend(["--metrics-addr".to_string(), String::new()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// Starts an operator with `args`, logging to `<log>.log` in the scenario directory.
+    pub fn start(&self, log: &str, args: &[String]) -> Operator {
+        Operator::start(args, self.dir.path().join(format!("{log}.log"))).unwrap()
+    }
+
+    /// Reads intents from the output topic until `expected` arrived or none came for `idle`.
+    pub fn intents(&self, expected: usize, idle: Duration) -> Vec<ScoredIntent> {
+        read_intents(&self.brokers, &self.output, expected, idle).unwrap()
+    }
 }
 
 /// Offline scores per user: each user's events scored one by one from a fresh state.

@@ -43,61 +43,48 @@ fn assert_matches_offline(intents: &[ScoredIntent], events: &[Event], state_dir:
 
 #[test]
 fn streamed_scores_equal_offline_scores_across_four_partitions() {
-    let brokers = require_broker();
-    let (input, output, group) = (unique("oracle-in"), unique("oracle-out"), unique("oracle"));
-    create_topic(&brokers, &input, 4).unwrap();
-    create_topic(&brokers, &output, 4).unwrap();
+    let sc = Scenario::new("oracle", 4);
     let events = generated_events(1_200, 24_000, 7);
-    produce_events(&brokers, &input, &events).unwrap();
+    produce_events(&sc.brokers, &sc.input, &events).unwrap();
 
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let op = Operator::start(&run_args(&brokers, &input, &output, &group, &state, &[]), dir.path().join("op.log")).unwrap();
-    let intents = read_intents(&brokers, &output, events.len(), IDLE).unwrap();
-    let log = op.log.clone();
-    let status = op.terminate().unwrap();
-    let log = std::fs::read_to_string(log).unwrap();
+    let op = sc.start("op", &sc.run_args(&[]));
+    let intents = sc.intents(events.len(), IDLE);
+    let (status, log) = op.terminate().unwrap();
     assert!(status.success(), "exit {status}; log:\n{log}");
     assert!(log.contains("24000 records in, 24000 intents out, 0 invalid"), "summary missing; log:\n{log}");
 
     let partitions: HashSet<i32> = intents.iter().map(|i| i.source.partition).collect();
     assert_eq!(partitions.len(), 4, "events interleaved across 4 partitions");
-    assert_matches_offline(&intents, &events, &state);
-    let store = StateStore::open(&state, StoreOptions::default()).unwrap();
-    let recorded: i64 = (0..4).map(|p| store.offset(&input, p).unwrap().unwrap()).sum();
+    assert_matches_offline(&intents, &events, &sc.state);
+    let store = StateStore::open(&sc.state, StoreOptions::default()).unwrap();
+    let recorded: i64 = (0..4).map(|p| store.offset(&sc.input, p).unwrap().unwrap()).sum();
     assert_eq!(recorded, events.len() as i64, "the store records the next offset of every partition");
 }
 
 #[test]
 fn sigterm_mid_stream_then_restart_loses_and_repeats_nothing() {
-    let brokers = require_broker();
-    let (input, output, group) = (unique("restart-in"), unique("restart-out"), unique("restart"));
-    create_topic(&brokers, &input, 4).unwrap();
-    create_topic(&brokers, &output, 4).unwrap();
+    let sc = Scenario::new("restart", 4);
     let events = generated_events(1_000, 30_000, 11);
-    produce_events(&brokers, &input, &events).unwrap();
+    produce_events(&sc.brokers, &sc.input, &events).unwrap();
 
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
     // Small batches make the first run slow enough to stop it in the middle.
-    let slow = ["--max-batch-records", "25", "--batch-linger-ms", "1"];
-    let first = Operator::start(&run_args(&brokers, &input, &output, &group, &state, &slow), dir.path().join("first.log")).unwrap();
+    let first = sc.start("first", &sc.run_args(&["--max-batch-records", "25", "--batch-linger-ms", "1"]));
     let started = Instant::now();
-    while topic_size(&brokers, &output).unwrap() < 2_000 {
+    while topic_size(&sc.brokers, &sc.output).unwrap() < 2_000 {
         assert!(started.elapsed() < IDLE, "no progress; log:\n{}", first.log_text());
         std::thread::sleep(Duration::from_millis(200));
     }
-    let status = first.terminate().unwrap();
-    assert!(status.success(), "first run exit {status}");
-    let before = read_intents(&brokers, &output, usize::MAX, Duration::from_secs(3)).unwrap();
+    let (status, log) = first.terminate().unwrap();
+    assert!(status.success(), "first run exit {status}; log:\n{log}");
+    let before = sc.intents(usize::MAX, Duration::from_secs(3));
     assert!(before.len() < events.len(), "the first run was stopped mid-stream ({} of {})", before.len(), events.len());
 
-    let second = Operator::start(&run_args(&brokers, &input, &output, &group, &state, &[]), dir.path().join("second.log")).unwrap();
-    let intents = read_intents(&brokers, &output, events.len(), IDLE).unwrap();
-    // Nothing beyond the expected count arrives either.
-    let status = second.terminate().unwrap();
-    assert!(status.success(), "second run exit {status}");
-    let all = read_intents(&brokers, &output, usize::MAX, Duration::from_secs(3)).unwrap();
+    let second = sc.start("second", &sc.run_args(&[]));
+    let intents = sc.intents(events.len(), IDLE);
+    let (status, log) = second.terminate().unwrap();
+    assert!(status.success(), "second run exit {status}; log:\n{log}");
+    // Nothing beyond the expected count arrived either.
+    let all = sc.intents(usize::MAX, Duration::from_secs(3));
     assert_eq!(all.len(), events.len(), "exactly one intent per event across both runs");
 
     let first_users: HashSet<&str> = before.iter().map(|i| i.user_id.as_str()).collect();
@@ -107,7 +94,7 @@ fn sigterm_mid_stream_then_restart_loses_and_repeats_nothing() {
         .filter(|i| !before_sources.contains(&(i.source.partition, i.source.offset)) && first_users.contains(i.user_id.as_str()))
         .count();
     assert!(continued > 0, "some users have events on both sides of the restart");
-    assert_matches_offline(&intents, &events, &state);
+    assert_matches_offline(&intents, &events, &sc.state);
 }
 
 fn http_get(addr: &str, path: &str) -> String {
@@ -126,10 +113,7 @@ fn metric(text: &str, series: &str) -> u64 {
 
 #[test]
 fn malformed_records_are_skipped_counted_and_logged_while_valid_ones_are_scored() {
-    let brokers = require_broker();
-    let (input, output, group) = (unique("bad-in"), unique("bad-out"), unique("bad"));
-    create_topic(&brokers, &input, 4).unwrap();
-    create_topic(&brokers, &output, 4).unwrap();
+    let sc = Scenario::new("bad", 4);
     let events = generated_events(200, 3_000, 13);
     let future_ts = chrono_like_future();
     let bad: Vec<(&str, Vec<u8>)> = vec![
@@ -152,24 +136,17 @@ fn malformed_records_are_skipped_counted_and_logged_while_valid_ones_are_scored(
             *expected_invalid.entry(kind).or_default() += 1;
         }
     }
-    produce(&brokers, &input, &records).unwrap();
+    produce(&sc.brokers, &sc.input, &records).unwrap();
 
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let mut args = run_args(&brokers, &input, &output, &group, &state, &[]);
-    let at = args.iter().position(|a| a == "--metrics-addr").unwrap();
-    args[at + 1] = addr.clone();
-    let op = Operator::start(&args, dir.path().join("op.log")).unwrap();
-    let intents = read_intents(&brokers, &output, events.len(), IDLE).unwrap();
+    let op = sc.start("op", &sc.run_args(&["--metrics-addr", &addr]));
+    let intents = sc.intents(events.len(), IDLE);
 
     // The batch that produced the last intent has also counted its rejections.
     let metrics = http_get(&addr, "/metrics");
     let health = http_get(&addr, "/health");
-    let log_path = op.log.clone();
-    let status = op.terminate().unwrap();
-    let log = std::fs::read_to_string(log_path).unwrap();
+    let (status, log) = op.terminate().unwrap();
     assert!(status.success(), "exit {status}; log:\n{log}");
 
     let invalid_total: u64 = expected_invalid.values().sum();
@@ -183,9 +160,9 @@ fn malformed_records_are_skipped_counted_and_logged_while_valid_ones_are_scored(
     let rejected_lines: Vec<&str> = log.lines().filter(|l| l.contains("rejected record:")).collect();
     assert!(!rejected_lines.is_empty());
     for line in &rejected_lines {
-        assert!(line.contains(&format!("topic={input}")) && line.contains("partition=") && line.contains("offset="), "{line}");
+        assert!(line.contains(&format!("topic={}", sc.input)) && line.contains("partition=") && line.contains("offset="), "{line}");
     }
-    assert_matches_offline(&intents, &events, &state);
+    assert_matches_offline(&intents, &events, &sc.state);
 }
 
 /// Epoch milliseconds a year from now: far beyond the decoder's one-day tolerance.

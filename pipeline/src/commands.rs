@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use intentflow_model::{train::TrainConfig, DeviceKind, IntentModel};
 use intentflow_operators::generate::{generate, GeneratorConfig};
-use intentflow_schemas::ScoredIntent;
+use intentflow_schemas::{EventType, ScoredIntent, SessionConfig};
 use rdkafka::Message;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -163,6 +163,10 @@ pub struct TrainArgs {
     /// AdamW learning rate.
     #[arg(long, default_value_t = TrainConfig::default().learning_rate)]
     pub learning_rate: f64,
+    /// Inactivity (minutes) that starts a new session. Recorded in model.json: the operator
+    /// cuts sessions the way the model was trained.
+    #[arg(long, default_value_t = 30)]
+    pub session_gap_minutes: i64,
 }
 
 /// Trains a model and writes it to `--model-dir`.
@@ -171,6 +175,9 @@ pub struct TrainArgs {
 ///
 /// File failures, or data without purchases to learn from.
 pub fn train_cmd(args: &TrainArgs) -> Result<()> {
+    if args.session_gap_minutes <= 0 {
+        bail!("--session-gap-minutes must be positive");
+    }
     let imported = import::read_events(&args.input, args.format)?;
     report_bad_rows(&args.input, &imported.bad);
     let cfg = TrainConfig {
@@ -179,6 +186,7 @@ pub fn train_cmd(args: &TrainArgs) -> Result<()> {
         seed: args.seed,
         batch_size: args.batch_size,
         learning_rate: args.learning_rate,
+        session: SessionConfig { gap_ms: args.session_gap_minutes * 60_000 },
         ..TrainConfig::default()
     };
     eprintln!("training on {} events from {}", imported.events.len(), args.input.display());
@@ -219,6 +227,10 @@ pub struct TailArgs {
     /// Print raw JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Read the whole topic and show the N users, among those who have not just purchased,
+    /// whose latest score is highest.
+    #[arg(long, conflicts_with = "json")]
+    pub top: Option<usize>,
 }
 
 /// Prints scored intents from the output topic (committed records only).
@@ -227,24 +239,38 @@ pub struct TailArgs {
 ///
 /// Kafka failures.
 pub fn tail_cmd(args: &TailArgs) -> Result<()> {
-    let records = kafka::read_topic(&args.brokers, &args.topic, Duration::from_millis(args.idle_ms), |n| n >= args.max)?;
-    if !args.json {
-        println!("{:<14} {:>7}  {:<16} {:>4}  {:<24} source", "user", "score", "event", "#", "event time");
-    }
-    for m in &records {
-        let payload = m.payload().unwrap_or_default();
-        if args.json {
-            println!("{}", String::from_utf8_lossy(payload));
-            continue;
+    let max = if args.top.is_some() { usize::MAX } else { args.max };
+    let records = kafka::read_topic(&args.brokers, &args.topic, Duration::from_millis(args.idle_ms), |n| n >= max)?;
+    if args.json {
+        for m in &records {
+            println!("{}", String::from_utf8_lossy(m.payload().unwrap_or_default()));
         }
-        match serde_json::from_slice::<ScoredIntent>(payload) {
-            Ok(i) => println!(
-                "{:<14} {:>7.4}  {:<16} {:>4}  {:<24} {}/{}@{}",
-                i.user_id, i.score, i.event_type.as_str(), i.session_events, i.event_ts, i.source.topic, i.source.partition, i.source.offset
-            ),
-            Err(e) => println!("(not a scored intent: {e})"),
-        }
+        eprintln!("{} records from {}", records.len(), args.topic);
+        return Ok(());
     }
-    eprintln!("{} records from {}", records.len(), args.topic);
+    let intents: Vec<ScoredIntent> = records.iter().filter_map(|m| serde_json::from_slice(m.payload().unwrap_or_default()).ok()).collect();
+    let shown: Vec<&ScoredIntent> = match args.top {
+        None => intents.iter().collect(),
+        Some(n) => {
+            // The latest intent per user is the user's current intent; a user whose latest event
+            // is a purchase has already bought, so is not a prospect.
+            let mut latest: std::collections::HashMap<&str, &ScoredIntent> = std::collections::HashMap::new();
+            for i in &intents {
+                latest.insert(&i.user_id, i);
+            }
+            let mut top: Vec<&ScoredIntent> = latest.into_values().filter(|i| i.event_type != EventType::Purchase).collect();
+            top.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.user_id.cmp(&b.user_id)));
+            top.truncate(n);
+            top
+        }
+    };
+    println!("{:<14} {:>7}  {:<16} {:>4}  {:<24} source", "user", "score", "last event", "#", "event time");
+    for i in shown {
+        println!(
+            "{:<14} {:>7.4}  {:<16} {:>4}  {:<24} {}/{}@{}",
+            i.user_id, i.score, i.event_type.as_str(), i.session_events, i.event_ts, i.source.topic, i.source.partition, i.source.offset
+        );
+    }
+    eprintln!("{} records from {} ({} scored intents)", records.len(), args.topic, intents.len());
     Ok(())
 }

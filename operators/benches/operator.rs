@@ -1,0 +1,51 @@
+//! Throughput of the scoring operator without Kafka: a batch of events through state reads,
+//! waves of batched GRU steps and intent construction, for several batch sizes.
+//!
+//! `cargo bench -p intentflow-operators --bench operator`
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use intentflow_model::train::{train, TrainConfig};
+use intentflow_model::{Device, IntentModel};
+use intentflow_operators::generate::{generate, GeneratorConfig};
+use intentflow_operators::{IntentOperator, PositionedEvent, SourcePosition};
+use intentflow_state::{StateStore, StoreOptions};
+
+fn bench(c: &mut Criterion) {
+    let events: Vec<PositionedEvent> = generate(&GeneratorConfig { users: 20_000, events: 60_000, seed: 2, ..Default::default() })
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| PositionedEvent { source: SourcePosition { topic: "events".into(), partition: 0, offset: i as i64 }, event: g.event })
+        .collect();
+    let train_events: Vec<_> = events.iter().take(20_000).map(|p| p.event.clone()).collect();
+    let model_dir = tempfile::tempdir().unwrap();
+    let (params, spec, summary) =
+        train(&train_events, &TrainConfig { epochs: 1, ..TrainConfig::default() }, &Device::Cpu, |_, _, _, _| {}).unwrap();
+    IntentModel::save(model_dir.path(), &params, spec, Some(summary)).unwrap();
+    let op = IntentOperator::new(IntentModel::load(model_dir.path(), &Device::Cpu).unwrap());
+    let state_dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(state_dir.path(), StoreOptions::default()).unwrap();
+
+    let mut group = c.benchmark_group("operator_process");
+    for batch in [64usize, 1024, 4096] {
+        group.throughput(Throughput::Elements(batch as u64));
+        let mut start = 0;
+        group.bench_function(format!("batch_{batch}"), |b| {
+            b.iter_batched(
+                || {
+                    start = (start + batch) % (events.len() - batch);
+                    &events[start..start + batch]
+                },
+                |slice| {
+                    let out = op.process(slice, &store, 0).unwrap();
+                    store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), []).unwrap();
+                    out.intents.len()
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

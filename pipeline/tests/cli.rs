@@ -1,0 +1,76 @@
+//! The `intentflow` command line without a broker: generate, train, and the refusal to run
+//! without a model.
+
+use std::path::Path;
+use std::process::Command;
+
+fn intentflow(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_intentflow")).args(args).output().expect("running intentflow")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn generate_is_seeded_and_train_writes_pytorch_named_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    for name in ["a.jsonl", "b.jsonl"] {
+        let out = intentflow(&["generate", "--users", "300", "--events", "6000", "--seed", "5", "--output", &file(name)]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let a = std::fs::read(file("a.jsonl")).unwrap();
+    assert_eq!(a, std::fs::read(file("b.jsonl")).unwrap(), "same seed, same events");
+    assert_eq!(a.iter().filter(|b| **b == b'\n').count(), 6000);
+
+    let out = intentflow(&["train", "--input", &file("a.jsonl"), "--model-dir", &file("model"), "--epochs", "2", "--hidden-dim", "8"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("epoch   2/2"), "{}", text(&out.stderr));
+
+    let model_dir = Path::new(&file("model")).to_path_buf();
+    let weights = safetensors_names(&model_dir.join("model.safetensors"));
+    assert_eq!(weights, ["bias_hh_l0:[24]", "bias_ih_l0:[24]", "head.bias:[1]", "head.weight:[1,8]", "weight_hh_l0:[24,8]", "weight_ih_l0:[24,16]"]);
+    intentflow_model::IntentModel::load(&model_dir, &intentflow_model::Device::Cpu).expect("the written model loads");
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(model_dir.join("model.json")).unwrap()).unwrap();
+    assert_eq!(meta["hidden_dim"], 8);
+    assert_eq!(meta["input_dim"], 16);
+    assert_eq!(meta["features"]["names"].as_array().unwrap().len(), 16);
+    assert!(meta["version"].as_str().unwrap().starts_with("gru-"));
+}
+
+/// Names and shapes of the tensors in a safetensors file, sorted, read straight from the
+/// file's JSON header (8-byte little-endian length, then the header) rather than through candle.
+fn safetensors_names(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    let mut names: Vec<String> = header
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            assert_eq!(v["dtype"], "F32", "{k}");
+            format!("{k}:{}", v["shape"])
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn run_refuses_to_start_without_a_model_and_says_how_to_make_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("no-model").display().to_string();
+    let state = dir.path().join("state").display().to_string();
+    let out = intentflow(&["run", "--model-dir", &model, "--state-dir", &state, "--metrics-addr", ""]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("no trained model") && err.contains("intentflow train --input"), "{err}");
+}
+
+#[test]
+fn run_rejects_a_config_that_feeds_scores_back() {
+    let out = intentflow(&["run", "--input-topic", "x", "--output-topic", "x"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("feed back"), "{}", text(&out.stderr));
+}
