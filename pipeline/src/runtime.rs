@@ -26,7 +26,6 @@ use intentflow_state::{StateStore, StoreOptions};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -117,7 +116,7 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
 
     let metrics = BatchMetrics::default();
     let linger = Duration::from_millis(cfg.batch_linger_ms);
-    let mut applied: HashMap<(String, i32), Option<i64>> = HashMap::new();
+    let mut applied = offsets::AppliedOffsets::default();
     let mut summary = RunSummary::default();
     health.running.store(true, Ordering::Relaxed);
 
@@ -145,18 +144,25 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
         }
         let started = Instant::now();
         if consumer.context().changed.swap(false, Ordering::Relaxed) {
-            // Ownership may have moved: re-read the recorded offsets on next use.
+            // Ownership may have moved while the batch was collected: records of partitions
+            // revoked meanwhile belong to their new owner, and recorded offsets are re-read.
             applied.clear();
+            let assignment = consumer.assignment()?;
+            let before = batch.len();
+            batch.retain(|m| assignment.find_partition(m.topic(), m.partition()).is_some());
+            if batch.len() < before {
+                tracing::info!(dropped = before - batch.len(), "records of revoked partitions left to their new owner");
+            }
+            if batch.is_empty() {
+                continue;
+            }
         }
 
         let mut stats = BatchStats { records: batch.len() as u64, ..Default::default() };
         let mut fresh = Vec::with_capacity(batch.len());
         for m in &batch {
-            let key = (m.topic().to_string(), m.partition());
-            if !applied.contains_key(&key) {
-                applied.insert(key.clone(), store.offset(&key.0, key.1)?);
-            }
-            if offsets::already_applied(m.offset(), applied[&key]) {
+            let stored = applied.get_or_load(m.topic(), m.partition(), || store.offset(m.topic(), m.partition()))?;
+            if offsets::already_applied(m.offset(), stored) {
                 stats.skipped += 1;
             } else {
                 fresh.push(SourceRecord { topic: m.topic(), partition: m.partition(), offset: m.offset(), payload: m.payload() });
@@ -180,7 +186,7 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
             next.iter().map(|((t, p), o)| (t.as_str(), *p, *o)),
         )?;
         for ((t, p), o) in &next {
-            applied.insert((t.clone(), *p), Some(*o));
+            applied.advance(t, *p, *o);
         }
         let mut tpl = TopicPartitionList::new();
         for ((t, p), o) in &next {
@@ -206,11 +212,11 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
 
     health.running.store(false, Ordering::Relaxed);
     // Every processed batch committed asynchronously; make the last position durable.
+    // Only partitions still owned: a stale commit for a moved partition would rewind its owner.
+    let assignment = consumer.assignment()?;
     let mut tpl = TopicPartitionList::new();
-    for ((t, p), o) in &applied {
-        if let Some(o) = o {
-            tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
-        }
+    for (t, p, o) in applied.known().filter(|(t, p, _)| assignment.find_partition(t, *p).is_some()) {
+        tpl.add_partition_offset(t, p, Offset::Offset(o))?;
     }
     if tpl.count() > 0 {
         if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {

@@ -1,6 +1,44 @@
 //! Offset decisions of the runtime, as pure functions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+/// The next offset the state store reflects per topic-partition, read from the store once per
+/// partition and kept current after each batch. Lookups by `&str` allocate nothing.
+#[derive(Debug, Default)]
+pub struct AppliedOffsets {
+    by_topic: HashMap<String, HashMap<i32, Option<i64>>>,
+}
+
+impl AppliedOffsets {
+    /// The recorded next offset of a partition, loading it with `load` on first use.
+    ///
+    /// # Errors
+    ///
+    /// Whatever `load` returns.
+    pub fn get_or_load<E>(&mut self, topic: &str, partition: i32, load: impl FnOnce() -> Result<Option<i64>, E>) -> Result<Option<i64>, E> {
+        if let Some(v) = self.by_topic.get(topic).and_then(|p| p.get(&partition)) {
+            return Ok(*v);
+        }
+        let v = load()?;
+        self.by_topic.entry(topic.to_string()).or_default().insert(partition, v);
+        Ok(v)
+    }
+
+    /// Records that the store now reflects everything before `next`.
+    pub fn advance(&mut self, topic: &str, partition: i32, next: i64) {
+        self.by_topic.entry(topic.to_string()).or_default().insert(partition, Some(next));
+    }
+
+    /// Forgets everything (after a rebalance, ownership may have moved).
+    pub fn clear(&mut self) {
+        self.by_topic.clear();
+    }
+
+    /// Every known `(topic, partition, next offset)`.
+    pub fn known(&self) -> impl Iterator<Item = (&str, i32, i64)> {
+        self.by_topic.iter().flat_map(|(t, ps)| ps.iter().filter_map(move |(p, o)| o.map(|o| (t.as_str(), *p, o))))
+    }
+}
 
 /// Whether a record at `offset` is already reflected in the state store, whose recorded next
 /// offset for the partition is `stored_next`.
@@ -28,6 +66,23 @@ mod tests {
         assert!(!already_applied(0, None));
         assert!(already_applied(4, Some(5)));
         assert!(!already_applied(5, Some(5)));
+    }
+
+    #[test]
+    fn applied_offsets_load_once_and_advance() {
+        let mut a = AppliedOffsets::default();
+        let mut loads = 0;
+        for _ in 0..3 {
+            let v = a.get_or_load::<()>("t", 1, || { loads += 1; Ok(Some(5)) }).unwrap();
+            assert_eq!(v, Some(5));
+        }
+        assert_eq!(loads, 1);
+        a.advance("t", 1, 9);
+        assert_eq!(a.get_or_load::<()>("t", 1, || unreachable!()).unwrap(), Some(9));
+        assert_eq!(a.get_or_load::<()>("t", 2, || Ok(None)).unwrap(), None);
+        assert_eq!(a.known().collect::<Vec<_>>(), [("t", 1, 9)]);
+        a.clear();
+        assert_eq!(a.known().count(), 0);
     }
 
     #[test]
