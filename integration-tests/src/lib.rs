@@ -160,6 +160,14 @@ impl Operator {
         }
     }
 
+    /// Kills the process with SIGKILL (a crash: no batch is finished, nothing is committed)
+    /// and reaps it.
+    pub fn crash(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     /// The log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
