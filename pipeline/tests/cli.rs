@@ -74,3 +74,13 @@ fn run_rejects_a_config_that_feeds_scores_back() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("feed back"), "{}", text(&out.stderr));
 }
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_the_feature_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state").display().to_string();
+    let out = intentflow(&["run", "--device", "cuda", "--state-dir", &state, "--metrics-addr", ""]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("built without the `cuda` feature"), "{}", text(&out.stderr));
+}
