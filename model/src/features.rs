@@ -4,11 +4,11 @@
 //! normalised input vector of the GRU step plus whether the hidden state must be reset (the
 //! event opened a new session). Nothing else in the project computes features.
 
-use intentflow_schemas::{Event, EventType, SessionConfig, SessionState};
+use intentflow_schemas::{Event, EventType, SessionConfig, SessionState, SessionStep};
 use serde::{Deserialize, Serialize};
 
 /// Number of inputs of the GRU per event.
-pub const FEATURE_DIM: usize = 16;
+pub const FEATURE_DIM: usize = 17;
 
 /// Names of the feature slots, in order; written to `model.json`.
 pub const FEATURE_NAMES: [&str; FEATURE_DIM] = [
@@ -28,6 +28,7 @@ pub const FEATURE_NAMES: [&str; FEATURE_DIM] = [
     "log_event_index",
     "first_in_session",
     "log_session_seconds",
+    "same_item_as_previous",
 ];
 
 /// One event's features, before or after normalisation.
@@ -58,10 +59,10 @@ pub struct Prepared {
 }
 
 /// Raw (unnormalised) features of `ev`, given the session state *after* applying it.
-fn raw_features(ev: &Event, after: &SessionState, gap_ms: i64, new_session: bool) -> Features {
+fn raw_features(ev: &Event, after: &SessionState, step: SessionStep) -> Features {
     let mut f = [0f32; FEATURE_DIM];
     f[ev.kind.index()] = 1.0;
-    f[6] = (gap_ms as f64 / 1000.0).ln_1p() as f32;
+    f[6] = (step.gap_ms as f64 / 1000.0).ln_1p() as f32;
     if let Some(p) = ev.price {
         f[7] = p.ln_1p() as f32;
         f[8] = 1.0;
@@ -73,8 +74,9 @@ fn raw_features(ev: &Event, after: &SessionState, gap_ms: i64, new_session: bool
     f[11] = f64::from(after.cart_count).ln_1p() as f32;
     f[12] = after.cart_value.ln_1p() as f32;
     f[13] = f64::from(after.events - 1).ln_1p() as f32;
-    f[14] = f32::from(u8::from(new_session));
+    f[14] = f32::from(u8::from(step.new_session));
     f[15] = ((after.last_ts_ms - after.started_ms).max(0) as f64 / 1000.0).ln_1p() as f32;
+    f[16] = f32::from(u8::from(step.same_item));
     debug_assert!(EventType::ALL.len() == 6);
     f
 }
@@ -116,7 +118,7 @@ impl FeatureSpec {
     /// Advances `session` by `ev` and returns the raw features with the reset decision.
     pub fn featurize_raw(&self, session: &mut SessionState, ev: &Event) -> (Features, bool) {
         let step = session.advance(ev, &self.session);
-        (raw_features(ev, session, step.gap_ms, step.new_session), step.new_session)
+        (raw_features(ev, session, step), step.new_session)
     }
 
     /// Applies the fitted normalisation to raw features.

@@ -30,12 +30,12 @@ fn generate_is_seeded_and_train_writes_pytorch_named_weights() {
 
     let model_dir = Path::new(&file("model")).to_path_buf();
     let weights = safetensors_names(&model_dir.join("model.safetensors"));
-    assert_eq!(weights, ["bias_hh_l0:[24]", "bias_ih_l0:[24]", "head.bias:[1]", "head.weight:[1,8]", "weight_hh_l0:[24,8]", "weight_ih_l0:[24,16]"]);
+    assert_eq!(weights, ["bias_hh_l0:[24]", "bias_ih_l0:[24]", "head.bias:[1]", "head.weight:[1,8]", "weight_hh_l0:[24,8]", "weight_ih_l0:[24,17]"]);
     intentflow_model::IntentModel::load(&model_dir, &intentflow_model::Device::Cpu).expect("the written model loads");
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(model_dir.join("model.json")).unwrap()).unwrap();
     assert_eq!(meta["hidden_dim"], 8);
-    assert_eq!(meta["input_dim"], 16);
-    assert_eq!(meta["features"]["names"].as_array().unwrap().len(), 16);
+    assert_eq!(meta["input_dim"], 17);
+    assert_eq!(meta["features"]["names"].as_array().unwrap().len(), 17);
     assert!(meta["version"].as_str().unwrap().starts_with("gru-"));
 }
 

@@ -16,7 +16,7 @@ mod session;
 
 pub use event::{DecodeError, Event, EventDecoder, EventType, Limits};
 pub use intent::{ScoredIntent, SourcePosition, INTENT_SCHEMA_VERSION};
-pub use session::{SessionConfig, SessionState, SessionStep};
+pub use session::{item_key, SessionConfig, SessionState, SessionStep};
 
 /// Formats epoch milliseconds as RFC 3339 UTC with millisecond precision, e.g.
 /// `2019-10-01T00:00:00.000Z`.

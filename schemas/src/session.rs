@@ -41,6 +41,14 @@ pub struct SessionState {
     pub purchased: bool,
     /// Every event ever applied to this user, across sessions.
     pub total_events: u64,
+    /// [`item_key`] of the latest event's item in the current session, if it named one.
+    pub last_item: Option<u64>,
+}
+
+/// A stable 64-bit key of an item id (FNV-1a), the same on every build and platform, so that
+/// stored states and trained models agree on it.
+pub fn item_key(item_id: &str) -> u64 {
+    item_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// What [`SessionState::advance`] decided for one event.
@@ -51,6 +59,8 @@ pub struct SessionStep {
     /// Milliseconds since the previous event of the same session (0 for the first, and for an
     /// event older than the previous one).
     pub gap_ms: i64,
+    /// The event names the same item as the previous event of the session.
+    pub same_item: bool,
 }
 
 impl SessionState {
@@ -76,6 +86,7 @@ impl SessionState {
             self.last_ts_ms = ev.ts;
             self.purchased = false;
             self.session_id = None;
+            self.last_item = None;
             0
         } else {
             (ev.ts - self.last_ts_ms).max(0)
@@ -83,6 +94,9 @@ impl SessionState {
         if ev.session_id.is_some() {
             self.session_id.clone_from(&ev.session_id);
         }
+        let item = ev.item_id.as_deref().map(item_key);
+        let same_item = item.is_some() && item == self.last_item;
+        self.last_item = item;
         self.events += 1;
         self.total_events += 1;
         self.last_ts_ms = self.last_ts_ms.max(ev.ts);
@@ -100,7 +114,7 @@ impl SessionState {
             EventType::Purchase => self.purchased = true,
             EventType::View | EventType::Click | EventType::Wishlist => {}
         }
-        SessionStep { new_session, gap_ms }
+        SessionStep { new_session, gap_ms, same_item }
     }
 }
 
@@ -145,6 +159,21 @@ mod tests {
         assert_eq!(s.events, 1);
         assert_eq!(s.total_events, 7);
         assert_eq!(s.cart_count, 0);
+    }
+
+    #[test]
+    fn same_item_is_seen_within_a_session_only() {
+        let cfg = SessionConfig::default();
+        let mut s = SessionState::default();
+        let mut with_item = |ts, item: &str| {
+            let mut e = ev(ts, EventType::View, None);
+            e.item_id = Some(item.to_string());
+            s.advance(&e, &cfg).same_item
+        };
+        assert_eq!([with_item(0, "a"), with_item(10, "a"), with_item(20, "b"), with_item(30, "a")], [false, true, false, false]);
+        assert!(!with_item(30 + 3600, "a"), "a new session forgets the item");
+        assert_ne!(item_key("a"), item_key("b"));
+        assert_eq!(item_key(""), 0xcbf2_9ce4_8422_2325);
     }
 
     #[test]

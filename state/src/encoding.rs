@@ -1,22 +1,29 @@
 //! The versioned binary encoding of [`UserState`].
 //!
-//! Version 1, all integers little-endian:
+//! Version 2, all integers little-endian:
 //!
 //! ```text
-//! u8  version (= 1)
-//! u8  flags: bit 0 = purchased, bit 1 = session_id present
+//! u8  version (= 2)
+//! u8  flags: bit 0 = purchased, bit 1 = session_id present, bit 2 = last_item present
 //! u32 session_seq | u32 events | u32 cart_count | f64 cart_value
 //! i64 started_ms  | i64 last_ts_ms | u64 total_events
+//! [u64 last_item]                      (only if flag bit 2)
 //! [u16 len, bytes] session_id          (only if flag bit 1)
 //! u16 len, bytes   model_version
 //! u16 n, n × f32   hidden vector
 //! ```
+//!
+//! Version 1 is version 2 without `last_item` (flag bit 2 never set). It still decodes: the
+//! migration reads it with `last_item = None`, so the next event of such a session is not
+//! recognised as repeating the previous item.
 
 use crate::StateError;
 use intentflow_schemas::SessionState;
 
 /// Current encoding version, the first byte of every encoded state.
-pub const STATE_ENCODING_VERSION: u8 = 1;
+pub const STATE_ENCODING_VERSION: u8 = 2;
+/// Oldest version [`UserState::decode`] still reads.
+const OLDEST_READABLE_VERSION: u8 = 1;
 
 /// Everything the operator remembers about one user.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -73,7 +80,7 @@ impl UserState {
         let s = &self.session;
         let mut out = Vec::with_capacity(64 + self.hidden.len() * 4 + self.model_version.len());
         out.push(STATE_ENCODING_VERSION);
-        out.push(u8::from(s.purchased) | (u8::from(s.session_id.is_some()) << 1));
+        out.push(u8::from(s.purchased) | (u8::from(s.session_id.is_some()) << 1) | (u8::from(s.last_item.is_some()) << 2));
         out.extend_from_slice(&s.session_seq.to_le_bytes());
         out.extend_from_slice(&s.events.to_le_bytes());
         out.extend_from_slice(&s.cart_count.to_le_bytes());
@@ -81,6 +88,9 @@ impl UserState {
         out.extend_from_slice(&s.started_ms.to_le_bytes());
         out.extend_from_slice(&s.last_ts_ms.to_le_bytes());
         out.extend_from_slice(&s.total_events.to_le_bytes());
+        if let Some(item) = s.last_item {
+            out.extend_from_slice(&item.to_le_bytes());
+        }
         if let Some(id) = &s.session_id {
             put_str(&mut out, id);
         }
@@ -92,7 +102,7 @@ impl UserState {
         out
     }
 
-    /// Decodes bytes written by [`UserState::encode`].
+    /// Decodes bytes written by [`UserState::encode`] of this or an older version.
     ///
     /// # Errors
     ///
@@ -101,7 +111,7 @@ impl UserState {
     pub fn decode(bytes: &[u8]) -> Result<UserState, StateError> {
         let mut r = Reader { bytes };
         let [version] = r.array()?;
-        if version != STATE_ENCODING_VERSION {
+        if !(OLDEST_READABLE_VERSION..=STATE_ENCODING_VERSION).contains(&version) {
             return Err(StateError::UnsupportedVersion { found: version, supported: STATE_ENCODING_VERSION });
         }
         let [flags] = r.array()?;
@@ -112,6 +122,7 @@ impl UserState {
         let started_ms = r.i64()?;
         let last_ts_ms = r.i64()?;
         let total_events = u64::from_le_bytes(r.array()?);
+        let last_item = if flags & 4 != 0 { Some(u64::from_le_bytes(r.array()?)) } else { None };
         let session_id = if flags & 2 != 0 { Some(r.string()?) } else { None };
         let model_version = r.string()?;
         let n = r.u16()? as usize;
@@ -130,6 +141,7 @@ impl UserState {
                 last_ts_ms,
                 purchased: flags & 1 != 0,
                 total_events,
+                last_item,
             },
             hidden,
             model_version,
@@ -148,11 +160,12 @@ mod tests {
             seq in any::<u32>(), events in any::<u32>(), cart in any::<u32>(), value in 0.0f64..1e9,
             started in any::<i64>(), last in any::<i64>(), total in any::<u64>(), purchased in any::<bool>(),
             sid in proptest::option::of("[a-z0-9-]{0,40}"), version in "[a-z0-9-]{0,20}",
+            last_item in proptest::option::of(any::<u64>()),
             hidden in proptest::collection::vec(-1.0f32..1.0, 0..128),
         ) {
             let state = UserState {
                 session: SessionState { session_id: sid, session_seq: seq, events, cart_count: cart, cart_value: value,
-                    started_ms: started, last_ts_ms: last, purchased, total_events: total },
+                    started_ms: started, last_ts_ms: last, purchased, total_events: total, last_item },
                 hidden,
                 model_version: version,
             };
@@ -166,10 +179,35 @@ mod tests {
     }
 
     #[test]
+    fn reads_version_1_as_a_session_without_last_item() {
+        // A version-1 record: v1 had no flag bit 2 and no last_item field.
+        let mut v1 = vec![1u8, 0b10];
+        v1.extend_from_slice(&3u32.to_le_bytes()); // session_seq
+        v1.extend_from_slice(&4u32.to_le_bytes()); // events
+        v1.extend_from_slice(&1u32.to_le_bytes()); // cart_count
+        v1.extend_from_slice(&9.5f64.to_le_bytes()); // cart_value
+        v1.extend_from_slice(&100i64.to_le_bytes()); // started_ms
+        v1.extend_from_slice(&200i64.to_le_bytes()); // last_ts_ms
+        v1.extend_from_slice(&12u64.to_le_bytes()); // total_events
+        for s in ["s1", "gru-abc"] {
+            v1.extend_from_slice(&(s.len() as u16).to_le_bytes());
+            v1.extend_from_slice(s.as_bytes());
+        }
+        v1.extend_from_slice(&1u16.to_le_bytes());
+        v1.extend_from_slice(&0.25f32.to_le_bytes());
+        let state = UserState::decode(&v1).unwrap();
+        assert_eq!(state.session.session_seq, 3);
+        assert_eq!(state.session.session_id.as_deref(), Some("s1"));
+        assert_eq!(state.session.last_item, None);
+        assert_eq!((state.model_version.as_str(), state.hidden.as_slice()), ("gru-abc", [0.25f32].as_slice()));
+        assert_eq!(UserState::decode(&state.encode()).unwrap(), state, "re-encoded as version 2");
+    }
+
+    #[test]
     fn rejects_unknown_version_and_truncation() {
         let mut bytes = UserState { hidden: vec![0.5; 4], ..Default::default() }.encode();
         assert!(matches!(UserState::decode(&bytes[..bytes.len() - 1]), Err(StateError::Corrupt(_))));
         bytes[0] = 9;
-        assert!(matches!(UserState::decode(&bytes), Err(StateError::UnsupportedVersion { found: 9, supported: 1 })));
+        assert!(matches!(UserState::decode(&bytes), Err(StateError::UnsupportedVersion { found: 9, supported: 2 })));
     }
 }
