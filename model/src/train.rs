@@ -211,16 +211,18 @@ pub fn train(
         uniform(&mut rng, (1, h), bound, device)?,
         uniform(&mut rng, (1, 1), bound, device)?,
     ];
-    let params_of = |vars: &[Var; 6]| -> Result<GruParams, ModelError> {
+    // The trained tensors in `vars` order; biases are held as (1, n) and stored flat.
+    let params_of = |t: &[Tensor]| -> Result<GruParams, ModelError> {
         Ok(GruParams {
-            weight_ih: vars[0].as_tensor().clone(),
-            weight_hh: vars[1].as_tensor().clone(),
-            bias_ih: vars[2].as_tensor().flatten_all()?,
-            bias_hh: vars[3].as_tensor().flatten_all()?,
-            head_weight: vars[4].as_tensor().clone(),
-            head_bias: vars[5].as_tensor().flatten_all()?,
+            weight_ih: t[0].clone(),
+            weight_hh: t[1].clone(),
+            bias_ih: t[2].flatten_all()?,
+            bias_hh: t[3].flatten_all()?,
+            head_weight: t[4].clone(),
+            head_bias: t[5].flatten_all()?,
         })
     };
+    let live = |vars: &[Var; 6]| vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();
     let mut opt = AdamW::new(
         vars.to_vec(),
         ParamsAdamW { lr: cfg.learning_rate, weight_decay: cfg.weight_decay, ..Default::default() },
@@ -241,13 +243,13 @@ pub fn train(
         batches.shuffle(&mut rng);
         let mut loss_sum = 0f64;
         for batch in &batches {
-            let params = params_of(&vars)?;
+            let params = params_of(&live(&vars))?;
             let loss = bce_with_logits(&forward(&params, &batch.x)?, &batch.y, &batch.w)?;
             opt.backward_step(&loss)?;
             loss_sum += f64::from(loss.to_scalar::<f32>()?);
         }
         let train_loss = loss_sum / batches.len().max(1) as f64;
-        let params = params_of(&vars)?;
+        let params = params_of(&live(&vars))?;
         // Without a validation split, the training loss picks the epoch.
         let (val_loss, val_auc) = if val_refs.is_empty() {
             (train_loss, None)
@@ -263,15 +265,7 @@ pub fn train(
         }
     }
     let (val_log_loss, best_epoch, snapshot) = best.ok_or_else(|| ModelError::Training("epochs must be at least 1".into()))?;
-    let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
-    let params = GruParams {
-        weight_ih: cpu(&snapshot[0])?,
-        weight_hh: cpu(&snapshot[1])?,
-        bias_ih: cpu(&snapshot[2].flatten_all()?)?,
-        bias_hh: cpu(&snapshot[3].flatten_all()?)?,
-        head_weight: cpu(&snapshot[4])?,
-        head_bias: cpu(&snapshot[5].flatten_all()?)?,
-    };
+    let params = params_of(&snapshot)?.to_device(&Device::Cpu)?;
     let summary = TrainingSummary {
         seed: cfg.seed,
         epochs: cfg.epochs,
