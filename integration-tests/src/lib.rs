@@ -58,9 +58,9 @@ pub fn trained_model_dir() -> &'static Path {
     DIR.get_or_init(|| {
         let events = generated_events(800, 16_000, 42);
         let cfg = TrainConfig { hidden_dim: 16, epochs: 2, ..TrainConfig::default() };
-        let (params, spec, summary) = train(&events, &cfg, &Device::Cpu, |_, _, _, _| {}).expect("training");
+        let trained = train(&events, &cfg, &Device::Cpu, |_| {}).expect("training");
         let dir = tempfile::tempdir().expect("tempdir");
-        IntentModel::save(dir.path(), &params, spec, Some(summary)).expect("saving model");
+        trained.save(dir.path()).expect("saving model");
         dir
     })
     .path()

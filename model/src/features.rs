@@ -1,13 +1,14 @@
 //! The one feature path shared by training, offline scoring and the streaming operator.
 //!
 //! [`FeatureSpec::featurize`] advances a user's [`SessionState`] by one event and returns the
-//! normalised input vector of the GRU step plus whether the hidden state must be reset (the
-//! event opened a new session). Nothing else in the project computes features.
+//! normalised dense features of the GRU step, the hashed item and category buckets whose
+//! embeddings follow them, and whether the hidden state must be reset (the event opened a new
+//! session). Nothing else in the project computes features.
 
-use intentflow_schemas::{Event, EventType, SessionConfig, SessionState, SessionStep};
+use intentflow_schemas::{item_key, Event, EventType, SessionConfig, SessionState, SessionStep};
 use serde::{Deserialize, Serialize};
 
-/// Number of inputs of the GRU per event.
+/// Number of dense features per event (the embeddings come on top).
 pub const FEATURE_DIM: usize = 17;
 
 /// Names of the feature slots, in order; written to `model.json`.
@@ -31,8 +32,32 @@ pub const FEATURE_NAMES: [&str; FEATURE_DIM] = [
     "same_item_as_previous",
 ];
 
-/// One event's features, before or after normalisation.
-pub type Features = [f32; FEATURE_DIM];
+/// One event's features, before or after normalisation of the dense part.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Features {
+    /// Dense features, slots as in [`FEATURE_NAMES`].
+    pub dense: [f32; FEATURE_DIM],
+    /// Item embedding bucket (0: no item or no item embedding).
+    pub item: u32,
+    /// Category embedding bucket (0: no category or no category embedding).
+    pub category: u32,
+}
+
+impl Features {
+    /// Dense features without item or category.
+    pub fn dense(dense: [f32; FEATURE_DIM]) -> Features {
+        Features { dense, item: 0, category: 0 }
+    }
+}
+
+/// Bucket of `id` among `buckets` (bucket 0 means "none"; with fewer than 2 buckets every id
+/// is 0).
+pub fn bucket(id: Option<&str>, buckets: u32) -> u32 {
+    match id {
+        Some(id) if buckets >= 2 => 1 + (item_key(id) % u64::from(buckets - 1)) as u32,
+        _ => 0,
+    }
+}
 
 /// The feature contract of a trained model: the session rule and the normalisation statistics
 /// fitted on its training split. Stored in `model.json`.
@@ -47,19 +72,28 @@ pub struct FeatureSpec {
     pub std: Vec<f32>,
     /// How sessions are cut.
     pub session: SessionConfig,
+    /// Hash buckets of the item embedding (0: none).
+    #[serde(default)]
+    pub item_buckets: u32,
+    /// Hash buckets of the category embedding (0: none).
+    #[serde(default)]
+    pub category_buckets: u32,
+    /// Dense features switched off at training (always 0 after normalisation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disabled: Vec<String>,
 }
 
 /// Output of [`FeatureSpec::featurize`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Prepared {
-    /// Normalised GRU input.
+    /// Normalised dense features and embedding buckets.
     pub features: Features,
     /// The event opened a new session: start from a zero hidden vector.
     pub reset_hidden: bool,
 }
 
 /// Raw (unnormalised) features of `ev`, given the session state *after* applying it.
-fn raw_features(ev: &Event, after: &SessionState, step: SessionStep) -> Features {
+fn raw_dense(ev: &Event, after: &SessionState, step: SessionStep) -> [f32; FEATURE_DIM] {
     let mut f = [0f32; FEATURE_DIM];
     f[ev.kind.index()] = 1.0;
     f[6] = (step.gap_ms as f64 / 1000.0).ln_1p() as f32;
@@ -89,45 +123,63 @@ impl FeatureSpec {
             mean: vec![0.0; FEATURE_DIM],
             std: vec![1.0; FEATURE_DIM],
             session,
+            item_buckets: 0,
+            category_buckets: 0,
+            disabled: Vec::new(),
         }
     }
 
-    /// Fits mean and standard deviation on raw feature rows (a zero deviation becomes 1).
-    pub fn fit(session: SessionConfig, rows: &[Features]) -> FeatureSpec {
+    /// Sets the embedding bucket counts (0 switches an embedding off).
+    pub fn with_buckets(mut self, item_buckets: u32, category_buckets: u32) -> FeatureSpec {
+        self.item_buckets = item_buckets;
+        self.category_buckets = category_buckets;
+        self
+    }
+
+    /// Fits mean and standard deviation of the dense features on raw rows (a zero deviation
+    /// becomes 1), keeping the session rule, buckets and switched-off features.
+    pub fn fit(&self, rows: &[Features]) -> FeatureSpec {
         let n = rows.len().max(1) as f64;
         let mut mean = [0f64; FEATURE_DIM];
         for r in rows {
-            for (m, x) in mean.iter_mut().zip(r) {
+            for (m, x) in mean.iter_mut().zip(&r.dense) {
                 *m += f64::from(*x) / n;
             }
         }
         let mut var = [0f64; FEATURE_DIM];
         for r in rows {
-            for ((v, x), m) in var.iter_mut().zip(r).zip(&mean) {
+            for ((v, x), m) in var.iter_mut().zip(&r.dense).zip(&mean) {
                 *v += (f64::from(*x) - m).powi(2) / n;
             }
         }
         FeatureSpec {
-            names: FEATURE_NAMES.iter().map(|s| s.to_string()).collect(),
             mean: mean.iter().map(|m| *m as f32).collect(),
             std: var.iter().map(|v| if *v > 1e-12 { v.sqrt() as f32 } else { 1.0 }).collect(),
-            session,
+            ..self.clone()
         }
     }
 
     /// Advances `session` by `ev` and returns the raw features with the reset decision.
     pub fn featurize_raw(&self, session: &mut SessionState, ev: &Event) -> (Features, bool) {
         let step = session.advance(ev, &self.session);
-        (raw_features(ev, session, step), step.new_session)
+        let features = Features {
+            dense: raw_dense(ev, session, step),
+            item: bucket(ev.item_id.as_deref(), self.item_buckets),
+            category: bucket(ev.category.as_deref(), self.category_buckets),
+        };
+        (features, step.new_session)
     }
 
-    /// Applies the fitted normalisation to raw features.
+    /// Applies the fitted normalisation to the dense part of raw features; switched-off
+    /// features become 0.
     pub fn normalize(&self, raw: &Features) -> Features {
-        let mut out = [0f32; FEATURE_DIM];
-        for i in 0..FEATURE_DIM {
-            out[i] = (raw[i] - self.mean[i]) / self.std[i];
+        let mut dense = [0f32; FEATURE_DIM];
+        for (i, name) in FEATURE_NAMES.iter().enumerate() {
+            if !self.disabled.iter().any(|d| d == name) {
+                dense[i] = (raw.dense[i] - self.mean[i]) / self.std[i];
+            }
         }
-        out
+        Features { dense, ..*raw }
     }
 
     /// Advances `session` by `ev` and returns the normalised GRU input.
@@ -147,6 +199,9 @@ impl FeatureSpec {
         }
         if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) || self.mean.iter().any(|m| !m.is_finite()) {
             return Err("feature statistics must be finite with positive deviations".into());
+        }
+        if let Some(unknown) = self.disabled.iter().find(|d| !FEATURE_NAMES.contains(&d.as_str())) {
+            return Err(format!("switched-off feature `{unknown}` is not a feature of this build"));
         }
         Ok(())
     }
@@ -173,24 +228,42 @@ mod tests {
         };
         let a = spec.featurize(&mut s, &mk(0, EventType::View, Some(9.0)));
         assert!(a.reset_hidden);
-        assert_eq!(a.features[0], 1.0);
-        assert_eq!(a.features[14], 1.0);
-        assert!((a.features[7] - 10f32.ln()).abs() < 1e-6);
+        assert_eq!(a.features.dense[0], 1.0);
+        assert_eq!(a.features.dense[14], 1.0);
+        assert!((a.features.dense[7] - 10f32.ln()).abs() < 1e-6);
         let b = spec.featurize(&mut s, &mk(9_000, EventType::AddToCart, Some(9.0)));
         assert!(!b.reset_hidden);
-        assert_eq!(b.features[2], 1.0);
-        assert!((b.features[6] - 10f32.ln()).abs() < 1e-6, "gap of 9 s");
-        assert!((b.features[11] - 2f32.ln()).abs() < 1e-6, "one unit in cart");
-        assert!((b.features[13] - 2f32.ln()).abs() < 1e-6, "second event");
+        assert_eq!(b.features.dense[2], 1.0);
+        assert!((b.features.dense[6] - 10f32.ln()).abs() < 1e-6, "gap of 9 s");
+        assert!((b.features.dense[11] - 2f32.ln()).abs() < 1e-6, "one unit in cart");
+        assert!((b.features.dense[13] - 2f32.ln()).abs() < 1e-6, "second event");
+    }
+
+    #[test]
+    fn buckets_are_stable_and_switched_off_features_are_zero() {
+        assert_eq!(bucket(None, 1024), 0);
+        assert_eq!(bucket(Some("44600062"), 0), 0);
+        let b = bucket(Some("44600062"), 1024);
+        assert!((1..1024).contains(&b));
+        assert_eq!(b, bucket(Some("44600062"), 1024));
+        assert_eq!(b, 1 + (item_key("44600062") % 1023) as u32);
+        let spec = FeatureSpec { disabled: vec!["hour_sin".into()], ..FeatureSpec::identity(SessionConfig::default()) };
+        let raw = Features::dense([1.0; FEATURE_DIM]);
+        let z = spec.normalize(&raw);
+        assert_eq!(z.dense[9], 0.0);
+        assert_eq!(z.dense[10], 1.0);
+        assert!(spec.validate().is_ok());
+        let bad = FeatureSpec { disabled: vec!["shoe_size".into()], ..spec };
+        assert!(bad.validate().is_err());
     }
 
     #[test]
     fn fit_normalises_to_zero_mean_unit_std() {
-        let rows: Vec<Features> = (0..100).map(|i| [i as f32; FEATURE_DIM]).collect();
-        let spec = FeatureSpec::fit(SessionConfig::default(), &rows);
+        let rows: Vec<Features> = (0..100).map(|i| Features::dense([i as f32; FEATURE_DIM])).collect();
+        let spec = FeatureSpec::identity(SessionConfig::default()).fit(&rows);
         let z: Vec<Features> = rows.iter().map(|r| spec.normalize(r)).collect();
-        let mean: f32 = z.iter().map(|r| r[3]).sum::<f32>() / 100.0;
-        let var: f32 = z.iter().map(|r| r[3] * r[3]).sum::<f32>() / 100.0;
+        let mean: f32 = z.iter().map(|r| r.dense[3]).sum::<f32>() / 100.0;
+        let var: f32 = z.iter().map(|r| r.dense[3] * r.dense[3]).sum::<f32>() / 100.0;
         assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4);
         assert!(spec.validate().is_ok());
     }

@@ -1,6 +1,8 @@
 //! Model directories: `model.safetensors` (weights) and `model.json` (metadata).
 
-use crate::{FeatureSpec, GruParams, IntentModel, ModelError, names};
+use crate::baseline::Baselines;
+use crate::train::{Trained, TrainingSummary};
+use crate::{Calibration, FeatureSpec, GruParams, IntentModel, ModelError};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -11,45 +13,32 @@ use std::path::Path;
 pub const MODEL_FILE: &str = "model.safetensors";
 /// Metadata file name inside a model directory.
 pub const META_FILE: &str = "model.json";
-/// Version of the `model.json` layout.
-const META_FORMAT: u32 = 1;
-
-/// What training measured, kept with the model for the record.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainingSummary {
-    /// Seed of weight initialisation and batch order.
-    pub seed: u64,
-    /// Epochs run.
-    pub epochs: usize,
-    /// Epoch whose weights were kept (best validation log loss).
-    pub best_epoch: usize,
-    /// Sessions in the training split.
-    pub train_sessions: usize,
-    /// Sessions in the validation split (later sessions by start time).
-    pub val_sessions: usize,
-    /// Labelled events in the training split.
-    pub train_events: usize,
-    /// Share of positive labels in the training split.
-    pub train_base_rate: f64,
-    /// ROC-AUC on the validation split (None without both classes).
-    pub val_roc_auc: Option<f64>,
-    /// Mean log loss on the validation split.
-    pub val_log_loss: f64,
-}
+/// Version of the `model.json` layout (2 added embeddings, calibration and baselines).
+const META_FORMAT: u32 = 2;
 
 /// Contents of `model.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelMeta {
     /// Layout version of this file.
     pub format: u32,
-    /// `gru-` + the first 12 hex digits of SHA-256 over the weights file and the feature spec.
+    /// `gru-` + the first 12 hex digits of SHA-256 over the weights file, the feature spec and
+    /// the calibration.
     pub version: String,
-    /// GRU input size D.
+    /// GRU input size D (dense features plus embedding widths).
     pub input_dim: usize,
     /// GRU hidden size H.
     pub hidden_dim: usize,
     /// Feature contract.
     pub features: FeatureSpec,
+    /// Calibration applied to the GRU's probability before it is emitted.
+    #[serde(default)]
+    pub calibration: Calibration,
+    /// Decision threshold on the calibrated score (F1-maximising on validation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
+    /// Baselines and ensemble fitted with the model, for `intentflow eval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baselines: Option<Baselines>,
     /// Training record, if the model was trained by this project.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainingSummary>,
@@ -59,10 +48,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     move |source| ModelError::Io { path: path.to_path_buf(), source }
 }
 
-fn content_version(weights: &[u8], features: &FeatureSpec) -> Result<String, ModelError> {
+fn content_version(weights: &[u8], features: &FeatureSpec, calibration: &Calibration) -> Result<String, ModelError> {
     let mut hasher = Sha256::new();
     hasher.update(weights);
     hasher.update(serde_json::to_vec(features)?);
+    hasher.update(serde_json::to_vec(calibration)?);
     let digest = hasher.finalize();
     Ok(format!("gru-{}", digest.iter().take(6).map(|b| format!("{b:02x}")).collect::<String>()))
 }
@@ -82,68 +72,80 @@ impl IntentModel {
         }
         let meta: ModelMeta = serde_json::from_slice(&std::fs::read(&meta_path).map_err(io_err(&meta_path))?)?;
         if meta.format != META_FORMAT {
-            return Err(ModelError::Invalid(format!("model.json format {} (this build reads {META_FORMAT})", meta.format)));
+            return Err(ModelError::Invalid(format!(
+                "model.json format {} (this build reads {META_FORMAT}); retrain with `intentflow train`",
+                meta.format
+            )));
         }
         let bytes = std::fs::read(&weights_path).map_err(io_err(&weights_path))?;
-        let expected = content_version(&bytes, &meta.features)?;
+        let expected = content_version(&bytes, &meta.features, &meta.calibration)?;
         if expected != meta.version {
             return Err(ModelError::Invalid(format!(
                 "model.json says version {} but the files hash to {expected}; the directory was edited or mixed",
                 meta.version
             )));
         }
-        let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
-        let mut take = |name: &str| {
-            tensors.remove(name).ok_or_else(|| ModelError::Invalid(format!("{MODEL_FILE} has no tensor `{name}`")))
-        };
-        let params = GruParams {
-            weight_ih: take(names::WEIGHT_IH)?,
-            weight_hh: take(names::WEIGHT_HH)?,
-            bias_ih: take(names::BIAS_IH)?,
-            bias_hh: take(names::BIAS_HH)?,
-            head_weight: take(names::HEAD_WEIGHT)?,
-            head_bias: take(names::HEAD_BIAS)?,
-        };
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+        let params = GruParams::from_state_dict(tensors).map_err(|e| ModelError::Invalid(format!("{MODEL_FILE}: {e}")))?;
         IntentModel::new(params, meta, device.clone())
     }
 
-    /// Writes `params` with `features` to `dir` as a model directory, computing the version.
+    /// Writes `params` with `features` and `calibration` to `dir` as a model directory,
+    /// computing the version. Use [`Trained::save`] for a model fresh from training.
     ///
     /// # Errors
     ///
     /// I/O and candle errors.
-    pub fn save(
-        dir: &Path,
-        params: &GruParams,
-        features: FeatureSpec,
-        training: Option<TrainingSummary>,
-    ) -> Result<ModelMeta, ModelError> {
-        params.validate().map_err(ModelError::Invalid)?;
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let tensors: HashMap<&str, Tensor> = [
-            (names::WEIGHT_IH, &params.weight_ih),
-            (names::WEIGHT_HH, &params.weight_hh),
-            (names::BIAS_IH, &params.bias_ih),
-            (names::BIAS_HH, &params.bias_hh),
-            (names::HEAD_WEIGHT, &params.head_weight),
-            (names::HEAD_BIAS, &params.head_bias),
-        ]
-        .into_iter()
-        .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
-        .collect::<Result<_, candle_core::Error>>()?;
-        let weights_path = dir.join(MODEL_FILE);
-        candle_core::safetensors::save(&tensors, &weights_path)?;
-        let bytes = std::fs::read(&weights_path).map_err(io_err(&weights_path))?;
-        let meta = ModelMeta {
+    pub fn save(dir: &Path, params: &GruParams, features: FeatureSpec, calibration: Calibration) -> Result<ModelMeta, ModelError> {
+        save_dir(dir, params, ModelMeta {
             format: META_FORMAT,
-            version: content_version(&bytes, &features)?,
+            version: String::new(),
             input_dim: params.input_dim(),
             hidden_dim: params.hidden_dim(),
             features,
-            training,
-        };
-        let meta_path = dir.join(META_FILE);
-        std::fs::write(&meta_path, serde_json::to_vec_pretty(&meta)?).map_err(io_err(&meta_path))?;
-        Ok(meta)
+            calibration,
+            threshold: None,
+            baselines: None,
+            training: None,
+        })
     }
+}
+
+impl Trained {
+    /// Writes the model, its calibration, threshold, baselines and training record to `dir`.
+    ///
+    /// # Errors
+    ///
+    /// I/O and candle errors.
+    pub fn save(&self, dir: &Path) -> Result<ModelMeta, ModelError> {
+        save_dir(dir, &self.params, ModelMeta {
+            format: META_FORMAT,
+            version: String::new(),
+            input_dim: self.params.input_dim(),
+            hidden_dim: self.params.hidden_dim(),
+            features: self.features.clone(),
+            calibration: self.calibration.clone(),
+            threshold: Some(self.threshold),
+            baselines: Some(self.baselines.clone()),
+            training: Some(self.summary.clone()),
+        })
+    }
+}
+
+/// Writes the weights, then `meta` with its version computed from them.
+fn save_dir(dir: &Path, params: &GruParams, mut meta: ModelMeta) -> Result<ModelMeta, ModelError> {
+    params.validate().map_err(ModelError::Invalid)?;
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let tensors: HashMap<&str, Tensor> = params
+        .state_dict()
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
+        .collect::<Result<_, candle_core::Error>>()?;
+    let weights_path = dir.join(MODEL_FILE);
+    candle_core::safetensors::save(&tensors, &weights_path)?;
+    let bytes = std::fs::read(&weights_path).map_err(io_err(&weights_path))?;
+    meta.version = content_version(&bytes, &meta.features, &meta.calibration)?;
+    let meta_path = dir.join(META_FILE);
+    std::fs::write(&meta_path, serde_json::to_vec_pretty(&meta)?).map_err(io_err(&meta_path))?;
+    Ok(meta)
 }

@@ -6,20 +6,32 @@
 //!   with PyTorch `nn.GRU` tensor names, `model.json` with dimensions, feature spec and a
 //!   content-hash version). [`IntentModel::step`] advances a whole batch of users by one event
 //!   each; the host-side `f32` buffers in and out keep tensors out of the state layer.
-//! * [`train`] — BCE + AdamW training on "this session purchases later" labels.
-//! * [`eval`] — ROC-AUC and log loss.
+//! * [`train`] — labels, time split, class-weighted BCE + AdamW with early stopping on
+//!   validation PR-AUC, then calibration, baselines and the ensemble, fitted on validation.
+//! * [`baseline`] — base rate and logistic regression on session aggregates.
+//! * [`calibrate`] — Platt scaling and isotonic regression, stored with the model.
+//! * [`eval`] — ROC/PR-AUC, log loss, Brier, P/R/F1, calibration error, bootstrap intervals;
+//!   [`report`] renders them as a self-contained HTML page.
 //!
 //! The model runs on candle's CPU device, or on CUDA when built with the `cuda` feature.
 
+pub mod assess;
+pub mod baseline;
+pub mod calibrate;
 pub mod eval;
 pub mod features;
 mod gru;
 mod io;
+mod logistic;
+pub mod report;
 pub mod train;
 
+pub use calibrate::Calibration;
 pub use features::{FeatureSpec, Features, Prepared, FEATURE_DIM};
 pub use gru::{names, GruParams};
-pub use io::{ModelMeta, TrainingSummary, MODEL_FILE, META_FILE};
+pub use io::{ModelMeta, MODEL_FILE, META_FILE};
+pub use train::{SplitSpec, TrainingSummary};
+pub use logistic::Logistic;
 
 pub use candle_core::Device;
 use candle_core::Tensor;
@@ -114,13 +126,24 @@ impl IntentModel {
     pub fn new(params: GruParams, meta: ModelMeta, device: Device) -> Result<IntentModel, ModelError> {
         params.validate().map_err(ModelError::Invalid)?;
         meta.features.validate().map_err(ModelError::Invalid)?;
-        if params.input_dim() != FEATURE_DIM || params.hidden_dim() != meta.hidden_dim || meta.input_dim != FEATURE_DIM {
+        if params.dense_dim() != FEATURE_DIM || params.hidden_dim() != meta.hidden_dim || meta.input_dim != params.input_dim() {
             return Err(ModelError::Invalid(format!(
-                "dimensions disagree: tensors D={} H={}, model.json D={} H={}, this build D={FEATURE_DIM}",
+                "dimensions disagree: tensors D={} (dense {}) H={}, model.json D={} H={}, this build has {FEATURE_DIM} dense features",
                 params.input_dim(),
+                params.dense_dim(),
                 params.hidden_dim(),
                 meta.input_dim,
                 meta.hidden_dim
+            )));
+        }
+        let spec = &meta.features;
+        if params.item_shape().0 != spec.item_buckets as usize || params.category_shape().0 != spec.category_buckets as usize {
+            return Err(ModelError::Invalid(format!(
+                "embedding tables have {} item and {} category rows, the feature spec hashes into {} and {}",
+                params.item_shape().0,
+                params.category_shape().0,
+                spec.item_buckets,
+                spec.category_buckets
             )));
         }
         let params = params.to_device(&device)?;
@@ -155,7 +178,7 @@ impl IntentModel {
     /// Advances `B = inputs.len()` users by one event each.
     ///
     /// `hidden` holds their current hidden vectors row-major (`B × H`; zeros for a new
-    /// session). Returns the new hidden vectors and the purchase probabilities.
+    /// session). Returns the new hidden vectors and the calibrated purchase probabilities.
     ///
     /// # Errors
     ///
@@ -168,11 +191,12 @@ impl IntentModel {
         if b == 0 {
             return Ok(StepOutput { hidden: Vec::new(), scores: Vec::new() });
         }
-        let x = Tensor::from_slice(inputs.as_flattened(), (b, FEATURE_DIM), &self.device)?;
+        let x = self.params.gru_input_of(inputs, &self.device)?;
         let h0 = Tensor::from_slice(hidden, (b, h), &self.device)?;
         let h1 = self.params.cell(&self.params.input_gates(&x)?, &h0)?;
-        let scores = gru::sigmoid(&self.params.logits(&h1)?)?;
-        Ok(StepOutput { hidden: h1.flatten_all()?.to_vec1()?, scores: scores.to_vec1()? })
+        let raw: Vec<f32> = gru::sigmoid(&self.params.logits(&h1)?)?.to_vec1()?;
+        let scores = raw.into_iter().map(|p| self.meta.calibration.apply(p)).collect();
+        Ok(StepOutput { hidden: h1.flatten_all()?.to_vec1()?, scores })
     }
 
     /// Scores one user's events one at a time, in the given order, from a fresh state: the

@@ -1,25 +1,101 @@
-//! Training of the intent GRU on labelled sessions.
+//! Training of the intent GRU, its calibration, the baselines and the ensemble.
 //!
-//! Label: for every event of a session before its first purchase, 1 if the session purchases
-//! later, else 0. Sessions are cut by [`intentflow_schemas::SessionState::advance`], which also
-//! closes a session at its purchase; the purchase event itself carries no label. Sessions are
-//! split by start time (the latest `val_fraction` validate), features are normalised with
-//! statistics of the training split, and the weights with the best validation log loss are kept.
+//! * **Labels** ([`labelled_sessions`]): sessions are cut by
+//!   [`intentflow_schemas::SessionState::advance`] (the dataset's session id, a 30-minute gap,
+//!   and a purchase closes its session). With [`LabelHorizon::Session`] each event before the
+//!   session's purchase is 1 if the session purchases later, else 0; with
+//!   [`LabelHorizon::Within24h`] it is 1 if the user purchases within 24 hours after it. The
+//!   purchase event itself carries no label.
+//! * **Split** ([`SplitSpec`]): sessions sorted by start time; the latest `test_fraction` are
+//!   the test split (never touched by training), the `val_fraction` before them validate, the
+//!   rest train.
+//! * **Optimisation:** length-bucketed padded batches with masks, BCE with logits weighted
+//!   up for the rare positives, AdamW, early stopping on validation PR-AUC. Seeded
+//!   initialisation and batch order; deterministic on CPU.
+//! * **After training**, on the validation split: calibration of the GRU score, the
+//!   F1-maximising threshold, the logistic-regression baseline's threshold and the stacked
+//!   ensemble.
 
-use crate::{eval, FeatureSpec, Features, GruParams, ModelError, TrainingSummary, FEATURE_DIM};
+use crate::baseline::{stack_row, Baselines, SessionAggregates, AGGREGATE_NAMES};
+use crate::calibrate::{Calibration, CalibrationMethod};
+use crate::{eval, FeatureSpec, Features, GruParams, Logistic, ModelError, FEATURE_DIM};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use intentflow_schemas::{Event, EventType, SessionConfig, SessionState};
 use rand::{seq::SliceRandom, Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// What a label predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LabelHorizon {
+    /// The current session purchases later.
+    #[default]
+    Session,
+    /// The user purchases within 24 hours.
+    Within24h,
+}
+
+/// How sessions are split by start time.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SplitSpec {
+    /// Share of sessions, just before the test split, that validate.
+    pub val_fraction: f64,
+    /// Share of sessions, the latest, held out for testing.
+    pub test_fraction: f64,
+}
+
+impl Default for SplitSpec {
+    fn default() -> Self {
+        SplitSpec { val_fraction: 0.15, test_fraction: 0.30 }
+    }
+}
+
+/// Which part of a split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Training sessions.
+    Train,
+    /// Validation sessions.
+    Validation,
+    /// Test sessions.
+    Test,
+    /// Every session.
+    All,
+}
+
+impl SplitSpec {
+    /// Index ranges (train, validation, test) of `n` sessions sorted by start time.
+    pub fn ranges(&self, n: usize) -> [std::ops::Range<usize>; 3] {
+        let n_test = ((n as f64) * self.test_fraction).round() as usize;
+        let n_val = ((n as f64) * self.val_fraction).round() as usize;
+        let test_start = n - n_test.min(n);
+        let val_start = test_start - n_val.min(test_start);
+        [0..val_start, val_start..test_start, test_start..n]
+    }
+
+    /// The sessions of `part`; `sessions` must be sorted by start time.
+    pub fn part<'a, T>(&self, sessions: &'a [T], part: Part) -> &'a [T] {
+        let [train, val, test] = self.ranges(sessions.len());
+        match part {
+            Part::Train => &sessions[train],
+            Part::Validation => &sessions[val],
+            Part::Test => &sessions[test],
+            Part::All => sessions,
+        }
+    }
+}
 
 /// Hyper-parameters of [`train`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
     /// GRU hidden size.
     pub hidden_dim: usize,
-    /// Passes over the training split.
+    /// Most passes over the training split.
     pub epochs: usize,
+    /// Stop after this many epochs without a better validation PR-AUC.
+    pub patience: usize,
     /// Sessions per batch.
     pub batch_size: usize,
     /// AdamW learning rate.
@@ -28,8 +104,21 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Longer sessions are cut to their first `max_len` events for training.
     pub max_len: usize,
-    /// Share of sessions, the latest by start time, held out for validation.
-    pub val_fraction: f64,
+    /// Weight of a positive label relative to a negative one; `None` uses
+    /// `sqrt(negatives / positives)` of the training split.
+    pub pos_weight: Option<f64>,
+    /// Hash buckets and width of the item embedding (0 buckets: none).
+    pub item_embedding: (u32, usize),
+    /// Hash buckets and width of the category embedding (0 buckets: none).
+    pub category_embedding: (u32, usize),
+    /// Dense features switched off (by name).
+    pub disabled: Vec<String>,
+    /// What the labels predict.
+    pub label: LabelHorizon,
+    /// Train / validation / test split by session start.
+    pub split: SplitSpec,
+    /// Calibration fitted on validation.
+    pub calibration: CalibrationMethod,
     /// Seed for initialisation and batch order.
     pub seed: u64,
     /// How sessions are cut.
@@ -40,15 +129,30 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             hidden_dim: 32,
-            epochs: 12,
+            epochs: 40,
+            patience: 8,
             batch_size: 64,
             learning_rate: 3e-3,
             weight_decay: 1e-4,
             max_len: 64,
-            val_fraction: 0.2,
+            pos_weight: None,
+            item_embedding: (1024, 8),
+            category_embedding: (256, 4),
+            disabled: Vec::new(),
+            label: LabelHorizon::Session,
+            split: SplitSpec::default(),
+            calibration: CalibrationMethod::Platt,
             seed: 7,
             session: SessionConfig::default(),
         }
+    }
+}
+
+impl TrainConfig {
+    /// The unfitted feature spec this configuration trains with.
+    pub fn feature_spec(&self) -> FeatureSpec {
+        FeatureSpec { disabled: self.disabled.clone(), ..FeatureSpec::identity(self.session) }
+            .with_buckets(self.item_embedding.0, self.category_embedding.0)
     }
 }
 
@@ -59,79 +163,113 @@ pub struct LabelledSession {
     pub start_ms: i64,
     /// Raw features per event.
     pub features: Vec<Features>,
-    /// 1.0 if the session purchases after this event.
+    /// 1.0 if the label holds after this event.
     pub labels: Vec<f32>,
     /// 1.0 where the label counts (0 for the purchase event that closes the session).
     pub mask: Vec<f32>,
+    /// Session aggregates so far per event, the baseline's inputs ([`AGGREGATE_NAMES`]).
+    pub aggregates: Vec<Vec<f64>>,
+    /// Index of each event in the input slice.
+    pub events: Vec<usize>,
 }
 
-/// Cuts events into labelled sessions. Events are grouped by user and ordered by time; events
-/// with equal times keep their input order.
-pub fn labelled_sessions(events: &[Event], session: SessionConfig) -> Vec<LabelledSession> {
-    let spec = FeatureSpec::identity(session);
+/// Cuts events into labelled sessions with features computed by `spec` (its normalisation is
+/// not applied). Events are grouped by user and ordered by time; events with equal times keep
+/// their input order. Sessions come sorted by start time (ties by user).
+pub fn labelled_sessions(events: &[Event], spec: &FeatureSpec, horizon: LabelHorizon) -> Vec<LabelledSession> {
+    const DAY_MS: i64 = 86_400_000;
     let mut order: Vec<usize> = (0..events.len()).collect();
     order.sort_by(|&a, &b| events[a].user_id.cmp(&events[b].user_id).then(events[a].ts.cmp(&events[b].ts)));
     let mut out: Vec<LabelledSession> = Vec::new();
     let mut state = SessionState::default();
-    let mut user: Option<&str> = None;
-    for &i in &order {
+    let mut aggregates = SessionAggregates::default();
+    for (k, &i) in order.iter().enumerate() {
         let ev = &events[i];
-        if user != Some(ev.user_id.as_str()) {
-            user = Some(&ev.user_id);
+        let first_of_user = k == 0 || events[order[k - 1]].user_id != ev.user_id;
+        if first_of_user {
             state = SessionState::default();
         }
         let (raw, new_session) = spec.featurize_raw(&mut state, ev);
         if new_session {
-            out.push(LabelledSession { start_ms: ev.ts, features: Vec::new(), labels: Vec::new(), mask: Vec::new() });
+            aggregates = SessionAggregates::default();
+            out.push(LabelledSession {
+                start_ms: ev.ts,
+                features: Vec::new(),
+                labels: Vec::new(),
+                mask: Vec::new(),
+                aggregates: Vec::new(),
+                events: Vec::new(),
+            });
         }
         let s = out.last_mut().expect("the first event of a user opens a session");
-        s.features.push(raw);
         let purchase = ev.kind == EventType::Purchase;
-        s.labels.push(0.0);
+        let label = match horizon {
+            LabelHorizon::Session => false,
+            LabelHorizon::Within24h => order[k + 1..]
+                .iter()
+                .map(|&j| &events[j])
+                .take_while(|e| e.user_id == ev.user_id && e.ts <= ev.ts + DAY_MS)
+                .any(|e| e.kind == EventType::Purchase),
+        };
+        s.features.push(raw);
+        s.aggregates.push(aggregates.push(ev));
+        s.events.push(i);
+        s.labels.push(if purchase { 0.0 } else { f32::from(u8::from(label)) });
         s.mask.push(if purchase { 0.0 } else { 1.0 });
-        if purchase {
-            s.labels.iter_mut().for_each(|l| *l = 1.0);
-            // The purchase closes the session: the next event opens a new one.
-            *s.labels.last_mut().expect("just pushed") = 0.0;
+        if purchase && horizon == LabelHorizon::Session {
+            let n = s.labels.len();
+            s.labels[..n - 1].iter_mut().for_each(|l| *l = 1.0);
         }
     }
+    out.sort_by_key(|s| s.start_ms);
     out
 }
 
-/// A padded batch on the device: inputs `(B, T, D)`, labels and weights `(B, T)`.
+/// A padded batch on the device: dense inputs `(B, T, D)`, item and category buckets `(B·T)`,
+/// labels and loss weights `(B, T)`.
 struct Batch {
     x: Tensor,
+    items: Tensor,
+    categories: Tensor,
     y: Tensor,
     w: Tensor,
 }
 
-fn make_batch(sessions: &[&LabelledSession], spec: &FeatureSpec, max_len: usize, device: &Device) -> Result<Batch, ModelError> {
-    let t = sessions.iter().map(|s| s.features.len().min(max_len)).max().unwrap_or(1);
+fn make_batch(sessions: &[&LabelledSession], spec: &FeatureSpec, max_len: usize, pos_weight: f32, device: &Device) -> Result<Batch, ModelError> {
+    let t = sessions.iter().map(|s| s.features.len().min(max_len)).max().unwrap_or(1).max(1);
     let b = sessions.len();
     let mut x = vec![0f32; b * t * FEATURE_DIM];
+    let mut items = vec![0u32; b * t];
+    let mut categories = vec![0u32; b * t];
     let mut y = vec![0f32; b * t];
     let mut w = vec![0f32; b * t];
     for (i, s) in sessions.iter().enumerate() {
         for j in 0..s.features.len().min(t) {
+            let k = i * t + j;
             let row = spec.normalize(&s.features[j]);
-            x[(i * t + j) * FEATURE_DIM..(i * t + j + 1) * FEATURE_DIM].copy_from_slice(&row);
-            y[i * t + j] = s.labels[j];
-            w[i * t + j] = s.mask[j];
+            x[k * FEATURE_DIM..(k + 1) * FEATURE_DIM].copy_from_slice(&row.dense);
+            items[k] = row.item;
+            categories[k] = row.category;
+            y[k] = s.labels[j];
+            w[k] = s.mask[j] * if s.labels[j] > 0.5 { pos_weight } else { 1.0 };
         }
     }
     Ok(Batch {
         x: Tensor::from_vec(x, (b, t, FEATURE_DIM), device)?,
+        items: Tensor::from_vec(items, b * t, device)?,
+        categories: Tensor::from_vec(categories, b * t, device)?,
         y: Tensor::from_vec(y, (b, t), device)?,
         w: Tensor::from_vec(w, (b, t), device)?,
     })
 }
 
 /// Logits `(B, T)` of a padded batch, running the cell over time from a zero state.
-fn forward(params: &GruParams, x: &Tensor) -> Result<Tensor, ModelError> {
-    let (b, t, d) = x.dims3()?;
+fn forward(params: &GruParams, batch: &Batch) -> Result<Tensor, ModelError> {
+    let (b, t, d) = batch.x.dims3()?;
     let hd = params.hidden_dim();
-    let gi = params.input_gates(&x.reshape((b * t, d))?)?.reshape((b, t, 3 * hd))?;
-    let mut h = Tensor::zeros((b, hd), DType::F32, x.device())?;
+    let input = params.gru_input(&batch.x.reshape((b * t, d))?, &batch.items, &batch.categories)?;
+    let gi = params.input_gates(&input)?.reshape((b, t, 3 * hd))?;
+    let mut h = Tensor::zeros((b, hd), DType::F32, batch.x.device())?;
     let mut logits = Vec::with_capacity(t);
     for step in 0..t {
         h = params.cell(&gi.narrow(1, step, 1)?.squeeze(1)?, &h)?;
@@ -152,18 +290,19 @@ fn uniform(rng: &mut ChaCha8Rng, shape: (usize, usize), bound: f32, device: &Dev
     Ok(Var::from_tensor(&Tensor::from_vec(data, shape, device)?)?)
 }
 
-/// Scores and labels of every labelled event of `sessions`.
-fn predict(params: &GruParams, sessions: &[&LabelledSession], spec: &FeatureSpec, cfg: &TrainConfig, device: &Device) -> Result<(Vec<f32>, Vec<bool>), ModelError> {
+/// Raw (uncalibrated) GRU probabilities of every labelled event of `sessions`, in session and
+/// event order, with their labels.
+fn predict(params: &GruParams, sessions: &[LabelledSession], spec: &FeatureSpec, device: &Device) -> Result<(Vec<f32>, Vec<bool>), ModelError> {
     let (mut scores, mut labels) = (Vec::new(), Vec::new());
-    for chunk in sessions.chunks(cfg.batch_size.max(1) * 4) {
-        let batch = make_batch(chunk, spec, cfg.max_len, device)?;
-        let p: Vec<Vec<f32>> = crate::gru::sigmoid(&forward(params, &batch.x)?)?.to_vec2()?;
-        let (y, w): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (batch.y.to_vec2()?, batch.w.to_vec2()?);
-        for i in 0..chunk.len() {
-            for j in 0..p[i].len() {
-                if w[i][j] > 0.0 {
-                    scores.push(p[i][j]);
-                    labels.push(y[i][j] > 0.5);
+    let refs: Vec<&LabelledSession> = sessions.iter().collect();
+    for chunk in refs.chunks(256) {
+        let batch = make_batch(chunk, spec, usize::MAX, 1.0, device)?;
+        let p: Vec<Vec<f32>> = crate::gru::sigmoid(&forward(params, &batch)?)?.to_vec2()?;
+        for (s, row) in chunk.iter().zip(&p) {
+            for j in 0..s.features.len() {
+                if s.mask[j] > 0.0 {
+                    scores.push(row[j]);
+                    labels.push(s.labels[j] > 0.5);
                 }
             }
         }
@@ -171,39 +310,115 @@ fn predict(params: &GruParams, sessions: &[&LabelledSession], spec: &FeatureSpec
     Ok((scores, labels))
 }
 
-/// Trains a model on `events`. Returns the parameters (on CPU), the fitted feature spec and
-/// a summary. `on_epoch` is called after each epoch with (epoch, train loss, validation log
-/// loss, validation ROC-AUC), for progress display.
+/// Aggregate rows and labels of every labelled event of `sessions`.
+fn aggregate_rows(sessions: &[LabelledSession]) -> (Vec<Vec<f64>>, Vec<bool>) {
+    sessions
+        .iter()
+        .flat_map(|s| (0..s.mask.len()).filter(|&j| s.mask[j] > 0.0).map(move |j| (s.aggregates[j].clone(), s.labels[j] > 0.5)))
+        .unzip()
+}
+
+/// Progress of one epoch, for display.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EpochReport {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Mean weighted training loss.
+    pub train_loss: f64,
+    /// Validation log loss of the raw (weighted, uncalibrated) scores.
+    pub val_log_loss: f64,
+    /// Validation ROC-AUC.
+    pub val_roc_auc: Option<f64>,
+    /// Validation PR-AUC, the early-stopping criterion.
+    pub val_pr_auc: Option<f64>,
+    /// This epoch's weights are the best so far.
+    pub best: bool,
+}
+
+/// What training measured, kept with the model for the record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSummary {
+    /// Seed of weight initialisation and batch order.
+    pub seed: u64,
+    /// Epochs run (early stopping may end before the maximum).
+    pub epochs: usize,
+    /// Epoch whose weights were kept (best validation PR-AUC).
+    pub best_epoch: usize,
+    /// What the labels predict.
+    pub label: LabelHorizon,
+    /// How sessions were split.
+    pub split: SplitSpec,
+    /// Sessions in the training split.
+    pub train_sessions: usize,
+    /// Sessions in the validation split.
+    pub val_sessions: usize,
+    /// Sessions in the test split (not used by training).
+    pub test_sessions: usize,
+    /// Labelled events in the training split.
+    pub train_events: usize,
+    /// Share of positive labels in the training split.
+    pub train_base_rate: f64,
+    /// Weight of positive labels in the loss.
+    pub pos_weight: f64,
+    /// Validation ROC-AUC of the kept epoch.
+    pub val_roc_auc: Option<f64>,
+    /// Validation PR-AUC of the kept epoch.
+    pub val_pr_auc: Option<f64>,
+}
+
+/// A trained model with everything fitted around it, ready to save.
+#[derive(Debug, Clone)]
+pub struct Trained {
+    /// Network weights (on CPU).
+    pub params: GruParams,
+    /// Fitted feature contract.
+    pub features: FeatureSpec,
+    /// Calibration of the GRU score.
+    pub calibration: Calibration,
+    /// F1-maximising threshold of the calibrated score on validation.
+    pub threshold: f64,
+    /// Baselines and ensemble.
+    pub baselines: Baselines,
+    /// The record of training.
+    pub summary: TrainingSummary,
+}
+
+/// Trains a model on `events`. `on_epoch` sees each epoch's report, for progress display.
 ///
 /// # Errors
 ///
-/// [`ModelError::Training`] when there is nothing to learn from (no sessions, or no positive
-/// label); candle errors otherwise.
-pub fn train(
-    events: &[Event],
-    cfg: &TrainConfig,
-    device: &Device,
-    mut on_epoch: impl FnMut(usize, f64, f64, Option<f64>),
-) -> Result<(GruParams, FeatureSpec, TrainingSummary), ModelError> {
-    let mut sessions = labelled_sessions(events, cfg.session);
-    sessions.sort_by_key(|s| s.start_ms);
-    let n_val = ((sessions.len() as f64) * cfg.val_fraction).round() as usize;
-    let (train_set, val_set) = sessions.split_at(sessions.len() - n_val.min(sessions.len()));
-    let train_rows: Vec<Features> = train_set.iter().flat_map(|s| s.features.iter().copied()).collect();
-    let labelled: usize = train_set.iter().map(|s| s.mask.iter().filter(|m| **m > 0.0).count()).sum();
-    let positives: usize = train_set.iter().map(|s| s.labels.iter().zip(&s.mask).filter(|(l, m)| **l > 0.5 && **m > 0.0).count()).sum();
-    if labelled == 0 || positives == 0 {
+/// [`ModelError::Training`] when a split has nothing to learn from (no sessions, or no
+/// positive label in training or validation); candle errors otherwise.
+pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, mut on_epoch: impl FnMut(&EpochReport)) -> Result<Trained, ModelError> {
+    let unfitted = cfg.feature_spec();
+    unfitted.validate().map_err(ModelError::Training)?;
+    let sessions = labelled_sessions(events, &unfitted, cfg.label);
+    let train_set = cfg.split.part(&sessions, Part::Train);
+    let val_set = cfg.split.part(&sessions, Part::Validation);
+    let count = |set: &[LabelledSession], positive: bool| -> usize {
+        set.iter().map(|s| s.labels.iter().zip(&s.mask).filter(|(l, m)| **m > 0.0 && (!positive || **l > 0.5)).count()).sum()
+    };
+    let (labelled, positives) = (count(train_set, false), count(train_set, true));
+    if positives == 0 || positives == labelled || count(val_set, true) == 0 {
         return Err(ModelError::Training(format!(
-            "{} training sessions with {labelled} labelled events and {positives} positives: need events with purchases",
-            train_set.len()
+            "{} training sessions ({labelled} labelled events, {positives} positive) and {} validation sessions ({} positive): \
+             both splits need events with and without a later purchase",
+            train_set.len(),
+            val_set.len(),
+            count(val_set, true)
         )));
     }
-    let spec = FeatureSpec::fit(cfg.session, &train_rows);
+    let train_rows: Vec<Features> = train_set.iter().flat_map(|s| s.features.iter().copied()).collect();
+    let spec = unfitted.fit(&train_rows);
+    let pos_weight = cfg.pos_weight.unwrap_or_else(|| ((labelled - positives) as f64 / positives as f64).sqrt());
 
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let (d, h) = (FEATURE_DIM, cfg.hidden_dim);
+    let (h, (item_rows, item_dim), (cat_rows, cat_dim)) = (cfg.hidden_dim, cfg.item_embedding, cfg.category_embedding);
+    let item_dim = if item_rows >= 2 { item_dim } else { 0 };
+    let cat_dim = if cat_rows >= 2 { cat_dim } else { 0 };
+    let d = FEATURE_DIM + item_dim + cat_dim;
     let bound = 1.0 / (h as f32).sqrt();
-    let vars = [
+    let mut vars = vec![
         uniform(&mut rng, (3 * h, d), bound, device)?,
         uniform(&mut rng, (3 * h, h), bound, device)?,
         uniform(&mut rng, (1, 3 * h), bound, device)?,
@@ -211,8 +426,15 @@ pub fn train(
         uniform(&mut rng, (1, h), bound, device)?,
         uniform(&mut rng, (1, 1), bound, device)?,
     ];
+    if item_dim > 0 {
+        vars.push(uniform(&mut rng, (item_rows as usize, item_dim), 0.1, device)?);
+    }
+    if cat_dim > 0 {
+        vars.push(uniform(&mut rng, (cat_rows as usize, cat_dim), 0.1, device)?);
+    }
     // The trained tensors in `vars` order; biases are held as (1, n) and stored flat.
     let params_of = |t: &[Tensor]| -> Result<GruParams, ModelError> {
+        let mut tables = t[6..].iter();
         Ok(GruParams {
             weight_ih: t[0].clone(),
             weight_hh: t[1].clone(),
@@ -220,62 +442,92 @@ pub fn train(
             bias_hh: t[3].flatten_all()?,
             head_weight: t[4].clone(),
             head_bias: t[5].flatten_all()?,
+            item_embedding: if item_dim > 0 { tables.next().cloned() } else { None },
+            category_embedding: if cat_dim > 0 { tables.next().cloned() } else { None },
         })
     };
-    let live = |vars: &[Var; 6]| vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();
-    let mut opt = AdamW::new(
-        vars.to_vec(),
-        ParamsAdamW { lr: cfg.learning_rate, weight_decay: cfg.weight_decay, ..Default::default() },
-    )?;
+    let live = |vars: &[Var]| vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();
+    let mut opt = AdamW::new(vars.clone(), ParamsAdamW { lr: cfg.learning_rate, weight_decay: cfg.weight_decay, ..Default::default() })?;
 
     // Length buckets: sessions of similar length share a batch, so little is padding.
     let mut by_len: Vec<&LabelledSession> = train_set.iter().collect();
     by_len.sort_by_key(|s| s.features.len());
     let mut batches = Vec::new();
     for chunk in by_len.chunks(cfg.batch_size.max(1)) {
-        batches.push(make_batch(chunk, &spec, cfg.max_len, device)?);
+        batches.push(make_batch(chunk, &spec, cfg.max_len, pos_weight as f32, device)?);
     }
-    let val_refs: Vec<&LabelledSession> = val_set.iter().collect();
 
-    let mut best: Option<(f64, usize, Vec<Tensor>)> = None;
-    let mut last_auc = None;
+    let mut best: Option<(f64, usize, Vec<Tensor>, EpochReport)> = None;
+    let mut epochs_run = 0;
     for epoch in 1..=cfg.epochs {
+        epochs_run = epoch;
         batches.shuffle(&mut rng);
         let mut loss_sum = 0f64;
         for batch in &batches {
             let params = params_of(&live(&vars))?;
-            let loss = bce_with_logits(&forward(&params, &batch.x)?, &batch.y, &batch.w)?;
+            let loss = bce_with_logits(&forward(&params, batch)?, &batch.y, &batch.w)?;
             opt.backward_step(&loss)?;
             loss_sum += f64::from(loss.to_scalar::<f32>()?);
         }
-        let train_loss = loss_sum / batches.len().max(1) as f64;
         let params = params_of(&live(&vars))?;
-        // Without a validation split, the training loss picks the epoch.
-        let (val_loss, val_auc) = if val_refs.is_empty() {
-            (train_loss, None)
-        } else {
-            let (scores, labels) = predict(&params, &val_refs, &spec, cfg, device)?;
-            (eval::log_loss(&scores, &labels), eval::roc_auc(&scores, &labels))
+        let (scores, labels) = predict(&params, val_set, &spec, device)?;
+        let val_pr = eval::pr_auc(&scores, &labels);
+        let criterion = val_pr.unwrap_or(0.0);
+        let improved = best.as_ref().is_none_or(|(c, _, _, _)| criterion > *c);
+        let report = EpochReport {
+            epoch,
+            train_loss: loss_sum / batches.len().max(1) as f64,
+            val_log_loss: eval::log_loss(&scores, &labels),
+            val_roc_auc: eval::roc_auc(&scores, &labels),
+            val_pr_auc: val_pr,
+            best: improved,
         };
-        on_epoch(epoch, train_loss, val_loss, val_auc);
-        if best.as_ref().is_none_or(|(l, _, _)| val_loss < *l) {
+        on_epoch(&report);
+        if improved {
             let snapshot = vars.iter().map(|v| v.as_tensor().copy()).collect::<Result<Vec<_>, _>>()?;
-            best = Some((val_loss, epoch, snapshot));
-            last_auc = val_auc;
+            best = Some((criterion, epoch, snapshot, report));
+        } else if best.as_ref().is_some_and(|(_, e, _, _)| epoch - e >= cfg.patience) {
+            break;
         }
     }
-    let (val_log_loss, best_epoch, snapshot) = best.ok_or_else(|| ModelError::Training("epochs must be at least 1".into()))?;
+    let (_, best_epoch, snapshot, best_report) = best.ok_or_else(|| ModelError::Training("epochs must be at least 1".into()))?;
     let params = params_of(&snapshot)?.to_device(&Device::Cpu)?;
+
+    // Everything below is fitted on validation.
+    let (raw_val, val_labels) = predict(&params, val_set, &spec, &Device::Cpu)?;
+    let calibration = Calibration::fit(cfg.calibration, &raw_val, &val_labels);
+    let gru_val: Vec<f32> = raw_val.iter().map(|&p| calibration.apply(p)).collect();
+    let threshold = eval::best_f1_threshold(&gru_val, &val_labels);
+
+    let (train_agg, train_agg_labels) = aggregate_rows(train_set);
+    let names = AGGREGATE_NAMES.iter().map(|s| s.to_string()).collect();
+    let logistic = Logistic::fit(names, &train_agg, &train_agg_labels, 1.0);
+    let (val_agg, _) = aggregate_rows(val_set);
+    let lr_val: Vec<f32> = val_agg.iter().map(|r| logistic.predict(r) as f32).collect();
+    let stacked: Vec<Vec<f64>> = gru_val.iter().zip(&lr_val).map(|(&g, &l)| stack_row(g, l)).collect();
+    let ensemble = Logistic::fit(vec!["gru_logit".into(), "logistic_logit".into()], &stacked, &val_labels, 1.0);
+    let ens_val: Vec<f32> = stacked.iter().map(|r| ensemble.predict(r) as f32).collect();
+    let baselines = Baselines {
+        base_rate: positives as f64 / labelled as f64,
+        logistic_threshold: eval::best_f1_threshold(&lr_val, &val_labels),
+        logistic,
+        ensemble_threshold: eval::best_f1_threshold(&ens_val, &val_labels),
+        ensemble,
+    };
     let summary = TrainingSummary {
         seed: cfg.seed,
-        epochs: cfg.epochs,
+        epochs: epochs_run,
         best_epoch,
+        label: cfg.label,
+        split: cfg.split,
         train_sessions: train_set.len(),
         val_sessions: val_set.len(),
+        test_sessions: cfg.split.part(&sessions, Part::Test).len(),
         train_events: labelled,
         train_base_rate: positives as f64 / labelled as f64,
-        val_roc_auc: last_auc,
-        val_log_loss,
+        pos_weight,
+        val_roc_auc: best_report.val_roc_auc,
+        val_pr_auc: best_report.val_pr_auc,
     };
-    Ok((params, spec, summary))
+    Ok(Trained { params, features: spec, calibration, threshold, baselines, summary })
 }

@@ -2,9 +2,10 @@
 //! identically, and a batched step equals single steps.
 
 use candle_core::Device;
-use intentflow_model::train::{labelled_sessions, train, TrainConfig};
-use intentflow_model::{IntentModel, ModelError, FEATURE_DIM};
-use intentflow_schemas::{Event, EventType, SessionConfig};
+use intentflow_model::assess::assess;
+use intentflow_model::train::{labelled_sessions, train, LabelHorizon, Part, TrainConfig};
+use intentflow_model::{FeatureSpec, Features, IntentModel, ModelError, FEATURE_DIM};
+use intentflow_schemas::{Event, EventType, SessionConfig, SessionState};
 
 fn ev(user: usize, ts_s: i64, kind: EventType) -> Event {
     Event {
@@ -45,28 +46,49 @@ fn quick_config() -> TrainConfig {
 
 #[test]
 fn labels_mark_events_before_the_purchase() {
-    let sessions = labelled_sessions(&learnable_events()[..0], SessionConfig::default());
+    let spec = FeatureSpec::identity(SessionConfig::default());
+    let sessions = labelled_sessions(&learnable_events()[..0], &spec, LabelHorizon::Session);
     assert!(sessions.is_empty());
     let events = vec![ev(1, 0, EventType::View), ev(1, 10, EventType::AddToCart), ev(1, 20, EventType::Purchase), ev(1, 30, EventType::View)];
-    let sessions = labelled_sessions(&events, SessionConfig::default());
+    let sessions = labelled_sessions(&events, &spec, LabelHorizon::Session);
     assert_eq!(sessions.len(), 2, "the purchase closes the first session");
     assert_eq!(sessions[0].labels, [1.0, 1.0, 0.0]);
     assert_eq!(sessions[0].mask, [1.0, 1.0, 0.0]);
     assert_eq!(sessions[1].labels, [0.0]);
+    assert_eq!(sessions[0].events, [0, 1, 2]);
+}
+
+#[test]
+fn the_24_hour_label_looks_across_sessions() {
+    let spec = FeatureSpec::identity(SessionConfig::default());
+    let hour = 3_600;
+    // A browse session, a purchase 20 h later in a new session, and a visit 2 days later.
+    let events = vec![ev(1, 0, EventType::View), ev(1, 20 * hour, EventType::View), ev(1, 20 * hour + 60, EventType::Purchase), ev(1, 70 * hour, EventType::View)];
+    let sessions = labelled_sessions(&events, &spec, LabelHorizon::Within24h);
+    assert_eq!(sessions.len(), 3);
+    assert_eq!(sessions[0].labels, [1.0], "purchase within 24 h, though in a later session");
+    assert_eq!((sessions[1].labels.as_slice(), sessions[1].mask.as_slice()), ([1.0, 0.0].as_slice(), [1.0, 0.0].as_slice()));
+    assert_eq!(sessions[2].labels, [0.0]);
+    // The same events under the session label: the first session never purchases.
+    assert_eq!(labelled_sessions(&events, &spec, LabelHorizon::Session)[0].labels, [0.0]);
 }
 
 #[test]
 fn training_learns_cart_leads_to_purchase_and_round_trips() {
     let events = learnable_events();
-    let (params, spec, summary) = train(&events, &quick_config(), &Device::Cpu, |_, _, _, _| {}).unwrap();
+    let mut epochs = 0;
+    let trained = train(&events, &quick_config(), &Device::Cpu, |_| epochs += 1).unwrap();
+    assert_eq!(epochs, trained.summary.epochs);
     // The first two events of every session look alike whatever follows, so the best possible
     // ranking ties them: ROC-AUC 28/32 = 0.875 (2 of 4 positives and 4 of 8 negatives per three
     // sessions are indistinguishable).
-    let auc = summary.val_roc_auc.expect("validation has both classes");
+    let auc = trained.summary.val_roc_auc.expect("validation has both classes");
     assert!(auc > 0.85, "validation ROC-AUC {auc}");
+    assert_eq!(trained.summary.train_sessions + trained.summary.val_sessions + trained.summary.test_sessions, 400);
+    assert_eq!(trained.summary.test_sessions, 120, "30 % held out");
 
     let dir = tempfile::tempdir().unwrap();
-    let meta = IntentModel::save(dir.path(), &params, spec, Some(summary)).unwrap();
+    let meta = trained.save(dir.path()).unwrap();
     assert!(meta.version.starts_with("gru-") && meta.version.len() == 16);
     let model = IntentModel::load(dir.path(), &Device::Cpu).unwrap();
     assert_eq!(model.version(), meta.version);
@@ -77,7 +99,7 @@ fn training_learns_cart_leads_to_purchase_and_round_trips() {
     assert!(cart.scores[1] > browse.scores[1] + 0.2, "cart {:?} vs browse {:?}", cart.scores, browse.scores);
 
     // A batch of users stepped together equals each stepped alone.
-    let inputs: Vec<[f32; FEATURE_DIM]> = (0..5).map(|i| [i as f32 * 0.1 - 0.2; FEATURE_DIM]).collect();
+    let inputs: Vec<Features> = (0..5).map(|i| Features { item: i * 100, ..Features::dense([i as f32 * 0.1 - 0.2; FEATURE_DIM]) }).collect();
     let hidden: Vec<f32> = (0..5 * 8).map(|i| (i as f32 * 0.37).sin() * 0.5).collect();
     let batched = model.step(&inputs, &hidden).unwrap();
     for i in 0..5 {
@@ -106,6 +128,65 @@ fn missing_model_says_how_to_make_one() {
 #[test]
 fn training_without_purchases_is_an_error() {
     let events: Vec<Event> = (0..50).map(|u| ev(u, 0, EventType::View)).collect();
-    let err = train(&events, &quick_config(), &Device::Cpu, |_, _, _, _| {}).unwrap_err();
+    let err = train(&events, &quick_config(), &Device::Cpu, |_| {}).unwrap_err();
     assert!(matches!(err, ModelError::Training(_)), "{err}");
+}
+
+#[test]
+fn training_and_streaming_compute_identical_inputs() {
+    // The tensors training feeds the GRU and the ones the operator feeds it come from the same
+    // events through the same code: compare them bit for bit on varied events.
+    let mut events = Vec::new();
+    for u in 0..30usize {
+        for k in 0..(3 + u % 7) {
+            let kind = EventType::ALL[(u + k) % 6];
+            let mut e = ev(u, (k as i64) * (40 + u as i64 * 17), kind);
+            e.item_id = Some(format!("item{}", (u * 7 + k) % 11));
+            e.category = (k % 3 != 0).then(|| format!("cat{}", u % 4));
+            e.price = (k % 4 != 1).then_some(3.5 * (k + 1) as f64);
+            e.session_id = Some(format!("s{}", k / 5));
+            events.push(e);
+        }
+    }
+    let trained = train(&learnable_events(), &quick_config(), &Device::Cpu, |_| {}).unwrap();
+    let spec = trained.features.clone();
+    let sessions = labelled_sessions(&events, &spec, LabelHorizon::Session);
+    let mut from_training: Vec<(usize, Features)> =
+        sessions.iter().flat_map(|s| s.events.iter().zip(&s.features).map(|(&i, raw)| (i, spec.normalize(raw)))).collect();
+    from_training.sort_by_key(|(i, _)| *i);
+    let mut states: std::collections::HashMap<&str, SessionState> = Default::default();
+    let streamed: Vec<(usize, Features)> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (i, spec.featurize(states.entry(e.user_id.as_str()).or_default(), e).features))
+        .collect();
+    assert_eq!(from_training.len(), events.len());
+    assert_eq!(from_training, streamed);
+    assert!(streamed.iter().any(|(_, f)| f.item != 0) && streamed.iter().any(|(_, f)| f.category != 0));
+}
+
+#[test]
+fn assessment_scores_the_held_out_sessions_with_every_scorer() {
+    let events = learnable_events();
+    let trained = train(&events, &quick_config(), &Device::Cpu, |_| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    trained.save(dir.path()).unwrap();
+    let model = IntentModel::load(dir.path(), &Device::Cpu).unwrap();
+    let oracle: Vec<f64> = events.iter().map(|e| if e.user_id.trim_start_matches('u').parse::<usize>().unwrap() % 3 == 0 { 0.9 } else { 0.1 }).collect();
+    let a = assess(&model, &events, Some(&oracle), Part::Test, 50, 3).unwrap();
+    let names: Vec<&str> = a.scorers.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["gru", "logistic_regression", "ensemble", "base_rate", "oracle"]);
+    let gru = a.scorer("gru").unwrap();
+    // 120 test sessions: 40 buy (4 labelled events each), 80 do not (4 each).
+    assert_eq!((gru.sessions, gru.events), (120, 480));
+    assert!((gru.base_rate - 160.0 / 480.0).abs() < 1e-9);
+    assert!(gru.roc_auc.unwrap() > 0.85, "{:?}", gru.roc_auc);
+    let oracle = a.scorer("oracle").unwrap();
+    assert_eq!(oracle.roc_auc, Some(1.0), "the oracle knows every buyer");
+    assert_eq!(a.scorer("base_rate").unwrap().roc_auc, Some(0.5));
+    let ci = gru.roc_auc_ci.unwrap();
+    assert!(ci.lo <= gru.roc_auc.unwrap() && gru.roc_auc.unwrap() <= ci.hi);
+    assert_eq!(gru.auc_by_events.iter().map(|b| b.count).sum::<usize>(), 480);
+    let html = intentflow_model::report::render_html(&a, "learnable.jsonl");
+    assert!(html.contains("<svg") && html.contains("logistic_regression") && html.contains(model.version()));
 }

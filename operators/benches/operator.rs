@@ -18,9 +18,8 @@ fn bench(c: &mut Criterion) {
         .collect();
     let train_events: Vec<_> = events.iter().take(20_000).map(|p| p.event.clone()).collect();
     let model_dir = tempfile::tempdir().unwrap();
-    let (params, spec, summary) =
-        train(&train_events, &TrainConfig { epochs: 1, ..TrainConfig::default() }, &Device::Cpu, |_, _, _, _| {}).unwrap();
-    IntentModel::save(model_dir.path(), &params, spec, Some(summary)).unwrap();
+    let trained = train(&train_events, &TrainConfig { epochs: 1, ..TrainConfig::default() }, &Device::Cpu, |_| {}).unwrap();
+    trained.save(model_dir.path()).unwrap();
     let op = IntentOperator::new(IntentModel::load(model_dir.path(), &Device::Cpu).unwrap());
     let state_dir = tempfile::tempdir().unwrap();
     let store = StateStore::open(state_dir.path(), StoreOptions::default()).unwrap();

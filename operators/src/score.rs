@@ -157,9 +157,9 @@ mod tests {
             .map(|g| g.event)
             .collect();
         let cfg = TrainConfig { hidden_dim: 16, epochs: 1, ..TrainConfig::default() };
-        let (params, spec, summary) = train(&events, &cfg, &Device::Cpu, |_, _, _, _| {}).unwrap();
+        let trained = train(&events, &cfg, &Device::Cpu, |_| {}).unwrap();
         let model_dir = tempfile::tempdir().unwrap();
-        IntentModel::save(model_dir.path(), &params, spec, Some(summary)).unwrap();
+        trained.save(model_dir.path()).unwrap();
         let model = IntentModel::load(model_dir.path(), &Device::Cpu).unwrap();
         let op = IntentOperator::new(model.clone());
 

@@ -1,10 +1,14 @@
-//! The batch-style commands: `generate`, `import`, `train`, `tail`.
+//! The batch-style commands: `generate`, `import`, `train`, `eval`, `tail`.
 
 use crate::import::{self, Format};
 use crate::kafka::{self, DeliveryWindow};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use intentflow_model::{train::TrainConfig, DeviceKind, IntentModel};
+use indicatif::{ProgressBar, ProgressStyle};
+use intentflow_model::assess::{assess, Assessment};
+use intentflow_model::calibrate::CalibrationMethod;
+use intentflow_model::train::{EpochReport, LabelHorizon, Part, SplitSpec, TrainConfig};
+use intentflow_model::{DeviceKind, IntentModel};
 use intentflow_operators::generate::{generate, GeneratorConfig};
 use intentflow_schemas::{EventType, ScoredIntent, SessionConfig};
 use rdkafka::Message;
@@ -132,7 +136,8 @@ pub async fn import_cmd(args: &ImportArgs) -> Result<()> {
         .sink
         .write(imported.events.iter().map(|e| (e.user_id.clone(), serde_json::to_vec(e).expect("events serialise"))))
         .await?;
-    eprintln!("imported {n} events ({} rows skipped) from {} into {}", imported.bad.len(), args.input.display(), args.sink.describe());
+    eprintln!("imported from {}: {}", args.input.display(), imported.summary());
+    eprintln!("wrote {n} events to {}", args.sink.describe());
     Ok(())
 }
 
@@ -148,9 +153,12 @@ pub struct TrainArgs {
     /// Where to write model.safetensors and model.json.
     #[arg(long)]
     pub model_dir: PathBuf,
-    /// Passes over the training split.
+    /// Most passes over the training split (early stopping may end sooner).
     #[arg(long, default_value_t = TrainConfig::default().epochs)]
     pub epochs: usize,
+    /// Stop after this many epochs without a better validation PR-AUC.
+    #[arg(long, default_value_t = TrainConfig::default().patience)]
+    pub patience: usize,
     /// GRU hidden size.
     #[arg(long, default_value_t = TrainConfig::default().hidden_dim)]
     pub hidden_dim: usize,
@@ -163,10 +171,114 @@ pub struct TrainArgs {
     /// AdamW learning rate.
     #[arg(long, default_value_t = TrainConfig::default().learning_rate)]
     pub learning_rate: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = TrainConfig::default().weight_decay)]
+    pub weight_decay: f64,
+    /// Loss weight of a positive label (default: sqrt(negatives / positives) of the training split).
+    #[arg(long)]
+    pub pos_weight: Option<f64>,
+    /// Hash buckets of the item embedding (0: no item embedding).
+    #[arg(long, default_value_t = TrainConfig::default().item_embedding.0)]
+    pub item_buckets: u32,
+    /// Width of the item embedding.
+    #[arg(long, default_value_t = TrainConfig::default().item_embedding.1)]
+    pub item_dim: usize,
+    /// Hash buckets of the category embedding (0: no category embedding).
+    #[arg(long, default_value_t = TrainConfig::default().category_embedding.0)]
+    pub category_buckets: u32,
+    /// Width of the category embedding.
+    #[arg(long, default_value_t = TrainConfig::default().category_embedding.1)]
+    pub category_dim: usize,
+    /// Dense features to switch off, by name (see docs/model.md), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub disable_features: Vec<String>,
+    /// What the labels predict: the session purchases later, or the user purchases within 24 h.
+    #[arg(long, value_enum, default_value = "session")]
+    pub label: LabelArg,
+    /// Share of sessions (by start time, just before the test split) that validate.
+    #[arg(long, default_value_t = SplitSpec::default().val_fraction)]
+    pub val_fraction: f64,
+    /// Share of sessions (the latest by start time) held out for `intentflow eval`.
+    #[arg(long, default_value_t = SplitSpec::default().test_fraction)]
+    pub test_fraction: f64,
+    /// Calibration fitted on validation.
+    #[arg(long, value_enum, default_value = "platt")]
+    pub calibration: CalibrationArg,
     /// Inactivity (minutes) that starts a new session. Recorded in model.json: the operator
     /// cuts sessions the way the model was trained.
     #[arg(long, default_value_t = 30)]
     pub session_gap_minutes: i64,
+}
+
+/// `--label` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LabelArg {
+    /// The session purchases later.
+    Session,
+    /// The user purchases within 24 hours.
+    #[value(name = "24h")]
+    Within24h,
+}
+
+/// `--calibration` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CalibrationArg {
+    /// Raw GRU probabilities.
+    None,
+    /// Platt scaling.
+    Platt,
+    /// Isotonic regression.
+    Isotonic,
+}
+
+impl TrainArgs {
+    fn config(&self) -> Result<TrainConfig> {
+        if self.session_gap_minutes <= 0 {
+            bail!("--session-gap-minutes must be positive");
+        }
+        let fractions_ok = self.val_fraction > 0.0 && self.test_fraction >= 0.0 && self.val_fraction + self.test_fraction < 1.0;
+        if !fractions_ok {
+            bail!("--val-fraction must be positive and --val-fraction + --test-fraction below 1");
+        }
+        Ok(TrainConfig {
+            epochs: self.epochs,
+            patience: self.patience,
+            hidden_dim: self.hidden_dim,
+            seed: self.seed,
+            batch_size: self.batch_size,
+            learning_rate: self.learning_rate,
+            weight_decay: self.weight_decay,
+            pos_weight: self.pos_weight,
+            item_embedding: (self.item_buckets, self.item_dim),
+            category_embedding: (self.category_buckets, self.category_dim),
+            disabled: self.disable_features.clone(),
+            label: match self.label {
+                LabelArg::Session => LabelHorizon::Session,
+                LabelArg::Within24h => LabelHorizon::Within24h,
+            },
+            split: SplitSpec { val_fraction: self.val_fraction, test_fraction: self.test_fraction },
+            calibration: match self.calibration {
+                CalibrationArg::None => CalibrationMethod::None,
+                CalibrationArg::Platt => CalibrationMethod::Platt,
+                CalibrationArg::Isotonic => CalibrationMethod::Isotonic,
+            },
+            session: SessionConfig { gap_ms: self.session_gap_minutes * 60_000 },
+            ..TrainConfig::default()
+        })
+    }
+}
+
+fn epoch_line(r: &EpochReport) -> String {
+    let f = |v: Option<f64>| v.map_or("n/a".to_string(), |a| format!("{a:.4}"));
+    format!(
+        "epoch {:>3}: train loss {:.4}  val log loss {:.4}  val ROC-AUC {}  val PR-AUC {}{}",
+        r.epoch,
+        r.train_loss,
+        r.val_log_loss,
+        f(r.val_roc_auc),
+        f(r.val_pr_auc),
+        if r.best { "  *" } else { "" }
+    )
 }
 
 /// Trains a model and writes it to `--model-dir`.
@@ -175,37 +287,143 @@ pub struct TrainArgs {
 ///
 /// File failures, or data without purchases to learn from.
 pub fn train_cmd(args: &TrainArgs) -> Result<()> {
-    if args.session_gap_minutes <= 0 {
-        bail!("--session-gap-minutes must be positive");
-    }
+    let cfg = args.config()?;
     let imported = import::read_events(&args.input, args.format)?;
     report_bad_rows(&args.input, &imported.bad);
-    let cfg = TrainConfig {
-        epochs: args.epochs,
-        hidden_dim: args.hidden_dim,
-        seed: args.seed,
-        batch_size: args.batch_size,
-        learning_rate: args.learning_rate,
-        session: SessionConfig { gap_ms: args.session_gap_minutes * 60_000 },
-        ..TrainConfig::default()
-    };
-    eprintln!("training on {} events from {}", imported.events.len(), args.input.display());
+    eprintln!("training on {}: {}", args.input.display(), imported.summary());
     let device = DeviceKind::Cpu.open()?;
-    let (params, spec, summary) = intentflow_model::train::train(&imported.events, &cfg, &device, |epoch, loss, val_loss, val_auc| {
-        let auc = val_auc.map_or("n/a".to_string(), |a| format!("{a:.4}"));
-        eprintln!("epoch {epoch:>3}/{}: train loss {loss:.4}  val log loss {val_loss:.4}  val ROC-AUC {auc}", cfg.epochs);
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new(cfg.epochs as u64) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("[{bar:30}] {pos}/{len} epochs {elapsed} {msg}").expect("valid template"));
+    let trained = intentflow_model::train::train(&imported.events, &cfg, &device, |r| {
+        let line = epoch_line(r);
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(&line);
+            bar.inc(1);
+        }
     })?;
-    let meta = IntentModel::save(&args.model_dir, &params, spec, Some(summary.clone()))?;
+    bar.finish_and_clear();
+    let meta = trained.save(&args.model_dir)?;
+    let s = &trained.summary;
     eprintln!(
-        "model {} written to {} (best epoch {}, {} train / {} validation sessions, base rate {:.3}, val ROC-AUC {})",
+        "model {} written to {} (best epoch {} of {}; sessions {} train / {} validation / {} test held out; \
+         train base rate {:.4}, positive weight {:.2}; val ROC-AUC {}, PR-AUC {}; calibration {:?})",
         meta.version,
         args.model_dir.display(),
-        summary.best_epoch,
-        summary.train_sessions,
-        summary.val_sessions,
-        summary.train_base_rate,
-        summary.val_roc_auc.map_or("n/a".into(), |a| format!("{a:.4}")),
+        s.best_epoch,
+        s.epochs,
+        s.train_sessions,
+        s.val_sessions,
+        s.test_sessions,
+        s.train_base_rate,
+        s.pos_weight,
+        s.val_roc_auc.map_or("n/a".into(), |a| format!("{a:.4}")),
+        s.val_pr_auc.map_or("n/a".into(), |a| format!("{a:.4}")),
+        cfg.calibration,
     );
+    eprintln!("evaluate it on the held-out test sessions: intentflow eval --model-dir {} --input {}", args.model_dir.display(), args.input.display());
+    Ok(())
+}
+
+/// `intentflow eval`.
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// The model to evaluate.
+    #[arg(long)]
+    pub model_dir: PathBuf,
+    /// Events to evaluate on.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Layout of the input file.
+    #[arg(long, value_enum, default_value = "jsonl")]
+    pub format: Format,
+    /// Which sessions of the model's recorded time split to score: `test` (held out by
+    /// training on the same input) or `all` (for a different input).
+    #[arg(long, value_enum, default_value = "test")]
+    pub part: PartArg,
+    /// Where to write metrics.json and report.html (default: the model directory).
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    /// Bootstrap replicates for the 95 % intervals.
+    #[arg(long, default_value_t = 500)]
+    pub bootstrap: usize,
+    /// Seed of the bootstrap.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// `--part` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PartArg {
+    /// The latest sessions, held out by training.
+    Test,
+    /// The validation sessions.
+    Validation,
+    /// The training sessions.
+    Train,
+    /// Every session.
+    All,
+}
+
+/// Prints the comparison table of an assessment.
+fn print_table(a: &Assessment) {
+    let f = |v: Option<f64>| v.map_or("   n/a".to_string(), |a| format!("{a:.4}"));
+    let ci = |c: Option<intentflow_model::eval::Interval>| c.map_or(String::new(), |c| format!(" [{:.3}, {:.3}]", c.lo, c.hi));
+    println!("{:<20} {:>24} {:>24} {:>8} {:>8} {:>7} {:>6} {:>6} {:>6}", "scorer", "ROC-AUC [95% CI]", "PR-AUC [95% CI]", "logloss", "Brier", "ECE", "P", "R", "F1");
+    for s in &a.scorers {
+        let m = &s.metrics;
+        println!(
+            "{:<20} {:>24} {:>24} {:>8.4} {:>8.4} {:>7.4} {:>6.3} {:>6.3} {:>6.3}",
+            s.name,
+            format!("{}{}", f(m.roc_auc), ci(m.roc_auc_ci)),
+            format!("{}{}", f(m.pr_auc), ci(m.pr_auc_ci)),
+            m.log_loss,
+            m.brier,
+            m.ece,
+            m.at_threshold.precision,
+            m.at_threshold.recall,
+            m.at_threshold.f1
+        );
+    }
+}
+
+/// Evaluates a model, its baselines and ensemble; writes metrics.json and report.html.
+///
+/// # Errors
+///
+/// File failures, a model without baselines, or an input part without labelled events.
+pub fn eval_cmd(args: &EvalArgs) -> Result<()> {
+    let model = IntentModel::load(&args.model_dir, &DeviceKind::Cpu.open()?)?;
+    let imported = import::read_events(&args.input, args.format)?;
+    report_bad_rows(&args.input, &imported.bad);
+    let part = match args.part {
+        PartArg::Test => Part::Test,
+        PartArg::Validation => Part::Validation,
+        PartArg::Train => Part::Train,
+        PartArg::All => Part::All,
+    };
+    let a = assess(&model, &imported.events, imported.latent_intent.as_deref(), part, args.bootstrap, args.seed)?;
+    let out = args.out_dir.clone().unwrap_or_else(|| args.model_dir.clone());
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let metrics_path = out.join("metrics.json");
+    std::fs::write(&metrics_path, serde_json::to_vec_pretty(&a)?).with_context(|| format!("writing {}", metrics_path.display()))?;
+    let report_path = out.join("report.html");
+    let html = intentflow_model::report::render_html(&a, &args.input.display().to_string());
+    std::fs::write(&report_path, html).with_context(|| format!("writing {}", report_path.display()))?;
+    if let Some(m) = a.scorers.first().map(|s| &s.metrics) {
+        println!(
+            "model {} on {} ({} part): {} labelled events in {} sessions, positive rate {:.4}",
+            a.model_version,
+            args.input.display(),
+            a.part,
+            m.events,
+            m.sessions,
+            m.base_rate
+        );
+    }
+    print_table(&a);
+    eprintln!("wrote {} and {}", metrics_path.display(), report_path.display());
     Ok(())
 }
 

@@ -9,13 +9,19 @@
 //! * **Taobao UserBehavior** (no header: `user_id,item_id,category_id,behavior_type,timestamp`):
 //!   `pv`/`cart`/`fav`/`buy` → `view`/`add_to_cart`/`wishlist`/`purchase`; `timestamp` in epoch
 //!   seconds.
+//! * **RetailRocket** `events.csv` (`timestamp,visitorid,event,itemid,transactionid`):
+//!   `view`/`addtocart`/`transaction` → `view`/`add_to_cart`/`purchase`; `timestamp` in epoch
+//!   milliseconds; `visitorid` → `user_id`; `transactionid` → `event_id` (prefixed `t`). It has
+//!   no prices, categories or session ids (categories live in a separate properties file).
 //!
 //! Rows that do not fit are reported with their line numbers and skipped; the events that do
-//! are returned in time order (stable, so equal times keep file order).
+//! are returned in time order (stable, so equal times keep file order). A progress bar over the
+//! bytes read runs on a terminal for files over 8 MiB.
 
 use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
 use intentflow_schemas::{Event, EventDecoder, EventType};
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 use std::path::Path;
 
 /// Input file layouts.
@@ -27,6 +33,8 @@ pub enum Format {
     Rees46,
     /// Alibaba Tianchi Taobao UserBehavior CSV.
     Taobao,
+    /// RetailRocket e-commerce dataset `events.csv`.
+    Retailrocket,
 }
 
 /// A row that could not become an event.
@@ -45,6 +53,23 @@ pub struct Imported {
     pub events: Vec<Event>,
     /// Skipped rows.
     pub bad: Vec<BadRow>,
+    /// For generated JSONL (`intentflow generate`): the generator's `latent_intent` of each
+    /// event, aligned with `events`; `None` unless every event carries one.
+    pub latent_intent: Option<Vec<f64>>,
+}
+
+impl Imported {
+    /// A one-line summary: events by type, users, skipped rows.
+    pub fn summary(&self) -> String {
+        let mut by_type = [0usize; 6];
+        for e in &self.events {
+            by_type[e.kind.index()] += 1;
+        }
+        let types: Vec<String> =
+            EventType::ALL.iter().zip(by_type).filter(|(_, n)| *n > 0).map(|(k, n)| format!("{n} {}", k.as_str())).collect();
+        let users: std::collections::HashSet<&str> = self.events.iter().map(|e| e.user_id.as_str()).collect();
+        format!("{} events ({}), {} users, {} rows skipped", self.events.len(), types.join(", "), users.len(), self.bad.len())
+    }
 }
 
 /// Reads `path` in `format`.
@@ -54,34 +79,63 @@ pub struct Imported {
 /// If the file cannot be opened or read; bad rows are not errors.
 pub fn read_events(path: &Path, format: Format) -> Result<Imported> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut out = match format {
-        Format::Jsonl => read_jsonl(std::io::BufReader::new(file))?,
-        Format::Rees46 => read_csv(file, true, rees46_row)?,
-        Format::Taobao => read_csv(file, false, taobao_row)?,
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let progress = if size > 8 << 20 && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressBar::new(size)
+    } else {
+        ProgressBar::hidden()
     };
-    out.events.sort_by_key(|e| e.ts);
+    progress.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}").expect("valid template"),
+    );
+    progress.set_message(format!("reading {}", path.display()));
+    let reader = progress.wrap_read(file);
+    let mut out = match format {
+        Format::Jsonl => read_jsonl(std::io::BufReader::new(reader))?,
+        Format::Rees46 => read_csv(reader, true, rees46_row)?,
+        Format::Taobao => read_csv(reader, false, taobao_row)?,
+        Format::Retailrocket => read_csv(reader, true, retailrocket_row)?,
+    };
+    progress.finish_and_clear();
+    // Stable sort by time; the oracle column, if any, moves with its events.
+    let mut order: Vec<usize> = (0..out.events.len()).collect();
+    order.sort_by_key(|&i| out.events[i].ts);
+    out.latent_intent = out.latent_intent.map(|l| order.iter().map(|&i| l[i]).collect());
+    let mut events: Vec<Option<Event>> = out.events.into_iter().map(Some).collect();
+    out.events = order.iter().map(|&i| events[i].take().expect("each index once")).collect();
     Ok(out)
 }
 
 fn read_jsonl(reader: impl BufRead) -> Result<Imported> {
+    #[derive(serde::Deserialize)]
+    struct Truth {
+        latent_intent: Option<f64>,
+    }
     let decoder = EventDecoder::default();
     let now = chrono::Utc::now().timestamp_millis();
     let mut out = Imported::default();
+    let mut latent = Vec::new();
     for (i, line) in reader.lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
             continue;
         }
         match decoder.decode(line.as_bytes(), now) {
-            Ok(e) => out.events.push(e),
+            Ok(e) => {
+                out.events.push(e);
+                latent.push(serde_json::from_str::<Truth>(&line).ok().and_then(|t| t.latent_intent));
+            }
             Err(e) => out.bad.push(BadRow { line: i + 1, reason: e.to_string() }),
         }
+    }
+    if !latent.is_empty() && latent.iter().all(Option::is_some) {
+        out.latent_intent = Some(latent.into_iter().flatten().collect());
     }
     Ok(out)
 }
 
-fn read_csv(file: std::fs::File, header: bool, row: fn(&csv::StringRecord) -> Result<Event, String>) -> Result<Imported> {
-    let mut reader = csv::ReaderBuilder::new().has_headers(header).flexible(true).from_reader(file);
+fn read_csv(input: impl Read, header: bool, row: fn(&csv::StringRecord) -> Result<Event, String>) -> Result<Imported> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(header).flexible(true).from_reader(input);
     let mut out = Imported::default();
     let mut record = csv::StringRecord::new();
     let first_line = if header { 2 } else { 1 };
@@ -153,6 +207,23 @@ fn taobao_row(r: &csv::StringRecord) -> Result<Event, String> {
     })
 }
 
+fn retailrocket_row(r: &csv::StringRecord) -> Result<Event, String> {
+    let kind_text = field(r, 2, "event")?;
+    let kind = EventType::parse(kind_text).ok_or_else(|| format!("unknown event `{kind_text}`"))?;
+    let ms: i64 = field(r, 0, "timestamp")?.parse().map_err(|_| "timestamp is not an integer".to_string())?;
+    Ok(Event {
+        user_id: field(r, 1, "visitorid")?.to_string(),
+        ts: ms,
+        kind,
+        event_id: field(r, 4, "transactionid").ok().map(|t| format!("t{t}")),
+        session_id: None,
+        item_id: field(r, 3, "itemid").ok().map(str::to_string),
+        category: None,
+        price: None,
+        quantity: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +258,33 @@ mod tests {
         assert_eq!(got.events.iter().map(|e| e.kind).collect::<Vec<_>>(), [EventType::View, EventType::Purchase]);
         assert_eq!(got.events[0].ts, 1_511_544_070_000);
         assert_eq!(got.bad.len(), 1);
+    }
+
+    #[test]
+    fn retailrocket_rows_map() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "timestamp,visitorid,event,itemid,transactionid").unwrap();
+        writeln!(f, "1433221332117,257597,view,355908,").unwrap();
+        writeln!(f, "1433224214164,992329,addtocart,248676,").unwrap();
+        writeln!(f, "1433221999827,111016,transaction,5,11117").unwrap();
+        writeln!(f, "1433221999827,111016,wave,5,").unwrap();
+        writeln!(f, "soon,111016,view,5,").unwrap();
+        let got = read_events(f.path(), Format::Retailrocket).unwrap();
+        let kinds: Vec<_> = got.events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [EventType::View, EventType::Purchase, EventType::AddToCart], "time order");
+        assert_eq!(got.events[1].event_id.as_deref(), Some("t11117"));
+        assert_eq!((got.events[0].user_id.as_str(), got.events[0].ts), ("257597", 1_433_221_332_117));
+        assert_eq!(got.bad.iter().map(|b| b.line).collect::<Vec<_>>(), [5, 6]);
+        assert!(got.summary().starts_with("3 events (1 view, 1 add_to_cart, 1 purchase), 3 users, 2 rows skipped"), "{}", got.summary());
+    }
+
+    #[test]
+    fn generated_jsonl_keeps_the_latent_intent_with_its_event() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, r#"{{"user_id":"a","ts":2000,"type":"view","latent_intent":0.25}}"#).unwrap();
+        writeln!(f, r#"{{"user_id":"b","ts":1000,"type":"view","latent_intent":0.75}}"#).unwrap();
+        let got = read_events(f.path(), Format::Jsonl).unwrap();
+        assert_eq!(got.events[0].user_id, "b");
+        assert_eq!(got.latent_intent, Some(vec![0.75, 0.25]));
     }
 }

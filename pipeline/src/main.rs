@@ -22,10 +22,12 @@ enum Command {
     Run(config::RunArgs),
     /// Generate a seeded synthetic clickstream into a file or a topic.
     Generate(commands::GenerateArgs),
-    /// Convert a dataset (REES46, Taobao, JSONL) into schema-v1 events in a file or a topic.
+    /// Convert a dataset (REES46, Taobao, RetailRocket, JSONL) into schema-v1 events in a file or a topic.
     Import(commands::ImportArgs),
-    /// Train the intent GRU from an event file.
+    /// Train the intent GRU, its calibration, baselines and ensemble from an event file.
     Train(commands::TrainArgs),
+    /// Evaluate a model against its baselines: metrics.json, report.html and a table.
+    Eval(commands::EvalArgs),
     /// Print scored intents from the output topic.
     Tail(commands::TailArgs),
 }
@@ -80,6 +82,7 @@ async fn main() -> Result<()> {
         Command::Generate(args) => commands::generate_cmd(&args).await,
         Command::Import(args) => commands::import_cmd(&args).await,
         Command::Train(args) => tokio::task::block_in_place(|| commands::train_cmd(&args)),
+        Command::Eval(args) => tokio::task::block_in_place(|| commands::eval_cmd(&args)),
         Command::Tail(args) => tokio::task::block_in_place(|| commands::tail_cmd(&args)),
     }
 }

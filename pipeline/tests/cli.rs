@@ -1,5 +1,5 @@
-//! The `intentflow` command line without a broker: generate, train, and the refusal to run
-//! without a model.
+//! The `intentflow` command line without a broker: generate, train, eval, and the refusal to
+//! run without a model.
 
 use std::path::Path;
 use std::process::Command;
@@ -26,17 +26,49 @@ fn generate_is_seeded_and_train_writes_pytorch_named_weights() {
 
     let out = intentflow(&["train", "--input", &file("a.jsonl"), "--model-dir", &file("model"), "--epochs", "2", "--hidden-dim", "8"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("epoch   2/2"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("epoch   2:"), "{}", text(&out.stderr));
 
     let model_dir = Path::new(&file("model")).to_path_buf();
     let weights = safetensors_names(&model_dir.join("model.safetensors"));
-    assert_eq!(weights, ["bias_hh_l0:[24]", "bias_ih_l0:[24]", "head.bias:[1]", "head.weight:[1,8]", "weight_hh_l0:[24,8]", "weight_ih_l0:[24,17]"]);
+    assert_eq!(
+        weights,
+        [
+            "bias_hh_l0:[24]",
+            "bias_ih_l0:[24]",
+            "category_embedding.weight:[256,4]",
+            "head.bias:[1]",
+            "head.weight:[1,8]",
+            "item_embedding.weight:[1024,8]",
+            "weight_hh_l0:[24,8]",
+            "weight_ih_l0:[24,29]"
+        ]
+    );
     intentflow_model::IntentModel::load(&model_dir, &intentflow_model::Device::Cpu).expect("the written model loads");
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(model_dir.join("model.json")).unwrap()).unwrap();
     assert_eq!(meta["hidden_dim"], 8);
-    assert_eq!(meta["input_dim"], 17);
+    assert_eq!(meta["input_dim"], 17 + 8 + 4);
     assert_eq!(meta["features"]["names"].as_array().unwrap().len(), 17);
+    assert_eq!(meta["calibration"]["method"], "platt");
+    assert_eq!(meta["baselines"]["logistic"]["weights"].as_array().unwrap().len(), 13);
     assert!(meta["version"].as_str().unwrap().starts_with("gru-"));
+
+    // Evaluation on the held-out sessions of generated data also shows the oracle.
+    let report_dir = file("report");
+    let out = intentflow(&["eval", "--model-dir", &file("model"), "--input", &file("a.jsonl"), "--out-dir", &report_dir, "--bootstrap", "50"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    for scorer in ["gru", "logistic_regression", "ensemble", "base_rate", "oracle"] {
+        assert!(table.lines().any(|l| l.starts_with(scorer)), "{scorer} missing from\n{table}");
+    }
+    let metrics: serde_json::Value = serde_json::from_slice(&std::fs::read(Path::new(&report_dir).join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["part"], "test");
+    assert_eq!(metrics["model_version"], meta["version"]);
+    let oracle_auc = metrics["scorers"][4]["metrics"]["roc_auc"].as_f64().unwrap();
+    let gru_auc = metrics["scorers"][0]["metrics"]["roc_auc"].as_f64().unwrap();
+    assert!(oracle_auc > 0.6 && gru_auc > 0.5, "oracle {oracle_auc}, gru {gru_auc}");
+    let html = std::fs::read_to_string(Path::new(&report_dir).join("report.html")).unwrap();
+    assert_eq!(html.matches("<svg").count(), 4, "ROC, PR, reliability, AUC by events");
+    assert!(!html.contains("<script") && !html.contains("src=") && !html.contains("href="), "self-contained");
 }
 
 /// Names and shapes of the tensors in a safetensors file, sorted, read straight from the

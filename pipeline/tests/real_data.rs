@@ -41,11 +41,11 @@ fn rees46_sample_imports_completely_and_trains_better_than_chance() {
     assert!(e.windows(2).all(|w| w[0].ts <= w[1].ts), "time order");
 
     let cfg = TrainConfig { hidden_dim: 16, epochs: 4, ..TrainConfig::default() };
-    let (_, _, summary) = train(e, &cfg, &Device::Cpu, |_, _, _, _| {}).unwrap();
-    let auc = summary.val_roc_auc.expect("both classes in validation");
+    let trained = train(e, &cfg, &Device::Cpu, |_| {}).unwrap();
+    let auc = trained.summary.val_roc_auc.expect("both classes in validation");
     eprintln!("REES46 sample: validation ROC-AUC {auc:.3} after {} epochs", cfg.epochs);
-    // Measured 0.627 here; the minimal first-slice trainer is weak on this sample (see
-    // docs/model.md), so this asserts learning, not quality: clearly better than chance.
+    // A short run asserts learning, not quality (docs/model.md has the measured quality):
+    // clearly better than chance.
     assert!(auc > 0.55, "validation ROC-AUC {auc}");
 }
 

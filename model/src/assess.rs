@@ -1,0 +1,146 @@
+//! Scores a trained model, its baselines and its ensemble on one part of a time split, the
+//! way `intentflow eval` reports them.
+//!
+//! The GRU is run with [`IntentModel::step`], the very call the streaming operator makes, one
+//! wave per event position over many sessions at once (a session starts from a zero hidden
+//! vector, so sessions are independent). Labels, split and session rule are those recorded in
+//! the model at training time.
+
+use crate::eval::{self, Metrics, Scored};
+use crate::train::{labelled_sessions, LabelHorizon, LabelledSession, Part, SplitSpec};
+use crate::{IntentModel, ModelError};
+use intentflow_schemas::Event;
+use serde::{Deserialize, Serialize};
+
+/// The metrics of one scorer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScorerMetrics {
+    /// `gru`, `logistic_regression`, `ensemble`, `base_rate` or `oracle`.
+    pub name: String,
+    /// What the scorer is.
+    pub description: String,
+    /// The metrics.
+    pub metrics: Metrics,
+}
+
+/// Everything `intentflow eval` writes to `metrics.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assessment {
+    /// Version of the evaluated model.
+    pub model_version: String,
+    /// Which sessions were scored: `test`, `validation`, `train` or `all`.
+    pub part: String,
+    /// What the labels predict.
+    pub label: LabelHorizon,
+    /// The split the part was taken from.
+    pub split: SplitSpec,
+    /// Bootstrap replicates behind the intervals.
+    pub bootstrap_reps: usize,
+    /// One entry per scorer, the GRU first.
+    pub scorers: Vec<ScorerMetrics>,
+}
+
+impl Assessment {
+    /// The metrics of scorer `name`.
+    pub fn scorer(&self, name: &str) -> Option<&Metrics> {
+        self.scorers.iter().find(|s| s.name == name).map(|s| &s.metrics)
+    }
+}
+
+/// Calibrated GRU scores of every event of `sessions` (all events, labelled or not), per session.
+pub fn gru_scores(model: &IntentModel, sessions: &[LabelledSession]) -> Result<Vec<Vec<f32>>, ModelError> {
+    let h = model.hidden_dim();
+    let mut out: Vec<Vec<f32>> = sessions.iter().map(|s| Vec::with_capacity(s.features.len())).collect();
+    for (c, chunk) in sessions.chunks(1024).enumerate() {
+        let mut hidden = vec![0f32; chunk.len() * h];
+        let longest = chunk.iter().map(|s| s.features.len()).max().unwrap_or(0);
+        for t in 0..longest {
+            let live: Vec<usize> = (0..chunk.len()).filter(|&i| chunk[i].features.len() > t).collect();
+            let inputs: Vec<_> = live.iter().map(|&i| model.features().normalize(&chunk[i].features[t])).collect();
+            let state: Vec<f32> = live.iter().flat_map(|&i| hidden[i * h..(i + 1) * h].iter().copied()).collect();
+            let step = model.step(&inputs, &state)?;
+            for (k, &i) in live.iter().enumerate() {
+                hidden[i * h..(i + 1) * h].copy_from_slice(&step.hidden[k * h..(k + 1) * h]);
+                out[c * 1024 + i].push(step.scores[k]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Scores `part` of `events` with the model, its baselines, its ensemble, and — when given —
+/// the generator's latent intent per input event (`oracle[i]` belongs to `events[i]`).
+///
+/// # Errors
+///
+/// [`ModelError::Invalid`] when the model carries no baselines (not trained by this
+/// project) or the part has no labelled events; candle errors otherwise.
+pub fn assess(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, part: Part, reps: usize, seed: u64) -> Result<Assessment, ModelError> {
+    let meta = model.meta();
+    let baselines = meta.baselines.as_ref().ok_or_else(|| ModelError::Invalid("model.json has no baselines: train the model with `intentflow train`".into()))?;
+    let (label, split) = meta.training.as_ref().map_or((LabelHorizon::Session, SplitSpec::default()), |t| (t.label, t.split));
+    let sessions = labelled_sessions(events, model.features(), label);
+    let chosen = split.part(&sessions, part);
+    let gru_all = gru_scores(model, chosen)?;
+
+    let (mut gru, mut lr, mut ens, mut truth) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut labels, mut groups, mut seen) = (Vec::new(), Vec::new(), Vec::new());
+    for (k, (s, g)) in chosen.iter().zip(&gru_all).enumerate() {
+        for j in (0..s.mask.len()).filter(|&j| s.mask[j] > 0.0) {
+            let l = baselines.logistic_score(&s.aggregates[j]);
+            gru.push(g[j]);
+            lr.push(l);
+            ens.push(baselines.ensemble_score(g[j], l));
+            if let Some(o) = oracle {
+                truth.push(o[s.events[j]] as f32);
+            }
+            labels.push(s.labels[j] > 0.5);
+            groups.push(k);
+            seen.push(j as u32 + 1);
+        }
+    }
+    if labels.is_empty() {
+        return Err(ModelError::Invalid(format!("the {part:?} part of this input has no labelled events")));
+    }
+    let base = vec![baselines.base_rate as f32; labels.len()];
+    let scored = |scores: &[f32], threshold: f64, seed_offset: u64| {
+        eval::evaluate(Scored { scores, labels: &labels, sessions: &groups, seen: &seen }, threshold, reps, seed + seed_offset)
+    };
+    let mut scorers = vec![
+        ScorerMetrics {
+            name: "gru".into(),
+            description: "the calibrated GRU score the operator emits".into(),
+            metrics: scored(&gru, meta.threshold.unwrap_or(0.5), 0),
+        },
+        ScorerMetrics {
+            name: "logistic_regression".into(),
+            description: "logistic regression on session aggregates so far".into(),
+            metrics: scored(&lr, baselines.logistic_threshold, 1),
+        },
+        ScorerMetrics {
+            name: "ensemble".into(),
+            description: "GRU + logistic regression, stacked on validation".into(),
+            metrics: scored(&ens, baselines.ensemble_threshold, 2),
+        },
+        ScorerMetrics {
+            name: "base_rate".into(),
+            description: "the training split's positive rate for every event".into(),
+            metrics: scored(&base, baselines.base_rate, 3),
+        },
+    ];
+    if oracle.is_some() {
+        let threshold = eval::best_f1_threshold(&truth, &labels);
+        scorers.push(ScorerMetrics {
+            name: "oracle".into(),
+            description: "the generator's latent purchase propensity (threshold chosen in-sample)".into(),
+            metrics: scored(&truth, threshold, 4),
+        });
+    }
+    let part_name = match part {
+        Part::Train => "train",
+        Part::Validation => "validation",
+        Part::Test => "test",
+        Part::All => "all",
+    };
+    Ok(Assessment { model_version: meta.version.clone(), part: part_name.into(), label, split, bootstrap_reps: reps, scorers })
+}
