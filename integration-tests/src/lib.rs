@@ -57,8 +57,8 @@ pub fn trained_model_dir() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let events = generated_events(800, 16_000, 42);
-        let cfg = TrainConfig { hidden_dim: 16, epochs: 2, ..TrainConfig::default() };
-        let trained = train(&events, &cfg, &Device::Cpu, |_| {}).expect("training");
+        let cfg = TrainConfig { hidden_dim: 16, members: 1, epochs: 2, ..TrainConfig::default() };
+        let trained = train(&events, &cfg, &Device::Cpu, |_, _| {}).expect("training");
         let dir = tempfile::tempdir().expect("tempdir");
         trained.save(dir.path()).expect("saving model");
         dir

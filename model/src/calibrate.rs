@@ -141,6 +141,19 @@ mod tests {
     }
 
     #[test]
+    fn calibration_survives_model_json_exactly() {
+        // The model version hashes the serialised calibration, so a load → save cycle must
+        // reproduce every bit (serde_json's `float_roundtrip`).
+        for i in 1..2_000u32 {
+            let c = Calibration::Platt { a: 1.0 / f64::from(i) + 0.123_456_789_012_345_67, b: -(f64::from(i).sqrt()) * 1.000_000_000_000_1 };
+            let text = serde_json::to_string(&c).unwrap();
+            let back: Calibration = serde_json::from_str(&text).unwrap();
+            assert_eq!(back, c);
+            assert_eq!(serde_json::to_string(&back).unwrap(), text);
+        }
+    }
+
+    #[test]
     fn isotonic_pools_violations() {
         let c = isotonic(&[0.1, 0.2, 0.3, 0.4], &[false, true, false, true]);
         let Calibration::Isotonic { x, y } = &c else { panic!("isotonic expected") };

@@ -227,6 +227,76 @@ impl GruParams {
         Ok(())
     }
 
+    /// Packs independently trained networks of equal shape into one network whose hidden vector
+    /// is their hidden vectors side by side: the input weights keep each member's rows, the
+    /// recurrent weights are block-diagonal, the embedding tables are concatenated column-wise,
+    /// and the head averages the members' logits. One step of the packed network equals one step
+    /// of every member, so a seed ensemble streams through the same single GRU call (and stays a
+    /// plain `nn.GRU` state_dict).
+    ///
+    /// # Errors
+    ///
+    /// When there are no members or their shapes differ.
+    pub fn pack(members: &[GruParams]) -> Result<GruParams, crate::ModelError> {
+        let first = members.first().ok_or_else(|| crate::ModelError::Invalid("no members to pack".into()))?;
+        let (h, d, dense) = (first.hidden_dim(), first.input_dim(), first.dense_dim());
+        let ((ni, ei), (nc, ec)) = (first.item_shape(), first.category_shape());
+        if members.iter().any(|m| (m.hidden_dim(), m.input_dim(), m.item_shape(), m.category_shape()) != (h, d, (ni, ei), (nc, ec))) {
+            return Err(crate::ModelError::Invalid("members to pack differ in shape".into()));
+        }
+        let k = members.len();
+        let (hp, dp) = (k * h, dense + k * (ei + ec));
+        let mut w_ih = vec![0f32; 3 * hp * dp];
+        let mut w_hh = vec![0f32; 3 * hp * hp];
+        let (mut b_ih, mut b_hh) = (vec![0f32; 3 * hp], vec![0f32; 3 * hp]);
+        let mut head = vec![0f32; hp];
+        let mut head_bias = 0f32;
+        let mut items = vec![0f32; ni * k * ei];
+        let mut categories = vec![0f32; nc * k * ec];
+        for (m, p) in members.iter().enumerate() {
+            let (wi, wh): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (p.weight_ih.to_vec2()?, p.weight_hh.to_vec2()?);
+            let (bi, bh): (Vec<f32>, Vec<f32>) = (p.bias_ih.to_vec1()?, p.bias_hh.to_vec1()?);
+            for gate in 0..3 {
+                for r in 0..h {
+                    let (src, dst) = (gate * h + r, gate * hp + m * h + r);
+                    let row = &mut w_ih[dst * dp..(dst + 1) * dp];
+                    row[..dense].copy_from_slice(&wi[src][..dense]);
+                    row[dense + m * ei..dense + (m + 1) * ei].copy_from_slice(&wi[src][dense..dense + ei]);
+                    let cat_at = dense + k * ei + m * ec;
+                    row[cat_at..cat_at + ec].copy_from_slice(&wi[src][dense + ei..]);
+                    w_hh[dst * hp + m * h..dst * hp + (m + 1) * h].copy_from_slice(&wh[src]);
+                    b_ih[dst] = bi[src];
+                    b_hh[dst] = bh[src];
+                }
+            }
+            for (j, w) in p.head_weight.flatten_all()?.to_vec1::<f32>()?.into_iter().enumerate() {
+                head[m * h + j] = w / k as f32;
+            }
+            head_bias += p.head_bias.to_vec1::<f32>()?[0] / k as f32;
+            for (table, out, rows, width) in [(&p.item_embedding, &mut items, ni, ei), (&p.category_embedding, &mut categories, nc, ec)] {
+                if let Some(t) = table {
+                    for (r, row) in t.to_vec2::<f32>()?.into_iter().enumerate().take(rows) {
+                        out[r * k * width + m * width..r * k * width + (m + 1) * width].copy_from_slice(&row);
+                    }
+                }
+            }
+        }
+        let dev = first.weight_ih.device();
+        let table = |data: Vec<f32>, rows: usize, width: usize| -> candle_core::Result<Option<Tensor>> {
+            if rows == 0 { Ok(None) } else { Tensor::from_vec(data, (rows, k * width), dev).map(Some) }
+        };
+        Ok(GruParams {
+            weight_ih: Tensor::from_vec(w_ih, (3 * hp, dp), dev)?,
+            weight_hh: Tensor::from_vec(w_hh, (3 * hp, hp), dev)?,
+            bias_ih: Tensor::from_vec(b_ih, 3 * hp, dev)?,
+            bias_hh: Tensor::from_vec(b_hh, 3 * hp, dev)?,
+            head_weight: Tensor::from_vec(head, (1, hp), dev)?,
+            head_bias: Tensor::from_vec(vec![head_bias], 1, dev)?,
+            item_embedding: table(items, ni, ei)?,
+            category_embedding: table(categories, nc, ec)?,
+        })
+    }
+
     /// Moves every tensor to `device`.
     pub(crate) fn to_device(&self, device: &Device) -> candle_core::Result<GruParams> {
         let move_table = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_device(device)).transpose();
@@ -245,4 +315,72 @@ impl GruParams {
 
 fn table_shape(table: Option<&Tensor>) -> (usize, usize) {
     table.and_then(|t| t.dims2().ok()).unwrap_or((0, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(seed: u64, dense: usize, h: usize) -> GruParams {
+        let mut state = seed;
+        let mut t = |rows: usize, cols: usize| {
+            let data: Vec<f32> = (0..rows * cols)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+                })
+                .collect();
+            Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap()
+        };
+        GruParams {
+            weight_ih: t(3 * h, dense + 2 + 3),
+            weight_hh: t(3 * h, h),
+            bias_ih: t(1, 3 * h).flatten_all().unwrap(),
+            bias_hh: t(1, 3 * h).flatten_all().unwrap(),
+            head_weight: t(1, h),
+            head_bias: t(1, 1).flatten_all().unwrap(),
+            item_embedding: Some(t(6, 2)),
+            category_embedding: Some(t(4, 3)),
+        }
+    }
+
+    fn step(p: &GruParams, dense: &Tensor, items: &Tensor, cats: &Tensor, h: &Tensor) -> (Tensor, Vec<f32>) {
+        let h1 = p.cell(&p.input_gates(&p.gru_input(dense, items, cats).unwrap()).unwrap(), h).unwrap();
+        let logits = p.logits(&h1).unwrap().to_vec1().unwrap();
+        (h1, logits)
+    }
+
+    #[test]
+    fn a_packed_ensemble_steps_like_its_members_averaged() {
+        let (dense_dim, h) = (5, 3);
+        let members: Vec<GruParams> = (1..=3).map(|s| member(s, dense_dim, h)).collect();
+        let packed = GruParams::pack(&members).unwrap();
+        packed.validate().unwrap();
+        assert_eq!((packed.hidden_dim(), packed.dense_dim(), packed.item_shape(), packed.category_shape()), (9, 5, (6, 6), (4, 9)));
+        let dense = Tensor::from_vec((0..10).map(|i| i as f32 * 0.1 - 0.4).collect::<Vec<f32>>(), (2, dense_dim), &Device::Cpu).unwrap();
+        let items = Tensor::from_vec(vec![1u32, 5], 2, &Device::Cpu).unwrap();
+        let cats = Tensor::from_vec(vec![3u32, 0], 2, &Device::Cpu).unwrap();
+        // Two steps, so the recurrent blocks are exercised from a non-zero state.
+        let mut hs: Vec<Tensor> = members.iter().map(|_| Tensor::zeros((2, h), DType::F32, &Device::Cpu).unwrap()).collect();
+        let mut hp = Tensor::zeros((2, 9), DType::F32, &Device::Cpu).unwrap();
+        for _ in 0..2 {
+            let mut mean = [0f32; 2];
+            for (m, p) in members.iter().enumerate() {
+                let (h1, logits) = step(p, &dense, &items, &cats, &hs[m]);
+                hs[m] = h1;
+                for (acc, l) in mean.iter_mut().zip(logits) {
+                    *acc += l / 3.0;
+                }
+            }
+            let (h1, logits) = step(&packed, &dense, &items, &cats, &hp);
+            hp = h1;
+            for (a, b) in logits.iter().zip(mean) {
+                assert!((a - b).abs() < 1e-5, "packed {logits:?} vs mean of members {mean:?}");
+            }
+            let joined = Tensor::cat(&hs, 1).unwrap().to_vec2::<f32>().unwrap();
+            for (a, b) in hp.to_vec2::<f32>().unwrap().concat().iter().zip(joined.concat()) {
+                assert!((a - b).abs() < 1e-6);
+            }
+        }
+    }
 }

@@ -90,8 +90,11 @@ impl SplitSpec {
 /// Hyper-parameters of [`train`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
-    /// GRU hidden size.
+    /// GRU hidden size of each member.
     pub hidden_dim: usize,
+    /// GRUs trained from consecutive seeds and packed into one (a seed ensemble; the served
+    /// hidden vector has `members × hidden_dim` values).
+    pub members: usize,
     /// Most passes over the training split.
     pub epochs: usize,
     /// Stop after this many epochs without a better validation PR-AUC.
@@ -128,11 +131,12 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            hidden_dim: 32,
+            hidden_dim: 8,
+            members: 5,
             epochs: 40,
             patience: 8,
             batch_size: 64,
-            learning_rate: 3e-3,
+            learning_rate: 1e-3,
             weight_decay: 1e-4,
             max_len: 64,
             pos_weight: None,
@@ -318,101 +322,26 @@ fn aggregate_rows(sessions: &[LabelledSession]) -> (Vec<Vec<f64>>, Vec<bool>) {
         .unzip()
 }
 
-/// Progress of one epoch, for display.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct EpochReport {
-    /// 1-based epoch.
-    pub epoch: usize,
-    /// Mean weighted training loss.
-    pub train_loss: f64,
-    /// Validation log loss of the raw (weighted, uncalibrated) scores.
-    pub val_log_loss: f64,
-    /// Validation ROC-AUC.
-    pub val_roc_auc: Option<f64>,
-    /// Validation PR-AUC, the early-stopping criterion.
-    pub val_pr_auc: Option<f64>,
-    /// This epoch's weights are the best so far.
-    pub best: bool,
+/// One trained member of the seed ensemble.
+struct Member {
+    params: GruParams,
+    best_epoch: usize,
+    epochs: usize,
 }
 
-/// What training measured, kept with the model for the record.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainingSummary {
-    /// Seed of weight initialisation and batch order.
-    pub seed: u64,
-    /// Epochs run (early stopping may end before the maximum).
-    pub epochs: usize,
-    /// Epoch whose weights were kept (best validation PR-AUC).
-    pub best_epoch: usize,
-    /// What the labels predict.
-    pub label: LabelHorizon,
-    /// How sessions were split.
-    pub split: SplitSpec,
-    /// Sessions in the training split.
-    pub train_sessions: usize,
-    /// Sessions in the validation split.
-    pub val_sessions: usize,
-    /// Sessions in the test split (not used by training).
-    pub test_sessions: usize,
-    /// Labelled events in the training split.
-    pub train_events: usize,
-    /// Share of positive labels in the training split.
-    pub train_base_rate: f64,
-    /// Weight of positive labels in the loss.
-    pub pos_weight: f64,
-    /// Validation ROC-AUC of the kept epoch.
-    pub val_roc_auc: Option<f64>,
-    /// Validation PR-AUC of the kept epoch.
-    pub val_pr_auc: Option<f64>,
-}
-
-/// A trained model with everything fitted around it, ready to save.
-#[derive(Debug, Clone)]
-pub struct Trained {
-    /// Network weights (on CPU).
-    pub params: GruParams,
-    /// Fitted feature contract.
-    pub features: FeatureSpec,
-    /// Calibration of the GRU score.
-    pub calibration: Calibration,
-    /// F1-maximising threshold of the calibrated score on validation.
-    pub threshold: f64,
-    /// Baselines and ensemble.
-    pub baselines: Baselines,
-    /// The record of training.
-    pub summary: TrainingSummary,
-}
-
-/// Trains a model on `events`. `on_epoch` sees each epoch's report, for progress display.
-///
-/// # Errors
-///
-/// [`ModelError::Training`] when a split has nothing to learn from (no sessions, or no
-/// positive label in training or validation); candle errors otherwise.
-pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, mut on_epoch: impl FnMut(&EpochReport)) -> Result<Trained, ModelError> {
-    let unfitted = cfg.feature_spec();
-    unfitted.validate().map_err(ModelError::Training)?;
-    let sessions = labelled_sessions(events, &unfitted, cfg.label);
-    let train_set = cfg.split.part(&sessions, Part::Train);
-    let val_set = cfg.split.part(&sessions, Part::Validation);
-    let count = |set: &[LabelledSession], positive: bool| -> usize {
-        set.iter().map(|s| s.labels.iter().zip(&s.mask).filter(|(l, m)| **m > 0.0 && (!positive || **l > 0.5)).count()).sum()
-    };
-    let (labelled, positives) = (count(train_set, false), count(train_set, true));
-    if positives == 0 || positives == labelled || count(val_set, true) == 0 {
-        return Err(ModelError::Training(format!(
-            "{} training sessions ({labelled} labelled events, {positives} positive) and {} validation sessions ({} positive): \
-             both splits need events with and without a later purchase",
-            train_set.len(),
-            val_set.len(),
-            count(val_set, true)
-        )));
-    }
-    let train_rows: Vec<Features> = train_set.iter().flat_map(|s| s.features.iter().copied()).collect();
-    let spec = unfitted.fit(&train_rows);
-    let pos_weight = cfg.pos_weight.unwrap_or_else(|| ((labelled - positives) as f64 / positives as f64).sqrt());
-
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+/// Trains one GRU from seed `seed` with early stopping on validation PR-AUC.
+#[allow(clippy::too_many_arguments)]
+fn fit_member(
+    train_set: &[LabelledSession],
+    val_set: &[LabelledSession],
+    spec: &FeatureSpec,
+    cfg: &TrainConfig,
+    pos_weight: f32,
+    seed: u64,
+    device: &Device,
+    mut on_epoch: impl FnMut(&EpochReport),
+) -> Result<Member, ModelError> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (h, (item_rows, item_dim), (cat_rows, cat_dim)) = (cfg.hidden_dim, cfg.item_embedding, cfg.category_embedding);
     let item_dim = if item_rows >= 2 { item_dim } else { 0 };
     let cat_dim = if cat_rows >= 2 { cat_dim } else { 0 };
@@ -454,13 +383,13 @@ pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, mut on_epoch:
     by_len.sort_by_key(|s| s.features.len());
     let mut batches = Vec::new();
     for chunk in by_len.chunks(cfg.batch_size.max(1)) {
-        batches.push(make_batch(chunk, &spec, cfg.max_len, pos_weight as f32, device)?);
+        batches.push(make_batch(chunk, spec, cfg.max_len, pos_weight, device)?);
     }
 
-    let mut best: Option<(f64, usize, Vec<Tensor>, EpochReport)> = None;
-    let mut epochs_run = 0;
+    let mut best: Option<(f64, usize, Vec<Tensor>)> = None;
+    let mut epochs = 0;
     for epoch in 1..=cfg.epochs {
-        epochs_run = epoch;
+        epochs = epoch;
         batches.shuffle(&mut rng);
         let mut loss_sum = 0f64;
         for batch in &batches {
@@ -470,31 +399,141 @@ pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, mut on_epoch:
             loss_sum += f64::from(loss.to_scalar::<f32>()?);
         }
         let params = params_of(&live(&vars))?;
-        let (scores, labels) = predict(&params, val_set, &spec, device)?;
+        let (scores, labels) = predict(&params, val_set, spec, device)?;
         let val_pr = eval::pr_auc(&scores, &labels);
         let criterion = val_pr.unwrap_or(0.0);
-        let improved = best.as_ref().is_none_or(|(c, _, _, _)| criterion > *c);
-        let report = EpochReport {
+        let improved = best.as_ref().is_none_or(|(c, _, _)| criterion > *c);
+        on_epoch(&EpochReport {
             epoch,
             train_loss: loss_sum / batches.len().max(1) as f64,
             val_log_loss: eval::log_loss(&scores, &labels),
             val_roc_auc: eval::roc_auc(&scores, &labels),
             val_pr_auc: val_pr,
             best: improved,
-        };
-        on_epoch(&report);
+        });
         if improved {
             let snapshot = vars.iter().map(|v| v.as_tensor().copy()).collect::<Result<Vec<_>, _>>()?;
-            best = Some((criterion, epoch, snapshot, report));
-        } else if best.as_ref().is_some_and(|(_, e, _, _)| epoch - e >= cfg.patience) {
+            best = Some((criterion, epoch, snapshot));
+        } else if best.as_ref().is_some_and(|(_, e, _)| epoch - e >= cfg.patience) {
             break;
         }
     }
-    let (_, best_epoch, snapshot, best_report) = best.ok_or_else(|| ModelError::Training("epochs must be at least 1".into()))?;
-    let params = params_of(&snapshot)?.to_device(&Device::Cpu)?;
+    let (_, best_epoch, snapshot) = best.ok_or_else(|| ModelError::Training("epochs must be at least 1".into()))?;
+    Ok(Member { params: params_of(&snapshot)?.to_device(&Device::Cpu)?, best_epoch, epochs })
+}
+
+/// Progress of one epoch, for display.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EpochReport {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Mean weighted training loss.
+    pub train_loss: f64,
+    /// Validation log loss of the raw (weighted, uncalibrated) scores.
+    pub val_log_loss: f64,
+    /// Validation ROC-AUC.
+    pub val_roc_auc: Option<f64>,
+    /// Validation PR-AUC, the early-stopping criterion.
+    pub val_pr_auc: Option<f64>,
+    /// This epoch's weights are the best so far.
+    pub best: bool,
+}
+
+/// What training measured, kept with the model for the record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSummary {
+    /// Seed of weight initialisation and batch order (member k uses seed + k·1,000,003).
+    pub seed: u64,
+    /// GRUs trained from consecutive seeds and packed into the model.
+    pub members: usize,
+    /// Epochs run by all members together (early stopping may end before the maximum).
+    pub epochs: usize,
+    /// Epoch whose weights were kept (best validation PR-AUC), per member.
+    pub best_epochs: Vec<usize>,
+    /// What the labels predict.
+    pub label: LabelHorizon,
+    /// How sessions were split.
+    pub split: SplitSpec,
+    /// Sessions in the training split.
+    pub train_sessions: usize,
+    /// Sessions in the validation split.
+    pub val_sessions: usize,
+    /// Sessions in the test split (not used by training).
+    pub test_sessions: usize,
+    /// Labelled events in the training split.
+    pub train_events: usize,
+    /// Share of positive labels in the training split.
+    pub train_base_rate: f64,
+    /// Weight of positive labels in the loss.
+    pub pos_weight: f64,
+    /// Validation ROC-AUC of the packed model (before calibration, which keeps the ranking).
+    pub val_roc_auc: Option<f64>,
+    /// Validation PR-AUC of the packed model.
+    pub val_pr_auc: Option<f64>,
+}
+
+/// A trained model with everything fitted around it, ready to save.
+#[derive(Debug, Clone)]
+pub struct Trained {
+    /// Network weights (on CPU).
+    pub params: GruParams,
+    /// Fitted feature contract.
+    pub features: FeatureSpec,
+    /// Calibration of the GRU score.
+    pub calibration: Calibration,
+    /// F1-maximising threshold of the calibrated score on validation.
+    pub threshold: f64,
+    /// Baselines and ensemble.
+    pub baselines: Baselines,
+    /// The record of training.
+    pub summary: TrainingSummary,
+}
+
+/// Trains a model on `events`: `cfg.members` GRUs from consecutive seeds, packed into one
+/// ([`GruParams::pack`]). `on_epoch` sees (member, epoch report), for progress display.
+///
+/// # Errors
+///
+/// [`ModelError::Training`] when a split has nothing to learn from (no sessions, or no
+/// positive label in training or validation); candle errors otherwise.
+pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, mut on_epoch: impl FnMut(usize, &EpochReport)) -> Result<Trained, ModelError> {
+    let unfitted = cfg.feature_spec();
+    unfitted.validate().map_err(ModelError::Training)?;
+    let sessions = labelled_sessions(events, &unfitted, cfg.label);
+    let train_set = cfg.split.part(&sessions, Part::Train);
+    let val_set = cfg.split.part(&sessions, Part::Validation);
+    let count = |set: &[LabelledSession], positive: bool| -> usize {
+        set.iter().map(|s| s.labels.iter().zip(&s.mask).filter(|(l, m)| **m > 0.0 && (!positive || **l > 0.5)).count()).sum()
+    };
+    let (labelled, positives) = (count(train_set, false), count(train_set, true));
+    if positives == 0 || positives == labelled || count(val_set, true) == 0 {
+        return Err(ModelError::Training(format!(
+            "{} training sessions ({labelled} labelled events, {positives} positive) and {} validation sessions ({} positive): \
+             both splits need events with and without a later purchase",
+            train_set.len(),
+            val_set.len(),
+            count(val_set, true)
+        )));
+    }
+    let train_rows: Vec<Features> = train_set.iter().flat_map(|s| s.features.iter().copied()).collect();
+    let spec = unfitted.fit(&train_rows);
+    let pos_weight = cfg.pos_weight.unwrap_or_else(|| ((labelled - positives) as f64 / positives as f64).sqrt());
+
+    let mut members = Vec::with_capacity(cfg.members.max(1));
+    let mut best_epochs = Vec::new();
+    let mut epochs_run = 0;
+    for member in 0..cfg.members.max(1) {
+        let seed = cfg.seed.wrapping_add(member as u64 * 1_000_003);
+        let fitted = fit_member(train_set, val_set, &spec, cfg, pos_weight as f32, seed, device, |r| on_epoch(member, r))?;
+        best_epochs.push(fitted.best_epoch);
+        epochs_run += fitted.epochs;
+        members.push(fitted.params);
+    }
+    let params = GruParams::pack(&members)?;
 
     // Everything below is fitted on validation.
     let (raw_val, val_labels) = predict(&params, val_set, &spec, &Device::Cpu)?;
+    let (val_roc_auc, val_pr_auc) = (eval::roc_auc(&raw_val, &val_labels), eval::pr_auc(&raw_val, &val_labels));
     let calibration = Calibration::fit(cfg.calibration, &raw_val, &val_labels);
     let gru_val: Vec<f32> = raw_val.iter().map(|&p| calibration.apply(p)).collect();
     let threshold = eval::best_f1_threshold(&gru_val, &val_labels);
@@ -516,8 +555,9 @@ pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, mut on_epoch:
     };
     let summary = TrainingSummary {
         seed: cfg.seed,
+        members: members.len(),
         epochs: epochs_run,
-        best_epoch,
+        best_epochs,
         label: cfg.label,
         split: cfg.split,
         train_sessions: train_set.len(),
@@ -526,8 +566,8 @@ pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, mut on_epoch:
         train_events: labelled,
         train_base_rate: positives as f64 / labelled as f64,
         pos_weight,
-        val_roc_auc: best_report.val_roc_auc,
-        val_pr_auc: best_report.val_pr_auc,
+        val_roc_auc,
+        val_pr_auc,
     };
     Ok(Trained { params, features: spec, calibration, threshold, baselines, summary })
 }

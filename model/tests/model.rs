@@ -41,7 +41,7 @@ fn learnable_events() -> Vec<Event> {
 }
 
 fn quick_config() -> TrainConfig {
-    TrainConfig { hidden_dim: 8, epochs: 25, batch_size: 32, learning_rate: 1e-2, ..TrainConfig::default() }
+    TrainConfig { hidden_dim: 8, members: 2, epochs: 25, batch_size: 32, learning_rate: 1e-2, ..TrainConfig::default() }
 }
 
 #[test]
@@ -77,7 +77,7 @@ fn the_24_hour_label_looks_across_sessions() {
 fn training_learns_cart_leads_to_purchase_and_round_trips() {
     let events = learnable_events();
     let mut epochs = 0;
-    let trained = train(&events, &quick_config(), &Device::Cpu, |_| epochs += 1).unwrap();
+    let trained = train(&events, &quick_config(), &Device::Cpu, |_, _| epochs += 1).unwrap();
     assert_eq!(epochs, trained.summary.epochs);
     // The first two events of every session look alike whatever follows, so the best possible
     // ranking ties them: ROC-AUC 28/32 = 0.875 (2 of 4 positives and 4 of 8 negatives per three
@@ -100,12 +100,14 @@ fn training_learns_cart_leads_to_purchase_and_round_trips() {
 
     // A batch of users stepped together equals each stepped alone.
     let inputs: Vec<Features> = (0..5).map(|i| Features { item: i * 100, ..Features::dense([i as f32 * 0.1 - 0.2; FEATURE_DIM]) }).collect();
-    let hidden: Vec<f32> = (0..5 * 8).map(|i| (i as f32 * 0.37).sin() * 0.5).collect();
+    let h = model.hidden_dim();
+    assert_eq!(h, 2 * 8, "two members of hidden size 8, packed");
+    let hidden: Vec<f32> = (0..5 * h).map(|i| (i as f32 * 0.37).sin() * 0.5).collect();
     let batched = model.step(&inputs, &hidden).unwrap();
     for i in 0..5 {
-        let single = model.step(&inputs[i..=i], &hidden[i * 8..(i + 1) * 8]).unwrap();
+        let single = model.step(&inputs[i..=i], &hidden[i * h..(i + 1) * h]).unwrap();
         assert!((single.scores[0] - batched.scores[i]).abs() < 1e-6);
-        for (a, b) in single.hidden.iter().zip(&batched.hidden[i * 8..(i + 1) * 8]) {
+        for (a, b) in single.hidden.iter().zip(&batched.hidden[i * h..(i + 1) * h]) {
             assert!((a - b).abs() < 1e-6);
         }
     }
@@ -128,7 +130,7 @@ fn missing_model_says_how_to_make_one() {
 #[test]
 fn training_without_purchases_is_an_error() {
     let events: Vec<Event> = (0..50).map(|u| ev(u, 0, EventType::View)).collect();
-    let err = train(&events, &quick_config(), &Device::Cpu, |_| {}).unwrap_err();
+    let err = train(&events, &quick_config(), &Device::Cpu, |_, _| {}).unwrap_err();
     assert!(matches!(err, ModelError::Training(_)), "{err}");
 }
 
@@ -148,7 +150,7 @@ fn training_and_streaming_compute_identical_inputs() {
             events.push(e);
         }
     }
-    let trained = train(&learnable_events(), &quick_config(), &Device::Cpu, |_| {}).unwrap();
+    let trained = train(&learnable_events(), &quick_config(), &Device::Cpu, |_, _| {}).unwrap();
     let spec = trained.features.clone();
     let sessions = labelled_sessions(&events, &spec, LabelHorizon::Session);
     let mut from_training: Vec<(usize, Features)> =
@@ -168,7 +170,7 @@ fn training_and_streaming_compute_identical_inputs() {
 #[test]
 fn assessment_scores_the_held_out_sessions_with_every_scorer() {
     let events = learnable_events();
-    let trained = train(&events, &quick_config(), &Device::Cpu, |_| {}).unwrap();
+    let trained = train(&events, &quick_config(), &Device::Cpu, |_, _| {}).unwrap();
     let dir = tempfile::tempdir().unwrap();
     trained.save(dir.path()).unwrap();
     let model = IntentModel::load(dir.path(), &Device::Cpu).unwrap();

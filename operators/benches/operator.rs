@@ -18,7 +18,7 @@ fn bench(c: &mut Criterion) {
         .collect();
     let train_events: Vec<_> = events.iter().take(20_000).map(|p| p.event.clone()).collect();
     let model_dir = tempfile::tempdir().unwrap();
-    let trained = train(&train_events, &TrainConfig { epochs: 1, ..TrainConfig::default() }, &Device::Cpu, |_| {}).unwrap();
+    let trained = train(&train_events, &TrainConfig { epochs: 1, ..TrainConfig::default() }, &Device::Cpu, |_, _| {}).unwrap();
     trained.save(model_dir.path()).unwrap();
     let op = IntentOperator::new(IntentModel::load(model_dir.path(), &Device::Cpu).unwrap());
     let state_dir = tempfile::tempdir().unwrap();

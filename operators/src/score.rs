@@ -156,8 +156,8 @@ mod tests {
             .into_iter()
             .map(|g| g.event)
             .collect();
-        let cfg = TrainConfig { hidden_dim: 16, epochs: 1, ..TrainConfig::default() };
-        let trained = train(&events, &cfg, &Device::Cpu, |_| {}).unwrap();
+        let cfg = TrainConfig { hidden_dim: 16, members: 1, epochs: 1, ..TrainConfig::default() };
+        let trained = train(&events, &cfg, &Device::Cpu, |_, _| {}).unwrap();
         let model_dir = tempfile::tempdir().unwrap();
         trained.save(model_dir.path()).unwrap();
         let model = IntentModel::load(model_dir.path(), &Device::Cpu).unwrap();

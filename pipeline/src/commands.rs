@@ -159,9 +159,12 @@ pub struct TrainArgs {
     /// Stop after this many epochs without a better validation PR-AUC.
     #[arg(long, default_value_t = TrainConfig::default().patience)]
     pub patience: usize,
-    /// GRU hidden size.
+    /// GRU hidden size of each ensemble member.
     #[arg(long, default_value_t = TrainConfig::default().hidden_dim)]
     pub hidden_dim: usize,
+    /// GRUs trained from consecutive seeds and packed into one served GRU (a seed ensemble).
+    #[arg(long, default_value_t = TrainConfig::default().members)]
+    pub members: usize,
     /// Seed of initialisation and batch order.
     #[arg(long, default_value_t = TrainConfig::default().seed)]
     pub seed: u64,
@@ -244,6 +247,7 @@ impl TrainArgs {
             epochs: self.epochs,
             patience: self.patience,
             hidden_dim: self.hidden_dim,
+            members: self.members,
             seed: self.seed,
             batch_size: self.batch_size,
             learning_rate: self.learning_rate,
@@ -268,10 +272,10 @@ impl TrainArgs {
     }
 }
 
-fn epoch_line(r: &EpochReport) -> String {
+fn epoch_line(member: usize, r: &EpochReport) -> String {
     let f = |v: Option<f64>| v.map_or("n/a".to_string(), |a| format!("{a:.4}"));
     format!(
-        "epoch {:>3}: train loss {:.4}  val log loss {:.4}  val ROC-AUC {}  val PR-AUC {}{}",
+        "member {member} epoch {:>3}: train loss {:.4}  val log loss {:.4}  val ROC-AUC {}  val PR-AUC {}{}",
         r.epoch,
         r.train_loss,
         r.val_log_loss,
@@ -292,27 +296,30 @@ pub fn train_cmd(args: &TrainArgs) -> Result<()> {
     report_bad_rows(&args.input, &imported.bad);
     eprintln!("training on {}: {}", args.input.display(), imported.summary());
     let device = DeviceKind::Cpu.open()?;
-    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new(cfg.epochs as u64) } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template("[{bar:30}] {pos}/{len} epochs {elapsed} {msg}").expect("valid template"));
-    let trained = intentflow_model::train::train(&imported.events, &cfg, &device, |r| {
-        let line = epoch_line(r);
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new(cfg.members as u64) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("[{bar:30}] {pos}/{len} members {elapsed} {msg}").expect("valid template"));
+    let trained = intentflow_model::train::train(&imported.events, &cfg, &device, |member, r| {
+        if member as u64 > bar.position() {
+            bar.inc(1);
+        }
+        bar.set_message(format!("epoch {}", r.epoch));
+        let line = epoch_line(member, r);
         if bar.is_hidden() {
             eprintln!("{line}");
         } else {
             bar.println(&line);
-            bar.inc(1);
         }
     })?;
     bar.finish_and_clear();
     let meta = trained.save(&args.model_dir)?;
     let s = &trained.summary;
     eprintln!(
-        "model {} written to {} (best epoch {} of {}; sessions {} train / {} validation / {} test held out; \
+        "model {} written to {} ({} members, best epochs {:?}; sessions {} train / {} validation / {} test held out; \
          train base rate {:.4}, positive weight {:.2}; val ROC-AUC {}, PR-AUC {}; calibration {:?})",
         meta.version,
         args.model_dir.display(),
-        s.best_epoch,
-        s.epochs,
+        s.members,
+        s.best_epochs,
         s.train_sessions,
         s.val_sessions,
         s.test_sessions,

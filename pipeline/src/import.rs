@@ -281,8 +281,8 @@ mod tests {
     #[test]
     fn generated_jsonl_keeps_the_latent_intent_with_its_event() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
-        writeln!(f, r#"{{"user_id":"a","ts":2000,"type":"view","latent_intent":0.25}}"#).unwrap();
-        writeln!(f, r#"{{"user_id":"b","ts":1000,"type":"view","latent_intent":0.75}}"#).unwrap();
+        writeln!(f, r#"{{"user_id":"a","ts":1700000002000,"type":"view","latent_intent":0.25}}"#).unwrap();
+        writeln!(f, r#"{{"user_id":"b","ts":1700000001000,"type":"view","latent_intent":0.75}}"#).unwrap();
         let got = read_events(f.path(), Format::Jsonl).unwrap();
         assert_eq!(got.events[0].user_id, "b");
         assert_eq!(got.latent_intent, Some(vec![0.75, 0.25]));

@@ -24,29 +24,30 @@ fn generate_is_seeded_and_train_writes_pytorch_named_weights() {
     assert_eq!(a, std::fs::read(file("b.jsonl")).unwrap(), "same seed, same events");
     assert_eq!(a.iter().filter(|b| **b == b'\n').count(), 6000);
 
-    let out = intentflow(&["train", "--input", &file("a.jsonl"), "--model-dir", &file("model"), "--epochs", "2", "--hidden-dim", "8"]);
+    let out = intentflow(&["train", "--input", &file("a.jsonl"), "--model-dir", &file("model"), "--epochs", "2", "--hidden-dim", "8", "--members", "2"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("epoch   2:"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("member 1 epoch   2:"), "{}", text(&out.stderr));
 
     let model_dir = Path::new(&file("model")).to_path_buf();
     let weights = safetensors_names(&model_dir.join("model.safetensors"));
     assert_eq!(
         weights,
         [
-            "bias_hh_l0:[24]",
-            "bias_ih_l0:[24]",
-            "category_embedding.weight:[256,4]",
+            "bias_hh_l0:[48]",
+            "bias_ih_l0:[48]",
+            "category_embedding.weight:[256,8]",
             "head.bias:[1]",
-            "head.weight:[1,8]",
-            "item_embedding.weight:[1024,8]",
-            "weight_hh_l0:[24,8]",
-            "weight_ih_l0:[24,29]"
+            "head.weight:[1,16]",
+            "item_embedding.weight:[1024,16]",
+            "weight_hh_l0:[48,16]",
+            "weight_ih_l0:[48,41]"
         ]
     );
     intentflow_model::IntentModel::load(&model_dir, &intentflow_model::Device::Cpu).expect("the written model loads");
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(model_dir.join("model.json")).unwrap()).unwrap();
-    assert_eq!(meta["hidden_dim"], 8);
-    assert_eq!(meta["input_dim"], 17 + 8 + 4);
+    // Two members of hidden size 8 packed side by side.
+    assert_eq!(meta["hidden_dim"], 16);
+    assert_eq!(meta["input_dim"], 17 + 2 * 8 + 2 * 4);
     assert_eq!(meta["features"]["names"].as_array().unwrap().len(), 17);
     assert_eq!(meta["calibration"]["method"], "platt");
     assert_eq!(meta["baselines"]["logistic"]["weights"].as_array().unwrap().len(), 13);

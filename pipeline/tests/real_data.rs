@@ -3,8 +3,9 @@
 //! The samples sit next to the project checkout, not in it; in a plain clone these tests skip
 //! with a message.
 
-use intentflow_model::train::{train, TrainConfig};
-use intentflow_model::Device;
+use intentflow_model::assess::assess;
+use intentflow_model::train::{train, Part, TrainConfig};
+use intentflow_model::{Device, IntentModel};
 use intentflow_pipeline::import::{read_events, Format};
 use intentflow_schemas::EventType;
 use std::collections::HashSet;
@@ -40,13 +41,25 @@ fn rees46_sample_imports_completely_and_trains_better_than_chance() {
     assert_eq!(e.iter().filter(|e| e.session_id.is_none()).count(), 1);
     assert!(e.windows(2).all(|w| w[0].ts <= w[1].ts), "time order");
 
-    let cfg = TrainConfig { hidden_dim: 16, epochs: 4, ..TrainConfig::default() };
-    let trained = train(e, &cfg, &Device::Cpu, |_| {}).unwrap();
-    let auc = trained.summary.val_roc_auc.expect("both classes in validation");
-    eprintln!("REES46 sample: validation ROC-AUC {auc:.3} after {} epochs", cfg.epochs);
-    // A short run asserts learning, not quality (docs/model.md has the measured quality):
-    // clearly better than chance.
-    assert!(auc > 0.55, "validation ROC-AUC {auc}");
+    // The configuration of docs/model.md's table: defaults, hour of day off (the sample spans
+    // three hours, so the hour only tells the split's sides apart).
+    let cfg = TrainConfig { disabled: vec!["hour_sin".into(), "hour_cos".into()], ..TrainConfig::default() };
+    let trained = train(e, &cfg, &Device::Cpu, |_, _| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    trained.save(dir.path()).unwrap();
+    let model = IntentModel::load(dir.path(), &Device::Cpu).unwrap();
+    let a = assess(&model, e, None, Part::Test, 100, 1).unwrap();
+    let (gru, lr) = (a.scorer("gru").unwrap(), a.scorer("logistic_regression").unwrap());
+    eprintln!("REES46 test split: GRU ROC-AUC {:?} PR-AUC {:?} ECE {:.4}; LR ROC-AUC {:?}", gru.roc_auc, gru.pr_auc, gru.ece, lr.roc_auc);
+    // The held-out 30 % of sessions by start time: 1,559 sessions, 3,993 labelled events.
+    assert_eq!((gru.sessions, gru.events), (1_559, 3_993));
+    // Quality floors well below what docs/model.md reports (0.634 / 0.176 / 0.007), so the test
+    // guards against a broken workbench rather than pinning one number: clearly better than
+    // chance and than the base rate, and calibrated.
+    assert!(gru.roc_auc.unwrap() > 0.6, "GRU ROC-AUC {:?}", gru.roc_auc);
+    assert!(gru.pr_auc.unwrap() > 3.0 * gru.base_rate, "GRU PR-AUC {:?} vs base rate {}", gru.pr_auc, gru.base_rate);
+    assert!(gru.ece < 0.02, "ECE {}", gru.ece);
+    assert!(lr.roc_auc.unwrap() > 0.6, "baseline ROC-AUC {:?}", lr.roc_auc);
 }
 
 #[test]
