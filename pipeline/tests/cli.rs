@@ -29,6 +29,12 @@ fn generate_is_seeded_and_train_writes_pytorch_named_weights() {
     assert!(text(&out.stderr).contains("member 1 epoch   2:"), "{}", text(&out.stderr));
 
     let model_dir = Path::new(&file("model")).to_path_buf();
+    // Seeded and deterministic on CPU: the same input and seed give the same bytes.
+    let again = intentflow(&["train", "--input", &file("a.jsonl"), "--model-dir", &file("again"), "--epochs", "2", "--hidden-dim", "8", "--members", "2"]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    for name in ["model.safetensors", "model.json"] {
+        assert_eq!(std::fs::read(model_dir.join(name)).unwrap(), std::fs::read(Path::new(&file("again")).join(name)).unwrap(), "{name} differs between two runs");
+    }
     let weights = safetensors_names(&model_dir.join("model.safetensors"));
     assert_eq!(
         weights,
