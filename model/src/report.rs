@@ -7,7 +7,10 @@ use crate::eval::Point;
 use std::fmt::Write;
 
 const COLOURS: [&str; 5] = ["#1f77b4", "#d62728", "#2ca02c", "#7f7f7f", "#9467bd"];
-const W: f64 = 360.0;
+/// Width of the plotting area plus its left margin; the legend sits to the right of it.
+const PLOT_W: f64 = 320.0;
+const LEGEND_W: f64 = 130.0;
+const W: f64 = PLOT_W + LEGEND_W;
 const H: f64 = 300.0;
 const PAD: f64 = 40.0;
 
@@ -19,19 +22,26 @@ fn fmt_opt(v: Option<f64>) -> String {
     v.map_or("n/a".into(), |v| format!("{v:.4}"))
 }
 
-/// An SVG chart over the unit square with one polyline per series; `diagonal` draws y = x.
-fn chart(title: &str, x_label: &str, y_label: &str, series: &[(&str, &[Point], bool)], diagonal: bool) -> String {
-    let sx = |x: f64| PAD + x.clamp(0.0, 1.0) * (W - 2.0 * PAD);
+/// An SVG chart over the unit square with one polyline per series (markers where the flag is
+/// set) and the legend on the right; `diagonal` draws y = x; `x_ticks` replaces the numeric x
+/// ticks with labels spread evenly over [0, 1].
+fn chart(title: &str, x_label: &str, y_label: &str, series: &[(&str, &[Point], bool)], diagonal: bool, x_ticks: Option<&[&str]>) -> String {
+    let sx = |x: f64| PAD + x.clamp(0.0, 1.0) * (PLOT_W - 2.0 * PAD);
     let sy = |y: f64| H - PAD - y.clamp(0.0, 1.0) * (H - 2.0 * PAD);
     let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img"><title>{}</title>"#, esc(title));
-    let _ = write!(svg, r##"<rect x="{PAD}" y="{PAD}" width="{}" height="{}" fill="none" stroke="#999"/>"##, W - 2.0 * PAD, H - 2.0 * PAD);
-    for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
-        let _ = write!(svg, r#"<text x="{}" y="{}" font-size="9" text-anchor="middle">{tick}</text>"#, sx(tick), H - PAD + 12.0);
-        let _ = write!(svg, r#"<text x="{}" y="{}" font-size="9" text-anchor="end">{tick}</text>"#, PAD - 4.0, sy(tick) + 3.0);
+    let _ = write!(svg, r##"<rect x="{PAD}" y="{PAD}" width="{}" height="{}" fill="none" stroke="#999"/>"##, PLOT_W - 2.0 * PAD, H - 2.0 * PAD);
+    let numeric = ["0", "0.25", "0.5", "0.75", "1"];
+    let x_labels = x_ticks.unwrap_or(&numeric);
+    for (i, label) in x_labels.iter().enumerate() {
+        let x = i as f64 / (x_labels.len().max(2) - 1) as f64;
+        let _ = write!(svg, r#"<text x="{}" y="{}" font-size="9" text-anchor="middle">{}</text>"#, sx(x), H - PAD + 12.0, esc(label));
     }
-    let _ = write!(svg, r#"<text x="{}" y="{}" font-size="11" text-anchor="middle">{}</text>"#, W / 2.0, H - 8.0, esc(x_label));
+    for (i, label) in numeric.iter().enumerate() {
+        let _ = write!(svg, r#"<text x="{}" y="{}" font-size="9" text-anchor="end">{label}</text>"#, PAD - 4.0, sy(i as f64 / 4.0) + 3.0);
+    }
+    let _ = write!(svg, r#"<text x="{}" y="{}" font-size="11" text-anchor="middle">{}</text>"#, PLOT_W / 2.0, H - 8.0, esc(x_label));
     let _ = write!(svg, r#"<text x="12" y="{}" font-size="11" text-anchor="middle" transform="rotate(-90 12 {})">{}</text>"#, H / 2.0, H / 2.0, esc(y_label));
-    let _ = write!(svg, r#"<text x="{}" y="20" font-size="13" text-anchor="middle" font-weight="bold">{}</text>"#, W / 2.0, esc(title));
+    let _ = write!(svg, r#"<text x="{}" y="20" font-size="13" text-anchor="middle" font-weight="bold">{}</text>"#, PLOT_W / 2.0, esc(title));
     if diagonal {
         let _ = write!(svg, r##"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#ccc" stroke-dasharray="4 3"/>"##, sx(0.0), sy(0.0), sx(1.0), sy(1.0));
     }
@@ -44,8 +54,10 @@ fn chart(title: &str, x_label: &str, y_label: &str, series: &[(&str, &[Point], b
                 let _ = write!(svg, r#"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="{colour}"/>"#, sx(*x), sy(*y));
             }
         }
-        let ly = PAD + 12.0 + 13.0 * i as f64;
-        let _ = write!(svg, r#"<text x="{}" y="{ly}" font-size="10" text-anchor="end" fill="{colour}">{}</text>"#, W - PAD - 4.0, esc(name));
+        let ly = PAD + 8.0 + 15.0 * i as f64;
+        let lx = PLOT_W - PAD + 10.0;
+        let _ = write!(svg, r#"<line x1="{lx}" y1="{}" x2="{}" y2="{}" stroke="{colour}" stroke-width="2"/>"#, ly - 3.0, lx + 14.0, ly - 3.0);
+        let _ = write!(svg, r#"<text x="{}" y="{ly}" font-size="10" fill="{colour}">{}</text>"#, lx + 18.0, esc(name));
     }
     svg.push_str("</svg>");
     svg
@@ -100,9 +112,9 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f
     }
     html.push_str("</table><div class=\"plots\">");
     let roc: Vec<(&str, &[Point], bool)> = a.scorers.iter().map(|s| (s.name.as_str(), s.metrics.roc_curve.as_slice(), false)).collect();
-    html.push_str(&chart("ROC", "false positive rate", "true positive rate", &roc, true));
+    html.push_str(&chart("ROC", "false positive rate", "true positive rate", &roc, true, None));
     let pr: Vec<(&str, &[Point], bool)> = a.scorers.iter().map(|s| (s.name.as_str(), s.metrics.pr_curve.as_slice(), false)).collect();
-    html.push_str(&chart("Precision–recall", "recall", "precision", &pr, false));
+    html.push_str(&chart("Precision–recall", "recall", "precision", &pr, false, None));
     let reliability: Vec<(String, Vec<Point>)> = a
         .scorers
         .iter()
@@ -110,7 +122,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f
         .map(|s| (s.name.clone(), s.metrics.reliability.iter().map(|b| (b.mean_score, b.positive_rate)).collect()))
         .collect();
     let rel: Vec<(&str, &[Point], bool)> = reliability.iter().map(|(n, p)| (n.as_str(), p.as_slice(), true)).collect();
-    html.push_str(&chart("Reliability", "mean score in bin", "observed purchase rate", &rel, true));
+    html.push_str(&chart("Reliability", "mean score in bin", "observed purchase rate", &rel, true, None));
     let buckets = a.scorers.first().map_or(0, |s| s.metrics.auc_by_events.len()).max(2);
     let by_events: Vec<(String, Vec<Point>)> = a
         .scorers
@@ -123,7 +135,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f
         .collect();
     let be: Vec<(&str, &[Point], bool)> = by_events.iter().map(|(n, p)| (n.as_str(), p.as_slice(), true)).collect();
     let labels: Vec<&str> = a.scorers.first().map_or(Vec::new(), |s| s.metrics.auc_by_events.iter().map(|b| b.events.as_str()).collect());
-    html.push_str(&chart(&format!("ROC-AUC by events seen ({})", labels.join(", ")), "events seen so far (buckets, left to right)", "ROC-AUC", &be, false));
+    html.push_str(&chart("ROC-AUC by events seen", "events seen so far in the session", "ROC-AUC", &be, false, Some(&labels)));
     html.push_str("</div><h2>ROC-AUC by events seen so far</h2><table><tr><th>scorer</th>");
     for l in &labels {
         let _ = write!(html, "<th>{}</th>", esc(l));

@@ -26,7 +26,7 @@ fn count(events: &[intentflow_schemas::Event], kind: EventType) -> usize {
 }
 
 #[test]
-fn rees46_sample_imports_completely_and_trains_better_than_chance() {
+fn rees46_sample_imports_completely_and_the_default_model_clears_quality_floors() {
     let Some(path) = sample("rees46-2019-10-sample.csv") else { return };
     let got = read_events(&path, Format::Rees46).unwrap();
     assert!(got.bad.is_empty(), "{:?}", &got.bad[..got.bad.len().min(5)]);
