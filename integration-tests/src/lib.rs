@@ -189,6 +189,8 @@ pub struct Scenario {
     pub input: String,
     /// Output topic.
     pub output: String,
+    /// Dead-letter topic (created by the operator).
+    pub dlq: String,
     /// Consumer group.
     pub group: String,
     /// State directory of the operator.
@@ -202,11 +204,12 @@ impl Scenario {
     pub fn new(name: &str, partitions: i32) -> Scenario {
         let brokers = require_broker();
         let (input, output, group) = (unique(&format!("{name}-in")), unique(&format!("{name}-out")), unique(name));
+        let dlq = unique(&format!("{name}-dlq"));
         create_topic(&brokers, &input, partitions).unwrap();
         create_topic(&brokers, &output, partitions).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
-        Scenario { brokers, input, output, group, state, dir }
+        Scenario { brokers, input, output, dlq, group, state, dir }
     }
 
     /// `intentflow run` flags for this scenario, then `extra` (metrics are off unless `extra`
@@ -216,7 +219,7 @@ impl Scenario {
         let model = trained_model_dir().display().to_string();
         let mut args: Vec<String> = [
             "--brokers", &self.brokers, "--input-topic", &self.input, "--output-topic", &self.output,
-            "--group", &self.group, "--state-dir", &state, "--model-dir", &model,
+            "--dlq-topic", &self.dlq, "--group", &self.group, "--state-dir", &state, "--model-dir", &model,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -256,4 +259,53 @@ pub fn intents_by_user(intents: &[ScoredIntent]) -> BTreeMap<String, Vec<&Scored
         out.entry(i.user_id.clone()).or_default().push(i);
     }
     out
+}
+
+/// A record read back from a dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// `intentflow.error.kind`.
+    pub kind: String,
+    /// `intentflow.error.reason`.
+    pub reason: String,
+    /// `intentflow.source.topic`.
+    pub source_topic: String,
+    /// `intentflow.source.partition`.
+    pub source_partition: i32,
+    /// `intentflow.source.offset`.
+    pub source_offset: i64,
+    /// `intentflow.source.timestamp`.
+    pub source_timestamp: i64,
+    /// The original bytes.
+    pub value: Vec<u8>,
+}
+
+/// Reads a dead-letter topic until `expected` records arrived or it stays idle.
+pub fn dead_letters(brokers: &str, topic: &str, expected: usize) -> Vec<DeadLetter> {
+    use intentflow_pipeline::runtime::{DLQ_ERROR_KIND, DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION, DLQ_SOURCE_TIMESTAMP, DLQ_SOURCE_TOPIC};
+    use rdkafka::message::Headers;
+    let records = kafka::read_topic(brokers, topic, Duration::from_secs(5), |n| n >= expected).expect("reading the dead-letter topic");
+    records
+        .iter()
+        .map(|m| {
+            let headers = m.headers().expect("dead letters carry headers");
+            let get = |name: &str| -> String {
+                headers
+                    .iter()
+                    .find(|h| h.key == name)
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_else(|| panic!("header {name} missing"))
+            };
+            DeadLetter {
+                kind: get(DLQ_ERROR_KIND),
+                reason: get(DLQ_REASON),
+                source_topic: get(DLQ_SOURCE_TOPIC),
+                source_partition: get(DLQ_SOURCE_PARTITION).parse().expect("partition"),
+                source_offset: get(DLQ_SOURCE_OFFSET).parse().expect("offset"),
+                source_timestamp: get(DLQ_SOURCE_TIMESTAMP).parse().expect("timestamp"),
+                value: m.payload().unwrap_or_default().to_vec(),
+            }
+        })
+        .collect()
 }

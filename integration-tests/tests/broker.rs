@@ -171,7 +171,7 @@ fn metric(text: &str, series: &str) -> u64 {
 }
 
 #[test]
-fn malformed_records_are_skipped_counted_and_logged_while_valid_ones_are_scored() {
+fn malformed_records_are_dead_lettered_counted_and_logged_while_valid_ones_are_scored() {
     let sc = Scenario::new("bad", 4);
     let events = generated_events(200, 3_000, 13);
     let future_ts = chrono_like_future();
@@ -187,12 +187,15 @@ fn malformed_records_are_skipped_counted_and_logged_while_valid_ones_are_scored(
     ];
     let mut records = Vec::new();
     let mut expected_invalid: BTreeMap<&str, u64> = BTreeMap::new();
+    // (kind, bytes) of every bad record, in production order.
+    let mut bad_sent: Vec<(&str, Vec<u8>)> = Vec::new();
     for (i, e) in events.iter().enumerate() {
         records.push((e.user_id.clone(), serde_json::to_vec(e).unwrap()));
         if i % 10 == 0 {
             let (kind, bytes) = &bad[(i / 10) % bad.len()];
             records.push((e.user_id.clone(), bytes.clone()));
             *expected_invalid.entry(kind).or_default() += 1;
+            bad_sent.push((kind, bytes.clone()));
         }
     }
     produce(&sc.brokers, &sc.input, &records).unwrap();
@@ -222,6 +225,24 @@ fn malformed_records_are_skipped_counted_and_logged_while_valid_ones_are_scored(
         assert!(line.contains(&format!("topic={}", sc.input)) && line.contains("partition=") && line.contains("offset="), "{line}");
     }
     assert_matches_offline(&intents, &events, &sc.state);
+
+    // Every rejected record is on the dead-letter topic with its original bytes, its reason and
+    // its source position; nothing else is.
+    let dead = dead_letters(&sc.brokers, &sc.dlq, bad_sent.len());
+    assert_eq!(dead.len(), bad_sent.len());
+    let mut got: Vec<(String, Vec<u8>)> = dead.iter().map(|d| (d.kind.clone(), d.value.clone())).collect();
+    let mut want: Vec<(String, Vec<u8>)> = bad_sent.iter().map(|(k, b)| (k.to_string(), b.clone())).collect();
+    got.sort();
+    want.sort();
+    assert!(got == want, "dead letters differ from the bad records sent");
+    let input_size = topic_size(&sc.brokers, &sc.input).unwrap();
+    for d in &dead {
+        assert_eq!(d.source_topic, sc.input);
+        assert!((0..4).contains(&d.source_partition) && (0..input_size).contains(&d.source_offset), "{d:?}");
+        assert!(!d.reason.is_empty() && d.source_timestamp > 0, "{d:?}");
+    }
+    let positions: HashSet<(i32, i64)> = dead.iter().map(|d| (d.source_partition, d.source_offset)).collect();
+    assert_eq!(positions.len(), dead.len(), "each source record dead-lettered once");
 }
 
 /// Epoch milliseconds a year from now: far beyond the decoder's one-day tolerance.

@@ -11,17 +11,24 @@ pub struct SourceRecord<'a> {
     pub partition: i32,
     /// Offset (line number for files).
     pub offset: i64,
+    /// The record's timestamp (epoch ms), if the source has one.
+    pub timestamp_ms: Option<i64>,
     /// The value bytes; `None` for a tombstone.
     pub payload: Option<&'a [u8]>,
 }
 
-/// A record that failed validation, with where it came from and why.
+/// A record that failed validation, with where it came from, why, and its original bytes (for
+/// the dead-letter topic).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rejected {
     /// Where the record came from.
     pub source: SourcePosition,
+    /// The source record's timestamp (epoch ms), if it had one.
+    pub timestamp_ms: Option<i64>,
     /// Why it was rejected.
     pub error: DecodeError,
+    /// The original value bytes (`None` for a tombstone).
+    pub payload: Option<Vec<u8>>,
 }
 
 /// A decoded batch: valid events with their positions, and the rejections, each in input order.
@@ -45,7 +52,7 @@ pub fn decode_batch<'a>(
         let source = SourcePosition { topic: r.topic.to_string(), partition: r.partition, offset: r.offset };
         match decoder.decode(r.payload.unwrap_or_default(), now_ms) {
             Ok(event) => out.events.push(crate::PositionedEvent { source, event }),
-            Err(error) => out.rejected.push(Rejected { source, error }),
+            Err(error) => out.rejected.push(Rejected { source, timestamp_ms: r.timestamp_ms, error, payload: r.payload.map(<[u8]>::to_vec) }),
         }
     }
     out
@@ -67,11 +74,14 @@ mod tests {
             topic: "events",
             partition: 2,
             offset: 10 + i as i64,
+            timestamp_ms: Some(1_700_000_000_000 + i as i64),
             payload: Some(p),
         });
         let d = decode_batch(&EventDecoder::default(), records, 1_700_000_000_000);
         assert_eq!(d.events.iter().map(|e| e.source.offset).collect::<Vec<_>>(), [10, 12]);
         assert_eq!(d.rejected.iter().map(|r| (r.source.offset, r.error.kind())).collect::<Vec<_>>(), [(11, "invalid_json"), (13, "empty")]);
         assert_eq!(d.events[1].event.user_id, "b");
+        assert_eq!(d.rejected[0].payload.as_deref(), Some(&b"garbage"[..]), "original bytes kept for the dead-letter topic");
+        assert_eq!(d.rejected[0].timestamp_ms, Some(1_700_000_000_001));
     }
 }

@@ -20,6 +20,9 @@ pub struct RunConfig {
     pub input_topics: Vec<String>,
     /// Output topic of scored intents.
     pub output_topic: String,
+    /// Dead-letter topic: every record that cannot be decoded or validated goes here with its
+    /// original bytes and headers naming the reason and the source position.
+    pub dlq_topic: String,
     /// Consumer group id; instances with the same group share the partitions.
     pub group: String,
     /// Directory of the RocksDB state store.
@@ -56,6 +59,7 @@ impl Default for RunConfig {
             brokers: "127.0.0.1:9092".into(),
             input_topics: vec!["events".into()],
             output_topic: "intents".into(),
+            dlq_topic: "intentflow-dlq".into(),
             group: "intentflow".into(),
             state_dir: PathBuf::from("./intentflow-state"),
             model_dir: PathBuf::from("./intentflow-model"),
@@ -108,6 +112,9 @@ pub struct RunArgs {
     /// Output topic of scored intents [default: intents].
     #[arg(long)]
     pub output_topic: Option<String>,
+    /// Dead-letter topic of rejected records [default: intentflow-dlq].
+    #[arg(long)]
+    pub dlq_topic: Option<String>,
     /// Consumer group [default: intentflow].
     #[arg(long)]
     pub group: Option<String>,
@@ -169,6 +176,9 @@ impl RunConfig {
         if let Some(v) = &args.output_topic {
             cfg.output_topic.clone_from(v);
         }
+        if let Some(v) = &args.dlq_topic {
+            cfg.dlq_topic.clone_from(v);
+        }
         if let Some(v) = &args.group {
             cfg.group.clone_from(v);
         }
@@ -210,8 +220,11 @@ impl RunConfig {
         if self.input_topics.contains(&self.output_topic) {
             return bad(format!("output topic `{}` is also an input topic: scores would feed back", self.output_topic));
         }
-        if self.output_topic.trim().is_empty() || self.group.trim().is_empty() {
-            return bad("output topic and group must not be empty".into());
+        if self.input_topics.contains(&self.dlq_topic) || self.dlq_topic == self.output_topic {
+            return bad(format!("dead-letter topic `{}` must differ from the input and output topics", self.dlq_topic));
+        }
+        if self.output_topic.trim().is_empty() || self.dlq_topic.trim().is_empty() || self.group.trim().is_empty() {
+            return bad("output topic, dead-letter topic and group must not be empty".into());
         }
         if self.max_batch_records == 0 {
             return bad("max_batch_records must be at least 1".into());
@@ -273,5 +286,7 @@ mod tests {
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
         let args = RunArgs { input_topics: vec!["intents".into()], ..Default::default() };
         assert!(RunConfig::resolve(&args).unwrap_err().to_string().contains("feed back"));
+        let args = RunArgs { dlq_topic: Some("events".into()), ..Default::default() };
+        assert!(RunConfig::resolve(&args).unwrap_err().to_string().contains("dead-letter topic `events`"));
     }
 }

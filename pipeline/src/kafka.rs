@@ -7,7 +7,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{OwnedHeaders, OwnedMessage};
 use rdkafka::producer::future_producer::{Delivery, DeliveryFuture, OwnedDeliveryResult};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -130,11 +130,23 @@ impl<'p> DeliveryWindow<'p> {
     ///
     /// The first failed delivery, or a non-retriable enqueue error.
     pub async fn send(&mut self, topic: &str, key: &[u8], payload: &[u8]) -> Result<()> {
+        self.send_with_headers(topic, key, payload, None).await
+    }
+
+    /// Enqueues one record with headers.
+    ///
+    /// # Errors
+    ///
+    /// The first failed delivery, or a non-retriable enqueue error.
+    pub async fn send_with_headers(&mut self, topic: &str, key: &[u8], payload: &[u8], headers: Option<OwnedHeaders>) -> Result<()> {
         if self.pending.len() >= self.capacity {
             self.settle_oldest().await?;
         }
         loop {
-            let record = FutureRecord::to(topic).key(key).payload(payload);
+            let mut record = FutureRecord::to(topic).key(key).payload(payload);
+            if let Some(h) = &headers {
+                record = record.headers(h.clone());
+            }
             match self.producer.send_result(record) {
                 Ok(fut) => {
                     self.pending.push_back(fut);

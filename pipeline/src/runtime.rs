@@ -96,6 +96,7 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
 
     let input_partitions = kafka::partition_count(&cfg.brokers, &cfg.input_topics[0])?.unwrap_or(4);
     kafka::ensure_topic(&cfg.brokers, &cfg.output_topic, input_partitions).await?;
+    kafka::ensure_topic(&cfg.brokers, &cfg.dlq_topic, input_partitions).await?;
     let producer = kafka::producer(&cfg.brokers, &cfg.kafka.producer)?;
 
     let tracker = RebalanceTracker { health: health.clone(), changed: AtomicBool::new(true) };
@@ -165,7 +166,13 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
             if offsets::already_applied(m.offset(), stored) {
                 stats.skipped += 1;
             } else {
-                fresh.push(SourceRecord { topic: m.topic(), partition: m.partition(), offset: m.offset(), payload: m.payload() });
+                fresh.push(SourceRecord {
+                    topic: m.topic(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    timestamp_ms: m.timestamp().to_millis(),
+                    payload: m.payload(),
+                });
             }
         }
         let decoded = decode_batch(&decoder, fresh, chrono::Utc::now().timestamp_millis());
@@ -177,6 +184,11 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
         let mut window = DeliveryWindow::new(&producer, 100_000);
         for intent in &out.intents {
             window.send(&cfg.output_topic, intent.user_id.as_bytes(), &encode_intent(intent)).await?;
+        }
+        for r in &decoded.rejected {
+            let key = format!("{}/{}", r.source.topic, r.source.partition);
+            let payload = r.payload.as_deref().unwrap_or_default();
+            window.send_with_headers(&cfg.dlq_topic, key.as_bytes(), payload, Some(dead_letter_headers(r))).await?;
         }
         window.finish().await?;
 
@@ -227,6 +239,37 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
     tracing::info!(?summary, "stopped");
     Ok(summary)
 }
+
+/// Headers of a dead-letter record: the error kind, a readable reason, and the source position.
+pub fn dead_letter_headers(r: &intentflow_operators::Rejected) -> rdkafka::message::OwnedHeaders {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let (partition, offset) = (r.source.partition.to_string(), r.source.offset.to_string());
+    let timestamp = r.timestamp_ms.map(|t| t.to_string()).unwrap_or_default();
+    let reason = r.error.to_string();
+    [
+        (DLQ_ERROR_KIND, r.error.kind()),
+        (DLQ_REASON, reason.as_str()),
+        (DLQ_SOURCE_TOPIC, r.source.topic.as_str()),
+        (DLQ_SOURCE_PARTITION, partition.as_str()),
+        (DLQ_SOURCE_OFFSET, offset.as_str()),
+        (DLQ_SOURCE_TIMESTAMP, timestamp.as_str()),
+    ]
+    .into_iter()
+    .fold(OwnedHeaders::new(), |h, (key, value)| h.insert(Header { key, value: Some(value) }))
+}
+
+/// Dead-letter header: the rejection kind (`invalid_json`, `missing_field`, …).
+pub const DLQ_ERROR_KIND: &str = "intentflow.error.kind";
+/// Dead-letter header: a human-readable reason.
+pub const DLQ_REASON: &str = "intentflow.error.reason";
+/// Dead-letter header: the source topic.
+pub const DLQ_SOURCE_TOPIC: &str = "intentflow.source.topic";
+/// Dead-letter header: the source partition (decimal).
+pub const DLQ_SOURCE_PARTITION: &str = "intentflow.source.partition";
+/// Dead-letter header: the source offset (decimal).
+pub const DLQ_SOURCE_OFFSET: &str = "intentflow.source.offset";
+/// Dead-letter header: the source record's timestamp in epoch ms (empty if it had none).
+pub const DLQ_SOURCE_TIMESTAMP: &str = "intentflow.source.timestamp";
 
 /// Logs rejected records (each one names topic/partition/offset, up to a cap per batch) and
 /// counts them by reason.
