@@ -76,6 +76,24 @@ pub fn create_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
     Ok(())
 }
 
+/// Deletes the records of `topic`/`partition` below `before`, as retention would; returns the
+/// new low watermark.
+pub fn delete_records_before(brokers: &str, topic: &str, partition: i32, before: i64) -> Result<i64> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = kafka::client_config(brokers, &BTreeMap::new()).create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(before))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let done = rt.block_on(admin.delete_records(&tpl, &AdminOptions::new()))?;
+    let entry = done.find_partition(topic, partition).context("delete_records result lacks the partition")?;
+    entry.error()?;
+    match entry.offset() {
+        rdkafka::Offset::Offset(low) => Ok(low),
+        other => bail!("unexpected low watermark {other:?}"),
+    }
+}
+
 /// Produces `(key, value)` records in order (per key order is kept by the idempotent producer).
 pub fn produce(brokers: &str, topic: &str, records: &[(String, Vec<u8>)]) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -158,6 +176,19 @@ impl Operator {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits up to `limit` for the process to exit by itself; returns its status and log, or
+    /// `None` if it is still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<Option<(ExitStatus, String)>> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(Some((s, self.log_text())));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(None)
     }
 
     /// Kills the process with SIGKILL (a crash: no batch is finished, nothing is committed)

@@ -205,8 +205,16 @@ fn malformed_records_are_dead_lettered_counted_and_logged_while_valid_ones_are_s
     let op = sc.start("op", &sc.run_args(&["--metrics-addr", &addr]));
     let intents = sc.intents(events.len(), IDLE);
 
-    // The batch that produced the last intent has also counted its rejections.
-    let metrics = http_get(&addr, "/metrics");
+    // The batch that produced the last intent counts its rejections when it finishes (after its
+    // dead letters and its commit): wait until /metrics shows that batch.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let metrics = loop {
+        let m = http_get(&addr, "/metrics");
+        if metric(&m, "intentflow_intents_out_total") == events.len() as u64 || Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let health = http_get(&addr, "/health");
     let (status, log) = op.terminate().unwrap();
     assert!(status.success(), "exit {status}; log:\n{log}");
@@ -243,6 +251,40 @@ fn malformed_records_are_dead_lettered_counted_and_logged_while_valid_ones_are_s
     }
     let positions: HashSet<(i32, i64)> = dead.iter().map(|d| (d.source_partition, d.source_offset)).collect();
     assert_eq!(positions.len(), dead.len(), "each source record dead-lettered once");
+}
+
+#[test]
+fn a_committed_offset_deleted_by_retention_follows_the_policy() {
+    let sc = Scenario::new("retention", 1);
+    let first = generated_events(100, 1_000, 21);
+    produce_events(&sc.brokers, &sc.input, &first).unwrap();
+    let op = sc.start("first", &sc.run_args(&[]));
+    assert_eq!(sc.intents(first.len(), IDLE).len(), first.len());
+    let (status, log) = op.terminate().unwrap();
+    assert!(status.success(), "{log}");
+
+    // While the operator is down, 1,000 more events arrive and retention deletes the oldest
+    // 1,500 records: offsets 1,000..1,500 were never processed.
+    let second = generated_events(100, 1_000, 22);
+    produce_events(&sc.brokers, &sc.input, &second).unwrap();
+    assert_eq!(delete_records_before(&sc.brokers, &sc.input, 0, 1_500).unwrap(), 1_500);
+
+    // `fail`: the operator stops with an error instead of guessing.
+    let mut op = sc.start("fail", &sc.run_args(&["--offset-reset", "fail"]));
+    let (status, log) = op.wait_exit(Duration::from_secs(60)).unwrap().expect("offset_reset = fail must stop the operator");
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("offset_reset = fail"), "{log}");
+
+    // `earliest`: resume at the oldest kept record and say loudly what was lost.
+    let op = sc.start("earliest", &sc.run_args(&["--offset-reset", "earliest"]));
+    let intents = sc.intents(first.len() + 500, IDLE);
+    let (status, log) = op.terminate().unwrap();
+    assert!(status.success(), "{log}");
+    assert_eq!(intents.len(), first.len() + 500, "the 500 retained records after the gap are scored once");
+    assert_eq!(topic_size(&sc.brokers, &sc.output).unwrap(), 1_500, "no intent twice");
+    let loud: Vec<&str> = log.lines().filter(|l| l.contains("records deleted by retention")).collect();
+    assert_eq!(loud.len(), 1, "{log}");
+    assert!(loud[0].contains("ERROR") && loud[0].contains("lost=500") && loud[0].contains("expected=1000"), "{}", loud[0]);
 }
 
 /// Epoch milliseconds a year from now: far beyond the decoder's one-day tolerance.

@@ -31,6 +31,8 @@ pub struct RunConfig {
     pub model_dir: PathBuf,
     /// Device of the GRU.
     pub device: DeviceKind,
+    /// What to do when a partition's committed offset no longer exists (deleted by retention).
+    pub offset_reset: OffsetReset,
     /// Most records per micro-batch.
     pub max_batch_records: usize,
     /// How long a micro-batch waits for more records after its first one.
@@ -64,6 +66,7 @@ impl Default for RunConfig {
             state_dir: PathBuf::from("./intentflow-state"),
             model_dir: PathBuf::from("./intentflow-model"),
             device: DeviceKind::Cpu,
+            offset_reset: OffsetReset::Earliest,
             max_batch_records: 4096,
             batch_linger_ms: 20,
             metrics_addr: "127.0.0.1:9464".into(),
@@ -127,6 +130,9 @@ pub struct RunArgs {
     /// Device: cpu or cuda [default: cpu].
     #[arg(long, value_parser = parse_device)]
     pub device: Option<DeviceKind>,
+    /// When a committed offset was deleted by retention: earliest, latest or fail [default: earliest].
+    #[arg(long, value_enum)]
+    pub offset_reset: Option<OffsetReset>,
     /// Most records per micro-batch [default: 4096].
     #[arg(long)]
     pub max_batch_records: Option<usize>,
@@ -136,6 +142,29 @@ pub struct RunArgs {
     /// Address for /metrics and /health, or "" to disable [default: 127.0.0.1:9464].
     #[arg(long)]
     pub metrics_addr: Option<String>,
+}
+
+/// Policy for a committed offset that retention has deleted (or a group without one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OffsetReset {
+    /// Resume at the oldest record still kept.
+    Earliest,
+    /// Resume at the end, skipping everything retained.
+    Latest,
+    /// Stop the operator with an error.
+    Fail,
+}
+
+impl OffsetReset {
+    /// The librdkafka `auto.offset.reset` value.
+    pub fn librdkafka(self) -> &'static str {
+        match self {
+            OffsetReset::Earliest => "earliest",
+            OffsetReset::Latest => "latest",
+            OffsetReset::Fail => "error",
+        }
+    }
 }
 
 fn parse_device(s: &str) -> Result<DeviceKind, String> {
@@ -190,6 +219,9 @@ impl RunConfig {
         }
         if let Some(v) = args.device {
             cfg.device = v;
+        }
+        if let Some(v) = args.offset_reset {
+            cfg.offset_reset = v;
         }
         if let Some(v) = args.max_batch_records {
             cfg.max_batch_records = v;

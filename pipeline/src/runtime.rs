@@ -105,7 +105,7 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
         .set("group.id", &cfg.group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
+        .set("auto.offset.reset", cfg.offset_reset.librdkafka())
         .set("isolation.level", "read_committed");
     for (k, v) in &cfg.kafka.consumer {
         consumer_cfg.set(k, v);
@@ -131,7 +131,7 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
         match first {
             Ok(m) => batch.push(m),
             Err(e) => {
-                tracing::warn!(error = %e, "consumer error");
+                consumer_error(&e)?;
                 continue;
             }
         }
@@ -139,7 +139,7 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
         while batch.len() < cfg.max_batch_records {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Ok(Ok(m)) => batch.push(m),
-                Ok(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                Ok(Err(e)) => consumer_error(&e)?,
                 Err(_) => break,
             }
         }
@@ -161,8 +161,15 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
 
         let mut stats = BatchStats { records: batch.len() as u64, ..Default::default() };
         let mut fresh = Vec::with_capacity(batch.len());
+        // The offset each partition should deliver next, as the batch goes on.
+        let mut next_expected: std::collections::HashMap<(&str, i32), i64> = std::collections::HashMap::new();
         for m in &batch {
             let stored = applied.get_or_load(m.topic(), m.partition(), || store.offset(m.topic(), m.partition()))?;
+            let expected = next_expected.get(&(m.topic(), m.partition())).copied().or(stored);
+            if let Some(expected) = expected.filter(|&e| m.offset() > e) {
+                tokio::task::block_in_place(|| report_gap(&consumer, m.topic(), m.partition(), expected, m.offset(), cfg.offset_reset));
+            }
+            next_expected.insert((m.topic(), m.partition()), m.offset() + 1);
             if offsets::already_applied(m.offset(), stored) {
                 stats.skipped += 1;
             } else {
@@ -238,6 +245,45 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
     consumer.unsubscribe();
     tracing::info!(?summary, "stopped");
     Ok(summary)
+}
+
+/// A consumer error: fatal when the committed offset is gone and the policy is `fail`,
+/// otherwise logged.
+fn consumer_error(e: &rdkafka::error::KafkaError) -> Result<()> {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    if let KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset) = e {
+        tracing::error!(error = %e, "a committed offset no longer exists (deleted by retention?) and offset_reset = fail: stopping");
+        anyhow::bail!("committed offset out of range and offset_reset = fail: {e}");
+    }
+    tracing::warn!(error = %e, "consumer error");
+    Ok(())
+}
+
+/// Called when a partition delivers a record beyond the next offset the state store expects.
+/// Offsets can be skipped legitimately (transaction markers), so the low watermark decides: if
+/// the expected offset is below it, retention deleted records this operator never applied, and
+/// that is logged loudly and counted.
+fn report_gap<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    topic: &str,
+    partition: i32,
+    expected: i64,
+    got: i64,
+    policy: crate::config::OffsetReset,
+) {
+    let low = consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)).map(|(low, _)| low);
+    if let Some(lost) = offsets::lost_to_retention(expected, got, low.ok()) {
+        metrics::counter!("intentflow_offsets_lost_total").increment(lost);
+        tracing::error!(
+            topic,
+            partition,
+            expected,
+            resumed_at = got,
+            lost,
+            policy = ?policy,
+            "records deleted by retention before they were processed: {lost} offsets skipped"
+        );
+    }
 }
 
 /// Headers of a dead-letter record: the error kind, a readable reason, and the source position.

@@ -57,9 +57,28 @@ pub fn next_offsets<'a>(records: impl IntoIterator<Item = (&'a str, i32, i64)>) 
     next
 }
 
+/// How many offsets were lost to retention when a partition that should resume at `expected`
+/// delivers `got` while its oldest retained offset is `low` (`None` when unknown): only offsets
+/// below `low` count, since gaps above it are transaction markers, not lost records.
+pub fn lost_to_retention(expected: i64, got: i64, low: Option<i64>) -> Option<u64> {
+    let low = low?;
+    (expected < low && got > expected).then(|| (low.min(got) - expected) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_offsets_below_the_low_watermark_are_lost() {
+        // Resumed at 1,500 after retention moved the log start to 1,500: 500 records lost.
+        assert_eq!(lost_to_retention(1_000, 1_500, Some(1_500)), Some(500));
+        // `latest` jumped further than retention: only what retention deleted counts.
+        assert_eq!(lost_to_retention(1_000, 9_000, Some(1_500)), Some(500));
+        // A transaction marker at 1,000 and nothing deleted.
+        assert_eq!(lost_to_retention(1_000, 1_001, Some(0)), None);
+        assert_eq!(lost_to_retention(1_000, 1_500, None), None);
+    }
 
     #[test]
     fn skips_only_what_the_store_holds() {
