@@ -136,11 +136,5 @@ pub fn assess(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, par
             metrics: scored(&truth, threshold, 4),
         });
     }
-    let part_name = match part {
-        Part::Train => "train",
-        Part::Validation => "validation",
-        Part::Test => "test",
-        Part::All => "all",
-    };
-    Ok(Assessment { model_version: meta.version.clone(), part: part_name.into(), label, split, bootstrap_reps: reps, scorers })
+    Ok(Assessment { model_version: meta.version.clone(), part: part.as_str().into(), label, split, bootstrap_reps: reps, scorers })
 }

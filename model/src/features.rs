@@ -173,10 +173,10 @@ impl FeatureSpec {
     /// Applies the fitted normalisation to the dense part of raw features; switched-off
     /// features become 0.
     pub fn normalize(&self, raw: &Features) -> Features {
-        let mut dense = [0f32; FEATURE_DIM];
-        for (i, name) in FEATURE_NAMES.iter().enumerate() {
-            if !self.disabled.iter().any(|d| d == name) {
-                dense[i] = (raw.dense[i] - self.mean[i]) / self.std[i];
+        let mut dense: [f32; FEATURE_DIM] = std::array::from_fn(|i| (raw.dense[i] - self.mean[i]) / self.std[i]);
+        for name in &self.disabled {
+            if let Some(i) = FEATURE_NAMES.iter().position(|n| n == name) {
+                dense[i] = 0.0;
             }
         }
         Features { dense, ..*raw }

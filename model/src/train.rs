@@ -65,6 +65,18 @@ pub enum Part {
     All,
 }
 
+impl Part {
+    /// `train`, `validation`, `test` or `all`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Part::Train => "train",
+            Part::Validation => "validation",
+            Part::Test => "test",
+            Part::All => "all",
+        }
+    }
+}
+
 impl SplitSpec {
     /// Index ranges (train, validation, test) of `n` sessions sorted by start time.
     pub fn ranges(&self, n: usize) -> [std::ops::Range<usize>; 3] {

@@ -98,11 +98,16 @@ pub fn read_events(path: &Path, format: Format) -> Result<Imported> {
     };
     progress.finish_and_clear();
     // Stable sort by time; the oracle column, if any, moves with its events.
-    let mut order: Vec<usize> = (0..out.events.len()).collect();
-    order.sort_by_key(|&i| out.events[i].ts);
-    out.latent_intent = out.latent_intent.map(|l| order.iter().map(|&i| l[i]).collect());
-    let mut events: Vec<Option<Event>> = out.events.into_iter().map(Some).collect();
-    out.events = order.iter().map(|&i| events[i].take().expect("each index once")).collect();
+    match out.latent_intent.take() {
+        Some(latent) => {
+            let mut paired: Vec<(Event, f64)> = out.events.drain(..).zip(latent).collect();
+            paired.sort_by_key(|(e, _)| e.ts);
+            let (events, latent): (Vec<Event>, Vec<f64>) = paired.into_iter().unzip();
+            out.events = events;
+            out.latent_intent = Some(latent);
+        }
+        None => out.events.sort_by_key(|e| e.ts),
+    }
     Ok(out)
 }
 

@@ -161,15 +161,17 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
 
         let mut stats = BatchStats { records: batch.len() as u64, ..Default::default() };
         let mut fresh = Vec::with_capacity(batch.len());
-        // The offset each partition should deliver next, as the batch goes on.
-        let mut next_expected: std::collections::HashMap<(&str, i32), i64> = std::collections::HashMap::new();
         for m in &batch {
-            let stored = applied.get_or_load(m.topic(), m.partition(), || store.offset(m.topic(), m.partition()))?;
-            let expected = next_expected.get(&(m.topic(), m.partition())).copied().or(stored);
-            if let Some(expected) = expected.filter(|&e| m.offset() > e) {
-                tokio::task::block_in_place(|| report_gap(&consumer, m.topic(), m.partition(), expected, m.offset(), cfg.offset_reset));
-            }
-            next_expected.insert((m.topic(), m.partition()), m.offset() + 1);
+            // A partition's recorded offset is loaded on its first record after start-up or a
+            // rebalance, which is when a committed offset lost to retention shows: check then,
+            // not per record.
+            let stored = applied.get_or_load(m.topic(), m.partition(), || {
+                let stored = store.offset(m.topic(), m.partition())?;
+                if let Some(expected) = stored.filter(|&e| m.offset() > e) {
+                    tokio::task::block_in_place(|| report_gap(&consumer, m.topic(), m.partition(), expected, m.offset(), cfg.offset_reset));
+                }
+                Ok::<_, intentflow_state::StateError>(stored)
+            })?;
             if offsets::already_applied(m.offset(), stored) {
                 stats.skipped += 1;
             } else {
@@ -259,7 +261,8 @@ fn consumer_error(e: &rdkafka::error::KafkaError) -> Result<()> {
     Ok(())
 }
 
-/// Called when a partition delivers a record beyond the next offset the state store expects.
+/// Called when a partition's first record after start-up or a rebalance lies beyond the next
+/// offset the state store expects.
 /// Offsets can be skipped legitimately (transaction markers), so the low watermark decides: if
 /// the expected offset is below it, retention deleted records this operator never applied, and
 /// that is logged loudly and counted.
