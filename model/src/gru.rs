@@ -75,6 +75,32 @@ pub(crate) fn sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
     (x.neg()?.exp()? + 1.0)?.recip()
 }
 
+/// How rows are multiplied by a weight matrix `W` `(N, K)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Projection {
+    /// One matrix product `X·Wᵀ` over all rows: what training uses. The matrix kernel picks
+    /// its blocking from the number of rows, so the last bits of a row's result can depend on
+    /// how many rows share the product.
+    Batched,
+    /// One matrix-vector product `W·x` per row (a stride-0 batch of `W`, which candle runs as
+    /// one GEMV per row): each row's result is bit-for-bit the same whatever other rows the
+    /// batch holds, so a user's state does not depend on how a stream was cut into batches.
+    PerRow,
+}
+
+impl Projection {
+    /// `x·Wᵀ` for `x` `(B, K)` and `w` `(N, K)`; returns `(B, N)`.
+    fn apply(self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Projection::Batched => x.matmul(&w.t()?),
+            Projection::PerRow => {
+                let (b, k) = x.dims2()?;
+                w.broadcast_as((b, w.dim(0)?, k))?.matmul(&x.unsqueeze(2)?)?.squeeze(2)
+            }
+        }
+    }
+}
+
 impl GruParams {
     /// Hidden size H.
     pub fn hidden_dim(&self) -> usize {
@@ -172,14 +198,14 @@ impl GruParams {
     }
 
     /// Input projection `x·W_ihᵀ + b_ih` for `x` of shape `(N, D)`; returns `(N, 3H)`.
-    pub(crate) fn input_gates(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.weight_ih.t()?)?.broadcast_add(&self.bias_ih)
+    pub(crate) fn input_gates(&self, x: &Tensor, how: Projection) -> candle_core::Result<Tensor> {
+        how.apply(x, &self.weight_ih)?.broadcast_add(&self.bias_ih)
     }
 
     /// One GRU step from precomputed input gates `gi` `(B, 3H)` and hidden `h` `(B, H)`.
-    pub(crate) fn cell(&self, gi: &Tensor, h: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn cell(&self, gi: &Tensor, h: &Tensor, how: Projection) -> candle_core::Result<Tensor> {
         let hd = self.hidden_dim();
-        let gh = h.matmul(&self.weight_hh.t()?)?.broadcast_add(&self.bias_hh)?;
+        let gh = how.apply(h, &self.weight_hh)?.broadcast_add(&self.bias_hh)?;
         let r = sigmoid(&(gi.narrow(1, 0, hd)? + gh.narrow(1, 0, hd)?)?)?;
         let z = sigmoid(&(gi.narrow(1, hd, hd)? + gh.narrow(1, hd, hd)?)?)?;
         let n = (gi.narrow(1, 2 * hd, hd)? + (r * gh.narrow(1, 2 * hd, hd)?)?)?.tanh()?;
@@ -188,8 +214,8 @@ impl GruParams {
     }
 
     /// Head logits `(B)` for hidden states `(B, H)`.
-    pub(crate) fn logits(&self, h: &Tensor) -> candle_core::Result<Tensor> {
-        h.matmul(&self.head_weight.t()?)?.broadcast_add(&self.head_bias)?.squeeze(D::Minus1)
+    pub(crate) fn logits(&self, h: &Tensor, how: Projection) -> candle_core::Result<Tensor> {
+        how.apply(h, &self.head_weight)?.broadcast_add(&self.head_bias)?.squeeze(D::Minus1)
     }
 
     /// Checks shapes and dtypes against each other.
@@ -345,8 +371,9 @@ mod tests {
     }
 
     fn step(p: &GruParams, dense: &Tensor, items: &Tensor, cats: &Tensor, h: &Tensor) -> (Tensor, Vec<f32>) {
-        let h1 = p.cell(&p.input_gates(&p.gru_input(dense, items, cats).unwrap()).unwrap(), h).unwrap();
-        let logits = p.logits(&h1).unwrap().to_vec1().unwrap();
+        let how = Projection::Batched;
+        let h1 = p.cell(&p.input_gates(&p.gru_input(dense, items, cats).unwrap(), how).unwrap(), h, how).unwrap();
+        let logits = p.logits(&h1, how).unwrap().to_vec1().unwrap();
         (h1, logits)
     }
 

@@ -28,7 +28,7 @@ pub mod train;
 
 pub use calibrate::Calibration;
 pub use features::{FeatureSpec, Features, Prepared, FEATURE_DIM};
-pub use gru::{names, GruParams};
+pub use gru::{names, GruParams, Projection};
 pub use io::{ModelMeta, MODEL_FILE, META_FILE};
 pub use train::{SplitSpec, TrainingSummary};
 pub use logistic::Logistic;
@@ -115,6 +115,7 @@ pub struct IntentModel {
     params: GruParams,
     meta: ModelMeta,
     device: Device,
+    projection: Projection,
 }
 
 impl IntentModel {
@@ -147,7 +148,11 @@ impl IntentModel {
             )));
         }
         let params = params.to_device(&device)?;
-        Ok(IntentModel { params, meta, device })
+        // On the CPU every row is stepped on its own (see [`Projection::PerRow`]), so a user's
+        // hidden state is bit-for-bit the same however the stream was cut into batches: what
+        // makes crash recovery and replays reproduce states exactly.
+        let projection = if device.is_cpu() { Projection::PerRow } else { Projection::Batched };
+        Ok(IntentModel { params, meta, device, projection })
     }
 
     /// The model's metadata (`model.json`).
@@ -193,8 +198,9 @@ impl IntentModel {
         }
         let x = self.params.gru_input_of(inputs, &self.device)?;
         let h0 = Tensor::from_slice(hidden, (b, h), &self.device)?;
-        let h1 = self.params.cell(&self.params.input_gates(&x)?, &h0)?;
-        let raw: Vec<f32> = gru::sigmoid(&self.params.logits(&h1)?)?.to_vec1()?;
+        let how = self.projection;
+        let h1 = self.params.cell(&self.params.input_gates(&x, how)?, &h0, how)?;
+        let raw: Vec<f32> = gru::sigmoid(&self.params.logits(&h1, how)?)?.to_vec1()?;
         let scores = raw.into_iter().map(|p| self.meta.calibration.apply(p)).collect();
         Ok(StepOutput { hidden: h1.flatten_all()?.to_vec1()?, scores })
     }

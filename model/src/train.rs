@@ -18,7 +18,7 @@
 
 use crate::baseline::{stack_row, Baselines, SessionAggregates, AGGREGATE_NAMES};
 use crate::calibrate::{Calibration, CalibrationMethod};
-use crate::{eval, FeatureSpec, Features, GruParams, Logistic, ModelError, FEATURE_DIM};
+use crate::{eval, FeatureSpec, Features, GruParams, Logistic, ModelError, Projection, FEATURE_DIM};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use intentflow_schemas::{Event, EventType, SessionConfig, SessionState};
@@ -284,12 +284,12 @@ fn forward(params: &GruParams, batch: &Batch) -> Result<Tensor, ModelError> {
     let (b, t, d) = batch.x.dims3()?;
     let hd = params.hidden_dim();
     let input = params.gru_input(&batch.x.reshape((b * t, d))?, &batch.items, &batch.categories)?;
-    let gi = params.input_gates(&input)?.reshape((b, t, 3 * hd))?;
+    let gi = params.input_gates(&input, Projection::Batched)?.reshape((b, t, 3 * hd))?;
     let mut h = Tensor::zeros((b, hd), DType::F32, batch.x.device())?;
     let mut logits = Vec::with_capacity(t);
     for step in 0..t {
-        h = params.cell(&gi.narrow(1, step, 1)?.squeeze(1)?, &h)?;
-        logits.push(params.logits(&h)?);
+        h = params.cell(&gi.narrow(1, step, 1)?.squeeze(1)?, &h, Projection::Batched)?;
+        logits.push(params.logits(&h, Projection::Batched)?);
     }
     Ok(Tensor::stack(&logits, 1)?)
 }

@@ -192,3 +192,30 @@ fn assessment_scores_the_held_out_sessions_with_every_scorer() {
     let html = intentflow_model::report::render_html(&a, "learnable.jsonl");
     assert!(html.contains("<svg") && html.contains("logistic_regression") && html.contains(model.version()));
 }
+
+/// Crash recovery and replays cut a stream into different batches; a user's state must not
+/// depend on the cut. On the CPU each row is stepped on its own, so a row's new hidden vector
+/// and score are bit-for-bit the same whatever rows share its batch.
+#[test]
+fn a_rows_step_is_bit_identical_whatever_batch_it_shares() {
+    let cfg = TrainConfig { hidden_dim: 16, members: 1, epochs: 2, ..TrainConfig::default() };
+    let trained = train(&learnable_events(), &cfg, &Device::Cpu, |_, _| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    trained.save(dir.path()).unwrap();
+    let model = IntentModel::load(dir.path(), &Device::Cpu).unwrap();
+    let h = model.hidden_dim();
+    let n = 3_000;
+    let inputs: Vec<Features> = (0..n)
+        .map(|i| Features { item: (i * 7 % 1_000) as u32, category: (i % 200) as u32, ..Features::dense([((i * 13 % 17) as f32).sin(); FEATURE_DIM]) })
+        .collect();
+    let hidden: Vec<f32> = (0..n * h).map(|i| (i as f32 * 0.37).sin() * 0.5).collect();
+    let whole = model.step(&inputs, &hidden).unwrap();
+    for size in [1usize, 2, 3, 7, 16, 33, 100, 513] {
+        for start in (0..n - size).step_by(size * 5 + 1) {
+            let part = model.step(&inputs[start..start + size], &hidden[start * h..(start + size) * h]).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(bits(&part.scores), bits(&whole.scores[start..start + size]), "scores of rows {start}.. in a batch of {size}");
+            assert_eq!(bits(&part.hidden), bits(&whole.hidden[start * h..(start + size) * h]), "hidden of rows {start}.. in a batch of {size}");
+        }
+    }
+}
