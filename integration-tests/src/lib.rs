@@ -122,8 +122,9 @@ pub fn read_intents(brokers: &str, topic: &str, expected: usize, idle: Duration)
         .collect()
 }
 
-/// Records in `topic` so far: the sum of its partitions' high watermarks (an instant progress
-/// probe while an operator runs; the producer is not transactional, so every record counts).
+/// Offsets in use in `topic` so far: the sum of its partitions' high minus low watermarks. An
+/// instant progress probe while an operator runs; under exactly-once it also counts transaction
+/// markers and aborted records, so it is an upper bound of the committed records.
 pub fn topic_size(brokers: &str, topic: &str) -> Result<i64> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let Some(partitions) = kafka::partition_count(brokers, topic)? else { return Ok(0) };

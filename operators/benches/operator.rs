@@ -36,7 +36,7 @@ fn bench(c: &mut Criterion) {
                 },
                 |slice| {
                     let out = op.process(slice, &store, 0).unwrap();
-                    store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), []).unwrap();
+                    store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
                     out.intents.len()
                 },
                 BatchSize::SmallInput,

@@ -184,7 +184,7 @@ mod tests {
                 assert_eq!(intent.source, input.source, "outputs keep input order");
                 streamed.entry(intent.user_id.clone()).or_default().push(intent.score);
             }
-            store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), []).unwrap();
+            store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
             start = end;
         }
 

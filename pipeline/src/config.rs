@@ -33,10 +33,20 @@ pub struct RunConfig {
     pub device: DeviceKind,
     /// What to do when a partition's committed offset no longer exists (deleted by retention).
     pub offset_reset: OffsetReset,
-    /// Most records per micro-batch.
+    /// Exactly-once (Kafka transactions) or at-least-once.
+    pub processing_guarantee: ProcessingGuarantee,
+    /// Compacted changelog topic backing the state store; empty means `<group>-changelog`.
+    pub changelog_topic: String,
+    /// This instance's stable id, the suffix of its transactional id; empty means the id kept
+    /// in the state directory (created on first start).
+    pub instance_id: String,
+    /// Kafka transaction timeout: how long a crashed instance's open transaction can hold back
+    /// `read_committed` readers before the broker aborts it.
+    pub transaction_timeout_ms: u64,
+    /// Most records per micro-batch (one batch is one transaction).
     pub max_batch_records: usize,
-    /// How long a micro-batch waits for more records after its first one.
-    pub batch_linger_ms: u64,
+    /// A batch (and its transaction) closes at most this long after its first record.
+    pub commit_interval_ms: u64,
     /// Address of the `/metrics` and `/health` endpoints; empty to disable.
     pub metrics_addr: String,
     /// Largest accepted input record in bytes.
@@ -67,8 +77,12 @@ impl Default for RunConfig {
             model_dir: PathBuf::from("./intentflow-model"),
             device: DeviceKind::Cpu,
             offset_reset: OffsetReset::Earliest,
+            processing_guarantee: ProcessingGuarantee::ExactlyOnce,
+            changelog_topic: String::new(),
+            instance_id: String::new(),
+            transaction_timeout_ms: 15_000,
             max_batch_records: 4096,
-            batch_linger_ms: 20,
+            commit_interval_ms: 100,
             metrics_addr: "127.0.0.1:9464".into(),
             max_record_bytes: 64 * 1024,
             kafka: KafkaOverrides::default(),
@@ -133,15 +147,38 @@ pub struct RunArgs {
     /// When a committed offset was deleted by retention: earliest, latest or fail [default: earliest].
     #[arg(long, value_enum)]
     pub offset_reset: Option<OffsetReset>,
+    /// exactly_once (Kafka transactions) or at_least_once [default: exactly_once].
+    #[arg(long, value_enum)]
+    pub processing_guarantee: Option<ProcessingGuarantee>,
+    /// Compacted changelog topic of the state [default: <group>-changelog].
+    #[arg(long)]
+    pub changelog_topic: Option<String>,
+    /// Stable instance id (transactional id suffix) [default: kept in the state directory].
+    #[arg(long)]
+    pub instance_id: Option<String>,
     /// Most records per micro-batch [default: 4096].
     #[arg(long)]
     pub max_batch_records: Option<usize>,
-    /// Milliseconds a micro-batch waits for more records [default: 20].
+    /// Milliseconds after its first record that a batch (one transaction) closes [default: 100].
     #[arg(long)]
-    pub batch_linger_ms: Option<u64>,
+    pub commit_interval_ms: Option<u64>,
     /// Address for /metrics and /health, or "" to disable [default: 127.0.0.1:9464].
     #[arg(long)]
     pub metrics_addr: Option<String>,
+}
+
+/// Delivery guarantee of the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessingGuarantee {
+    /// Each batch's intents, dead letters, changelog records and input offsets are one Kafka
+    /// transaction: read with `read_committed`, every valid input has exactly one intent.
+    #[value(name = "exactly_once")]
+    ExactlyOnce,
+    /// No transactions: after a crash the last batch's outputs may repeat (with equal scores);
+    /// states still apply every event once.
+    #[value(name = "at_least_once")]
+    AtLeastOnce,
 }
 
 /// Policy for a committed offset that retention has deleted (or a group without one).
@@ -223,11 +260,20 @@ impl RunConfig {
         if let Some(v) = args.offset_reset {
             cfg.offset_reset = v;
         }
+        if let Some(v) = args.processing_guarantee {
+            cfg.processing_guarantee = v;
+        }
+        if let Some(v) = &args.changelog_topic {
+            cfg.changelog_topic.clone_from(v);
+        }
+        if let Some(v) = &args.instance_id {
+            cfg.instance_id.clone_from(v);
+        }
         if let Some(v) = args.max_batch_records {
             cfg.max_batch_records = v;
         }
-        if let Some(v) = args.batch_linger_ms {
-            cfg.batch_linger_ms = v;
+        if let Some(v) = args.commit_interval_ms {
+            cfg.commit_interval_ms = v;
         }
         if let Some(v) = &args.metrics_addr {
             cfg.metrics_addr.clone_from(v);
@@ -261,14 +307,39 @@ impl RunConfig {
         if self.max_batch_records == 0 {
             return bad("max_batch_records must be at least 1".into());
         }
-        if self.batch_linger_ms > 10_000 {
-            return bad(format!("batch_linger_ms = {} exceeds 10 s: scores would lag", self.batch_linger_ms));
+        if self.commit_interval_ms > 10_000 {
+            return bad(format!("commit_interval_ms = {} exceeds 10 s: scores would lag", self.commit_interval_ms));
+        }
+        let changelog = self.changelog();
+        if self.input_topics.contains(&changelog) || [&self.output_topic, &self.dlq_topic].contains(&&changelog) {
+            return bad(format!("changelog topic `{changelog}` must differ from the input, output and dead-letter topics"));
+        }
+        if !(1_000..=900_000).contains(&self.transaction_timeout_ms) || self.transaction_timeout_ms < 10 * self.commit_interval_ms {
+            return bad(format!(
+                "transaction_timeout_ms = {} must be within 1 s..15 min and at least 10 × commit_interval_ms",
+                self.transaction_timeout_ms
+            ));
+        }
+        if let Some(strategy) = self.kafka.consumer.get("partition.assignment.strategy").filter(|s| s.contains("cooperative")) {
+            return bad(format!("partition.assignment.strategy = {strategy}: only eager assignors (range, roundrobin) are supported"));
+        }
+        if !self.instance_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return bad(format!("instance_id `{}` may hold only letters, digits, '-', '_' and '.'", self.instance_id));
         }
         if self.max_record_bytes < 64 {
             return bad("max_record_bytes must be at least 64".into());
         }
         self.metrics_socket()?;
         Ok(())
+    }
+
+    /// The changelog topic: `changelog_topic`, or `<group>-changelog` when empty.
+    pub fn changelog(&self) -> String {
+        if self.changelog_topic.is_empty() {
+            format!("{}-changelog", self.group)
+        } else {
+            self.changelog_topic.clone()
+        }
     }
 
     /// The metrics address, or `None` when disabled.
@@ -320,5 +391,12 @@ mod tests {
         assert!(RunConfig::resolve(&args).unwrap_err().to_string().contains("feed back"));
         let args = RunArgs { dlq_topic: Some("events".into()), ..Default::default() };
         assert!(RunConfig::resolve(&args).unwrap_err().to_string().contains("dead-letter topic `events`"));
+        let args = RunArgs { changelog_topic: Some("intents".into()), ..Default::default() };
+        assert!(RunConfig::resolve(&args).unwrap_err().to_string().contains("changelog topic `intents`"));
+        let args = RunArgs { group: Some("shop".into()), ..Default::default() };
+        let cfg = RunConfig::resolve(&args).unwrap();
+        assert_eq!((cfg.changelog(), cfg.processing_guarantee), ("shop-changelog".to_string(), ProcessingGuarantee::ExactlyOnce));
+        let args = RunArgs { commit_interval_ms: Some(5_000), ..Default::default() };
+        assert!(RunConfig::resolve(&args).unwrap_err().to_string().contains("10 × commit_interval_ms"));
     }
 }

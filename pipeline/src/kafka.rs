@@ -48,18 +48,27 @@ pub fn producer(brokers: &str, overrides: &BTreeMap<String, String>) -> Result<F
     cfg.create().context("creating Kafka producer")
 }
 
-/// Creates `topic` with `partitions` partitions (replication factor 1 unless the broker
-/// default applies) if it does not exist yet. Returns the topic's partition count.
+/// Creates `topic` with `partitions` partitions (the broker's default replication factor) if it
+/// does not exist yet. Returns the topic's partition count.
 ///
 /// # Errors
 ///
 /// If the broker cannot be reached or refuses the topic.
 pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<i32> {
+    ensure_topic_with(brokers, topic, partitions, &[]).await
+}
+
+/// [`ensure_topic`] with topic configs (such as `cleanup.policy = compact`) for a new topic.
+///
+/// # Errors
+///
+/// If the broker cannot be reached or refuses the topic.
+pub async fn ensure_topic_with(brokers: &str, topic: &str, partitions: i32, configs: &[(&str, &str)]) -> Result<i32> {
     if let Some(n) = partition_count(brokers, topic)? {
         return Ok(n);
     }
     let admin: AdminClient<DefaultClientContext> = client_config(brokers, &BTreeMap::new()).create()?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
+    let new = configs.iter().fold(NewTopic::new(topic, partitions, TopicReplication::Fixed(-1)), |t, (k, v)| t.set(k, v));
     let results = admin
         .create_topics([&new], &AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT)))
         .await
@@ -102,26 +111,47 @@ pub fn partition_count(brokers: &str, topic: &str) -> Result<Option<i32>> {
 /// Keeps up to `capacity` deliveries in flight and surfaces the first failure.
 ///
 /// Sending never blocks on a round trip: when librdkafka's queue is full, the oldest delivery
-/// is awaited to make room.
+/// is awaited to make room. Deliveries sent with [`DeliveryWindow::send_tracked`] have their
+/// highest offset per partition kept ([`DeliveryWindow::tracked`]).
 pub struct DeliveryWindow<'p> {
     producer: &'p FutureProducer,
-    pending: VecDeque<DeliveryFuture>,
+    pending: VecDeque<(DeliveryFuture, bool)>,
     capacity: usize,
     delivered: u64,
+    tracked: BTreeMap<i32, i64>,
 }
 
 impl<'p> DeliveryWindow<'p> {
     /// A window over `producer` with at most `capacity` deliveries awaited at once.
     pub fn new(producer: &'p FutureProducer, capacity: usize) -> Self {
-        DeliveryWindow { producer, pending: VecDeque::new(), capacity: capacity.max(1), delivered: 0 }
+        DeliveryWindow { producer, pending: VecDeque::new(), capacity: capacity.max(1), delivered: 0, tracked: BTreeMap::new() }
     }
 
     async fn settle_oldest(&mut self) -> Result<()> {
-        if let Some(fut) = self.pending.pop_front() {
-            settle(fut.await)?;
+        if let Some((fut, track)) = self.pending.pop_front() {
+            let d = settle(fut.await)?;
             self.delivered += 1;
+            if track {
+                let top = self.tracked.entry(d.partition).or_insert(d.offset);
+                *top = (*top).max(d.offset);
+            }
         }
         Ok(())
+    }
+
+    /// Highest delivered offset per partition of the records sent with
+    /// [`DeliveryWindow::send_tracked`] (complete after [`DeliveryWindow::finish`]).
+    pub fn tracked(&self) -> &BTreeMap<i32, i64> {
+        &self.tracked
+    }
+
+    /// Enqueues one record to an explicit partition and keeps its delivered offset.
+    ///
+    /// # Errors
+    ///
+    /// The first failed delivery, or a non-retriable enqueue error.
+    pub async fn send_tracked(&mut self, topic: &str, partition: i32, key: &[u8], payload: &[u8]) -> Result<()> {
+        self.enqueue(FutureRecord::to(topic).partition(partition).key(key).payload(payload), true).await
     }
 
     /// Enqueues one record.
@@ -139,27 +169,32 @@ impl<'p> DeliveryWindow<'p> {
     ///
     /// The first failed delivery, or a non-retriable enqueue error.
     pub async fn send_with_headers(&mut self, topic: &str, key: &[u8], payload: &[u8], headers: Option<OwnedHeaders>) -> Result<()> {
+        let mut record = FutureRecord::to(topic).key(key).payload(payload);
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        self.enqueue(record, false).await
+    }
+
+    async fn enqueue(&mut self, mut record: FutureRecord<'_, [u8], [u8]>, track: bool) -> Result<()> {
         if self.pending.len() >= self.capacity {
             self.settle_oldest().await?;
         }
         loop {
-            let mut record = FutureRecord::to(topic).key(key).payload(payload);
-            if let Some(h) = &headers {
-                record = record.headers(h.clone());
-            }
             match self.producer.send_result(record) {
                 Ok(fut) => {
-                    self.pending.push_back(fut);
+                    self.pending.push_back((fut, track));
                     return Ok(());
                 }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
                     if self.pending.is_empty() {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     } else {
                         self.settle_oldest().await?;
                     }
                 }
-                Err((e, _)) => return Err(anyhow!(e).context(format!("producing to {topic}"))),
+                Err((e, back)) => return Err(anyhow!(e).context(format!("producing to {}", back.topic))),
             }
         }
     }

@@ -1,37 +1,57 @@
 //! The streaming runtime of `intentflow run`.
 //!
-//! One loop owns the consumer, the producer, the state store and the operator:
+//! One loop owns the consumer, the producer, the state store and the operator. Per batch:
 //!
-//! 1. collect a micro-batch (up to `max_batch_records`, waiting at most `batch_linger_ms` after
-//!    the first record);
+//! 1. collect a micro-batch (up to `max_batch_records`, closing `commit_interval_ms` after its
+//!    first record); a rebalance while collecting drops what was collected before it (the new
+//!    assignment re-reads it from the committed offsets);
 //! 2. drop records the state store already reflects (see [`offsets::already_applied`]);
 //! 3. decode, then score with [`IntentOperator::process`] (waves of batched GRU steps);
-//! 4. produce every intent and await every acknowledgement;
-//! 5. write the users' new states and the next offsets to RocksDB in one atomic batch;
-//! 6. commit the next offsets to the consumer group.
+//! 4. produce every intent, every dead letter, and per touched partition the users' latest
+//!    states and the next input offsets to the changelog topic; await every acknowledgement;
+//!    under exactly-once all of it, plus the consumer offsets (`send_offsets_to_transaction`),
+//!    is one Kafka transaction, committed here;
+//! 5. only then write the users' new states, the next input offsets and the changelog offsets
+//!    to RocksDB in one atomic batch;
+//! 6. at-least-once only: commit the offsets to the consumer group.
 //!
-//! A crash before 5 re-scores the batch on restart (outputs may repeat: at-least-once); a
-//! crash between 5 and 6 is harmless, because step 2 skips what the store already holds, so a
-//! user's hidden state never applies an event twice. On SIGTERM/SIGINT the loop finishes the
-//! batch in hand, commits synchronously and returns.
+//! When partitions are assigned (start-up, rebalance), each partition's local store first
+//! catches up from the changelog ([`restore`]), in parallel, before any of its records are
+//! processed. A crash anywhere leaves a store that is a prefix of the committed changelog, so a
+//! restart catches up from where the store stopped — it is never wiped.
+//!
+//! Under exactly-once a crash before the commit in step 4 aborts the transaction (the restarted
+//! instance's `init_transactions` does so at once): nothing of the batch is visible to
+//! `read_committed` readers and the batch is processed again from the same state. A crash
+//! between 4 and 5 leaves the store one batch behind the changelog, which the restore applies.
+//! On SIGTERM/SIGINT the loop finishes the batch in hand, commits it and returns.
 
-use crate::config::RunConfig;
+use crate::config::{ProcessingGuarantee, RunConfig};
 use crate::kafka::{self, DeliveryWindow};
 use crate::telemetry::{BatchMetrics, BatchStats, Health};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use intentflow_model::IntentModel;
 use intentflow_operators::{decode::decode_batch, encode::encode_intent, IntentOperator, SourceRecord};
 use intentflow_schemas::{EventDecoder, Limits};
+use intentflow_state::changelog::{encode_offset, ChangelogKey};
 use intentflow_state::{StateStore, StoreOptions};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
+use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 pub mod offsets;
+pub mod restore;
+
+/// Transaction calls give up after this long.
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Consecutive aborted transactions after which the operator stops.
+const MAX_ABORTS_IN_A_ROW: u32 = 10;
 
 /// Totals of a run, returned when it stops.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -46,17 +66,56 @@ pub struct RunSummary {
     pub skipped: u64,
     /// Batches processed.
     pub batches: u64,
+    /// Transactions aborted (their batches were processed again).
+    pub aborted: u64,
 }
 
-/// Consumer context: tracks the assignment and tells the loop when it changed.
+/// Consumer context: restores assigned partitions from the changelog before they are fetched,
+/// tracks the assignment and counts rebalances.
 struct RebalanceTracker {
     health: Arc<Health>,
-    changed: AtomicBool,
+    restorer: restore::Restorer,
+    /// Incremented by every rebalance event; the loop compares it across a batch.
+    generation: AtomicU64,
+    /// A restore that failed: the loop stops with it.
+    failure: Mutex<Option<String>>,
 }
 
 impl ClientContext for RebalanceTracker {}
 
 impl ConsumerContext for RebalanceTracker {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Assign(tpl) = rebalance else { return };
+        let mut partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        let started = Instant::now();
+        match self.restorer.restore_all(&partitions) {
+            Ok(done) => {
+                let records: u64 = done.iter().map(|r| r.records).sum();
+                for r in done.iter().filter(|r| r.records > 0) {
+                    tracing::info!(
+                        partition = r.partition,
+                        records = r.records,
+                        changelog_offset = r.changelog_offset,
+                        seconds = r.seconds,
+                        rate = (r.records as f64 / r.seconds.max(1e-9)).round(),
+                        plan = ?r.plan,
+                        "partition restored from the changelog"
+                    );
+                }
+                metrics::counter!("intentflow_restored_records_total").increment(records);
+                let seconds = started.elapsed().as_secs_f64();
+                metrics::histogram!("intentflow_restore_seconds").record(seconds);
+                tracing::info!(partitions = partitions.len(), records, seconds, "assigned partitions are up to date with the changelog");
+            }
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "restoring from the changelog failed");
+                *self.failure.lock().expect("failure lock") = Some(format!("{e:#}"));
+            }
+        }
+    }
+
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
         match rebalance {
@@ -65,7 +124,7 @@ impl ConsumerContext for RebalanceTracker {
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
         self.health.assigned_partitions.store(assigned, Ordering::Relaxed);
-        self.changed.store(true, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -78,87 +137,136 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     }
 }
 
+/// This instance's stable id: `instance_id` if configured, otherwise the one kept in the state
+/// directory (created on first start), so a restarted instance reuses its transactional id and
+/// its first `init_transactions` aborts whatever its previous life left open.
+fn instance_id(cfg: &RunConfig) -> Result<String> {
+    if !cfg.instance_id.is_empty() {
+        return Ok(cfg.instance_id.clone());
+    }
+    let path = cfg.state_dir.join("INSTANCE_ID");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        return Ok(id.trim().to_string());
+    }
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+    let id = format!("{:012x}", (nanos ^ (u128::from(std::process::id()) << 40)) & 0xffff_ffff_ffff);
+    std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}
+
 /// Runs the operator until `shutdown` turns true. Returns the totals.
 ///
 /// # Errors
 ///
 /// Start-up failures (no model, state store locked, broker unreachable) and failures that
-/// would risk losing data (a delivery that did not succeed, a state write that failed). The
-/// offsets of the failed batch are not committed, so a restart repeats it.
+/// would risk losing data (a delivery that did not succeed and a transaction that could not be
+/// aborted, a state write that failed, a restore that failed). Nothing of a failed batch is
+/// committed, so a restart repeats it.
 pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Arc<Health>) -> Result<RunSummary> {
     let device = cfg.device.open()?;
     let model = IntentModel::load(&cfg.model_dir, &device)?;
     tracing::info!(version = model.version(), hidden = model.hidden_dim(), device = ?cfg.device, "model loaded");
     let operator = IntentOperator::new(model);
-    let store = StateStore::open(&cfg.state_dir, StoreOptions::default())
-        .with_context(|| format!("opening state store {}", cfg.state_dir.display()))?;
+    let store = Arc::new(
+        StateStore::open(&cfg.state_dir, StoreOptions::default())
+            .with_context(|| format!("opening state store {}", cfg.state_dir.display()))?,
+    );
     let decoder = EventDecoder::new(Limits { max_record_bytes: cfg.max_record_bytes, ..Limits::default() });
+    let exactly_once = cfg.processing_guarantee == ProcessingGuarantee::ExactlyOnce;
+    let changelog = cfg.changelog();
 
     let input_partitions = kafka::partition_count(&cfg.brokers, &cfg.input_topics[0])?.unwrap_or(4);
     kafka::ensure_topic(&cfg.brokers, &cfg.output_topic, input_partitions).await?;
     kafka::ensure_topic(&cfg.brokers, &cfg.dlq_topic, input_partitions).await?;
-    let producer = kafka::producer(&cfg.brokers, &cfg.kafka.producer)?;
+    let changelog_partitions = kafka::ensure_topic_with(&cfg.brokers, &changelog, input_partitions, &[("cleanup.policy", "compact")]).await?;
+    if changelog_partitions < input_partitions {
+        bail!("changelog topic {changelog} has {changelog_partitions} partitions, the input has {input_partitions}: it needs one per input partition");
+    }
 
-    let tracker = RebalanceTracker { health: health.clone(), changed: AtomicBool::new(true) };
+    let mut producer_overrides = cfg.kafka.producer.clone();
+    if exactly_once {
+        let instance = instance_id(&cfg)?;
+        let timeout = cfg.transaction_timeout_ms.to_string();
+        producer_overrides.entry("transactional.id".into()).or_insert_with(|| format!("intentflow-{}-{instance}", cfg.group));
+        producer_overrides.entry("transaction.timeout.ms".into()).or_insert_with(|| timeout.clone());
+        producer_overrides.entry("message.timeout.ms".into()).or_insert(timeout);
+    }
+    let producer = kafka::producer(&cfg.brokers, &producer_overrides)?;
+    if exactly_once {
+        // Fences an earlier life of this instance and aborts its open transaction, if any,
+        // before any changelog partition is restored.
+        tokio::task::block_in_place(|| producer.init_transactions(TXN_TIMEOUT)).context("initialising Kafka transactions")?;
+        tracing::info!(transactional_id = %producer_overrides["transactional.id"], "transactions initialised");
+    }
+
+    let tracker = RebalanceTracker {
+        health: health.clone(),
+        restorer: restore::Restorer::new(&cfg.brokers, &changelog, store.clone(), &cfg.kafka.consumer),
+        generation: AtomicU64::new(0),
+        failure: Mutex::new(None),
+    };
     let mut consumer_cfg = kafka::client_config(&cfg.brokers, &Default::default());
     consumer_cfg
         .set("group.id", &cfg.group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", cfg.offset_reset.librdkafka())
-        .set("isolation.level", "read_committed");
+        .set("isolation.level", "read_committed")
+        .set("partition.assignment.strategy", "range,roundrobin")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "2000");
     for (k, v) in &cfg.kafka.consumer {
         consumer_cfg.set(k, v);
     }
     let consumer: StreamConsumer<RebalanceTracker> = consumer_cfg.create_with_context(tracker)?;
     let topics: Vec<&str> = cfg.input_topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
-    tracing::info!(topics = ?cfg.input_topics, group = %cfg.group, output = %cfg.output_topic, "subscribed");
+    tracing::info!(
+        topics = ?cfg.input_topics, group = %cfg.group, output = %cfg.output_topic, changelog = %changelog,
+        guarantee = ?cfg.processing_guarantee, "subscribed"
+    );
 
     let metrics = BatchMetrics::default();
-    let linger = Duration::from_millis(cfg.batch_linger_ms);
+    let interval = Duration::from_millis(cfg.commit_interval_ms);
     let mut applied = offsets::AppliedOffsets::default();
     let mut summary = RunSummary::default();
+    let mut aborts_in_a_row = 0;
     health.running.store(true, Ordering::Relaxed);
 
     loop {
+        let start_generation = consumer.context().generation.load(Ordering::SeqCst);
+        let mut generation = start_generation;
         let first = tokio::select! {
             biased;
             () = stopped(&mut shutdown) => break,
             m = consumer.recv() => m,
         };
         let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(cfg.max_batch_records);
-        match first {
-            Ok(m) => batch.push(m),
-            Err(e) => {
-                consumer_error(&e)?;
-                continue;
-            }
-        }
-        let deadline = tokio::time::Instant::now() + linger;
+        collect(&mut batch, first, &mut generation, consumer.context())?;
+        let deadline = tokio::time::Instant::now() + interval;
         while batch.len() < cfg.max_batch_records {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(m),
-                Ok(Err(e)) => consumer_error(&e)?,
+                Ok(m) => collect(&mut batch, m, &mut generation, consumer.context())?,
                 Err(_) => break,
             }
         }
-        let started = Instant::now();
-        if consumer.context().changed.swap(false, Ordering::Relaxed) {
-            // Ownership may have moved while the batch was collected: records of partitions
-            // revoked meanwhile belong to their new owner, and recorded offsets are re-read.
-            applied.clear();
-            let assignment = consumer.assignment()?;
-            let before = batch.len();
-            batch.retain(|m| assignment.find_partition(m.topic(), m.partition()).is_some());
-            if batch.len() < before {
-                tracing::info!(dropped = before - batch.len(), "records of revoked partitions left to their new owner");
-            }
-            if batch.is_empty() {
-                continue;
-            }
+        if let Some(failure) = consumer.context().failure.lock().expect("failure lock").take() {
+            bail!("restoring state from changelog {changelog} failed: {failure}");
         }
-
+        let now = consumer.context().generation.load(Ordering::SeqCst);
+        if now != generation {
+            tracing::info!(dropped = batch.len(), "rebalance while collecting: records left to the new assignment");
+            batch.clear();
+            generation = now;
+        }
+        if generation != start_generation {
+            // A rebalance restored partitions: what the store reflects may have moved.
+            applied.clear();
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
         let mut stats = BatchStats { records: batch.len() as u64, ..Default::default() };
         let mut fresh = Vec::with_capacity(batch.len());
         for m in &batch {
@@ -190,32 +298,49 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
             operator.process(&decoded.events, &store, chrono::Utc::now().timestamp_millis())
         })?;
 
-        let mut window = DeliveryWindow::new(&producer, 100_000);
-        for intent in &out.intents {
-            window.send(&cfg.output_topic, intent.user_id.as_bytes(), &encode_intent(intent)).await?;
-        }
-        for r in &decoded.rejected {
-            let key = format!("{}/{}", r.source.topic, r.source.partition);
-            let payload = r.payload.as_deref().unwrap_or_default();
-            window.send_with_headers(&cfg.dlq_topic, key.as_bytes(), payload, Some(dead_letter_headers(r))).await?;
-        }
-        window.finish().await?;
-
         let next = offsets::next_offsets(batch.iter().map(|m| (m.topic(), m.partition(), m.offset())));
-        store.commit(
-            out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)),
-            next.iter().map(|((t, p), o)| (t.as_str(), *p, *o)),
-        )?;
-        for ((t, p), o) in &next {
-            applied.advance(t, *p, *o);
-        }
         let mut tpl = TopicPartitionList::new();
         for ((t, p), o) in &next {
             tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
         }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-            // The state store holds the offsets too, so a lost commit only costs a re-read.
-            tracing::warn!(error = %e, "offset commit failed");
+        let sink = Sink { producer: &producer, cfg: &cfg, changelog: &changelog };
+        let outcome = if exactly_once {
+            sink.transaction(&consumer, &out, &decoded.rejected, &next, &tpl).await
+        } else {
+            sink.produce(&out, &decoded.rejected, &next).await
+        };
+        let changelog_next = match outcome {
+            Ok(changelog_next) => changelog_next,
+            Err(e) if exactly_once => {
+                // Nothing of the batch is visible and the store is untouched: abort, rewind the
+                // batch's partitions and process it again.
+                tracing::warn!(error = format!("{e:#}"), "transaction failed; aborting it and processing the batch again");
+                tokio::task::block_in_place(|| producer.abort_transaction(TXN_TIMEOUT)).context("aborting a failed transaction")?;
+                rewind(&consumer, &batch);
+                metrics::counter!("intentflow_transactions_aborted_total").increment(1);
+                summary.aborted += 1;
+                aborts_in_a_row += 1;
+                if aborts_in_a_row >= MAX_ABORTS_IN_A_ROW {
+                    bail!("{aborts_in_a_row} transactions in a row failed; last error: {e:#}");
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        aborts_in_a_row = 0;
+        store.commit(
+            out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)),
+            next.iter().map(|((t, p), o)| (t.as_str(), *p, *o)),
+            changelog_next.iter().map(|(p, last)| (*p, last + 1)),
+        )?;
+        for ((t, p), o) in &next {
+            applied.advance(t, *p, *o);
+        }
+        if !exactly_once {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                // The state store holds the offsets too, so a lost commit only costs a re-read.
+                tracing::warn!(error = %e, "offset commit failed");
+            }
         }
 
         stats.intents = out.intents.len() as u64;
@@ -232,6 +357,12 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
     }
 
     health.running.store(false, Ordering::Relaxed);
+    if exactly_once {
+        // Every batch's offsets were committed in its transaction.
+        consumer.unsubscribe();
+        tracing::info!(?summary, "stopped");
+        return Ok(summary);
+    }
     // Every processed batch committed asynchronously; make the last position durable.
     // Only partitions still owned: a stale commit for a moved partition would rewind its owner.
     let assignment = consumer.assignment()?;
@@ -247,6 +378,103 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
     consumer.unsubscribe();
     tracing::info!(?summary, "stopped");
     Ok(summary)
+}
+
+/// Adds a received record to the batch being collected. Records collected before a rebalance
+/// belong to the old assignment: the new one re-reads them from the committed offsets, so
+/// they are dropped, not processed.
+fn collect<'c>(
+    batch: &mut Vec<BorrowedMessage<'c>>,
+    m: Result<BorrowedMessage<'c>, rdkafka::error::KafkaError>,
+    generation: &mut u64,
+    tracker: &RebalanceTracker,
+) -> Result<()> {
+    let now = tracker.generation.load(Ordering::SeqCst);
+    if now != *generation {
+        if !batch.is_empty() {
+            tracing::info!(dropped = batch.len(), "rebalance while collecting: records left to the new assignment");
+        }
+        batch.clear();
+        *generation = now;
+    }
+    match m {
+        Ok(m) => batch.push(m),
+        Err(e) => consumer_error(&e)?,
+    }
+    Ok(())
+}
+
+/// Where a batch's results go: intents, dead letters and changelog records.
+struct Sink<'a> {
+    producer: &'a FutureProducer,
+    cfg: &'a RunConfig,
+    changelog: &'a str,
+}
+
+impl Sink<'_> {
+    /// Produces the batch's intents, dead letters and changelog records and awaits every
+    /// acknowledgement. Returns the last changelog offset written per partition.
+    async fn produce(
+        &self,
+        out: &intentflow_operators::BatchOutput,
+        rejected: &[intentflow_operators::Rejected],
+        next: &BTreeMap<(String, i32), i64>,
+    ) -> Result<BTreeMap<i32, i64>> {
+        let mut window = DeliveryWindow::new(self.producer, 100_000);
+        for intent in &out.intents {
+            window.send(&self.cfg.output_topic, intent.user_id.as_bytes(), &encode_intent(intent)).await?;
+        }
+        for r in rejected {
+            let key = format!("{}/{}", r.source.topic, r.source.partition);
+            let payload = r.payload.as_deref().unwrap_or_default();
+            window.send_with_headers(&self.cfg.dlq_topic, key.as_bytes(), payload, Some(dead_letter_headers(r))).await?;
+        }
+        // The changelog partition of an input partition holds its users' latest states and its
+        // next input offsets, so a restore also restores the position those states reflect.
+        for (partition, user, state) in &out.states {
+            window.send_tracked(self.changelog, *partition, &ChangelogKey::User(user).encode(), &state.encode()).await?;
+        }
+        for ((topic, partition), offset) in next {
+            window.send_tracked(self.changelog, *partition, &ChangelogKey::Offset(topic).encode(), &encode_offset(*offset)).await?;
+        }
+        window.finish().await?;
+        Ok(window.tracked().clone())
+    }
+
+    /// [`Sink::produce`] inside one Kafka transaction that also commits the consumer offsets
+    /// `tpl`; returns once the transaction committed.
+    async fn transaction(
+        &self,
+        consumer: &StreamConsumer<RebalanceTracker>,
+        out: &intentflow_operators::BatchOutput,
+        rejected: &[intentflow_operators::Rejected],
+        next: &BTreeMap<(String, i32), i64>,
+        tpl: &TopicPartitionList,
+    ) -> Result<BTreeMap<i32, i64>> {
+        self.producer.begin_transaction().context("beginning a transaction")?;
+        let changelog_next = self.produce(out, rejected, next).await?;
+        let group = consumer.group_metadata().context("the consumer has no group metadata")?;
+        tokio::task::block_in_place(|| -> Result<()> {
+            self.producer.send_offsets_to_transaction(tpl, &group, TXN_TIMEOUT).context("adding the offsets to the transaction")?;
+            self.producer.commit_transaction(TXN_TIMEOUT).context("committing the transaction")?;
+            Ok(())
+        })?;
+        Ok(changelog_next)
+    }
+}
+
+/// Moves each partition of an aborted batch back to the batch's first record of it.
+fn rewind(consumer: &StreamConsumer<RebalanceTracker>, batch: &[BorrowedMessage<'_>]) {
+    let mut first: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for m in batch {
+        first.entry((m.topic(), m.partition())).or_insert(m.offset());
+    }
+    for ((topic, partition), offset) in first {
+        // A partition that moved meanwhile is re-read by its new owner from the committed offset.
+        if let Err(e) = consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)) {
+            tracing::warn!(topic, partition, offset, error = %e, "could not rewind the partition after an aborted transaction");
+        }
+    }
 }
 
 /// A consumer error: fatal when the committed offset is gone and the policy is `fail`,

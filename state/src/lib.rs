@@ -8,7 +8,11 @@
 //!   partition's users can be found, moved or dropped together. A [`StateStore::commit`] writes a
 //!   batch of states together with the input offsets they reflect in one atomic write batch,
 //!   so the store never holds states without knowing how far they got.
+//! * [`changelog`] defines the records of the compacted changelog topic that backs the store,
+//!   and the recovery decision ([`changelog::plan_restore`]) a partition's local copy follows
+//!   on start-up or when a rebalance assigns it.
 
+pub mod changelog;
 mod encoding;
 mod store;
 

@@ -1,11 +1,13 @@
 //! The RocksDB-backed store of user states and the input offsets they reflect.
 
+use crate::changelog::{decode_offset, ChangelogKey};
 use crate::{StateError, UserState};
 use rocksdb::{BlockBasedOptions, Cache, DBCompressionType, Direction, IteratorMode, Options, WriteBatch, DB};
 use std::path::Path;
 
 const USER_PREFIX: u8 = b'u';
 const OFFSET_PREFIX: u8 = b'o';
+const CHANGELOG_PREFIX: u8 = b'c';
 
 /// Tuning of the embedded store.
 #[derive(Debug, Clone, Copy)]
@@ -23,7 +25,8 @@ impl Default for StoreOptions {
 /// User states and recorded input offsets in one RocksDB database.
 ///
 /// Keys: `u` + partition (i32, big-endian) + user id for states; `o` + topic + `0x00` +
-/// partition for the next input offset to process.
+/// partition for the next input offset to process; `c` + partition for the next changelog
+/// offset the partition's states reflect.
 pub struct StateStore {
     db: DB,
 }
@@ -43,6 +46,18 @@ fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(&partition.to_be_bytes());
     k
+}
+
+fn changelog_key(partition: i32) -> [u8; 5] {
+    let mut k = [CHANGELOG_PREFIX, 0, 0, 0, 0];
+    k[1..].copy_from_slice(&partition.to_be_bytes());
+    k
+}
+
+fn read_i64(bytes: Option<Vec<u8>>, what: &str) -> Result<Option<i64>, StateError> {
+    bytes
+        .map(|b| <[u8; 8]>::try_from(b.as_slice()).map(i64::from_le_bytes).map_err(|_| StateError::Corrupt(format!("{what} record is not 8 bytes"))))
+        .transpose()
 }
 
 impl StateStore {
@@ -81,7 +96,8 @@ impl StateStore {
             .collect()
     }
 
-    /// Atomically writes user states and the next input offsets they reflect.
+    /// Atomically writes user states, the next input offsets they reflect and, per partition,
+    /// the next changelog offset they reflect (see [`crate::changelog`]).
     ///
     /// # Errors
     ///
@@ -90,6 +106,7 @@ impl StateStore {
         &self,
         states: impl IntoIterator<Item = (i32, &'a str, &'a UserState)>,
         offsets: impl IntoIterator<Item = (&'a str, i32, i64)>,
+        changelog: impl IntoIterator<Item = (i32, i64)>,
     ) -> Result<(), StateError> {
         let mut batch = WriteBatch::default();
         for (partition, user, state) in states {
@@ -98,6 +115,85 @@ impl StateStore {
         for (topic, partition, next_offset) in offsets {
             batch.put(offset_key(topic, partition), next_offset.to_le_bytes());
         }
+        for (partition, next) in changelog {
+            batch.put(changelog_key(partition), next.to_le_bytes());
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Applies changelog records of `partition` (key, value; `None` deletes) and records `next`
+    /// as the changelog offset the partition now reflects, in one atomic write. Values are
+    /// checked to decode before anything is written.
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::Corrupt`] for a record that does not parse (nothing is written then), and
+    /// RocksDB write errors.
+    pub fn apply_changelog<'a>(
+        &self,
+        partition: i32,
+        records: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+        next: i64,
+    ) -> Result<usize, StateError> {
+        let mut batch = WriteBatch::default();
+        let mut applied = 0;
+        for (key, value) in records {
+            let key = match ChangelogKey::decode(key)? {
+                ChangelogKey::User(user) => user_key(partition, user),
+                ChangelogKey::Offset(topic) => offset_key(topic, partition),
+            };
+            match value {
+                Some(v) => {
+                    if key[0] == USER_PREFIX {
+                        UserState::decode(v)?;
+                    } else {
+                        decode_offset(v)?;
+                    }
+                    batch.put(key, v);
+                }
+                None => batch.delete(key),
+            }
+            applied += 1;
+        }
+        batch.put(changelog_key(partition), next.to_le_bytes());
+        self.db.write(batch)?;
+        Ok(applied)
+    }
+
+    /// The next changelog offset the partition's local states reflect, if recorded.
+    ///
+    /// # Errors
+    ///
+    /// RocksDB read errors and malformed records.
+    pub fn changelog_offset(&self, partition: i32) -> Result<Option<i64>, StateError> {
+        read_i64(self.db.get(changelog_key(partition))?, "changelog offset")
+    }
+
+    /// Drops everything the store holds for `partition`: its users, its input offsets and its
+    /// changelog offset (before a rebuild from the changelog).
+    ///
+    /// # Errors
+    ///
+    /// RocksDB errors.
+    pub fn clear_partition(&self, partition: i32) -> Result<(), StateError> {
+        let mut batch = WriteBatch::default();
+        let mut end = vec![USER_PREFIX];
+        end.extend_from_slice(&(i64::from(partition) + 1).to_be_bytes()[4..]);
+        if partition == i32::MAX {
+            end = vec![USER_PREFIX + 1];
+        }
+        batch.delete_range(user_key(partition, ""), end);
+        for item in self.db.iterator(IteratorMode::From(&[OFFSET_PREFIX], Direction::Forward)) {
+            let (key, _) = item?;
+            if key.first() != Some(&OFFSET_PREFIX) {
+                break;
+            }
+            if key.ends_with(&partition.to_be_bytes()) && key.len() >= 6 && key[key.len() - 5] == 0 {
+                batch.delete(key);
+            }
+        }
+        batch.delete(changelog_key(partition));
         self.db.write(batch)?;
         Ok(())
     }
@@ -108,14 +204,7 @@ impl StateStore {
     ///
     /// RocksDB read errors and malformed offset records.
     pub fn offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StateError> {
-        self.db
-            .get(offset_key(topic, partition))?
-            .map(|b| {
-                <[u8; 8]>::try_from(b.as_slice())
-                    .map(i64::from_le_bytes)
-                    .map_err(|_| StateError::Corrupt("offset record is not 8 bytes".into()))
-            })
-            .transpose()
+        read_i64(self.db.get(offset_key(topic, partition))?, "offset")
     }
 
     /// Every stored user state as `(partition, user id, state)`, in key order.
@@ -153,7 +242,7 @@ mod tests {
         let b = UserState { hidden: vec![1.0], ..Default::default() };
         {
             let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
-            store.commit([(0, "alice", &a), (3, "bob", &b)], [("events", 0, 42), ("events", 3, 7)]).unwrap();
+            store.commit([(0, "alice", &a), (3, "bob", &b)], [("events", 0, 42), ("events", 3, 7)], [(0, 5)]).unwrap();
         }
         let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
         let got = store.get_many([(0, "alice"), (3, "bob"), (1, "alice")]).unwrap();
@@ -163,5 +252,31 @@ mod tests {
         assert_eq!(store.offset("events", 1).unwrap(), None);
         let users = store.users().unwrap();
         assert_eq!(users, vec![(0, "alice".to_string(), a), (3, "bob".to_string(), b)]);
+        assert_eq!((store.changelog_offset(0).unwrap(), store.changelog_offset(3).unwrap()), (Some(5), None));
+    }
+
+    #[test]
+    fn changelog_records_restore_states_and_offsets_and_a_cleared_partition_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let a = UserState { hidden: vec![0.25; 3], model_version: "m".into(), ..Default::default() };
+        let b = UserState { hidden: vec![-1.0; 3], model_version: "m".into(), ..Default::default() };
+        store.commit([(1, "keep", &a), (2, "other", &b)], [("events", 1, 3), ("events", 2, 9)], [(1, 2)]).unwrap();
+        let (ka, kb, ko) = (ChangelogKey::User("alice").encode(), ChangelogKey::User("keep").encode(), ChangelogKey::Offset("events").encode());
+        let (va, vb, off) = (a.encode(), b.encode(), crate::changelog::encode_offset(40));
+        // Two updates of alice (the later wins), a deletion of keep, the input offset.
+        let records: Vec<(&[u8], Option<&[u8]>)> = vec![(&ka, Some(&vb)), (&ka, Some(&va)), (&kb, None), (&ko, Some(&off))];
+        assert_eq!(store.apply_changelog(1, records, 17).unwrap(), 4);
+        assert_eq!(store.get_many([(1, "alice"), (1, "keep"), (2, "other")]).unwrap(), vec![Some(a.clone()), None, Some(b.clone())]);
+        assert_eq!((store.offset("events", 1).unwrap(), store.changelog_offset(1).unwrap()), (Some(40), Some(17)));
+        // A record that does not decode is refused and nothing of its batch is written.
+        assert!(store.apply_changelog(1, [(ka.as_slice(), Some(b"junk".as_slice()))], 99).is_err());
+        assert_eq!(store.changelog_offset(1).unwrap(), Some(17));
+
+        store.clear_partition(1).unwrap();
+        assert_eq!(store.get_many([(1, "alice")]).unwrap(), vec![None]);
+        assert_eq!((store.offset("events", 1).unwrap(), store.changelog_offset(1).unwrap()), (None, None));
+        assert_eq!(store.users().unwrap(), vec![(2, "other".to_string(), b)], "other partitions untouched");
+        assert_eq!(store.offset("events", 2).unwrap(), Some(9));
     }
 }
