@@ -341,3 +341,49 @@ pub fn dead_letters(brokers: &str, topic: &str, expected: usize) -> Vec<DeadLett
         })
         .collect()
 }
+
+/// The exactly-once check: exactly one intent per valid event (none lost, none doubled), each
+/// user's intents in event order, and scores and final `states` bit-for-bit equal to an
+/// uninterrupted offline pass over each user's events.
+pub fn assert_exactly_once(intents: &[ScoredIntent], events: &[Event], states: &BTreeMap<String, intentflow_state::UserState>) {
+    let sources: std::collections::HashSet<(i32, i64)> = intents.iter().map(|i| (i.source.partition, i.source.offset)).collect();
+    assert_eq!(sources.len(), intents.len(), "an input was scored twice: {} intents for {} inputs", intents.len(), sources.len());
+    assert_eq!(intents.len(), events.len(), "one intent per valid input");
+    let offline = offline_scores(events);
+    let by_user = intents_by_user(intents);
+    assert_eq!(by_user.len(), offline.len());
+    let mut expected_ids: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for e in events {
+        expected_ids.entry(&e.user_id).or_default().push(e.event_id.as_deref().expect("generated events have ids"));
+    }
+    for (user, got) in &by_user {
+        let ids: Vec<&str> = got.iter().map(|i| i.event_id.as_deref().unwrap_or_default()).collect();
+        assert_eq!(ids, expected_ids[user.as_str()], "user {user}: intents out of event order");
+        let scores: Vec<u32> = got.iter().map(|i| i.score.to_bits()).collect();
+        let want: Vec<u32> = offline[user].scores.iter().map(|s| s.to_bits()).collect();
+        assert_eq!(scores, want, "user {user}: streamed scores differ from the offline pass");
+    }
+    assert_eq!(states.len(), offline.len(), "one state per user");
+    for (user, state) in states {
+        let want = &offline[user];
+        assert_eq!(state.session, want.session, "user {user}: session state");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(bits(&state.hidden), bits(&want.hidden), "user {user}: hidden state not bit-identical");
+    }
+}
+
+/// Every user state in a state directory, by user id.
+pub fn stored_states(dir: &Path) -> BTreeMap<String, intentflow_state::UserState> {
+    let store = intentflow_state::StateStore::open(dir, intentflow_state::StoreOptions::default()).expect("opening the state store");
+    store.users().expect("reading states").into_iter().map(|(_, user, state)| (user, state)).collect()
+}
+
+/// Waits until `topic` holds at least `n` offsets (see [`topic_size`]); panics with `op`'s log
+/// after `limit`.
+pub fn wait_for_size(brokers: &str, topic: &str, n: i64, op: &Operator, limit: Duration) {
+    let started = Instant::now();
+    while topic_size(brokers, topic).unwrap_or(0) < n {
+        assert!(started.elapsed() < limit, "{topic} did not reach {n} in {limit:?}; log:\n{}", op.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

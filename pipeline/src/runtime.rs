@@ -183,9 +183,9 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
         bail!("changelog topic {changelog} has {changelog_partitions} partitions, the input has {input_partitions}: it needs one per input partition");
     }
 
+    let instance = instance_id(&cfg)?;
     let mut producer_overrides = cfg.kafka.producer.clone();
     if exactly_once {
-        let instance = instance_id(&cfg)?;
         let timeout = cfg.transaction_timeout_ms.to_string();
         producer_overrides.entry("transactional.id".into()).or_insert_with(|| format!("intentflow-{}-{instance}", cfg.group));
         producer_overrides.entry("transaction.timeout.ms".into()).or_insert_with(|| timeout.clone());
@@ -213,6 +213,9 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
         .set("auto.offset.reset", cfg.offset_reset.librdkafka())
         .set("isolation.level", "read_committed")
         .set("partition.assignment.strategy", "range,roundrobin")
+        // Static membership: a restarted instance takes its partitions back without a
+        // rebalance, and a second process with the same id is fenced.
+        .set("group.instance.id", format!("intentflow-{instance}"))
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "2000");
     for (k, v) in &cfg.kafka.consumer {
