@@ -245,9 +245,17 @@ impl Scenario {
     }
 
     /// `intentflow run` flags for this scenario, then `extra` (metrics are off unless `extra`
-    /// sets `--metrics-addr`).
+    /// sets `--metrics-addr`; `extra` may name another `--state-dir`).
     pub fn run_args(&self, extra: &[&str]) -> Vec<String> {
-        let state = self.state.display().to_string();
+        let state = extra
+            .iter()
+            .position(|a| *a == "--state-dir")
+            .and_then(|i| extra.get(i + 1))
+            .map_or_else(|| self.state.display().to_string(), |s| s.to_string());
+        let extra: Vec<&str> = match extra.iter().position(|a| *a == "--state-dir") {
+            Some(i) => extra[..i].iter().chain(extra.get(i + 2..).unwrap_or_default()).copied().collect(),
+            None => extra.to_vec(),
+        };
         let model = trained_model_dir().display().to_string();
         let mut args: Vec<String> = [
             "--brokers", &self.brokers, "--input-topic", &self.input, "--output-topic", &self.output,
@@ -379,10 +387,13 @@ pub fn stored_states(dir: &Path) -> BTreeMap<String, intentflow_state::UserState
 }
 
 /// Waits until `topic` holds at least `n` offsets (see [`topic_size`]); panics with `op`'s log
-/// after `limit`.
-pub fn wait_for_size(brokers: &str, topic: &str, n: i64, op: &Operator, limit: Duration) {
+/// if `op` exits or after `limit`.
+pub fn wait_for_size(brokers: &str, topic: &str, n: i64, op: &mut Operator, limit: Duration) {
     let started = Instant::now();
     while topic_size(brokers, topic).unwrap_or(0) < n {
+        if let Ok(Some(status)) = op.child.try_wait() {
+            panic!("the operator exited ({status}) before {topic} reached {n}; log:\n{}", op.log_text());
+        }
         assert!(started.elapsed() < limit, "{topic} did not reach {n} in {limit:?}; log:\n{}", op.log_text());
         std::thread::sleep(Duration::from_millis(100));
     }

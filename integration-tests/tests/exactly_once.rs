@@ -69,8 +69,8 @@ fn sigkill_at_random_moments_loses_nothing_doubles_nothing_and_keeps_states_bit_
     let mut logs = Vec::new();
     let snapshot = sc.dir.path().join("snapshot");
     for (life, at) in kills.iter().enumerate() {
-        let op = sc.start(&format!("life{life}"), &args);
-        wait_for_size(&sc.brokers, &sc.output, *at, &op, IDLE);
+        let mut op = sc.start(&format!("life{life}"), &args);
+        wait_for_size(&sc.brokers, &sc.output, *at, &mut op, IDLE);
         std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
         logs.push(op.log_text());
         op.crash().unwrap();
@@ -124,11 +124,11 @@ fn instances_joining_and_dying_share_partitions_and_states_move_with_them() {
         sc.start(name, &sc.run_args(&["--state-dir", &state, "--max-batch-records", "300"]))
     };
 
-    let a = instance("a");
+    let mut a = instance("a");
     let b = instance("b");
-    wait_for_size(&sc.brokers, &sc.output, 15_000, &a, IDLE);
-    let c = instance("c");
-    wait_for_size(&sc.brokers, &sc.output, 45_000, &c, IDLE);
+    wait_for_size(&sc.brokers, &sc.output, 15_000, &mut a, IDLE);
+    let mut c = instance("c");
+    wait_for_size(&sc.brokers, &sc.output, 45_000, &mut c, IDLE);
     b.crash().unwrap();
     let committed = sc.intents(events.len(), IDLE);
     assert_eq!(committed.len(), events.len(), "log of a:\n{}", a.log_text());
