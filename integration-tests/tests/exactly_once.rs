@@ -157,3 +157,29 @@ fn instances_joining_and_dying_share_partitions_and_states_move_with_them() {
     let line = log.lines().find(|l| l.contains("assigned partitions are up to date")).unwrap_or_default();
     eprintln!("scale-out test: {} intents for {} valid events; full restore of 6 partitions: {line}", intents.len(), events.len());
 }
+
+#[test]
+fn a_broker_killed_mid_run_and_restarted_loses_and_doubles_nothing() {
+    let cluster = Cluster::start();
+    let sc = Scenario::on(&cluster.brokers, "eos-broker", 4);
+    let events = generated_events(2_000, 60_000, 51);
+    let (records, invalid) = with_invalid(&events);
+    produce(&sc.brokers, &sc.input, &records).unwrap();
+
+    let mut op = sc.start("op", &sc.run_args(&["--max-batch-records", "500"]));
+    wait_for_size(&sc.brokers, &sc.output, 10_000, &mut op, IDLE);
+    cluster.kill(2);
+    // Two of three replicas remain, which min.insync.replicas = 2 accepts: processing goes on.
+    wait_for_size(&sc.brokers, &sc.output, 30_000, &mut op, IDLE);
+    cluster.restart(2);
+    let committed = sc.intents(events.len(), IDLE);
+    assert_eq!(committed.len(), events.len(), "log:\n{}", op.log_text());
+    let (status, log) = op.terminate().unwrap();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+
+    let intents = sc.intents(usize::MAX, Duration::from_secs(5));
+    assert_exactly_once(&intents, &events, &stored_states(&sc.state));
+    assert_dead_letters(&sc, &invalid);
+    let aborted = log.lines().filter(|l| l.contains("transaction failed; aborting it")).count();
+    eprintln!("broker failure test: {} intents for {} valid events, {aborted} transactions aborted and redone", intents.len(), events.len());
+}
