@@ -116,13 +116,23 @@ impl ConsumerContext for RebalanceTracker {
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
-        match rebalance {
-            Rebalance::Assign(tpl) => tracing::info!(partitions = tpl.count(), "partitions assigned"),
-            Rebalance::Revoke(tpl) => tracing::info!(partitions = tpl.count(), "partitions revoked"),
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
-        }
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // The eager assignors revoke everything, then assign the new set. (Asking the consumer
+        // for its assignment here can deadlock while it closes.)
+        let assigned = match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions assigned");
+                tpl.count()
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions revoked");
+                0
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "rebalance error");
+                0
+            }
+        };
         self.health.assigned_partitions.store(assigned, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::SeqCst);
     }
