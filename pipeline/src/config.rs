@@ -80,7 +80,7 @@ impl Default for RunConfig {
             processing_guarantee: ProcessingGuarantee::ExactlyOnce,
             changelog_topic: String::new(),
             instance_id: String::new(),
-            transaction_timeout_ms: 15_000,
+            transaction_timeout_ms: 30_000,
             max_batch_records: 4096,
             commit_interval_ms: 100,
             metrics_addr: "127.0.0.1:9464".into(),

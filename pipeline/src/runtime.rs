@@ -50,6 +50,8 @@ pub mod restore;
 
 /// Transaction calls give up after this long.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a transaction call with a retriable error is retried.
+const RETRY_FOR: Duration = Duration::from_secs(120);
 /// Consecutive aborted transactions after which the operator stops.
 const MAX_ABORTS_IN_A_ROW: u32 = 10;
 
@@ -328,7 +330,7 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
                 // Nothing of the batch is visible and the store is untouched: abort, rewind the
                 // batch's partitions and process it again.
                 tracing::warn!(error = format!("{e:#}"), "transaction failed; aborting it and processing the batch again");
-                tokio::task::block_in_place(|| producer.abort_transaction(TXN_TIMEOUT)).context("aborting a failed transaction")?;
+                tokio::task::block_in_place(|| retrying("aborting a failed transaction", || producer.abort_transaction(TXN_TIMEOUT)))?;
                 rewind(&consumer, &batch);
                 metrics::counter!("intentflow_transactions_aborted_total").increment(1);
                 summary.aborted += 1;
@@ -468,11 +470,26 @@ impl Sink<'_> {
         let changelog_next = self.produce(out, rejected, next).await?;
         let group = consumer.group_metadata().context("the consumer has no group metadata")?;
         tokio::task::block_in_place(|| -> Result<()> {
-            self.producer.send_offsets_to_transaction(tpl, &group, TXN_TIMEOUT).context("adding the offsets to the transaction")?;
-            self.producer.commit_transaction(TXN_TIMEOUT).context("committing the transaction")?;
-            Ok(())
+            retrying("adding the offsets to the transaction", || self.producer.send_offsets_to_transaction(tpl, &group, TXN_TIMEOUT))?;
+            retrying("committing the transaction", || self.producer.commit_transaction(TXN_TIMEOUT))
         })?;
         Ok(changelog_next)
+    }
+}
+
+/// Runs a transaction call again while librdkafka calls its error retriable (a coordinator
+/// that moved, a broker being replaced), for up to [`RETRY_FOR`].
+fn retrying(what: &str, mut call: impl FnMut() -> rdkafka::error::KafkaResult<()>) -> Result<()> {
+    let deadline = Instant::now() + RETRY_FOR;
+    loop {
+        match call() {
+            Ok(()) => return Ok(()),
+            Err(rdkafka::error::KafkaError::Transaction(e)) if e.is_retriable() && Instant::now() < deadline => {
+                tracing::warn!(error = %e, "{what}: retriable error, trying again");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e).context(what.to_string()),
+        }
     }
 }
 
