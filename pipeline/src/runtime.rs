@@ -51,7 +51,7 @@ pub mod restore;
 /// Transaction calls give up after this long.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a transaction call with a retriable error is retried.
-const RETRY_FOR: Duration = Duration::from_secs(120);
+const RETRY_FOR: Duration = Duration::from_secs(60);
 /// Consecutive aborted transactions after which the operator stops.
 const MAX_ABORTS_IN_A_ROW: u32 = 10;
 
@@ -241,6 +241,8 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
         guarantee = ?cfg.processing_guarantee, "subscribed"
     );
 
+    // Beyond the retries of a transaction call ([`RETRY_FOR`]) plus a margin.
+    let watchdog = Watchdog::start(RETRY_FOR + Duration::from_secs(30));
     let metrics = BatchMetrics::default();
     let interval = Duration::from_millis(cfg.commit_interval_ms);
     let mut applied = offsets::AppliedOffsets::default();
@@ -318,7 +320,7 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
         for ((t, p), o) in &next {
             tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
         }
-        let sink = Sink { producer: &producer, cfg: &cfg, changelog: &changelog };
+        let sink = Sink { producer: &producer, cfg: &cfg, changelog: &changelog, watchdog: &watchdog };
         let outcome = if exactly_once {
             sink.transaction(&consumer, &out, &decoded.rejected, &next, &tpl).await
         } else {
@@ -424,6 +426,54 @@ struct Sink<'a> {
     producer: &'a FutureProducer,
     cfg: &'a RunConfig,
     changelog: &'a str,
+    watchdog: &'a Watchdog,
+}
+
+/// Ends the process when a transaction call blocks far beyond its timeout.
+///
+/// librdkafka's `send_offsets_to_transaction` ignores its timeout and can wait forever for a
+/// group coordinator that died (librdkafka issues #5456 and #5511, open in 2.12). A crash is
+/// what the exactly-once design recovers from — the broker aborts the open transaction and a
+/// restarted instance catches up from the changelog — so a stuck call ends the process with
+/// [`Watchdog::EXIT_CODE`] for its supervisor to restart, instead of hanging silently.
+struct Watchdog {
+    /// When the watched call started (ms since the epoch), 0 when none is running.
+    since_ms: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Watchdog {
+    /// Exit status of a process ended by the watchdog (EX_TEMPFAIL: try again).
+    const EXIT_CODE: i32 = 75;
+
+    fn start(limit: Duration) -> Watchdog {
+        let since_ms = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let seen = since_ms.clone();
+        std::thread::Builder::new()
+            .name("txn-watchdog".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let since = seen.load(Ordering::SeqCst);
+                let stuck_ms = chrono::Utc::now().timestamp_millis() - since;
+                if since > 0 && stuck_ms > limit.as_millis() as i64 {
+                    tracing::error!(stuck_ms, "a transaction call has been blocked for {} s; exiting so that a restart recovers (librdkafka #5456)", stuck_ms / 1000);
+                    std::process::exit(Watchdog::EXIT_CODE);
+                }
+            })
+            .expect("spawning the transaction watchdog");
+        Watchdog { since_ms }
+    }
+
+    /// Watches until the returned guard is dropped.
+    fn watch(&self) -> impl Drop + '_ {
+        struct Guard<'w>(&'w std::sync::atomic::AtomicI64);
+        impl Drop for Guard<'_> {
+            fn drop(&mut self) {
+                self.0.store(0, Ordering::SeqCst);
+            }
+        }
+        self.since_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::SeqCst);
+        Guard(&self.since_ms)
+    }
 }
 
 impl Sink<'_> {
@@ -470,6 +520,7 @@ impl Sink<'_> {
         let changelog_next = self.produce(out, rejected, next).await?;
         let group = consumer.group_metadata().context("the consumer has no group metadata")?;
         tokio::task::block_in_place(|| -> Result<()> {
+            let _watch = self.watchdog.watch();
             retrying("adding the offsets to the transaction", || self.producer.send_offsets_to_transaction(tpl, &group, TXN_TIMEOUT))?;
             retrying("committing the transaction", || self.producer.commit_transaction(TXN_TIMEOUT))
         })?;
