@@ -35,7 +35,7 @@ fn bench(c: &mut Criterion) {
                     &events[start..start + batch]
                 },
                 |slice| {
-                    let out = op.process(slice, &store, 0).unwrap();
+                    let out = op.process(slice, &store, intentflow_operators::EmittedAt::Now(0)).unwrap();
                     store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
                     out.intents.len()
                 },

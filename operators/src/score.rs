@@ -28,6 +28,15 @@ pub struct BatchOutput {
     pub waves: usize,
 }
 
+/// What a batch's intents carry as `emitted_at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmittedAt {
+    /// The wall-clock time of the batch (epoch ms): the live operator.
+    Now(i64),
+    /// Each event's own time: replays, whose outputs must be the same every time.
+    EventTime,
+}
+
 /// One user's slot during a batch.
 struct Slot {
     partition: i32,
@@ -54,12 +63,12 @@ impl IntentOperator {
 
     /// Scores a batch. Users are keyed by (input partition, user id); their states are read from
     /// `store` once per batch and returned, not written: the caller writes them after the
-    /// outputs are acknowledged. `now_ms` stamps `emitted_at`.
+    /// outputs are acknowledged. `stamp` says what `emitted_at` holds.
     ///
     /// # Errors
     ///
     /// State read errors and model errors; the batch then has no effect.
-    pub fn process(&self, events: &[PositionedEvent], store: &StateStore, now_ms: i64) -> Result<BatchOutput, OperatorError> {
+    pub fn process(&self, events: &[PositionedEvent], store: &StateStore, stamp: EmittedAt) -> Result<BatchOutput, OperatorError> {
         let mut slots: Vec<Slot> = Vec::new();
         let mut index: HashMap<(i32, &str), usize> = HashMap::new();
         for (i, pe) in events.iter().enumerate() {
@@ -88,7 +97,10 @@ impl IntentOperator {
             slot.state.model_version.push_str(version);
         }
 
-        let emitted_at = format_ts_ms(now_ms);
+        let now = match stamp {
+            EmittedAt::Now(ms) => Some(format_ts_ms(ms)),
+            EmittedAt::EventTime => None,
+        };
         let mut intents: Vec<Option<ScoredIntent>> = vec![None; events.len()];
         let max_len = slots.iter().map(|s| s.inputs.len()).max().unwrap_or(0);
         let mut features: Vec<Features> = Vec::with_capacity(slots.len());
@@ -126,7 +138,7 @@ impl IntentOperator {
                     session_events: slot.state.session.events,
                     model_version: version.to_string(),
                     source: pe.source.clone(),
-                    emitted_at: emitted_at.clone(),
+                    emitted_at: now.clone().unwrap_or_else(|| format_ts_ms(pe.event.ts)),
                 });
             }
         }
@@ -178,7 +190,7 @@ mod tests {
         let mut start = 0;
         while start < positioned.len() {
             let end = (start + rng.random_range(1..700)).min(positioned.len());
-            let out = op.process(&positioned[start..end], &store, 0).unwrap();
+            let out = op.process(&positioned[start..end], &store, EmittedAt::Now(0)).unwrap();
             assert_eq!(out.intents.len(), end - start);
             for (intent, input) in out.intents.iter().zip(&positioned[start..end]) {
                 assert_eq!(intent.source, input.source, "outputs keep input order");

@@ -204,7 +204,12 @@ impl OffsetReset {
     }
 }
 
-fn parse_device(s: &str) -> Result<DeviceKind, String> {
+/// Parses `cpu` or `cuda`.
+///
+/// # Errors
+///
+/// A message naming the accepted values.
+pub fn parse_device(s: &str) -> Result<DeviceKind, String> {
     match s {
         "cpu" => Ok(DeviceKind::Cpu),
         "cuda" => Ok(DeviceKind::Cuda),

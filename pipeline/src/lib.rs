@@ -7,10 +7,12 @@
 //! * [`telemetry`] — Prometheus metrics and the health endpoint.
 //! * [`import`] — event files (schema-v1 JSONL, REES46 and Taobao CSV).
 //! * [`commands`] — `generate`, `import`, `train` and `tail`.
+//! * [`replay`] — `intentflow replay`: bounded, deterministic reprocessing of topics or files.
 
 pub mod commands;
 pub mod config;
 pub mod import;
 pub mod kafka;
+pub mod replay;
 pub mod runtime;
 pub mod telemetry;

@@ -31,7 +31,7 @@ use crate::kafka::{self, DeliveryWindow};
 use crate::telemetry::{BatchMetrics, BatchStats, Health};
 use anyhow::{bail, Context, Result};
 use intentflow_model::IntentModel;
-use intentflow_operators::{decode::decode_batch, encode::encode_intent, IntentOperator, SourceRecord};
+use intentflow_operators::{decode::decode_batch, encode::encode_intent, EmittedAt, IntentOperator, SourceRecord};
 use intentflow_schemas::{EventDecoder, Limits};
 use intentflow_state::changelog::{encode_offset, ChangelogKey};
 use intentflow_state::{StateStore, StoreOptions};
@@ -312,7 +312,7 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
         let decoded = decode_batch(&decoder, fresh, chrono::Utc::now().timestamp_millis());
         report_rejections(&decoded.rejected, &mut stats);
         let out = tokio::task::block_in_place(|| {
-            operator.process(&decoded.events, &store, chrono::Utc::now().timestamp_millis())
+            operator.process(&decoded.events, &store, EmittedAt::Now(chrono::Utc::now().timestamp_millis()))
         })?;
 
         let next = offsets::next_offsets(batch.iter().map(|m| (m.topic(), m.partition(), m.offset())));

@@ -14,9 +14,7 @@ use anyhow::{bail, Context, Result};
 use intentflow_state::changelog::{plan_restore, RestorePlan};
 use intentflow_state::StateStore;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,8 +22,6 @@ use std::time::{Duration, Instant};
 
 /// Records applied to RocksDB per atomic write while restoring.
 const CHUNK: usize = 20_000;
-/// How often a restore that makes no progress says what it is waiting for.
-const STALL_LOG: Duration = Duration::from_secs(5);
 
 /// What restoring one partition did.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,32 +109,18 @@ impl Restorer {
         tpl.add_partition_offset(&self.topic, partition, Offset::Offset(from))?;
         consumer.assign(&tpl)?;
         let mut chunk: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::with_capacity(CHUNK);
-        let (mut records, mut next, mut last_progress) = (0u64, from, Instant::now());
-        loop {
-            match consumer.poll(Timeout::After(Duration::from_millis(100))) {
-                Some(Ok(m)) => {
-                    chunk.push((m.key().unwrap_or_default().to_vec(), m.payload().map(<[u8]>::to_vec)));
-                    next = m.offset() + 1;
-                    last_progress = Instant::now();
-                    if chunk.len() >= CHUNK {
-                        records += self.apply(partition, &mut chunk, next)?;
-                    }
-                }
-                Some(Err(KafkaError::PartitionEOF(_))) | None => {}
-                Some(Err(e)) => return Err(e).with_context(|| format!("reading changelog {}/{partition}", self.topic)),
+        let mut records = 0u64;
+        // Reaching the high watermark, not just the last stable offset, waits out a transaction
+        // that a crashed instance left open.
+        let next = crate::kafka::read_range(&consumer, &self.topic, partition, high, usize::MAX, |m| {
+            chunk.push((m.key().unwrap_or_default().to_vec(), m.payload().map(<[u8]>::to_vec)));
+            if chunk.len() >= CHUNK {
+                records += self.apply(partition, &mut chunk, m.offset() + 1)?;
             }
-            // The position passes transaction markers and aborted records, so it reaches the
-            // high watermark once every transaction below it has ended.
-            let position = consumer.position()?.find_partition(&self.topic, partition).and_then(|e| e.offset().to_raw()).unwrap_or(-1);
-            if position >= high {
-                next = next.max(position);
-                break;
-            }
-            if last_progress.elapsed() > STALL_LOG {
-                tracing::warn!(partition, position, high, "changelog restore waits for an open transaction (a crashed instance's is aborted after its transaction timeout)");
-                last_progress = Instant::now();
-            }
-        }
+            Ok(())
+        })
+        .with_context(|| format!("restoring changelog {}/{partition}", self.topic))?
+        .unwrap_or(high);
         records += self.apply(partition, &mut chunk, next)?;
         Ok(Restored { partition, plan, records, changelog_offset: next, seconds: started.elapsed().as_secs_f64() })
     }
