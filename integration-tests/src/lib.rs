@@ -276,25 +276,27 @@ impl Scenario {
     }
 
     /// `intentflow run` flags for this scenario, then `extra` (metrics are off unless `extra`
-    /// sets `--metrics-addr`; `extra` may name another `--state-dir`).
+    /// sets `--metrics-addr`; a scenario flag that `extra` names again, such as `--state-dir`,
+    /// `--group` or `--model-dir`, takes `extra`'s value).
     pub fn run_args(&self, extra: &[&str]) -> Vec<String> {
-        let state = extra
-            .iter()
-            .position(|a| *a == "--state-dir")
-            .and_then(|i| extra.get(i + 1))
-            .map_or_else(|| self.state.display().to_string(), |s| s.to_string());
-        let extra: Vec<&str> = match extra.iter().position(|a| *a == "--state-dir") {
-            Some(i) => extra[..i].iter().chain(extra.get(i + 2..).unwrap_or_default()).copied().collect(),
-            None => extra.to_vec(),
-        };
-        let model = trained_model_dir().display().to_string();
-        let mut args: Vec<String> = [
-            "--brokers", &self.brokers, "--input-topic", &self.input, "--output-topic", &self.output,
-            "--dlq-topic", &self.dlq, "--group", &self.group, "--state-dir", &state, "--model-dir", &model,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let (state, model) = (self.state.display().to_string(), trained_model_dir().display().to_string());
+        let base = [
+            ("--brokers", self.brokers.as_str()), ("--input-topic", &self.input), ("--output-topic", &self.output),
+            ("--dlq-topic", &self.dlq), ("--group", &self.group), ("--state-dir", &state), ("--model-dir", &model),
+        ];
+        let mut extra: Vec<&str> = extra.to_vec();
+        let mut args: Vec<String> = Vec::new();
+        for (flag, value) in base {
+            let value = match extra.iter().position(|a| *a == flag) {
+                Some(i) if i + 1 < extra.len() => {
+                    let v = extra.remove(i + 1);
+                    extra.remove(i);
+                    v.to_string()
+                }
+                _ => value.to_string(),
+            };
+            args.extend([flag.to_string(), value]);
+        }
         if !extra.contains(&"--metrics-addr") {
             args.extend(["--metrics-addr".to_string(), String::new()]);
         }

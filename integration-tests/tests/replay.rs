@@ -133,3 +133,92 @@ fn a_replay_to_the_default_backfill_topic_exits_on_its_own() {
 fn chrono_rfc3339(ms: i64) -> String {
     intentflow_schemas::format_ts_ms(ms)
 }
+
+#[test]
+fn history_then_live_hand_off_skips_nothing_and_applies_nothing_twice() {
+    let sc = Scenario::new("handoff", 4);
+    let events = generated_events(500, 12_000, 65);
+    let (history, live) = events.split_at(7_000);
+    produce_events(&sc.brokers, &sc.input, history).unwrap();
+    // 1. Replay all history into the state directory the live operator will use.
+    let model = trained_model_dir().display().to_string();
+    let state = sc.state.display().to_string();
+    let history_out = sc.dir.path().join("history.jsonl");
+    let (status, log) = intentflow(&["replay", "--brokers", &sc.brokers, "--input-topic", &sc.input, "--model-dir", &model, "--state-dir", &state, "--output", &history_out.display().to_string()]);
+    assert!(status.success(), "{log}");
+    // 2. Live events arrive; the operator adopts the replayed state and goes on from there.
+    produce_events(&sc.brokers, &sc.input, live).unwrap();
+    let op = sc.start("live", &sc.run_args(&[]));
+    let intents = sc.intents(live.len(), IDLE);
+    let (status, log) = op.terminate().unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("replayed state handed over"), "{log}");
+    assert!(sc.state.join("ADOPTED").exists());
+
+    // Live scores only for live events, each once, none for history; the final states are those
+    // of one uninterrupted pass over history + live (every event applied exactly once).
+    let all = sc.intents(usize::MAX, Duration::from_secs(3));
+    assert_eq!(all.len(), live.len(), "history was not re-emitted live");
+    let live_ids: BTreeSet<String> = live.iter().map(|e| e.event_id.clone().unwrap()).collect();
+    assert!(all.iter().all(|i| live_ids.contains(i.event_id.as_deref().unwrap())));
+    let offline = offline_scores(&events);
+    let states = stored_states(&sc.state);
+    assert_eq!(states.len(), offline.len());
+    for (user, state) in &states {
+        assert_eq!(state.session, offline[user].session, "user {user}: {} events applied", state.session.total_events);
+        assert_eq!(state.hidden, offline[user].hidden, "user {user}: hidden state");
+    }
+    drop(intents);
+}
+
+/// A second model, different from the shared test model.
+fn other_model_dir() -> tempfile::TempDir {
+    use intentflow_model::train::{train, TrainConfig};
+    let events = generated_events(400, 8_000, 99);
+    let cfg = TrainConfig { hidden_dim: 8, members: 1, epochs: 1, seed: 5, ..TrainConfig::default() };
+    let trained = train(&events, &cfg, &intentflow_model::Device::Cpu, |_, _| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    trained.save(dir.path()).unwrap();
+    dir
+}
+
+#[test]
+fn a_model_swap_goes_through_a_replay_and_a_mismatched_state_is_refused() {
+    let sc = Scenario::new("swap", 2);
+    let events = generated_events(200, 4_000, 66);
+    produce_events(&sc.brokers, &sc.input, &events).unwrap();
+    let op = sc.start("old", &sc.run_args(&[]));
+    assert_eq!(sc.intents(events.len(), IDLE).len(), events.len());
+    assert!(op.terminate().unwrap().0.success());
+
+    // The live state was built by the old model: the new one refuses to continue it...
+    let new_model = other_model_dir();
+    let new = new_model.path().display().to_string();
+    let mut refused = sc.start("refused", &sc.run_args(&["--model-dir", &new]));
+    let (status, log) = refused.wait_exit(IDLE).unwrap().expect("the operator must refuse a state of another model");
+    assert!(!status.success() && log.contains("was built by model"), "{log}");
+
+    // ...so replay history with the new model into a fresh state directory and switch to it
+    // (a new group, so a new changelog: the old one holds the old model's states).
+    let swapped = sc.dir.path().join("state-new").display().to_string();
+    let (status, log) = intentflow(&["replay", "--brokers", &sc.brokers, "--input-topic", &sc.input, "--model-dir", &new, "--state-dir", &swapped, "--output", &sc.dir.path().join("new.jsonl").display().to_string()]);
+    assert!(status.success(), "{log}");
+    let group = format!("{}-v2", sc.group);
+    let more = generated_events(200, 1_000, 67);
+    produce_events(&sc.brokers, &sc.input, &more).unwrap();
+    let op = sc.start("new", &sc.run_args(&["--model-dir", &new, "--state-dir", &swapped, "--group", &group]));
+    let out = sc.intents(events.len() + more.len(), IDLE);
+    let (status, log) = op.terminate().unwrap();
+    assert!(status.success(), "{log}");
+    let version = intentflow_model::IntentModel::load(new_model.path(), &intentflow_model::Device::Cpu).unwrap().version().to_string();
+    let new_intents: Vec<&ScoredIntent> = out.iter().filter(|i| i.model_version == version).collect();
+    assert_eq!(new_intents.len(), more.len(), "the swapped operator scores only the new events, with the new model");
+    let states = stored_states(&sc.dir.path().join("state-new"));
+    assert!(states.values().all(|s| s.model_version == version));
+
+    // Or start every user from zero, when told to.
+    let op = sc.start("reset", &sc.run_args(&["--model-dir", &new, "--reset-state-on-model-change"]));
+    std::thread::sleep(Duration::from_secs(3));
+    let (status, log) = op.terminate().unwrap();
+    assert!(status.success() && log.contains("every user starts from zero"), "{log}");
+}

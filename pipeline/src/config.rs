@@ -43,6 +43,9 @@ pub struct RunConfig {
     /// Kafka transaction timeout: how long a crashed instance's open transaction can hold back
     /// `read_committed` readers before the broker aborts it.
     pub transaction_timeout_ms: u64,
+    /// Start every user from zero when the state directory was built by another model
+    /// (otherwise the operator refuses to start).
+    pub reset_state_on_model_change: bool,
     /// Most records per micro-batch (one batch is one transaction).
     pub max_batch_records: usize,
     /// A batch (and its transaction) closes at most this long after its first record.
@@ -81,6 +84,7 @@ impl Default for RunConfig {
             changelog_topic: String::new(),
             instance_id: String::new(),
             transaction_timeout_ms: 30_000,
+            reset_state_on_model_change: false,
             max_batch_records: 4096,
             commit_interval_ms: 100,
             metrics_addr: "127.0.0.1:9464".into(),
@@ -156,6 +160,9 @@ pub struct RunArgs {
     /// Stable instance id (transactional id suffix) [default: kept in the state directory].
     #[arg(long)]
     pub instance_id: Option<String>,
+    /// Start every user from zero if the state was built by another model (otherwise refuse).
+    #[arg(long)]
+    pub reset_state_on_model_change: bool,
     /// Most records per micro-batch [default: 4096].
     #[arg(long)]
     pub max_batch_records: Option<usize>,
@@ -273,6 +280,9 @@ impl RunConfig {
         }
         if let Some(v) = &args.instance_id {
             cfg.instance_id.clone_from(v);
+        }
+        if args.reset_state_on_model_change {
+            cfg.reset_state_on_model_change = true;
         }
         if let Some(v) = args.max_batch_records {
             cfg.max_batch_records = v;

@@ -191,6 +191,7 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
     tracing::info!(version = model.version(), "model loaded");
     let operator = IntentOperator::new(model);
     let store = StateStore::open(&args.state_dir, StoreOptions::default()).with_context(|| format!("opening {}", args.state_dir.display()))?;
+    crate::runtime::adopt_model(&store, operator.model().version(), false)?;
     std::fs::write(args.state_dir.join(REPLAY_MARKER), format!("model {}\n", operator.model().version()))?;
 
     let producer;

@@ -149,6 +149,31 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     }
 }
 
+/// Refuses to continue states built by another model unless told to reset them; records the
+/// loaded model as the store's model.
+///
+/// # Errors
+///
+/// A state built by another model without `reset`, and RocksDB errors.
+pub fn adopt_model(store: &StateStore, loaded: &str, reset: bool) -> Result<()> {
+    use intentflow_state::changelog::{check_model, ModelCheck};
+    match check_model(store.model_version()?.as_deref(), loaded, reset) {
+        ModelCheck::Same => return Ok(()),
+        ModelCheck::Fresh => {}
+        ModelCheck::Reset { previous } => {
+            tracing::warn!(previous = %previous, loaded, "the state was built by another model: every user starts from zero");
+            store.clear_users()?;
+        }
+        ModelCheck::Refuse { previous } => bail!(
+            "the state directory was built by model {previous}, the loaded model is {loaded}: hidden states of one model mean nothing to \
+             another. Replay history into a fresh state directory with the new model (`intentflow replay`, docs/replay.md), or pass \
+             --reset-state-on-model-change to start every user from zero"
+        ),
+    }
+    store.set_model_version(loaded)?;
+    Ok(())
+}
+
 /// This instance's stable id: `instance_id` if configured, otherwise the one kept in the state
 /// directory (created on first start), so a restarted instance reuses its transactional id and
 /// its first `init_transactions` aborts whatever its previous life left open.
@@ -183,6 +208,7 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
         StateStore::open(&cfg.state_dir, StoreOptions::default())
             .with_context(|| format!("opening state store {}", cfg.state_dir.display()))?,
     );
+    adopt_model(&store, operator.model().version(), cfg.reset_state_on_model_change)?;
     let decoder = EventDecoder::new(Limits { max_record_bytes: cfg.max_record_bytes, ..Limits::default() });
     let exactly_once = cfg.processing_guarantee == ProcessingGuarantee::ExactlyOnce;
     let changelog = cfg.changelog();
@@ -234,6 +260,12 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
         consumer_cfg.set(k, v);
     }
     let consumer: StreamConsumer<RebalanceTracker> = consumer_cfg.create_with_context(tracker)?;
+    // Beyond the retries of a transaction call ([`RETRY_FOR`]) plus a margin.
+    let watchdog = Watchdog::start(RETRY_FOR + Duration::from_secs(30));
+    if cfg.state_dir.join(crate::replay::REPLAY_MARKER).exists() {
+        let sink = Sink { producer: &producer, cfg: &cfg, changelog: &changelog, watchdog: &watchdog };
+        sink.adopt_replay(&consumer, &store, input_partitions, exactly_once).await.context("handing the replayed state over")?;
+    }
     let topics: Vec<&str> = cfg.input_topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     tracing::info!(
@@ -241,8 +273,6 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
         guarantee = ?cfg.processing_guarantee, "subscribed"
     );
 
-    // Beyond the retries of a transaction call ([`RETRY_FOR`]) plus a margin.
-    let watchdog = Watchdog::start(RETRY_FOR + Duration::from_secs(30));
     let metrics = BatchMetrics::default();
     let interval = Duration::from_millis(cfg.commit_interval_ms);
     let mut applied = offsets::AppliedOffsets::default();
@@ -525,6 +555,53 @@ impl Sink<'_> {
             retrying("committing the transaction", || self.producer.commit_transaction(TXN_TIMEOUT))
         })?;
         Ok(changelog_next)
+    }
+}
+
+impl Sink<'_> {
+    /// Hands a state directory written by `intentflow replay` over to the live operator: every
+    /// replayed state and input offset goes to the changelog and the replay's end offsets become
+    /// the group's committed offsets — one transaction under exactly-once — so live processing
+    /// continues exactly where the replay ended, and a partition that later moves takes its
+    /// replayed states with it. The replay marker is then renamed `ADOPTED`.
+    async fn adopt_replay(&self, consumer: &StreamConsumer<RebalanceTracker>, store: &StateStore, partitions: i32, exactly_once: bool) -> Result<()> {
+        let users = store.users()?;
+        let mut tpl = TopicPartitionList::new();
+        let mut next = BTreeMap::new();
+        for topic in &self.cfg.input_topics {
+            for p in 0..partitions {
+                if let Some(o) = store.offset(topic, p)? {
+                    tpl.add_partition_offset(topic, p, Offset::Offset(o))?;
+                    next.insert((topic.clone(), p), o);
+                }
+            }
+        }
+        if exactly_once {
+            self.producer.begin_transaction().context("beginning the hand-over transaction")?;
+        }
+        let mut window = DeliveryWindow::new(self.producer, 100_000);
+        for (partition, user, state) in &users {
+            window.send_tracked(self.changelog, *partition, &ChangelogKey::User(user).encode(), &state.encode()).await?;
+        }
+        for ((topic, partition), offset) in &next {
+            window.send_tracked(self.changelog, *partition, &ChangelogKey::Offset(topic).encode(), &encode_offset(*offset)).await?;
+        }
+        window.finish().await?;
+        if exactly_once {
+            let group = consumer.group_metadata().context("the consumer has no group metadata")?;
+            tokio::task::block_in_place(|| -> Result<()> {
+                let _watch = self.watchdog.watch();
+                retrying("adding the replay's offsets to the transaction", || self.producer.send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT))?;
+                retrying("committing the hand-over", || self.producer.commit_transaction(TXN_TIMEOUT))
+            })?;
+        } else {
+            consumer.commit(&tpl, CommitMode::Sync).context("committing the replay's offsets")?;
+        }
+        store.commit([], [], window.tracked().iter().map(|(p, last)| (*p, last + 1)))?;
+        let marker = self.cfg.state_dir.join(crate::replay::REPLAY_MARKER);
+        std::fs::rename(&marker, self.cfg.state_dir.join("ADOPTED"))?;
+        tracing::info!(users = users.len(), offsets = ?next, "replayed state handed over: live processing continues where the replay ended");
+        Ok(())
     }
 }
 

@@ -122,9 +122,47 @@ pub fn plan_restore(local: Option<i64>, low: i64, high: i64) -> RestorePlan {
     }
 }
 
+/// Whether a store's states can go on with the loaded model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelCheck {
+    /// A store without a recorded model: it takes the loaded one.
+    Fresh,
+    /// Built by the loaded model.
+    Same,
+    /// Built by another model and the operator was told to reset: users start from zero.
+    Reset {
+        /// The model the states were built with.
+        previous: String,
+    },
+    /// Built by another model: hidden vectors of one GRU mean nothing to another, so refuse.
+    Refuse {
+        /// The model the states were built with.
+        previous: String,
+    },
+}
+
+/// Decides whether states built by `stored` (the store's recorded model version) can continue
+/// under the model `loaded`.
+pub fn check_model(stored: Option<&str>, loaded: &str, reset: bool) -> ModelCheck {
+    match stored {
+        None => ModelCheck::Fresh,
+        Some(v) if v == loaded => ModelCheck::Same,
+        Some(v) if reset => ModelCheck::Reset { previous: v.to_string() },
+        Some(v) => ModelCheck::Refuse { previous: v.to_string() },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_continues_only_under_the_model_that_built_it() {
+        assert_eq!(check_model(None, "gru-b", false), ModelCheck::Fresh);
+        assert_eq!(check_model(Some("gru-b"), "gru-b", false), ModelCheck::Same);
+        assert_eq!(check_model(Some("gru-a"), "gru-b", false), ModelCheck::Refuse { previous: "gru-a".into() });
+        assert_eq!(check_model(Some("gru-a"), "gru-b", true), ModelCheck::Reset { previous: "gru-a".into() });
+    }
 
     #[test]
     fn keys_round_trip_and_garbage_is_an_error() {

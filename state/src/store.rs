@@ -8,6 +8,7 @@ use std::path::Path;
 const USER_PREFIX: u8 = b'u';
 const OFFSET_PREFIX: u8 = b'o';
 const CHANGELOG_PREFIX: u8 = b'c';
+const MODEL_KEY: &[u8] = b"m";
 
 /// Tuning of the embedded store.
 #[derive(Debug, Clone, Copy)]
@@ -170,6 +171,37 @@ impl StateStore {
         read_i64(self.db.get(changelog_key(partition))?, "changelog offset")
     }
 
+    /// The version of the model the stored states were built with, if recorded.
+    ///
+    /// # Errors
+    ///
+    /// RocksDB read errors.
+    pub fn model_version(&self) -> Result<Option<String>, StateError> {
+        Ok(self.db.get(MODEL_KEY)?.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// Records the model version the states are (from now on) built with.
+    ///
+    /// # Errors
+    ///
+    /// RocksDB write errors.
+    pub fn set_model_version(&self, version: &str) -> Result<(), StateError> {
+        self.db.put(MODEL_KEY, version.as_bytes())?;
+        Ok(())
+    }
+
+    /// Drops every user state (all partitions), keeping the offsets: users start from zero.
+    ///
+    /// # Errors
+    ///
+    /// RocksDB errors.
+    pub fn clear_users(&self) -> Result<(), StateError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range([USER_PREFIX].as_slice(), [USER_PREFIX + 1].as_slice());
+        self.db.write(batch)?;
+        Ok(())
+    }
+
     /// Drops everything the store holds for `partition`: its users, its input offsets and its
     /// changelog offset (before a rebuild from the changelog).
     ///
@@ -273,10 +305,17 @@ mod tests {
         assert!(store.apply_changelog(1, [(ka.as_slice(), Some(b"junk".as_slice()))], 99).is_err());
         assert_eq!(store.changelog_offset(1).unwrap(), Some(17));
 
+        assert_eq!(store.model_version().unwrap(), None);
+        store.set_model_version("gru-1").unwrap();
+        assert_eq!(store.model_version().unwrap().as_deref(), Some("gru-1"));
+
         store.clear_partition(1).unwrap();
         assert_eq!(store.get_many([(1, "alice")]).unwrap(), vec![None]);
         assert_eq!((store.offset("events", 1).unwrap(), store.changelog_offset(1).unwrap()), (None, None));
         assert_eq!(store.users().unwrap(), vec![(2, "other".to_string(), b)], "other partitions untouched");
         assert_eq!(store.offset("events", 2).unwrap(), Some(9));
+        store.clear_users().unwrap();
+        assert!(store.users().unwrap().is_empty());
+        assert_eq!(store.offset("events", 2).unwrap(), Some(9), "offsets survive a reset of the users");
     }
 }
