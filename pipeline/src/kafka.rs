@@ -247,11 +247,18 @@ pub fn read_range(
         }
         match consumer.poll(Timeout::After(Duration::from_millis(100))) {
             Some(Ok(m)) => {
-                if m.offset() < end {
+                let offset = m.offset();
+                if offset < end {
                     each(&m)?;
                     delivered += 1;
                 }
+                if offset + 1 >= end {
+                    return Ok(Some(offset + 1));
+                }
                 last_progress = std::time::Instant::now();
+                // The position is only asked for when the partition goes quiet: asking costs a
+                // round trip to librdkafka's main thread.
+                continue;
             }
             Some(Err(KafkaError::PartitionEOF(_))) | None => {}
             Some(Err(e)) => return Err(anyhow!(e).context(format!("reading {topic}/{partition}"))),
