@@ -166,7 +166,8 @@ fn a_broker_killed_mid_run_and_restarted_loses_and_doubles_nothing() {
     let (records, invalid) = with_invalid(&events);
     produce(&sc.brokers, &sc.input, &records).unwrap();
 
-    let mut op = sc.start("op", &sc.run_args(&["--max-batch-records", "500"]));
+    let args = sc.run_args(&["--max-batch-records", "500"]);
+    let mut op = sc.start("op", &args);
     wait_for_size(&sc.brokers, &sc.output, 10_000, &mut op, IDLE);
     let before = topic_size(&sc.brokers, &sc.output).unwrap();
     cluster.kill(2);
@@ -181,8 +182,21 @@ fn a_broker_killed_mid_run_and_restarted_loses_and_doubles_nothing() {
         during = topic_size(&sc.brokers, &sc.output).unwrap_or(during);
     }
     cluster.restart(2);
-    let committed = sc.intents(events.len(), IDLE);
-    assert_eq!(committed.len(), events.len(), "log:\n{}", op.log_text());
+    // Act as the operator's supervisor: exit status 75 is the transaction watchdog asking for a
+    // restart (docs/state.md); anything else is a failure.
+    let mut restarts = 0;
+    let started = std::time::Instant::now();
+    loop {
+        if sc.intents(events.len(), Duration::from_secs(15)).len() >= events.len() {
+            break;
+        }
+        if let Some((status, log)) = op.wait_exit(Duration::from_millis(10)).unwrap() {
+            assert_eq!(status.code(), Some(75), "the operator died; log:\n{log}");
+            restarts += 1;
+            op = sc.start(&format!("op{restarts}"), &args);
+        }
+        assert!(started.elapsed() < Duration::from_secs(400), "no completion; log:\n{}", op.log_text());
+    }
     let (status, log) = op.terminate().unwrap();
     assert!(status.success(), "exit {status}; log:\n{log}");
 
@@ -191,7 +205,7 @@ fn a_broker_killed_mid_run_and_restarted_loses_and_doubles_nothing() {
     assert_dead_letters(&sc, &invalid);
     let aborted = log.lines().filter(|l| l.contains("transaction failed; aborting it")).count();
     eprintln!(
-        "broker failure test: {} intents for {} valid events; output offsets {before} → {during} while the node was down; {aborted} transactions aborted and redone",
+        "broker failure test: {} intents for {} valid events; output offsets {before} → {during} while the node was down; {aborted} transactions aborted and redone; {restarts} watchdog restarts",
         intents.len(),
         events.len()
     );

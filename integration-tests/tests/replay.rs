@@ -39,6 +39,16 @@ fn time_and_offset_bounds_are_exact_per_partition() {
     assert_eq!(got.len(), want.len(), "{log}");
     assert!(got == want, "the replayed events are exactly those with {from} <= time < {to}");
 
+    // The same window over a file of the same events, bounded by event time.
+    let file = sc.dir.path().join("events.jsonl");
+    std::fs::write(&file, events.iter().map(|e| serde_json::to_string(e).unwrap() + "\n").collect::<String>()).unwrap();
+    let out = sc.dir.path().join("file-window.jsonl");
+    let (model, state) = (trained_model_dir().display().to_string(), sc.dir.path().join("state-file").display().to_string());
+    let (status, log) = intentflow(&["replay", "--input-file", &file.display().to_string(), "--from", &from, "--to", &to, "--model-dir", &model, "--state-dir", &state, "--output", &out.display().to_string()]);
+    assert!(status.success(), "{log}");
+    let from_file: BTreeSet<String> = read_jsonl(&out).into_iter().map(|i| i.event_id.unwrap()).collect();
+    assert!(from_file == want, "the file replay's window differs");
+
     // Explicit offsets: [5, 10) of every partition, nothing else.
     let out = sc.dir.path().join("offsets.jsonl");
     replay(&sc, "state-offsets", &out, &["--from", "0:5,1:5,2:5,3:5", "--to", "0:10,1:10,2:10,3:10"]);

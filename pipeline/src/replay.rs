@@ -33,7 +33,7 @@ pub struct ReplayArgs {
     /// Input topic to replay; repeat for several.
     #[arg(long = "input-topic")]
     pub input_topics: Vec<String>,
-    /// Schema-v1 JSONL event file to replay instead of topics (read whole, in time order); repeat for several.
+    /// Schema-v1 JSONL event file to replay instead of topics (read whole, in time order; time bounds apply to the event time); repeat for several.
     #[arg(long = "input-file", conflicts_with = "input_topics")]
     pub input_files: Vec<PathBuf>,
     /// Start of the range: `earliest`, `latest`, an RFC 3339 time, or `partition:offset,…`.
@@ -216,7 +216,13 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
     if args.input_files.is_empty() {
         replay_topics(args, &from, &to, &mut scorer, &mut output).await?;
     } else {
-        replay_files(&args.input_files, args.max_batch_records, &mut scorer, &mut output).await?;
+        let window = |b: &Bound, default: i64| match b {
+            Bound::Time(ms) => Ok(*ms),
+            Bound::Earliest | Bound::Latest => Ok(default),
+            Bound::Offsets(_) => bail!("file replays take time bounds, not partition offsets"),
+        };
+        let span = (window(&from, i64::MIN)?, window(&to, i64::MAX)?);
+        replay_files(&args.input_files, span, args.max_batch_records, &mut scorer, &mut output).await?;
     }
     output.finish().await?;
     summary.seconds = started.elapsed().as_secs_f64();
@@ -325,7 +331,8 @@ fn score_records(decoder: &EventDecoder, batch: &[rdkafka::message::OwnedMessage
     scorer.score(&decoded.events, Some((last.topic(), last.partition(), last.offset() + 1)))
 }
 
-async fn replay_files(files: &[PathBuf], batch_size: usize, scorer: &mut Scorer<'_>, output: &mut Output<'_>) -> Result<()> {
+/// Replays event files, keeping the events with `span.0 <= time < span.1`.
+async fn replay_files(files: &[PathBuf], span: (i64, i64), batch_size: usize, scorer: &mut Scorer<'_>, output: &mut Output<'_>) -> Result<()> {
     let progress = Progress::new(0);
     for path in files {
         let imported = crate::import::read_events(path, crate::import::Format::Jsonl)?;
@@ -335,6 +342,7 @@ async fn replay_files(files: &[PathBuf], batch_size: usize, scorer: &mut Scorer<
         let events: Vec<PositionedEvent> = imported
             .events
             .into_iter()
+            .filter(|e| (span.0..span.1).contains(&e.ts))
             .enumerate()
             .map(|(i, event)| PositionedEvent { source: SourcePosition { topic: name.clone(), partition: 0, offset: i as i64 }, event })
             .collect();
