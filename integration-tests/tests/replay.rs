@@ -232,3 +232,30 @@ fn a_model_swap_goes_through_a_replay_and_a_mismatched_state_is_refused() {
     let (status, log) = op.terminate().unwrap();
     assert!(status.success() && log.contains("every user starts from zero"), "{log}");
 }
+
+#[test]
+fn run_bootstrap_from_builds_history_then_goes_live_in_one_command() {
+    let sc = Scenario::new("bootstrap", 4);
+    let events = generated_events(400, 9_000, 68);
+    let (history, live) = events.split_at(5_000);
+    produce_events(&sc.brokers, &sc.input, history).unwrap();
+    let op = sc.start("op", &sc.run_args(&["--bootstrap-from", "earliest"]));
+    let started = std::time::Instant::now();
+    while !op.log_text().contains("replayed state handed over") {
+        assert!(started.elapsed() < IDLE, "no hand-over; log:\n{}", op.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    produce_events(&sc.brokers, &sc.input, live).unwrap();
+    let intents = sc.intents(live.len(), IDLE);
+    let (status, log) = op.terminate().unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("bootstrap: states built from history"), "{log}");
+    assert_eq!(intents.len(), live.len(), "live intents for live events only");
+    assert_eq!(sc.intents(usize::MAX, Duration::from_secs(3)).len(), live.len());
+    let offline = offline_scores(&events);
+    let states = stored_states(&sc.state);
+    assert_eq!(states.len(), offline.len());
+    for (user, state) in &states {
+        assert_eq!((&state.session, &state.hidden), (&offline[user].session, &offline[user].hidden), "user {user}");
+    }
+}

@@ -43,6 +43,10 @@ pub struct RunConfig {
     /// Kafka transaction timeout: how long a crashed instance's open transaction can hold back
     /// `read_committed` readers before the broker aborts it.
     pub transaction_timeout_ms: u64,
+    /// Before going live, build the states from history starting at this time (RFC 3339) or
+    /// `earliest`, with `intentflow replay`, and adopt them; empty: no bootstrap. Skipped when
+    /// the state directory is already live.
+    pub bootstrap_from: String,
     /// Start every user from zero when the state directory was built by another model
     /// (otherwise the operator refuses to start).
     pub reset_state_on_model_change: bool,
@@ -85,6 +89,7 @@ impl Default for RunConfig {
             instance_id: String::new(),
             transaction_timeout_ms: 30_000,
             reset_state_on_model_change: false,
+            bootstrap_from: String::new(),
             max_batch_records: 4096,
             commit_interval_ms: 100,
             metrics_addr: "127.0.0.1:9464".into(),
@@ -160,6 +165,9 @@ pub struct RunArgs {
     /// Stable instance id (transactional id suffix) [default: kept in the state directory].
     #[arg(long)]
     pub instance_id: Option<String>,
+    /// Build states from history first: an RFC 3339 time or `earliest` (see docs/replay.md).
+    #[arg(long)]
+    pub bootstrap_from: Option<String>,
     /// Start every user from zero if the state was built by another model (otherwise refuse).
     #[arg(long)]
     pub reset_state_on_model_change: bool,
@@ -280,6 +288,9 @@ impl RunConfig {
         }
         if let Some(v) = &args.instance_id {
             cfg.instance_id.clone_from(v);
+        }
+        if let Some(v) = &args.bootstrap_from {
+            cfg.bootstrap_from.clone_from(v);
         }
         if args.reset_state_on_model_change {
             cfg.reset_state_on_model_change = true;

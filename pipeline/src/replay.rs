@@ -411,6 +411,40 @@ impl Progress {
     }
 }
 
+/// `intentflow run --bootstrap-from`: replays the input topics from `cfg.bootstrap_from` to
+/// their current end into the operator's (not yet live) state directory, without emitting
+/// intents; the runtime then adopts the replayed state and goes live where the replay ended.
+/// Does nothing when no bootstrap is asked for or the state directory is already live.
+///
+/// # Errors
+///
+/// Whatever the replay fails with.
+pub async fn bootstrap(cfg: &crate::config::RunConfig) -> Result<()> {
+    if cfg.bootstrap_from.is_empty() {
+        return Ok(());
+    }
+    if cfg.state_dir.join("INSTANCE_ID").exists() {
+        tracing::info!(state_dir = %cfg.state_dir.display(), "bootstrap skipped: the state directory is already live");
+        return Ok(());
+    }
+    let args = ReplayArgs {
+        brokers: cfg.brokers.clone(),
+        input_topics: cfg.input_topics.clone(),
+        input_files: Vec::new(),
+        from: cfg.bootstrap_from.clone(),
+        to: "latest".into(),
+        model_dir: cfg.model_dir.clone(),
+        state_dir: cfg.state_dir.clone(),
+        output_topic: None,
+        output: Some(PathBuf::from("/dev/null")),
+        max_batch_records: 16_384,
+        device: cfg.device,
+    };
+    let s = replay(&args).await?;
+    tracing::info!(events = s.events, invalid = s.invalid, seconds = s.seconds, ranges = ?s.ranges, "bootstrap: states built from history");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

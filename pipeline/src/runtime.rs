@@ -200,6 +200,7 @@ fn instance_id(cfg: &RunConfig) -> Result<String> {
 /// aborted, a state write that failed, a restore that failed). Nothing of a failed batch is
 /// committed, so a restart repeats it.
 pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Arc<Health>) -> Result<RunSummary> {
+    crate::replay::bootstrap(&cfg).await.context("bootstrapping states from history")?;
     let device = cfg.device.open()?;
     let model = IntentModel::load(&cfg.model_dir, &device)?;
     tracing::info!(version = model.version(), hidden = model.hidden_dim(), device = ?cfg.device, "model loaded");
