@@ -404,10 +404,20 @@ pub fn assert_exactly_once(intents: &[ScoredIntent], events: &[Event], states: &
         let want: Vec<u32> = offline[user].scores.iter().map(|s| s.to_bits()).collect();
         assert_eq!(scores, want, "user {user}: streamed scores differ from the offline pass");
     }
+    assert_states_match(states, &offline);
+}
+
+/// Every user's final state equals one uninterrupted offline pass over all `events`, bit for
+/// bit: each event applied exactly once.
+pub fn assert_states_match_offline(states: &BTreeMap<String, intentflow_state::UserState>, events: &[Event]) {
+    assert_states_match(states, &offline_scores(events));
+}
+
+fn assert_states_match(states: &BTreeMap<String, intentflow_state::UserState>, offline: &BTreeMap<String, intentflow_model::SequenceScores>) {
     assert_eq!(states.len(), offline.len(), "one state per user");
     for (user, state) in states {
         let want = &offline[user];
-        assert_eq!(state.session, want.session, "user {user}: session state");
+        assert_eq!(state.session, want.session, "user {user}: session state ({} events applied)", state.session.total_events);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
         assert_eq!(bits(&state.hidden), bits(&want.hidden), "user {user}: hidden state not bit-identical");
     }

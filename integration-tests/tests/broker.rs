@@ -12,33 +12,7 @@ const IDLE: Duration = Duration::from_secs(120);
 /// Every valid input has exactly one intent, in its user's event order, with the offline score;
 /// the final states equal the offline final states.
 fn assert_matches_offline(intents: &[ScoredIntent], events: &[Event], state_dir: &std::path::Path) {
-    assert_eq!(intents.len(), events.len(), "one intent per valid input");
-    let sources: HashSet<(i32, i64)> = intents.iter().map(|i| (i.source.partition, i.source.offset)).collect();
-    assert_eq!(sources.len(), events.len(), "no input scored twice");
-    let offline = offline_scores(events);
-    let by_user = intents_by_user(intents);
-    assert_eq!(by_user.len(), offline.len());
-    let mut expected_ids: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for e in events {
-        expected_ids.entry(&e.user_id).or_default().push(e.event_id.as_deref().unwrap());
-    }
-    for (user, got) in &by_user {
-        let ids: Vec<&str> = got.iter().map(|i| i.event_id.as_deref().unwrap()).collect();
-        assert_eq!(ids, expected_ids[user.as_str()], "user {user}: intents out of event order");
-        for (i, (intent, want)) in got.iter().zip(&offline[user].scores).enumerate() {
-            assert!((intent.score - want).abs() <= 1e-5, "user {user} event {i}: streamed {} vs offline {want}", intent.score);
-        }
-    }
-    let store = StateStore::open(state_dir, StoreOptions::default()).unwrap();
-    let states = store.users().unwrap();
-    assert_eq!(states.len(), offline.len());
-    for (_, user, state) in states {
-        let want = &offline[&user];
-        assert_eq!(state.session, want.session, "user {user}: session state");
-        for (a, b) in state.hidden.iter().zip(&want.hidden) {
-            assert!((a - b).abs() <= 1e-5, "user {user}: hidden state {a} vs {b}");
-        }
-    }
+    assert_exactly_once(intents, events, &stored_states(state_dir));
 }
 
 #[test]

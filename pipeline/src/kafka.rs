@@ -28,6 +28,16 @@ pub fn client_config(brokers: &str, overrides: &BTreeMap<String, String>) -> Cli
     cfg
 }
 
+/// A config for a consumer of assigned partitions that never commits: `group` only names it.
+pub fn reader_config(brokers: &str, overrides: &BTreeMap<String, String>, group: &str, isolation: &str) -> ClientConfig {
+    let mut cfg = client_config(brokers, overrides);
+    cfg.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", isolation);
+    cfg
+}
+
 /// An idempotent producer tuned for throughput with bounded latency.
 ///
 /// # Errors
@@ -283,11 +293,7 @@ pub fn read_range(
 /// Kafka errors.
 pub fn read_topic(brokers: &str, topic: &str, idle: Duration, mut until: impl FnMut(usize) -> bool) -> Result<Vec<OwnedMessage>> {
     let partitions = partition_count(brokers, topic)?.ok_or_else(|| anyhow!("topic {topic} does not exist"))?;
-    let consumer: BaseConsumer = client_config(brokers, &BTreeMap::new())
-        .set("group.id", "intentflow-reader")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()?;
+    let consumer: BaseConsumer = reader_config(brokers, &BTreeMap::new(), "intentflow-reader", "read_committed").create()?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;

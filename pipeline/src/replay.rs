@@ -249,12 +249,8 @@ impl Scorer<'_> {
 }
 
 async fn replay_topics(args: &ReplayArgs, from: &Bound, to: &Bound, scorer: &mut Scorer<'_>, output: &mut Output<'_>) -> Result<()> {
-    let mut cfg = kafka::client_config(&args.brokers, &BTreeMap::new());
-    cfg.set("group.id", "intentflow-replay")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("fetch.max.bytes", "104857600")
+    let mut cfg = kafka::reader_config(&args.brokers, &BTreeMap::new(), "intentflow-replay", "read_committed");
+    cfg.set("fetch.max.bytes", "104857600")
         .set("max.partition.fetch.bytes", "16777216")
         .set("queued.min.messages", "200000");
     let consumer: BaseConsumer = cfg.create()?;
@@ -325,9 +321,7 @@ fn score_records(decoder: &EventDecoder, batch: &[rdkafka::message::OwnedMessage
     });
     let decoded = decode_batch(decoder, records, chrono::Utc::now().timestamp_millis());
     scorer.summary.invalid += decoded.rejected.len() as u64;
-    for r in decoded.rejected.iter().take(20) {
-        tracing::warn!(topic = %r.source.topic, partition = r.source.partition, offset = r.source.offset, error_type = r.error.kind(), "rejected record: {}", r.error);
-    }
+    crate::runtime::log_rejections(&decoded.rejected);
     scorer.score(&decoded.events, Some((last.topic(), last.partition(), last.offset() + 1)))
 }
 

@@ -347,15 +347,14 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
         })?;
 
         let next = offsets::next_offsets(batch.iter().map(|m| (m.topic(), m.partition(), m.offset())));
-        let mut tpl = TopicPartitionList::new();
-        for ((t, p), o) in &next {
-            tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
-        }
+        let tpl = offsets_tpl(&next)?;
+        // Encoded once, for the changelog and for RocksDB.
+        let states: Vec<Vec<u8>> = out.states.iter().map(|(_, _, s)| s.encode()).collect();
         let sink = Sink { producer: &producer, cfg: &cfg, changelog: &changelog, watchdog: &watchdog };
         let outcome = if exactly_once {
-            sink.transaction(&consumer, &out, &decoded.rejected, &next, &tpl).await
+            sink.transaction(&consumer, &out, &states, &decoded.rejected, &next, &tpl).await
         } else {
-            sink.produce(&out, &decoded.rejected, &next).await
+            sink.produce(&out, &states, &decoded.rejected, &next).await
         };
         let changelog_next = match outcome {
             Ok(changelog_next) => changelog_next,
@@ -376,10 +375,10 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
             Err(e) => return Err(e),
         };
         aborts_in_a_row = 0;
-        store.commit(
-            out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)),
+        store.commit_encoded(
+            out.states.iter().zip(&states).map(|((p, u, _), bytes)| (*p, u.as_str(), bytes.as_slice())),
             next.iter().map(|((t, p), o)| (t.as_str(), *p, *o)),
-            changelog_next.iter().map(|(p, last)| (*p, last + 1)),
+            changelog_positions(&changelog_next),
         )?;
         for ((t, p), o) in &next {
             applied.advance(t, *p, *o);
@@ -508,11 +507,13 @@ impl Watchdog {
 }
 
 impl Sink<'_> {
-    /// Produces the batch's intents, dead letters and changelog records and awaits every
-    /// acknowledgement. Returns the last changelog offset written per partition.
+    /// Produces the batch's intents, dead letters and changelog records (`states` holds each
+    /// touched user's encoded state) and awaits every acknowledgement. Returns the last
+    /// changelog offset written per partition.
     async fn produce(
         &self,
         out: &intentflow_operators::BatchOutput,
+        states: &[Vec<u8>],
         rejected: &[intentflow_operators::Rejected],
         next: &BTreeMap<(String, i32), i64>,
     ) -> Result<BTreeMap<i32, i64>> {
@@ -525,16 +526,38 @@ impl Sink<'_> {
             let payload = r.payload.as_deref().unwrap_or_default();
             window.send_with_headers(&self.cfg.dlq_topic, key.as_bytes(), payload, Some(dead_letter_headers(r))).await?;
         }
-        // The changelog partition of an input partition holds its users' latest states and its
-        // next input offsets, so a restore also restores the position those states reflect.
-        for (partition, user, state) in &out.states {
-            window.send_tracked(self.changelog, *partition, &ChangelogKey::User(user).encode(), &state.encode()).await?;
+        let users = out.states.iter().zip(states).map(|((p, u, _), bytes)| (*p, u.as_str(), bytes.as_slice()));
+        self.send_changelog(&mut window, users, next).await?;
+        window.finish().await?;
+        Ok(window.tracked().clone())
+    }
+
+    /// Sends users' encoded states and the next input offsets to the changelog partitions of
+    /// their input partitions, so a restore also restores the position the states reflect.
+    async fn send_changelog<'u>(
+        &self,
+        window: &mut DeliveryWindow<'_>,
+        users: impl IntoIterator<Item = (i32, &'u str, &'u [u8])>,
+        next: &BTreeMap<(String, i32), i64>,
+    ) -> Result<()> {
+        for (partition, user, state) in users {
+            window.send_tracked(self.changelog, partition, &ChangelogKey::User(user).encode(), state).await?;
         }
         for ((topic, partition), offset) in next {
             window.send_tracked(self.changelog, *partition, &ChangelogKey::Offset(topic).encode(), &encode_offset(*offset)).await?;
         }
-        window.finish().await?;
-        Ok(window.tracked().clone())
+        Ok(())
+    }
+
+    /// Adds the consumer offsets `tpl` to the open transaction and commits it, under the
+    /// watchdog.
+    fn commit_transaction(&self, consumer: &StreamConsumer<RebalanceTracker>, tpl: &TopicPartitionList) -> Result<()> {
+        let group = consumer.group_metadata().context("the consumer has no group metadata")?;
+        tokio::task::block_in_place(|| -> Result<()> {
+            let _watch = self.watchdog.watch();
+            retrying("adding the offsets to the transaction", || self.producer.send_offsets_to_transaction(tpl, &group, TXN_TIMEOUT))?;
+            retrying("committing the transaction", || self.producer.commit_transaction(TXN_TIMEOUT))
+        })
     }
 
     /// [`Sink::produce`] inside one Kafka transaction that also commits the consumer offsets
@@ -543,23 +566,17 @@ impl Sink<'_> {
         &self,
         consumer: &StreamConsumer<RebalanceTracker>,
         out: &intentflow_operators::BatchOutput,
+        states: &[Vec<u8>],
         rejected: &[intentflow_operators::Rejected],
         next: &BTreeMap<(String, i32), i64>,
         tpl: &TopicPartitionList,
     ) -> Result<BTreeMap<i32, i64>> {
         self.producer.begin_transaction().context("beginning a transaction")?;
-        let changelog_next = self.produce(out, rejected, next).await?;
-        let group = consumer.group_metadata().context("the consumer has no group metadata")?;
-        tokio::task::block_in_place(|| -> Result<()> {
-            let _watch = self.watchdog.watch();
-            retrying("adding the offsets to the transaction", || self.producer.send_offsets_to_transaction(tpl, &group, TXN_TIMEOUT))?;
-            retrying("committing the transaction", || self.producer.commit_transaction(TXN_TIMEOUT))
-        })?;
+        let changelog_next = self.produce(out, states, rejected, next).await?;
+        self.commit_transaction(consumer, tpl)?;
         Ok(changelog_next)
     }
-}
 
-impl Sink<'_> {
     /// Hands a state directory written by `intentflow replay` over to the live operator: every
     /// replayed state and input offset goes to the changelog and the replay's end offsets become
     /// the group's committed offsets — one transaction under exactly-once — so live processing
@@ -567,43 +584,47 @@ impl Sink<'_> {
     /// replayed states with it. The replay marker is then renamed `ADOPTED`.
     async fn adopt_replay(&self, consumer: &StreamConsumer<RebalanceTracker>, store: &StateStore, partitions: i32, exactly_once: bool) -> Result<()> {
         let users = store.users()?;
-        let mut tpl = TopicPartitionList::new();
         let mut next = BTreeMap::new();
         for topic in &self.cfg.input_topics {
             for p in 0..partitions {
                 if let Some(o) = store.offset(topic, p)? {
-                    tpl.add_partition_offset(topic, p, Offset::Offset(o))?;
                     next.insert((topic.clone(), p), o);
                 }
             }
         }
+        let tpl = offsets_tpl(&next)?;
         if exactly_once {
             self.producer.begin_transaction().context("beginning the hand-over transaction")?;
         }
         let mut window = DeliveryWindow::new(self.producer, 100_000);
-        for (partition, user, state) in &users {
-            window.send_tracked(self.changelog, *partition, &ChangelogKey::User(user).encode(), &state.encode()).await?;
-        }
-        for ((topic, partition), offset) in &next {
-            window.send_tracked(self.changelog, *partition, &ChangelogKey::Offset(topic).encode(), &encode_offset(*offset)).await?;
-        }
+        let encoded: Vec<Vec<u8>> = users.iter().map(|(_, _, s)| s.encode()).collect();
+        self.send_changelog(&mut window, users.iter().zip(&encoded).map(|((p, u, _), b)| (*p, u.as_str(), b.as_slice())), &next).await?;
         window.finish().await?;
         if exactly_once {
-            let group = consumer.group_metadata().context("the consumer has no group metadata")?;
-            tokio::task::block_in_place(|| -> Result<()> {
-                let _watch = self.watchdog.watch();
-                retrying("adding the replay's offsets to the transaction", || self.producer.send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT))?;
-                retrying("committing the hand-over", || self.producer.commit_transaction(TXN_TIMEOUT))
-            })?;
+            self.commit_transaction(consumer, &tpl)?;
         } else {
             consumer.commit(&tpl, CommitMode::Sync).context("committing the replay's offsets")?;
         }
-        store.commit([], [], window.tracked().iter().map(|(p, last)| (*p, last + 1)))?;
+        store.commit_encoded([], [], changelog_positions(window.tracked()))?;
         let marker = self.cfg.state_dir.join(crate::replay::REPLAY_MARKER);
         std::fs::rename(&marker, self.cfg.state_dir.join("ADOPTED"))?;
         tracing::info!(users = users.len(), offsets = ?next, "replayed state handed over: live processing continues where the replay ended");
         Ok(())
     }
+}
+
+/// The consumer offsets to commit for `next` offsets per topic-partition.
+fn offsets_tpl(next: &BTreeMap<(String, i32), i64>) -> Result<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), o) in next {
+        tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
+    }
+    Ok(tpl)
+}
+
+/// The next changelog offset per partition after the last offsets written.
+fn changelog_positions(last: &BTreeMap<i32, i64>) -> impl Iterator<Item = (i32, i64)> + '_ {
+    last.iter().map(|(p, last)| (*p, last + 1))
 }
 
 /// Runs a transaction call again while librdkafka calls its error retriable (a coordinator
@@ -710,9 +731,16 @@ pub const DLQ_SOURCE_TIMESTAMP: &str = "intentflow.source.timestamp";
 /// Logs rejected records (each one names topic/partition/offset, up to a cap per batch) and
 /// counts them by reason.
 fn report_rejections(rejected: &[intentflow_operators::Rejected], stats: &mut BatchStats) {
+    for r in rejected {
+        *stats.invalid.entry(r.error.kind()).or_default() += 1;
+    }
+    log_rejections(rejected);
+}
+
+/// Logs rejected records, each naming topic/partition/offset, up to a cap per batch.
+pub(crate) fn log_rejections(rejected: &[intentflow_operators::Rejected]) {
     const LOGGED_PER_BATCH: usize = 20;
     for (i, r) in rejected.iter().enumerate() {
-        *stats.invalid.entry(r.error.kind()).or_default() += 1;
         if i < LOGGED_PER_BATCH {
             tracing::warn!(
                 topic = %r.source.topic,

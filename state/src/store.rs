@@ -109,9 +109,25 @@ impl StateStore {
         offsets: impl IntoIterator<Item = (&'a str, i32, i64)>,
         changelog: impl IntoIterator<Item = (i32, i64)>,
     ) -> Result<(), StateError> {
+        let encoded: Vec<(i32, &str, Vec<u8>)> = states.into_iter().map(|(p, u, s)| (p, u, s.encode())).collect();
+        self.commit_encoded(encoded.iter().map(|(p, u, b)| (*p, *u, b.as_slice())), offsets, changelog)
+    }
+
+    /// [`StateStore::commit`] with states already encoded by [`UserState::encode`] (the runtime
+    /// encodes each state once, for the changelog and for the store).
+    ///
+    /// # Errors
+    ///
+    /// RocksDB write errors; nothing is written then.
+    pub fn commit_encoded<'s, 'o>(
+        &self,
+        states: impl IntoIterator<Item = (i32, &'s str, &'s [u8])>,
+        offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
+        changelog: impl IntoIterator<Item = (i32, i64)>,
+    ) -> Result<(), StateError> {
         let mut batch = WriteBatch::default();
         for (partition, user, state) in states {
-            batch.put(user_key(partition, user), state.encode());
+            batch.put(user_key(partition, user), state);
         }
         for (topic, partition, next_offset) in offsets {
             batch.put(offset_key(topic, partition), next_offset.to_le_bytes());
@@ -210,11 +226,8 @@ impl StateStore {
     /// RocksDB errors.
     pub fn clear_partition(&self, partition: i32) -> Result<(), StateError> {
         let mut batch = WriteBatch::default();
-        let mut end = vec![USER_PREFIX];
-        end.extend_from_slice(&(i64::from(partition) + 1).to_be_bytes()[4..]);
-        if partition == i32::MAX {
-            end = vec![USER_PREFIX + 1];
-        }
+        // Partitions are non-negative, so as u32 the next one still sorts right after.
+        let end = [[USER_PREFIX].as_slice(), &(partition as u32 + 1).to_be_bytes()].concat();
         batch.delete_range(user_key(partition, ""), end);
         for item in self.db.iterator(IteratorMode::From(&[OFFSET_PREFIX], Direction::Forward)) {
             let (key, _) = item?;

@@ -67,12 +67,8 @@ impl Restorer {
     }
 
     fn consumer(&self, isolation: &str) -> Result<BaseConsumer> {
-        let mut cfg = crate::kafka::client_config(&self.brokers, &self.consumer_overrides);
-        cfg.set("group.id", "intentflow-restore")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true")
-            .set("isolation.level", isolation)
+        let mut cfg = crate::kafka::reader_config(&self.brokers, &self.consumer_overrides, "intentflow-restore", isolation);
+        cfg.set("enable.partition.eof", "true")
             .set("fetch.max.bytes", "52428800")
             .set("max.partition.fetch.bytes", "10485760");
         cfg.create().context("creating the changelog restore consumer")
