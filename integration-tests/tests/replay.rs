@@ -2,6 +2,7 @@
 //! operator, file sources.
 
 use intentflow_integration_tests::*;
+use intentflow_operators::columnar;
 use intentflow_schemas::ScoredIntent;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -72,6 +73,12 @@ fn replays_are_byte_identical_and_equal_the_live_operator() {
     assert!(log.contains("12000 events, 12000 intents out, 0 invalid"), "{log}");
     replay(&sc, "state-b", &b, &["--max-batch-records", "777"]);
     assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "two replays (different batch sizes) wrote different bytes");
+    // Parquet outputs too, and they hold the same intents.
+    let (c, d) = (sc.dir.path().join("c.parquet"), sc.dir.path().join("d.parquet"));
+    replay(&sc, "state-c", &c, &["--max-batch-records", "777"]);
+    replay(&sc, "state-d", &d, &["--max-batch-records", "5000"]);
+    assert!(std::fs::read(&c).unwrap() == std::fs::read(&d).unwrap(), "two Parquet replays wrote different bytes");
+    assert!(columnar::read_intents(&c).unwrap() == read_jsonl(&a), "the Parquet output differs from the JSONL output");
     assert_eq!(stored_states(&sc.dir.path().join("state-a")), stored_states(&sc.dir.path().join("state-b")));
     assert_eq!(stored_states(&sc.dir.path().join("state-a")), stored_states(&sc.state), "replayed states equal the live operator's");
 
@@ -89,28 +96,49 @@ fn a_file_replay_equals_the_topic_replay_of_the_same_events() {
     let sc = Scenario::new("replay-file", 4);
     let events = generated_events(300, 6_000, 63);
     produce_events(&sc.brokers, &sc.input, &events).unwrap();
+    let jsonl = |path: &Path, events: &mut dyn Iterator<Item = &intentflow_schemas::Event>| {
+        std::fs::write(path, events.map(|e| serde_json::to_string(e).unwrap() + "\n").collect::<String>()).unwrap();
+    };
     let file = sc.dir.path().join("events.jsonl");
-    std::fs::write(&file, events.iter().map(|e| serde_json::to_string(e).unwrap() + "\n").collect::<String>()).unwrap();
+    jsonl(&file, &mut events.iter());
+    // A data-lake layout of the same events: every user's events spread over a Parquet part
+    // (made by `intentflow import`) and a JSONL part, plus a marker file to skip.
+    let lake = sc.dir.path().join("lake");
+    std::fs::create_dir_all(lake.join("day=1")).unwrap();
+    std::fs::write(lake.join("_SUCCESS"), b"").unwrap();
+    let even = sc.dir.path().join("even.jsonl");
+    jsonl(&even, &mut events.iter().step_by(2));
+    jsonl(&lake.join("day=1/part-1.jsonl"), &mut events.iter().skip(1).step_by(2));
+    let part0 = lake.join("day=1/part-0.parquet").display().to_string();
+    let (status, log) = intentflow(&["import", "--format", "jsonl", "--input", &even.display().to_string(), "--output", &part0]);
+    assert!(status.success(), "{log}");
 
     let from_topic = sc.dir.path().join("topic.jsonl");
     replay(&sc, "state-topic", &from_topic, &[]);
-    let from_file = sc.dir.path().join("file.jsonl");
     let model = trained_model_dir().display().to_string();
-    let state = sc.dir.path().join("state-file").display().to_string();
-    let (status, log) = intentflow(&["replay", "--input-file", &file.display().to_string(), "--model-dir", &model, "--state-dir", &state, "--output", &from_file.display().to_string()]);
-    assert!(status.success(), "{log}");
+    let from_file = |input: &Path, state: &str, out: &Path| {
+        let state = sc.dir.path().join(state).display().to_string();
+        let (status, log) = intentflow(&["replay", "--input-file", &input.display().to_string(), "--model-dir", &model, "--state-dir", &state, "--output", &out.display().to_string()]);
+        assert!(status.success(), "{log}");
+        log
+    };
+    let (from_jsonl, from_lake) = (sc.dir.path().join("file.jsonl"), sc.dir.path().join("lake.parquet"));
+    from_file(&file, "state-file", &from_jsonl);
+    let log = from_file(&lake, "state-lake", &from_lake);
+    assert!(log.contains("6000 events, 6000 intents out, 0 invalid"), "{log}");
 
     // Per user, the same events in the same order with bit-identical scores.
-    let by_user = |path: &Path| {
+    let by_user = |intents: Vec<ScoredIntent>| {
         let mut m: BTreeMap<String, Vec<(String, u32)>> = BTreeMap::new();
-        for i in read_jsonl(path) {
+        for i in intents {
             m.entry(i.user_id.clone()).or_default().push((i.event_id.unwrap(), i.score.to_bits()));
         }
         m
     };
-    let (t, f) = (by_user(&from_topic), by_user(&from_file));
+    let t = by_user(read_jsonl(&from_topic));
     assert_eq!(t.len(), 300);
-    assert!(t == f, "file and topic replays disagree");
+    assert!(t == by_user(read_jsonl(&from_jsonl)), "JSONL file and topic replays disagree");
+    assert!(t == by_user(columnar::read_intents(&from_lake).unwrap()), "the Parquet + JSONL directory replay and the topic replay disagree");
 }
 
 #[test]

@@ -13,9 +13,13 @@
 //! The caller (the pipeline) produces the outputs, then writes the returned states and commits
 //! offsets; nothing here touches Kafka.
 //!
+//! [`columnar`] reads events from, and writes events and intents to, Parquet files (file
+//! replays, data-lake backfills), with the same validation as records on Kafka.
+//!
 //! [`generate`] is the seeded synthetic clickstream source used by the CLI, the tests and the
 //! benchmarks when no real data is at hand.
 
+pub mod columnar;
 pub mod decode;
 pub mod encode;
 pub mod generate;

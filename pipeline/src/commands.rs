@@ -10,16 +10,17 @@ use intentflow_model::calibrate::CalibrationMethod;
 use intentflow_model::train::{EpochReport, LabelHorizon, Part, SplitSpec, TrainConfig};
 use intentflow_model::{DeviceKind, IntentModel};
 use intentflow_operators::generate::{generate, GeneratorConfig};
-use intentflow_schemas::{EventType, ScoredIntent, SessionConfig};
+use intentflow_operators::columnar::EventWriter;
+use intentflow_schemas::{Event, EventType, ScoredIntent, SessionConfig};
 use rdkafka::Message;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Where event commands write: a JSONL file or a Kafka topic.
+/// Where event commands write: a JSONL or Parquet file, or a Kafka topic.
 #[derive(Debug, Clone, Args)]
 pub struct Sink {
-    /// Write schema-v1 JSONL to this file.
+    /// Write to this file: Parquet if it ends in `.parquet`, schema-v1 JSONL otherwise.
     #[arg(long, conflicts_with = "topic", required_unless_present = "topic")]
     pub output: Option<PathBuf>,
     /// Produce to this Kafka topic, keyed by user id.
@@ -33,10 +34,23 @@ pub struct Sink {
     pub partitions: i32,
 }
 
+/// Whether `path` names a Parquet file to write.
+pub fn is_parquet_name(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+}
+
 impl Sink {
-    /// Writes `(user id, JSON)` records; returns how many.
-    async fn write(&self, records: impl IntoIterator<Item = (String, Vec<u8>)>) -> Result<u64> {
+    /// Writes events, each with its JSON form (which may carry more than the event, such as
+    /// the generator's oracle); returns how many.
+    async fn write<'e>(&self, records: impl IntoIterator<Item = (&'e Event, Vec<u8>)>) -> Result<u64> {
         if let Some(path) = &self.output {
+            if is_parquet_name(path) {
+                let mut out = EventWriter::create(path)?;
+                for (event, _) in records {
+                    out.write(event)?;
+                }
+                return Ok(out.finish()?);
+            }
             let mut out = std::io::BufWriter::new(
                 std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
             );
@@ -53,8 +67,8 @@ impl Sink {
         kafka::ensure_topic(&self.brokers, topic, self.partitions).await?;
         let producer = kafka::producer(&self.brokers, &Default::default())?;
         let mut window = DeliveryWindow::new(&producer, 100_000);
-        for (key, json) in records {
-            window.send(topic, key.as_bytes(), &json).await?;
+        for (event, json) in records {
+            window.send(topic, event.user_id.as_bytes(), &json).await?;
         }
         window.finish().await
     }
@@ -96,7 +110,7 @@ pub async fn generate_cmd(args: &GenerateArgs) -> Result<()> {
     let events = generate(&GeneratorConfig { users: args.users, events: args.events, seed: args.seed, ..Default::default() });
     let n = args
         .sink
-        .write(events.iter().map(|g| (g.event.user_id.clone(), serde_json::to_vec(g).expect("events serialise"))))
+        .write(events.iter().map(|g| (&g.event, serde_json::to_vec(g).expect("events serialise"))))
         .await?;
     eprintln!("generated {n} events for {} users (seed {}) into {}", args.users, args.seed, args.sink.describe());
     Ok(())
@@ -134,7 +148,7 @@ pub async fn import_cmd(args: &ImportArgs) -> Result<()> {
     report_bad_rows(&args.input, &imported.bad);
     let n = args
         .sink
-        .write(imported.events.iter().map(|e| (e.user_id.clone(), serde_json::to_vec(e).expect("events serialise"))))
+        .write(imported.events.iter().map(|e| (e, serde_json::to_vec(e).expect("events serialise"))))
         .await?;
     eprintln!("imported from {}: {}", args.input.display(), imported.summary());
     eprintln!("wrote {n} events to {}", args.sink.describe());

@@ -1,4 +1,5 @@
-//! Readers of event files: schema-v1 JSONL, and the public REES46 and Taobao CSV layouts.
+//! Readers of event files: schema-v1 JSONL or Parquet, and the public REES46, Taobao and
+//! RetailRocket CSV layouts.
 //!
 //! Mappings (also in `docs/schemas.md`):
 //!
@@ -20,6 +21,7 @@
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use intentflow_operators::columnar;
 use intentflow_schemas::{Event, EventDecoder, EventType};
 use std::io::{BufRead, Read};
 use std::path::Path;
@@ -29,6 +31,8 @@ use std::path::Path;
 pub enum Format {
     /// Schema-v1 events, one JSON object per line.
     Jsonl,
+    /// Schema-v1 events as Parquet columns (see `intentflow_operators::columnar`).
+    Parquet,
     /// REES46 "eCommerce behavior data from multi category store" CSV.
     Rees46,
     /// Alibaba Tianchi Taobao UserBehavior CSV.
@@ -40,7 +44,7 @@ pub enum Format {
 /// A row that could not become an event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BadRow {
-    /// 1-based line number in the file.
+    /// 1-based line number in the file (row number for Parquet).
     pub line: usize,
     /// Why.
     pub reason: String,
@@ -72,12 +76,50 @@ impl Imported {
     }
 }
 
+impl Format {
+    /// Parquet if the file starts with Parquet's magic bytes, schema-v1 JSONL otherwise.
+    ///
+    /// # Errors
+    ///
+    /// If the file cannot be read.
+    pub fn detect(path: &Path) -> Result<Format> {
+        Ok(if columnar::is_parquet(path)? { Format::Parquet } else { Format::Jsonl })
+    }
+}
+
 /// Reads `path` in `format`.
 ///
 /// # Errors
 ///
-/// If the file cannot be opened or read; bad rows are not errors.
+/// If the file cannot be opened or read, or (Parquet) lacks a required column; bad rows are not
+/// errors.
 pub fn read_events(path: &Path, format: Format) -> Result<Imported> {
+    let mut out = match format {
+        Format::Parquet => read_parquet(path)?,
+        _ => read_text(path, format)?,
+    };
+    // Stable sort by time; the oracle column, if any, moves with its events.
+    match out.latent_intent.take() {
+        Some(latent) => {
+            let mut paired: Vec<(Event, f64)> = out.events.drain(..).zip(latent).collect();
+            paired.sort_by_key(|(e, _)| e.ts);
+            let (events, latent): (Vec<Event>, Vec<f64>) = paired.into_iter().unzip();
+            out.events = events;
+            out.latent_intent = Some(latent);
+        }
+        None => out.events.sort_by_key(|e| e.ts),
+    }
+    Ok(out)
+}
+
+fn read_parquet(path: &Path) -> Result<Imported> {
+    let read = columnar::read_events(path, &EventDecoder::default(), chrono::Utc::now().timestamp_millis())?;
+    let bad = read.rejected.into_iter().map(|(row, e)| BadRow { line: row + 1, reason: e.to_string() }).collect();
+    Ok(Imported { events: read.events, bad, latent_intent: None })
+}
+
+/// Reads a line-oriented file, with a progress bar over its bytes on a terminal.
+fn read_text(path: &Path, format: Format) -> Result<Imported> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let progress = if size > 8 << 20 && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -90,24 +132,14 @@ pub fn read_events(path: &Path, format: Format) -> Result<Imported> {
     );
     progress.set_message(format!("reading {}", path.display()));
     let reader = progress.wrap_read(file);
-    let mut out = match format {
+    let out = match format {
         Format::Jsonl => read_jsonl(std::io::BufReader::new(reader))?,
         Format::Rees46 => read_csv(reader, true, rees46_row)?,
         Format::Taobao => read_csv(reader, false, taobao_row)?,
         Format::Retailrocket => read_csv(reader, true, retailrocket_row)?,
+        Format::Parquet => unreachable!("Parquet is columnar, not text"),
     };
     progress.finish_and_clear();
-    // Stable sort by time; the oracle column, if any, moves with its events.
-    match out.latent_intent.take() {
-        Some(latent) => {
-            let mut paired: Vec<(Event, f64)> = out.events.drain(..).zip(latent).collect();
-            paired.sort_by_key(|(e, _)| e.ts);
-            let (events, latent): (Vec<Event>, Vec<f64>) = paired.into_iter().unzip();
-            out.events = events;
-            out.latent_intent = Some(latent);
-        }
-        None => out.events.sort_by_key(|e| e.ts),
-    }
     Ok(out)
 }
 

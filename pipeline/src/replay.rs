@@ -1,5 +1,6 @@
 //! `intentflow replay`: bounded, deterministic reprocessing of historical topics or event files
-//! into a separate state directory, with outputs to a backfill topic or a JSONL file.
+//! (Parquet or JSONL) into a separate state directory, with outputs to a backfill topic or a
+//! Parquet or JSONL file.
 //!
 //! A replay fixes every partition's range `[from, to)` at start (timestamps are resolved per
 //! partition with the broker's offsets-for-times), reads the partitions one after another in
@@ -8,11 +9,16 @@
 //! consumer group. Its intents carry the event's own time as `emitted_at`, and the GRU's per-row
 //! steps do not depend on batch cuts, so replaying the same range with the same model and the
 //! same starting state gives byte-identical outputs and states.
+//!
+//! The store is opened for bulk loading (no write-ahead log, large memtables) and flushed at
+//! the end. The `REPLAY` marker says `running` until then, so a state directory left by a
+//! crashed replay is refused, both by a new replay and by `run`, instead of being continued.
 
 use crate::kafka::{self, DeliveryWindow};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use intentflow_model::{DeviceKind, IntentModel};
+use intentflow_operators::columnar::IntentWriter;
 use intentflow_operators::{decode::decode_batch, encode::encode_intent, EmittedAt, IntentOperator, PositionedEvent, SourceRecord};
 use intentflow_schemas::{EventDecoder, Limits, SourcePosition};
 use intentflow_state::{StateStore, StoreOptions};
@@ -33,7 +39,10 @@ pub struct ReplayArgs {
     /// Input topic to replay; repeat for several.
     #[arg(long = "input-topic")]
     pub input_topics: Vec<String>,
-    /// Schema-v1 JSONL event file to replay instead of topics (read whole, in time order; time bounds apply to the event time); repeat for several.
+    /// Event file or directory to replay instead of topics: Parquet or schema-v1 JSONL, told
+    /// apart by content; directories are searched for *.parquet, *.jsonl, *.ndjson and *.json.
+    /// Repeat for several. All are read, then replayed together in event-time order; time
+    /// bounds apply to the event time.
     #[arg(long = "input-file", conflicts_with = "input_topics")]
     pub input_files: Vec<PathBuf>,
     /// Start of the range: `earliest`, `latest`, an RFC 3339 time, or `partition:offset,…`.
@@ -51,7 +60,8 @@ pub struct ReplayArgs {
     /// Output topic [default: `<first input topic>-backfill`].
     #[arg(long, conflicts_with = "output")]
     pub output_topic: Option<String>,
-    /// Write intents to this JSONL file instead of a topic.
+    /// Write intents to this file instead of a topic: Parquet if it ends in `.parquet`, JSONL
+    /// otherwise.
     #[arg(long)]
     pub output: Option<PathBuf>,
     /// Records per batch.
@@ -137,7 +147,8 @@ pub struct ReplaySummary {
 /// Where a replay's intents go.
 enum Output<'p> {
     Topic { window: DeliveryWindow<'p>, topic: String },
-    File(std::io::BufWriter<std::fs::File>),
+    Jsonl(std::io::BufWriter<std::fs::File>),
+    Parquet(IntentWriter),
 }
 
 impl Output<'_> {
@@ -148,29 +159,65 @@ impl Output<'_> {
                     window.send(topic, i.user_id.as_bytes(), &encode_intent(i)).await?;
                 }
             }
-            Output::File(w) => {
+            Output::Jsonl(w) => {
                 for i in intents {
                     w.write_all(&encode_intent(i))?;
                     w.write_all(b"\n")?;
                 }
             }
+            Output::Parquet(w) => w.write(intents)?,
         }
         Ok(())
     }
 
-    async fn finish(&mut self) -> Result<()> {
+    async fn finish(self) -> Result<()> {
         match self {
-            Output::Topic { window, .. } => {
+            Output::Topic { mut window, .. } => {
                 window.finish().await?;
             }
-            Output::File(w) => w.flush()?,
+            Output::Jsonl(mut w) => w.flush()?,
+            Output::Parquet(w) => {
+                w.finish()?;
+            }
         }
         Ok(())
     }
 }
 
-/// Marker file a replay leaves in its state directory.
+/// Marker file a replay leaves in its state directory: the model, then `status running` until
+/// the replay has flushed its store, `status complete` after.
 pub const REPLAY_MARKER: &str = "REPLAY";
+
+/// Whether the replay that wrote `state_dir` finished: `None` if no replay marker is there.
+/// (Markers written before the status line existed count as complete.)
+///
+/// # Errors
+///
+/// If the marker cannot be read.
+pub fn replay_complete(state_dir: &Path) -> Result<Option<bool>> {
+    let path = state_dir.join(REPLAY_MARKER);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(!text.lines().any(|l| l.trim() == "status running")))
+}
+
+/// Refuses a state directory whose replay did not finish.
+///
+/// # Errors
+///
+/// When the directory holds an unfinished replay, or its marker cannot be read.
+pub fn refuse_unfinished(state_dir: &Path) -> Result<()> {
+    if replay_complete(state_dir)? == Some(false) {
+        bail!(
+            "{} holds a replay that did not finish (its states are partial and, written without a write-ahead log, \
+             may not even match its offsets); replay again into a fresh --state-dir",
+            state_dir.display()
+        );
+    }
+    Ok(())
+}
 
 /// Runs `intentflow replay`.
 ///
@@ -190,13 +237,16 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
     let model = IntentModel::load(&args.model_dir, &args.device.open()?)?;
     tracing::info!(version = model.version(), "model loaded");
     let operator = IntentOperator::new(model);
-    let store = StateStore::open(&args.state_dir, StoreOptions::default()).with_context(|| format!("opening {}", args.state_dir.display()))?;
+    refuse_unfinished(&args.state_dir)?;
+    let store = StateStore::open(&args.state_dir, StoreOptions::bulk()).with_context(|| format!("opening {}", args.state_dir.display()))?;
     crate::runtime::adopt_model(&store, operator.model().version(), false)?;
-    std::fs::write(args.state_dir.join(REPLAY_MARKER), format!("model {}\n", operator.model().version()))?;
+    let marker = |status: &str| std::fs::write(args.state_dir.join(REPLAY_MARKER), format!("model {}\nstatus {status}\n", operator.model().version()));
+    marker("running")?;
 
     let producer;
     let mut output = match &args.output {
-        Some(path) => Output::File(std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?)),
+        Some(path) if crate::commands::is_parquet_name(path) => Output::Parquet(IntentWriter::create(path)?),
+        Some(path) => Output::Jsonl(std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?)),
         None => {
             let topic = args.output_topic.clone().unwrap_or_else(|| format!("{}-backfill", args.input_topics.first().map_or("events", String::as_str)));
             if args.input_topics.contains(&topic) {
@@ -225,6 +275,8 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
         replay_files(&args.input_files, span, args.max_batch_records, &mut scorer, &mut output).await?;
     }
     output.finish().await?;
+    store.flush()?;
+    marker("complete")?;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -280,9 +332,9 @@ async fn replay_topics(args: &ReplayArgs, from: &Bound, to: &Bound, scorer: &mut
     }
     let total: i64 = ranges.iter().map(|(_, _, s, e)| e - s).sum();
     tracing::info!(partitions = ranges.len(), offsets = total, "replay ranges fixed");
-    let progress = Progress::new(total as u64);
+    let progress = Progress::new(ranges.iter().map(|(t, p, s, e)| (format!("{t}/{p}"), (e - s) as u64)).collect());
 
-    for (topic, partition, start, end) in ranges {
+    for (index, (topic, partition, start, end)) in ranges.into_iter().enumerate() {
         scorer.summary.ranges.insert((topic.clone(), partition), (start, end));
         if start >= end {
             continue;
@@ -298,7 +350,7 @@ async fn replay_topics(args: &ReplayArgs, from: &Bound, to: &Bound, scorer: &mut
             })?;
             let intents = score_records(&decoder, &batch, scorer)?;
             output.write(&intents).await?;
-            progress.advance(&topic, partition, batch.len() as u64);
+            progress.advance(index, batch.len() as u64);
             batch.clear();
             if done.is_some() {
                 break;
@@ -325,82 +377,163 @@ fn score_records(decoder: &EventDecoder, batch: &[rdkafka::message::OwnedMessage
     scorer.score(&decoded.events, Some((last.topic(), last.partition(), last.offset() + 1)))
 }
 
-/// Replays event files, keeping the events with `span.0 <= time < span.1`.
-async fn replay_files(files: &[PathBuf], span: (i64, i64), batch_size: usize, scorer: &mut Scorer<'_>, output: &mut Output<'_>) -> Result<()> {
-    let progress = Progress::new(0);
-    for path in files {
-        let imported = crate::import::read_events(path, crate::import::Format::Jsonl)?;
-        let name = file_name(path);
+/// Replays event files (and the event files under directories), all read first and merged in
+/// event-time order, keeping the events with `span.0 <= time < span.1`.
+async fn replay_files(inputs: &[PathBuf], span: (i64, i64), batch_size: usize, scorer: &mut Scorer<'_>, output: &mut Output<'_>) -> Result<()> {
+    let mut events: Vec<PositionedEvent> = Vec::new();
+    for path in expand_inputs(inputs)? {
+        let format = crate::import::Format::detect(&path)?;
+        let imported = crate::import::read_events(&path, format)?;
+        let name = file_name(&path);
         scorer.summary.invalid += imported.bad.len() as u64;
-        // Events in time order (stable), positioned by their index in that order.
-        let events: Vec<PositionedEvent> = imported
+        for bad in imported.bad.iter().take(10) {
+            tracing::warn!(file = %path.display(), row = bad.line, reason = %bad.reason, "invalid event skipped");
+        }
+        // Positions: the file, and the event's index in the file's time order, so a row keeps
+        // its position whatever the time window.
+        let kept: Vec<PositionedEvent> = imported
             .events
             .into_iter()
-            .filter(|e| (span.0..span.1).contains(&e.ts))
             .enumerate()
+            .filter(|(_, e)| (span.0..span.1).contains(&e.ts))
             .map(|(i, event)| PositionedEvent { source: SourcePosition { topic: name.clone(), partition: 0, offset: i as i64 }, event })
             .collect();
-        scorer.summary.ranges.insert((name.clone(), 0), (0, events.len() as i64));
-        progress.grow(events.len() as u64);
-        for chunk in events.chunks(batch_size.max(1)) {
-            let intents = scorer.score(chunk, None)?;
-            output.write(&intents).await?;
-            progress.advance(&name, 0, chunk.len() as u64);
-        }
+        let range = kept.first().zip(kept.last()).map_or((0, 0), |(a, b)| (a.source.offset, b.source.offset + 1));
+        scorer.summary.ranges.insert((name, 0), range);
+        events.extend(kept);
+    }
+    // Stable: events of equal time keep the order of the files as given.
+    events.sort_by_key(|p| p.event.ts);
+    let progress = Progress::new(vec![("files".to_string(), events.len() as u64)]);
+    for chunk in events.chunks(batch_size.max(1)) {
+        let intents = scorer.score(chunk, None)?;
+        output.write(&intents).await?;
+        progress.advance(0, chunk.len() as u64);
     }
     progress.finish();
     Ok(())
+}
+
+/// The event files named by `inputs`: files as given, directories searched recursively for
+/// `*.parquet`, `*.jsonl`, `*.ndjson` and `*.json` (hidden and `_`-prefixed entries, such as
+/// `_SUCCESS`, skipped), in path order.
+fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading directory {}", dir.display()))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        entries.sort();
+        for path in entries {
+            let name = file_name(&path);
+            if name.starts_with('.') || name.starts_with('_') {
+                continue;
+            }
+            if path.is_dir() {
+                walk(&path, out)?;
+            } else if path.extension().and_then(|e| e.to_str()).is_some_and(|e| ["parquet", "jsonl", "ndjson", "json"].contains(&e.to_ascii_lowercase().as_str())) {
+                out.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let before = files.len();
+            walk(input, &mut files)?;
+            if files.len() == before {
+                bail!("{} holds no event files (*.parquet, *.jsonl, *.ndjson, *.json)", input.display());
+            }
+        } else {
+            files.push(input.clone());
+        }
+    }
+    Ok(files)
 }
 
 fn file_name(path: &Path) -> String {
     path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
 }
 
-/// A progress bar with events/s and ETA on a terminal; a log line every 5 s otherwise.
+/// Progress of a replay, per source partition (or for all files): on a terminal, the bar of the
+/// partition being read (events/s, ETA) above a bar for the whole replay, and a line per
+/// finished partition; otherwise a log line every 5 s and one per finished partition.
 struct Progress {
-    bar: Option<indicatif::ProgressBar>,
+    parts: Vec<(String, u64)>,
+    multi: Option<indicatif::MultiProgress>,
+    total: Option<indicatif::ProgressBar>,
+    current: std::cell::RefCell<Option<(usize, indicatif::ProgressBar, Instant, u64)>>,
     last_log: std::cell::Cell<Instant>,
     done: std::cell::Cell<u64>,
     started: Instant,
 }
 
 impl Progress {
-    fn new(total: u64) -> Progress {
-        let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
-            let bar = indicatif::ProgressBar::new(total);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {human_pos}/{human_len} {per_sec} ETA {eta}").expect("valid template"),
-            );
+    /// `parts`: each partition's label and number of offsets (or events) to read, in read order.
+    fn new(parts: Vec<(String, u64)>) -> Progress {
+        let all: u64 = parts.iter().map(|(_, n)| n).sum();
+        let multi = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(indicatif::MultiProgress::new);
+        let total = multi.as_ref().map(|m| {
+            let bar = m.add(Self::bar(all));
+            bar.set_prefix("all");
             bar
         });
-        Progress { bar, last_log: std::cell::Cell::new(Instant::now()), done: std::cell::Cell::new(0), started: Instant::now() }
+        let now = Instant::now();
+        Progress { parts, multi, total, current: Default::default(), last_log: std::cell::Cell::new(now), done: std::cell::Cell::new(0), started: now }
     }
 
-    fn grow(&self, n: u64) {
-        if let Some(bar) = &self.bar {
-            bar.inc_length(n);
+    fn bar(len: u64) -> indicatif::ProgressBar {
+        let bar = indicatif::ProgressBar::new(len);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{prefix:>24} [{bar:30}] {human_pos}/{human_len} {per_sec} ETA {eta}").expect("valid template"),
+        );
+        bar
+    }
+
+    /// Records `n` more records read from part `index`.
+    fn advance(&self, index: usize, n: u64) {
+        let mut current = self.current.borrow_mut();
+        if current.as_ref().is_none_or(|(i, ..)| *i != index) {
+            self.close(current.take());
+            let bar = match &self.multi {
+                Some(m) => m.insert(0, Self::bar(self.parts[index].1)),
+                None => indicatif::ProgressBar::hidden(),
+            };
+            bar.set_prefix(self.parts[index].0.clone());
+            *current = Some((index, bar, Instant::now(), 0));
+        }
+        let (_, bar, _, read) = current.as_mut().expect("set above");
+        bar.inc(n);
+        *read += n;
+        self.done.set(self.done.get() + n);
+        if let Some(total) = &self.total {
+            total.inc(n);
+        } else if self.last_log.get().elapsed() > Duration::from_secs(5) {
+            let (label, len) = &self.parts[index];
+            let all: u64 = self.parts.iter().map(|(_, n)| n).sum();
+            let rate = self.done.get() as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+            let eta = (all.saturating_sub(self.done.get())) as f64 / rate.max(1e-9);
+            tracing::info!(partition = %label, read = *read, of = len, total_read = self.done.get(), total = all, rate = rate.round(), eta_s = eta.round(), "replay progress");
+            self.last_log.set(Instant::now());
         }
     }
 
-    fn advance(&self, source: &str, partition: i32, n: u64) {
-        self.done.set(self.done.get() + n);
-        match &self.bar {
-            Some(bar) => {
-                bar.set_message(format!("{source}/{partition}"));
-                bar.inc(n);
-            }
-            None if self.last_log.get().elapsed() > Duration::from_secs(5) => {
-                let rate = self.done.get() as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
-                tracing::info!(source, partition, records = self.done.get(), rate = rate.round(), "replay progress");
-                self.last_log.set(Instant::now());
-            }
-            None => {}
+    fn close(&self, part: Option<(usize, indicatif::ProgressBar, Instant, u64)>) {
+        let Some((index, bar, started, read)) = part else { return };
+        bar.finish_and_clear();
+        let seconds = started.elapsed().as_secs_f64();
+        let line = format!("{}: {read} records in {seconds:.1} s ({:.0}/s)", self.parts[index].0, read as f64 / seconds.max(1e-9));
+        match &self.multi {
+            Some(m) => m.println(line).unwrap_or_default(),
+            None => tracing::info!(partition = %self.parts[index].0, records = read, seconds, "replay partition done"),
         }
     }
 
     fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
+        self.close(self.current.borrow_mut().take());
+        if let Some(total) = &self.total {
+            total.finish_and_clear();
         }
     }
 }
@@ -463,5 +596,37 @@ mod tests {
         assert_eq!(resolve(&offsets, 2, ends, None, true), 10, "7 was deleted by retention");
         assert_eq!(resolve(&offsets, 1, ends, None, true), 10);
         assert_eq!(resolve(&offsets, 1, ends, None, false), 100);
+    }
+
+    #[test]
+    fn an_unfinished_replay_is_refused_and_a_finished_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(replay_complete(dir.path()).unwrap(), None);
+        refuse_unfinished(dir.path()).unwrap();
+        let marker = dir.path().join(REPLAY_MARKER);
+        std::fs::write(&marker, "model abc\nstatus running\n").unwrap();
+        assert_eq!(replay_complete(dir.path()).unwrap(), Some(false));
+        let err = refuse_unfinished(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("did not finish") && err.contains("fresh --state-dir"), "{err}");
+        std::fs::write(&marker, "model abc\nstatus complete\n").unwrap();
+        refuse_unfinished(dir.path()).unwrap();
+        std::fs::write(&marker, "model abc\n").unwrap();
+        assert_eq!(replay_complete(dir.path()).unwrap(), Some(true), "markers from before the status line");
+    }
+
+    #[test]
+    fn directories_expand_to_their_event_files_in_path_order() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["b/2.jsonl", "b/1.parquet", "a.ndjson", "_SUCCESS", ".hidden.jsonl", "b/notes.txt", "_tmp/x.jsonl"] {
+            let path = dir.path().join(f);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"").unwrap();
+        }
+        let single = dir.path().join("b/notes.txt");
+        let got = expand_inputs(&[dir.path().to_path_buf(), single.clone()]).unwrap();
+        let want: Vec<PathBuf> = ["a.ndjson", "b/1.parquet", "b/2.jsonl"].iter().map(|f| dir.path().join(f)).chain([single]).collect();
+        assert_eq!(got, want, "files given by name are taken as they are");
+        let empty = tempfile::tempdir().unwrap();
+        assert!(expand_inputs(&[empty.path().to_path_buf()]).unwrap_err().to_string().contains("holds no event files"));
     }
 }

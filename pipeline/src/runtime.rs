@@ -201,6 +201,7 @@ fn instance_id(cfg: &RunConfig) -> Result<String> {
 /// committed, so a restart repeats it.
 pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Arc<Health>) -> Result<RunSummary> {
     crate::replay::bootstrap(&cfg).await.context("bootstrapping states from history")?;
+    crate::replay::refuse_unfinished(&cfg.state_dir)?;
     let device = cfg.device.open()?;
     let model = IntentModel::load(&cfg.model_dir, &device)?;
     tracing::info!(version = model.version(), hidden = model.hidden_dim(), device = ?cfg.device, "model loaded");

@@ -257,19 +257,29 @@ impl EventDecoder {
         let Value::Object(obj) = value else {
             return Err(DecodeError::InvalidJson(format!("expected an object, got {}", json_type(&value))));
         };
+        self.decode_object(&obj, now_ms)
+    }
 
-        let user_id = self.id_field(&obj, "user_id")?.ok_or(DecodeError::MissingField("user_id"))?;
+    /// Validates one event given as field values, with the same rules as
+    /// [`EventDecoder::decode`] minus the byte-level checks. Sources that are not JSON (Parquet
+    /// rows) present their cells this way, so every source obeys one set of rules.
+    ///
+    /// # Errors
+    ///
+    /// A [`DecodeError`] naming the first problem found. Unknown fields are ignored.
+    pub fn decode_object(&self, obj: &Map<String, Value>, now_ms: i64) -> Result<Event, DecodeError> {
+        let user_id = self.id_field(obj, "user_id")?.ok_or(DecodeError::MissingField("user_id"))?;
         if user_id.is_empty() {
             return Err(DecodeError::OutOfRange { field: "user_id", reason: "empty".into() });
         }
-        let ts = self.timestamp(present(&obj, "ts").ok_or(DecodeError::MissingField("ts"))?, now_ms)?;
-        let kind = match present(&obj, "type").ok_or(DecodeError::MissingField("type"))? {
+        let ts = self.timestamp(present(obj, "ts").ok_or(DecodeError::MissingField("ts"))?, now_ms)?;
+        let kind = match present(obj, "type").ok_or(DecodeError::MissingField("type"))? {
             Value::String(s) => EventType::parse(s).ok_or_else(|| DecodeError::UnknownEventType(truncate(s)))?,
             other => {
                 return Err(DecodeError::WrongType { field: "type", expected: "a string", got: json_type(other) })
             }
         };
-        let price = match present(&obj, "price") {
+        let price = match present(obj, "price") {
             None => None,
             Some(Value::Number(n)) => {
                 let p = n.as_f64().unwrap_or(f64::NAN);
@@ -311,10 +321,10 @@ impl EventDecoder {
             user_id,
             ts,
             kind,
-            event_id: self.id_field(&obj, "event_id")?,
-            session_id: self.id_field(&obj, "session_id")?,
-            item_id: self.id_field(&obj, "item_id")?,
-            category: self.id_field(&obj, "category")?,
+            event_id: self.id_field(obj, "event_id")?,
+            session_id: self.id_field(obj, "session_id")?,
+            item_id: self.id_field(obj, "item_id")?,
+            category: self.id_field(obj, "category")?,
             price,
             quantity,
         })

@@ -2,7 +2,7 @@
 
 use crate::changelog::{decode_offset, ChangelogKey};
 use crate::{StateError, UserState};
-use rocksdb::{BlockBasedOptions, Cache, DBCompressionType, Direction, IteratorMode, Options, WriteBatch, DB};
+use rocksdb::{BlockBasedOptions, Cache, DBCompressionType, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use std::path::Path;
 
 const USER_PREFIX: u8 = b'u';
@@ -15,11 +15,22 @@ const MODEL_KEY: &[u8] = b"m";
 pub struct StoreOptions {
     /// Size of the LRU block cache in bytes (default 64 MiB).
     pub block_cache_bytes: usize,
+    /// Bulk loading (replays): large memtables, no write-ahead log, L0 compactions deferred
+    /// to larger runs. Writes survive only once [`StateStore::flush`] returns (or the store is
+    /// closed cleanly), so a crashed bulk load must be started again in a fresh directory.
+    pub bulk_load: bool,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { block_cache_bytes: 64 << 20 }
+        StoreOptions { block_cache_bytes: 64 << 20, bulk_load: false }
+    }
+}
+
+impl StoreOptions {
+    /// The options of a bulk load (replay): see [`StoreOptions::bulk_load`].
+    pub fn bulk() -> StoreOptions {
+        StoreOptions { bulk_load: true, ..StoreOptions::default() }
     }
 }
 
@@ -30,6 +41,7 @@ impl Default for StoreOptions {
 /// offset the partition's states reflect.
 pub struct StateStore {
     db: DB,
+    write_options: WriteOptions,
 }
 
 fn user_key(partition: i32, user: &str) -> Vec<u8> {
@@ -77,7 +89,17 @@ impl StateStore {
         table.set_bloom_filter(10.0, false);
         table.set_cache_index_and_filter_blocks(true);
         opts.set_block_based_table_factory(&table);
-        Ok(StateStore { db: DB::open(&opts, path)? })
+        let mut write_options = WriteOptions::default();
+        if options.bulk_load {
+            opts.set_write_buffer_size(256 << 20);
+            opts.set_max_write_buffer_number(4);
+            opts.set_level_zero_file_num_compaction_trigger(8);
+            opts.set_level_zero_slowdown_writes_trigger(32);
+            opts.set_level_zero_stop_writes_trigger(64);
+            opts.set_max_background_jobs(4);
+            write_options.disable_wal(true);
+        }
+        Ok(StateStore { db: DB::open(&opts, path)?, write_options })
     }
 
     /// Reads the states of many users at once; `None` where a user has no state yet.
@@ -135,7 +157,18 @@ impl StateStore {
         for (partition, next) in changelog {
             batch.put(changelog_key(partition), next.to_le_bytes());
         }
-        self.db.write(batch)?;
+        self.db.write_opt(batch, &self.write_options)?;
+        Ok(())
+    }
+
+    /// Persists everything written so far (the memtables) to disk; what a bulk load calls
+    /// before it reports success.
+    ///
+    /// # Errors
+    ///
+    /// RocksDB flush errors.
+    pub fn flush(&self) -> Result<(), StateError> {
+        self.db.flush()?;
         Ok(())
     }
 
@@ -281,13 +314,23 @@ mod tests {
 
     #[test]
     fn commit_then_read_back_after_reopen() {
+        commit_then_read_back(StoreOptions::default());
+    }
+
+    #[test]
+    fn a_flushed_bulk_load_reads_back_after_reopen() {
+        commit_then_read_back(StoreOptions::bulk());
+    }
+
+    fn commit_then_read_back(options: StoreOptions) {
         let dir = tempfile::tempdir().unwrap();
         let mut a = UserState { hidden: vec![0.25, -0.5], model_version: "m1".into(), ..Default::default() };
         a.session.total_events = 3;
         let b = UserState { hidden: vec![1.0], ..Default::default() };
         {
-            let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+            let store = StateStore::open(dir.path(), options).unwrap();
             store.commit([(0, "alice", &a), (3, "bob", &b)], [("events", 0, 42), ("events", 3, 7)], [(0, 5)]).unwrap();
+            store.flush().unwrap();
         }
         let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
         let got = store.get_many([(0, "alice"), (3, "bob"), (1, "alice")]).unwrap();
