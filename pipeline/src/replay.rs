@@ -231,13 +231,13 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
     if args.state_dir.join("INSTANCE_ID").exists() {
         bail!("{} is a live operator's state directory; a replay needs its own", args.state_dir.display());
     }
+    refuse_unfinished(&args.state_dir)?;
     let from: Bound = args.from.parse().map_err(anyhow::Error::msg).context("--from")?;
     let to: Bound = args.to.parse().map_err(anyhow::Error::msg).context("--to")?;
     let started = Instant::now();
     let model = IntentModel::load(&args.model_dir, &args.device.open()?)?;
     tracing::info!(version = model.version(), "model loaded");
     let operator = IntentOperator::new(model);
-    refuse_unfinished(&args.state_dir)?;
     let store = StateStore::open(&args.state_dir, StoreOptions::bulk()).with_context(|| format!("opening {}", args.state_dir.display()))?;
     crate::runtime::adopt_model(&store, operator.model().version(), false)?;
     let marker = |status: &str| std::fs::write(args.state_dir.join(REPLAY_MARKER), format!("model {}\nstatus {status}\n", operator.model().version()));
@@ -486,7 +486,9 @@ impl Progress {
     fn bar(len: u64) -> indicatif::ProgressBar {
         let bar = indicatif::ProgressBar::new(len);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{prefix:>24} [{bar:30}] {human_pos}/{human_len} {per_sec} ETA {eta}").expect("valid template"),
+            indicatif::ProgressStyle::with_template("{prefix:>24} [{bar:30}] {human_pos}/{human_len} {rate} ETA {eta}")
+                .expect("valid template")
+                .with_key("rate", |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| write!(w, "{:.0} events/s", state.per_sec()).unwrap_or_default()),
         );
         bar
     }

@@ -75,3 +75,21 @@ fn taobao_sample_imports_completely() {
     let buyers: HashSet<_> = e.iter().filter(|e| e.kind == EventType::Purchase).map(|e| &e.user_id).collect();
     assert_eq!(buyers.len(), 74);
 }
+
+#[test]
+fn real_samples_round_trip_through_parquet() {
+    for (name, format) in [("rees46-2019-10-sample.csv", Format::Rees46), ("taobao-userbehavior-114-users.csv", Format::Taobao)] {
+        let Some(path) = sample(name) else { return };
+        let events = read_events(&path, format).unwrap().events;
+        let dir = tempfile::tempdir().unwrap();
+        let parquet = dir.path().join("events.parquet");
+        let mut writer = intentflow_operators::columnar::EventWriter::create(&parquet).unwrap();
+        events.iter().for_each(|e| writer.write(e).unwrap());
+        assert_eq!(writer.finish().unwrap(), events.len() as u64);
+        let back = read_events(&parquet, Format::Parquet).unwrap();
+        assert!(back.bad.is_empty(), "{name}: {:?}", &back.bad[..back.bad.len().min(5)]);
+        assert!(back.events == events, "{name}: the Parquet round trip changed events");
+        assert_eq!(Format::detect(&parquet).unwrap(), Format::Parquet);
+        assert_eq!(Format::detect(&path).unwrap(), Format::Jsonl, "anything else is read as JSONL");
+    }
+}
