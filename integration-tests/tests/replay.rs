@@ -261,7 +261,8 @@ fn run_bootstrap_from_builds_history_then_goes_live_in_one_command() {
     let events = generated_events(400, 9_000, 68);
     let (history, live) = events.split_at(5_000);
     produce_events(&sc.brokers, &sc.input, history).unwrap();
-    let op = sc.start("op", &sc.run_args(&["--bootstrap-from", "earliest"]));
+    let backfill = format!("{}-history", sc.input);
+    let op = sc.start("op", &sc.run_args(&["--bootstrap-from", "earliest", "--bootstrap-output-topic", &backfill]));
     let started = std::time::Instant::now();
     while !op.log_text().contains("replayed state handed over") {
         assert!(started.elapsed() < IDLE, "no hand-over; log:\n{}", op.log_text());
@@ -275,4 +276,9 @@ fn run_bootstrap_from_builds_history_then_goes_live_in_one_command() {
     assert_eq!(intents.len(), live.len(), "live intents for live events only");
     assert_eq!(sc.intents(usize::MAX, Duration::from_secs(3)).len(), live.len());
     assert_states_match_offline(&stored_states(&sc.state), &events);
+    // Asked for, the history's intents went to the backfill topic: one per history event.
+    let history_ids: BTreeSet<String> = history.iter().map(|e| e.event_id.clone().unwrap()).collect();
+    let backfilled = read_intents(&sc.brokers, &backfill, usize::MAX, Duration::from_secs(3)).unwrap();
+    assert_eq!(backfilled.len(), history.len());
+    assert!(backfilled.into_iter().map(|i| i.event_id.unwrap()).collect::<BTreeSet<_>>() == history_ids);
 }

@@ -47,6 +47,9 @@ pub struct RunConfig {
     /// `earliest`, with `intentflow replay`, and adopt them; empty: no bootstrap. Skipped when
     /// the state directory is already live.
     pub bootstrap_from: String,
+    /// With `bootstrap_from`: also send the history's intents to this topic (a backfill
+    /// topic); empty: the history's intents are not emitted.
+    pub bootstrap_output_topic: String,
     /// Start every user from zero when the state directory was built by another model
     /// (otherwise the operator refuses to start).
     pub reset_state_on_model_change: bool,
@@ -90,6 +93,7 @@ impl Default for RunConfig {
             transaction_timeout_ms: 30_000,
             reset_state_on_model_change: false,
             bootstrap_from: String::new(),
+            bootstrap_output_topic: String::new(),
             max_batch_records: 4096,
             commit_interval_ms: 100,
             metrics_addr: "127.0.0.1:9464".into(),
@@ -168,6 +172,9 @@ pub struct RunArgs {
     /// Build states from history first: an RFC 3339 time or `earliest` (see docs/replay.md).
     #[arg(long)]
     pub bootstrap_from: Option<String>,
+    /// With --bootstrap-from: also send the history's intents to this (backfill) topic.
+    #[arg(long)]
+    pub bootstrap_output_topic: Option<String>,
     /// Start every user from zero if the state was built by another model (otherwise refuse).
     #[arg(long)]
     pub reset_state_on_model_change: bool,
@@ -291,6 +298,9 @@ impl RunConfig {
         }
         if let Some(v) = &args.bootstrap_from {
             cfg.bootstrap_from.clone_from(v);
+        }
+        if let Some(v) = &args.bootstrap_output_topic {
+            cfg.bootstrap_output_topic.clone_from(v);
         }
         if args.reset_state_on_model_change {
             cfg.reset_state_on_model_change = true;

@@ -541,8 +541,8 @@ impl Progress {
 }
 
 /// `intentflow run --bootstrap-from`: replays the input topics from `cfg.bootstrap_from` to
-/// their current end into the operator's (not yet live) state directory, without emitting
-/// intents; the runtime then adopts the replayed state and goes live where the replay ended.
+/// their current end into the operator's (not yet live) state directory, emitting the
+/// history's intents only to `cfg.bootstrap_output_topic` if one is set; the runtime then adopts the replayed state and goes live where the replay ended.
 /// Does nothing when no bootstrap is asked for or the state directory is already live.
 ///
 /// # Errors
@@ -564,8 +564,8 @@ pub async fn bootstrap(cfg: &crate::config::RunConfig) -> Result<()> {
         to: "latest".into(),
         model_dir: cfg.model_dir.clone(),
         state_dir: cfg.state_dir.clone(),
-        output_topic: None,
-        output: Some(PathBuf::from("/dev/null")),
+        output_topic: Some(cfg.bootstrap_output_topic.clone()).filter(|t| !t.is_empty()),
+        output: cfg.bootstrap_output_topic.is_empty().then(|| PathBuf::from("/dev/null")),
         max_batch_records: 16_384,
         device: cfg.device,
     };
