@@ -72,6 +72,14 @@ pub enum ColumnarError {
     /// Arrow failed to build or convert a column.
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    /// The file uses a compression codec this build does not include (zstd).
+    #[error("{path}: compressed with a codec this build cannot read ({detail}); zstd is not supported yet, rewrite the file with snappy, gzip or LZ4")]
+    UnsupportedCodec {
+        /// The file.
+        path: String,
+        /// The Parquet library's message.
+        detail: String,
+    },
     /// An intent that cannot be written or read back: a timestamp that is not RFC 3339, a
     /// column of the wrong type, an unknown event type.
     #[error("intent file: {0}")]
@@ -177,7 +185,10 @@ pub fn read_events(path: &Path, decoder: &EventDecoder, now_ms: i64) -> Result<R
     let mut out = ReadEvents::default();
     let mut row_base = 0;
     for batch in reader {
-        let batch = batch?;
+        let batch = batch.map_err(|e| match e.to_string() {
+            detail if detail.contains("Disabled feature at compile time") => ColumnarError::UnsupportedCodec { path: path.display().to_string(), detail },
+            _ => ColumnarError::Arrow(e),
+        })?;
         let columns: Vec<(&'static str, Cells)> = EVENT_FIELDS
             .iter()
             .filter_map(|name| batch.column_by_name(name).map(|c| (*name, c)))
@@ -586,6 +597,15 @@ mod tests {
         std::fs::write(&not_parquet, b"{\"user_id\":1}\n").unwrap();
         assert!(!is_parquet(&not_parquet).unwrap());
         assert!(read_events(&not_parquet, &EventDecoder::default(), NOW).is_err());
+    }
+
+    #[test]
+    fn a_zstd_file_is_refused_with_a_clear_error() {
+        // Written by DuckDB (`COPY … (FORMAT parquet, COMPRESSION zstd)`), 2 rows.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/zstd-events.parquet");
+        let err = read_events(&path, &EventDecoder::default(), NOW).unwrap_err();
+        assert!(matches!(err, ColumnarError::UnsupportedCodec { .. }), "{err}");
+        assert!(err.to_string().contains("zstd is not supported yet"), "{err}");
     }
 
     fn intent(i: i64) -> ScoredIntent {
