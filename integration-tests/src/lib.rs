@@ -173,9 +173,14 @@ pub struct Operator {
 impl Operator {
     /// Starts `intentflow run` with the given flags; logs go to `log`.
     pub fn start(args: &[String], log: PathBuf) -> Result<Operator> {
+        Operator::spawn("run", args, log)
+    }
+
+    /// Starts `intentflow <command>` with the given flags; logs go to `log`.
+    pub fn spawn(command: &str, args: &[String], log: PathBuf) -> Result<Operator> {
         let file = std::fs::File::create(&log)?;
         let child = Command::new(intentflow_bin())
-            .arg("run")
+            .arg(command)
             .args(args)
             .env("INTENTFLOW_LOG", "info")
             .stdout(Stdio::null())

@@ -282,3 +282,45 @@ fn run_bootstrap_from_builds_history_then_goes_live_in_one_command() {
     assert_eq!(backfilled.len(), history.len());
     assert!(backfilled.into_iter().map(|i| i.event_id.unwrap()).collect::<BTreeSet<_>>() == history_ids);
 }
+
+#[test]
+fn a_crashed_replay_is_refused_and_a_failed_start_leaves_the_directory_usable() {
+    let sc = Scenario::new("replay-crash", 4);
+    let model = trained_model_dir().display().to_string();
+    let state = sc.dir.path().join("state-crash");
+    let out = sc.dir.path().join("out.jsonl").display().to_string();
+    let replay_args = |input: &Path| -> Vec<String> {
+        let args = ["--input-file", &input.display().to_string(), "--model-dir", &model, "--state-dir", &state.display().to_string(), "--output", &out, "--max-batch-records", "256"];
+        args.iter().map(|s| s.to_string()).collect()
+    };
+    let cli = |command: &str, args: &[String]| {
+        let all: Vec<&str> = [command].into_iter().chain(args.iter().map(String::as_str)).collect();
+        intentflow(&all)
+    };
+
+    // An input that cannot be read fails before anything is written: the directory stays usable.
+    let zstd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../operators/tests/fixtures/zstd-events.parquet");
+    let (status, log) = cli("replay", &replay_args(&zstd));
+    assert!(!status.success() && log.contains("zstd is not supported yet"), "{log}");
+    assert!(!state.join("REPLAY").exists(), "a replay that wrote nothing marks nothing");
+
+    // A replay killed once it has started writing leaves a directory marked `running`.
+    let file = sc.dir.path().join("events.jsonl");
+    let events = generated_events(2_000, 200_000, 70);
+    std::fs::write(&file, events.iter().map(|e| serde_json::to_string(e).unwrap() + "\n").collect::<String>()).unwrap();
+    let mut replay = Operator::spawn("replay", &replay_args(&file), sc.dir.path().join("replay.log")).unwrap();
+    let marker = state.join("REPLAY");
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&marker).unwrap_or_default().contains("status running") {
+        assert!(started.elapsed() < IDLE, "the replay never started writing; log:\n{}", replay.log_text());
+        assert!(replay.wait_exit(Duration::from_millis(20)).unwrap().is_none(), "the replay exited early:\n{}", replay.log_text());
+    }
+    replay.crash().unwrap();
+    assert!(std::fs::read_to_string(&marker).unwrap().contains("status running"), "the replay finished before it was killed");
+
+    // Neither a new replay nor the live operator continues it.
+    let (status, log) = cli("replay", &replay_args(&file));
+    assert!(!status.success() && log.contains("did not finish"), "{log}");
+    let (status, log) = cli("run", &sc.run_args(&["--state-dir", &state.display().to_string()]));
+    assert!(!status.success() && log.contains("did not finish"), "{log}");
+}

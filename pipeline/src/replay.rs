@@ -240,8 +240,7 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
     let operator = IntentOperator::new(model);
     let store = StateStore::open(&args.state_dir, StoreOptions::bulk()).with_context(|| format!("opening {}", args.state_dir.display()))?;
     crate::runtime::adopt_model(&store, operator.model().version(), false)?;
-    let marker = |status: &str| std::fs::write(args.state_dir.join(REPLAY_MARKER), format!("model {}\nstatus {status}\n", operator.model().version()));
-    marker("running")?;
+    let marker = Marker { path: args.state_dir.join(REPLAY_MARKER), model: operator.model().version().to_string() };
 
     let producer;
     let mut output = match &args.output {
@@ -262,7 +261,7 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
         }
     };
     let mut summary = ReplaySummary::default();
-    let mut scorer = Scorer { operator: &operator, store: &store, summary: &mut summary };
+    let mut scorer = Scorer { operator: &operator, store: &store, summary: &mut summary, marker: &marker, writing: false };
     if args.input_files.is_empty() {
         replay_topics(args, &from, &to, &mut scorer, &mut output).await?;
     } else {
@@ -276,9 +275,21 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
     }
     output.finish().await?;
     store.flush()?;
-    marker("complete")?;
+    marker.set("complete")?;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// The replay marker of a state directory.
+struct Marker {
+    path: PathBuf,
+    model: String,
+}
+
+impl Marker {
+    fn set(&self, status: &str) -> Result<()> {
+        std::fs::write(&self.path, format!("model {}\nstatus {status}\n", self.model)).with_context(|| format!("writing {}", self.path.display()))
+    }
 }
 
 /// Scores batches into the replay's store and counts them.
@@ -286,12 +297,20 @@ struct Scorer<'a> {
     operator: &'a IntentOperator,
     store: &'a StateStore,
     summary: &'a mut ReplaySummary,
+    marker: &'a Marker,
+    /// Whether states have been written (and the marker says `running`).
+    writing: bool,
 }
 
 impl Scorer<'_> {
     /// Scores one batch of valid events, writes the states and the next offsets, returns the
-    /// intents.
+    /// intents. The first batch marks the state directory `running`: a replay that fails
+    /// before (a bad file, an unreachable broker) leaves the directory as it was.
     fn score(&mut self, events: &[PositionedEvent], next: Option<(&str, i32, i64)>) -> Result<Vec<intentflow_schemas::ScoredIntent>> {
+        if !self.writing {
+            self.marker.set("running")?;
+            self.writing = true;
+        }
         let out = self.operator.process(events, self.store, EmittedAt::EventTime)?;
         self.store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), next, [])?;
         self.summary.events += events.len() as u64;
