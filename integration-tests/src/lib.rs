@@ -108,26 +108,6 @@ pub fn produce(brokers: &str, topic: &str, records: &[(String, Vec<u8>)]) -> Res
     })
 }
 
-/// Produces events as schema-v1 JSON keyed by user id, each with its event time as the Kafka
-/// record timestamp (so that offsets-for-times finds them by event time).
-pub fn produce_events_at_event_time(brokers: &str, topic: &str, events: &[Event]) -> Result<()> {
-    use rdkafka::producer::FutureRecord;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
-        let producer = kafka::producer(brokers, &Default::default())?;
-        let mut pending = Vec::with_capacity(events.len());
-        for e in events {
-            let value = serde_json::to_vec(e)?;
-            let record = FutureRecord::to(topic).key(e.user_id.as_bytes()).payload(&value).timestamp(e.ts);
-            pending.push(producer.send_result(record).map_err(|(e, _)| anyhow::anyhow!(e))?);
-        }
-        for p in pending {
-            p.await?.map_err(|(e, _)| anyhow::anyhow!(e))?;
-        }
-        Ok(())
-    })
-}
-
 /// Runs `intentflow <args>` to completion; returns its status and stderr.
 pub fn intentflow(args: &[&str]) -> (ExitStatus, String) {
     let out = Command::new(intentflow_bin()).args(args).env("INTENTFLOW_LOG", "info").output().expect("running intentflow");

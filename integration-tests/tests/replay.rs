@@ -29,7 +29,11 @@ fn replay(sc: &Scenario, state: &str, out: &Path, range: &[&str]) -> String {
 fn time_and_offset_bounds_are_exact_per_partition() {
     let sc = Scenario::new("replay-bounds", 4);
     let events = generated_events(400, 8_000, 61);
-    produce_events_at_event_time(&sc.brokers, &sc.input, &events).unwrap();
+    // Loaded as a user would: `intentflow import --event-time` stamps records with event times.
+    let file = sc.dir.path().join("events.jsonl");
+    std::fs::write(&file, events.iter().map(|e| serde_json::to_string(e).unwrap() + "\n").collect::<String>()).unwrap();
+    let (status, log) = intentflow(&["import", "--format", "jsonl", "--input", &file.display().to_string(), "--topic", &sc.input, "--brokers", &sc.brokers, "--event-time"]);
+    assert!(status.success(), "{log}");
     let (t0, t1) = (events[2_000].ts, events[6_000].ts);
     let (from, to) = (chrono_rfc3339(t0), chrono_rfc3339(t1));
 
@@ -40,9 +44,13 @@ fn time_and_offset_bounds_are_exact_per_partition() {
     assert_eq!(got.len(), want.len(), "{log}");
     assert!(got == want, "the replayed events are exactly those with {from} <= time < {to}");
 
-    // The same window over a file of the same events, bounded by event time.
-    let file = sc.dir.path().join("events.jsonl");
-    std::fs::write(&file, events.iter().map(|e| serde_json::to_string(e).unwrap() + "\n").collect::<String>()).unwrap();
+    // A topic that the import creates keeps such records: unlimited time retention.
+    let history = format!("{}-history", sc.input);
+    let (status, log) = intentflow(&["import", "--format", "jsonl", "--input", &file.display().to_string(), "--topic", &history, "--brokers", &sc.brokers, "--event-time"]);
+    assert!(status.success(), "{log}");
+    assert_eq!(topic_config(&sc.brokers, &history, "retention.ms").as_deref(), Some("-1"));
+
+    // The same window over the file, bounded by event time.
     let out = sc.dir.path().join("file-window.jsonl");
     let (model, state) = (trained_model_dir().display().to_string(), sc.dir.path().join("state-file").display().to_string());
     let (status, log) = intentflow(&["replay", "--input-file", &file.display().to_string(), "--from", &from, "--to", &to, "--model-dir", &model, "--state-dir", &state, "--output", &out.display().to_string()]);
@@ -168,6 +176,15 @@ fn a_replay_to_the_default_backfill_topic_exits_on_its_own() {
 }
 
 /// RFC 3339 text of epoch milliseconds.
+/// A topic's configuration value, as the broker describes it.
+fn topic_config(brokers: &str, topic: &str, key: &str) -> Option<String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let described = rt.block_on(admin.describe_configs([&ResourceSpecifier::Topic(topic)], &AdminOptions::new())).unwrap();
+    described.into_iter().next()?.ok()?.get(key)?.value.clone()
+}
+
 fn chrono_rfc3339(ms: i64) -> String {
     intentflow_schemas::format_ts_ms(ms)
 }

@@ -32,6 +32,13 @@ pub struct Sink {
     /// Partitions of the topic if it has to be created.
     #[arg(long, default_value_t = 4)]
     pub partitions: i32,
+    /// With --topic: stamp each record with its event time instead of the producer's clock, so
+    /// that `intentflow replay --from/--to` times select by event time. A topic created here
+    /// then gets unlimited time retention (`retention.ms=-1`): under the broker's default of 7
+    /// days, records stamped with a past event time are deleted within minutes. Give an
+    /// existing topic that setting yourself.
+    #[arg(long, requires = "topic")]
+    pub event_time: bool,
 }
 
 /// Whether `path` names a Parquet file to write.
@@ -64,11 +71,16 @@ impl Sink {
             return Ok(n);
         }
         let topic = self.topic.as_deref().expect("clap requires --output or --topic");
-        kafka::ensure_topic(&self.brokers, topic, self.partitions).await?;
+        let configs: &[(&str, &str)] = if self.event_time { &[("retention.ms", "-1")] } else { &[] };
+        kafka::ensure_topic_with(&self.brokers, topic, self.partitions, configs).await?;
         let producer = kafka::producer(&self.brokers, &Default::default())?;
         let mut window = DeliveryWindow::new(&producer, 100_000);
         for (event, json) in records {
-            window.send(topic, event.user_id.as_bytes(), &json).await?;
+            let key = event.user_id.as_bytes();
+            match self.event_time {
+                true => window.send_at(topic, key, &json, event.ts).await?,
+                false => window.send(topic, key, &json).await?,
+            }
         }
         window.finish().await
     }

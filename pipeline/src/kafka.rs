@@ -173,6 +173,16 @@ impl<'p> DeliveryWindow<'p> {
         self.send_with_headers(topic, key, payload, None).await
     }
 
+    /// Enqueues one record with `timestamp_ms` as its record timestamp (instead of the
+    /// producer's clock).
+    ///
+    /// # Errors
+    ///
+    /// The first failed delivery, or a non-retriable enqueue error.
+    pub async fn send_at(&mut self, topic: &str, key: &[u8], payload: &[u8], timestamp_ms: i64) -> Result<()> {
+        self.enqueue(FutureRecord::to(topic).key(key).payload(payload).timestamp(timestamp_ms), false).await
+    }
+
     /// Enqueues one record with headers.
     ///
     /// # Errors
