@@ -77,9 +77,10 @@ impl Sink {
         let mut window = DeliveryWindow::new(&producer, 100_000);
         for (event, json) in records {
             let key = event.user_id.as_bytes();
-            match self.event_time {
-                true => window.send_at(topic, key, &json, event.ts).await?,
-                false => window.send(topic, key, &json).await?,
+            if self.event_time {
+                window.send_at(topic, key, &json, event.ts).await?;
+            } else {
+                window.send(topic, key, &json).await?;
             }
         }
         window.finish().await
