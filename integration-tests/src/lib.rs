@@ -298,6 +298,17 @@ impl Scenario {
     pub fn intents(&self, expected: usize, idle: Duration) -> Vec<ScoredIntent> {
         read_intents(&self.brokers, &self.output, expected, idle).unwrap()
     }
+
+    /// Runs an operator with `args` (logging to `<log>.log`) until `expected` intents are on
+    /// the output topic or none came for `idle`, stops it with SIGTERM and asserts a clean
+    /// exit. Returns the intents read and the operator's log.
+    pub fn run_until(&self, log: &str, args: &[String], expected: usize, idle: Duration) -> (Vec<ScoredIntent>, String) {
+        let op = self.start(log, args);
+        let intents = self.intents(expected, idle);
+        let (status, text) = op.terminate().unwrap();
+        assert!(status.success(), "{log}: exit {status}; log:\n{text}");
+        (intents, text)
+    }
 }
 
 /// Offline scores per user: each user's events scored one by one from a fresh state.

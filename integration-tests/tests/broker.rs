@@ -21,10 +21,7 @@ fn streamed_scores_equal_offline_scores_across_four_partitions() {
     let events = generated_events(1_200, 24_000, 7);
     produce_events(&sc.brokers, &sc.input, &events).unwrap();
 
-    let op = sc.start("op", &sc.run_args(&[]));
-    let intents = sc.intents(events.len(), IDLE);
-    let (status, log) = op.terminate().unwrap();
-    assert!(status.success(), "exit {status}; log:\n{log}");
+    let (intents, log) = sc.run_until("op", &sc.run_args(&[]), events.len(), IDLE);
     assert!(log.contains("24000 records in, 24000 intents out, 0 invalid"), "summary missing; log:\n{log}");
 
     let partitions: HashSet<i32> = intents.iter().map(|i| i.source.partition).collect();
@@ -53,10 +50,7 @@ fn sigterm_mid_stream_then_restart_loses_and_repeats_nothing() {
     let before = sc.intents(usize::MAX, Duration::from_secs(3));
     assert!(before.len() < events.len(), "the first run was stopped mid-stream ({} of {})", before.len(), events.len());
 
-    let second = sc.start("second", &sc.run_args(&[]));
-    let intents = sc.intents(events.len(), IDLE);
-    let (status, log) = second.terminate().unwrap();
-    assert!(status.success(), "second run exit {status}; log:\n{log}");
+    let (intents, _) = sc.run_until("second", &sc.run_args(&[]), events.len(), IDLE);
     // Nothing beyond the expected count arrived either.
     let all = sc.intents(usize::MAX, Duration::from_secs(3));
     assert_eq!(all.len(), events.len(), "exactly one intent per event across both runs");
@@ -232,10 +226,7 @@ fn a_committed_offset_deleted_by_retention_follows_the_policy() {
     let sc = Scenario::new("retention", 1);
     let first = generated_events(100, 1_000, 21);
     produce_events(&sc.brokers, &sc.input, &first).unwrap();
-    let op = sc.start("first", &sc.run_args(&[]));
-    assert_eq!(sc.intents(first.len(), IDLE).len(), first.len());
-    let (status, log) = op.terminate().unwrap();
-    assert!(status.success(), "{log}");
+    assert_eq!(sc.run_until("first", &sc.run_args(&[]), first.len(), IDLE).0.len(), first.len());
 
     // While the operator is down, 1,000 more events arrive and retention deletes the oldest
     // 1,500 records: offsets 1,000..1,500 were never processed.
@@ -250,10 +241,7 @@ fn a_committed_offset_deleted_by_retention_follows_the_policy() {
     assert!(log.contains("offset_reset = fail"), "{log}");
 
     // `earliest`: resume at the oldest kept record and say loudly what was lost.
-    let op = sc.start("earliest", &sc.run_args(&["--offset-reset", "earliest"]));
-    let intents = sc.intents(first.len() + 500, IDLE);
-    let (status, log) = op.terminate().unwrap();
-    assert!(status.success(), "{log}");
+    let (intents, log) = sc.run_until("earliest", &sc.run_args(&["--offset-reset", "earliest"]), first.len() + 500, IDLE);
     assert_eq!(intents.len(), first.len() + 500, "the 500 retained records after the gap are scored once");
     assert_eq!(sc.intents(usize::MAX, Duration::from_secs(3)).len(), 1_500, "no intent twice");
     let loud: Vec<&str> = log.lines().filter(|l| l.contains("records deleted by retention")).collect();

@@ -71,10 +71,7 @@ fn replays_are_byte_identical_and_equal_the_live_operator() {
     let sc = Scenario::new("replay-live", 4);
     let events = generated_events(600, 12_000, 62);
     produce_events(&sc.brokers, &sc.input, &events).unwrap();
-    let op = sc.start("live", &sc.run_args(&[]));
-    let live = sc.intents(events.len(), IDLE);
-    let (status, log) = op.terminate().unwrap();
-    assert!(status.success(), "{log}");
+    let (live, _) = sc.run_until("live", &sc.run_args(&[]), events.len(), IDLE);
 
     let (a, b) = (sc.dir.path().join("a.jsonl"), sc.dir.path().join("b.jsonl"));
     let log = replay(&sc, "state-a", &a, &[]);
@@ -203,10 +200,7 @@ fn history_then_live_hand_off_skips_nothing_and_applies_nothing_twice() {
     assert!(status.success(), "{log}");
     // 2. Live events arrive; the operator adopts the replayed state and goes on from there.
     produce_events(&sc.brokers, &sc.input, live).unwrap();
-    let op = sc.start("live", &sc.run_args(&[]));
-    let intents = sc.intents(live.len(), IDLE);
-    let (status, log) = op.terminate().unwrap();
-    assert!(status.success(), "{log}");
+    let (intents, log) = sc.run_until("live", &sc.run_args(&[]), live.len(), IDLE);
     assert!(log.contains("replayed state handed over"), "{log}");
     assert!(sc.state.join("ADOPTED").exists());
 
@@ -236,9 +230,7 @@ fn a_model_swap_goes_through_a_replay_and_a_mismatched_state_is_refused() {
     let sc = Scenario::new("swap", 2);
     let events = generated_events(200, 4_000, 66);
     produce_events(&sc.brokers, &sc.input, &events).unwrap();
-    let op = sc.start("old", &sc.run_args(&[]));
-    assert_eq!(sc.intents(events.len(), IDLE).len(), events.len());
-    assert!(op.terminate().unwrap().0.success());
+    assert_eq!(sc.run_until("old", &sc.run_args(&[]), events.len(), IDLE).0.len(), events.len());
 
     // The live state was built by the old model: the new one refuses to continue it...
     let new_model = other_model_dir();
@@ -255,10 +247,7 @@ fn a_model_swap_goes_through_a_replay_and_a_mismatched_state_is_refused() {
     let group = format!("{}-v2", sc.group);
     let more = generated_events(200, 1_000, 67);
     produce_events(&sc.brokers, &sc.input, &more).unwrap();
-    let op = sc.start("new", &sc.run_args(&["--model-dir", &new, "--state-dir", &swapped, "--group", &group]));
-    let out = sc.intents(events.len() + more.len(), IDLE);
-    let (status, log) = op.terminate().unwrap();
-    assert!(status.success(), "{log}");
+    let (out, _) = sc.run_until("new", &sc.run_args(&["--model-dir", &new, "--state-dir", &swapped, "--group", &group]), events.len() + more.len(), IDLE);
     let version = intentflow_model::IntentModel::load(new_model.path(), &intentflow_model::Device::Cpu).unwrap().version().to_string();
     let new_intents: Vec<&ScoredIntent> = out.iter().filter(|i| i.model_version == version).collect();
     assert_eq!(new_intents.len(), more.len(), "the swapped operator scores only the new events, with the new model");

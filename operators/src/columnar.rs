@@ -313,8 +313,8 @@ impl IntentWriter {
     /// # Errors
     ///
     /// Write failures.
-    pub fn write(&mut self, intents: &[ScoredIntent]) -> Result<(), ColumnarError> {
-        intents.iter().try_for_each(|i| self.0.push(i.clone()))
+    pub fn write(&mut self, intents: impl IntoIterator<Item = ScoredIntent>) -> Result<(), ColumnarError> {
+        intents.into_iter().try_for_each(|i| self.0.push(i))
     }
 
     /// Writes what is buffered and the file footer; returns the rows written.
@@ -632,7 +632,7 @@ mod tests {
         let write = |name: &str, batch: usize| {
             let path = dir.path().join(name);
             let mut w = IntentWriter::create(&path).unwrap();
-            intents.chunks(batch).for_each(|c| w.write(c).unwrap());
+            intents.chunks(batch).for_each(|c| w.write(c.to_vec()).unwrap());
             assert_eq!(w.finish().unwrap(), 30_000);
             std::fs::read(path).unwrap()
         };

@@ -126,11 +126,13 @@ impl IntentOperator {
                 slot.state.hidden.copy_from_slice(&out.hidden[k * h..(k + 1) * h]);
                 let input = slot.inputs[wave];
                 let pe = &events[input];
+                let event_ts = format_ts_ms(pe.event.ts);
                 intents[input] = Some(ScoredIntent {
                     v: INTENT_SCHEMA_VERSION,
                     user_id: pe.event.user_id.clone(),
                     score: out.scores[k],
-                    event_ts: format_ts_ms(pe.event.ts),
+                    emitted_at: now.clone().unwrap_or_else(|| event_ts.clone()),
+                    event_ts,
                     event_type: pe.event.kind,
                     event_id: pe.event.event_id.clone(),
                     session_id: slot.state.session.session_id.clone(),
@@ -138,7 +140,6 @@ impl IntentOperator {
                     session_events: slot.state.session.events,
                     model_version: version.to_string(),
                     source: pe.source.clone(),
-                    emitted_at: now.clone().unwrap_or_else(|| format_ts_ms(pe.event.ts)),
                 });
             }
         }

@@ -152,15 +152,15 @@ enum Output<'p> {
 }
 
 impl Output<'_> {
-    async fn write(&mut self, intents: &[intentflow_schemas::ScoredIntent]) -> Result<()> {
+    async fn write(&mut self, intents: Vec<intentflow_schemas::ScoredIntent>) -> Result<()> {
         match self {
             Output::Topic { window, topic } => {
-                for i in intents {
+                for i in &intents {
                     window.send(topic, i.user_id.as_bytes(), &encode_intent(i)).await?;
                 }
             }
             Output::Jsonl(w) => {
-                for i in intents {
+                for i in &intents {
                     w.write_all(&encode_intent(i))?;
                     w.write_all(b"\n")?;
                 }
@@ -368,7 +368,7 @@ async fn replay_topics(args: &ReplayArgs, from: &Bound, to: &Bound, scorer: &mut
                 Ok(())
             })?;
             let intents = score_records(&decoder, &batch, scorer)?;
-            output.write(&intents).await?;
+            output.write(intents).await?;
             progress.advance(index, batch.len() as u64);
             batch.clear();
             if done.is_some() {
@@ -426,7 +426,7 @@ async fn replay_files(inputs: &[PathBuf], span: (i64, i64), batch_size: usize, s
     let progress = Progress::new(vec![("files".to_string(), events.len() as u64)]);
     for chunk in events.chunks(batch_size.max(1)) {
         let intents = scorer.score(chunk, None)?;
-        output.write(&intents).await?;
+        output.write(intents).await?;
         progress.advance(0, chunk.len() as u64);
     }
     progress.finish();
@@ -480,6 +480,8 @@ fn file_name(path: &Path) -> String {
 /// finished partition; otherwise a log line every 5 s and one per finished partition.
 struct Progress {
     parts: Vec<(String, u64)>,
+    /// Sum of the parts' lengths.
+    all: u64,
     multi: Option<indicatif::MultiProgress>,
     total: Option<indicatif::ProgressBar>,
     current: std::cell::RefCell<Option<(usize, indicatif::ProgressBar, Instant, u64)>>,
@@ -499,7 +501,7 @@ impl Progress {
             bar
         });
         let now = Instant::now();
-        Progress { parts, multi, total, current: Default::default(), last_log: std::cell::Cell::new(now), done: std::cell::Cell::new(0), started: now }
+        Progress { parts, all, multi, total, current: Default::default(), last_log: std::cell::Cell::new(now), done: std::cell::Cell::new(0), started: now }
     }
 
     fn bar(len: u64) -> indicatif::ProgressBar {
@@ -532,10 +534,9 @@ impl Progress {
             total.inc(n);
         } else if self.last_log.get().elapsed() > Duration::from_secs(5) {
             let (label, len) = &self.parts[index];
-            let all: u64 = self.parts.iter().map(|(_, n)| n).sum();
             let rate = self.done.get() as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
-            let eta = (all.saturating_sub(self.done.get())) as f64 / rate.max(1e-9);
-            tracing::info!(partition = %label, read = *read, of = len, total_read = self.done.get(), total = all, rate = rate.round(), eta_s = eta.round(), "replay progress");
+            let eta = (self.all.saturating_sub(self.done.get())) as f64 / rate.max(1e-9);
+            tracing::info!(partition = %label, read = *read, of = len, total_read = self.done.get(), total = self.all, rate = rate.round(), eta_s = eta.round(), "replay progress");
             self.last_log.set(Instant::now());
         }
     }
