@@ -121,16 +121,29 @@ fn a_file_replay_equals_the_topic_replay_of_the_same_events() {
     let from_topic = sc.dir.path().join("topic.jsonl");
     replay(&sc, "state-topic", &from_topic, &[]);
     let model = trained_model_dir().display().to_string();
-    let from_file = |input: &Path, state: &str, out: &Path| {
+    let from_file = |input: &Path, state: &str, out: &Path, extra: &[&str]| {
+        let (input, out) = (input.display().to_string(), out.display().to_string());
         let state = sc.dir.path().join(state).display().to_string();
-        let (status, log) = intentflow(&["replay", "--input-file", &input.display().to_string(), "--model-dir", &model, "--state-dir", &state, "--output", &out.display().to_string()]);
+        let mut args = vec!["replay", "--input-file", &input, "--model-dir", &model, "--state-dir", &state, "--output", &out];
+        args.extend_from_slice(extra);
+        let (status, log) = intentflow(&args);
         assert!(status.success(), "{log}");
         log
     };
     let (from_jsonl, from_lake) = (sc.dir.path().join("file.jsonl"), sc.dir.path().join("lake.parquet"));
-    from_file(&file, "state-file", &from_jsonl);
-    let log = from_file(&lake, "state-lake", &from_lake);
+    from_file(&file, "state-file", &from_jsonl, &[]);
+    let log = from_file(&lake, "state-lake", &from_lake, &[]);
     assert!(log.contains("6000 events, 6000 intents out, 0 invalid"), "{log}");
+    assert!(!log.contains("merging sorted runs"), "6,000 events fit in memory: {log}");
+
+    // Sorting in bounded memory (runs of 500 events spilled to disk and merged) changes nothing:
+    // the same file bytes and the same states; the spilled runs are removed.
+    let (spill, from_spilled) = (sc.dir.path().join("spill"), sc.dir.path().join("lake-spilled.parquet"));
+    let log = from_file(&lake, "state-spilled", &from_spilled, &["--max-events-in-memory", "500", "--spill-dir", &spill.display().to_string()]);
+    assert!(log.contains("merging sorted runs from disk") && log.contains("spilled_runs=12"), "{log}");
+    assert!(std::fs::read(&from_spilled).unwrap() == std::fs::read(&from_lake).unwrap(), "a spilled sort changed the output");
+    assert_eq!(stored_states(&sc.dir.path().join("state-spilled")), stored_states(&sc.dir.path().join("state-lake")));
+    assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0, "spilled runs left behind");
 
     // Per user, the same events in the same order with bit-identical scores.
     let by_user = |intents: Vec<ScoredIntent>| {
@@ -305,9 +318,10 @@ fn a_crashed_replay_is_refused_and_a_failed_start_leaves_the_directory_usable() 
     };
 
     // An input that cannot be read fails before anything is written: the directory stays usable.
-    let zstd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../operators/tests/fixtures/zstd-events.parquet");
-    let (status, log) = cli("replay", &replay_args(&zstd));
-    assert!(!status.success() && log.contains("zstd is not supported yet"), "{log}");
+    let corrupt = sc.dir.path().join("corrupt.parquet");
+    std::fs::write(&corrupt, [&b"PAR1"[..], &[0; 64], b"PAR1"].concat()).unwrap();
+    let (status, log) = cli("replay", &replay_args(&corrupt));
+    assert!(!status.success() && log.contains("corrupt.parquet"), "{log}");
     assert!(!state.join("REPLAY").exists(), "a replay that wrote nothing marks nothing");
 
     // A replay killed once it has started writing leaves a directory marked `running`.

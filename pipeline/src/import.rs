@@ -22,7 +22,7 @@
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use intentflow_operators::columnar;
-use intentflow_schemas::{Event, EventDecoder, EventType};
+use intentflow_schemas::{DecodeError, Event, EventDecoder, EventType};
 use std::io::{BufRead, Read};
 use std::path::Path;
 
@@ -143,28 +143,52 @@ fn read_text(path: &Path, format: Format) -> Result<Imported> {
     Ok(out)
 }
 
+/// Streams the events of a schema-v1 file (Parquet or JSONL, told apart by content) to `row` in
+/// file order: each row's 1-based number (line, or row for Parquet) and its event or why it was
+/// rejected. Unlike [`read_events`] it neither sorts nor holds the file: memory stays bounded
+/// whatever the file's size.
+///
+/// # Errors
+///
+/// If the file cannot be opened or read, or (Parquet) lacks a required column.
+pub fn for_each_event(path: &Path, mut row: impl FnMut(usize, Result<Event, DecodeError>)) -> Result<()> {
+    let now = chrono::Utc::now().timestamp_millis();
+    let decoder = EventDecoder::default();
+    if Format::detect(path)? == Format::Parquet {
+        columnar::for_each_event(path, &decoder, now, |i, event| row(i + 1, event))?;
+    } else {
+        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        jsonl_rows(std::io::BufReader::with_capacity(1 << 20, file), &decoder, now, |i, _, event| row(i, event))
+            .with_context(|| format!("reading {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Decodes each non-blank line of `reader`: its 1-based number, its text and the result.
+fn jsonl_rows(reader: impl BufRead, decoder: &EventDecoder, now: i64, mut row: impl FnMut(usize, &str, Result<Event, DecodeError>)) -> Result<()> {
+    for (i, line) in reader.lines().enumerate() {
+        let line = line?;
+        if !line.trim().is_empty() {
+            row(i + 1, &line, decoder.decode(line.as_bytes(), now));
+        }
+    }
+    Ok(())
+}
+
 fn read_jsonl(reader: impl BufRead) -> Result<Imported> {
     #[derive(serde::Deserialize)]
     struct Truth {
         latent_intent: Option<f64>,
     }
-    let decoder = EventDecoder::default();
-    let now = chrono::Utc::now().timestamp_millis();
     let mut out = Imported::default();
     let mut latent = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
+    jsonl_rows(reader, &EventDecoder::default(), chrono::Utc::now().timestamp_millis(), |line, text, event| match event {
+        Ok(e) => {
+            out.events.push(e);
+            latent.push(serde_json::from_str::<Truth>(text).ok().and_then(|t| t.latent_intent));
         }
-        match decoder.decode(line.as_bytes(), now) {
-            Ok(e) => {
-                out.events.push(e);
-                latent.push(serde_json::from_str::<Truth>(&line).ok().and_then(|t| t.latent_intent));
-            }
-            Err(e) => out.bad.push(BadRow { line: i + 1, reason: e.to_string() }),
-        }
-    }
+        Err(e) => out.bad.push(BadRow { line, reason: e.to_string() }),
+    })?;
     if !latent.is_empty() && latent.iter().all(Option::is_some) {
         out.latent_intent = Some(latent.into_iter().flatten().collect());
     }

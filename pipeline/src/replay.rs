@@ -14,6 +14,8 @@
 //! the end. The `REPLAY` marker says `running` until then, so a state directory left by a
 //! crashed replay is refused, both by a new replay and by `run`, instead of being continued.
 
+mod merge;
+
 use crate::kafka::{self, DeliveryWindow};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -29,6 +31,9 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// Default of `--max-events-in-memory`: about 500 MB of events.
+const MAX_EVENTS_IN_MEMORY: usize = 2_000_000;
 
 /// Flags of `intentflow replay`.
 #[derive(Debug, Clone, Args)]
@@ -67,6 +72,14 @@ pub struct ReplayArgs {
     /// Records per batch.
     #[arg(long, default_value_t = 16_384)]
     pub max_batch_records: usize,
+    /// File replays: events held in memory while sorting them by time (about 250 bytes each).
+    /// Beyond it, sorted runs are spilled to disk and merged; the output is the same.
+    #[arg(long, default_value_t = MAX_EVENTS_IN_MEMORY)]
+    pub max_events_in_memory: usize,
+    /// File replays: where sorted runs are spilled [default: the state directory]. Needs about
+    /// the events' size as JSON; removed when the replay ends.
+    #[arg(long)]
+    pub spill_dir: Option<PathBuf>,
     /// Device: cpu or cuda.
     #[arg(long, default_value = "cpu", value_parser = crate::config::parse_device)]
     pub device: DeviceKind,
@@ -271,7 +284,7 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
             Bound::Offsets(_) => bail!("file replays take time bounds, not partition offsets"),
         };
         let span = (window(&from, i64::MIN)?, window(&to, i64::MAX)?);
-        replay_files(&args.input_files, span, args.max_batch_records, &mut scorer, &mut output).await?;
+        replay_files(args, span, &mut scorer, &mut output).await?;
     }
     output.finish().await?;
     store.flush()?;
@@ -396,36 +409,59 @@ fn score_records(decoder: &EventDecoder, batch: &[rdkafka::message::OwnedMessage
     scorer.score(&decoded.events, Some((last.topic(), last.partition(), last.offset() + 1)))
 }
 
-/// Replays event files (and the event files under directories), all read first and merged in
-/// event-time order, keeping the events with `span.0 <= time < span.1`.
-async fn replay_files(inputs: &[PathBuf], span: (i64, i64), batch_size: usize, scorer: &mut Scorer<'_>, output: &mut Output<'_>) -> Result<()> {
-    let mut events: Vec<PositionedEvent> = Vec::new();
-    for path in expand_inputs(inputs)? {
-        let format = crate::import::Format::detect(&path)?;
-        let imported = crate::import::read_events(&path, format)?;
-        let name = file_name(&path);
-        scorer.summary.invalid += imported.bad.len() as u64;
-        for bad in imported.bad.iter().take(10) {
-            tracing::warn!(file = %path.display(), row = bad.line, reason = %bad.reason, "invalid event skipped");
-        }
-        // Positions: the file, and the event's index in the file's time order, so a row keeps
-        // its position whatever the time window.
-        let kept: Vec<PositionedEvent> = imported
-            .events
-            .into_iter()
-            .enumerate()
-            .filter(|(_, e)| (span.0..span.1).contains(&e.ts))
-            .map(|(i, event)| PositionedEvent { source: SourcePosition { topic: name.clone(), partition: 0, offset: i as i64 }, event })
-            .collect();
-        let range = kept.first().zip(kept.last()).map_or((0, 0), |(a, b)| (a.source.offset, b.source.offset + 1));
-        scorer.summary.ranges.insert((name, 0), range);
-        events.extend(kept);
+/// Replays event files (and the event files under directories) in event-time order, keeping
+/// the events with `span.0 <= time < span.1`. The files are streamed into an external sort
+/// (bounded by `--max-events-in-memory`), so their size is bounded by disk, not memory.
+///
+/// Order: by time, then file (as given), then row, the stable time order of all files' rows.
+/// Positions: the file, and the event's index in the file's time order, so a row keeps its
+/// position whatever the time window.
+async fn replay_files(args: &ReplayArgs, span: (i64, i64), scorer: &mut Scorer<'_>, output: &mut Output<'_>) -> Result<()> {
+    let files = expand_inputs(&args.input_files)?;
+    let names: Vec<String> = files.iter().map(|p| file_name(p)).collect();
+    let mut sort = merge::ExternalSort::new(args.max_events_in_memory, args.spill_dir.as_deref().unwrap_or(&args.state_dir));
+    // Per file: valid events before the window (where its kept events start in its time order).
+    let mut before = vec![0u64; files.len()];
+    for (index, path) in files.iter().enumerate() {
+        let (mut invalid, kept_from) = (0u64, sort.len());
+        let mut spilled = Ok(());
+        crate::import::for_each_event(path, |row, event| match event {
+            Ok(e) if e.ts < span.0 => before[index] += 1,
+            Ok(e) if e.ts >= span.1 => {}
+            Ok(event) if spilled.is_ok() => spilled = sort.push(merge::Keyed { file: index as u32, row: row as u64, event }),
+            Ok(_) => {}
+            Err(reason) => {
+                invalid += 1;
+                if invalid <= 10 {
+                    tracing::warn!(file = %path.display(), row, %reason, "invalid event skipped");
+                }
+            }
+        })?;
+        spilled?;
+        scorer.summary.invalid += invalid;
+        let kept = sort.len() - kept_from;
+        tracing::info!(file = %path.display(), kept, before_window = before[index], invalid, "file read");
+        let range = if kept == 0 { (0, 0) } else { (before[index] as i64, (before[index] + kept) as i64) };
+        scorer.summary.ranges.insert((names[index].clone(), 0), range);
     }
-    // Stable: events of equal time keep the order of the files as given.
-    events.sort_by_key(|p| p.event.ts);
-    let progress = Progress::new(vec![("files".to_string(), events.len() as u64)]);
-    for chunk in events.chunks(batch_size.max(1)) {
-        let intents = scorer.score(chunk, None)?;
+    if sort.runs() > 0 {
+        tracing::info!(events = sort.len(), spilled_runs = sort.runs(), "events exceed --max-events-in-memory: merging sorted runs from disk");
+    }
+    let progress = Progress::new(vec![("files".to_string(), sort.len())]);
+    let mut next = before;
+    let mut sorted = sort.sorted()?.peekable();
+    while sorted.peek().is_some() {
+        let chunk: Vec<PositionedEvent> = sorted
+            .by_ref()
+            .take(args.max_batch_records.max(1))
+            .map(|keyed| {
+                let merge::Keyed { file, event, .. } = keyed?;
+                let offset = &mut next[file as usize];
+                *offset += 1;
+                Ok(PositionedEvent { source: SourcePosition { topic: names[file as usize].clone(), partition: 0, offset: *offset as i64 - 1 }, event })
+            })
+            .collect::<Result<_>>()?;
+        let intents = scorer.score(&chunk, None)?;
         output.write(intents).await?;
         progress.advance(0, chunk.len() as u64);
     }
@@ -587,6 +623,8 @@ pub async fn bootstrap(cfg: &crate::config::RunConfig) -> Result<()> {
         output_topic: Some(cfg.bootstrap_output_topic.clone()).filter(|t| !t.is_empty()),
         output: cfg.bootstrap_output_topic.is_empty().then(|| PathBuf::from("/dev/null")),
         max_batch_records: 16_384,
+        max_events_in_memory: MAX_EVENTS_IN_MEMORY,
+        spill_dir: None,
         device: cfg.device,
     };
     let s = replay(&args).await?;

@@ -1,0 +1,223 @@
+//! Event-time order for file replays in bounded memory: an external merge sort.
+//!
+//! Events are buffered up to a limit; a full buffer is sorted and spilled to a run file (JSON
+//! lines) under a temporary directory, and the runs are merged at the end. Every event is keyed
+//! by its time, its file and its row in the file, a total order, so the result is the same
+//! whatever the limit: the stable time order of the files' rows taken in the order given.
+
+use anyhow::{Context, Result};
+use intentflow_schemas::Event;
+use serde::{Deserialize, Serialize};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Lines, Write};
+use std::path::{Path, PathBuf};
+
+/// An event of input file `file` (its index among the inputs) at `row`, its place in the file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Keyed {
+    /// Index of the file among the replay's inputs.
+    pub file: u32,
+    /// Row of the event in its file.
+    pub row: u64,
+    /// The event.
+    pub event: Event,
+}
+
+impl Keyed {
+    fn key(&self) -> (i64, u32, u64) {
+        (self.event.ts, self.file, self.row)
+    }
+}
+
+/// Collects events in any order and gives them back in `(time, file, row)` order, holding at most
+/// `limit` of them in memory.
+pub struct ExternalSort {
+    limit: usize,
+    spill_parent: PathBuf,
+    spill: Option<tempfile::TempDir>,
+    buffer: Vec<Keyed>,
+    runs: Vec<PathBuf>,
+    len: u64,
+}
+
+impl ExternalSort {
+    /// A sort holding at most `limit` events in memory; runs go to a temporary directory under
+    /// `spill_parent`, made on the first spill and removed when the sorted events are dropped.
+    pub fn new(limit: usize, spill_parent: &Path) -> ExternalSort {
+        ExternalSort { limit: limit.max(1), spill_parent: spill_parent.to_path_buf(), spill: None, buffer: Vec::new(), runs: Vec::new(), len: 0 }
+    }
+
+    /// Adds one event.
+    ///
+    /// # Errors
+    ///
+    /// If a run cannot be written.
+    pub fn push(&mut self, event: Keyed) -> Result<()> {
+        self.buffer.push(event);
+        self.len += 1;
+        if self.buffer.len() >= self.limit {
+            self.spill_buffer()?;
+        }
+        Ok(())
+    }
+
+    /// Events added so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Run files written so far.
+    pub fn runs(&self) -> usize {
+        self.runs.len()
+    }
+
+    fn spill_buffer(&mut self) -> Result<()> {
+        if self.spill.is_none() {
+            std::fs::create_dir_all(&self.spill_parent).with_context(|| format!("creating {}", self.spill_parent.display()))?;
+            let dir = tempfile::Builder::new().prefix("replay-spill-").tempdir_in(&self.spill_parent);
+            self.spill = Some(dir.with_context(|| format!("creating a spill directory under {}", self.spill_parent.display()))?);
+        }
+        let dir = self.spill.as_ref().map(tempfile::TempDir::path).expect("made above");
+        let path = dir.join(format!("run-{:05}.jsonl", self.runs.len()));
+        self.buffer.sort_unstable_by_key(Keyed::key);
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(&path).with_context(|| format!("creating {}", path.display()))?);
+        for event in self.buffer.drain(..) {
+            serde_json::to_writer(&mut out, &event)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush().with_context(|| format!("writing {}", path.display()))?;
+        self.runs.push(path);
+        Ok(())
+    }
+
+    /// The events in `(time, file, row)` order.
+    ///
+    /// # Errors
+    ///
+    /// If the last run cannot be written or a run cannot be opened.
+    pub fn sorted(mut self) -> Result<Sorted> {
+        if self.runs.is_empty() {
+            self.buffer.sort_unstable_by_key(Keyed::key);
+            return Ok(Sorted::Memory(self.buffer.into_iter()));
+        }
+        if !self.buffer.is_empty() {
+            self.spill_buffer()?;
+        }
+        let mut runs = Vec::with_capacity(self.runs.len());
+        for path in &self.runs {
+            let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            runs.push(BufReader::with_capacity(1 << 16, file).lines());
+        }
+        let mut merge = Merge { runs, heads: Vec::new(), heap: BinaryHeap::new(), _dir: self.spill.take().expect("runs were spilled") };
+        for run in 0..merge.runs.len() {
+            let head = merge.next_of(run)?;
+            merge.heads.push(head);
+        }
+        Ok(Sorted::Merge(merge))
+    }
+}
+
+/// Sorted events: from memory when they fitted, else merged from the run files.
+pub enum Sorted {
+    /// Everything fitted in memory.
+    Memory(std::vec::IntoIter<Keyed>),
+    /// A k-way merge of spilled runs.
+    Merge(Merge),
+}
+
+/// A k-way merge of sorted run files; the runs' directory is removed when it is dropped.
+pub struct Merge {
+    runs: Vec<Lines<BufReader<File>>>,
+    /// The next event of each run.
+    heads: Vec<Option<Keyed>>,
+    heap: BinaryHeap<Reverse<((i64, u32, u64), usize)>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Merge {
+    /// Reads the next event of `run` and queues its key.
+    fn next_of(&mut self, run: usize) -> Result<Option<Keyed>> {
+        let Some(line) = self.runs[run].next() else { return Ok(None) };
+        let event: Keyed = serde_json::from_str(&line.context("reading a spilled run")?).context("decoding a spilled run")?;
+        self.heap.push(Reverse((event.key(), run)));
+        Ok(Some(event))
+    }
+
+    fn pop(&mut self) -> Result<Option<Keyed>> {
+        let Some(Reverse((_, run))) = self.heap.pop() else { return Ok(None) };
+        let next = self.next_of(run)?;
+        Ok(std::mem::replace(&mut self.heads[run], next))
+    }
+}
+
+impl Iterator for Sorted {
+    type Item = Result<Keyed>;
+
+    fn next(&mut self) -> Option<Result<Keyed>> {
+        match self {
+            Sorted::Memory(events) => events.next().map(Ok),
+            Sorted::Merge(merge) => merge.pop().transpose(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use intentflow_schemas::EventType;
+    use proptest::prelude::*;
+
+    fn keyed(file: u32, row: u64, ts: i64) -> Keyed {
+        let event = Event {
+            user_id: format!("u{row}"),
+            ts,
+            kind: EventType::View,
+            event_id: Some(format!("{file}/{row}")),
+            session_id: None,
+            item_id: None,
+            category: None,
+            price: Some(0.1 + row as f64),
+            quantity: None,
+        };
+        Keyed { file, row, event }
+    }
+
+    fn sort(events: &[Keyed], limit: usize, dir: &Path) -> (Vec<Keyed>, usize) {
+        let mut sort = ExternalSort::new(limit, dir);
+        events.iter().cloned().for_each(|e| sort.push(e).unwrap());
+        let runs = sort.runs();
+        (sort.sorted().unwrap().collect::<Result<Vec<_>>>().unwrap(), runs)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(40))]
+        /// Spilled or not, the result is the stable time order of the input (files in order, rows
+        /// in file order), and the events come back unchanged.
+        #[test]
+        fn any_limit_gives_the_stable_time_order(times in prop::collection::vec(0i64..20, 0..300), limit in 1usize..50) {
+            let dir = tempfile::tempdir().unwrap();
+            // Rows of three files, in file order; times collide often.
+            let events: Vec<Keyed> = times.iter().enumerate().map(|(i, ts)| keyed((i * 3 / times.len().max(1)) as u32, i as u64, *ts)).collect();
+            let mut expected = events.clone();
+            expected.sort_by_key(|k| k.event.ts);
+            let (got, runs) = sort(&events, limit, dir.path());
+            prop_assert_eq!(runs, events.len() / limit);
+            prop_assert_eq!(got, expected);
+            // The runs' directory is gone once the merge is dropped.
+            prop_assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
+    }
+
+    #[test]
+    fn a_corrupt_run_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sort = ExternalSort::new(2, dir.path());
+        (0..5).for_each(|i| sort.push(keyed(0, i, 10 - i as i64)).unwrap());
+        let spill = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+        std::fs::write(spill.join("run-00001.jsonl"), "{not json\n").unwrap();
+        let err = sort.sorted().and_then(|s| s.collect::<Result<Vec<_>>>()).unwrap_err();
+        assert!(format!("{err:#}").contains("decoding a spilled run"), "{err:#}");
+    }
+}
