@@ -524,6 +524,9 @@ struct Progress {
     last_log: std::cell::Cell<Instant>,
     done: std::cell::Cell<u64>,
     started: Instant,
+    /// When the current part began: the previous part's end (or the start), so that a part's time
+    /// includes reading and scoring its first batch.
+    part_started: std::cell::Cell<Instant>,
 }
 
 impl Progress {
@@ -537,7 +540,8 @@ impl Progress {
             bar
         });
         let now = Instant::now();
-        Progress { parts, all, multi, total, current: Default::default(), last_log: std::cell::Cell::new(now), done: std::cell::Cell::new(0), started: now }
+        use std::cell::Cell;
+        Progress { parts, all, multi, total, current: Default::default(), last_log: Cell::new(now), done: Cell::new(0), started: now, part_started: Cell::new(now) }
     }
 
     fn bar(len: u64) -> indicatif::ProgressBar {
@@ -560,7 +564,7 @@ impl Progress {
                 None => indicatif::ProgressBar::hidden(),
             };
             bar.set_prefix(self.parts[index].0.clone());
-            *current = Some((index, bar, Instant::now(), 0));
+            *current = Some((index, bar, self.part_started.get(), 0));
         }
         let (_, bar, _, read) = current.as_mut().expect("set above");
         bar.inc(n);
@@ -581,6 +585,7 @@ impl Progress {
         let Some((index, bar, started, read)) = part else { return };
         bar.finish_and_clear();
         let seconds = started.elapsed().as_secs_f64();
+        self.part_started.set(Instant::now());
         let line = format!("{}: {read} records in {seconds:.1} s ({:.0}/s)", self.parts[index].0, read as f64 / seconds.max(1e-9));
         match &self.multi {
             Some(m) => m.println(line).unwrap_or_default(),
