@@ -424,11 +424,11 @@ async fn replay_files(args: &ReplayArgs, span: (i64, i64), scorer: &mut Scorer<'
     let mut before = vec![0u64; files.len()];
     for (index, path) in files.iter().enumerate() {
         let (mut invalid, kept_from) = (0u64, sort.len());
-        let mut spilled = Ok(());
+        let mut pushed = Ok(());
         crate::import::for_each_event(path, |row, event| match event {
             Ok(e) if e.ts < span.0 => before[index] += 1,
             Ok(e) if e.ts >= span.1 => {}
-            Ok(event) if spilled.is_ok() => spilled = sort.push(merge::Keyed { file: index as u32, row: row as u64, event }),
+            Ok(event) if pushed.is_ok() => pushed = sort.push(merge::Keyed { file: index as u32, row: row as u64, event }),
             Ok(_) => {}
             Err(reason) => {
                 invalid += 1;
@@ -437,7 +437,7 @@ async fn replay_files(args: &ReplayArgs, span: (i64, i64), scorer: &mut Scorer<'
                 }
             }
         })?;
-        spilled?;
+        pushed?;
         scorer.summary.invalid += invalid;
         let kept = sort.len() - kept_from;
         tracing::info!(file = %path.display(), kept, before_window = before[index], invalid, "file read");
