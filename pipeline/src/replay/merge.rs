@@ -1,7 +1,8 @@
 //! Event-time order for file replays in bounded memory: an external merge sort.
 //!
 //! Events are buffered up to a limit; a full buffer is sorted and spilled to a run file (JSON
-//! lines) under a temporary directory, and the runs are merged at the end. Every event is keyed
+//! lines) under a temporary directory, and the runs are merged at the end (in groups of 256 first
+//! when there are more, to bound the open files). Every event is keyed
 //! by its time, its file and its row in the file, a total order, so the result is the same
 //! whatever the limit: the stable time order of the files' rows taken in the order given.
 
@@ -31,14 +32,21 @@ impl Keyed {
     }
 }
 
+/// Runs merged at once: more are first merged in groups of this many into longer runs, so the
+/// open files stay well under the usual limit of 1,024 per process.
+const FAN_IN: usize = 256;
+
 /// Collects events in any order and gives them back in `(time, file, row)` order, holding at most
 /// `limit` of them in memory.
 pub struct ExternalSort {
     limit: usize,
+    fan_in: usize,
     spill_parent: PathBuf,
     spill: Option<tempfile::TempDir>,
     buffer: Vec<Keyed>,
     runs: Vec<PathBuf>,
+    /// Run files written, for unique names.
+    written: usize,
     len: u64,
 }
 
@@ -46,7 +54,16 @@ impl ExternalSort {
     /// A sort holding at most `limit` events in memory; runs go to a temporary directory under
     /// `spill_parent`, made on the first spill and removed when the sorted events are dropped.
     pub fn new(limit: usize, spill_parent: &Path) -> ExternalSort {
-        ExternalSort { limit: limit.max(1), spill_parent: spill_parent.to_path_buf(), spill: None, buffer: Vec::new(), runs: Vec::new(), len: 0 }
+        ExternalSort {
+            limit: limit.max(1),
+            fan_in: FAN_IN,
+            spill_parent: spill_parent.to_path_buf(),
+            spill: None,
+            buffer: Vec::new(),
+            runs: Vec::new(),
+            written: 0,
+            len: 0,
+        }
     }
 
     /// Adds one event.
@@ -70,25 +87,32 @@ impl ExternalSort {
 
     /// Run files written so far.
     pub fn runs(&self) -> usize {
-        self.runs.len()
+        self.written
     }
 
     fn spill_buffer(&mut self) -> Result<()> {
+        self.buffer.sort_unstable_by_key(Keyed::key);
+        let events = std::mem::take(&mut self.buffer);
+        self.write_run(events.into_iter().map(Ok))
+    }
+
+    /// Writes sorted events as the next run file.
+    fn write_run(&mut self, events: impl Iterator<Item = Result<Keyed>>) -> Result<()> {
         if self.spill.is_none() {
             std::fs::create_dir_all(&self.spill_parent).with_context(|| format!("creating {}", self.spill_parent.display()))?;
             let dir = tempfile::Builder::new().prefix("replay-spill-").tempdir_in(&self.spill_parent);
             self.spill = Some(dir.with_context(|| format!("creating a spill directory under {}", self.spill_parent.display()))?);
         }
         let dir = self.spill.as_ref().map(tempfile::TempDir::path).expect("made above");
-        let path = dir.join(format!("run-{:05}.jsonl", self.runs.len()));
-        self.buffer.sort_unstable_by_key(Keyed::key);
+        let path = dir.join(format!("run-{:05}.jsonl", self.written));
         let mut out = BufWriter::with_capacity(1 << 20, File::create(&path).with_context(|| format!("creating {}", path.display()))?);
-        for event in self.buffer.drain(..) {
-            serde_json::to_writer(&mut out, &event)?;
+        for event in events {
+            serde_json::to_writer(&mut out, &event?)?;
             out.write_all(b"\n")?;
         }
         out.flush().with_context(|| format!("writing {}", path.display()))?;
         self.runs.push(path);
+        self.written += 1;
         Ok(())
     }
 
@@ -96,7 +120,7 @@ impl ExternalSort {
     ///
     /// # Errors
     ///
-    /// If the last run cannot be written or a run cannot be opened.
+    /// If a run cannot be written, opened or read.
     pub fn sorted(mut self) -> Result<Sorted> {
         if self.runs.is_empty() {
             self.buffer.sort_unstable_by_key(Keyed::key);
@@ -105,17 +129,15 @@ impl ExternalSort {
         if !self.buffer.is_empty() {
             self.spill_buffer()?;
         }
-        let mut runs = Vec::with_capacity(self.runs.len());
-        for path in &self.runs {
-            let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-            runs.push(BufReader::with_capacity(1 << 16, file).lines());
+        // The key is a total order, so runs merge the same in any grouping.
+        while self.runs.len() > self.fan_in {
+            let group: Vec<PathBuf> = self.runs.drain(..self.fan_in).collect();
+            self.write_run(Merge::open(&group, None)?)?;
+            for path in group {
+                std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            }
         }
-        let mut merge = Merge { runs, heads: Vec::new(), heap: BinaryHeap::new(), _dir: self.spill.take().expect("runs were spilled") };
-        for run in 0..merge.runs.len() {
-            let head = merge.next_of(run)?;
-            merge.heads.push(head);
-        }
-        Ok(Sorted::Merge(merge))
+        Ok(Sorted::Merge(Merge::open(&self.runs, self.spill.take())?))
     }
 }
 
@@ -127,16 +149,30 @@ pub enum Sorted {
     Merge(Merge),
 }
 
-/// A k-way merge of sorted run files; the runs' directory is removed when it is dropped.
+/// A k-way merge of sorted run files; removes the runs' directory, if it owns it, when dropped.
 pub struct Merge {
     runs: Vec<Lines<BufReader<File>>>,
     /// The next event of each run.
     heads: Vec<Option<Keyed>>,
     heap: BinaryHeap<Reverse<((i64, u32, u64), usize)>>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Merge {
+    fn open(paths: &[PathBuf], dir: Option<tempfile::TempDir>) -> Result<Merge> {
+        let mut runs = Vec::with_capacity(paths.len());
+        for path in paths {
+            let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            runs.push(BufReader::with_capacity(1 << 16, file).lines());
+        }
+        let mut merge = Merge { runs, heads: Vec::new(), heap: BinaryHeap::new(), _dir: dir };
+        for run in 0..merge.runs.len() {
+            let head = merge.next_of(run)?;
+            merge.heads.push(head);
+        }
+        Ok(merge)
+    }
+
     /// Reads the next event of `run` and queues its key.
     fn next_of(&mut self, run: usize) -> Result<Option<Keyed>> {
         let Some(line) = self.runs[run].next() else { return Ok(None) };
@@ -152,13 +188,21 @@ impl Merge {
     }
 }
 
+impl Iterator for Merge {
+    type Item = Result<Keyed>;
+
+    fn next(&mut self) -> Option<Result<Keyed>> {
+        self.pop().transpose()
+    }
+}
+
 impl Iterator for Sorted {
     type Item = Result<Keyed>;
 
     fn next(&mut self) -> Option<Result<Keyed>> {
         match self {
             Sorted::Memory(events) => events.next().map(Ok),
-            Sorted::Merge(merge) => merge.pop().transpose(),
+            Sorted::Merge(merge) => merge.next(),
         }
     }
 }
@@ -184,8 +228,9 @@ mod tests {
         Keyed { file, row, event }
     }
 
-    fn sort(events: &[Keyed], limit: usize, dir: &Path) -> (Vec<Keyed>, usize) {
+    fn sort(events: &[Keyed], limit: usize, fan_in: usize, dir: &Path) -> (Vec<Keyed>, usize) {
         let mut sort = ExternalSort::new(limit, dir);
+        sort.fan_in = fan_in;
         events.iter().cloned().for_each(|e| sort.push(e).unwrap());
         let runs = sort.runs();
         (sort.sorted().unwrap().collect::<Result<Vec<_>>>().unwrap(), runs)
@@ -193,16 +238,16 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(40))]
-        /// Spilled or not, the result is the stable time order of the input (files in order, rows
-        /// in file order), and the events come back unchanged.
+        /// Spilled or not, and however many runs are merged at once, the result is the stable
+        /// time order of the input (files in order, rows in file order), events unchanged.
         #[test]
-        fn any_limit_gives_the_stable_time_order(times in prop::collection::vec(0i64..20, 0..300), limit in 1usize..50) {
+        fn any_limit_gives_the_stable_time_order(times in prop::collection::vec(0i64..20, 0..300), limit in 1usize..50, fan_in in 2usize..6) {
             let dir = tempfile::tempdir().unwrap();
             // Rows of three files, in file order; times collide often.
             let events: Vec<Keyed> = times.iter().enumerate().map(|(i, ts)| keyed((i * 3 / times.len().max(1)) as u32, i as u64, *ts)).collect();
             let mut expected = events.clone();
             expected.sort_by_key(|k| k.event.ts);
-            let (got, runs) = sort(&events, limit, dir.path());
+            let (got, runs) = sort(&events, limit, fan_in, dir.path());
             prop_assert_eq!(runs, events.len() / limit);
             prop_assert_eq!(got, expected);
             // The runs' directory is gone once the merge is dropped.
