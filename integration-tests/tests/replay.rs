@@ -140,7 +140,7 @@ fn a_file_replay_equals_the_topic_replay_of_the_same_events() {
     // the same file bytes and the same states; the spilled runs are removed.
     let (spill, from_spilled) = (sc.dir.path().join("spill"), sc.dir.path().join("lake-spilled.parquet"));
     let log = from_file(&lake, "state-spilled", &from_spilled, &["--max-events-in-memory", "500", "--spill-dir", &spill.display().to_string()]);
-    assert!(log.contains("merging sorted runs from disk") && log.contains("spilled_runs=12"), "{log}");
+    assert!(log.contains("merging sorted runs from disk") && log.contains("runs=12"), "{log}");
     assert!(std::fs::read(&from_spilled).unwrap() == std::fs::read(&from_lake).unwrap(), "a spilled sort changed the output");
     assert_eq!(stored_states(&sc.dir.path().join("state-spilled")), stored_states(&sc.dir.path().join("state-lake")));
     assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0, "spilled runs left behind");

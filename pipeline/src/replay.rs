@@ -445,7 +445,8 @@ async fn replay_files(args: &ReplayArgs, span: (i64, i64), scorer: &mut Scorer<'
         scorer.summary.ranges.insert((names[index].clone(), 0), range);
     }
     if sort.runs() > 0 {
-        tracing::info!(events = sort.len(), spilled_runs = sort.runs(), "events exceed --max-events-in-memory: merging sorted runs from disk");
+        // The buffer becomes the last run.
+        tracing::info!(events = sort.len(), runs = sort.runs() + 1, "events exceed --max-events-in-memory: merging sorted runs from disk");
     }
     let progress = Progress::new(vec![("files".to_string(), sort.len())]);
     let mut next = before;
