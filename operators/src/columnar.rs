@@ -212,22 +212,23 @@ pub fn for_each_event(
             .filter_map(|name| batch.column_by_name(name).map(|c| (*name, c)))
             .map(|(name, c)| Cells::new(c).map(|cells| (name, cells)))
             .collect::<Result<_, _>>()?;
+        // One object per batch, its keys made once; each row overwrites the values.
+        let mut obj: Map<String, Value> = columns.iter().map(|(name, _)| ((*name).to_string(), Value::Null)).collect();
         for i in 0..batch.num_rows() {
-            row(row_base + i, row_object(&columns, i).and_then(|obj| decoder.decode_object(&obj, now_ms)));
+            row(row_base + i, fill_row(&mut obj, &columns, i).and_then(|()| decoder.decode_object(&obj, now_ms)));
         }
         row_base += batch.num_rows();
     }
     Ok(())
 }
 
-fn row_object(columns: &[(&'static str, Cells)], row: usize) -> Result<Map<String, Value>, DecodeError> {
-    let mut obj = Map::new();
+/// Overwrites the values of `obj` (keyed by `columns`) with the cells of `row`; a null cell
+/// becomes JSON null, which the decoder treats as absent.
+fn fill_row(obj: &mut Map<String, Value>, columns: &[(&'static str, Cells)], row: usize) -> Result<(), DecodeError> {
     for (name, cells) in columns {
-        if let Some(v) = cells.get(row, name)? {
-            obj.insert((*name).to_string(), v);
-        }
+        *obj.get_mut(*name).expect("keys made from the columns") = cells.get(row, name)?.unwrap_or(Value::Null);
     }
-    Ok(obj)
+    Ok(())
 }
 
 /// Rows waiting to be written, cut into fixed chunks whatever the callers' batches.
@@ -376,7 +377,7 @@ pub fn read_intents(path: &Path) -> Result<Vec<ScoredIntent>, ColumnarError> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(file).and_then(|b| b.build()).map_err(parquet_error(path))?;
     let mut out = Vec::new();
     for batch in reader {
-        let batch = batch?;
+        let batch = batch.map_err(|source| ColumnarError::Read { path: path.display().to_string(), source })?;
         let text = |name| string_column(&batch, path, name);
         let (v, user, score) = (primitive_column::<UInt32Type>(&batch, path, "v")?, text("user_id")?, primitive_column::<Float32Type>(&batch, path, "score")?);
         let (event_ts, event_type, event_id) = (primitive_column::<TimestampMillisecondType>(&batch, path, "event_ts")?, text("event_type")?, text("event_id")?);

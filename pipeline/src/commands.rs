@@ -47,14 +47,15 @@ pub fn is_parquet_name(path: &Path) -> bool {
 }
 
 impl Sink {
-    /// Writes events, each with its JSON form (which may carry more than the event, such as
-    /// the generator's oracle); returns how many.
-    async fn write<'e>(&self, records: impl IntoIterator<Item = (&'e Event, Vec<u8>)>) -> Result<u64> {
+    /// Writes records, each holding an event (`event` finds it) and written whole as JSON, which
+    /// may carry more than the event, such as the generator's oracle; Parquet takes the events
+    /// alone. Returns how many.
+    async fn write<'e, R: serde::Serialize + 'e>(&self, records: impl IntoIterator<Item = &'e R>, event: impl Fn(&R) -> &Event) -> Result<u64> {
         if let Some(path) = &self.output {
             if is_parquet_name(path) {
                 let mut out = EventWriter::create(path)?;
-                for (event, _) in records {
-                    out.write(event)?;
+                for r in records {
+                    out.write(event(r))?;
                 }
                 return Ok(out.finish()?);
             }
@@ -62,8 +63,8 @@ impl Sink {
                 std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
             );
             let mut n = 0;
-            for (_, json) in records {
-                out.write_all(&json)?;
+            for r in records {
+                serde_json::to_writer(&mut out, r)?;
                 out.write_all(b"\n")?;
                 n += 1;
             }
@@ -75,10 +76,11 @@ impl Sink {
         kafka::ensure_topic_with(&self.brokers, topic, self.partitions, configs).await?;
         let producer = kafka::producer(&self.brokers, &Default::default())?;
         let mut window = DeliveryWindow::new(&producer, 100_000);
-        for (event, json) in records {
-            let key = event.user_id.as_bytes();
+        for r in records {
+            let (e, json) = (event(r), serde_json::to_vec(r)?);
+            let key = e.user_id.as_bytes();
             if self.event_time {
-                window.send_at(topic, key, &json, event.ts).await?;
+                window.send_at(topic, key, &json, e.ts).await?;
             } else {
                 window.send(topic, key, &json).await?;
             }
@@ -123,7 +125,7 @@ pub async fn generate_cmd(args: &GenerateArgs) -> Result<()> {
     let events = generate(&GeneratorConfig { users: args.users, events: args.events, seed: args.seed, ..Default::default() });
     let n = args
         .sink
-        .write(events.iter().map(|g| (&g.event, serde_json::to_vec(g).expect("events serialise"))))
+        .write(&events, |g| &g.event)
         .await?;
     eprintln!("generated {n} events for {} users (seed {}) into {}", args.users, args.seed, args.sink.describe());
     Ok(())
@@ -161,7 +163,7 @@ pub async fn import_cmd(args: &ImportArgs) -> Result<()> {
     report_bad_rows(&args.input, &imported.bad);
     let n = args
         .sink
-        .write(imported.events.iter().map(|e| (e, serde_json::to_vec(e).expect("events serialise"))))
+        .write(&imported.events, |e| e)
         .await?;
     eprintln!("imported from {}: {}", args.input.display(), imported.summary());
     eprintln!("wrote {n} events to {}", args.sink.describe());

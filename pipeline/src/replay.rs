@@ -521,7 +521,8 @@ struct Progress {
     all: u64,
     multi: Option<indicatif::MultiProgress>,
     total: Option<indicatif::ProgressBar>,
-    current: std::cell::RefCell<Option<(usize, indicatif::ProgressBar, Instant, u64)>>,
+    /// The part being read: its index, bar and records read.
+    current: std::cell::RefCell<Option<(usize, indicatif::ProgressBar, u64)>>,
     last_log: std::cell::Cell<Instant>,
     done: std::cell::Cell<u64>,
     started: Instant,
@@ -565,9 +566,9 @@ impl Progress {
                 None => indicatif::ProgressBar::hidden(),
             };
             bar.set_prefix(self.parts[index].0.clone());
-            *current = Some((index, bar, self.part_started.get(), 0));
+            *current = Some((index, bar, 0));
         }
-        let (_, bar, _, read) = current.as_mut().expect("set above");
+        let (_, bar, read) = current.as_mut().expect("set above");
         bar.inc(n);
         *read += n;
         self.done.set(self.done.get() + n);
@@ -582,10 +583,10 @@ impl Progress {
         }
     }
 
-    fn close(&self, part: Option<(usize, indicatif::ProgressBar, Instant, u64)>) {
-        let Some((index, bar, started, read)) = part else { return };
+    fn close(&self, part: Option<(usize, indicatif::ProgressBar, u64)>) {
+        let Some((index, bar, read)) = part else { return };
         bar.finish_and_clear();
-        let seconds = started.elapsed().as_secs_f64();
+        let seconds = self.part_started.get().elapsed().as_secs_f64();
         self.part_started.set(Instant::now());
         let line = format!("{}: {read} records in {seconds:.1} s ({:.0}/s)", self.parts[index].0, read as f64 / seconds.max(1e-9));
         match &self.multi {
