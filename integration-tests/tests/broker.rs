@@ -4,7 +4,6 @@ use intentflow_integration_tests::*;
 use intentflow_schemas::{Event, ScoredIntent};
 use intentflow_state::{StateStore, StoreOptions};
 use std::collections::{BTreeMap, HashSet};
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 const IDLE: Duration = Duration::from_secs(120);
@@ -124,20 +123,6 @@ fn sigkill_mid_stream_then_restart_loses_nothing_and_applies_each_event_once() {
     assert_matches_offline(&unique, &events, &sc.state);
 }
 
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
-}
-
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse::<f64>().ok()))
-        .map_or(0, |v| v as u64)
-}
-
 #[test]
 fn malformed_records_are_dead_lettered_counted_and_logged_while_valid_ones_are_scored() {
     let sc = Scenario::new("bad", 4);
@@ -168,8 +153,7 @@ fn malformed_records_are_dead_lettered_counted_and_logged_while_valid_ones_are_s
     }
     produce(&sc.brokers, &sc.input, &records).unwrap();
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_addr();
     let op = sc.start("op", &sc.run_args(&["--metrics-addr", &addr]));
     let intents = sc.intents(events.len(), IDLE);
 

@@ -2,7 +2,7 @@
 //! operator, file sources.
 
 use intentflow_integration_tests::*;
-use intentflow_operators::columnar;
+use intentflow_formats::columnar;
 use intentflow_schemas::ScoredIntent;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -96,6 +96,53 @@ fn replays_are_byte_identical_and_equal_the_live_operator() {
     assert!(replayed == live, "replayed intents differ from the live operator's");
 }
 
+/// Guarantee 5: with two co-partitioned input topics and a non-default record size limit, a
+/// replay applies each partition's records in the live operator's order (timestamp, then topic
+/// order) under the run's limits: the same intents and the same states.
+#[test]
+fn a_replay_of_two_input_topics_under_the_runs_limits_equals_the_live_operator() {
+    let sc = Scenario::new("two-topics", 4);
+    let carts = unique("two-topics-carts");
+    create_topic(&sc.brokers, &carts, 4).unwrap();
+    let events = generated_events(300, 6_000, 79);
+    let (views, others): (Vec<_>, Vec<_>) = events.iter().cloned().partition(|e| e.kind == intentflow_schemas::EventType::View);
+    // Views on the first topic, the rest on the second, each record stamped with its event time.
+    produce_events_at(&sc.brokers, &sc.input, &views).unwrap();
+    produce_events_at(&sc.brokers, &carts, &others).unwrap();
+    // One more event, too large for the default limit of 64 KiB but within the run's 128 KiB.
+    let mut padded = serde_json::to_value(&events[0]).unwrap();
+    padded["padding"] = serde_json::Value::String("x".repeat(70_000));
+    padded["event_id"] = serde_json::Value::String("padded".into());
+    produce(&sc.brokers, &sc.input, &[(events[0].user_id.clone(), serde_json::to_vec(&padded).unwrap())]).unwrap();
+    let config = sc.dir.path().join("run.toml");
+    std::fs::write(&config, "max_record_bytes = 131072\n").unwrap();
+    let config = config.display().to_string();
+
+    let args = sc.run_args(&["--config", &config, "--input-topic", &sc.input, "--input-topic", &carts]);
+    let (live, log) = sc.run_until("live", &args, events.len() + 1, IDLE);
+    assert_eq!(live.len(), events.len() + 1, "the padded record is valid under the run's limit; log:\n{log}");
+
+    let out = sc.dir.path().join("replay.jsonl");
+    let (model, state) = (trained_model_dir().display().to_string(), sc.dir.path().join("state-replay"));
+    let state_arg = state.display().to_string();
+    let (status, log) = intentflow(&[
+        "replay", "--config", &config, "--brokers", &sc.brokers, "--input-topic", &sc.input, "--input-topic", &carts,
+        "--model-dir", &model, "--state-dir", &state_arg, "--output", &out.display().to_string(),
+    ]);
+    assert!(status.success(), "{log}");
+    let replayed = read_jsonl(&out);
+    assert_eq!(replayed.len(), events.len() + 1, "{log}");
+    let strip = |v: Vec<ScoredIntent>| -> BTreeMap<String, Vec<ScoredIntent>> {
+        let mut by_user: BTreeMap<String, Vec<ScoredIntent>> = BTreeMap::new();
+        for i in v {
+            by_user.entry(i.user_id.clone()).or_default().push(ScoredIntent { emitted_at: String::new(), ..i });
+        }
+        by_user
+    };
+    assert!(strip(replayed) == strip(live), "the replay applied the two topics in another order than the live operator");
+    assert_eq!(stored_states(&state), stored_states(&sc.state), "replayed states equal the live operator's");
+}
+
 #[test]
 fn a_file_replay_equals_the_topic_replay_of_the_same_events() {
     let sc = Scenario::new("replay-file", 4);
@@ -172,7 +219,7 @@ fn a_replay_to_the_default_backfill_topic_exits_on_its_own() {
     assert_eq!(backfill.len(), events.len());
     // It never committed offsets for any group, its own included.
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = intentflow_pipeline::kafka::client_config(&sc.brokers, &Default::default()).set("group.id", "intentflow-replay").create().unwrap();
+    let consumer: BaseConsumer = intentflow_pipeline::kafka::KafkaClients::new(&sc.brokers).base().set("group.id", "intentflow-replay").create().unwrap();
     let mut tpl = rdkafka::TopicPartitionList::new();
     tpl.add_partition(&sc.input, 0);
     tpl.add_partition(&sc.input, 1);
@@ -227,17 +274,6 @@ fn history_then_live_hand_off_skips_nothing_and_applies_nothing_twice() {
     drop(intents);
 }
 
-/// A second model, different from the shared test model.
-fn other_model_dir() -> tempfile::TempDir {
-    use intentflow_model::train::{train, TrainConfig};
-    let events = generated_events(400, 8_000, 99);
-    let cfg = TrainConfig { hidden_dim: 8, members: 1, epochs: 1, seed: 5, ..TrainConfig::default() };
-    let trained = train(&events, &cfg, &intentflow_model::Device::Cpu, |_, _| {}).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    trained.save(dir.path()).unwrap();
-    dir
-}
-
 #[test]
 fn a_model_swap_goes_through_a_replay_and_a_mismatched_state_is_refused() {
     let sc = Scenario::new("swap", 2);
@@ -246,7 +282,7 @@ fn a_model_swap_goes_through_a_replay_and_a_mismatched_state_is_refused() {
     assert_eq!(sc.run_until("old", &sc.run_args(&[]), events.len(), IDLE).0.len(), events.len());
 
     // The live state was built by the old model: the new one refuses to continue it...
-    let new_model = other_model_dir();
+    let new_model = other_model_dir(8);
     let new = new_model.path().display().to_string();
     let mut refused = sc.start("refused", &sc.run_args(&["--model-dir", &new]));
     let (status, log) = refused.wait_exit(IDLE).unwrap().expect("the operator must refuse a state of another model");

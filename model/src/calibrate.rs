@@ -66,6 +66,8 @@ impl Calibration {
         match self {
             Calibration::None => p,
             Calibration::Platt { a, b } => sigmoid(a * logit(f64::from(p)) + b) as f32,
+            // An empty or malformed table (a hand-edited model.json) maps nothing: raw scores.
+            Calibration::Isotonic { x, y } if x.is_empty() || x.len() != y.len() => p,
             Calibration::Isotonic { x, y } => {
                 let p = f64::from(p);
                 let i = x.partition_point(|&v| v < p);
@@ -151,6 +153,15 @@ mod tests {
             assert_eq!(back, c);
             assert_eq!(serde_json::to_string(&back).unwrap(), text);
         }
+    }
+
+    #[test]
+    fn an_empty_or_ragged_isotonic_table_leaves_scores_raw() {
+        for c in [Calibration::Isotonic { x: vec![], y: vec![] }, Calibration::Isotonic { x: vec![0.5], y: vec![] }] {
+            assert_eq!(c.apply(0.3), 0.3);
+        }
+        let parsed: Calibration = serde_json::from_str(r#"{"method":"isotonic","x":[],"y":[]}"#).unwrap();
+        assert_eq!(parsed.apply(0.7), 0.7);
     }
 
     #[test]

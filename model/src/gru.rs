@@ -11,6 +11,9 @@
 //! h' = (1 − z) ⊙ n + z ⊙ h
 //! p  = σ(head.weight · h' + head.bias)
 //! ```
+//!
+//! Over 400 lines: the parameters, their PyTorch names and the packing of the seed ensemble must
+//! change together; the CPU serving step moves to its own kernel module with the performance work.
 
 use candle_core::{DType, Device, Tensor, D};
 

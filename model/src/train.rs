@@ -15,6 +15,10 @@
 //! * **After training**, on the validation split: calibration of the GRU score, the
 //!   F1-maximising threshold, the logistic-regression baseline's threshold and the stacked
 //!   ensemble.
+//!
+//! Over 400 lines: labels, the split, the training loop with early stopping, calibration and the
+//! baselines are one pipeline over one set of sessions; it is split with the model-v2
+//! architectures (one module per family), not before.
 
 use crate::baseline::{stack_row, Baselines, SessionAggregates, AGGREGATE_NAMES};
 use crate::calibrate::{Calibration, CalibrationMethod};

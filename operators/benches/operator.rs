@@ -6,7 +6,7 @@
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use intentflow_model::train::{train, TrainConfig};
 use intentflow_model::{Device, IntentModel};
-use intentflow_operators::generate::{generate, GeneratorConfig};
+use intentflow_formats::generate::{generate, GeneratorConfig};
 use intentflow_operators::{IntentOperator, PositionedEvent, SourcePosition};
 use intentflow_state::{StateStore, StoreOptions};
 

@@ -10,25 +10,21 @@
 //!    user's events are applied strictly in their order.
 //! 3. **encode** — [`encode::encode_intent`] writes a [`ScoredIntent`] as JSON.
 //!
+//! With several co-partitioned input topics, [`merge::TopicMerge`] fixes the order in which one
+//! partition's records of the different topics are applied, the same live and in a replay.
+//!
 //! The caller (the pipeline) produces the outputs, then writes the returned states and commits
-//! offsets; nothing here touches Kafka.
-//!
-//! [`columnar`] reads events from, and writes events and intents to, Parquet files (file
-//! replays, data-lake backfills), with the same validation as records on Kafka.
-//!
-//! [`generate`] is the seeded synthetic clickstream source used by the CLI, the tests and the
-//! benchmarks when no real data is at hand.
+//! offsets; nothing here touches Kafka or files (those live in `intentflow-formats`).
 
-pub mod columnar;
 pub mod decode;
 pub mod encode;
-pub mod generate;
+pub mod merge;
 mod score;
 
 pub use decode::{Decoded, Rejected, SourceRecord};
 pub use intentflow_schemas::{Event, ScoredIntent, SourcePosition};
 pub use intentflow_state::{StateStore, UserState};
-pub use score::{BatchOutput, EmittedAt, IntentOperator, PositionedEvent};
+pub use score::{BatchOutput, EmittedAt, IntentOperator, InvalidState, PositionedEvent};
 
 /// Errors of the operators.
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,8 @@
 use crate::OperatorError;
 use intentflow_model::{Features, IntentModel};
 use intentflow_schemas::{format_ts_ms, Event, ScoredIntent, SourcePosition, INTENT_SCHEMA_VERSION};
-use intentflow_state::{StateStore, UserState};
+use intentflow_state::changelog::ModelPolicy;
+use intentflow_state::{topic_id, Loaded, StateError, StateStore, UserState};
 use std::collections::HashMap;
 
 /// A valid event and where it came from.
@@ -18,14 +19,36 @@ pub struct PositionedEvent {
 /// Everything one batch produced.
 #[derive(Debug, Default)]
 pub struct BatchOutput {
-    /// One intent per input event, in input order (so each user's intents are in event order).
+    /// One intent per applied event, in input order (so each user's intents are in event order).
     pub intents: Vec<ScoredIntent>,
     /// The final state of every user the batch touched, keyed by (partition, user id).
     pub states: Vec<(i32, String, UserState)>,
     /// Users whose stored hidden vector did not fit the model and was restarted from zero.
     pub reset_states: usize,
+    /// Users whose stored state was built by another model and was dropped
+    /// ([`ModelPolicy::Reset`]).
+    pub foreign_states: usize,
+    /// Stored states that did not decode: their users started fresh, the bytes are here to be
+    /// quarantined.
+    pub invalid_states: Vec<InvalidState>,
+    /// Events their user's state had already applied (fenced: a redelivery after a crash under
+    /// at-least-once). They are not applied again and get no intent.
+    pub already_applied: usize,
     /// Batched model steps taken (the number of waves).
     pub waves: usize,
+}
+
+/// A stored state that could not be read.
+#[derive(Debug)]
+pub struct InvalidState {
+    /// Input partition.
+    pub partition: i32,
+    /// User id.
+    pub user: String,
+    /// The stored bytes.
+    pub bytes: Vec<u8>,
+    /// Why they do not decode.
+    pub error: StateError,
 }
 
 /// What a batch's intents carry as `emitted_at`.
@@ -48,12 +71,19 @@ struct Slot {
 /// Scores events with a trained [`IntentModel`], keeping per-user state.
 pub struct IntentOperator {
     model: IntentModel,
+    policy: ModelPolicy,
 }
 
 impl IntentOperator {
-    /// Wraps a loaded model.
+    /// Wraps a loaded model; states of another model are refused.
     pub fn new(model: IntentModel) -> IntentOperator {
-        IntentOperator { model }
+        IntentOperator { model, policy: ModelPolicy::Refuse }
+    }
+
+    /// What to do with a stored state built by another model.
+    pub fn with_model_policy(mut self, policy: ModelPolicy) -> IntentOperator {
+        self.policy = policy;
+        self
     }
 
     /// The model in use.
@@ -65,9 +95,16 @@ impl IntentOperator {
     /// `store` once per batch and returned, not written: the caller writes them after the
     /// outputs are acknowledged. `stamp` says what `emitted_at` holds.
     ///
+    /// An event below its user's fence for its topic is already in the state and is skipped, so
+    /// no event is applied twice to a hidden state even when a crash let a state reach the
+    /// changelog ahead of its input offset. A stored state that does not decode, or (under
+    /// [`ModelPolicy::Reset`]) was built by another model, is replaced by a fresh one and
+    /// reported in the output.
+    ///
     /// # Errors
     ///
-    /// State read errors and model errors; the batch then has no effect.
+    /// State read errors, a state of another model under [`ModelPolicy::Refuse`], and model
+    /// errors; the batch then has no effect.
     pub fn process(&self, events: &[PositionedEvent], store: &StateStore, stamp: EmittedAt) -> Result<BatchOutput, OperatorError> {
         let mut slots: Vec<Slot> = Vec::new();
         let mut index: HashMap<(i32, &str), usize> = HashMap::new();
@@ -82,9 +119,32 @@ impl IntentOperator {
         let stored = store.get_many(slots.iter().map(|s| (s.partition, s.user.as_str())))?;
         let h = self.model.hidden_dim();
         let version = self.model.version();
-        let mut reset_states = 0;
-        for (slot, state) in slots.iter_mut().zip(stored) {
-            slot.state = state.unwrap_or_default();
+        let (mut reset_states, mut foreign_states, mut already_applied) = (0, 0, 0);
+        let mut invalid_states = Vec::new();
+        let mut topics = TopicIds::default();
+        for (slot, loaded) in slots.iter_mut().zip(stored) {
+            slot.state = match loaded {
+                Loaded::Absent => UserState::default(),
+                Loaded::State(state) if state.model_version == version || state.model_version.is_empty() => state,
+                Loaded::State(state) => match self.policy {
+                    ModelPolicy::Refuse => {
+                        let (partition, user) = (slot.partition, slot.user.clone());
+                        return Err(StateError::ForeignModel { partition, user, found: state.model_version, expected: version.to_string() }.into());
+                    }
+                    ModelPolicy::Reset => {
+                        foreign_states += 1;
+                        UserState::default()
+                    }
+                },
+                Loaded::Invalid { bytes, error } => {
+                    invalid_states.push(InvalidState { partition: slot.partition, user: slot.user.clone(), bytes, error });
+                    UserState::default()
+                }
+            };
+            let before = slot.inputs.len();
+            let state = &slot.state;
+            slot.inputs.retain(|&i| !state.has_applied(topics.id(&events[i].source.topic), events[i].source.offset));
+            already_applied += before - slot.inputs.len();
             // A hidden vector from a model of another size cannot continue; the session
             // counters stay, and the next event's step starts from zero.
             if slot.state.hidden.len() != h {
@@ -143,37 +203,78 @@ impl IntentOperator {
                 });
             }
         }
+        for slot in &mut slots {
+            for &input in &slot.inputs {
+                let source = &events[input].source;
+                slot.state.mark_applied(topics.id(&source.topic), source.offset);
+            }
+        }
         Ok(BatchOutput {
-            intents: intents.into_iter().map(|i| i.expect("every input is scored in its wave")).collect(),
-            states: slots.into_iter().map(|s| (s.partition, s.user, s.state)).collect(),
+            // Fenced events have no intent.
+            intents: intents.into_iter().flatten().collect(),
+            states: slots.into_iter().filter(|s| !s.inputs.is_empty()).map(|s| (s.partition, s.user, s.state)).collect(),
             reset_states,
+            foreign_states,
+            invalid_states,
+            already_applied,
             waves: max_len,
         })
+    }
+}
+
+/// [`topic_id`] of the few topic names of a batch, hashed once each.
+#[derive(Default)]
+struct TopicIds {
+    known: Vec<(String, u32)>,
+}
+
+impl TopicIds {
+    fn id(&mut self, topic: &str) -> u32 {
+        if let Some((_, id)) = self.known.iter().find(|(t, _)| t == topic) {
+            return *id;
+        }
+        let id = topic_id(topic);
+        self.known.push((topic.to_string(), id));
+        id
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::generate::{generate, GeneratorConfig};
+    use intentflow_formats::generate::{generate, GeneratorConfig};
     use intentflow_model::Device;
     use intentflow_model::train::{train, TrainConfig};
     use intentflow_state::StoreOptions;
     use rand::{Rng, SeedableRng};
     use std::collections::BTreeMap;
 
+    fn generated(users: usize, events: usize) -> Vec<Event> {
+        generate(&GeneratorConfig { users, events, seed: 3, ..Default::default() }).into_iter().map(|g| g.event).collect()
+    }
+
+    /// A small model trained once per test process.
+    fn model() -> IntentModel {
+        static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+        let dir = DIR.get_or_init(|| {
+            let cfg = TrainConfig { hidden_dim: 16, members: 1, epochs: 1, ..TrainConfig::default() };
+            let trained = train(&generated(300, 6_000), &cfg, &Device::Cpu, |_, _| {}).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            trained.save(dir.path()).unwrap();
+            dir
+        });
+        IntentModel::load(dir.path(), &Device::Cpu).unwrap()
+    }
+
+    fn positioned(events: &[Event], topic: &str) -> Vec<PositionedEvent> {
+        events.iter().enumerate().map(|(i, e)| PositionedEvent { source: SourcePosition { topic: topic.into(), partition: 0, offset: i as i64 }, event: e.clone() }).collect()
+    }
+
     /// Streaming in waves over arbitrary batch cuts reproduces offline per-user scoring.
     #[test]
     fn waves_over_batches_equal_offline_sequences() {
-        let events: Vec<Event> = generate(&GeneratorConfig { users: 300, events: 6_000, seed: 3, ..Default::default() })
-            .into_iter()
-            .map(|g| g.event)
-            .collect();
-        let cfg = TrainConfig { hidden_dim: 16, members: 1, epochs: 1, ..TrainConfig::default() };
-        let trained = train(&events, &cfg, &Device::Cpu, |_, _| {}).unwrap();
-        let model_dir = tempfile::tempdir().unwrap();
-        trained.save(model_dir.path()).unwrap();
-        let model = IntentModel::load(model_dir.path(), &Device::Cpu).unwrap();
+        let events = generated(300, 6_000);
+        let model = model();
         let op = IntentOperator::new(model.clone());
 
         let state_dir = tempfile::tempdir().unwrap();
@@ -220,5 +321,65 @@ mod tests {
                 assert!((a - b).abs() <= 1e-5);
             }
         }
+    }
+
+    /// A redelivered event is below its user's fence: not applied again, no intent; the rest of
+    /// a partly redelivered batch is applied.
+    #[test]
+    fn redelivered_events_are_fenced_off() {
+        let events = positioned(&generated(20, 200), "events");
+        let op = IntentOperator::new(model());
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let commit = |out: &BatchOutput| store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
+        let first = op.process(&events[..120], &store, EmittedAt::EventTime).unwrap();
+        commit(&first);
+        let before = store.users().unwrap();
+        // The whole first batch again: nothing applied, nothing emitted, nothing to write.
+        let again = op.process(&events[..120], &store, EmittedAt::EventTime).unwrap();
+        assert_eq!((again.already_applied, again.intents.len(), again.states.len()), (120, 0, 0));
+        // Its second half again with new events: only the new ones count.
+        let overlap = op.process(&events[60..], &store, EmittedAt::EventTime).unwrap();
+        assert_eq!((overlap.already_applied, overlap.intents.len()), (60, 80));
+        assert!(overlap.intents.iter().all(|i| i.source.offset >= 120));
+        commit(&overlap);
+        // The same as one clean pass.
+        let clean_dir = tempfile::tempdir().unwrap();
+        let clean = StateStore::open(clean_dir.path(), StoreOptions::default()).unwrap();
+        let out = op.process(&events, &clean, EmittedAt::EventTime).unwrap();
+        clean.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
+        assert_eq!(store.users().unwrap(), clean.users().unwrap());
+        assert_ne!(store.users().unwrap(), before);
+        // Another topic's offsets are fenced separately.
+        let other = positioned(&generated(20, 200)[..10], "other-topic");
+        assert_eq!(op.process(&other, &store, EmittedAt::EventTime).unwrap().already_applied, 0);
+    }
+
+    /// A stored state that does not decode, or belongs to another model, does not stop the
+    /// batch: the user starts fresh (or, for another model, the policy refuses).
+    #[test]
+    fn unusable_and_foreign_states_start_fresh_or_are_refused() {
+        let events = positioned(&generated(20, 200), "events");
+        let user = events[0].event.user_id.clone();
+        let mine: Vec<PositionedEvent> = events.iter().filter(|e| e.event.user_id == user).cloned().collect();
+        let model = model();
+        let fresh_scores = model.score_sequence(mine.iter().map(|e| &e.event)).unwrap().scores;
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+
+        store.commit_encoded([(0, user.as_str(), b"\x03garbage".as_slice())], [], []).unwrap();
+        let out = IntentOperator::new(model.clone()).process(&mine, &store, EmittedAt::EventTime).unwrap();
+        assert_eq!(out.invalid_states.len(), 1);
+        assert_eq!(out.invalid_states[0].bytes, b"\x03garbage");
+        let close = |got: &BatchOutput| got.intents.len() == fresh_scores.len() && got.intents.iter().zip(&fresh_scores).all(|(i, s)| (i.score - s).abs() <= 1e-6);
+        assert!(close(&out), "the user started fresh");
+
+        let foreign = UserState { hidden: vec![0.9; model.hidden_dim()], model_version: "gru-other".into(), ..Default::default() };
+        store.commit([(0, user.as_str(), &foreign)], [], []).unwrap();
+        let err = IntentOperator::new(model.clone()).process(&mine, &store, EmittedAt::EventTime).unwrap_err();
+        assert!(err.to_string().contains("built by model gru-other"), "{err}");
+        let out = IntentOperator::new(model).with_model_policy(ModelPolicy::Reset).process(&mine, &store, EmittedAt::EventTime).unwrap();
+        assert_eq!(out.foreign_states, 1);
+        assert!(close(&out), "the user started fresh");
     }
 }

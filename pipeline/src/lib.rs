@@ -2,17 +2,20 @@
 //! streaming runtime. This is the only crate that knows Kafka.
 //!
 //! * [`config`] — `intentflow run` configuration (TOML + flags) and its checks.
-//! * [`runtime`] — the consume → score → produce → store → commit loop.
-//! * [`kafka`] — client configs, topic creation, bounded delivery windows, topic reads.
-//! * [`telemetry`] — Prometheus metrics and the health endpoint.
-//! * [`import`] — event files (schema-v1 JSONL, REES46 and Taobao CSV).
-//! * [`commands`] — `generate`, `import`, `train` and `tail`.
+//! * [`kafka`] — every client's properties in one place, topics, bounded deliveries and reads.
+//! * [`state_dir`] — the life of a state directory: instance id, replay markers, model adoption.
+//! * [`runtime`] — the consume → score → produce → store → commit loop, with background
+//!   restores, the transactional sink and the hand-over of replayed states.
 //! * [`replay`] — `intentflow replay`: bounded, deterministic reprocessing of topics or files.
+//! * [`output`] — one writer for topic, JSONL, Parquet (or no) outputs.
+//! * [`commands`] — `generate`, `import`, `train`, `eval` and `tail`.
+//! * [`telemetry`] — Prometheus metrics and the health endpoint.
 
 pub mod commands;
 pub mod config;
-pub mod import;
 pub mod kafka;
+pub mod output;
 pub mod replay;
 pub mod runtime;
+pub mod state_dir;
 pub mod telemetry;

@@ -1,7 +1,7 @@
 //! `intentflow`: purchase-intent scores from Kafka clickstreams.
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use intentflow_pipeline::{commands, config, replay, runtime, telemetry};
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -21,15 +21,15 @@ enum Command {
     /// Run the streaming operator: consume events, score them, produce intents.
     Run(config::RunArgs),
     /// Generate a seeded synthetic clickstream into a file or a topic.
-    Generate(commands::GenerateArgs),
+    Generate(commands::generate::GenerateArgs),
     /// Convert a dataset (REES46, Taobao, RetailRocket, JSONL) into schema-v1 events in a file or a topic.
-    Import(commands::ImportArgs),
+    Import(commands::import::ImportArgs),
     /// Train the intent GRU, its calibration, baselines and ensemble from an event file.
-    Train(commands::TrainArgs),
+    Train(commands::train::TrainArgs),
     /// Evaluate a model against its baselines: metrics.json, report.html and a table.
-    Eval(commands::EvalArgs),
+    Eval(commands::eval::EvalArgs),
     /// Print scored intents from the output topic.
-    Tail(commands::TailArgs),
+    Tail(commands::tail::TailArgs),
     /// Reprocess a bounded range of topics (or event files) into a separate state and a backfill topic or file.
     Replay(replay::ReplayArgs),
 }
@@ -73,7 +73,17 @@ async fn run(args: config::RunArgs) -> Result<()> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let cli = Cli::parse();
+    // Fault injection for the crash tests (`FAILPOINTS=name=action;…`); nothing is armed without it.
+    let _failpoints = fail::FailScenario::setup();
+    // `--version` names the librdkafka build: what TLS, SASL mechanisms and codecs it has.
+    // Leaked once: clap wants a `'static` string (its `string` feature is off).
+    let long_version: &'static str = String::leak(format!(
+        "{}\nlibrdkafka {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        intentflow_pipeline::kafka::librdkafka_version(),
+        intentflow_pipeline::kafka::builtin_features()
+    ));
+    let cli = Cli::from_arg_matches(&Cli::command().long_version(long_version).get_matches())?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log)?)
         .with_writer(std::io::stderr)
@@ -81,13 +91,13 @@ async fn main() -> Result<()> {
         .init();
     match cli.command {
         Command::Run(args) => run(args).await,
-        Command::Generate(args) => commands::generate_cmd(&args).await,
-        Command::Import(args) => commands::import_cmd(&args).await,
-        Command::Train(args) => tokio::task::block_in_place(|| commands::train_cmd(&args)),
-        Command::Eval(args) => tokio::task::block_in_place(|| commands::eval_cmd(&args)),
-        Command::Tail(args) => tokio::task::block_in_place(|| commands::tail_cmd(&args)),
+        Command::Generate(args) => commands::generate::generate_cmd(&args).await,
+        Command::Import(args) => commands::import::import_cmd(&args).await,
+        Command::Train(args) => tokio::task::block_in_place(|| commands::train::train_cmd(&args)),
+        Command::Eval(args) => tokio::task::block_in_place(|| commands::eval::eval_cmd(&args)),
+        Command::Tail(args) => tokio::task::block_in_place(|| commands::tail::tail_cmd(&args)),
         Command::Replay(args) => {
-            let s = replay::replay(&args).await?;
+            let s = replay::replay(&args.job()?).await?;
             for ((source, partition), (from, to)) in &s.ranges {
                 eprintln!("intentflow replay: {source}/{partition} offsets [{from}, {to})");
             }

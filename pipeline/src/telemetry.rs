@@ -1,18 +1,25 @@
 //! Metrics (Prometheus text on `/metrics`) and health (`/health`) of a running operator.
 //!
 //! Naming follows `docs/metrics.md`: counters end in `_total`, durations are `_seconds`, label
-//! values come from bounded sets, and everything is emitted once per batch with handles
-//! registered up front.
+//! values come from bounded sets, every histogram has buckets in its own unit, and everything is
+//! emitted once per batch with handles registered up front.
 
 use axum::{routing::get, Json, Router};
 use intentflow_schemas::DecodeError;
 use metrics::{Counter, Histogram};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Buckets of histograms in seconds (batch and step times).
+const SECONDS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Buckets of restore durations: from an up-to-date partition to a changelog of many millions.
+const RESTORE_SECONDS: &[f64] = &[0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
+/// Buckets of batch sizes in records (up to the largest `max_batch_records` worth using).
+const RECORDS: &[f64] = &[1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0];
 
 /// Installs the global Prometheus recorder. Call once per process.
 ///
@@ -21,17 +28,43 @@ use std::sync::Arc;
 /// If a recorder is already installed.
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     Ok(PrometheusBuilder::new()
-        .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])?
+        .set_buckets(SECONDS)?
+        .set_buckets_for_metric(Matcher::Full("intentflow_restore_seconds".into()), RESTORE_SECONDS)?
+        .set_buckets_for_metric(Matcher::Full("intentflow_batch_records".into()), RECORDS)?
         .install_recorder()?)
+}
+
+/// Where the operator is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[repr(u8)]
+pub enum Phase {
+    /// Loading the model, opening the store, creating topics, handing over a replay.
+    Starting = 0,
+    /// Subscribed, no partition assigned yet.
+    WaitingForAssignment = 1,
+    /// Some assigned partitions are still restoring from the changelog (the others run).
+    Restoring = 2,
+    /// Every assigned partition is processing.
+    Running = 3,
+    /// SIGTERM received: finishing the batch in hand.
+    Stopping = 4,
+    /// The loop has ended.
+    Stopped = 5,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Phase {
+        [Phase::Starting, Phase::WaitingForAssignment, Phase::Restoring, Phase::Running, Phase::Stopping, Phase::Stopped][usize::from(v).min(5)]
+    }
 }
 
 /// Live status shared between the runtime and the `/health` endpoint.
 #[derive(Debug, Default)]
 pub struct Health {
-    /// The consumer has joined its group and holds an assignment.
-    pub assigned_partitions: AtomicUsize,
-    /// The operator is in its processing loop.
-    pub running: AtomicBool,
+    phase: AtomicU8,
+    /// Assigned partitions, each with its restore progress (`None` once it processes).
+    partitions: Mutex<BTreeMap<i32, Option<u64>>>,
     /// Wall-clock time of the last completed batch (epoch ms, 0 before the first).
     pub last_batch_ms: AtomicI64,
     /// Records consumed.
@@ -44,8 +77,10 @@ pub struct Health {
 
 #[derive(Serialize)]
 struct HealthReport {
-    status: &'static str,
+    status: Phase,
     assigned_partitions: usize,
+    /// Partitions restoring from the changelog, with the records applied so far.
+    restoring: BTreeMap<i32, u64>,
     last_batch_ms: i64,
     records_in: u64,
     intents_out: u64,
@@ -53,10 +88,61 @@ struct HealthReport {
 }
 
 impl Health {
+    /// Enters a phase of the operator's life (`Restoring` and `Running` follow the partitions).
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Relaxed))
+    }
+
+    /// A new assignment: every partition in it starts restoring.
+    pub fn assigned(&self, partitions: &[i32]) {
+        let mut p = self.partitions.lock().expect("health lock");
+        *p = partitions.iter().map(|&k| (k, Some(0))).collect();
+        self.follow_partitions(&p);
+    }
+
+    /// Records restore progress of a partition.
+    pub fn restoring(&self, partition: i32, records: u64) {
+        if let Some(slot) = self.partitions.lock().expect("health lock").get_mut(&partition) {
+            if slot.is_some() {
+                *slot = Some(records);
+            }
+        }
+    }
+
+    /// A partition finished restoring and processes.
+    pub fn ready(&self, partition: i32) {
+        let mut p = self.partitions.lock().expect("health lock");
+        if let Some(slot) = p.get_mut(&partition) {
+            *slot = None;
+        }
+        self.follow_partitions(&p);
+    }
+
+    fn follow_partitions(&self, p: &BTreeMap<i32, Option<u64>>) {
+        if matches!(self.phase(), Phase::Starting | Phase::Stopping | Phase::Stopped) {
+            return;
+        }
+        let phase = if p.is_empty() {
+            Phase::WaitingForAssignment
+        } else if p.values().any(Option::is_some) {
+            Phase::Restoring
+        } else {
+            Phase::Running
+        };
+        self.set_phase(phase);
+    }
+
     fn report(&self) -> HealthReport {
+        let p = self.partitions.lock().expect("health lock");
         HealthReport {
-            status: if self.running.load(Ordering::Relaxed) { "running" } else { "starting" },
-            assigned_partitions: self.assigned_partitions.load(Ordering::Relaxed),
+            status: self.phase(),
+            assigned_partitions: p.len(),
+            restoring: p.iter().filter_map(|(k, v)| v.map(|n| (*k, n))).collect(),
             last_batch_ms: self.last_batch_ms.load(Ordering::Relaxed),
             records_in: self.records_in.load(Ordering::Relaxed),
             intents_out: self.intents_out.load(Ordering::Relaxed),
@@ -85,7 +171,8 @@ pub async fn serve(addr: SocketAddr, prometheus: PrometheusHandle, health: Arc<H
 pub struct BatchStats {
     /// Records consumed in the batch.
     pub records: u64,
-    /// Records skipped because the state already reflected them.
+    /// Records skipped because the state already reflected them (the partition's offset, or the
+    /// user's fence).
     pub skipped: u64,
     /// Intents produced.
     pub intents: u64,
@@ -93,6 +180,8 @@ pub struct BatchStats {
     pub invalid: HashMap<&'static str, u64>,
     /// Users whose hidden vector was restarted because it did not fit the model.
     pub state_resets: u64,
+    /// Users whose state was built by another model and was dropped.
+    pub foreign_states: u64,
     /// Wall time of the batch.
     pub seconds: f64,
     /// GRU steps (waves) in the batch.
@@ -106,6 +195,7 @@ pub struct BatchMetrics {
     intents_out: Counter,
     invalid: HashMap<&'static str, Counter>,
     state_resets: Counter,
+    foreign_states: Counter,
     batches: Counter,
     batch_seconds: Histogram,
     batch_records: Histogram,
@@ -122,13 +212,20 @@ impl Default for BatchMetrics {
                 .iter()
                 .map(|k| (*k, metrics::counter!("intentflow_records_invalid_total", "error_type" => *k)))
                 .collect(),
-            state_resets: metrics::counter!("intentflow_state_resets_total"),
+            state_resets: metrics::counter!("intentflow_state_resets_total", "reason" => "hidden_size"),
+            foreign_states: metrics::counter!("intentflow_state_resets_total", "reason" => "foreign_model"),
             batches: metrics::counter!("intentflow_batches_total"),
             batch_seconds: metrics::histogram!("intentflow_batch_seconds"),
             batch_records: metrics::histogram!("intentflow_batch_records"),
             waves: metrics::counter!("intentflow_model_steps_total"),
         }
     }
+}
+
+/// The counter of quarantined state records: `source` is `store` (the local RocksDB) or
+/// `changelog` (a restore).
+pub fn state_records_invalid(source: &'static str) -> Counter {
+    metrics::counter!("intentflow_state_records_invalid_total", "source" => source)
 }
 
 impl BatchMetrics {
@@ -145,6 +242,7 @@ impl BatchMetrics {
             }
         }
         self.state_resets.increment(stats.state_resets);
+        self.foreign_states.increment(stats.foreign_states);
         self.batches.increment(1);
         self.batch_seconds.record(stats.seconds);
         self.batch_records.record(stats.records as f64);
@@ -153,5 +251,34 @@ impl BatchMetrics {
         health.intents_out.fetch_add(stats.intents, Ordering::Relaxed);
         health.invalid.fetch_add(invalid, Ordering::Relaxed);
         health.last_batch_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_phase_follows_assignment_and_restores() {
+        let h = Health::default();
+        assert_eq!(h.phase(), Phase::Starting);
+        h.assigned(&[0, 1]);
+        assert_eq!(h.phase(), Phase::Starting, "start-up is not over before the loop says so");
+        h.set_phase(Phase::WaitingForAssignment);
+        h.assigned(&[0, 1]);
+        assert_eq!(h.phase(), Phase::Restoring);
+        h.restoring(1, 500);
+        h.ready(0);
+        assert_eq!(h.report().restoring, BTreeMap::from([(1, 500)]));
+        assert_eq!(h.phase(), Phase::Restoring);
+        h.ready(1);
+        assert_eq!(h.phase(), Phase::Running);
+        h.assigned(&[]);
+        assert_eq!(h.phase(), Phase::WaitingForAssignment);
+        h.set_phase(Phase::Stopped);
+        h.assigned(&[2]);
+        assert_eq!(h.phase(), Phase::Stopped, "nothing moves a stopped operator back");
+        let json = serde_json::to_string(&h.report()).unwrap();
+        assert!(json.contains("\"status\":\"stopped\""), "{json}");
     }
 }

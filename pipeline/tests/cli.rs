@@ -123,3 +123,15 @@ fn cuda_without_the_feature_is_a_clear_error() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("built without the `cuda` feature"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn version_names_the_librdkafka_build_a_production_cluster_needs() {
+    let out = intentflow(&["--version"]);
+    assert!(out.status.success());
+    let text = text(&out.stdout);
+    assert!(text.contains("librdkafka 2."), "{text}");
+    // TLS, SASL with SCRAM, GSSAPI and OAUTHBEARER (OIDC through libcurl), zstd batches.
+    for feature in ["ssl", "sasl_scram", "sasl_gssapi", "sasl_oauthbearer", "oidc", "zstd", "lz4"] {
+        assert!(text.split(|c: char| !c.is_ascii_alphanumeric() && c != '_').any(|f| f == feature), "librdkafka lacks `{feature}`: {text}");
+    }
+}

@@ -42,14 +42,20 @@ pub enum ChangelogKey<'a> {
 impl ChangelogKey<'_> {
     /// The key bytes.
     pub fn encode(&self) -> Vec<u8> {
+        let mut k = Vec::new();
+        self.encode_into(&mut k);
+        k
+    }
+
+    /// Appends the key bytes to `out` (reusing a buffer across records).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
         let (tag, name) = match self {
             ChangelogKey::User(u) => (USER_TAG, u),
             ChangelogKey::Offset(t) => (OFFSET_TAG, t),
         };
-        let mut k = Vec::with_capacity(1 + name.len());
-        k.push(tag);
-        k.extend_from_slice(name.as_bytes());
-        k
+        out.reserve(1 + name.len());
+        out.push(tag);
+        out.extend_from_slice(name.as_bytes());
     }
 
     /// Parses key bytes.
@@ -120,6 +126,51 @@ pub fn plan_restore(local: Option<i64>, low: i64, high: i64) -> RestorePlan {
         Some(c) if c == high => RestorePlan::UpToDate,
         Some(c) => RestorePlan::CatchUp { from: c },
     }
+}
+
+/// What to do with a state built by another model than the loaded one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelPolicy {
+    /// Stop with [`StateError::ForeignModel`]: the operator refuses to continue such a state.
+    Refuse,
+    /// Drop the state: the user starts from zero with the loaded model.
+    Reset,
+}
+
+impl ModelPolicy {
+    /// `Reset` when told to reset, `Refuse` otherwise.
+    pub fn from_reset_flag(reset: bool) -> ModelPolicy {
+        if reset {
+            ModelPolicy::Reset
+        } else {
+            ModelPolicy::Refuse
+        }
+    }
+}
+
+/// A changelog record that could not be applied and was left out instead of stopping the
+/// partition: the caller logs it, counts it and sends it to the dead-letter topic.
+#[derive(Debug)]
+pub struct Quarantined {
+    /// Its changelog offset.
+    pub offset: i64,
+    /// Its key bytes.
+    pub key: Vec<u8>,
+    /// Its value bytes.
+    pub value: Vec<u8>,
+    /// Why it was left out.
+    pub error: StateError,
+}
+
+/// What applying a run of changelog records did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Records applied.
+    pub records: usize,
+    /// Records left out: their users (if any) start fresh.
+    pub quarantined: Vec<Quarantined>,
+    /// States of another model dropped under [`ModelPolicy::Reset`].
+    pub reset_users: usize,
 }
 
 /// Whether a store's states can go on with the loaded model.

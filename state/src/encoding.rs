@@ -1,9 +1,9 @@
 //! The versioned binary encoding of [`UserState`].
 //!
-//! Version 2, all integers little-endian:
+//! Version 3, all integers little-endian:
 //!
 //! ```text
-//! u8  version (= 2)
+//! u8  version (= 3)
 //! u8  flags: bit 0 = purchased, bit 1 = session_id present, bit 2 = last_item present
 //! u32 session_seq | u32 events | u32 cart_count | f64 cart_value
 //! i64 started_ms  | i64 last_ts_ms | u64 total_events
@@ -11,19 +11,26 @@
 //! [u16 len, bytes] session_id          (only if flag bit 1)
 //! u16 len, bytes   model_version
 //! u16 n, n × f32   hidden vector
+//! u8  m, m × (u32 topic id, i64 next)  fences: per input topic, the offset after the last event applied
 //! ```
 //!
-//! Version 1 is version 2 without `last_item` (flag bit 2 never set). It still decodes: the
-//! migration reads it with `last_item = None`, so the next event of such a session is not
-//! recognised as repeating the previous item.
+//! Older versions still decode, with explicit migrations: version 2 is version 3 without
+//! fences (read with none, so its next event is applied whatever its offset); version 1 is
+//! version 2 without `last_item` (flag bit 2 never set), read with `last_item = None`, so the
+//! next event of such a session is not recognised as repeating the previous item.
+//!
+//! A newer version than this build knows is an error naming both versions
+//! ([`StateError::UnsupportedVersion`]): the operator quarantines such a record rather than guess.
 
 use crate::StateError;
 use intentflow_schemas::SessionState;
 
 /// Current encoding version, the first byte of every encoded state.
-pub const STATE_ENCODING_VERSION: u8 = 2;
+pub const STATE_ENCODING_VERSION: u8 = 3;
 /// Oldest version [`UserState::decode`] still reads.
 const OLDEST_READABLE_VERSION: u8 = 1;
+/// First bytes above this are not taken for a future version but for garbage.
+const PLAUSIBLE_VERSIONS: u8 = 32;
 
 /// Everything the operator remembers about one user.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -34,6 +41,39 @@ pub struct UserState {
     pub hidden: Vec<f32>,
     /// Version of the model that produced `hidden`.
     pub model_version: String,
+    /// Per input topic of the user's partition, the offset after the last event applied to this
+    /// state. An event below its topic's fence is already in the state and is not applied again,
+    /// whatever the partition's recorded offset says (see `docs/state.md`).
+    pub fences: Vec<Fence>,
+}
+
+/// How far a state has applied one input topic: events at offsets below `next` are in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    /// The input topic, as [`topic_id`] of its name.
+    pub topic: u32,
+    /// The offset after the last applied event of that topic.
+    pub next: i64,
+}
+
+/// A stable 32-bit id of a topic name (FNV-1a), so fences cost 12 bytes whatever the name.
+pub fn topic_id(name: &str) -> u32 {
+    name.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+}
+
+impl UserState {
+    /// Whether the event at `offset` of topic `topic` (a [`topic_id`]) is already applied.
+    pub fn has_applied(&self, topic: u32, offset: i64) -> bool {
+        self.fences.iter().any(|f| f.topic == topic && offset < f.next)
+    }
+
+    /// Records that the event at `offset` of `topic` has been applied.
+    pub fn mark_applied(&mut self, topic: u32, offset: i64) {
+        match self.fences.iter_mut().find(|f| f.topic == topic) {
+            Some(f) => f.next = f.next.max(offset + 1),
+            None => self.fences.push(Fence { topic, next: offset + 1 }),
+        }
+    }
 }
 
 struct Reader<'a> {
@@ -99,6 +139,13 @@ impl UserState {
         for h in &self.hidden {
             out.extend_from_slice(&h.to_le_bytes());
         }
+        // Input topics of one partition are few; more than 255 cannot be fenced and are dropped.
+        let fences = &self.fences[..self.fences.len().min(u8::MAX as usize)];
+        out.push(fences.len() as u8);
+        for f in fences {
+            out.extend_from_slice(&f.topic.to_le_bytes());
+            out.extend_from_slice(&f.next.to_le_bytes());
+        }
         out
     }
 
@@ -111,8 +158,11 @@ impl UserState {
     pub fn decode(bytes: &[u8]) -> Result<UserState, StateError> {
         let mut r = Reader { bytes };
         let [version] = r.array()?;
-        if !(OLDEST_READABLE_VERSION..=STATE_ENCODING_VERSION).contains(&version) {
+        if version > STATE_ENCODING_VERSION && version <= PLAUSIBLE_VERSIONS {
             return Err(StateError::UnsupportedVersion { found: version, supported: STATE_ENCODING_VERSION });
+        }
+        if !(OLDEST_READABLE_VERSION..=STATE_ENCODING_VERSION).contains(&version) {
+            return Err(StateError::Corrupt(format!("first byte {version:#04x} is no state encoding version")));
         }
         let [flags] = r.array()?;
         let session_seq = r.u32()?;
@@ -127,6 +177,13 @@ impl UserState {
         let model_version = r.string()?;
         let n = r.u16()? as usize;
         let hidden = r.take(n * 4)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        let mut fences = Vec::new();
+        if version >= 3 {
+            let [m] = r.array()?;
+            for _ in 0..m {
+                fences.push(Fence { topic: r.u32()?, next: r.i64()? });
+            }
+        }
         if !r.bytes.is_empty() {
             return Err(StateError::Corrupt(format!("{} trailing bytes", r.bytes.len())));
         }
@@ -145,6 +202,7 @@ impl UserState {
             },
             hidden,
             model_version,
+            fences,
         })
     }
 }
@@ -162,12 +220,14 @@ mod tests {
             sid in proptest::option::of("[a-z0-9-]{0,40}"), version in "[a-z0-9-]{0,20}",
             last_item in proptest::option::of(any::<u64>()),
             hidden in proptest::collection::vec(-1.0f32..1.0, 0..128),
+            fences in proptest::collection::vec((any::<u32>(), any::<i64>()), 0..4),
         ) {
             let state = UserState {
                 session: SessionState { session_id: sid, session_seq: seq, events, cart_count: cart, cart_value: value,
                     started_ms: started, last_ts_ms: last, purchased, total_events: total, last_item },
                 hidden,
                 model_version: version,
+                fences: fences.into_iter().map(|(topic, next)| Fence { topic, next }).collect(),
             };
             prop_assert_eq!(UserState::decode(&state.encode()).unwrap(), state);
         }
@@ -200,7 +260,30 @@ mod tests {
         assert_eq!(state.session.session_id.as_deref(), Some("s1"));
         assert_eq!(state.session.last_item, None);
         assert_eq!((state.model_version.as_str(), state.hidden.as_slice()), ("gru-abc", [0.25f32].as_slice()));
-        assert_eq!(UserState::decode(&state.encode()).unwrap(), state, "re-encoded as version 2");
+        assert_eq!(state.fences, [], "no fences before version 3");
+        assert_eq!(UserState::decode(&state.encode()).unwrap(), state, "re-encoded as version 3");
+        // A version-2 record is the version-1 one with last_item: read without fences.
+        let mut v2 = v1.clone();
+        v2[0] = 2;
+        v2[1] |= 0b100;
+        v2.splice(46..46, 77u64.to_le_bytes());
+        let state = UserState::decode(&v2).unwrap();
+        assert_eq!((state.session.last_item, state.fences.len()), (Some(77), 0));
+    }
+
+    #[test]
+    fn fences_say_what_is_applied_per_topic() {
+        let mut s = UserState::default();
+        let (a, b) = (topic_id("views"), topic_id("carts"));
+        assert_ne!(a, b);
+        assert!(!s.has_applied(a, 0));
+        s.mark_applied(a, 41);
+        s.mark_applied(b, 7);
+        assert!(s.has_applied(a, 41) && !s.has_applied(a, 42));
+        assert!(s.has_applied(b, 0) && !s.has_applied(b, 8));
+        s.mark_applied(a, 3);
+        assert!(s.has_applied(a, 41), "a fence never moves back");
+        assert_eq!(UserState::decode(&s.encode()).unwrap(), s);
     }
 
     #[test]
@@ -208,6 +291,8 @@ mod tests {
         let mut bytes = UserState { hidden: vec![0.5; 4], ..Default::default() }.encode();
         assert!(matches!(UserState::decode(&bytes[..bytes.len() - 1]), Err(StateError::Corrupt(_))));
         bytes[0] = 9;
-        assert!(matches!(UserState::decode(&bytes), Err(StateError::UnsupportedVersion { found: 9, supported: 2 })));
+        let err = UserState::decode(&bytes).unwrap_err();
+        assert!(matches!(err, StateError::UnsupportedVersion { found: 9, supported: 3 }));
+        assert!(err.to_string().contains("version 9") && err.to_string().contains("1..=3"), "{err}");
     }
 }

@@ -11,14 +11,19 @@
 //! * [`changelog`] defines the records of the compacted changelog topic that backs the store,
 //!   and the recovery decision ([`changelog::plan_restore`]) a partition's local copy follows
 //!   on start-up or when a rebalance assigns it.
+//!
+//! Nothing stored is trusted blindly: a state that does not decode, uses an unknown encoding
+//! version or belongs to another model is reported per user ([`Loaded`],
+//! [`changelog::Applied::quarantined`]) so that the caller can quarantine it and start that user
+//! fresh, instead of stopping a partition.
 
 pub mod changelog;
 mod encoding;
 mod store;
 
-pub use encoding::{UserState, STATE_ENCODING_VERSION};
+pub use encoding::{topic_id, Fence, UserState, STATE_ENCODING_VERSION};
 pub use intentflow_schemas::SessionState;
-pub use store::{StateStore, StoreOptions};
+pub use store::{Loaded, RawUser, StateStore, StoreOptions};
 
 /// Errors of the state layer.
 #[derive(Debug, thiserror::Error)]
@@ -30,11 +35,39 @@ pub enum StateError {
     #[error("corrupt state record: {0}")]
     Corrupt(String),
     /// Stored bytes use an encoding version this build does not know.
-    #[error("state encoding version {found} is not supported (this build reads {supported})")]
+    #[error("state encoding version {found} is not supported: this build reads versions 1..={supported} (was it written by a newer intentflow?)")]
     UnsupportedVersion {
         /// Version byte found.
         found: u8,
-        /// Version this build reads.
+        /// Newest version this build reads.
         supported: u8,
     },
+    /// A user's state was built by another model and the policy is to refuse.
+    #[error(
+        "user {user} on partition {partition} has a state built by model {found}, the loaded model is {expected}: hidden states of one \
+         model mean nothing to another. Replay history into a fresh state directory with the new model (docs/replay.md), or set \
+         reset_state_on_model_change to start such users from zero"
+    )]
+    ForeignModel {
+        /// The input partition.
+        partition: i32,
+        /// The user.
+        user: String,
+        /// The model the state was built with.
+        found: String,
+        /// The model loaded.
+        expected: String,
+    },
+}
+
+impl StateError {
+    /// A short label from a bounded set, for metric labels and dead-letter headers.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StateError::Rocks(_) => "rocksdb",
+            StateError::Corrupt(_) => "corrupt_state",
+            StateError::UnsupportedVersion { .. } => "unsupported_state_version",
+            StateError::ForeignModel { .. } => "foreign_model",
+        }
+    }
 }

@@ -1,6 +1,9 @@
 //! The RocksDB-backed store of user states and the input offsets they reflect.
+//!
+//! Over 400 lines: one type whose methods each own one key space (users, offsets, changelog
+//! offsets, model, meta); splitting it by key space would scatter the key layout documented here.
 
-use crate::changelog::{decode_offset, ChangelogKey};
+use crate::changelog::{decode_offset, Applied, ChangelogKey, ModelPolicy, Quarantined};
 use crate::{StateError, UserState};
 use rocksdb::{BlockBasedOptions, Cache, DBCompressionType, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use std::path::Path;
@@ -9,6 +12,48 @@ const USER_PREFIX: u8 = b'u';
 const OFFSET_PREFIX: u8 = b'o';
 const CHANGELOG_PREFIX: u8 = b'c';
 const MODEL_KEY: &[u8] = b"m";
+/// Keys of small bookkeeping values (see [`StateStore::meta`]), apart from users and offsets.
+const META_PREFIX: u8 = b'x';
+
+/// A user's stored state as read back.
+#[derive(Debug)]
+pub enum Loaded {
+    /// No state stored: a new user.
+    Absent,
+    /// A state that decodes.
+    State(UserState),
+    /// Stored bytes that do not decode (corrupt, or a newer encoding): the user starts fresh and
+    /// the caller quarantines the bytes.
+    Invalid {
+        /// The stored bytes.
+        bytes: Vec<u8>,
+        /// Why they do not decode.
+        error: StateError,
+    },
+}
+
+impl Loaded {
+    /// The state, if one decoded.
+    pub fn state(self) -> Option<UserState> {
+        match self {
+            Loaded::State(s) => Some(s),
+            Loaded::Absent | Loaded::Invalid { .. } => None,
+        }
+    }
+}
+
+/// A stored user state as raw bytes, for moving states without decoding them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawUser {
+    /// The store key: pass it back to [`StateStore::users_after`] to continue after this user.
+    pub key: Vec<u8>,
+    /// Input partition.
+    pub partition: i32,
+    /// User id.
+    pub user: String,
+    /// The encoded state.
+    pub value: Vec<u8>,
+}
 
 /// Tuning of the embedded store.
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +112,10 @@ fn changelog_key(partition: i32) -> [u8; 5] {
     k
 }
 
+fn meta_key(name: &str) -> Vec<u8> {
+    [[META_PREFIX].as_slice(), name.as_bytes()].concat()
+}
+
 fn read_i64(bytes: Option<Vec<u8>>, what: &str) -> Result<Option<i64>, StateError> {
     bytes
         .map(|b| <[u8; 8]>::try_from(b.as_slice()).map(i64::from_le_bytes).map_err(|_| StateError::Corrupt(format!("{what} record is not 8 bytes"))))
@@ -102,20 +151,26 @@ impl StateStore {
         Ok(StateStore { db: DB::open(&opts, path)?, write_options })
     }
 
-    /// Reads the states of many users at once; `None` where a user has no state yet.
+    /// Reads the states of many users at once. A stored value that does not decode is
+    /// [`Loaded::Invalid`], not an error: one bad record must not stop a partition.
     ///
     /// # Errors
     ///
-    /// RocksDB read errors and undecodable records.
-    pub fn get_many<'a>(
-        &self,
-        keys: impl IntoIterator<Item = (i32, &'a str)>,
-    ) -> Result<Vec<Option<UserState>>, StateError> {
+    /// RocksDB read errors.
+    pub fn get_many<'a>(&self, keys: impl IntoIterator<Item = (i32, &'a str)>) -> Result<Vec<Loaded>, StateError> {
         let keys: Vec<Vec<u8>> = keys.into_iter().map(|(p, u)| user_key(p, u)).collect();
         self.db
             .multi_get(&keys)
             .into_iter()
-            .map(|r| r?.map(|bytes| UserState::decode(&bytes)).transpose())
+            .map(|r| {
+                Ok(match r? {
+                    None => Loaded::Absent,
+                    Some(bytes) => match UserState::decode(&bytes) {
+                        Ok(state) => Loaded::State(state),
+                        Err(error) => Loaded::Invalid { bytes, error },
+                    },
+                })
+            })
             .collect()
     }
 
@@ -125,10 +180,10 @@ impl StateStore {
     /// # Errors
     ///
     /// RocksDB write errors; nothing is written then.
-    pub fn commit<'a>(
+    pub fn commit<'s, 'o>(
         &self,
-        states: impl IntoIterator<Item = (i32, &'a str, &'a UserState)>,
-        offsets: impl IntoIterator<Item = (&'a str, i32, i64)>,
+        states: impl IntoIterator<Item = (i32, &'s str, &'s UserState)>,
+        offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
         changelog: impl IntoIterator<Item = (i32, i64)>,
     ) -> Result<(), StateError> {
         let encoded: Vec<(i32, &str, Vec<u8>)> = states.into_iter().map(|(p, u, s)| (p, u, s.encode())).collect();
@@ -172,43 +227,72 @@ impl StateStore {
         Ok(())
     }
 
-    /// Applies changelog records of `partition` (key, value; `None` deletes) and records `next`
-    /// as the changelog offset the partition now reflects, in one atomic write. Values are
-    /// checked to decode before anything is written.
+    /// Applies changelog records of `partition` (offset, key, value; `None` deletes) and
+    /// records `next` as the changelog offset the partition now reflects, in one atomic write.
+    ///
+    /// Every value is checked first. A record whose key is not the changelog's, whose value does
+    /// not decode, or (a user state) uses an unknown encoding version is left out and returned in
+    /// [`Applied::quarantined`]; its user, if any, is deleted so that it starts fresh. A user
+    /// state built by another model than `model` is dropped the same way under
+    /// [`ModelPolicy::Reset`] and refused under [`ModelPolicy::Refuse`].
     ///
     /// # Errors
     ///
-    /// [`StateError::Corrupt`] for a record that does not parse (nothing is written then), and
+    /// [`StateError::ForeignModel`] under [`ModelPolicy::Refuse`] (nothing is written then), and
     /// RocksDB write errors.
     pub fn apply_changelog<'a>(
         &self,
         partition: i32,
-        records: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+        records: impl IntoIterator<Item = (i64, &'a [u8], Option<&'a [u8]>)>,
         next: i64,
-    ) -> Result<usize, StateError> {
+        model: &str,
+        policy: ModelPolicy,
+    ) -> Result<Applied, StateError> {
         let mut batch = WriteBatch::default();
-        let mut applied = 0;
-        for (key, value) in records {
-            let key = match ChangelogKey::decode(key)? {
-                ChangelogKey::User(user) => user_key(partition, user),
-                ChangelogKey::Offset(topic) => offset_key(topic, partition),
-            };
-            match value {
-                Some(v) => {
-                    if key[0] == USER_PREFIX {
-                        UserState::decode(v)?;
-                    } else {
-                        decode_offset(v)?;
-                    }
-                    batch.put(key, v);
+        let mut out = Applied::default();
+        for (offset, key, value) in records {
+            let quarantine = |error: StateError| Quarantined { offset, key: key.to_vec(), value: value.unwrap_or_default().to_vec(), error };
+            let parsed = match ChangelogKey::decode(key) {
+                Ok(k) => k,
+                Err(e) => {
+                    out.quarantined.push(quarantine(e));
+                    continue;
                 }
-                None => batch.delete(key),
+            };
+            match (parsed, value) {
+                (ChangelogKey::User(user), Some(v)) => match UserState::decode(v) {
+                    Ok(state) if state.model_version == model => batch.put(user_key(partition, user), v),
+                    Ok(state) => match policy {
+                        ModelPolicy::Refuse => {
+                            return Err(StateError::ForeignModel { partition, user: user.to_string(), found: state.model_version, expected: model.to_string() })
+                        }
+                        ModelPolicy::Reset => {
+                            batch.delete(user_key(partition, user));
+                            out.reset_users += 1;
+                            continue;
+                        }
+                    },
+                    Err(e) => {
+                        batch.delete(user_key(partition, user));
+                        out.quarantined.push(quarantine(e));
+                        continue;
+                    }
+                },
+                (ChangelogKey::Offset(topic), Some(v)) => match decode_offset(v) {
+                    Ok(_) => batch.put(offset_key(topic, partition), v),
+                    Err(e) => {
+                        out.quarantined.push(quarantine(e));
+                        continue;
+                    }
+                },
+                (ChangelogKey::User(user), None) => batch.delete(user_key(partition, user)),
+                (ChangelogKey::Offset(topic), None) => batch.delete(offset_key(topic, partition)),
             }
-            applied += 1;
+            out.records += 1;
         }
         batch.put(changelog_key(partition), next.to_le_bytes());
         self.db.write(batch)?;
-        Ok(applied)
+        Ok(out)
     }
 
     /// The next changelog offset the partition's local states reflect, if recorded.
@@ -285,6 +369,56 @@ impl StateStore {
         read_i64(self.db.get(offset_key(topic, partition))?, "offset")
     }
 
+    /// Up to `limit` stored user states as raw bytes, in key order, starting after the user whose
+    /// [`RawUser::key`] is `after` (from the first when `None`). Moving every state of a large
+    /// store chunk by chunk keeps memory bounded.
+    ///
+    /// # Errors
+    ///
+    /// RocksDB read errors and malformed keys.
+    pub fn users_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<RawUser>, StateError> {
+        let start = after.map_or_else(|| vec![USER_PREFIX], <[u8]>::to_vec);
+        let mut out = Vec::with_capacity(limit.min(1 << 16));
+        for item in self.db.iterator(IteratorMode::From(&start, Direction::Forward)) {
+            let (key, value) = item?;
+            if key.first() != Some(&USER_PREFIX) || out.len() >= limit {
+                break;
+            }
+            if after == Some(&key[..]) {
+                continue;
+            }
+            if key.len() < 5 {
+                return Err(StateError::Corrupt("user key shorter than 5 bytes".into()));
+            }
+            let partition = i32::from_be_bytes(key[1..5].try_into().expect("4 bytes"));
+            let user = String::from_utf8_lossy(&key[5..]).into_owned();
+            out.push(RawUser { key: key.to_vec(), partition, user, value: value.to_vec() });
+        }
+        Ok(out)
+    }
+
+    /// A bookkeeping value stored under `name` (such as the progress of a hand-over).
+    ///
+    /// # Errors
+    ///
+    /// RocksDB read errors.
+    pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self.db.get(meta_key(name))?)
+    }
+
+    /// Stores a bookkeeping value under `name`, or deletes it when `value` is `None`.
+    ///
+    /// # Errors
+    ///
+    /// RocksDB write errors.
+    pub fn set_meta(&self, name: &str, value: Option<&[u8]>) -> Result<(), StateError> {
+        match value {
+            Some(v) => self.db.put(meta_key(name), v)?,
+            None => self.db.delete(meta_key(name))?,
+        }
+        Ok(())
+    }
+
     /// Every stored user state as `(partition, user id, state)`, in key order.
     ///
     /// # Errors
@@ -305,73 +439,5 @@ impl StateStore {
             out.push((partition, user, UserState::decode(&value)?));
         }
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commit_then_read_back_after_reopen() {
-        commit_then_read_back(StoreOptions::default());
-    }
-
-    #[test]
-    fn a_flushed_bulk_load_reads_back_after_reopen() {
-        commit_then_read_back(StoreOptions::bulk());
-    }
-
-    fn commit_then_read_back(options: StoreOptions) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut a = UserState { hidden: vec![0.25, -0.5], model_version: "m1".into(), ..Default::default() };
-        a.session.total_events = 3;
-        let b = UserState { hidden: vec![1.0], ..Default::default() };
-        {
-            let store = StateStore::open(dir.path(), options).unwrap();
-            store.commit([(0, "alice", &a), (3, "bob", &b)], [("events", 0, 42), ("events", 3, 7)], [(0, 5)]).unwrap();
-            store.flush().unwrap();
-        }
-        let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
-        let got = store.get_many([(0, "alice"), (3, "bob"), (1, "alice")]).unwrap();
-        assert_eq!(got, vec![Some(a.clone()), Some(b.clone()), None]);
-        assert_eq!(store.offset("events", 0).unwrap(), Some(42));
-        assert_eq!(store.offset("events", 3).unwrap(), Some(7));
-        assert_eq!(store.offset("events", 1).unwrap(), None);
-        let users = store.users().unwrap();
-        assert_eq!(users, vec![(0, "alice".to_string(), a), (3, "bob".to_string(), b)]);
-        assert_eq!((store.changelog_offset(0).unwrap(), store.changelog_offset(3).unwrap()), (Some(5), None));
-    }
-
-    #[test]
-    fn changelog_records_restore_states_and_offsets_and_a_cleared_partition_is_empty() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
-        let a = UserState { hidden: vec![0.25; 3], model_version: "m".into(), ..Default::default() };
-        let b = UserState { hidden: vec![-1.0; 3], model_version: "m".into(), ..Default::default() };
-        store.commit([(1, "keep", &a), (2, "other", &b)], [("events", 1, 3), ("events", 2, 9)], [(1, 2)]).unwrap();
-        let (ka, kb, ko) = (ChangelogKey::User("alice").encode(), ChangelogKey::User("keep").encode(), ChangelogKey::Offset("events").encode());
-        let (va, vb, off) = (a.encode(), b.encode(), crate::changelog::encode_offset(40));
-        // Two updates of alice (the later wins), a deletion of keep, the input offset.
-        let records: Vec<(&[u8], Option<&[u8]>)> = vec![(&ka, Some(&vb)), (&ka, Some(&va)), (&kb, None), (&ko, Some(&off))];
-        assert_eq!(store.apply_changelog(1, records, 17).unwrap(), 4);
-        assert_eq!(store.get_many([(1, "alice"), (1, "keep"), (2, "other")]).unwrap(), vec![Some(a.clone()), None, Some(b.clone())]);
-        assert_eq!((store.offset("events", 1).unwrap(), store.changelog_offset(1).unwrap()), (Some(40), Some(17)));
-        // A record that does not decode is refused and nothing of its batch is written.
-        assert!(store.apply_changelog(1, [(ka.as_slice(), Some(b"junk".as_slice()))], 99).is_err());
-        assert_eq!(store.changelog_offset(1).unwrap(), Some(17));
-
-        assert_eq!(store.model_version().unwrap(), None);
-        store.set_model_version("gru-1").unwrap();
-        assert_eq!(store.model_version().unwrap().as_deref(), Some("gru-1"));
-
-        store.clear_partition(1).unwrap();
-        assert_eq!(store.get_many([(1, "alice")]).unwrap(), vec![None]);
-        assert_eq!((store.offset("events", 1).unwrap(), store.changelog_offset(1).unwrap()), (None, None));
-        assert_eq!(store.users().unwrap(), vec![(2, "other".to_string(), b)], "other partitions untouched");
-        assert_eq!(store.offset("events", 2).unwrap(), Some(9));
-        store.clear_users().unwrap();
-        assert!(store.users().unwrap().is_empty());
-        assert_eq!(store.offset("events", 2).unwrap(), Some(9), "offsets survive a reset of the users");
     }
 }

@@ -1,25 +1,15 @@
 //! Importing and learning from the real REES46 and Taobao samples in `../shared/data`.
 //!
 //! The samples sit next to the project checkout, not in it; in a plain clone these tests skip
-//! with a message.
+//! with a visible `SKIP` line that `scripts/test` counts (see [`real_sample`]).
 
+use intentflow_formats::{read_events, Format};
+use intentflow_integration_tests::real_sample;
 use intentflow_model::assess::assess;
 use intentflow_model::train::{train, Part, TrainConfig};
 use intentflow_model::{Device, IntentModel};
-use intentflow_pipeline::import::{read_events, Format};
 use intentflow_schemas::EventType;
 use std::collections::HashSet;
-use std::path::PathBuf;
-
-fn sample(name: &str) -> Option<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data").join(name);
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!("skipping: real sample {} not found (it exists only beside the project checkout, as ../shared/data)", path.display());
-        None
-    }
-}
 
 fn count(events: &[intentflow_schemas::Event], kind: EventType) -> usize {
     events.iter().filter(|e| e.kind == kind).count()
@@ -27,7 +17,7 @@ fn count(events: &[intentflow_schemas::Event], kind: EventType) -> usize {
 
 #[test]
 fn rees46_sample_imports_completely_and_the_default_model_clears_quality_floors() {
-    let Some(path) = sample("rees46-2019-10-sample.csv") else { return };
+    let Some(path) = real_sample("rees46_sample_imports_completely_and_the_default_model_clears_quality_floors", "rees46-2019-10-sample.csv") else { return };
     let got = read_events(&path, Format::Rees46).unwrap();
     assert!(got.bad.is_empty(), "{:?}", &got.bad[..got.bad.len().min(5)]);
     let e = &got.events;
@@ -64,7 +54,7 @@ fn rees46_sample_imports_completely_and_the_default_model_clears_quality_floors(
 
 #[test]
 fn taobao_sample_imports_completely() {
-    let Some(path) = sample("taobao-userbehavior-114-users.csv") else { return };
+    let Some(path) = real_sample("taobao_sample_imports_completely", "taobao-userbehavior-114-users.csv") else { return };
     let got = read_events(&path, Format::Taobao).unwrap();
     assert!(got.bad.is_empty(), "{:?}", &got.bad[..got.bad.len().min(5)]);
     let e = &got.events;
@@ -79,11 +69,11 @@ fn taobao_sample_imports_completely() {
 #[test]
 fn real_samples_round_trip_through_parquet() {
     for (name, format) in [("rees46-2019-10-sample.csv", Format::Rees46), ("taobao-userbehavior-114-users.csv", Format::Taobao)] {
-        let Some(path) = sample(name) else { return };
+        let Some(path) = real_sample("real_samples_round_trip_through_parquet", name) else { return };
         let events = read_events(&path, format).unwrap().events;
         let dir = tempfile::tempdir().unwrap();
         let parquet = dir.path().join("events.parquet");
-        let mut writer = intentflow_operators::columnar::EventWriter::create(&parquet).unwrap();
+        let mut writer = intentflow_formats::columnar::EventWriter::create(&parquet).unwrap();
         events.iter().for_each(|e| writer.write(e).unwrap());
         assert_eq!(writer.finish().unwrap(), events.len() as u64);
         let back = read_events(&parquet, Format::Parquet).unwrap();

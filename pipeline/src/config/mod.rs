@@ -1,9 +1,13 @@
-//! Configuration of `intentflow run`: a TOML file, command-line flags over it, and checks.
+//! Configuration of `intentflow run`: a TOML file, command-line flags over it (`args`), and
+//! checks.
 //!
 //! Plain data with units in the names, `deny_unknown_fields` so a typo is an error, and
 //! cross-field checks in [`RunConfig::validate`]. The reference is `docs/config.md`.
 
-use clap::Args;
+mod args;
+
+pub use args::{KafkaArgs, RunArgs};
+
 use intentflow_model::DeviceKind;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -61,7 +65,13 @@ pub struct RunConfig {
     pub metrics_addr: String,
     /// Largest accepted input record in bytes.
     pub max_record_bytes: usize,
-    /// Extra librdkafka properties for the consumer and the producer.
+    /// With several input topics: how long a partition's records wait for a co-partitioned topic
+    /// that has no record buffered but is not known to be at its end, before they are processed
+    /// anyway (Kafka Streams' `max.task.idle.ms`). Records of one partition are processed in
+    /// timestamp order across its topics (ties: topic order, then offset), the order a replay
+    /// uses.
+    pub max_task_idle_ms: u64,
+    /// librdkafka properties: `common` for every client (security), then `consumer` / `producer`.
     pub kafka: KafkaOverrides,
 }
 
@@ -69,6 +79,9 @@ pub struct RunConfig {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaOverrides {
+    /// Properties of every client: admin, metadata, consumers and producers of every command,
+    /// e.g. `"security.protocol" = "SASL_SSL"`, `"sasl.mechanism" = "SCRAM-SHA-512"`.
+    pub common: BTreeMap<String, String>,
     /// Consumer properties, e.g. `"fetch.max.bytes" = "52428800"`.
     pub consumer: BTreeMap<String, String>,
     /// Producer properties, e.g. `"compression.type" = "lz4"`.
@@ -98,6 +111,7 @@ impl Default for RunConfig {
             commit_interval_ms: 100,
             metrics_addr: "127.0.0.1:9464".into(),
             max_record_bytes: 64 * 1024,
+            max_task_idle_ms: 1_000,
             kafka: KafkaOverrides::default(),
         }
     }
@@ -125,68 +139,6 @@ pub enum ConfigError {
     /// A value or a combination of values is invalid.
     #[error("invalid configuration: {0}")]
     Invalid(String),
-}
-
-/// Command-line flags of `intentflow run`; each one overrides the config file.
-#[derive(Debug, Clone, Default, Args)]
-pub struct RunArgs {
-    /// TOML config file (flags override its values).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Kafka bootstrap servers [default: 127.0.0.1:9092].
-    #[arg(long)]
-    pub brokers: Option<String>,
-    /// Input topic; repeat for several [default: events].
-    #[arg(long = "input-topic")]
-    pub input_topics: Vec<String>,
-    /// Output topic of scored intents [default: intents].
-    #[arg(long)]
-    pub output_topic: Option<String>,
-    /// Dead-letter topic of rejected records [default: intentflow-dlq].
-    #[arg(long)]
-    pub dlq_topic: Option<String>,
-    /// Consumer group [default: intentflow].
-    #[arg(long)]
-    pub group: Option<String>,
-    /// RocksDB state directory [default: ./intentflow-state].
-    #[arg(long)]
-    pub state_dir: Option<PathBuf>,
-    /// Trained model directory [default: ./intentflow-model].
-    #[arg(long)]
-    pub model_dir: Option<PathBuf>,
-    /// Device: cpu or cuda [default: cpu].
-    #[arg(long, value_parser = parse_device)]
-    pub device: Option<DeviceKind>,
-    /// When a committed offset was deleted by retention: earliest, latest or fail [default: earliest].
-    #[arg(long, value_enum)]
-    pub offset_reset: Option<OffsetReset>,
-    /// exactly_once (Kafka transactions) or at_least_once [default: exactly_once].
-    #[arg(long, value_enum)]
-    pub processing_guarantee: Option<ProcessingGuarantee>,
-    /// Compacted changelog topic of the state [default: <group>-changelog].
-    #[arg(long)]
-    pub changelog_topic: Option<String>,
-    /// Stable instance id (transactional id suffix) [default: kept in the state directory].
-    #[arg(long)]
-    pub instance_id: Option<String>,
-    /// Build states from history first: an RFC 3339 time or `earliest` (see docs/replay.md).
-    #[arg(long)]
-    pub bootstrap_from: Option<String>,
-    /// With --bootstrap-from: also send the history's intents to this (backfill) topic.
-    #[arg(long)]
-    pub bootstrap_output_topic: Option<String>,
-    /// Start every user from zero if the state was built by another model (otherwise refuse).
-    #[arg(long)]
-    pub reset_state_on_model_change: bool,
-    /// Most records per micro-batch [default: 4096].
-    #[arg(long)]
-    pub max_batch_records: Option<usize>,
-    /// Milliseconds after its first record that a batch (one transaction) closes [default: 100].
-    #[arg(long)]
-    pub commit_interval_ms: Option<u64>,
-    /// Address for /metrics and /health, or "" to disable [default: 127.0.0.1:9464].
-    #[arg(long)]
-    pub metrics_addr: Option<String>,
 }
 
 /// Delivery guarantee of the operator.
@@ -250,74 +202,6 @@ impl RunConfig {
         toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
     }
 
-    /// Builds the effective configuration: defaults, then the file, then the flags; validated.
-    ///
-    /// # Errors
-    ///
-    /// Any [`ConfigError`].
-    pub fn resolve(args: &RunArgs) -> Result<RunConfig, ConfigError> {
-        let mut cfg = match &args.config {
-            Some(path) => RunConfig::from_file(path)?,
-            None => RunConfig::default(),
-        };
-        if let Some(v) = &args.brokers {
-            cfg.brokers.clone_from(v);
-        }
-        if !args.input_topics.is_empty() {
-            cfg.input_topics.clone_from(&args.input_topics);
-        }
-        if let Some(v) = &args.output_topic {
-            cfg.output_topic.clone_from(v);
-        }
-        if let Some(v) = &args.dlq_topic {
-            cfg.dlq_topic.clone_from(v);
-        }
-        if let Some(v) = &args.group {
-            cfg.group.clone_from(v);
-        }
-        if let Some(v) = &args.state_dir {
-            cfg.state_dir.clone_from(v);
-        }
-        if let Some(v) = &args.model_dir {
-            cfg.model_dir.clone_from(v);
-        }
-        if let Some(v) = args.device {
-            cfg.device = v;
-        }
-        if let Some(v) = args.offset_reset {
-            cfg.offset_reset = v;
-        }
-        if let Some(v) = args.processing_guarantee {
-            cfg.processing_guarantee = v;
-        }
-        if let Some(v) = &args.changelog_topic {
-            cfg.changelog_topic.clone_from(v);
-        }
-        if let Some(v) = &args.instance_id {
-            cfg.instance_id.clone_from(v);
-        }
-        if let Some(v) = &args.bootstrap_from {
-            cfg.bootstrap_from.clone_from(v);
-        }
-        if let Some(v) = &args.bootstrap_output_topic {
-            cfg.bootstrap_output_topic.clone_from(v);
-        }
-        if args.reset_state_on_model_change {
-            cfg.reset_state_on_model_change = true;
-        }
-        if let Some(v) = args.max_batch_records {
-            cfg.max_batch_records = v;
-        }
-        if let Some(v) = args.commit_interval_ms {
-            cfg.commit_interval_ms = v;
-        }
-        if let Some(v) = &args.metrics_addr {
-            cfg.metrics_addr.clone_from(v);
-        }
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
     /// Cross-field checks.
     ///
     /// # Errors
@@ -365,8 +249,26 @@ impl RunConfig {
         if self.max_record_bytes < 64 {
             return bad("max_record_bytes must be at least 64".into());
         }
+        if self.max_task_idle_ms > 600_000 {
+            return bad(format!("max_task_idle_ms = {} exceeds 10 minutes", self.max_task_idle_ms));
+        }
         self.metrics_socket()?;
         Ok(())
+    }
+
+    /// The Kafka clients of this configuration.
+    pub fn clients(&self) -> crate::kafka::KafkaClients {
+        crate::kafka::KafkaClients {
+            brokers: self.brokers.clone(),
+            common: self.kafka.common.clone(),
+            consumer: self.kafka.consumer.clone(),
+            producer: self.kafka.producer.clone(),
+        }
+    }
+
+    /// The validation limits of input records.
+    pub fn limits(&self) -> intentflow_schemas::Limits {
+        intentflow_schemas::Limits { max_record_bytes: self.max_record_bytes, ..intentflow_schemas::Limits::default() }
     }
 
     /// The changelog topic: `changelog_topic`, or `<group>-changelog` when empty.

@@ -1,0 +1,105 @@
+//! `intentflow eval`: a model against its baselines on its held-out sessions.
+
+use super::{read_input, InputArgs};
+use anyhow::{Context, Result};
+use clap::Args;
+use intentflow_model::assess::{assess, Assessment};
+use intentflow_model::train::Part;
+use intentflow_model::{DeviceKind, IntentModel};
+use std::path::PathBuf;
+
+/// `intentflow eval`.
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// The model to evaluate.
+    #[arg(long)]
+    pub model_dir: PathBuf,
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Which sessions of the model's recorded time split to score: `test` (held out by
+    /// training on the same input) or `all` (for a different input).
+    #[arg(long, value_enum, default_value = "test")]
+    pub part: PartArg,
+    /// Where to write metrics.json and report.html (default: the model directory).
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    /// Bootstrap replicates for the 95 % intervals.
+    #[arg(long, default_value_t = 500)]
+    pub bootstrap: usize,
+    /// Seed of the bootstrap.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// `--part` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PartArg {
+    /// The latest sessions, held out by training.
+    Test,
+    /// The validation sessions.
+    Validation,
+    /// The training sessions.
+    Train,
+    /// Every session.
+    All,
+}
+
+/// Prints the comparison table of an assessment.
+fn print_table(a: &Assessment) {
+    let f = |v: Option<f64>| v.map_or("   n/a".to_string(), |a| format!("{a:.4}"));
+    let ci = |c: Option<intentflow_model::eval::Interval>| c.map_or(String::new(), |c| format!(" [{:.3}, {:.3}]", c.lo, c.hi));
+    println!("{:<20} {:>24} {:>24} {:>8} {:>8} {:>7} {:>6} {:>6} {:>6}", "scorer", "ROC-AUC [95% CI]", "PR-AUC [95% CI]", "logloss", "Brier", "ECE", "P", "R", "F1");
+    for s in &a.scorers {
+        let m = &s.metrics;
+        println!(
+            "{:<20} {:>24} {:>24} {:>8.4} {:>8.4} {:>7.4} {:>6.3} {:>6.3} {:>6.3}",
+            s.name,
+            format!("{}{}", f(m.roc_auc), ci(m.roc_auc_ci)),
+            format!("{}{}", f(m.pr_auc), ci(m.pr_auc_ci)),
+            m.log_loss,
+            m.brier,
+            m.ece,
+            m.at_threshold.precision,
+            m.at_threshold.recall,
+            m.at_threshold.f1
+        );
+    }
+}
+
+/// Evaluates a model, its baselines and ensemble; writes metrics.json and report.html.
+///
+/// # Errors
+///
+/// File failures, a model without baselines, or an input part without labelled events.
+pub fn eval_cmd(args: &EvalArgs) -> Result<()> {
+    let model = IntentModel::load(&args.model_dir, &DeviceKind::Cpu.open()?)?;
+    let imported = read_input(&args.input)?;
+    let part = match args.part {
+        PartArg::Test => Part::Test,
+        PartArg::Validation => Part::Validation,
+        PartArg::Train => Part::Train,
+        PartArg::All => Part::All,
+    };
+    let a = assess(&model, &imported.events, imported.latent_intent.as_deref(), part, args.bootstrap, args.seed)?;
+    let out = args.out_dir.clone().unwrap_or_else(|| args.model_dir.clone());
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let metrics_path = out.join("metrics.json");
+    std::fs::write(&metrics_path, serde_json::to_vec_pretty(&a)?).with_context(|| format!("writing {}", metrics_path.display()))?;
+    let report_path = out.join("report.html");
+    let html = intentflow_model::report::render_html(&a, &args.input.input.display().to_string());
+    std::fs::write(&report_path, html).with_context(|| format!("writing {}", report_path.display()))?;
+    if let Some(m) = a.scorers.first().map(|s| &s.metrics) {
+        println!(
+            "model {} on {} ({} part): {} labelled events in {} sessions, positive rate {:.4}",
+            a.model_version,
+            args.input.input.display(),
+            a.part,
+            m.events,
+            m.sessions,
+            m.base_rate
+        );
+    }
+    print_table(&a);
+    eprintln!("wrote {} and {}", metrics_path.display(), report_path.display());
+    Ok(())
+}

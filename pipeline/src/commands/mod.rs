@@ -1,0 +1,145 @@
+//! The batch-style commands, one module each: `generate`, `import`, `train`, `eval`, `tail`
+//! (`run` is [`crate::runtime`], `replay` is [`crate::replay`]).
+//!
+//! Shared here: how a command names an input file ([`InputArgs`]) and where event commands write
+//! ([`EventOutputArgs`]).
+
+pub mod eval;
+pub mod generate;
+pub mod import;
+pub mod tail;
+pub mod train;
+
+use crate::config::KafkaArgs;
+use crate::output::{ensure_output_topic, Output, Record};
+use anyhow::Result;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use intentflow_formats::{Format, Imported};
+use std::path::{Path, PathBuf};
+
+/// `--format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    /// Schema-v1 events, one JSON object per line.
+    Jsonl,
+    /// Schema-v1 events as Parquet columns.
+    Parquet,
+    /// REES46 "eCommerce behavior data from multi category store" CSV.
+    Rees46,
+    /// Alibaba Tianchi Taobao UserBehavior CSV.
+    Taobao,
+    /// RetailRocket e-commerce dataset `events.csv`.
+    Retailrocket,
+}
+
+impl From<FormatArg> for Format {
+    fn from(f: FormatArg) -> Format {
+        match f {
+            FormatArg::Jsonl => Format::Jsonl,
+            FormatArg::Parquet => Format::Parquet,
+            FormatArg::Rees46 => Format::Rees46,
+            FormatArg::Taobao => Format::Taobao,
+            FormatArg::Retailrocket => Format::RetailRocket,
+        }
+    }
+}
+
+/// An input event file.
+#[derive(Debug, Clone, Args)]
+pub struct InputArgs {
+    /// Input file.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Layout of the input file.
+    #[arg(long, value_enum, default_value = "jsonl")]
+    pub format: FormatArg,
+}
+
+/// Reads an input file in time order, with a progress bar over its bytes on a terminal for files
+/// over 8 MiB, and reports the rows skipped.
+///
+/// # Errors
+///
+/// If the file cannot be read.
+pub fn read_input(args: &InputArgs) -> Result<Imported> {
+    let path = &args.input;
+    let imported = intentflow_formats::read_events_with(path, args.format.into(), |file, size| {
+        if size > 8 << 20 && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            let bar = ProgressBar::new(size);
+            bar.set_style(ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}").expect("valid template"));
+            bar.set_message(format!("reading {}", path.display()));
+            Box::new(bar.wrap_read(file))
+        } else {
+            Box::new(file)
+        }
+    })?;
+    report_bad_rows(path, &imported.bad);
+    Ok(imported)
+}
+
+fn report_bad_rows(path: &Path, bad: &[intentflow_formats::BadRow]) {
+    for b in bad.iter().take(10) {
+        eprintln!("{}:{}: skipped: {}", path.display(), b.line, b.reason);
+    }
+    if bad.len() > 10 {
+        eprintln!("{}: {} more rows skipped", path.display(), bad.len() - 10);
+    }
+}
+
+/// Where event commands write: a JSONL or Parquet file, or a Kafka topic.
+#[derive(Debug, Clone, Args)]
+pub struct EventOutputArgs {
+    /// Write to this file: Parquet if it ends in `.parquet`, schema-v1 JSONL otherwise.
+    #[arg(long, conflicts_with = "topic", required_unless_present = "topic")]
+    pub output: Option<PathBuf>,
+    /// Produce to this Kafka topic, keyed by user id.
+    #[arg(long)]
+    pub topic: Option<String>,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Partitions of the topic if it has to be created.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// With --topic: stamp each record with its event time instead of the producer's clock, so
+    /// that `intentflow replay --from/--to` times select by event time. A topic created here
+    /// then gets unlimited time retention (`retention.ms=-1`): under the broker's default of 7
+    /// days, records stamped with a past event time are deleted within minutes. Give an
+    /// existing topic that setting yourself.
+    #[arg(long, requires = "topic")]
+    pub event_time: bool,
+}
+
+impl EventOutputArgs {
+    /// Writes `records`; returns how many.
+    ///
+    /// # Errors
+    ///
+    /// File or Kafka failures.
+    pub async fn write<R: Record>(&self, records: Vec<R>) -> Result<u64> {
+        let n = records.len() as u64;
+        if let Some(path) = &self.output {
+            let mut out = Output::file(path)?;
+            out.write(records).await?;
+            out.finish().await?;
+            return Ok(n);
+        }
+        let topic = self.topic.as_deref().expect("clap requires --output or --topic");
+        let clients = self.kafka.clients()?;
+        ensure_output_topic(&clients, topic, self.partitions, self.event_time).await?;
+        let producer = clients.producer(&[])?;
+        let mut out = Output::topic(&producer, topic, self.event_time);
+        out.write(records).await?;
+        out.finish().await?;
+        Ok(n)
+    }
+
+    /// Where the events went, for the summary line.
+    pub fn describe(&self) -> String {
+        match (&self.output, &self.topic) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(t)) => format!("topic {t} on {}", self.kafka.run_config().map(|c| c.brokers).unwrap_or_default()),
+            (None, None) => String::new(),
+        }
+    }
+}

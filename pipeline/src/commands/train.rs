@@ -1,0 +1,201 @@
+//! `intentflow train`: the GRU seed ensemble, its calibration and baselines from an event file.
+
+use super::{read_input, InputArgs};
+use anyhow::{bail, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use intentflow_model::calibrate::CalibrationMethod;
+use intentflow_model::train::{EpochReport, LabelHorizon, SplitSpec, TrainConfig};
+use intentflow_model::DeviceKind;
+use intentflow_schemas::SessionConfig;
+use std::path::PathBuf;
+
+/// `intentflow train`.
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Where to write model.safetensors and model.json.
+    #[arg(long)]
+    pub model_dir: PathBuf,
+    /// Most passes over the training split (early stopping may end sooner).
+    #[arg(long, default_value_t = TrainConfig::default().epochs)]
+    pub epochs: usize,
+    /// Stop after this many epochs without a better validation PR-AUC.
+    #[arg(long, default_value_t = TrainConfig::default().patience)]
+    pub patience: usize,
+    /// GRU hidden size of each ensemble member.
+    #[arg(long, default_value_t = TrainConfig::default().hidden_dim)]
+    pub hidden_dim: usize,
+    /// GRUs trained from consecutive seeds and packed into one served GRU (a seed ensemble).
+    #[arg(long, default_value_t = TrainConfig::default().members)]
+    pub members: usize,
+    /// Seed of initialisation and batch order.
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    pub seed: u64,
+    /// Sessions per batch.
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    pub batch_size: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = TrainConfig::default().learning_rate)]
+    pub learning_rate: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = TrainConfig::default().weight_decay)]
+    pub weight_decay: f64,
+    /// Loss weight of a positive label (default: sqrt(negatives / positives) of the training split).
+    #[arg(long)]
+    pub pos_weight: Option<f64>,
+    /// Hash buckets of the item embedding (0: no item embedding).
+    #[arg(long, default_value_t = TrainConfig::default().item_embedding.0)]
+    pub item_buckets: u32,
+    /// Width of the item embedding.
+    #[arg(long, default_value_t = TrainConfig::default().item_embedding.1)]
+    pub item_dim: usize,
+    /// Hash buckets of the category embedding (0: no category embedding).
+    #[arg(long, default_value_t = TrainConfig::default().category_embedding.0)]
+    pub category_buckets: u32,
+    /// Width of the category embedding.
+    #[arg(long, default_value_t = TrainConfig::default().category_embedding.1)]
+    pub category_dim: usize,
+    /// Dense features to switch off, by name (see docs/model.md), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub disable_features: Vec<String>,
+    /// What the labels predict: the session purchases later, or the user purchases within 24 h.
+    #[arg(long, value_enum, default_value = "session")]
+    pub label: LabelArg,
+    /// Share of sessions (by start time, just before the test split) that validate.
+    #[arg(long, default_value_t = SplitSpec::default().val_fraction)]
+    pub val_fraction: f64,
+    /// Share of sessions (the latest by start time) held out for `intentflow eval`.
+    #[arg(long, default_value_t = SplitSpec::default().test_fraction)]
+    pub test_fraction: f64,
+    /// Calibration fitted on validation.
+    #[arg(long, value_enum, default_value = "platt")]
+    pub calibration: CalibrationArg,
+    /// Inactivity (minutes) that starts a new session. Recorded in model.json: the operator
+    /// cuts sessions the way the model was trained.
+    #[arg(long, default_value_t = 30)]
+    pub session_gap_minutes: i64,
+}
+
+/// `--label` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LabelArg {
+    /// The session purchases later.
+    Session,
+    /// The user purchases within 24 hours.
+    #[value(name = "24h")]
+    Within24h,
+}
+
+/// `--calibration` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CalibrationArg {
+    /// Raw GRU probabilities.
+    None,
+    /// Platt scaling.
+    Platt,
+    /// Isotonic regression.
+    Isotonic,
+}
+
+impl TrainArgs {
+    fn config(&self) -> Result<TrainConfig> {
+        if self.session_gap_minutes <= 0 {
+            bail!("--session-gap-minutes must be positive");
+        }
+        if self.hidden_dim == 0 || self.members == 0 || self.epochs == 0 || self.batch_size == 0 {
+            bail!("--hidden-dim, --members, --epochs and --batch-size must be at least 1");
+        }
+        let fractions_ok = self.val_fraction > 0.0 && self.test_fraction >= 0.0 && self.val_fraction + self.test_fraction < 1.0;
+        if !fractions_ok {
+            bail!("--val-fraction must be positive and --val-fraction + --test-fraction below 1");
+        }
+        Ok(TrainConfig {
+            epochs: self.epochs,
+            patience: self.patience,
+            hidden_dim: self.hidden_dim,
+            members: self.members,
+            seed: self.seed,
+            batch_size: self.batch_size,
+            learning_rate: self.learning_rate,
+            weight_decay: self.weight_decay,
+            pos_weight: self.pos_weight,
+            item_embedding: (self.item_buckets, self.item_dim),
+            category_embedding: (self.category_buckets, self.category_dim),
+            disabled: self.disable_features.clone(),
+            label: match self.label {
+                LabelArg::Session => LabelHorizon::Session,
+                LabelArg::Within24h => LabelHorizon::Within24h,
+            },
+            split: SplitSpec { val_fraction: self.val_fraction, test_fraction: self.test_fraction },
+            calibration: match self.calibration {
+                CalibrationArg::None => CalibrationMethod::None,
+                CalibrationArg::Platt => CalibrationMethod::Platt,
+                CalibrationArg::Isotonic => CalibrationMethod::Isotonic,
+            },
+            session: SessionConfig { gap_ms: self.session_gap_minutes * 60_000 },
+            ..TrainConfig::default()
+        })
+    }
+}
+
+fn epoch_line(member: usize, r: &EpochReport) -> String {
+    let f = |v: Option<f64>| v.map_or("n/a".to_string(), |a| format!("{a:.4}"));
+    format!(
+        "member {member} epoch {:>3}: train loss {:.4}  val log loss {:.4}  val ROC-AUC {}  val PR-AUC {}{}",
+        r.epoch,
+        r.train_loss,
+        r.val_log_loss,
+        f(r.val_roc_auc),
+        f(r.val_pr_auc),
+        if r.best { "  *" } else { "" }
+    )
+}
+
+/// Trains a model and writes it to `--model-dir`.
+///
+/// # Errors
+///
+/// File failures, or data without purchases to learn from.
+pub fn train_cmd(args: &TrainArgs) -> Result<()> {
+    let cfg = args.config()?;
+    let imported = read_input(&args.input)?;
+    eprintln!("training on {}: {}", args.input.input.display(), imported.summary());
+    let device = DeviceKind::Cpu.open()?;
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new(cfg.members as u64) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("[{bar:30}] {pos}/{len} members {elapsed} {msg}").expect("valid template"));
+    let trained = intentflow_model::train::train(&imported.events, &cfg, &device, |member, r| {
+        if member as u64 > bar.position() {
+            bar.inc(1);
+        }
+        bar.set_message(format!("epoch {}", r.epoch));
+        let line = epoch_line(member, r);
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(&line);
+        }
+    })?;
+    bar.finish_and_clear();
+    let meta = trained.save(&args.model_dir)?;
+    let s = &trained.summary;
+    eprintln!(
+        "model {} written to {} ({} members, best epochs {:?}; sessions {} train / {} validation / {} test held out; \
+         train base rate {:.4}, positive weight {:.2}; val ROC-AUC {}, PR-AUC {}; calibration {:?})",
+        meta.version,
+        args.model_dir.display(),
+        s.members,
+        s.best_epochs,
+        s.train_sessions,
+        s.val_sessions,
+        s.test_sessions,
+        s.train_base_rate,
+        s.pos_weight,
+        s.val_roc_auc.map_or("n/a".into(), |a| format!("{a:.4}")),
+        s.val_pr_auc.map_or("n/a".into(), |a| format!("{a:.4}")),
+        cfg.calibration,
+    );
+    eprintln!("evaluate it on the held-out test sessions: intentflow eval --model-dir {} --input {}", args.model_dir.display(), args.input.input.display());
+    Ok(())
+}

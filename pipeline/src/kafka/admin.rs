@@ -1,0 +1,70 @@
+//! Topics: creation with the operator's settings, and partition counts.
+
+use super::KafkaClients;
+use anyhow::{bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::Consumer;
+use rdkafka::error::RDKafkaErrorCode;
+use std::time::Duration;
+
+/// Metadata and admin requests give up after this long.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Creates `topic` with `partitions` partitions (the broker's default replication factor) if it
+/// does not exist yet. Returns the topic's partition count.
+///
+/// # Errors
+///
+/// If the broker cannot be reached or refuses the topic.
+pub async fn ensure_topic(clients: &KafkaClients, topic: &str, partitions: i32) -> Result<i32> {
+    ensure_topic_with(clients, topic, partitions, &[]).await
+}
+
+/// [`ensure_topic`] with topic configs (such as `cleanup.policy = compact`) for a new topic.
+///
+/// # Errors
+///
+/// If the broker cannot be reached or refuses the topic.
+pub async fn ensure_topic_with(clients: &KafkaClients, topic: &str, partitions: i32, configs: &[(&str, &str)]) -> Result<i32> {
+    if let Some(n) = partition_count(clients, topic)? {
+        return Ok(n);
+    }
+    let admin: AdminClient<DefaultClientContext> = clients.base().create().context("creating a Kafka admin client")?;
+    let new = configs.iter().fold(NewTopic::new(topic, partitions, TopicReplication::Fixed(-1)), |t, (k, v)| t.set(k, v));
+    let results = admin
+        .create_topics([&new], &AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT)))
+        .await
+        .with_context(|| format!("creating topic {topic}"))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => bail!("creating topic {name}: {code}"),
+        }
+    }
+    // Creation is asynchronous on the broker: wait until metadata shows the partitions.
+    for _ in 0..100 {
+        if let Some(n) = partition_count(clients, topic)? {
+            return Ok(n);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("topic {topic} was created but its metadata did not appear")
+}
+
+/// The number of partitions of `topic`, or `None` if it does not exist.
+///
+/// # Errors
+///
+/// If the broker cannot be reached (or refuses the client's credentials).
+pub fn partition_count(clients: &KafkaClients, topic: &str) -> Result<Option<i32>> {
+    let md = clients
+        .metadata_client()?
+        .fetch_metadata(Some(topic), ADMIN_TIMEOUT)
+        .with_context(|| format!("fetching metadata of {topic} from {}", clients.brokers))?;
+    Ok(md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.partitions().len() as i32))
+}

@@ -1,0 +1,199 @@
+//! Where a batch's results go: intents to the output topic, dead letters to the dead-letter
+//! topic, users' states and input offsets to the changelog — in one Kafka transaction with the
+//! consumer offsets under exactly-once.
+//!
+//! Under at-least-once there is no transaction, so the order of deliveries is what keeps the
+//! guarantees: intents and dead letters are acknowledged first, then the changelog's user
+//! states, then its offset records. A crash between any two steps leaves a changelog whose user
+//! states may be ahead of its offset record; each state's fences (see
+//! `intentflow_state::UserState::fences`) then keep the re-read events from being applied to it
+//! twice, and their intents were already delivered.
+
+use super::watchdog::Watchdog;
+use super::RebalanceContext;
+use crate::kafka::DeliveryWindow;
+use anyhow::{Context, Result};
+use intentflow_operators::{encode::encode_intent, BatchOutput, Rejected};
+use intentflow_state::changelog::{encode_offset, ChangelogKey};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::TopicPartitionList;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Transaction calls give up after this long.
+pub const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a transaction call with a retriable error is retried.
+pub const RETRY_FOR: Duration = Duration::from_secs(60);
+/// Deliveries awaited at once.
+const WINDOW: usize = 100_000;
+
+/// Produces batches' results.
+pub struct BatchSink<'a> {
+    /// The producer (transactional under exactly-once).
+    pub producer: &'a FutureProducer,
+    /// Output topic of intents.
+    pub output_topic: &'a str,
+    /// Dead-letter topic.
+    pub dlq_topic: &'a str,
+    /// Changelog topic.
+    pub changelog: &'a str,
+    /// Watches transaction calls.
+    pub watchdog: &'a Watchdog,
+    /// Whether batches are transactions.
+    pub exactly_once: bool,
+}
+
+/// One batch's results, ready to send.
+pub struct BatchRecords<'b> {
+    /// What the operator produced.
+    pub out: &'b BatchOutput,
+    /// Each touched user's encoded state, aligned with `out.states`.
+    pub states: &'b [Vec<u8>],
+    /// Input records that failed validation.
+    pub rejected: &'b [Rejected],
+    /// State records that could not be used.
+    pub quarantined: &'b [super::dlq::QuarantinedState],
+    /// The next input offset per topic-partition the batch read.
+    pub next: &'b BTreeMap<(String, i32), i64>,
+}
+
+impl BatchSink<'_> {
+    /// Sends a batch's results and awaits every acknowledgement; under exactly-once all of it,
+    /// plus the consumer offsets `tpl`, is one transaction, committed here. Returns the last
+    /// changelog offset written per partition.
+    ///
+    /// # Errors
+    ///
+    /// A failed delivery or transaction call; under exactly-once nothing of the batch is then
+    /// visible once the caller aborts.
+    pub async fn send(&self, consumer: &StreamConsumer<RebalanceContext>, batch: &BatchRecords<'_>, tpl: &TopicPartitionList) -> Result<BTreeMap<i32, i64>> {
+        if self.exactly_once {
+            self.producer.begin_transaction().context("beginning a transaction")?;
+        }
+        let mut window = DeliveryWindow::new(self.producer, WINDOW);
+        let mut buf = Vec::with_capacity(512);
+        for intent in &batch.out.intents {
+            buf.clear();
+            buf.extend_from_slice(&encode_intent(intent));
+            window.send(self.output_topic, intent.user_id.as_bytes(), &buf).await?;
+        }
+        for r in batch.rejected {
+            let key = format!("{}/{}", r.source.topic, r.source.partition);
+            let payload = r.payload.as_deref().unwrap_or_default();
+            window.send_with_headers(self.dlq_topic, key.as_bytes(), payload, Some(super::dlq::dead_letter_headers(r))).await?;
+        }
+        for q in batch.quarantined {
+            window.send_with_headers(self.dlq_topic, &q.key, &q.value, Some(q.headers())).await?;
+        }
+        if !self.exactly_once {
+            // Intents before states: a state on the changelog means its intents were delivered.
+            window.finish().await?;
+        }
+        let users = batch.out.states.iter().zip(batch.states).map(|((p, u, _), bytes)| (*p, u.as_str(), bytes.as_slice()));
+        self.send_users(&mut window, users).await?;
+        fail::fail_point!("changelog-between-users-and-offsets", |_| {
+            // Fault injection for the crash tests: the users' states are durable on the changelog,
+            // the offset records are never sent.
+            let _ = self.producer.flush(Duration::from_secs(30));
+            tracing::error!("failpoint changelog-between-users-and-offsets: aborting");
+            std::process::abort()
+        });
+        self.send_offsets(&mut window, batch.next).await?;
+        window.finish().await?;
+        if self.exactly_once {
+            self.commit_transaction(consumer, tpl)?;
+        }
+        Ok(window.tracked().clone())
+    }
+
+    /// Sends users' encoded states to the changelog partitions of their input partitions.
+    ///
+    /// # Errors
+    ///
+    /// The first failed delivery.
+    pub async fn send_users<'u>(&self, window: &mut DeliveryWindow<'_>, users: impl IntoIterator<Item = (i32, &'u str, &'u [u8])>) -> Result<()> {
+        let mut key = Vec::with_capacity(64);
+        for (partition, user, state) in users {
+            key.clear();
+            ChangelogKey::User(user).encode_into(&mut key);
+            window.send_tracked(self.changelog, partition, &key, state).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the next input offset of each topic-partition to the changelog, so that a restore
+    /// also restores the position the states reflect.
+    ///
+    /// # Errors
+    ///
+    /// The first failed delivery.
+    pub async fn send_offsets(&self, window: &mut DeliveryWindow<'_>, next: &BTreeMap<(String, i32), i64>) -> Result<()> {
+        for ((topic, partition), offset) in next {
+            window.send_tracked(self.changelog, *partition, &ChangelogKey::Offset(topic).encode(), &encode_offset(*offset)).await?;
+        }
+        Ok(())
+    }
+
+    /// Adds the consumer offsets `tpl` to the open transaction and commits it, under the
+    /// watchdog.
+    ///
+    /// # Errors
+    ///
+    /// A transaction call that failed for good.
+    pub fn commit_transaction(&self, consumer: &StreamConsumer<RebalanceContext>, tpl: &TopicPartitionList) -> Result<()> {
+        let group = consumer.group_metadata().context("the consumer has no group metadata")?;
+        tokio::task::block_in_place(|| -> Result<()> {
+            let _watch = self.watchdog.watch();
+            retrying("adding the offsets to the transaction", || self.producer.send_offsets_to_transaction(tpl, &group, TXN_TIMEOUT))?;
+            retrying("committing the transaction", || self.producer.commit_transaction(TXN_TIMEOUT))
+        })
+    }
+
+    /// Aborts the open transaction.
+    ///
+    /// # Errors
+    ///
+    /// If it cannot be aborted: the operator must stop (a restart fences it).
+    pub fn abort(&self) -> Result<()> {
+        tokio::task::block_in_place(|| retrying("aborting a failed transaction", || self.producer.abort_transaction(TXN_TIMEOUT)))
+    }
+}
+
+/// Runs a transaction call again while librdkafka calls its error retriable (a coordinator
+/// that moved, a broker being replaced), for up to [`RETRY_FOR`].
+///
+/// # Errors
+///
+/// The call's error once it is not retriable or time is up.
+pub fn retrying(what: &str, mut call: impl FnMut() -> rdkafka::error::KafkaResult<()>) -> Result<()> {
+    let deadline = Instant::now() + RETRY_FOR;
+    loop {
+        match call() {
+            Ok(()) => return Ok(()),
+            Err(rdkafka::error::KafkaError::Transaction(e)) if e.is_retriable() && Instant::now() < deadline => {
+                tracing::warn!(error = %e, "{what}: retriable error, trying again");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e).context(what.to_string()),
+        }
+    }
+}
+
+/// The consumer offsets to commit for `next` offsets per topic-partition.
+///
+/// # Errors
+///
+/// An offset librdkafka refuses.
+pub fn offsets_tpl(next: &BTreeMap<(String, i32), i64>) -> Result<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), o) in next {
+        tpl.add_partition_offset(t, *p, rdkafka::Offset::Offset(*o))?;
+    }
+    Ok(tpl)
+}
+
+/// The next changelog offset per partition after the last offsets written.
+pub fn changelog_positions(last: &BTreeMap<i32, i64>) -> impl Iterator<Item = (i32, i64)> + '_ {
+    last.iter().map(|(p, last)| (*p, last + 1))
+}

@@ -1,0 +1,165 @@
+//! Start-up of `intentflow run`: everything the batch loop needs, opened in order.
+//!
+//! 1. a bootstrap from history, if asked for (`--bootstrap-from`, a replay into the state
+//!    directory); a directory left by an unfinished replay is refused;
+//! 2. the model, and the state store with the model check ([`StateDir::adopt_model`]);
+//! 3. the output, dead-letter and changelog topics (one changelog partition per input partition);
+//! 4. the producer; under exactly-once `init_transactions` fences an earlier life of this
+//!    instance and aborts its open transaction before any changelog partition is restored;
+//! 5. the consumer, whose rebalance context restores assigned partitions in the background;
+//! 6. the hand-over of a replayed state, if the directory holds one;
+//! 7. the subscription.
+
+use super::handover::hand_over;
+use super::rebalance::RebalanceContext;
+use super::restore::{RestoreDone, Restorer, RestorerConfig};
+use super::sink::{BatchSink, RETRY_FOR, TXN_TIMEOUT};
+use super::watchdog::Watchdog;
+use crate::config::{ProcessingGuarantee, RunConfig};
+use crate::kafka::{admin, KafkaClients};
+use crate::state_dir::StateDir;
+use crate::telemetry::Health;
+use anyhow::{bail, Context, Result};
+use intentflow_model::IntentModel;
+use intentflow_operators::IntentOperator;
+use intentflow_state::changelog::ModelPolicy;
+use intentflow_state::{StateStore, StoreOptions};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, Producer};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Everything the batch loop works with.
+pub struct Started {
+    /// The configuration.
+    pub cfg: RunConfig,
+    /// The scoring operator with its model.
+    pub operator: IntentOperator,
+    /// The state store.
+    pub store: Arc<StateStore>,
+    /// The producer (transactional under exactly-once).
+    pub producer: FutureProducer,
+    /// Watches transaction calls.
+    pub watchdog: Watchdog,
+    /// The changelog topic.
+    pub changelog: String,
+    /// The subscribed consumer.
+    pub consumer: StreamConsumer<RebalanceContext>,
+}
+
+impl Started {
+    /// The sink of the batches' results.
+    pub fn sink(&self) -> BatchSink<'_> {
+        BatchSink {
+            producer: &self.producer,
+            output_topic: &self.cfg.output_topic,
+            dlq_topic: &self.cfg.dlq_topic,
+            changelog: &self.changelog,
+            watchdog: &self.watchdog,
+            exactly_once: self.cfg.processing_guarantee == ProcessingGuarantee::ExactlyOnce,
+        }
+    }
+}
+
+/// Opens everything, hands over a replayed state if there is one, and subscribes. Also returns
+/// the receiver of finished restores, for the loop to resume their partitions.
+///
+/// # Errors
+///
+/// No model, a state store locked or built by another model, a broker that cannot be reached,
+/// a changelog with too few partitions, a failed bootstrap or hand-over.
+pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mpsc::UnboundedReceiver<RestoreDone>)> {
+    let dir = StateDir::new(&cfg.state_dir);
+    crate::replay::bootstrap(&cfg).await.context("bootstrapping states from history")?;
+    dir.refuse_unfinished()?;
+    let device = cfg.device.open()?;
+    let model = IntentModel::load(&cfg.model_dir, &device)?;
+    tracing::info!(version = model.version(), hidden = model.hidden_dim(), device = ?cfg.device, "model loaded");
+    let policy = ModelPolicy::from_reset_flag(cfg.reset_state_on_model_change);
+    let operator = IntentOperator::new(model).with_model_policy(policy);
+    let store = Arc::new(dir.open_store(StoreOptions::default())?);
+    StateDir::adopt_model(&store, operator.model().version(), policy)?;
+
+    let clients = cfg.clients();
+    let changelog = cfg.changelog();
+    let input_partitions = admin::partition_count(&clients, &cfg.input_topics[0])?.unwrap_or(4);
+    admin::ensure_topic(&clients, &cfg.output_topic, input_partitions).await?;
+    admin::ensure_topic(&clients, &cfg.dlq_topic, input_partitions).await?;
+    let changelog_partitions = admin::ensure_topic_with(&clients, &changelog, input_partitions, &[("cleanup.policy", "compact")]).await?;
+    if changelog_partitions < input_partitions {
+        bail!("changelog topic {changelog} has {changelog_partitions} partitions, the input has {input_partitions}: it needs one per input partition");
+    }
+
+    let instance = dir.instance_id(&cfg.instance_id)?;
+    let exactly_once = cfg.processing_guarantee == ProcessingGuarantee::ExactlyOnce;
+    let producer = transactional_producer(&clients, &cfg, &instance)?;
+
+    let (done_tx, restores) = mpsc::unbounded_channel();
+    let restorer = Restorer::new(RestorerConfig {
+        clients: clients.clone(),
+        topic: changelog.clone(),
+        store: store.clone(),
+        model: operator.model().version().to_string(),
+        policy,
+        dlq_topic: cfg.dlq_topic.clone(),
+        health: health.clone(),
+    })?;
+    let context = RebalanceContext::new(health.clone(), Arc::new(restorer), done_tx);
+    let mut consumer_cfg = clients.base();
+    consumer_cfg
+        .set("group.id", &cfg.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", cfg.offset_reset.librdkafka())
+        .set("isolation.level", "read_committed")
+        .set("partition.assignment.strategy", "range,roundrobin")
+        // Static membership: a restarted instance takes its partitions back without a
+        // rebalance, and a second process with the same id is fenced.
+        .set("group.instance.id", format!("intentflow-{instance}"))
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "2000");
+    for (k, v) in &cfg.kafka.consumer {
+        consumer_cfg.set(k, v);
+    }
+    let consumer: StreamConsumer<RebalanceContext> = consumer_cfg.create_with_context(context).context("creating the Kafka consumer")?;
+    // Beyond the retries of a transaction call plus a margin.
+    let watchdog = Watchdog::start(RETRY_FOR + Duration::from_secs(30));
+    let started = Started { cfg, operator, store, producer, watchdog, changelog, consumer };
+
+    if dir.replay_status()?.is_some() {
+        let (cfg, store) = (&started.cfg, &started.store);
+        hand_over(&started.sink(), &started.consumer, store, &dir, &cfg.input_topics, input_partitions).await.context("handing the replayed state over")?;
+    }
+    let topics: Vec<&str> = started.cfg.input_topics.iter().map(String::as_str).collect();
+    started.consumer.subscribe(&topics)?;
+    let cfg = &started.cfg;
+    tracing::info!(
+        topics = ?cfg.input_topics, group = %cfg.group, output = %cfg.output_topic, changelog = %started.changelog,
+        guarantee = ?cfg.processing_guarantee, exactly_once, "subscribed"
+    );
+    Ok((started, restores))
+}
+
+/// The operator's producer: under exactly-once with a transactional id derived from the group
+/// and the instance, and its transactions initialised (which fences an earlier life of this
+/// instance and aborts the transaction it left open, if any).
+fn transactional_producer(clients: &KafkaClients, cfg: &RunConfig, instance: &str) -> Result<FutureProducer> {
+    if cfg.processing_guarantee != ProcessingGuarantee::ExactlyOnce {
+        return clients.producer(&[]);
+    }
+    let timeout = cfg.transaction_timeout_ms.to_string();
+    let default_id = format!("intentflow-{}-{instance}", cfg.group);
+    let id = cfg.kafka.producer.get("transactional.id").unwrap_or(&default_id).clone();
+    let mut extra: Vec<(&str, &str)> = vec![("transactional.id", &id)];
+    if !cfg.kafka.producer.contains_key("transaction.timeout.ms") {
+        extra.push(("transaction.timeout.ms", &timeout));
+    }
+    if !cfg.kafka.producer.contains_key("message.timeout.ms") {
+        extra.push(("message.timeout.ms", &timeout));
+    }
+    let producer = clients.producer(&extra)?;
+    tokio::task::block_in_place(|| producer.init_transactions(TXN_TIMEOUT)).context("initialising Kafka transactions")?;
+    tracing::info!(transactional_id = %id, "transactions initialised");
+    Ok(producer)
+}

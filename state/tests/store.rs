@@ -1,0 +1,154 @@
+//! The RocksDB store: commits read back, changelog records applied or quarantined, states of
+//! another model refused or dropped, chunked iteration.
+
+use intentflow_state::changelog::{encode_offset, ChangelogKey, ModelPolicy};
+use intentflow_state::{Loaded, StateError, StateStore, StoreOptions, UserState, STATE_ENCODING_VERSION};
+
+fn states(store: &StateStore, keys: &[(i32, &str)]) -> Vec<Option<UserState>> {
+    store.get_many(keys.iter().copied()).unwrap().into_iter().map(Loaded::state).collect()
+}
+
+#[test]
+fn commit_then_read_back_after_reopen() {
+    commit_then_read_back(StoreOptions::default());
+}
+
+#[test]
+fn a_flushed_bulk_load_reads_back_after_reopen() {
+    commit_then_read_back(StoreOptions::bulk());
+}
+
+fn commit_then_read_back(options: StoreOptions) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = UserState { hidden: vec![0.25, -0.5], model_version: "m1".into(), ..Default::default() };
+    a.session.total_events = 3;
+    a.mark_applied(intentflow_state::topic_id("events"), 41);
+    let b = UserState { hidden: vec![1.0], ..Default::default() };
+    {
+        let store = StateStore::open(dir.path(), options).unwrap();
+        store.commit([(0, "alice", &a), (3, "bob", &b)], [("events", 0, 42), ("events", 3, 7)], [(0, 5)]).unwrap();
+        store.flush().unwrap();
+    }
+    let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+    assert_eq!(states(&store, &[(0, "alice"), (3, "bob"), (1, "alice")]), vec![Some(a.clone()), Some(b.clone()), None]);
+    assert_eq!(store.offset("events", 0).unwrap(), Some(42));
+    assert_eq!(store.offset("events", 3).unwrap(), Some(7));
+    assert_eq!(store.offset("events", 1).unwrap(), None);
+    let users = store.users().unwrap();
+    assert_eq!(users, vec![(0, "alice".to_string(), a), (3, "bob".to_string(), b)]);
+    assert_eq!((store.changelog_offset(0).unwrap(), store.changelog_offset(3).unwrap()), (Some(5), None));
+}
+
+#[test]
+fn changelog_records_restore_states_and_offsets_and_a_cleared_partition_is_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+    let a = UserState { hidden: vec![0.25; 3], model_version: "m".into(), ..Default::default() };
+    let b = UserState { hidden: vec![-1.0; 3], model_version: "m".into(), ..Default::default() };
+    store.commit([(1, "keep", &a), (2, "other", &b)], [("events", 1, 3), ("events", 2, 9)], [(1, 2)]).unwrap();
+    let (ka, kb, ko) = (ChangelogKey::User("alice").encode(), ChangelogKey::User("keep").encode(), ChangelogKey::Offset("events").encode());
+    let (va, vb, off) = (a.encode(), b.encode(), encode_offset(40));
+    // Two updates of alice (the later wins), a deletion of keep, the input offset.
+    let records: Vec<(i64, &[u8], Option<&[u8]>)> = vec![(10, &ka, Some(&vb)), (11, &ka, Some(&va)), (12, &kb, None), (13, &ko, Some(&off))];
+    let applied = store.apply_changelog(1, records, 17, "m", ModelPolicy::Refuse).unwrap();
+    assert_eq!((applied.records, applied.quarantined.len(), applied.reset_users), (4, 0, 0));
+    assert_eq!(states(&store, &[(1, "alice"), (1, "keep"), (2, "other")]), vec![Some(a.clone()), None, Some(b.clone())]);
+    assert_eq!((store.offset("events", 1).unwrap(), store.changelog_offset(1).unwrap()), (Some(40), Some(17)));
+
+    assert_eq!(store.model_version().unwrap(), None);
+    store.set_model_version("gru-1").unwrap();
+    assert_eq!(store.model_version().unwrap().as_deref(), Some("gru-1"));
+
+    store.clear_partition(1).unwrap();
+    assert_eq!(states(&store, &[(1, "alice")]), vec![None]);
+    assert_eq!((store.offset("events", 1).unwrap(), store.changelog_offset(1).unwrap()), (None, None));
+    assert_eq!(store.users().unwrap(), vec![(2, "other".to_string(), b)], "other partitions untouched");
+    assert_eq!(store.offset("events", 2).unwrap(), Some(9));
+    store.clear_users().unwrap();
+    assert!(store.users().unwrap().is_empty());
+    assert_eq!(store.offset("events", 2).unwrap(), Some(9), "offsets survive a reset of the users");
+}
+
+#[test]
+fn bad_changelog_records_are_quarantined_and_their_users_start_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+    let good = UserState { hidden: vec![0.5; 2], model_version: "m".into(), ..Default::default() };
+    store.commit([(0, "junk", &good), (0, "future", &good)], [], []).unwrap();
+    let mut newer = good.encode();
+    newer[0] = STATE_ENCODING_VERSION + 1;
+    let (kj, kf, kg) = (ChangelogKey::User("junk").encode(), ChangelogKey::User("future").encode(), ChangelogKey::User("good").encode());
+    let (vg, ko) = (good.encode(), ChangelogKey::Offset("events").encode());
+    let records: Vec<(i64, &[u8], Option<&[u8]>)> = vec![
+        (0, &kj, Some(b"junk".as_slice())),
+        (1, b"zforeign-key", Some(b"whatever".as_slice())),
+        (2, &kf, Some(&newer)),
+        (3, &kg, Some(&vg)),
+        (4, &ko, Some(b"short".as_slice())),
+    ];
+    let applied = store.apply_changelog(0, records, 5, "m", ModelPolicy::Refuse).unwrap();
+    let why: Vec<(i64, &str)> = applied.quarantined.iter().map(|q| (q.offset, q.error.kind())).collect();
+    assert_eq!(why, [(0, "corrupt_state"), (1, "corrupt_state"), (2, "unsupported_state_version"), (4, "corrupt_state")]);
+    assert_eq!(applied.quarantined[1].value, b"whatever", "the original bytes are kept for the dead-letter topic");
+    assert!(applied.quarantined[2].error.to_string().contains(&format!("version {}", STATE_ENCODING_VERSION + 1)));
+    assert_eq!(applied.records, 1);
+    // The quarantined users start fresh; the good one is applied; the partition moved on.
+    assert_eq!(states(&store, &[(0, "junk"), (0, "future"), (0, "good")]), vec![None, None, Some(good)]);
+    assert_eq!((store.offset("events", 0).unwrap(), store.changelog_offset(0).unwrap()), (None, Some(5)));
+}
+
+#[test]
+fn states_of_another_model_are_refused_or_reset_per_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+    let old = UserState { hidden: vec![0.5; 2], model_version: "gru-a".into(), ..Default::default() };
+    let key = ChangelogKey::User("u1").encode();
+    let value = old.encode();
+    let record = || vec![(7i64, key.as_slice(), Some(value.as_slice()))];
+    let err = store.apply_changelog(2, record(), 8, "gru-b", ModelPolicy::Refuse).unwrap_err();
+    assert!(
+        matches!(&err, StateError::ForeignModel { partition: 2, user, found, expected } if user == "u1" && found == "gru-a" && expected == "gru-b"),
+        "{err}"
+    );
+    assert_eq!(store.changelog_offset(2).unwrap(), None, "a refused run writes nothing");
+    store.commit([(2, "u1", &old)], [], []).unwrap();
+    let applied = store.apply_changelog(2, record(), 8, "gru-b", ModelPolicy::Reset).unwrap();
+    assert_eq!((applied.reset_users, applied.records), (1, 0));
+    assert_eq!(states(&store, &[(2, "u1")]), vec![None], "the other model's state is gone, locally too");
+    assert_eq!(store.changelog_offset(2).unwrap(), Some(8));
+}
+
+#[test]
+fn undecodable_local_states_load_as_invalid_not_as_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+    store.commit_encoded([(0, "bad", b"\x03junk".as_slice())], [], []).unwrap();
+    let got = store.get_many([(0, "bad"), (0, "new")]).unwrap();
+    assert!(matches!(&got[0], Loaded::Invalid { bytes, .. } if bytes == b"\x03junk"), "{got:?}");
+    assert!(matches!(got[1], Loaded::Absent));
+}
+
+#[test]
+fn users_come_in_chunks_that_resume_after_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+    let s = UserState::default();
+    let users: Vec<String> = (0..25).map(|i| format!("u{i:02}")).collect();
+    store.commit(users.iter().map(|u| (1, u.as_str(), &s)), [], []).unwrap();
+    let (mut seen, mut after) = (Vec::new(), None::<Vec<u8>>);
+    loop {
+        let chunk = store.users_after(after.as_deref(), 10).unwrap();
+        if chunk.is_empty() {
+            break;
+        }
+        assert!(chunk.len() <= 10);
+        after = Some(chunk.last().unwrap().key.clone());
+        seen.extend(chunk.into_iter().map(|r| (r.partition, r.user)));
+    }
+    assert_eq!(seen, users.iter().map(|u| (1, u.clone())).collect::<Vec<_>>());
+    store.set_meta("handover", Some(b"x")).unwrap();
+    assert_eq!(store.meta("handover").unwrap().as_deref(), Some(b"x".as_slice()));
+    store.set_meta("handover", None).unwrap();
+    assert_eq!(store.meta("handover").unwrap(), None);
+    assert_eq!(store.users_after(None, 100).unwrap().len(), 25, "meta keys are not users");
+}
