@@ -48,8 +48,8 @@ pub struct DeadLetter {
     pub source_partition: i32,
     /// `intentflow.source.offset`.
     pub source_offset: i64,
-    /// `intentflow.source.timestamp`.
-    pub source_timestamp: i64,
+    /// `intentflow.source.timestamp` (empty for state records, which have none).
+    pub source_timestamp: Option<i64>,
     /// The original bytes.
     pub value: Vec<u8>,
 }
@@ -77,7 +77,7 @@ pub fn dead_letters(brokers: &str, topic: &str, expected: usize) -> Vec<DeadLett
                 source_topic: get(DLQ_SOURCE_TOPIC),
                 source_partition: get(DLQ_SOURCE_PARTITION).parse().expect("partition"),
                 source_offset: get(DLQ_SOURCE_OFFSET).parse().expect("offset"),
-                source_timestamp: get(DLQ_SOURCE_TIMESTAMP).parse().expect("timestamp"),
+                source_timestamp: Some(get(DLQ_SOURCE_TIMESTAMP)).filter(|t| !t.is_empty()).map(|t| t.parse().expect("timestamp")),
                 value: m.payload().unwrap_or_default().to_vec(),
             }
         })

@@ -59,6 +59,9 @@ fn a_hand_over_of_a_million_users_streams_in_chunks_and_resumes_after_a_kill() {
         }
         let mut probe = state.clone();
         probe.session.session_seq = 41;
+        probe.session.events = 3;
+        probe.session.total_events = 100;
+        probe.session.started_ms = 1_000_000_000_000;
         probe.session.last_ts_ms = 1_000_000_000_000;
         store.commit(partition_of.iter().map(|(u, p)| (*p, u.as_str(), &probe)), ends.iter().map(|(p, o)| (sc.input.as_str(), *p, *o)), []).unwrap();
         store.flush().unwrap();
@@ -95,7 +98,7 @@ fn a_hand_over_of_a_million_users_streams_in_chunks_and_resumes_after_a_kill() {
     for (p, end) in &ends {
         assert_eq!(committed.find_partition(&sc.input, *p).unwrap().offset(), rdkafka::Offset::Offset(*end), "partition {p}");
     }
-    // ...and live events continue the replayed states (their 43rd session, not a first one).
+    // ...and live events continue the replayed states (a 43rd session, not a first one).
     let live = generated_events(40, 120, 82);
     produce_events(&sc.brokers, &sc.input, &live).unwrap();
     let intents = sc.intents(live.len(), IDLE);

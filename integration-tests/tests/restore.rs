@@ -44,7 +44,7 @@ fn caught_up_partitions_keep_scoring_while_another_restores_a_large_changelog() 
         let restoring_3 = health["restoring"].get("3").is_some();
         if restoring_3 && health["intents_out"].as_u64().unwrap_or(0) > 0 {
             assert_eq!(health["status"], "restoring", "{health}");
-            break sc.intents(usize::MAX, Duration::from_secs(1));
+            break sc.intents(usize::MAX, Duration::from_secs(3));
         }
         assert!(op.exited().is_none(), "the operator exited; log:\n{}", op.log_text());
         assert!(!(health["status"] == "running" && !restoring_3), "partition 3 finished restoring before any intent was seen: {health}");

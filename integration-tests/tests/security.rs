@@ -62,7 +62,14 @@ fn every_command_works_against_a_sasl_scram_listener_with_zstd_input() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let op = Operator::start(&args, dir.path().join("run.log")).unwrap();
+    let mut op = Operator::start(&args, dir.path().join("run.log")).unwrap();
+    // The operator creates its output topic (over SASL) before it subscribes.
+    let clients = intentflow_pipeline::kafka::KafkaClients::new(&brokers);
+    let started = std::time::Instant::now();
+    while intentflow_pipeline::kafka::admin::partition_count(&clients, &output).unwrap().is_none() {
+        assert!(op.exited().is_none() && started.elapsed() < IDLE, "no output topic; log:\n{}", op.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let intents = read_intents(&brokers, &output, events.len(), IDLE).unwrap();
     let (status, log) = op.terminate().unwrap();
     assert!(status.success(), "{log}");
