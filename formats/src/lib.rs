@@ -128,20 +128,20 @@ fn open(path: &Path) -> Result<std::fs::File, FormatError> {
 /// If the file cannot be opened or read, or (Parquet) lacks a required column; bad rows are not
 /// errors.
 pub fn read_events(path: &Path, format: Format) -> Result<Imported, FormatError> {
-    read_events_with(path, format, |file, _| Box::new(file))
+    read_events_with(path, format, &EventDecoder::default(), |file, _| Box::new(file))
 }
 
-/// [`read_events`] with the file's reader wrapped by `wrap` (given the file and its size), for
-/// a progress bar over the bytes read. Parquet files are read by column and are not wrapped.
+/// [`read_events`] validating with `decoder` (the operator's limits), with the file's reader
+/// wrapped by `wrap` (given the file and its size), for a progress bar over the bytes read.
+/// Parquet files are read by column and are not wrapped.
 ///
 /// # Errors
 ///
 /// As [`read_events`].
-pub fn read_events_with(path: &Path, format: Format, wrap: impl FnOnce(std::fs::File, u64) -> Box<dyn Read>) -> Result<Imported, FormatError> {
-    let decoder = EventDecoder::default();
+pub fn read_events_with(path: &Path, format: Format, decoder: &EventDecoder, wrap: impl FnOnce(std::fs::File, u64) -> Box<dyn Read>) -> Result<Imported, FormatError> {
     let now = now_ms();
     let mut out = if format == Format::Parquet {
-        let read = columnar::read_events(path, &decoder, now)?;
+        let read = columnar::read_events(path, decoder, now)?;
         let bad = read.rejected.into_iter().map(|(row, e)| BadRow { line: row + 1, reason: e.to_string() }).collect();
         Imported { events: read.events, bad, latent_intent: None }
     } else {
@@ -156,8 +156,8 @@ pub fn read_events_with(path: &Path, format: Format, wrap: impl FnOnce(std::fs::
             Format::Parquet => unreachable!("handled above"),
         };
         match layout {
-            None => text::read_jsonl(std::io::BufReader::new(reader), &decoder, now).map_err(|source| FormatError::Io { path: path.to_path_buf(), source })?,
-            Some(layout) => text::read_csv(reader, layout, &decoder, now),
+            None => text::read_jsonl(std::io::BufReader::new(reader), decoder, now).map_err(|source| FormatError::Io { path: path.to_path_buf(), source })?,
+            Some(layout) => text::read_csv(reader, layout, decoder, now),
         }
     };
     out.sort_by_time();

@@ -56,7 +56,7 @@ pub struct DeadLetter {
 
 /// Reads a dead-letter topic until `expected` records arrived or it stays idle.
 pub fn dead_letters(brokers: &str, topic: &str, expected: usize) -> Vec<DeadLetter> {
-    use intentflow_pipeline::runtime::{DLQ_ERROR_KIND, DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION, DLQ_SOURCE_TIMESTAMP, DLQ_SOURCE_TOPIC};
+    use intentflow_pipeline::dlq::{DLQ_ERROR_KIND, DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION, DLQ_SOURCE_TIMESTAMP, DLQ_SOURCE_TOPIC};
     use rdkafka::message::Headers;
     let records = read_topic(&KafkaClients::new(brokers), topic, Duration::from_secs(5), |n| n >= expected).expect("reading the dead-letter topic");
     records

@@ -9,7 +9,7 @@
 //! * [`operator`] — a running `intentflow` process and a test's [`Scenario`];
 //! * [`checks`] — the exactly-once and offline-equality assertions, dead letters;
 //! * [`cluster`] — the three-node cluster of the broker-failure test;
-//! * [`real_sample`] — the real samples beside the checkout, or a visible skip.
+//! * [`real_sample`] — the real samples beside the checkout, or a visible [`skip`].
 
 pub mod broker;
 pub mod checks;
@@ -25,22 +25,28 @@ use std::io::Write;
 use std::path::PathBuf;
 
 /// The real sample `name` from `../shared/data` beside the project checkout, or `None` after
-/// announcing a skip.
-///
-/// A skip is printed as a `SKIP` line straight to stderr (past the test harness's capture, so it
-/// shows even when the test passes) and, when `INTENTFLOW_SKIP_LOG` names a file, appended there:
-/// `scripts/test` counts those lines and fails when the samples are present yet a test skipped.
+/// announcing a [`skip`].
 pub fn real_sample(test: &str, name: &str) -> Option<PathBuf> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data").join(name);
     if path.is_file() {
         return Some(path);
     }
-    let line = format!("SKIP {test}: real sample {} not found (it exists only beside the project checkout, as ../shared/data)\n", path.display());
+    skip(test, &format!("real sample {} not found (it exists only beside the project checkout, as ../shared/data)", path.display()));
+    None
+}
+
+/// Announces that `test` skips, and why.
+///
+/// A skip is printed as a `SKIP` line straight to stderr (past the test harness's capture, so it
+/// shows even when the test passes) and, when `INTENTFLOW_SKIP_LOG` names a file, appended there:
+/// `scripts/test` counts those lines and fails when the samples are present yet a real-data test
+/// skipped.
+pub fn skip(test: &str, why: &str) {
+    let line = format!("SKIP {test}: {why}\n");
     let _ = std::io::stderr().write_all(line.as_bytes());
     if let Some(log) = std::env::var_os("INTENTFLOW_SKIP_LOG") {
         if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
             let _ = f.write_all(line.as_bytes());
         }
     }
-    None
 }

@@ -115,7 +115,9 @@ fn a_replay_of_two_input_topics_under_the_runs_limits_equals_the_live_operator()
     padded["event_id"] = serde_json::Value::String("padded".into());
     produce(&sc.brokers, &sc.input, &[(events[0].user_id.clone(), serde_json::to_vec(&padded).unwrap())]).unwrap();
     let config = sc.dir.path().join("run.toml");
-    std::fs::write(&config, "max_record_bytes = 131072\n").unwrap();
+    // Never release a partition's records without waiting for the other topic: a slow fetch must
+    // not change the order under test.
+    std::fs::write(&config, "max_record_bytes = 131072\nmax_task_idle_ms = 600000\n").unwrap();
     let config = config.display().to_string();
 
     let args = sc.run_args(&["--config", &config, "--input-topic", &sc.input, "--input-topic", &carts]);

@@ -31,9 +31,9 @@ fn caught_up_partitions_keep_scoring_while_another_restores_a_large_changelog() 
     let events = generated_events(400, 8_000, 77);
     produce_events(&sc.brokers, &sc.input, &events).unwrap();
     let addr = free_addr();
-    // Each 20,000-record chunk of the restore takes 500 ms longer, so that the restore surely
+    // Each 20,000-record chunk of the restore takes a second longer (15 s in all), so that the restore surely
     // outlasts the scoring of the other partitions on any machine.
-    let mut op = Operator::spawn_env("run", &sc.run_args(&["--metrics-addr", &addr]), sc.dir.path().join("op.log"), &[("FAILPOINTS", "restore-chunk=sleep(500)")]).unwrap();
+    let mut op = Operator::spawn_env("run", &sc.run_args(&["--metrics-addr", &addr]), sc.dir.path().join("op.log"), &[("FAILPOINTS", "restore-chunk=sleep(1000)")]).unwrap();
 
     // While /health still lists partition 3 as restoring, intents of the other partitions are
     // already on the output topic.

@@ -23,7 +23,7 @@ fn kafka_script(args: &[&str]) -> String {
 fn every_command_works_against_a_sasl_scram_listener_with_zstd_input() {
     let brokers = require_broker();
     if std::env::var_os("INTENTFLOW_TEST_BROKERS").is_some() {
-        let _ = std::io::Write::write_all(&mut std::io::stderr(), b"SKIP every_command_works_against_a_sasl_scram_listener_with_zstd_input: INTENTFLOW_TEST_BROKERS names another broker than scripts/kafka's\n");
+        skip("every_command_works_against_a_sasl_scram_listener_with_zstd_input", "INTENTFLOW_TEST_BROKERS names another broker than scripts/kafka's");
         return;
     }
     let sasl_port = kafka_script(&["sasl-port"]);

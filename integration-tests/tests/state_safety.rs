@@ -2,7 +2,7 @@
 //! twice after an at-least-once crash, or stop a partition because one record is unusable.
 
 use intentflow_integration_tests::*;
-use intentflow_pipeline::runtime::dlq::LOCAL_STORE;
+use intentflow_pipeline::dlq::LOCAL_STORE;
 use intentflow_schemas::{Event, ScoredIntent};
 use intentflow_state::changelog::ChangelogKey;
 use intentflow_state::{StateStore, StoreOptions, UserState, STATE_ENCODING_VERSION};
@@ -75,17 +75,20 @@ fn states_never_cross_models_when_partitions_move_between_instances_of_two_model
     assert!(b_intents.iter().all(|i| i.model_version != version_a));
     assert_scores(&b_intents, &offline_scores_of(model_b.path(), &second));
     let users = |stretch: &[Event]| -> BTreeSet<String> { stretch.iter().map(|e| e.user_id.clone()).collect() };
-    // Counted per changelog record (a user has one per batch it appeared in, until compaction).
-    assert!(log_sum(&log, "partition restored from the changelog", "reset_users=") >= users(&first).len() as u64, "{log}");
+    // Every user of model A ends on model A's state: dropped, and tombstoned on the changelog so
+    // that it agrees with the store.
+    let a_users = users(&first).len() as u64;
+    assert_eq!(log_sum(&log, "partition restored from the changelog", "reset_users="), a_users, "{log}");
+    assert_eq!(log_sum(&log, "partition restored from the changelog", "tombstones="), a_users, "{log}");
 
-    // A fresh instance of model B restores the changelog, which still holds model A's states of
-    // the users the second stretch did not touch: they are dropped again, while model B's own
-    // states continue.
+    // A fresh instance of model B restores the changelog: model A's states are followed by their
+    // tombstones (and, for the second stretch's users, by model B's states), so nothing of model
+    // A survives and model B's own states continue.
     produce_events(&sc.brokers, &sc.input, &third).unwrap();
     let total = first.len() + second.len() + third.len();
     let (all, log) = sc.run_until("b-fresh", &args(&state("b3")), total, IDLE);
-    let untouched = users(&first).difference(&users(&second)).count() as u64;
-    assert!(untouched > 0 && log_sum(&log, "partition restored from the changelog", "reset_users=") >= untouched, "{log}");
+    assert!(users(&first).difference(&users(&second)).count() > 0, "some users of model A have no later events");
+    assert_eq!(log_sum(&log, "partition restored from the changelog", "reset_users="), 0, "the changelog converged; {log}");
     let later = of(&all, &third);
     assert_eq!(later.len(), third.len());
     let b_users = users(&second);
@@ -132,6 +135,8 @@ fn at_least_once_never_applies_an_event_twice_after_a_crash_between_states_and_o
     // Everything on the output topic, repeats included.
     let intents = sc.intents(usize::MAX, Duration::from_secs(3));
     let fenced = log.lines().find(|l| l.contains("intentflow run:")).unwrap_or_default().to_string();
+    let skipped: u64 = fenced.split(" skipped as already applied").next().and_then(|h| h.rsplit(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(skipped > 0, "the restarted operator must have met events its states already held: {fenced}");
     let unique: BTreeMap<(i32, i64), &ScoredIntent> = intents.iter().map(|i| ((i.source.partition, i.source.offset), i)).collect();
     assert_eq!(unique.len(), events.len(), "at least one intent per event; {fenced}");
     // Each event applied once: the restarted operator skipped the crashed batch's events its
@@ -157,7 +162,7 @@ fn wait_for_log(op: &Operator, line: &str) {
 /// Guarantee 3: an unusable state record — undecodable bytes, a key of no known kind, a newer
 /// encoding version on the changelog, or garbage in the local store — is quarantined to the
 /// dead-letter topic with a reason, counted and logged; its user starts fresh; the partition
-/// never stops.
+/// never stops, and the changelog gets tombstones so that it agrees with the store.
 #[test]
 fn unusable_state_records_are_quarantined_and_their_users_start_fresh() {
     let sc = Scenario::new("poison", 2);
@@ -165,16 +170,15 @@ fn unusable_state_records_are_quarantined_and_their_users_start_fresh() {
     let (first, second) = events.split_at(1_000);
     produce_events(&sc.brokers, &sc.input, first).unwrap();
     let users = user_partitions(&sc.brokers, &sc.input).unwrap();
-    // Users with events in both halves, so that the second half loads their states.
+    // Users with events in both halves: valid states after the first, loaded in the second.
     let later_users: BTreeSet<&str> = second.iter().map(|e| e.user_id.as_str()).collect();
     let victims: Vec<(&String, &i32)> = users.iter().filter(|(u, _)| later_users.contains(u.as_str())).take(3).collect();
+    let (intents, log) = sc.run_until("first", &sc.run_args(&[]), first.len(), IDLE);
+    assert_eq!(intents.len(), first.len(), "{log}");
 
-    // Poison the changelog before the operator ever reads it: garbage for one user, a record of
-    // no known kind, and a state from a newer encoding for another user.
+    // After their valid states: garbage for one user, a newer encoding for another, and a record
+    // of no known kind on the changelog; garbage in the local store for a third user.
     let changelog = format!("{}-changelog", sc.group);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let clients = intentflow_pipeline::kafka::KafkaClients::new(&sc.brokers);
-    rt.block_on(intentflow_pipeline::kafka::admin::ensure_topic_with(&clients, &changelog, 2, &[("cleanup.policy", "compact")])).unwrap();
     let mut newer = UserState { hidden: vec![0.5; 16], model_version: "whatever".into(), ..Default::default() }.encode();
     newer[0] = STATE_ENCODING_VERSION + 1;
     let poison = vec![
@@ -183,38 +187,33 @@ fn unusable_state_records_are_quarantined_and_their_users_start_fresh() {
         (*victims[1].1, ChangelogKey::User(victims[1].0).encode(), newer),
     ];
     produce_to_partitions(&sc.brokers, &changelog, &poison).unwrap();
-
-    let addr = free_addr();
-    let op = sc.start("op", &sc.run_args(&["--metrics-addr", &addr]));
-    let intents = sc.intents(first.len(), IDLE);
-    let changelog_invalid = "intentflow_state_records_invalid_total{source=\"changelog\"}";
-    assert_eq!(wait_for_metric(&addr, changelog_invalid, 3), 3);
-    let (status, log) = op.terminate().unwrap();
-    assert!(status.success(), "{log}");
-    assert_eq!(intents.len(), first.len(), "{log}");
-    assert_exactly_once(&intents, first, &stored_states(&sc.state));
-    let quarantined: Vec<&str> = log.lines().filter(|l| l.contains("unusable state record quarantined")).collect();
-    assert_eq!(quarantined.len(), 3, "{log}");
-    assert!(quarantined.iter().any(|l| l.contains("unsupported_state_version") && l.contains(&format!("version {}", STATE_ENCODING_VERSION + 1))), "{quarantined:?}");
-
-    // Garbage in the local store for a third user.
     {
         let store = StateStore::open(&sc.state, StoreOptions::default()).unwrap();
         store.commit_encoded([(*victims[2].1, victims[2].0.as_str(), b"\x02\xff".as_slice())], [], []).unwrap();
     }
+
+    // The same instance catches up from the changelog (quarantining its three records) and loads
+    // the local garbage with the second half.
     produce_events(&sc.brokers, &sc.input, second).unwrap();
-    let op = sc.start("again", &sc.run_args(&["--metrics-addr", &addr]));
+    let addr = free_addr();
+    let op = sc.start("second", &sc.run_args(&["--metrics-addr", &addr]));
     let all = sc.intents(events.len(), IDLE);
+    assert_eq!(wait_for_metric(&addr, "intentflow_state_records_invalid_total{source=\"changelog\"}", 3), 3);
     assert_eq!(wait_for_metric(&addr, "intentflow_state_records_invalid_total{source=\"store\"}", 1), 1);
     let (status, log) = op.terminate().unwrap();
     assert!(status.success(), "{log}");
     assert_eq!(all.len(), events.len(), "{log}");
-    let second_ids: BTreeSet<&str> = second.iter().filter_map(|e| e.event_id.as_deref()).collect();
-    let later: Vec<ScoredIntent> = all.iter().filter(|i| i.event_id.as_deref().is_some_and(|id| second_ids.contains(id))).cloned().collect();
-    // The third user started fresh for the second half; everyone else continued.
-    let (victim, rest): (Vec<Event>, Vec<Event>) = second.iter().cloned().partition(|e| &e.user_id == victims[2].0);
-    let mut want = offline_scores(&victim);
-    let continuing: Vec<Event> = events.iter().filter(|e| &e.user_id != victims[2].0).cloned().collect();
+    let quarantined: Vec<&str> = log.lines().filter(|l| l.contains("unusable state record quarantined")).collect();
+    assert_eq!(quarantined.len(), 4, "{log}");
+    assert!(quarantined.iter().any(|l| l.contains("unsupported_state_version") && l.contains(&format!("version {}", STATE_ENCODING_VERSION + 1))), "{quarantined:?}");
+    assert!(log.contains(LOCAL_STORE), "{log}");
+    assert!(log.lines().any(|l| l.contains("partition restored from the changelog") && !l.contains("tombstones=0")), "{log}");
+
+    // The victims start fresh for the second half; everyone else continues.
+    let victim_ids: BTreeSet<&str> = victims.iter().map(|(u, _)| u.as_str()).collect();
+    let (fresh, rest): (Vec<Event>, Vec<Event>) = second.iter().cloned().partition(|e| victim_ids.contains(e.user_id.as_str()));
+    let mut want = offline_scores(&fresh);
+    let continuing: Vec<Event> = events.iter().filter(|e| !victim_ids.contains(e.user_id.as_str())).cloned().collect();
     let rest_users: BTreeSet<&str> = rest.iter().map(|e| e.user_id.as_str()).collect();
     for (user, mut s) in offline_scores(&continuing) {
         if rest_users.contains(user.as_str()) {
@@ -222,26 +221,39 @@ fn unusable_state_records_are_quarantined_and_their_users_start_fresh() {
             want.insert(user, s);
         }
     }
-    let by_user = intents_by_user(&later);
-    for (user, got) in by_user {
+    let second_ids: BTreeSet<&str> = second.iter().filter_map(|e| e.event_id.as_deref()).collect();
+    let later: Vec<ScoredIntent> = all.iter().filter(|i| i.event_id.as_deref().is_some_and(|id| second_ids.contains(id))).cloned().collect();
+    for (user, got) in intents_by_user(&later) {
         let got: Vec<u32> = got.iter().map(|i| i.score.to_bits()).collect();
         let exp: Vec<u32> = want[&user].scores.iter().map(|s| s.to_bits()).collect();
         assert_eq!(got, exp, "user {user}");
     }
 
-    let dead = dead_letters(&sc.brokers, &sc.dlq, 4);
-    let kinds: BTreeSet<(String, String)> = dead.iter().map(|d| (d.source_topic.clone(), d.kind.clone())).collect();
-    let want_kinds: BTreeSet<(String, String)> = [
+    // Each unusable record went to the dead-letter topic once, with its bytes and its source.
+    let dead = dead_letters(&sc.brokers, &sc.dlq, usize::MAX);
+    let kinds: Vec<(String, String)> = {
+        let mut k: Vec<(String, String)> = dead.iter().map(|d| (d.source_topic.clone(), d.kind.clone())).collect();
+        k.sort();
+        k
+    };
+    let mut want_kinds = vec![
+        (changelog.clone(), "corrupt_state".to_string()),
         (changelog.clone(), "corrupt_state".to_string()),
         (changelog.clone(), "unsupported_state_version".to_string()),
         (LOCAL_STORE.to_string(), "corrupt_state".to_string()),
-    ]
-    .into();
+    ];
+    want_kinds.sort();
     assert_eq!(kinds, want_kinds, "{dead:?}");
-    assert_eq!(dead.len(), 4);
     assert!(dead.iter().any(|d| d.value == b"{\"json\":true}"), "the foreign record's bytes are kept");
     assert!(dead.iter().any(|d| d.value == b"\x02\xff" && d.source_offset == -1), "the local record's bytes are kept");
-    assert!(log.contains(LOCAL_STORE), "{log}");
+
+    // A fresh instance restoring the whole changelog ends with the same states.
+    let fresh_dir = sc.dir.path().join("fresh").display().to_string();
+    let op = sc.start("fresh", &sc.run_args(&["--state-dir", &fresh_dir]));
+    wait_for_log(&op, "assigned partitions are up to date with the changelog");
+    let (status, log) = op.terminate().unwrap();
+    assert!(status.success(), "{log}");
+    assert_eq!(stored_states(std::path::Path::new(&fresh_dir)), stored_states(&sc.state));
 }
 
 /// Scrapes `/metrics` until `series` reaches `at_least` (or a minute passed); returns its value.

@@ -72,12 +72,21 @@ struct Slot {
 pub struct IntentOperator {
     model: IntentModel,
     policy: ModelPolicy,
+    fencing: bool,
 }
 
 impl IntentOperator {
     /// Wraps a loaded model; states of another model are refused.
     pub fn new(model: IntentModel) -> IntentOperator {
-        IntentOperator { model, policy: ModelPolicy::Refuse }
+        IntentOperator { model, policy: ModelPolicy::Refuse, fencing: true }
+    }
+
+    /// Whether events are fenced by their source position (the default). Sources whose
+    /// positions are not Kafka offsets of a stable topic — files, whose "offset" is a row and
+    /// whose names repeat across directories — must not fence.
+    pub fn with_fencing(mut self, fencing: bool) -> IntentOperator {
+        self.fencing = fencing;
+        self
     }
 
     /// What to do with a stored state built by another model.
@@ -125,7 +134,7 @@ impl IntentOperator {
         for (slot, loaded) in slots.iter_mut().zip(stored) {
             slot.state = match loaded {
                 Loaded::Absent => UserState::default(),
-                Loaded::State(state) if state.model_version == version || state.model_version.is_empty() => state,
+                Loaded::State(state) if state.built_by(version) => state,
                 Loaded::State(state) => match self.policy {
                     ModelPolicy::Refuse => {
                         let (partition, user) = (slot.partition, slot.user.clone());
@@ -141,10 +150,12 @@ impl IntentOperator {
                     UserState::default()
                 }
             };
-            let before = slot.inputs.len();
-            let state = &slot.state;
-            slot.inputs.retain(|&i| !state.has_applied(topics.id(&events[i].source.topic), events[i].source.offset));
-            already_applied += before - slot.inputs.len();
+            if self.fencing && !slot.state.fences.is_empty() {
+                let before = slot.inputs.len();
+                let state = &slot.state;
+                slot.inputs.retain(|&i| !state.has_applied(topics.id(&events[i].source.topic), events[i].source.offset));
+                already_applied += before - slot.inputs.len();
+            }
             // A hidden vector from a model of another size cannot continue; the session
             // counters stay, and the next event's step starts from zero.
             if slot.state.hidden.len() != h {
@@ -203,10 +214,13 @@ impl IntentOperator {
                 });
             }
         }
-        for slot in &mut slots {
-            for &input in &slot.inputs {
-                let source = &events[input].source;
-                slot.state.mark_applied(topics.id(&source.topic), source.offset);
+        if self.fencing {
+            for slot in &mut slots {
+                // Inputs are in offset order per topic: the last of each topic moves its fence.
+                for &input in &slot.inputs {
+                    let source = &events[input].source;
+                    slot.state.mark_applied(topics.id(&source.topic), source.offset);
+                }
             }
         }
         Ok(BatchOutput {

@@ -8,12 +8,17 @@
 //!   restores, the transactional sink and the hand-over of replayed states.
 //! * [`replay`] — `intentflow replay`: bounded, deterministic reprocessing of topics or files.
 //! * [`output`] — one writer for topic, JSONL, Parquet (or no) outputs.
+//! * [`dlq`] — what goes to the dead-letter topic, with which headers; [`offsets`] — the offset
+//!   decisions as pure functions. Both serve the runtime and replays, which depend on them and
+//!   not on each other (a bootstrap is a replay the runtime runs).
 //! * [`commands`] — `generate`, `import`, `train`, `eval` and `tail`.
 //! * [`telemetry`] — Prometheus metrics and the health endpoint.
 
 pub mod commands;
 pub mod config;
+pub mod dlq;
 pub mod kafka;
+pub mod offsets;
 pub mod output;
 pub mod replay;
 pub mod runtime;

@@ -123,7 +123,7 @@ impl Record for ScoredIntent {
         chrono::DateTime::parse_from_rfc3339(&self.event_ts).map_or(0, |t| t.timestamp_millis())
     }
     fn write_json(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&intentflow_operators::encode::encode_intent(self));
+        intentflow_operators::encode::encode_intent_into(self, out);
     }
 }
 

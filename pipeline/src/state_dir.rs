@@ -5,8 +5,9 @@
 //!
 //! * `INSTANCE_ID` — written by the first `intentflow run`: the directory is a live operator's
 //!   (its transactional id and static group membership derive from it). A replay refuses it.
-//! * `REPLAY` — written by `intentflow replay`: `model <version>` and `status running` from its
-//!   first written batch until the store is flushed, `status complete` after. An unfinished
+//! * `REPLAY` — written by `intentflow replay`: `model <version>`, `source topics|files`, and
+//!   `status running` from its first written batch until the store is flushed, `status complete`
+//!   after. An unfinished
 //!   replay is refused by a new replay and by `run`; a complete one is handed over by `run`
 //!   (see `runtime::handover`), which renames it `ADOPTED`.
 //!
@@ -21,6 +22,15 @@ use std::path::{Path, PathBuf};
 const INSTANCE_ID: &str = "INSTANCE_ID";
 const REPLAY: &str = "REPLAY";
 const ADOPTED: &str = "ADOPTED";
+
+/// What a replay read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplaySource {
+    /// Kafka topics: users keyed by input partition, as the live operator keys them.
+    Topics,
+    /// Event files: every user on partition 0.
+    Files,
+}
 
 /// What a replay marker says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,18 +112,37 @@ impl StateDir {
         Ok(Some(if running { ReplayStatus::Running } else { ReplayStatus::Complete }))
     }
 
+    /// What the replay marker says the replay read (topics for markers without the line).
+    ///
+    /// # Errors
+    ///
+    /// If the marker cannot be read.
+    pub fn replay_source(&self) -> Result<Option<ReplaySource>> {
+        let path = self.path.join(REPLAY);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let files = text.lines().any(|l| l.trim() == "source files");
+        Ok(Some(if files { ReplaySource::Files } else { ReplaySource::Topics }))
+    }
+
     /// Writes the replay marker.
     ///
     /// # Errors
     ///
     /// If it cannot be written.
-    pub fn mark_replay(&self, model: &str, status: ReplayStatus) -> Result<()> {
+    pub fn mark_replay(&self, model: &str, source: ReplaySource, status: ReplayStatus) -> Result<()> {
         let path = self.path.join(REPLAY);
         let status = match status {
             ReplayStatus::Running => "running",
             ReplayStatus::Complete => "complete",
         };
-        std::fs::write(&path, format!("model {model}\nstatus {status}\n")).with_context(|| format!("writing {}", path.display()))
+        let source = match source {
+            ReplaySource::Topics => "topics",
+            ReplaySource::Files => "files",
+        };
+        std::fs::write(&path, format!("model {model}\nsource {source}\nstatus {status}\n")).with_context(|| format!("writing {}", path.display()))
     }
 
     /// Marks a complete replay as handed over to the live operator.
@@ -191,14 +220,16 @@ mod tests {
         let sd = StateDir::new(dir.path());
         assert_eq!(sd.replay_status().unwrap(), None);
         sd.refuse_unfinished().unwrap();
-        sd.mark_replay("abc", ReplayStatus::Running).unwrap();
+        sd.mark_replay("abc", ReplaySource::Files, ReplayStatus::Running).unwrap();
         assert_eq!(sd.replay_status().unwrap(), Some(ReplayStatus::Running));
         let err = sd.refuse_for_replay().unwrap_err().to_string();
         assert!(err.contains("did not finish") && err.contains("fresh --state-dir"), "{err}");
-        sd.mark_replay("abc", ReplayStatus::Complete).unwrap();
+        sd.mark_replay("abc", ReplaySource::Files, ReplayStatus::Complete).unwrap();
         sd.refuse_unfinished().unwrap();
+        assert_eq!(sd.replay_source().unwrap(), Some(ReplaySource::Files));
         std::fs::write(dir.path().join(REPLAY), "model abc\n").unwrap();
         assert_eq!(sd.replay_status().unwrap(), Some(ReplayStatus::Complete), "markers from before the status line");
+        assert_eq!(sd.replay_source().unwrap(), Some(ReplaySource::Topics), "markers from before the source line");
         sd.mark_adopted().unwrap();
         assert_eq!(sd.replay_status().unwrap(), None);
     }

@@ -173,6 +173,46 @@ pub struct Applied {
     pub reset_users: usize,
 }
 
+/// What a whole restore of one partition found that only its end can settle, carried across
+/// the chunks of [`StateStore::apply_changelog`](crate::StateStore::apply_changelog): a record
+/// is only the user's final word if no later record of the same key follows.
+#[derive(Debug, Default)]
+pub struct RestoreTrack {
+    /// Users whose latest record is a state of another model, with that model.
+    pub foreign: std::collections::HashMap<String, String>,
+    /// Changelog keys whose latest record could not be used (quarantined).
+    pub unusable: std::collections::HashSet<Vec<u8>>,
+}
+
+impl RestoreTrack {
+    /// Under [`ModelPolicy::Refuse`]: the error for the first user whose final state is of
+    /// another model, if any.
+    pub fn refusal(&self, partition: i32, expected: &str) -> Option<StateError> {
+        let (user, found) = self.foreign.iter().min()?;
+        Some(StateError::ForeignModel { partition, user: user.clone(), found: found.clone(), expected: expected.to_string() })
+    }
+
+    /// The changelog keys to delete with a tombstone once the restore reached the end, so that
+    /// the changelog agrees with the store: unusable records always, another model's states
+    /// under [`ModelPolicy::Reset`].
+    pub fn tombstones(&self, policy: ModelPolicy) -> Vec<Vec<u8>> {
+        let mut keys: Vec<Vec<u8>> = self.unusable.iter().cloned().collect();
+        if policy == ModelPolicy::Reset {
+            keys.extend(self.foreign.keys().map(|u| ChangelogKey::User(u).encode()));
+        }
+        keys.sort();
+        keys
+    }
+
+    /// A later record of `key` (of `user`, for a user key) settles whatever an earlier one left.
+    pub(crate) fn settled(&mut self, key: &[u8], user: Option<&str>) {
+        self.unusable.remove(key);
+        if let Some(u) = user {
+            self.foreign.remove(u);
+        }
+    }
+}
+
 /// Whether a store's states can go on with the loaded model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelCheck {

@@ -62,6 +62,11 @@ pub fn topic_id(name: &str) -> u32 {
 }
 
 impl UserState {
+    /// Whether this state was built by the model with version `model`: only then may it go on.
+    pub fn built_by(&self, model: &str) -> bool {
+        self.model_version == model
+    }
+
     /// Whether the event at `offset` of topic `topic` (a [`topic_id`]) is already applied.
     pub fn has_applied(&self, topic: u32, offset: i64) -> bool {
         self.fences.iter().any(|f| f.topic == topic && offset < f.next)

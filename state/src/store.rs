@@ -3,7 +3,7 @@
 //! Over 400 lines: one type whose methods each own one key space (users, offsets, changelog
 //! offsets, model, meta); splitting it by key space would scatter the key layout documented here.
 
-use crate::changelog::{decode_offset, Applied, ChangelogKey, ModelPolicy, Quarantined};
+use crate::changelog::{decode_offset, Applied, ChangelogKey, ModelPolicy, Quarantined, RestoreTrack};
 use crate::{StateError, UserState};
 use rocksdb::{BlockBasedOptions, Cache, DBCompressionType, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use std::path::Path;
@@ -110,6 +110,14 @@ fn changelog_key(partition: i32) -> [u8; 5] {
     let mut k = [CHANGELOG_PREFIX, 0, 0, 0, 0];
     k[1..].copy_from_slice(&partition.to_be_bytes());
     k
+}
+
+/// The partition and user id of a user key.
+fn parse_user_key(key: &[u8]) -> Result<(i32, String), StateError> {
+    if key.len() < 5 {
+        return Err(StateError::Corrupt("user key shorter than 5 bytes".into()));
+    }
+    Ok((i32::from_be_bytes(key[1..5].try_into().expect("4 bytes")), String::from_utf8_lossy(&key[5..]).into_owned()))
 }
 
 fn meta_key(name: &str) -> Vec<u8> {
@@ -233,60 +241,84 @@ impl StateStore {
     /// Every value is checked first. A record whose key is not the changelog's, whose value does
     /// not decode, or (a user state) uses an unknown encoding version is left out and returned in
     /// [`Applied::quarantined`]; its user, if any, is deleted so that it starts fresh. A user
-    /// state built by another model than `model` is dropped the same way under
-    /// [`ModelPolicy::Reset`] and refused under [`ModelPolicy::Refuse`].
+    /// state built by another model than `model` is kept under [`ModelPolicy::Refuse`] (the
+    /// operator refuses it when loading it) and dropped under [`ModelPolicy::Reset`]. `track`
+    /// follows, across the chunks of one restore, which keys end on such a record (see
+    /// [`RestoreTrack`]).
     ///
     /// # Errors
     ///
-    /// [`StateError::ForeignModel`] under [`ModelPolicy::Refuse`] (nothing is written then), and
-    /// RocksDB write errors.
+    /// RocksDB write errors; nothing of the chunk is written then.
     pub fn apply_changelog<'a>(
         &self,
         partition: i32,
         records: impl IntoIterator<Item = (i64, &'a [u8], Option<&'a [u8]>)>,
         next: i64,
-        model: &str,
-        policy: ModelPolicy,
+        model: (&str, ModelPolicy),
+        track: &mut RestoreTrack,
     ) -> Result<Applied, StateError> {
         let mut batch = WriteBatch::default();
         let mut out = Applied::default();
         for (offset, key, value) in records {
             let quarantine = |error: StateError| Quarantined { offset, key: key.to_vec(), value: value.unwrap_or_default().to_vec(), error };
-            let parsed = match ChangelogKey::decode(key) {
-                Ok(k) => k,
-                Err(e) => {
+            let parsed = match (ChangelogKey::decode(key), value) {
+                (Ok(k), _) => k,
+                // A tombstone of a key of no known kind (one the restore wrote): nothing to keep.
+                (Err(_), None) => {
+                    track.unusable.remove(key);
+                    continue;
+                }
+                (Err(e), Some(_)) => {
                     out.quarantined.push(quarantine(e));
+                    track.unusable.insert(key.to_vec());
                     continue;
                 }
             };
             match (parsed, value) {
                 (ChangelogKey::User(user), Some(v)) => match UserState::decode(v) {
-                    Ok(state) if state.model_version == model => batch.put(user_key(partition, user), v),
-                    Ok(state) => match policy {
-                        ModelPolicy::Refuse => {
-                            return Err(StateError::ForeignModel { partition, user: user.to_string(), found: state.model_version, expected: model.to_string() })
+                    Ok(state) if state.built_by(model.0) => {
+                        batch.put(user_key(partition, user), v);
+                        track.settled(key, Some(user));
+                    }
+                    Ok(state) => {
+                        track.unusable.remove(key);
+                        track.foreign.insert(user.to_string(), state.model_version);
+                        match model.1 {
+                            ModelPolicy::Refuse => batch.put(user_key(partition, user), v),
+                            ModelPolicy::Reset => {
+                                batch.delete(user_key(partition, user));
+                                out.reset_users += 1;
+                                continue;
+                            }
                         }
-                        ModelPolicy::Reset => {
-                            batch.delete(user_key(partition, user));
-                            out.reset_users += 1;
-                            continue;
-                        }
-                    },
+                    }
                     Err(e) => {
                         batch.delete(user_key(partition, user));
                         out.quarantined.push(quarantine(e));
+                        track.foreign.remove(user);
+                        track.unusable.insert(key.to_vec());
                         continue;
                     }
                 },
                 (ChangelogKey::Offset(topic), Some(v)) => match decode_offset(v) {
-                    Ok(_) => batch.put(offset_key(topic, partition), v),
+                    Ok(_) => {
+                        batch.put(offset_key(topic, partition), v);
+                        track.settled(key, None);
+                    }
                     Err(e) => {
                         out.quarantined.push(quarantine(e));
+                        track.unusable.insert(key.to_vec());
                         continue;
                     }
                 },
-                (ChangelogKey::User(user), None) => batch.delete(user_key(partition, user)),
-                (ChangelogKey::Offset(topic), None) => batch.delete(offset_key(topic, partition)),
+                (ChangelogKey::User(user), None) => {
+                    batch.delete(user_key(partition, user));
+                    track.settled(key, Some(user));
+                }
+                (ChangelogKey::Offset(topic), None) => {
+                    batch.delete(offset_key(topic, partition));
+                    track.settled(key, None);
+                }
             }
             out.records += 1;
         }
@@ -387,11 +419,7 @@ impl StateStore {
             if after == Some(&key[..]) {
                 continue;
             }
-            if key.len() < 5 {
-                return Err(StateError::Corrupt("user key shorter than 5 bytes".into()));
-            }
-            let partition = i32::from_be_bytes(key[1..5].try_into().expect("4 bytes"));
-            let user = String::from_utf8_lossy(&key[5..]).into_owned();
+            let (partition, user) = parse_user_key(&key)?;
             out.push(RawUser { key: key.to_vec(), partition, user, value: value.to_vec() });
         }
         Ok(out)
@@ -431,11 +459,7 @@ impl StateStore {
             if key.first() != Some(&USER_PREFIX) {
                 break;
             }
-            if key.len() < 5 {
-                return Err(StateError::Corrupt("user key shorter than 5 bytes".into()));
-            }
-            let partition = i32::from_be_bytes(key[1..5].try_into().expect("4 bytes"));
-            let user = String::from_utf8_lossy(&key[5..]).into_owned();
+            let (partition, user) = parse_user_key(&key)?;
             out.push((partition, user, UserState::decode(&value)?));
         }
         Ok(out)

@@ -1,7 +1,7 @@
 //! The RocksDB store: commits read back, changelog records applied or quarantined, states of
 //! another model refused or dropped, chunked iteration.
 
-use intentflow_state::changelog::{encode_offset, ChangelogKey, ModelPolicy};
+use intentflow_state::changelog::{encode_offset, ChangelogKey, ModelPolicy, RestoreTrack};
 use intentflow_state::{Loaded, StateError, StateStore, StoreOptions, UserState, STATE_ENCODING_VERSION};
 
 fn states(store: &StateStore, keys: &[(i32, &str)]) -> Vec<Option<UserState>> {
@@ -50,7 +50,7 @@ fn changelog_records_restore_states_and_offsets_and_a_cleared_partition_is_empty
     let (va, vb, off) = (a.encode(), b.encode(), encode_offset(40));
     // Two updates of alice (the later wins), a deletion of keep, the input offset.
     let records: Vec<(i64, &[u8], Option<&[u8]>)> = vec![(10, &ka, Some(&vb)), (11, &ka, Some(&va)), (12, &kb, None), (13, &ko, Some(&off))];
-    let applied = store.apply_changelog(1, records, 17, "m", ModelPolicy::Refuse).unwrap();
+    let applied = store.apply_changelog(1, records, 17, ("m", ModelPolicy::Refuse), &mut RestoreTrack::default()).unwrap();
     assert_eq!((applied.records, applied.quarantined.len(), applied.reset_users), (4, 0, 0));
     assert_eq!(states(&store, &[(1, "alice"), (1, "keep"), (2, "other")]), vec![Some(a.clone()), None, Some(b.clone())]);
     assert_eq!((store.offset("events", 1).unwrap(), store.changelog_offset(1).unwrap()), (Some(40), Some(17)));
@@ -86,36 +86,48 @@ fn bad_changelog_records_are_quarantined_and_their_users_start_fresh() {
         (3, &kg, Some(&vg)),
         (4, &ko, Some(b"short".as_slice())),
     ];
-    let applied = store.apply_changelog(0, records, 5, "m", ModelPolicy::Refuse).unwrap();
+    let mut track = RestoreTrack::default();
+    let applied = store.apply_changelog(0, records, 5, ("m", ModelPolicy::Refuse), &mut track).unwrap();
     let why: Vec<(i64, &str)> = applied.quarantined.iter().map(|q| (q.offset, q.error.kind())).collect();
     assert_eq!(why, [(0, "corrupt_state"), (1, "corrupt_state"), (2, "unsupported_state_version"), (4, "corrupt_state")]);
     assert_eq!(applied.quarantined[1].value, b"whatever", "the original bytes are kept for the dead-letter topic");
     assert!(applied.quarantined[2].error.to_string().contains(&format!("version {}", STATE_ENCODING_VERSION + 1)));
     assert_eq!(applied.records, 1);
     // The quarantined users start fresh; the good one is applied; the partition moved on.
-    assert_eq!(states(&store, &[(0, "junk"), (0, "future"), (0, "good")]), vec![None, None, Some(good)]);
+    assert_eq!(states(&store, &[(0, "junk"), (0, "future"), (0, "good")]), vec![None, None, Some(good.clone())]);
     assert_eq!((store.offset("events", 0).unwrap(), store.changelog_offset(0).unwrap()), (None, Some(5)));
+    // Their keys are to be tombstoned at the end of the restore, unless a later record settles one.
+    assert_eq!(track.tombstones(ModelPolicy::Refuse), [ko.clone(), kf.clone(), kj.clone(), b"zforeign-key".to_vec()]);
+    let later = good.encode();
+    store.apply_changelog(0, [(6, kj.as_slice(), Some(later.as_slice()))], 7, ("m", ModelPolicy::Refuse), &mut track).unwrap();
+    assert_eq!(track.tombstones(ModelPolicy::Refuse), [ko, kf, b"zforeign-key".to_vec()], "junk has a good state again");
 }
 
 #[test]
-fn states_of_another_model_are_refused_or_reset_per_user() {
+fn states_of_another_model_are_settled_by_the_last_record_of_their_user() {
     let dir = tempfile::tempdir().unwrap();
     let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
     let old = UserState { hidden: vec![0.5; 2], model_version: "gru-a".into(), ..Default::default() };
-    let key = ChangelogKey::User("u1").encode();
-    let value = old.encode();
-    let record = || vec![(7i64, key.as_slice(), Some(value.as_slice()))];
-    let err = store.apply_changelog(2, record(), 8, "gru-b", ModelPolicy::Refuse).unwrap_err();
-    assert!(
-        matches!(&err, StateError::ForeignModel { partition: 2, user, found, expected } if user == "u1" && found == "gru-a" && expected == "gru-b"),
-        "{err}"
-    );
-    assert_eq!(store.changelog_offset(2).unwrap(), None, "a refused run writes nothing");
-    store.commit([(2, "u1", &old)], [], []).unwrap();
-    let applied = store.apply_changelog(2, record(), 8, "gru-b", ModelPolicy::Reset).unwrap();
-    assert_eq!((applied.reset_users, applied.records), (1, 0));
-    assert_eq!(states(&store, &[(2, "u1")]), vec![None], "the other model's state is gone, locally too");
-    assert_eq!(store.changelog_offset(2).unwrap(), Some(8));
+    let new = UserState { hidden: vec![0.25; 2], model_version: "gru-b".into(), ..Default::default() };
+    let (k1, k2) = (ChangelogKey::User("u1").encode(), ChangelogKey::User("u2").encode());
+    let (vo, vn) = (old.encode(), new.encode());
+    // u1: old model, then the new one (a later record settles it); u2: old model only.
+    let records = || -> Vec<(i64, &[u8], Option<&[u8]>)> { vec![(7, &k1, Some(&vo)), (8, &k2, Some(&vo)), (9, &k1, Some(&vn))] };
+
+    let mut track = RestoreTrack::default();
+    store.apply_changelog(2, records(), 10, ("gru-b", ModelPolicy::Refuse), &mut track).unwrap();
+    let err = track.refusal(2, "gru-b").expect("u2 ends on another model's state");
+    assert!(matches!(&err, StateError::ForeignModel { partition: 2, user, found, expected } if user == "u2" && found == "gru-a" && expected == "gru-b"), "{err}");
+    assert_eq!(track.tombstones(ModelPolicy::Refuse), Vec::<Vec<u8>>::new(), "a refused state is kept, not deleted");
+    assert_eq!(states(&store, &[(2, "u1"), (2, "u2")]), vec![Some(new.clone()), Some(old)], "kept locally: loading it refuses again");
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+    let mut track = RestoreTrack::default();
+    let applied = store.apply_changelog(2, records(), 10, ("gru-b", ModelPolicy::Reset), &mut track).unwrap();
+    assert_eq!((applied.reset_users, applied.records), (2, 1));
+    assert_eq!(states(&store, &[(2, "u1"), (2, "u2")]), vec![Some(new), None], "u2 starts from zero");
+    assert_eq!(track.tombstones(ModelPolicy::Reset), [k2], "only u2's final state is of another model");
 }
 
 #[test]

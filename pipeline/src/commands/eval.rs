@@ -1,6 +1,7 @@
 //! `intentflow eval`: a model against its baselines on its held-out sessions.
 
 use super::{read_input, InputArgs};
+use intentflow_schemas::Limits;
 use anyhow::{Context, Result};
 use clap::Args;
 use intentflow_model::assess::{assess, Assessment};
@@ -73,7 +74,7 @@ fn print_table(a: &Assessment) {
 /// File failures, a model without baselines, or an input part without labelled events.
 pub fn eval_cmd(args: &EvalArgs) -> Result<()> {
     let model = IntentModel::load(&args.model_dir, &DeviceKind::Cpu.open()?)?;
-    let imported = read_input(&args.input)?;
+    let imported = read_input(&args.input, Limits::default())?;
     let part = match args.part {
         PartArg::Test => Part::Test,
         PartArg::Validation => Part::Validation,

@@ -16,6 +16,7 @@ use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use intentflow_formats::{Format, Imported};
+use intentflow_schemas::{EventDecoder, Limits};
 use std::path::{Path, PathBuf};
 
 /// `--format` values.
@@ -56,15 +57,15 @@ pub struct InputArgs {
     pub format: FormatArg,
 }
 
-/// Reads an input file in time order, with a progress bar over its bytes on a terminal for files
-/// over 8 MiB, and reports the rows skipped.
+/// Reads an input file in time order, validated under `limits` (the operator's), with a progress
+/// bar over its bytes on a terminal for files over 8 MiB, and reports the rows skipped.
 ///
 /// # Errors
 ///
 /// If the file cannot be read.
-pub fn read_input(args: &InputArgs) -> Result<Imported> {
+pub fn read_input(args: &InputArgs, limits: Limits) -> Result<Imported> {
     let path = &args.input;
-    let imported = intentflow_formats::read_events_with(path, args.format.into(), |file, size| {
+    let imported = intentflow_formats::read_events_with(path, args.format.into(), &EventDecoder::new(limits), |file, size| {
         if size > 8 << 20 && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             let bar = ProgressBar::new(size);
             bar.set_style(ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}").expect("valid template"));

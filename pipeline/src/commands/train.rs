@@ -1,6 +1,7 @@
 //! `intentflow train`: the GRU seed ensemble, its calibration and baselines from an event file.
 
 use super::{read_input, InputArgs};
+use intentflow_schemas::Limits;
 use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -160,7 +161,7 @@ fn epoch_line(member: usize, r: &EpochReport) -> String {
 /// File failures, or data without purchases to learn from.
 pub fn train_cmd(args: &TrainArgs) -> Result<()> {
     let cfg = args.config()?;
-    let imported = read_input(&args.input)?;
+    let imported = read_input(&args.input, Limits::default())?;
     eprintln!("training on {}: {}", args.input.input.display(), imported.summary());
     let device = DeviceKind::Cpu.open()?;
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new(cfg.members as u64) } else { ProgressBar::hidden() };

@@ -68,3 +68,23 @@ pub fn partition_count(clients: &KafkaClients, topic: &str) -> Result<Option<i32
         .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
         .map(|t| t.partitions().len() as i32))
 }
+
+/// The partition count of the input topics, which must be co-partitioned (each partition's
+/// users, states and changelog partition are shared by all of them); 4 for topics that do not
+/// exist yet (auto-created).
+///
+/// # Errors
+///
+/// Input topics with different partition counts, and an unreachable broker.
+pub fn input_partition_count(clients: &KafkaClients, topics: &[String]) -> Result<i32> {
+    let mut counts = Vec::with_capacity(topics.len());
+    for t in topics {
+        counts.push((t, partition_count(clients, t)?));
+    }
+    let known: Vec<i32> = counts.iter().filter_map(|(_, n)| *n).collect();
+    if known.windows(2).any(|w| w[0] != w[1]) {
+        let list: Vec<String> = counts.iter().map(|(t, n)| format!("{t}: {}", n.map_or("missing".into(), |n| n.to_string()))).collect();
+        bail!("input topics must be co-partitioned by user id (the same partition count), but they have {}", list.join(", "));
+    }
+    Ok(known.first().copied().unwrap_or(4))
+}

@@ -52,11 +52,15 @@ impl KafkaClients {
         cfg
     }
 
-    /// [`KafkaClients::base`] plus the consumer properties.
-    pub fn consumer_base(&self) -> ClientConfig {
+    /// The common and consumer properties, then `fixed`, which the caller relies on and the
+    /// configuration cannot override.
+    fn consumer_with(&self, fixed: &[(&str, &str)]) -> ClientConfig {
         let mut cfg = self.base();
         for (k, v) in &self.consumer {
             cfg.set(k, v);
+        }
+        for (k, v) in fixed {
+            cfg.set(*k, *v);
         }
         cfg
     }
@@ -64,9 +68,30 @@ impl KafkaClients {
     /// A consumer of assigned partitions that never commits: `group` only names it.
     /// `isolation` is `read_committed` or `read_uncommitted`.
     pub fn reader_config(&self, group: &str, isolation: &str) -> ClientConfig {
+        self.consumer_with(&[("group.id", group), ("enable.auto.commit", "false"), ("enable.auto.offset.store", "false"), ("isolation.level", isolation)])
+    }
+
+    /// The operator's group consumer: `read_committed`, offsets committed by the operator only
+    /// (in its transactions or after its batches), the eager assignors, and static membership
+    /// as `intentflow-<instance>` so that a restarted instance takes its partitions back without
+    /// a rebalance and a second process with the same id is fenced. Session and heartbeat
+    /// timings default to 10 s / 2 s and may be overridden in `[kafka.consumer]`.
+    pub fn group_consumer_config(&self, group: &str, instance: &str, offset_reset: &str) -> ClientConfig {
         let mut cfg = self.base();
-        cfg.set("group.id", group).set("enable.auto.commit", "false").set("enable.auto.offset.store", "false").set("isolation.level", isolation);
+        cfg.set("session.timeout.ms", "10000").set("heartbeat.interval.ms", "2000");
         for (k, v) in &self.consumer {
+            cfg.set(k, v);
+        }
+        let member = format!("intentflow-{instance}");
+        for (k, v) in [
+            ("group.id", group),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", offset_reset),
+            ("isolation.level", "read_committed"),
+            ("partition.assignment.strategy", "range,roundrobin"),
+            ("group.instance.id", member.as_str()),
+        ] {
             cfg.set(k, v);
         }
         cfg
@@ -82,7 +107,9 @@ impl KafkaClients {
     }
 
     /// An idempotent producer tuned for throughput with bounded latency; `extra` (such as a
-    /// transactional id) is applied last.
+    /// transactional id) is applied last. Transactional settings of `[kafka.producer]` are left
+    /// to the one producer that asks for them in `extra`: the others (dead letters, replays,
+    /// imports) produce without transactions.
     ///
     /// # Errors
     ///
@@ -95,7 +122,7 @@ impl KafkaClients {
             .set("compression.type", "lz4")
             .set("queue.buffering.max.messages", "500000")
             .set("message.timeout.ms", "120000");
-        for (k, v) in &self.producer {
+        for (k, v) in self.producer.iter().filter(|(k, _)| !matches!(k.as_str(), "transactional.id" | "transaction.timeout.ms")) {
             cfg.set(k, v);
         }
         for (k, v) in extra {

@@ -30,7 +30,7 @@ pub use range::{resolve, Bound, PartitionEnds};
 use crate::config::{parse_device, KafkaArgs, RunConfig};
 use crate::kafka::{admin, KafkaClients};
 use crate::output::Output;
-use crate::state_dir::{ReplayStatus, StateDir};
+use crate::state_dir::{ReplaySource, ReplayStatus, StateDir};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use intentflow_model::{DeviceKind, IntentModel};
@@ -219,7 +219,13 @@ pub async fn replay(job: &ReplayJob) -> Result<ReplaySummary> {
     let started = Instant::now();
     let model = IntentModel::load(&job.model_dir, &job.device.open()?)?;
     tracing::info!(version = model.version(), "model loaded");
-    let operator = IntentOperator::new(model);
+    let source = match job.inputs {
+        Inputs::Topics(_) => ReplaySource::Topics,
+        Inputs::Files(_) => ReplaySource::Files,
+    };
+    // A file row's position is no Kafka offset, and file names repeat across directories: no
+    // fences from files.
+    let operator = IntentOperator::new(model).with_fencing(source == ReplaySource::Topics);
     let store = dir.open_store(StoreOptions::bulk())?;
     StateDir::adopt_model(&store, operator.model().version(), ModelPolicy::Refuse)?;
 
@@ -229,7 +235,7 @@ pub async fn replay(job: &ReplayJob) -> Result<ReplaySummary> {
         Target::Discard => Output::Discard,
         Target::Topic(topic) => {
             let partitions = match &job.inputs {
-                Inputs::Topics(t) => admin::partition_count(&job.clients, &t[0])?.unwrap_or(4),
+                Inputs::Topics(t) => admin::input_partition_count(&job.clients, t)?,
                 Inputs::Files(_) => 4,
             };
             admin::ensure_topic(&job.clients, topic, partitions).await?;
@@ -238,7 +244,7 @@ pub async fn replay(job: &ReplayJob) -> Result<ReplaySummary> {
         }
     };
     let mut summary = ReplaySummary::default();
-    let mut scorer = Scorer { operator: &operator, store: &store, summary: &mut summary, dir: &dir, writing: false };
+    let mut scorer = Scorer { operator: &operator, store: &store, summary: &mut summary, dir: &dir, source, writing: false };
     match &job.inputs {
         Inputs::Topics(topics) => topics::replay_topics(job, topics, &job.from, &job.to, &mut scorer, &mut output).await?,
         Inputs::Files(inputs) => {
@@ -253,7 +259,7 @@ pub async fn replay(job: &ReplayJob) -> Result<ReplaySummary> {
     }
     output.finish().await?;
     store.flush()?;
-    dir.mark_replay(operator.model().version(), ReplayStatus::Complete)?;
+    dir.mark_replay(operator.model().version(), source, ReplayStatus::Complete)?;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -264,6 +270,7 @@ pub struct Scorer<'a> {
     store: &'a StateStore,
     summary: &'a mut ReplaySummary,
     dir: &'a StateDir,
+    source: ReplaySource,
     /// Whether states have been written (and the marker says `running`).
     writing: bool,
 }
@@ -278,7 +285,7 @@ impl Scorer<'_> {
     /// Marker, scoring and state errors.
     pub fn score<'o>(&mut self, events: &[PositionedEvent], next: impl IntoIterator<Item = (&'o str, i32, i64)>) -> Result<Vec<ScoredIntent>> {
         if !self.writing {
-            self.dir.mark_replay(self.operator.model().version(), ReplayStatus::Running)?;
+            self.dir.mark_replay(self.operator.model().version(), self.source, ReplayStatus::Running)?;
             self.writing = true;
         }
         let out = self.operator.process(events, self.store, EmittedAt::EventTime)?;

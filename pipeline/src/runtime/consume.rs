@@ -2,7 +2,8 @@
 //! after an aborted transaction, and reporting offsets lost to retention.
 
 use super::inputs::InputOrder;
-use super::{offsets, RebalanceContext};
+use super::RebalanceContext;
+use crate::offsets;
 use crate::config::OffsetReset;
 use anyhow::{bail, Result};
 use rdkafka::consumer::{Consumer, StreamConsumer};

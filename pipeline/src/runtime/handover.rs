@@ -15,14 +15,12 @@
 //! every replayed state carries its fences, so even an instance that restored a half-sent
 //! hand-over would not apply a replayed event to a state twice.
 
-use super::sink::{changelog_positions, offsets_tpl, BatchSink};
+use super::sink::{changelog_positions, keep_highest, offsets_tpl, BatchSink};
 use super::RebalanceContext;
-use crate::kafka::DeliveryWindow;
-use crate::state_dir::StateDir;
-use anyhow::{Context, Result};
+use crate::state_dir::{ReplaySource, StateDir};
+use anyhow::{bail, Context, Result};
 use intentflow_state::StateStore;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::producer::Producer;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -36,6 +34,7 @@ const PROGRESS: &str = "handover";
 ///
 /// # Errors
 ///
+/// A file replay's state with partitioned inputs (its users are not keyed by input partition),
 /// Kafka and RocksDB errors; the hand-over resumes on the next start.
 pub async fn hand_over(
     sink: &BatchSink<'_>,
@@ -45,6 +44,14 @@ pub async fn hand_over(
     input_topics: &[String],
     partitions: i32,
 ) -> Result<()> {
+    if dir.replay_source()? == Some(ReplaySource::Files) && partitions > 1 {
+        bail!(
+            "{} holds a replay of event files, whose users are keyed by file, not by the {partitions} partitions of {input_topics:?}: \
+             it cannot go live. Load the files into the input topic (intentflow import --topic … --event-time) and replay the topic \
+             into a fresh state directory instead",
+            dir.path().display()
+        );
+    }
     let started = Instant::now();
     let mut after = store.meta(PROGRESS)?;
     if after.is_some() {
@@ -56,22 +63,12 @@ pub async fn hand_over(
         let chunk = store.users_after(after.as_deref(), CHUNK_USERS)?;
         let Some(last) = chunk.last() else { break };
         let last_key = last.key.clone();
-        if sink.exactly_once {
-            sink.producer.begin_transaction().context("beginning a hand-over transaction")?;
-        }
-        let mut window = DeliveryWindow::new(sink.producer, 100_000);
+        sink.begin()?;
+        let mut window = sink.window();
         sink.send_users(&mut window, chunk.iter().map(|u| (u.partition, u.user.as_str(), u.value.as_slice()))).await?;
         window.finish().await?;
-        if sink.exactly_once {
-            tokio::task::block_in_place(|| {
-                let _watch = sink.watchdog.watch();
-                super::sink::retrying("committing a hand-over transaction", || sink.producer.commit_transaction(super::sink::TXN_TIMEOUT))
-            })?;
-        }
-        for (p, o) in window.tracked() {
-            let top = changelog_next.entry(*p).or_insert(*o);
-            *top = (*top).max(*o);
-        }
+        sink.commit(None).context("committing a hand-over chunk")?;
+        keep_highest(&mut changelog_next, window.tracked());
         store.set_meta(PROGRESS, Some(&last_key))?;
         users += chunk.len() as u64;
         chunks += 1;
@@ -92,25 +89,22 @@ pub async fn hand_over(
         }
     }
     let tpl = offsets_tpl(&next)?;
-    if sink.exactly_once {
-        sink.producer.begin_transaction().context("beginning the hand-over's offset transaction")?;
-    }
-    let mut window = DeliveryWindow::new(sink.producer, 100_000);
+    sink.begin()?;
+    let mut window = sink.window();
     sink.send_offsets(&mut window, &next).await?;
     window.finish().await?;
     if sink.exactly_once {
-        sink.commit_transaction(consumer, &tpl)?;
+        sink.commit(Some((consumer, &tpl)))?;
     } else {
         consumer.commit(&tpl, CommitMode::Sync).context("committing the replay's offsets")?;
     }
-    for (p, o) in window.tracked() {
-        let top = changelog_next.entry(*p).or_insert(*o);
-        *top = (*top).max(*o);
-    }
+    keep_highest(&mut changelog_next, window.tracked());
     // The local store already holds the states: record that it reflects the changelog so far.
     store.commit_encoded([], [], changelog_positions(&changelog_next))?;
-    store.set_meta(PROGRESS, None)?;
+    // Adopted first, then the progress forgotten: a crash in between leaves an adopted
+    // directory with a stale key, never a replay that hands everything over again.
     dir.mark_adopted()?;
+    store.set_meta(PROGRESS, None)?;
     tracing::info!(
         users,
         chunks,

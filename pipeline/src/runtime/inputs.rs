@@ -4,9 +4,12 @@
 //! order. With several, [`InputOrder`] holds each partition's records in a
 //! [`TopicMerge`] and releases them in `(timestamp, topic index, offset)` order, the order a
 //! replay of the same ranges uses. A topic counts as having nothing more to give when the
-//! consumer's position has reached its high watermark as last seen by librdkafka (no request
-//! needed); a partition held back for longer than `max_task_idle_ms` by a topic that is not at
-//! its end (an open transaction, a slow fetch) is released anyway and logged.
+//! consumer's position (or, before anything of it was consumed, where the store says it stands)
+//! has reached its high watermark as last seen by librdkafka (no request needed). A partition held
+//! back for longer than `max_task_idle_ms` by a topic that is not at its end (an open
+//! transaction, a slow fetch), or holding more than its cap of buffered records (one topic far
+//! behind the other in time), is released anyway and logged: memory stays bounded, at the cost of
+//! the replay order in those cases only.
 
 use intentflow_operators::merge::TopicMerge;
 use rdkafka::consumer::Consumer;
@@ -21,13 +24,21 @@ pub struct InputOrder<'c> {
     merges: BTreeMap<i32, TopicMerge<BorrowedMessage<'c>>>,
     blocked_since: BTreeMap<i32, Instant>,
     idle: Duration,
+    /// Most records buffered per partition.
+    cap: usize,
 }
 
 impl<'c> InputOrder<'c> {
     /// The order of `topics` (in configured order), or `None` for a single topic, whose records
-    /// need no merging.
-    pub fn new(topics: &[String], idle: Duration) -> Option<InputOrder<'c>> {
-        (topics.len() > 1).then(|| InputOrder { topics: topics.to_vec(), merges: BTreeMap::new(), blocked_since: BTreeMap::new(), idle })
+    /// need no merging. A partition buffers at most four batches (and at least 10,000 records).
+    pub fn new(topics: &[String], idle: Duration, max_batch_records: usize) -> Option<InputOrder<'c>> {
+        (topics.len() > 1).then(|| InputOrder {
+            topics: topics.to_vec(),
+            merges: BTreeMap::new(),
+            blocked_since: BTreeMap::new(),
+            idle,
+            cap: (4 * max_batch_records).max(10_000),
+        })
     }
 
     /// Buffers a consumed record.
@@ -41,34 +52,48 @@ impl<'c> InputOrder<'c> {
     }
 
     /// Moves the records that may be processed now to `out`, in merge order per partition.
-    pub fn release<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(&mut self, consumer: &C, out: &mut Vec<BorrowedMessage<'c>>) {
+    /// `stored_next(topic, partition)` is the offset the store says a topic-partition continues
+    /// from, for topics whose consumer position is not known yet.
+    pub fn release<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
+        &mut self,
+        consumer: &C,
+        stored_next: impl Fn(&str, i32) -> Option<i64>,
+        out: &mut Vec<BorrowedMessage<'c>>,
+    ) {
         let positions = consumer.position().ok();
         let now = Instant::now();
         for (partition, merge) in &mut self.merges {
-            let at_end = |t: usize| {
-                let topic = &self.topics[t];
-                let position = positions.as_ref().and_then(|tpl| tpl.find_partition(topic, *partition)).and_then(|e| e.offset().to_raw());
-                matches!((position, cached_high_watermark(consumer, topic, *partition)), (Some(pos), Some(high)) if pos >= high)
+            if merge.is_empty() {
+                continue;
+            }
+            // Once per partition, not per record: where each topic stands against its end.
+            let at_end: Vec<bool> = self
+                .topics
+                .iter()
+                .map(|topic| {
+                    let position = positions.as_ref().and_then(|tpl| tpl.find_partition(topic, *partition)).and_then(|e| e.offset().to_raw()).filter(|p| *p >= 0);
+                    let position = position.or_else(|| stored_next(topic, *partition));
+                    matches!((position, cached_high_watermark(consumer, topic, *partition)), (Some(pos), Some(high)) if pos >= high)
+                })
+                .collect();
+            merge.release(|t| at_end[t], out);
+            let Some(topic) = merge.blocked_on(|t| at_end[t]) else {
+                self.blocked_since.remove(partition);
+                continue;
             };
-            merge.release(&at_end, out);
-            match merge.blocked_on(&at_end) {
-                None => {
-                    self.blocked_since.remove(partition);
-                }
-                Some(topic) => {
-                    let since = *self.blocked_since.entry(*partition).or_insert(now);
-                    if now.duration_since(since) >= self.idle {
-                        let released = merge.release_all(out);
-                        tracing::warn!(
-                            partition,
-                            waiting_for = %self.topics[topic],
-                            released,
-                            idle_ms = self.idle.as_millis() as u64,
-                            "released records without waiting any longer for a co-partitioned topic that is not at its end"
-                        );
-                        self.blocked_since.remove(partition);
-                    }
-                }
+            let since = *self.blocked_since.entry(*partition).or_insert(now);
+            let (waited, full) = (now.duration_since(since) >= self.idle, merge.len() > self.cap);
+            if waited || full {
+                let released = merge.release_all(out);
+                tracing::warn!(
+                    partition,
+                    waiting_for = %self.topics[topic],
+                    released,
+                    idle_ms = self.idle.as_millis() as u64,
+                    over_cap = full,
+                    "released records without waiting any longer for a co-partitioned topic that is not at its end"
+                );
+                self.blocked_since.remove(partition);
             }
         }
     }

@@ -7,7 +7,7 @@
 //!    assignment re-reads it from the committed offsets); with several input topics, records
 //!    pass through [`inputs::InputOrder`] so that a partition's topics are applied in the order a
 //!    replay uses;
-//! 2. drop records the state store already reflects (see [`offsets::already_applied`]);
+//! 2. drop records the state store already reflects (see [`crate::offsets::already_applied`]);
 //! 3. decode, then score with [`IntentOperator::process`] (waves of batched GRU steps; events a
 //!    user's state has already applied are skipped by its fences);
 //! 4. send every intent, every dead letter, and per touched partition the users' latest states
@@ -30,29 +30,27 @@
 //! On SIGTERM/SIGINT the loop finishes the batch in hand, commits it and returns.
 //!
 //! The other modules: [`startup`] opens everything, [`handover`] adopts a replayed state,
-//! [`dlq`] names what goes to the dead-letter topic, [`watchdog`] ends a process stuck in a
-//! transaction call, [`offsets`] holds the offset decisions as pure functions, and `consume`
-//! what the loop does with the consumer (collecting, rewinding, reporting gaps).
+//! [`watchdog`] ends a process stuck in a transaction call, and `consume` is what the loop does
+//! with the consumer (collecting, rewinding, reporting gaps). What goes to the dead-letter topic
+//! is named in [`crate::dlq`]; the offset decisions are pure functions in [`crate::offsets`].
 
 mod consume;
-pub mod dlq;
 pub mod handover;
 pub mod inputs;
-pub mod offsets;
 pub mod rebalance;
 pub mod restore;
 pub mod sink;
 pub mod startup;
 pub mod watchdog;
 
-pub use dlq::{DLQ_ERROR_KIND, DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION, DLQ_SOURCE_TIMESTAMP, DLQ_SOURCE_TOPIC};
 pub use rebalance::RebalanceContext;
 
 use crate::config::RunConfig;
 use crate::telemetry::{BatchMetrics, BatchStats, Health, Phase};
 use anyhow::{bail, Result};
 use consume::{collect, report_gap, rewind};
-use dlq::QuarantinedState;
+use crate::dlq::{self, QuarantinedState};
+use crate::offsets;
 use inputs::InputOrder;
 use intentflow_operators::{decode::decode_batch, EmittedAt, SourceRecord};
 use intentflow_schemas::EventDecoder;
@@ -130,6 +128,8 @@ struct BatchLoop<'s> {
     metrics: BatchMetrics,
     invalid_states: metrics::Counter,
     applied: offsets::AppliedOffsets,
+    /// The assignment generation the loop's buffers belong to.
+    generation: u64,
     summary: RunSummary,
     aborts_in_a_row: u32,
 }
@@ -143,20 +143,22 @@ impl<'s> BatchLoop<'s> {
             metrics: BatchMetrics::default(),
             invalid_states: crate::telemetry::state_records_invalid("store"),
             applied: offsets::AppliedOffsets::default(),
+            generation: 0,
             summary: RunSummary::default(),
             aborts_in_a_row: 0,
         }
     }
 
     async fn run(mut self, shutdown: &mut watch::Receiver<bool>, restores: &mut tokio::sync::mpsc::UnboundedReceiver<RestoreDone>) -> Result<RunSummary> {
-        let (s, cfg) = (self.s, &self.s.cfg);
+        let s = self.s;
+        let cfg = &s.cfg;
         let consumer = &s.consumer;
         let ctx = consumer.context();
         let interval = Duration::from_millis(cfg.commit_interval_ms);
-        let mut order = InputOrder::new(&cfg.input_topics, Duration::from_millis(cfg.max_task_idle_ms));
+        let mut order = InputOrder::new(&cfg.input_topics, Duration::from_millis(cfg.max_task_idle_ms), cfg.max_batch_records);
         loop {
-            let start_generation = ctx.generation();
-            let mut generation = start_generation;
+            let mut generation = ctx.generation();
+            self.follow_generation(generation, order.as_mut());
             let first = tokio::select! {
                 biased;
                 () = stopped(shutdown) => break,
@@ -178,26 +180,20 @@ impl<'s> BatchLoop<'s> {
                     }
                 }
             }
-            let now = ctx.generation();
-            if now != generation {
+            if ctx.generation() != generation {
                 tracing::info!(dropped = fetched.len(), "rebalance while collecting: records left to the new assignment");
-                fetched.clear();
-                generation = now;
+                continue;
             }
-            if generation != start_generation {
-                // A rebalance restored partitions: what the store reflects may have moved, and
-                // buffered records belong to the old assignment.
-                self.applied.clear();
-                if let Some(o) = &mut order {
-                    o.clear();
-                }
-            }
+            // A rebalance during the collection (the records kept are of the new assignment).
+            self.follow_generation(generation, order.as_mut());
             let batch = match &mut order {
                 None => fetched,
                 Some(o) => {
                     fetched.into_iter().for_each(|m| o.push(m));
                     let mut released = Vec::with_capacity(cfg.max_batch_records);
-                    o.release(consumer, &mut released);
+                    // A topic whose consumer position is not known yet (nothing consumed since the
+                    // assignment) is where the store says its partition stands.
+                    o.release(consumer, |t, p| s.store.offset(t, p).ok().flatten(), &mut released);
                     released
                 }
             };
@@ -210,25 +206,47 @@ impl<'s> BatchLoop<'s> {
         Ok(self.summary)
     }
 
+    /// Forgets what belongs to an earlier assignment when a rebalance happened since the loop's
+    /// buffers were filled (maybe while a restore report won the loop's select): what the store
+    /// reflects may have moved, and buffered records belong to the old assignment (the new one
+    /// reads them again from the committed offsets).
+    fn follow_generation(&mut self, generation: u64, order: Option<&mut InputOrder<'_>>) {
+        if generation != self.generation {
+            self.applied.clear();
+            if let Some(o) = order {
+                o.clear();
+            }
+            self.generation = generation;
+        }
+    }
+
     /// A restore reported back: resume its partition, or stop when it failed.
     fn restored(&self, consumer: &StreamConsumer<RebalanceContext>, done: RestoreDone) -> Result<()> {
         let RestoreDone { partition, generation, result } = done;
+        if generation != consumer.context().generation() {
+            // The partition was revoked meanwhile; its next owner restores it again.
+            if let Err(e) = result {
+                tracing::warn!(partition, error = format!("{e:#}"), "a restore of an earlier assignment failed");
+            }
+            return Ok(());
+        }
         let r = match result {
             Ok(r) => r,
             Err(e) => bail!("restoring partition {partition} from changelog {} failed: {e:#}", self.s.changelog),
         };
         let Some(tpl) = consumer.context().restored(partition, generation) else {
-            tracing::debug!(partition, "a restore of an earlier assignment finished");
             return Ok(());
         };
         consumer.resume(&tpl)?;
         metrics::counter!("intentflow_restored_records_total").increment(r.records);
+        metrics::counter!("intentflow_state_resets_total", "reason" => "foreign_model").increment(r.reset_users);
         metrics::histogram!("intentflow_restore_seconds").record(r.seconds);
         tracing::info!(
             partition = r.partition,
             records = r.records,
             quarantined = r.quarantined,
             reset_users = r.reset_users,
+            tombstones = r.tombstones,
             changelog_offset = r.changelog_offset,
             seconds = r.seconds,
             rate = (r.records as f64 / r.seconds.max(1e-9)).round(),
@@ -243,7 +261,8 @@ impl<'s> BatchLoop<'s> {
 
     /// Processes one batch: steps 2–6 of the module docs.
     async fn process(&mut self, batch: &[BorrowedMessage<'_>], order: Option<&mut InputOrder<'_>>) -> Result<()> {
-        let (s, cfg) = (self.s, &self.s.cfg);
+        let s = self.s;
+        let cfg = &s.cfg;
         let consumer = &s.consumer;
         let started = Instant::now();
         let mut stats = BatchStats { records: batch.len() as u64, ..Default::default() };

@@ -13,28 +13,34 @@
 //! offsets, which the restored states reflect exactly (see `intentflow_state::changelog`).
 //!
 //! A changelog record that cannot be used — it does not decode, names no known key, or uses a
-//! newer encoding — is quarantined to the dead-letter topic and its user starts fresh; a state
-//! of another model is refused or dropped per the configured policy. Neither stops the partition
-//! (a refusal stops the operator, by the user's choice).
+//! newer encoding — is quarantined to the dead-letter topic and its user starts fresh; a
+//! partition whose users end on another model's state is refused or those users dropped, per
+//! the configured policy. Neither stops the partition (a refusal stops the operator, by the
+//! user's choice). Keys that end on a quarantined or dropped record get a tombstone after the
+//! restored range, so the changelog converges to the store once compacted (until then a full
+//! restore meets, and reports, the same records again). At most four partitions restore at once.
 
-use super::dlq::QuarantinedState;
+use crate::dlq::QuarantinedState;
+use crate::kafka::read::RangeReader;
 use crate::kafka::KafkaClients;
 use crate::telemetry::Health;
 use anyhow::{bail, Context, Result};
-use intentflow_state::changelog::{plan_restore, ModelPolicy, RestorePlan};
+use intentflow_state::changelog::{plan_restore, ModelPolicy, RestorePlan, RestoreTrack};
 use intentflow_state::StateStore;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// Records applied to RocksDB per atomic write while restoring.
 const CHUNK: usize = 20_000;
+/// Restores that run at once; the others wait their turn (each holds two Kafka clients and a
+/// thread, and an eager rebalance restores every assigned partition).
+const CONCURRENT_RESTORES: usize = 4;
 
 /// What restoring one partition did.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,12 +55,13 @@ pub struct Restored {
     pub quarantined: u64,
     /// States of another model dropped.
     pub reset_users: u64,
+    /// Tombstones written so that the changelog agrees with the store.
+    pub tombstones: u64,
     /// The changelog offset the store now reflects.
     pub changelog_offset: i64,
-    /// Wall time of the restore.
+    /// Wall time of the restore (a restore cut short because its partition was revoked stops
+    /// at a chunk boundary and reports what it did).
     pub seconds: f64,
-    /// The partition was revoked before the restore finished: it stopped at a chunk boundary.
-    pub cancelled: bool,
 }
 
 /// A finished restore, for the batch loop.
@@ -76,13 +83,15 @@ pub struct Restorer {
     model: String,
     policy: ModelPolicy,
     dlq_topic: String,
-    /// A plain (non-transactional) producer for quarantined records.
-    dlq: FutureProducer,
+    /// A plain (non-transactional) producer for quarantined records and tombstones.
+    producer: FutureProducer,
     health: Arc<Health>,
     runtime: tokio::runtime::Handle,
     /// One lock per partition: a partition revoked and assigned again while its first restore
     /// still runs is restored by one thread at a time.
     locks: Mutex<HashMap<i32, Arc<Mutex<()>>>>,
+    /// Restores running now, at most [`CONCURRENT_RESTORES`].
+    running: (Mutex<usize>, Condvar),
     invalid: metrics::Counter,
 }
 
@@ -110,10 +119,10 @@ impl Restorer {
     ///
     /// # Errors
     ///
-    /// If the dead-letter producer cannot be created.
+    /// If the producer cannot be created.
     pub fn new(cfg: RestorerConfig) -> Result<Restorer> {
         Ok(Restorer {
-            dlq: cfg.clients.producer(&[])?,
+            producer: cfg.clients.producer(&[])?,
             clients: cfg.clients,
             topic: cfg.topic,
             store: cfg.store,
@@ -123,23 +132,45 @@ impl Restorer {
             health: cfg.health,
             runtime: tokio::runtime::Handle::current(),
             locks: Mutex::new(HashMap::new()),
+            running: (Mutex::new(0), Condvar::new()),
             invalid: crate::telemetry::state_records_invalid("changelog"),
         })
     }
 
-    /// Restores `partition` on a thread of its own and reports to `done`. The restore stops
-    /// early (at a chunk boundary) once `current` has moved past `generation`: the partition was
-    /// revoked.
+    /// Restores `partition` on a thread of its own and reports to `done`, whatever happens (a
+    /// panic is reported as an error). The restore stops early (at a chunk boundary) once
+    /// `current` has moved past `generation`: the partition was revoked.
     pub fn spawn(self: &Arc<Self>, partition: i32, generation: u64, current: Arc<AtomicU64>, done: UnboundedSender<RestoreDone>) {
         let me = self.clone();
+        let report = done.clone();
         let spawned = std::thread::Builder::new().name(format!("restore-{partition}")).spawn(move || {
-            let result = me.restore(partition, || current.load(Ordering::SeqCst) != generation);
+            let _turn = me.turn();
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.restore(partition, || current.load(Ordering::SeqCst) != generation)))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the restore thread of partition {partition} panicked")));
             // The loop may have stopped meanwhile; then nobody needs the answer.
             let _ = done.send(RestoreDone { partition, generation, result });
         });
         if let Err(e) = spawned {
-            tracing::error!(partition, error = %e, "cannot start a restore thread");
+            let _ = report.send(RestoreDone { partition, generation, result: Err(anyhow::anyhow!("cannot start a restore thread: {e}")) });
         }
+    }
+
+    /// Waits for a free restore slot; the slot is given back when the guard drops.
+    fn turn(&self) -> impl Drop + '_ {
+        struct Turn<'r>(&'r (Mutex<usize>, Condvar));
+        impl Drop for Turn<'_> {
+            fn drop(&mut self) {
+                *self.0 .0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) -= 1;
+                self.0 .1.notify_one();
+            }
+        }
+        let (count, freed) = &self.running;
+        let mut n = count.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *n >= CONCURRENT_RESTORES {
+            n = freed.wait(n).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *n += 1;
+        Turn(&self.running)
     }
 
     fn consumer(&self, isolation: &str) -> Result<BaseConsumer> {
@@ -152,11 +183,11 @@ impl Restorer {
     ///
     /// # Errors
     ///
-    /// Kafka errors, RocksDB errors, and a state of another model under
+    /// Kafka errors, RocksDB errors, and a partition that ends on another model's state under
     /// [`ModelPolicy::Refuse`].
     pub fn restore(&self, partition: i32, cancelled: impl Fn() -> bool) -> Result<Restored> {
-        let lock = self.locks.lock().expect("restore locks").entry(partition).or_default().clone();
-        let _one_at_a_time = lock.lock().expect("partition restore lock");
+        let lock = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(partition).or_default().clone();
+        let _one_at_a_time = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let started = Instant::now();
         // Watermarks from a read_uncommitted client: the high watermark, past any open transaction.
         let (low, high) = self
@@ -171,9 +202,9 @@ impl Restorer {
             records: 0,
             quarantined: 0,
             reset_users: 0,
+            tombstones: 0,
             changelog_offset: local.unwrap_or(high),
             seconds: 0.0,
-            cancelled: false,
         };
         let from = match &plan {
             RestorePlan::UpToDate => {
@@ -187,41 +218,60 @@ impl Restorer {
                 *from
             }
         };
+        let mut track = RestoreTrack::default();
+        if from >= high {
+            // Nothing to read (an empty changelog after a rebuild): the store reflects its end.
+            self.store.apply_changelog(partition, [], high, (&self.model, self.policy), &mut track)?;
+            done.changelog_offset = high;
+            done.seconds = started.elapsed().as_secs_f64();
+            return Ok(done);
+        }
 
         let consumer = self.consumer("read_committed")?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.topic, partition, Offset::Offset(from))?;
-        consumer.assign(&tpl)?;
-        let mut chunk: Vec<(i64, Vec<u8>, Option<Vec<u8>>)> = Vec::with_capacity(CHUNK);
+        let topics = [self.topic.clone()];
+        // Reaching the high watermark, not just the last stable offset, waits out a transaction
+        // that a crashed instance left open.
+        let mut reader = RangeReader::new(&consumer, &topics, partition, &[(from, high)])?;
+        let mut chunk: Vec<OwnedMessage> = Vec::with_capacity(CHUNK);
         loop {
-            let next = crate::kafka::read::read_range(&consumer, &self.topic, partition, high, CHUNK, |m| {
-                chunk.push((m.offset(), m.key().unwrap_or_default().to_vec(), m.payload().map(<[u8]>::to_vec)));
-                Ok(())
-            })
-            .with_context(|| format!("restoring changelog {}/{partition}", self.topic))?;
-            let reached = next.unwrap_or_else(|| chunk.last().map_or(from, |(o, ..)| o + 1));
-            self.apply(partition, &mut chunk, reached, &mut done)?;
+            reader.next_batch(CHUNK, &mut chunk).with_context(|| format!("restoring changelog {}/{partition}", self.topic))?;
+            // Everything read so far is applied: the chunk's end is where the reader stands.
+            let reached = if reader.done() { high } else { reader.positions()[0] };
+            self.apply(partition, &chunk, reached, &mut track, &mut done)?;
+            chunk.clear();
             done.changelog_offset = reached;
             self.health.restoring(partition, done.records);
             fail::fail_point!("restore-chunk");
-            if next.is_some() {
+            if reader.done() {
                 break;
             }
             if cancelled() {
-                done.cancelled = true;
-                break;
+                done.seconds = started.elapsed().as_secs_f64();
+                return Ok(done);
             }
+        }
+        if self.policy == ModelPolicy::Refuse {
+            if let Some(e) = track.refusal(partition, &self.model) {
+                return Err(e.into());
+            }
+        }
+        done.reset_users = track.foreign.len() as u64;
+        for key in track.tombstones(self.policy) {
+            // After the restored range: the changelog then agrees with the store once compacted.
+            let record = FutureRecord::<[u8], [u8]>::to(&self.topic).partition(partition).key(key.as_slice());
+            if let Err((e, _)) = self.runtime.block_on(self.producer.send(record, Duration::from_secs(30))) {
+                bail!("writing a tombstone to changelog {}/{partition}: {e}", self.topic);
+            }
+            done.tombstones += 1;
         }
         done.seconds = started.elapsed().as_secs_f64();
         Ok(done)
     }
 
-    fn apply(&self, partition: i32, chunk: &mut Vec<(i64, Vec<u8>, Option<Vec<u8>>)>, next: i64, done: &mut Restored) -> Result<()> {
-        let records = chunk.iter().map(|(o, k, v)| (*o, k.as_slice(), v.as_deref()));
-        let applied = self.store.apply_changelog(partition, records, next, &self.model, self.policy)?;
-        chunk.clear();
+    fn apply(&self, partition: i32, chunk: &[OwnedMessage], next: i64, track: &mut RestoreTrack, done: &mut Restored) -> Result<()> {
+        let records = chunk.iter().map(|m| (m.offset(), m.key().unwrap_or_default(), m.payload()));
+        let applied = self.store.apply_changelog(partition, records, next, (&self.model, self.policy), track)?;
         done.records += applied.records as u64;
-        done.reset_users += applied.reset_users as u64;
         for q in applied.quarantined {
             let q = QuarantinedState {
                 topic: self.topic.clone(),
@@ -234,8 +284,7 @@ impl Restorer {
             };
             q.report(&self.invalid);
             let record = FutureRecord::to(&self.dlq_topic).key(&q.key).payload(&q.value).headers(q.headers());
-            let delivery = self.runtime.block_on(self.dlq.send(record, Duration::from_secs(30)));
-            if let Err((e, _)) = delivery {
+            if let Err((e, _)) = self.runtime.block_on(self.producer.send(record, Duration::from_secs(30))) {
                 bail!("sending a quarantined changelog record of partition {partition} to {}: {e}", self.dlq_topic);
             }
             done.quarantined += 1;

@@ -13,7 +13,7 @@ use super::watchdog::Watchdog;
 use super::RebalanceContext;
 use crate::kafka::DeliveryWindow;
 use anyhow::{Context, Result};
-use intentflow_operators::{encode::encode_intent, BatchOutput, Rejected};
+use intentflow_operators::{encode::encode_intent_into, BatchOutput, Rejected};
 use intentflow_state::changelog::{encode_offset, ChangelogKey};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, Producer};
@@ -53,7 +53,7 @@ pub struct BatchRecords<'b> {
     /// Input records that failed validation.
     pub rejected: &'b [Rejected],
     /// State records that could not be used.
-    pub quarantined: &'b [super::dlq::QuarantinedState],
+    pub quarantined: &'b [crate::dlq::QuarantinedState],
     /// The next input offset per topic-partition the batch read.
     pub next: &'b BTreeMap<(String, i32), i64>,
 }
@@ -68,20 +68,18 @@ impl BatchSink<'_> {
     /// A failed delivery or transaction call; under exactly-once nothing of the batch is then
     /// visible once the caller aborts.
     pub async fn send(&self, consumer: &StreamConsumer<RebalanceContext>, batch: &BatchRecords<'_>, tpl: &TopicPartitionList) -> Result<BTreeMap<i32, i64>> {
-        if self.exactly_once {
-            self.producer.begin_transaction().context("beginning a transaction")?;
-        }
-        let mut window = DeliveryWindow::new(self.producer, WINDOW);
+        self.begin()?;
+        let mut window = self.window();
         let mut buf = Vec::with_capacity(512);
         for intent in &batch.out.intents {
             buf.clear();
-            buf.extend_from_slice(&encode_intent(intent));
+            encode_intent_into(intent, &mut buf);
             window.send(self.output_topic, intent.user_id.as_bytes(), &buf).await?;
         }
         for r in batch.rejected {
             let key = format!("{}/{}", r.source.topic, r.source.partition);
             let payload = r.payload.as_deref().unwrap_or_default();
-            window.send_with_headers(self.dlq_topic, key.as_bytes(), payload, Some(super::dlq::dead_letter_headers(r))).await?;
+            window.send_with_headers(self.dlq_topic, key.as_bytes(), payload, Some(crate::dlq::dead_letter_headers(r))).await?;
         }
         for q in batch.quarantined {
             window.send_with_headers(self.dlq_topic, &q.key, &q.value, Some(q.headers())).await?;
@@ -101,10 +99,48 @@ impl BatchSink<'_> {
         });
         self.send_offsets(&mut window, batch.next).await?;
         window.finish().await?;
-        if self.exactly_once {
-            self.commit_transaction(consumer, tpl)?;
-        }
+        self.commit(Some((consumer, tpl)))?;
         Ok(window.tracked().clone())
+    }
+
+    /// A window of deliveries through this sink's producer.
+    pub fn window(&self) -> DeliveryWindow<'_> {
+        DeliveryWindow::new(self.producer, WINDOW)
+    }
+
+    /// Begins a transaction under exactly-once (nothing otherwise).
+    ///
+    /// # Errors
+    ///
+    /// If librdkafka refuses.
+    pub fn begin(&self) -> Result<()> {
+        if self.exactly_once {
+            self.producer.begin_transaction().context("beginning a transaction")?;
+        }
+        Ok(())
+    }
+
+    /// Under exactly-once, commits the open transaction, with the consumer offsets `offsets`
+    /// when given, under the watchdog; nothing otherwise.
+    ///
+    /// # Errors
+    ///
+    /// A transaction call that failed for good.
+    pub fn commit(&self, offsets: Option<(&StreamConsumer<RebalanceContext>, &TopicPartitionList)>) -> Result<()> {
+        if !self.exactly_once {
+            return Ok(());
+        }
+        let group = match offsets {
+            Some((consumer, _)) => Some(consumer.group_metadata().context("the consumer has no group metadata")?),
+            None => None,
+        };
+        tokio::task::block_in_place(|| -> Result<()> {
+            let _watch = self.watchdog.watch();
+            if let (Some((_, tpl)), Some(group)) = (offsets, &group) {
+                retrying("adding the offsets to the transaction", || self.producer.send_offsets_to_transaction(tpl, group, TXN_TIMEOUT))?;
+            }
+            retrying("committing the transaction", || self.producer.commit_transaction(TXN_TIMEOUT))
+        })
     }
 
     /// Sends users' encoded states to the changelog partitions of their input partitions.
@@ -133,21 +169,6 @@ impl BatchSink<'_> {
             window.send_tracked(self.changelog, *partition, &ChangelogKey::Offset(topic).encode(), &encode_offset(*offset)).await?;
         }
         Ok(())
-    }
-
-    /// Adds the consumer offsets `tpl` to the open transaction and commits it, under the
-    /// watchdog.
-    ///
-    /// # Errors
-    ///
-    /// A transaction call that failed for good.
-    pub fn commit_transaction(&self, consumer: &StreamConsumer<RebalanceContext>, tpl: &TopicPartitionList) -> Result<()> {
-        let group = consumer.group_metadata().context("the consumer has no group metadata")?;
-        tokio::task::block_in_place(|| -> Result<()> {
-            let _watch = self.watchdog.watch();
-            retrying("adding the offsets to the transaction", || self.producer.send_offsets_to_transaction(tpl, &group, TXN_TIMEOUT))?;
-            retrying("committing the transaction", || self.producer.commit_transaction(TXN_TIMEOUT))
-        })
     }
 
     /// Aborts the open transaction.
@@ -191,6 +212,14 @@ pub fn offsets_tpl(next: &BTreeMap<(String, i32), i64>) -> Result<TopicPartition
         tpl.add_partition_offset(t, *p, rdkafka::Offset::Offset(*o))?;
     }
     Ok(tpl)
+}
+
+/// Keeps, per partition, the highest of the offsets in `into` and `from`.
+pub fn keep_highest(into: &mut BTreeMap<i32, i64>, from: &BTreeMap<i32, i64>) {
+    for (p, o) in from {
+        let top = into.entry(*p).or_insert(*o);
+        *top = (*top).max(*o);
+    }
 }
 
 /// The next changelog offset per partition after the last offsets written.

@@ -83,7 +83,7 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
 
     let clients = cfg.clients();
     let changelog = cfg.changelog();
-    let input_partitions = admin::partition_count(&clients, &cfg.input_topics[0])?.unwrap_or(4);
+    let input_partitions = admin::input_partition_count(&clients, &cfg.input_topics)?;
     admin::ensure_topic(&clients, &cfg.output_topic, input_partitions).await?;
     admin::ensure_topic(&clients, &cfg.dlq_topic, input_partitions).await?;
     let changelog_partitions = admin::ensure_topic_with(&clients, &changelog, input_partitions, &[("cleanup.policy", "compact")]).await?;
@@ -106,23 +106,10 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
         health: health.clone(),
     })?;
     let context = RebalanceContext::new(health.clone(), Arc::new(restorer), done_tx);
-    let mut consumer_cfg = clients.base();
-    consumer_cfg
-        .set("group.id", &cfg.group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", cfg.offset_reset.librdkafka())
-        .set("isolation.level", "read_committed")
-        .set("partition.assignment.strategy", "range,roundrobin")
-        // Static membership: a restarted instance takes its partitions back without a
-        // rebalance, and a second process with the same id is fenced.
-        .set("group.instance.id", format!("intentflow-{instance}"))
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "2000");
-    for (k, v) in &cfg.kafka.consumer {
-        consumer_cfg.set(k, v);
-    }
-    let consumer: StreamConsumer<RebalanceContext> = consumer_cfg.create_with_context(context).context("creating the Kafka consumer")?;
+    let consumer: StreamConsumer<RebalanceContext> = clients
+        .group_consumer_config(&cfg.group, &instance, cfg.offset_reset.librdkafka())
+        .create_with_context(context)
+        .context("creating the Kafka consumer")?;
     // Beyond the retries of a transaction call plus a margin.
     let watchdog = Watchdog::start(RETRY_FOR + Duration::from_secs(30));
     let started = Started { cfg, operator, store, producer, watchdog, changelog, consumer };

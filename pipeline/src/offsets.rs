@@ -1,4 +1,4 @@
-//! Offset decisions of the runtime, as pure functions.
+//! Offset decisions of the runtime and of replays, as pure functions.
 
 use std::collections::{BTreeMap, HashMap};
 
