@@ -135,3 +135,39 @@ fn version_names_the_librdkafka_build_a_production_cluster_needs() {
         assert!(text.split(|c: char| !c.is_ascii_alphanumeric() && c != '_').any(|f| f == feature), "librdkafka lacks `{feature}`: {text}");
     }
 }
+
+#[test]
+fn import_rejects_what_the_operator_rejects_under_the_runs_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    // REES46 rows: valid, a price above the cap, an over-long user id, a time before 2000.
+    let long_user = "9".repeat(300);
+    std::fs::write(
+        path("rees46.csv"),
+        format!(
+            "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session\n\
+             2019-10-01 00:00:00 UTC,view,1,2,,,9.5,5,s\n\
+             2019-10-01 00:00:01 UTC,view,1,2,,,2000000000,5,s\n\
+             2019-10-01 00:00:02 UTC,view,1,2,,,9.5,{long_user},s\n\
+             1999-01-01 00:00:00 UTC,view,1,2,,,9.5,5,s\n"
+        ),
+    )
+    .unwrap();
+    let out = intentflow(&["import", "--format", "rees46", "--input", &path("rees46.csv"), "--output", &path("events.jsonl")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    for (line, reason) in [(3, "field `price` out of range"), (4, "field `user_id` out of range"), (5, "field `ts` out of range")] {
+        assert!(err.contains(&format!("rees46.csv:{line}: skipped: {reason}")), "line {line}: {err}");
+    }
+    assert_eq!(std::fs::read_to_string(path("events.jsonl")).unwrap().lines().count(), 1);
+
+    // A record over the default 64 KiB is refused, as the operator refuses it, unless the run's
+    // config allows more.
+    let big = format!("{{\"user_id\":\"u\",\"ts\":1569888000000,\"type\":\"view\",\"pad\":\"{}\"}}\n", "x".repeat(70_000));
+    std::fs::write(path("big.jsonl"), &big).unwrap();
+    let out = intentflow(&["import", "--format", "jsonl", "--input", &path("big.jsonl"), "--output", &path("a.jsonl")]);
+    assert!(text(&out.stderr).contains("exceeds the limit of 65536 bytes"), "{}", text(&out.stderr));
+    std::fs::write(path("run.toml"), "max_record_bytes = 131072\n").unwrap();
+    let out = intentflow(&["import", "--format", "jsonl", "--input", &path("big.jsonl"), "--output", &path("b.jsonl"), "--config", &path("run.toml")]);
+    assert!(out.status.success() && text(&out.stderr).contains("wrote 1 events"), "{}", text(&out.stderr));
+}
