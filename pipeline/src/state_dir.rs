@@ -138,10 +138,9 @@ impl StateDir {
             ReplayStatus::Running => "running",
             ReplayStatus::Complete => "complete",
         };
-        let source = match source {
-            ReplaySource::Topics => "topics",
-            ReplaySource::Files => "files",
-        };
+        // Once a directory holds a file replay's users (keyed by file), it stays one.
+        let files = source == ReplaySource::Files || self.replay_source()? == Some(ReplaySource::Files);
+        let source = if files { "files" } else { "topics" };
         std::fs::write(&path, format!("model {model}\nsource {source}\nstatus {status}\n")).with_context(|| format!("writing {}", path.display()))
     }
 
@@ -227,6 +226,8 @@ mod tests {
         sd.mark_replay("abc", ReplaySource::Files, ReplayStatus::Complete).unwrap();
         sd.refuse_unfinished().unwrap();
         assert_eq!(sd.replay_source().unwrap(), Some(ReplaySource::Files));
+        sd.mark_replay("abc", ReplaySource::Topics, ReplayStatus::Complete).unwrap();
+        assert_eq!(sd.replay_source().unwrap(), Some(ReplaySource::Files), "a topic replay on top does not re-key the file replay's users");
         std::fs::write(dir.path().join(REPLAY), "model abc\n").unwrap();
         assert_eq!(sd.replay_status().unwrap(), Some(ReplayStatus::Complete), "markers from before the status line");
         assert_eq!(sd.replay_source().unwrap(), Some(ReplaySource::Topics), "markers from before the source line");

@@ -306,6 +306,8 @@ impl StateStore {
                         track.settled(key, None);
                     }
                     Err(e) => {
+                        // Unknown from here: the group's committed offset and the fences decide.
+                        batch.delete(offset_key(topic, partition));
                         out.quarantined.push(quarantine(e));
                         track.unusable.insert(key.to_vec());
                         continue;

@@ -56,6 +56,16 @@ impl<'p> DeliveryWindow<'p> {
         self.enqueue(FutureRecord::to(topic).partition(partition).key(key).payload(payload), true).await
     }
 
+    /// Enqueues a tombstone (a key without a value) to an explicit partition and keeps its
+    /// delivered offset.
+    ///
+    /// # Errors
+    ///
+    /// The first failed delivery, or a non-retriable enqueue error.
+    pub async fn send_tombstone(&mut self, topic: &str, partition: i32, key: &[u8]) -> Result<()> {
+        self.enqueue(FutureRecord::<[u8], [u8]>::to(topic).partition(partition).key(key), true).await
+    }
+
     /// Enqueues one record.
     ///
     /// # Errors

@@ -26,6 +26,9 @@ pub struct InputOrder<'c> {
     idle: Duration,
     /// Most records buffered per partition.
     cap: usize,
+    /// High watermarks asked of the broker for topic-partitions with no position yet in this
+    /// assignment (librdkafka's cached one may be older than the assignment).
+    asked_high: BTreeMap<(usize, i32), i64>,
 }
 
 impl<'c> InputOrder<'c> {
@@ -38,6 +41,7 @@ impl<'c> InputOrder<'c> {
             blocked_since: BTreeMap::new(),
             idle,
             cap: (4 * max_batch_records).max(10_000),
+            asked_high: BTreeMap::new(),
         })
     }
 
@@ -67,13 +71,28 @@ impl<'c> InputOrder<'c> {
                 continue;
             }
             // Once per partition, not per record: where each topic stands against its end.
+            let asked_high = &mut self.asked_high;
             let at_end: Vec<bool> = self
                 .topics
                 .iter()
-                .map(|topic| {
+                .enumerate()
+                .map(|(t, topic)| {
                     let position = positions.as_ref().and_then(|tpl| tpl.find_partition(topic, *partition)).and_then(|e| e.offset().to_raw()).filter(|p| *p >= 0);
-                    let position = position.or_else(|| stored_next(topic, *partition));
-                    matches!((position, cached_high_watermark(consumer, topic, *partition)), (Some(pos), Some(high)) if pos >= high)
+                    match position {
+                        Some(pos) => cached_high_watermark(consumer, topic, *partition).is_some_and(|high| pos >= high),
+                        // Nothing consumed since the assignment: the store's offset against a high
+                        // watermark asked once per assignment (the cached one may predate it).
+                        None => {
+                            let high = match asked_high.get(&(t, *partition)) {
+                                Some(h) => Some(*h),
+                                None => consumer.fetch_watermarks(topic, *partition, Duration::from_secs(5)).ok().map(|(_, h)| h),
+                            };
+                            if let Some(h) = high {
+                                asked_high.insert((t, *partition), h);
+                            }
+                            matches!((stored_next(topic, *partition), high), (Some(pos), Some(high)) if pos >= high)
+                        }
+                    }
                 })
                 .collect();
             merge.release(|t| at_end[t], out);
@@ -107,6 +126,7 @@ impl<'c> InputOrder<'c> {
     /// where consumption must resume if those records are to be processed.
     pub fn clear(&mut self) -> Vec<(String, i32, i64)> {
         self.blocked_since.clear();
+        self.asked_high.clear();
         let topics = &self.topics;
         let firsts = self.merges.iter_mut().flat_map(|(p, m)| m.clear().into_iter().map(move |(t, o)| (topics[t].clone(), *p, o))).collect();
         self.merges.clear();

@@ -59,6 +59,7 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use restore::RestoreDone;
 use sink::{changelog_positions, offsets_tpl, BatchRecords};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -130,6 +131,10 @@ struct BatchLoop<'s> {
     applied: offsets::AppliedOffsets,
     /// The assignment generation the loop's buffers belong to.
     generation: u64,
+    /// Per partition, changelog keys its restore found ending on a dropped or quarantined
+    /// record: deleted by the next batch's transaction. Kept with the generation of the restore,
+    /// which may be newer than the loop's buffers when its report wins the loop's select.
+    tombstones: BTreeMap<i32, (u64, Vec<Vec<u8>>)>,
     summary: RunSummary,
     aborts_in_a_row: u32,
 }
@@ -144,6 +149,7 @@ impl<'s> BatchLoop<'s> {
             invalid_states: crate::telemetry::state_records_invalid("store"),
             applied: offsets::AppliedOffsets::default(),
             generation: 0,
+            tombstones: BTreeMap::new(),
             summary: RunSummary::default(),
             aborts_in_a_row: 0,
         }
@@ -213,6 +219,8 @@ impl<'s> BatchLoop<'s> {
     fn follow_generation(&mut self, generation: u64, order: Option<&mut InputOrder<'_>>) {
         if generation != self.generation {
             self.applied.clear();
+            // A revoked partition's next owner finds the same keys when it restores.
+            self.tombstones.retain(|_, (g, _)| *g == generation);
             if let Some(o) = order {
                 o.clear();
             }
@@ -221,7 +229,7 @@ impl<'s> BatchLoop<'s> {
     }
 
     /// A restore reported back: resume its partition, or stop when it failed.
-    fn restored(&self, consumer: &StreamConsumer<RebalanceContext>, done: RestoreDone) -> Result<()> {
+    fn restored(&mut self, consumer: &StreamConsumer<RebalanceContext>, done: RestoreDone) -> Result<()> {
         let RestoreDone { partition, generation, result } = done;
         if generation != consumer.context().generation() {
             // The partition was revoked meanwhile; its next owner restores it again.
@@ -246,13 +254,16 @@ impl<'s> BatchLoop<'s> {
             records = r.records,
             quarantined = r.quarantined,
             reset_users = r.reset_users,
-            tombstones = r.tombstones,
+            tombstones = r.tombstones.len(),
             changelog_offset = r.changelog_offset,
             seconds = r.seconds,
             rate = (r.records as f64 / r.seconds.max(1e-9)).round(),
             plan = ?r.plan,
             "partition restored from the changelog; processing it"
         );
+        if !r.tombstones.is_empty() {
+            self.tombstones.insert(partition, (generation, r.tombstones));
+        }
         if consumer.context().assignment().restoring.is_empty() {
             tracing::info!(partitions = consumer.context().assignment().topic_partitions.len(), "assigned partitions are up to date with the changelog");
         }
@@ -316,7 +327,7 @@ impl<'s> BatchLoop<'s> {
         let tpl = offsets_tpl(&next)?;
         // Encoded once, for the changelog and for RocksDB.
         let states: Vec<Vec<u8>> = out.states.iter().map(|(_, _, st)| st.encode()).collect();
-        let records = BatchRecords { out: &out, states: &states, rejected: &decoded.rejected, quarantined: &quarantined, next: &next };
+        let records = BatchRecords { out: &out, states: &states, rejected: &decoded.rejected, quarantined: &quarantined, tombstones: &self.tombstones, next: &next };
         let sink = s.sink();
         let changelog_next = match sink.send(consumer, &records, &tpl).await {
             Ok(changelog_next) => changelog_next,
@@ -337,6 +348,7 @@ impl<'s> BatchLoop<'s> {
             Err(e) => return Err(e),
         };
         self.aborts_in_a_row = 0;
+        self.tombstones.clear();
         s.store.commit_encoded(
             out.states.iter().zip(&states).map(|((p, u, _), bytes)| (*p, u.as_str(), bytes.as_slice())),
             next.iter().map(|((t, p), o)| (t.as_str(), *p, *o)),

@@ -16,9 +16,10 @@
 //! newer encoding — is quarantined to the dead-letter topic and its user starts fresh; a
 //! partition whose users end on another model's state is refused or those users dropped, per
 //! the configured policy. Neither stops the partition (a refusal stops the operator, by the
-//! user's choice). Keys that end on a quarantined or dropped record get a tombstone after the
-//! restored range, so the changelog converges to the store once compacted (until then a full
-//! restore meets, and reports, the same records again). At most four partitions restore at once.
+//! user's choice). Keys that end on a quarantined or dropped record are returned, and the batch
+//! loop writes their tombstones in the partition's next transaction, so the changelog converges
+//! to the store once compacted (until then a full restore meets, and reports, the same records
+//! again). At most four partitions restore at once.
 
 use crate::dlq::QuarantinedState;
 use crate::kafka::read::RangeReader;
@@ -55,8 +56,10 @@ pub struct Restored {
     pub quarantined: u64,
     /// States of another model dropped.
     pub reset_users: u64,
-    /// Tombstones written so that the changelog agrees with the store.
-    pub tombstones: u64,
+    /// Changelog keys to delete with tombstones so that the changelog agrees with the store:
+    /// keys whose last record was quarantined or (under reset) of another model. The batch loop
+    /// writes them in the partition's next transaction, fenced like any of its writes.
+    pub tombstones: Vec<Vec<u8>>,
     /// The changelog offset the store now reflects.
     pub changelog_offset: i64,
     /// Wall time of the restore (a restore cut short because its partition was revoked stops
@@ -83,7 +86,7 @@ pub struct Restorer {
     model: String,
     policy: ModelPolicy,
     dlq_topic: String,
-    /// A plain (non-transactional) producer for quarantined records and tombstones.
+    /// A plain (non-transactional) producer for quarantined records.
     producer: FutureProducer,
     health: Arc<Health>,
     runtime: tokio::runtime::Handle,
@@ -144,7 +147,6 @@ impl Restorer {
         let me = self.clone();
         let report = done.clone();
         let spawned = std::thread::Builder::new().name(format!("restore-{partition}")).spawn(move || {
-            let _turn = me.turn();
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.restore(partition, || current.load(Ordering::SeqCst) != generation)))
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("the restore thread of partition {partition} panicked")));
             // The loop may have stopped meanwhile; then nobody needs the answer.
@@ -186,9 +188,26 @@ impl Restorer {
     /// Kafka errors, RocksDB errors, and a partition that ends on another model's state under
     /// [`ModelPolicy::Refuse`].
     pub fn restore(&self, partition: i32, cancelled: impl Fn() -> bool) -> Result<Restored> {
+        // The partition's lock first, then a turn: a restore of a newer assignment cannot overtake
+        // an older one of the same partition and be undone by it.
         let lock = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(partition).or_default().clone();
         let _one_at_a_time = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _turn = self.turn();
         let started = Instant::now();
+        let skipped = |local| Restored {
+            partition,
+            plan: RestorePlan::UpToDate,
+            records: 0,
+            quarantined: 0,
+            reset_users: 0,
+            tombstones: Vec::new(),
+            changelog_offset: local,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        if cancelled() {
+            // Revoked while waiting: the store is not touched (a newer restore may follow).
+            return Ok(skipped(self.store.changelog_offset(partition)?.unwrap_or(-1)));
+        }
         // Watermarks from a read_uncommitted client: the high watermark, past any open transaction.
         let (low, high) = self
             .consumer("read_uncommitted")?
@@ -202,7 +221,7 @@ impl Restorer {
             records: 0,
             quarantined: 0,
             reset_users: 0,
-            tombstones: 0,
+            tombstones: Vec::new(),
             changelog_offset: local.unwrap_or(high),
             seconds: 0.0,
         };
@@ -252,18 +271,14 @@ impl Restorer {
         }
         if self.policy == ModelPolicy::Refuse {
             if let Some(e) = track.refusal(partition, &self.model) {
+                // Forget the partition locally, so that the next start restores it again and
+                // refuses again, instead of finding it up to date.
+                self.store.clear_partition(partition)?;
                 return Err(e.into());
             }
         }
         done.reset_users = track.foreign.len() as u64;
-        for key in track.tombstones(self.policy) {
-            // After the restored range: the changelog then agrees with the store once compacted.
-            let record = FutureRecord::<[u8], [u8]>::to(&self.topic).partition(partition).key(key.as_slice());
-            if let Err((e, _)) = self.runtime.block_on(self.producer.send(record, Duration::from_secs(30))) {
-                bail!("writing a tombstone to changelog {}/{partition}: {e}", self.topic);
-            }
-            done.tombstones += 1;
-        }
+        done.tombstones = track.tombstones(self.policy);
         done.seconds = started.elapsed().as_secs_f64();
         Ok(done)
     }

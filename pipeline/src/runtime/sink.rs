@@ -54,6 +54,8 @@ pub struct BatchRecords<'b> {
     pub rejected: &'b [Rejected],
     /// State records that could not be used.
     pub quarantined: &'b [crate::dlq::QuarantinedState],
+    /// Changelog keys to delete, per partition (found by restores; with their generation).
+    pub tombstones: &'b BTreeMap<i32, (u64, Vec<Vec<u8>>)>,
     /// The next input offset per topic-partition the batch read.
     pub next: &'b BTreeMap<(String, i32), i64>,
 }
@@ -87,6 +89,13 @@ impl BatchSink<'_> {
         if !self.exactly_once {
             // Intents before states: a state on the changelog means its intents were delivered.
             window.finish().await?;
+        }
+        // Tombstones before the batch's states: a user dropped by a restore and scored again in
+        // this batch ends with its new state.
+        for (partition, (_, keys)) in batch.tombstones {
+            for key in keys {
+                window.send_tombstone(self.changelog, *partition, key).await?;
+            }
         }
         let users = batch.out.states.iter().zip(batch.states).map(|((p, u, _), bytes)| (*p, u.as_str(), bytes.as_slice()));
         self.send_users(&mut window, users).await?;

@@ -135,13 +135,13 @@ fn transactional_producer(clients: &KafkaClients, cfg: &RunConfig, instance: &st
     if cfg.processing_guarantee != ProcessingGuarantee::ExactlyOnce {
         return clients.producer(&[]);
     }
+    // The producer's own transactional settings win over the run's (`KafkaClients::producer`
+    // leaves them to this one producer).
     let timeout = cfg.transaction_timeout_ms.to_string();
+    let timeout = cfg.kafka.producer.get("transaction.timeout.ms").unwrap_or(&timeout).clone();
     let default_id = format!("intentflow-{}-{instance}", cfg.group);
     let id = cfg.kafka.producer.get("transactional.id").unwrap_or(&default_id).clone();
-    let mut extra: Vec<(&str, &str)> = vec![("transactional.id", &id)];
-    if !cfg.kafka.producer.contains_key("transaction.timeout.ms") {
-        extra.push(("transaction.timeout.ms", &timeout));
-    }
+    let mut extra: Vec<(&str, &str)> = vec![("transactional.id", &id), ("transaction.timeout.ms", &timeout)];
     if !cfg.kafka.producer.contains_key("message.timeout.ms") {
         extra.push(("message.timeout.ms", &timeout));
     }
