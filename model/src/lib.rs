@@ -22,6 +22,7 @@ pub mod eval;
 pub mod features;
 mod gru;
 mod io;
+pub mod kernel;
 mod logistic;
 pub mod report;
 pub mod train;
@@ -116,6 +117,8 @@ pub struct IntentModel {
     meta: ModelMeta,
     device: Device,
     projection: Projection,
+    /// On the CPU, the fused serving step ([`kernel`]); candle's otherwise.
+    fused: Option<std::sync::Arc<kernel::FusedGru>>,
 }
 
 impl IntentModel {
@@ -148,11 +151,23 @@ impl IntentModel {
             )));
         }
         let params = params.to_device(&device)?;
-        // On the CPU every row is stepped on its own (see [`Projection::PerRow`]), so a user's
-        // hidden state is bit-for-bit the same however the stream was cut into batches: what
-        // makes crash recovery and replays reproduce states exactly.
+        // On the CPU every row is stepped on its own (the fused kernel, or candle's
+        // [`Projection::PerRow`]), so a user's hidden state is bit-for-bit the same however the
+        // stream was cut into batches: what makes crash recovery and replays reproduce states.
         let projection = if device.is_cpu() { Projection::PerRow } else { Projection::Batched };
-        Ok(IntentModel { params, meta, device, projection })
+        let members = meta.training.as_ref().map_or(1, |t| t.members);
+        let fused = if device.is_cpu() {
+            Some(std::sync::Arc::new(kernel::FusedGru::new(&params, members).map_err(|e| ModelError::Invalid(e.to_string()))?))
+        } else {
+            None
+        };
+        Ok(IntentModel { params, meta, device, projection, fused })
+    }
+
+    /// The same model stepped by candle on the CPU instead of the fused kernel: the reference
+    /// the kernel is checked against, and the baseline of its benchmark.
+    pub fn with_candle_step(&self) -> IntentModel {
+        IntentModel { fused: None, ..self.clone() }
     }
 
     /// The model's metadata (`model.json`).
@@ -195,6 +210,13 @@ impl IntentModel {
         }
         if b == 0 {
             return Ok(StepOutput { hidden: Vec::new(), scores: Vec::new() });
+        }
+        if let Some(fused) = &self.fused {
+            let mut next = hidden.to_vec();
+            let mut logits = vec![0f32; b];
+            fused.step(inputs, &mut next, &mut logits);
+            let scores = logits.into_iter().map(|l| self.meta.calibration.apply(kernel::sigmoid(l))).collect();
+            return Ok(StepOutput { hidden: next, scores });
         }
         let x = self.params.gru_input_of(inputs, &self.device)?;
         let h0 = Tensor::from_slice(hidden, (b, h), &self.device)?;
