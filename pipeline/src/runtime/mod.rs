@@ -135,6 +135,8 @@ struct BatchLoop<'s> {
     /// record: deleted by the next batch's transaction. Kept with the generation of the restore,
     /// which may be newer than the loop's buffers when its report wins the loop's select.
     tombstones: BTreeMap<i32, (u64, Vec<Vec<u8>>)>,
+    /// Changelog records restored for an assignment: (its generation, records).
+    restored_records: (u64, u64),
     summary: RunSummary,
     aborts_in_a_row: u32,
 }
@@ -150,6 +152,7 @@ impl<'s> BatchLoop<'s> {
             applied: offsets::AppliedOffsets::default(),
             generation: 0,
             tombstones: BTreeMap::new(),
+            restored_records: (0, 0),
             summary: RunSummary::default(),
             aborts_in_a_row: 0,
         }
@@ -264,8 +267,18 @@ impl<'s> BatchLoop<'s> {
         if !r.tombstones.is_empty() {
             self.tombstones.insert(partition, (generation, r.tombstones));
         }
-        if consumer.context().assignment().restoring.is_empty() {
-            tracing::info!(partitions = consumer.context().assignment().topic_partitions.len(), "assigned partitions are up to date with the changelog");
+        if self.restored_records.0 != generation {
+            self.restored_records = (generation, 0);
+        }
+        self.restored_records.1 += r.records;
+        let assignment = consumer.context().assignment();
+        if assignment.restoring.is_empty() {
+            tracing::info!(
+                partitions = assignment.topic_partitions.len(),
+                records = self.restored_records.1,
+                seconds = assignment.since.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+                "assigned partitions are up to date with the changelog"
+            );
         }
         Ok(())
     }

@@ -36,6 +36,8 @@ pub struct Assignment {
     pub topic_partitions: Vec<(String, i32)>,
     /// Partitions whose restore has not finished.
     pub restoring: BTreeSet<i32>,
+    /// When the partitions were assigned.
+    pub since: Option<std::time::Instant>,
 }
 
 impl Assignment {
@@ -101,6 +103,7 @@ impl ConsumerContext for RebalanceContext {
                 }
                 a.topic_partitions = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
                 a.restoring = a.partitions();
+                a.since = Some(std::time::Instant::now());
                 let partitions: Vec<i32> = a.restoring.iter().copied().collect();
                 tracing::info!(partitions = ?partitions, generation, "partitions assigned; restoring them in the background");
                 self.health.assigned(&partitions);
