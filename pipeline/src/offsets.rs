@@ -49,12 +49,13 @@ pub fn already_applied(offset: i64, stored_next: Option<i64>) -> bool {
 /// The next offset to consume per topic-partition after a batch: one past the highest offset
 /// seen, whatever became of the record (scored, rejected or skipped).
 pub fn next_offsets<'a>(records: impl IntoIterator<Item = (&'a str, i32, i64)>) -> BTreeMap<(String, i32), i64> {
-    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    // Keyed by the borrowed name while counting: a name is allocated per partition, not per record.
+    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     for (topic, partition, offset) in records {
-        let slot = next.entry((topic.to_string(), partition)).or_insert(offset + 1);
+        let slot = next.entry((topic, partition)).or_insert(offset + 1);
         *slot = (*slot).max(offset + 1);
     }
-    next
+    next.into_iter().map(|((t, p), o)| ((t.to_string(), p), o)).collect()
 }
 
 /// How many offsets were lost to retention when a partition that should resume at `expected`

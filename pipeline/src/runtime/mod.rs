@@ -181,11 +181,15 @@ impl<'s> BatchLoop<'s> {
             let mut fetched: Vec<BorrowedMessage<'_>> = Vec::with_capacity(cfg.max_batch_records);
             if let Some(m) = first {
                 collect(&mut fetched, m, &mut generation, ctx)?;
-                let deadline = tokio::time::Instant::now() + interval;
+                // One timer for the batch, not one per record: with `biased`, a record that is
+                // ready is taken without polling the timer.
+                let closes = tokio::time::sleep(interval);
+                tokio::pin!(closes);
                 while fetched.len() < cfg.max_batch_records {
-                    match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                        Ok(m) => collect(&mut fetched, m, &mut generation, ctx)?,
-                        Err(_) => break,
+                    tokio::select! {
+                        biased;
+                        m = consumer.recv() => collect(&mut fetched, m, &mut generation, ctx)?,
+                        () = &mut closes => break,
                     }
                 }
             }
