@@ -10,11 +10,13 @@
 //!
 //! The formats are documented with examples in `docs/schemas.md`.
 
+mod decode;
 mod event;
 mod intent;
 mod session;
 
-pub use event::{DecodeError, Event, EventDecoder, EventType, Limits};
+pub use decode::{Cell, EventDecoder, FieldSource};
+pub use event::{DecodeError, Event, EventType, Limits};
 pub use intent::{ScoredIntent, SourcePosition, INTENT_SCHEMA_VERSION};
 pub use session::{item_key, SessionConfig, SessionState, SessionStep};
 

@@ -1,6 +1,7 @@
 //! The schema-v1 decoder: what it accepts, what it rejects and how it says why.
 
 use intentflow_schemas::{DecodeError, Event, EventDecoder, EventType};
+use serde_json::Value;
 
 const NOW: i64 = 1_700_000_000_000;
 
@@ -100,4 +101,32 @@ proptest::proptest! {
             proptest::prop_assert!(!e.user_id.is_empty());
         }
     }
+}
+
+#[test]
+fn json_records_and_field_maps_are_judged_alike() {
+    // The record path (typed, borrowing) and the map path (Parquet rows, CSV imports) apply one
+    // set of rules: every input gets the same event or the same error from both.
+    let inputs = [
+        r#"{"user_id":"u1","ts":"2019-10-01T00:00:05Z","type":"cart","item_id":42,"price":1.5,"quantity":2,"extra":{"a":[1,{"b":null}]}}"#,
+        r#"{"user_id":"caf\u00e9 \"x\"","ts":1569888005000,"type":"view","session_id":"s\n1"}"#,
+        r#"{"user_id":7,"ts":1569888005000.5,"type":"view"}"#,
+        r#"{"user_id":"u","ts":1569888005000,"type":["view"]}"#,
+        r#"{"user_id":"u","ts":1569888005000,"type":"view","price":{"v":1}}"#,
+        r#"{"user_id":"u","ts":1569888005000,"type":"view","quantity":2.5}"#,
+        r#"{"user_id":1.5,"ts":1569888005000,"type":"view"}"#,
+        r#"{"user_id":null,"ts":1569888005000,"type":"view"}"#,
+        r#"{"user_id":"u","ts":true,"type":"view"}"#,
+        r#"{"user_id":"u","ts":1569888005000,"type":"teleport","item_id":null}"#,
+    ];
+    for input in inputs {
+        let Ok(Value::Object(map)) = serde_json::from_str::<Value>(input) else { panic!("{input}") };
+        let (bytes, fields) = (decode(input), EventDecoder::default().decode_object(&map, NOW));
+        assert_eq!(bytes, fields, "{input}");
+    }
+    assert_eq!(decode(r#"{"user_id":"caf\u00e9","ts":1569888005000,"type":"view"}"#).unwrap().user_id, "café", "escapes are decoded");
+    // Not an object, whatever serde would make of it; a field given twice is not accepted.
+    assert_eq!(decode("[1,2]").unwrap_err().to_string(), "invalid JSON: expected an object, got array");
+    assert_eq!(decode("  \"x\"").unwrap_err().to_string(), "invalid JSON: expected an object, got string");
+    assert_eq!(decode(r#"{"user_id":"a","user_id":"b","ts":1569888005000,"type":"view"}"#).unwrap_err().kind(), "invalid_json");
 }
