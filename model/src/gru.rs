@@ -346,31 +346,45 @@ fn table_shape(table: Option<&Tensor>) -> (usize, usize) {
     table.and_then(|t| t.dims2().ok()).unwrap_or((0, 0))
 }
 
+/// Networks of pseudo-random weights for tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
-    fn member(seed: u64, dense: usize, h: usize) -> GruParams {
-        let mut state = seed;
-        let mut t = |rows: usize, cols: usize| {
-            let data: Vec<f32> = (0..rows * cols)
-                .map(|_| {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-                })
-                .collect();
-            Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap()
-        };
+    /// Deterministic pseudo-random values in [-0.5, 0.5).
+    pub fn values(seed: &mut u64, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// A network with `dense` dense inputs, hidden size `h`, and `(buckets, width)` item and
+    /// category embeddings.
+    pub fn network(seed: u64, dense: usize, h: usize, item: (usize, usize), category: (usize, usize)) -> GruParams {
+        let mut s = seed;
+        let mut t = |rows: usize, cols: usize| Tensor::from_vec(values(&mut s, rows * cols), (rows, cols), &Device::Cpu).unwrap();
         GruParams {
-            weight_ih: t(3 * h, dense + 2 + 3),
+            weight_ih: t(3 * h, dense + item.1 + category.1),
             weight_hh: t(3 * h, h),
             bias_ih: t(1, 3 * h).flatten_all().unwrap(),
             bias_hh: t(1, 3 * h).flatten_all().unwrap(),
             head_weight: t(1, h),
             head_bias: t(1, 1).flatten_all().unwrap(),
-            item_embedding: Some(t(6, 2)),
-            category_embedding: Some(t(4, 3)),
+            item_embedding: Some(t(item.0, item.1)),
+            category_embedding: Some(t(category.0, category.1)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(seed: u64, dense: usize, h: usize) -> GruParams {
+        testing::network(seed, dense, h, (6, 2), (4, 3))
     }
 
     fn step(p: &GruParams, dense: &Tensor, items: &Tensor, cats: &Tensor, h: &Tensor) -> (Tensor, Vec<f32>) {

@@ -290,30 +290,11 @@ mod tests {
     use crate::gru::Projection;
     use candle_core::{Device, Tensor};
 
-    /// Deterministic pseudo-random values in [-0.5, 0.5).
-    fn values(seed: &mut u64, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::gru::testing::values;
 
     /// A member network with `FEATURE_DIM` dense inputs, item and category embeddings.
     fn member(seed: u64, h: usize) -> GruParams {
-        let mut s = seed;
-        let mut t = |rows: usize, cols: usize| Tensor::from_vec(values(&mut s, rows * cols), (rows, cols), &Device::Cpu).unwrap();
-        GruParams {
-            weight_ih: t(3 * h, FEATURE_DIM + 8 + 4),
-            weight_hh: t(3 * h, h),
-            bias_ih: t(1, 3 * h).flatten_all().unwrap(),
-            bias_hh: t(1, 3 * h).flatten_all().unwrap(),
-            head_weight: t(1, h),
-            head_bias: t(1, 1).flatten_all().unwrap(),
-            item_embedding: Some(t(64, 8)),
-            category_embedding: Some(t(16, 4)),
-        }
+        crate::gru::testing::network(seed, FEATURE_DIM, h, (64, 8), (16, 4))
     }
 
     fn features(seed: &mut u64, n: usize) -> Vec<Features> {

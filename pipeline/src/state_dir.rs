@@ -103,13 +103,7 @@ impl StateDir {
     ///
     /// If the marker cannot be read.
     pub fn replay_status(&self) -> Result<Option<ReplayStatus>> {
-        let path = self.path.join(REPLAY);
-        if !path.exists() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let running = text.lines().any(|l| l.trim() == "status running");
-        Ok(Some(if running { ReplayStatus::Running } else { ReplayStatus::Complete }))
+        Ok(self.replay_marker_says("status running")?.map(|running| if running { ReplayStatus::Running } else { ReplayStatus::Complete }))
     }
 
     /// What the replay marker says the replay read (topics for markers without the line).
@@ -118,13 +112,17 @@ impl StateDir {
     ///
     /// If the marker cannot be read.
     pub fn replay_source(&self) -> Result<Option<ReplaySource>> {
+        Ok(self.replay_marker_says("source files")?.map(|files| if files { ReplaySource::Files } else { ReplaySource::Topics }))
+    }
+
+    /// Whether the replay marker has the line `line`; `None` without a marker.
+    fn replay_marker_says(&self, line: &str) -> Result<Option<bool>> {
         let path = self.path.join(REPLAY);
         if !path.exists() {
             return Ok(None);
         }
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let files = text.lines().any(|l| l.trim() == "source files");
-        Ok(Some(if files { ReplaySource::Files } else { ReplaySource::Topics }))
+        Ok(Some(text.lines().any(|l| l.trim() == line)))
     }
 
     /// Writes the replay marker.
