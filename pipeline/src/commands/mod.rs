@@ -1,9 +1,10 @@
-//! The batch-style commands, one module each: `generate`, `import`, `train`, `eval`, `tail`
+//! The batch-style commands, one module each: `generate`, `import`, `train`, `eval`, `tail`, `bench`
 //! (`run` is [`crate::runtime`], `replay` is [`crate::replay`]).
 //!
 //! Shared here: how a command names an input file ([`InputArgs`]) and where event commands write
 //! ([`EventOutputArgs`]).
 
+pub mod bench;
 pub mod eval;
 pub mod generate;
 pub mod import;

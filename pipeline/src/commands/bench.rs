@@ -1,0 +1,417 @@
+//! `intentflow bench`: the operator's hot path measured in-process, without Kafka.
+//!
+//! Generated events, written as the JSON records a topic would hold, go through everything the
+//! live operator does to a batch between the consumer and the producer: decode, the users' states
+//! read from RocksDB (`multi_get`), featurize and step the model in waves, the intents encoded as
+//! JSON into one reused buffer, the states encoded and committed with the input offsets in one
+//! write batch. Kafka's share (fetch, produce, transactions) is measured end to end by
+//! `scripts/bench` against the live `run`.
+//!
+//! Each run reports events/s, event→score latency percentiles, CPU seconds per million events,
+//! peak RSS and the state's bytes per user on disk once compacted. Latency is measured on a clock
+//! that stops while events are generated:
+//!
+//! * at an offered load (`--rates 250000`), event *i* arrives at *i*/rate seconds; a batch takes
+//!   whatever has arrived (up to `--batch`), and an event's latency runs from its arrival until
+//!   its batch's intents are encoded and its states committed;
+//! * flat out (`--rates flat`), a full batch is always waiting, and an event's latency is its
+//!   batch's processing time.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hdrhistogram::Histogram;
+use intentflow_formats::generate::{generate, GeneratorConfig};
+use intentflow_model::train::{train, TrainConfig};
+use intentflow_model::{Device, IntentModel};
+use intentflow_operators::decode::decode_batch;
+use intentflow_operators::encode::encode_intent_into;
+use intentflow_operators::{EmittedAt, IntentOperator, SourceRecord};
+use intentflow_schemas::EventDecoder;
+use intentflow_state::{StateStore, StoreOptions};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// `intentflow bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Distinct users; events pick their user uniformly, so nearly all of them appear.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub users: u64,
+    /// Events per run (default: twice `--users`).
+    #[arg(long)]
+    pub events: Option<u64>,
+    /// Most records per batch (the operator's `max_batch_records`).
+    #[arg(long, default_value_t = 4_096)]
+    pub batch: usize,
+    /// Input partitions the users are spread over (states are keyed by partition and user).
+    #[arg(long, default_value_t = 4)]
+    pub partitions: u32,
+    /// Offered loads in events/s, comma-separated; `flat` runs flat out. One run each, each with
+    /// a fresh state store.
+    #[arg(long, value_delimiter = ',', default_value = "flat")]
+    pub rates: Vec<String>,
+    /// Model directory (`intentflow train`); without it a small model is trained on generated
+    /// events first (it has the default architecture, so its step costs what a real one does).
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// RocksDB block cache in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub block_cache_mib: usize,
+    /// Where the state stores go (default: a temporary directory, removed afterwards).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Random seed of the events.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// What one run measured.
+struct RunResult {
+    rate: Option<f64>,
+    events: u64,
+    users: u64,
+    seconds: f64,
+    cpu_seconds: f64,
+    latency_us: Histogram<u64>,
+    peak_rss: u64,
+    state_bytes: u64,
+    batches: u64,
+    stages: Stages,
+}
+
+/// Wall time per stage of the batch, summed over a run.
+#[derive(Default)]
+struct Stages {
+    /// Decode; state read, featurize and model steps (`IntentOperator::process`); intents and
+    /// states encoded; the state write.
+    seconds: [f64; 4],
+}
+
+impl Stages {
+    const NAMES: [&'static str; 4] = ["decode", "state read + model (process)", "encode intents + states", "state write"];
+
+    fn add(&mut self, stages: [Duration; 4]) {
+        for (total, d) in self.seconds.iter_mut().zip(stages) {
+            *total += d.as_secs_f64();
+        }
+    }
+}
+
+/// Runs the benchmark and prints its table.
+///
+/// # Errors
+///
+/// Bad arguments, model or state store failures.
+pub fn bench_cmd(args: &BenchArgs) -> Result<()> {
+    let events = args.events.unwrap_or(args.users * 2);
+    if args.users == 0 || args.batch == 0 || args.partitions == 0 || events == 0 {
+        bail!("--users, --events, --batch and --partitions must be at least 1");
+    }
+    let rates = args
+        .rates
+        .iter()
+        .map(|r| match r.as_str() {
+            "flat" => Ok(None),
+            r => r.parse::<f64>().ok().filter(|r| *r > 0.0).map(Some).with_context(|| format!("--rates: {r:?} is neither `flat` nor a positive number")),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tmp = tempfile::tempdir()?;
+    let work = args.work_dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    let model_dir = match &args.model_dir {
+        Some(dir) => dir.clone(),
+        None => train_small_model(&work.join("model"))?,
+    };
+    let model = IntentModel::load(&model_dir, &Device::Cpu)?;
+    let mut results = Vec::new();
+    for (i, rate) in rates.iter().enumerate() {
+        let dir = work.join(format!("state-{i}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        eprintln!("bench: run {} of {}: {} events, {} users, {}", i + 1, rates.len(), events, args.users, describe_rate(*rate));
+        results.push(run_once(args, &model, &dir, events, *rate)?);
+        std::fs::remove_dir_all(&dir)?;
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(table(args, &model, &results).as_bytes())?;
+    Ok(())
+}
+
+fn describe_rate(rate: Option<f64>) -> String {
+    rate.map_or_else(|| "flat out".to_string(), |r| format!("{r:.0} events/s offered"))
+}
+
+/// Trains the default architecture briefly on generated events, as `scripts/bench` does.
+fn train_small_model(dir: &Path) -> Result<PathBuf> {
+    eprintln!("bench: no --model-dir; training a small model on 40,000 generated events");
+    let events: Vec<_> = generate(&GeneratorConfig { users: 2_000, events: 40_000, seed: 99, ..Default::default() }).into_iter().map(|g| g.event).collect();
+    let trained = train(&events, &TrainConfig { epochs: 2, ..TrainConfig::default() }, &Device::Cpu, |_, _| {})?;
+    trained.save(dir)?;
+    Ok(dir.to_path_buf())
+}
+
+/// Writes schema-v1 JSON records of events `from..to` into `buf`, one after another, and the
+/// end of each into `ends`. Event *i*'s user is drawn from a hash of `seed` and *i*; times run
+/// one millisecond apart, so a user's sessions split on the 30-minute gap as real ones do.
+struct Synth {
+    seed: u64,
+    users: u64,
+}
+
+impl Synth {
+    fn hash(&self, i: u64, salt: u64) -> u64 {
+        // splitmix64
+        let mut z = self.seed.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_add(salt.wrapping_mul(0xbf58_476d_1ce4_e5b9));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn user(&self, i: u64) -> u64 {
+        self.hash(i, 1) % self.users
+    }
+
+    fn write(&self, i: u64, buf: &mut Vec<u8>) {
+        let r = self.hash(i, 2);
+        let kind = match r % 100 {
+            0..=1 => "purchase",
+            2..=8 => "cart",
+            9..=30 => "click",
+            _ => "view",
+        };
+        let (item, category, cents) = ((r >> 8) % 50_000, (r >> 24) % 300, 100 + (r >> 40) % 50_000);
+        let mut s = String::with_capacity(160);
+        let _ = write!(
+            s,
+            r#"{{"user_id":"u{:08}","ts":{},"type":"{kind}","event_id":"b{i}","item_id":"i{item}","category":"c{category}","price":{}.{:02}}}"#,
+            self.user(i),
+            1_704_067_200_000 + i as i64,
+            cents / 100,
+            cents % 100
+        );
+        buf.extend_from_slice(s.as_bytes());
+    }
+}
+
+/// A clock that stops while events are generated, so that generating them costs the measured
+/// operator nothing.
+struct Clock {
+    start: Instant,
+    paused: Duration,
+}
+
+impl Clock {
+    fn now(&self) -> Duration {
+        self.start.elapsed() - self.paused
+    }
+    fn pause<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let out = f();
+        self.paused += t.elapsed();
+        out
+    }
+}
+
+fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate: Option<f64>) -> Result<RunResult> {
+    reset_peak_rss();
+    let store = StateStore::open(dir, StoreOptions { block_cache_bytes: args.block_cache_mib << 20, bulk_load: false })?;
+    let operator = IntentOperator::new(model.clone());
+    let decoder = EventDecoder::default();
+    let synth = Synth { seed: args.seed, users: args.users };
+    let mut seen = vec![0u64; args.users.div_ceil(64) as usize];
+    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+    let (mut buf, mut ends, mut partitions) = (Vec::new(), Vec::new(), Vec::new());
+    let mut offsets = vec![0i64; args.partitions as usize];
+    let mut intents = Vec::with_capacity(1 << 20);
+    let (mut next, mut batches) = (0u64, 0u64);
+    let mut cpu_paused = 0.0;
+    let mut stages = Stages::default();
+    let cpu_start = process_cpu_seconds();
+    let mut clock = Clock { start: Instant::now(), paused: Duration::ZERO };
+    while next < events {
+        let now = clock.now().as_secs_f64();
+        let arrived = match rate {
+            Some(r) => ((now * r) as u64 + 1).min(events),
+            None => events,
+        };
+        if arrived <= next {
+            let r = rate.expect("flat out never waits");
+            std::thread::sleep(Duration::from_secs_f64((next as f64 / r - now).max(0.0)));
+            continue;
+        }
+        let n = (arrived - next).min(args.batch as u64);
+        let cpu_before = process_cpu_seconds();
+        clock.pause(|| {
+            buf.clear();
+            ends.clear();
+            partitions.clear();
+            for i in next..next + n {
+                synth.write(i, &mut buf);
+                ends.push(buf.len());
+                let user = synth.user(i);
+                seen[(user / 64) as usize] |= 1 << (user % 64);
+                partitions.push((user % u64::from(args.partitions)) as i32);
+            }
+        });
+        cpu_paused += process_cpu_seconds() - cpu_before;
+        let fetched = clock.now();
+        let mut start = 0;
+        let records = ends.iter().zip(&partitions).map(|(&end, &partition)| {
+            let payload = &buf[start..end];
+            start = end;
+            let offset = &mut offsets[partition as usize];
+            *offset += 1;
+            SourceRecord { topic: "bench-events", partition, offset: *offset - 1, timestamp_ms: None, payload: Some(payload) }
+        });
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let decoded = decode_batch(&decoder, records, now_ms);
+        if !decoded.rejected.is_empty() {
+            bail!("the generator wrote a record the decoder rejects: {:?}", decoded.rejected[0].error);
+        }
+        let t_decoded = clock.now();
+        let out = operator.process(&decoded.events, &store, EmittedAt::Now(now_ms))?;
+        let t_scored = clock.now();
+        intents.clear();
+        for intent in &out.intents {
+            encode_intent_into(intent, &mut intents);
+        }
+        let states: Vec<Vec<u8>> = out.states.iter().map(|(_, _, s)| s.encode()).collect();
+        let t_encoded = clock.now();
+        let next_offsets: Vec<(i32, i64)> = offsets.iter().enumerate().map(|(p, o)| (p as i32, *o)).collect();
+        store.commit_encoded(
+            out.states.iter().zip(&states).map(|((p, u, _), bytes)| (*p, u.as_str(), bytes.as_slice())),
+            next_offsets.iter().map(|(p, o)| ("bench-events", *p, *o)),
+            [],
+        )?;
+        let done = clock.now();
+        stages.add([t_decoded - fetched, t_scored - t_decoded, t_encoded - t_scored, done - t_encoded]);
+        for i in next..next + n {
+            let arrival = match rate {
+                Some(r) => Duration::from_secs_f64(i as f64 / r),
+                None => fetched,
+            };
+            latency_us.saturating_record(done.saturating_sub(arrival).as_micros().max(1) as u64);
+        }
+        next += n;
+        batches += 1;
+    }
+    let seconds = clock.now().as_secs_f64();
+    let cpu_seconds = process_cpu_seconds() - cpu_start - cpu_paused;
+    let peak_rss = peak_rss_bytes();
+    store.compact()?;
+    let state_bytes = store.sst_bytes()?;
+    Ok(RunResult {
+        rate,
+        events,
+        users: seen.iter().map(|w| u64::from(w.count_ones())).sum(),
+        seconds,
+        cpu_seconds,
+        latency_us,
+        peak_rss,
+        state_bytes,
+        batches,
+        stages,
+    })
+}
+
+fn table(args: &BenchArgs, model: &IntentModel, results: &[RunResult]) -> String {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "intentflow bench (in-process, no Kafka): intentflow {}, model {} (hidden vector {} values), batch {}, {} partitions, \
+         RocksDB block cache {} MiB with the write-ahead log, {cores} cores",
+        env!("CARGO_PKG_VERSION"),
+        model.version(),
+        model.hidden_dim(),
+        args.batch,
+        args.partitions,
+        args.block_cache_mib
+    );
+    let _ = writeln!(s, "| offered | events | users | events/s | p50 ms | p99 ms | p99.9 ms | CPU s per M events | peak RSS MiB | state B/user | batches |");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in results {
+        let ms = |q: f64| r.latency_us.value_at_quantile(q) as f64 / 1000.0;
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.1} | {} |",
+            r.rate.map_or_else(|| "flat out".to_string(), |r| format!("{r:.0}/s")),
+            r.events,
+            r.users,
+            r.events as f64 / r.seconds,
+            ms(0.5),
+            ms(0.99),
+            ms(0.999),
+            r.cpu_seconds * 1e6 / r.events as f64,
+            r.peak_rss as f64 / f64::from(1 << 20),
+            r.state_bytes as f64 / r.users.max(1) as f64,
+            r.batches
+        );
+    }
+    let _ = writeln!(s, "\nWall time per stage, µs per event:\n\n| offered | {} |", Stages::NAMES.join(" | "));
+    let _ = writeln!(s, "|---|{}", "---:|".repeat(Stages::NAMES.len()));
+    for r in results {
+        let cells: Vec<String> = r.stages.seconds.iter().map(|t| format!("{:.2}", t * 1e6 / r.events as f64)).collect();
+        let _ = writeln!(s, "| {} | {} |", r.rate.map_or_else(|| "flat out".to_string(), |r| format!("{r:.0}/s")), cells.join(" | "));
+    }
+    s
+}
+
+/// User + system CPU seconds of this process so far (all threads), from `/proc/self/stat`;
+/// 0 where there is no procfs.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|t| t.parse::<f64>().ok()).sum());
+    ticks / clock_ticks_per_second()
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // USER_HZ is 100 on every Linux architecture intentflow builds for.
+    100.0
+}
+
+/// Resets the kernel's peak-RSS mark of this process (`/proc/self/clear_refs`, Linux ≥ 4.0).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak resident set size of this process since start or [`reset_peak_rss`] (`VmHWM`).
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())))
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_records_decode_and_spread_over_users() {
+        let synth = Synth { seed: 1, users: 1_000 };
+        let decoder = EventDecoder::default();
+        let mut users = std::collections::HashSet::new();
+        for i in 0..5_000 {
+            let mut buf = Vec::new();
+            synth.write(i, &mut buf);
+            let event = decoder.decode(&buf, 1_800_000_000_000).unwrap();
+            assert_eq!(event.user_id, format!("u{:08}", synth.user(i)));
+            users.insert(event.user_id);
+        }
+        assert!(users.len() > 990, "5,000 uniform draws over 1,000 users miss only a few: {}", users.len());
+    }
+
+    #[test]
+    fn process_counters_read_procfs() {
+        assert!(peak_rss_bytes() > 0);
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(50) {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        assert!(process_cpu_seconds() > 0.0, "{x}");
+    }
+}
