@@ -37,7 +37,7 @@ enum Command {
     Tail(commands::tail::TailArgs),
     /// Reprocess a bounded range of topics (or event files) into a separate state and a backfill topic or file.
     Replay(replay::ReplayArgs),
-    /// Measure the hot path in-process (decode, RocksDB state, model, encode): events/s, latency, CPU, RSS, bytes per user.
+    /// Measure the hot path in-process (decode, RocksDB state, model, encode), or the live operator through a broker: events/s, latency, CPU, RSS, bytes per user.
     Bench(commands::bench::BenchArgs),
 }
 
@@ -103,7 +103,7 @@ async fn main() -> Result<()> {
         Command::Train(args) => tokio::task::block_in_place(|| commands::train::train_cmd(&args)),
         Command::Eval(args) => tokio::task::block_in_place(|| commands::eval::eval_cmd(&args)),
         Command::Tail(args) => tokio::task::block_in_place(|| commands::tail::tail_cmd(&args)),
-        Command::Bench(args) => tokio::task::block_in_place(|| commands::bench::bench_cmd(&args)),
+        Command::Bench(args) => commands::bench::bench_cmd(&args).await,
         Command::Replay(args) => {
             let s = replay::replay(&args.job()?).await?;
             for ((source, partition), (from, to)) in &s.ranges {

@@ -19,6 +19,7 @@
 
 pub mod changelog;
 mod encoding;
+mod hot;
 mod store;
 
 pub use encoding::{topic_id, Fence, UserState, STATE_ENCODING_VERSION};

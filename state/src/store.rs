@@ -6,7 +6,9 @@
 use crate::changelog::{decode_offset, Applied, ChangelogKey, ModelPolicy, Quarantined, RestoreTrack};
 use crate::{StateError, UserState};
 use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB, DEFAULT_COLUMN_FAMILY_NAME};
+use crate::hot::HotStates;
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 
 const USER_PREFIX: u8 = b'u';
 const OFFSET_PREFIX: u8 = b'o';
@@ -58,8 +60,11 @@ pub struct RawUser {
 /// Tuning of the embedded store.
 #[derive(Debug, Clone, Copy)]
 pub struct StoreOptions {
-    /// Size of the LRU block cache in bytes (default 64 MiB).
+    /// Size of the LRU block cache in bytes (default 64 MiB, a quarter of 256 MiB).
     pub block_cache_bytes: usize,
+    /// Budget of the in-process cache of the states this process wrote last (default 192 MiB;
+    /// 0 turns it off): a user read back soon after a write skips RocksDB.
+    pub hot_state_bytes: usize,
     /// Bulk loading (replays): large memtables, no write-ahead log, L0 compactions deferred
     /// to larger runs. Writes survive only once [`StateStore::flush`] returns (or the store is
     /// closed cleanly), so a crashed bulk load must be started again in a fresh directory.
@@ -68,11 +73,18 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { block_cache_bytes: 64 << 20, bulk_load: false }
+        StoreOptions::with_cache_budget(256 << 20)
     }
 }
 
 impl StoreOptions {
+    /// Live options with one memory budget for states: a quarter for RocksDB's block cache,
+    /// three quarters for the cache of recently written states (see
+    /// [`StoreOptions::hot_state_bytes`]). Memtables come on top.
+    pub fn with_cache_budget(bytes: usize) -> StoreOptions {
+        StoreOptions { block_cache_bytes: (bytes / 4).max(1 << 20), hot_state_bytes: bytes - bytes / 4, bulk_load: false }
+    }
+
     /// The options of a bulk load (replay): see [`StoreOptions::bulk_load`].
     pub fn bulk() -> StoreOptions {
         StoreOptions { bulk_load: true, ..StoreOptions::default() }
@@ -87,6 +99,8 @@ impl StoreOptions {
 pub struct StateStore {
     db: DB,
     write_options: WriteOptions,
+    /// Taken around every write of user keys, so the cache and RocksDB change together.
+    hot: Mutex<HotStates>,
 }
 
 fn user_key(partition: i32, user: &str) -> Vec<u8> {
@@ -130,6 +144,14 @@ fn read_i64(bytes: Option<Vec<u8>>, what: &str) -> Result<Option<i64>, StateErro
         .transpose()
 }
 
+/// What stored bytes hold: a state, or, if they do not decode, the bytes to quarantine.
+fn decoded(bytes: &[u8]) -> Loaded {
+    match UserState::decode(bytes) {
+        Ok(state) => Loaded::State(state),
+        Err(error) => Loaded::Invalid { bytes: bytes.to_vec(), error },
+    }
+}
+
 impl StateStore {
     /// Opens (creating if needed) the store at `path`.
     ///
@@ -163,7 +185,8 @@ impl StateStore {
         }
         // Opened with the default column family named, so that batched reads can address it.
         let default_cf = ColumnFamilyDescriptor::new(DEFAULT_COLUMN_FAMILY_NAME, opts.clone());
-        Ok(StateStore { db: DB::open_cf_descriptors(&opts, path, [default_cf])?, write_options })
+        let hot = Mutex::new(HotStates::new(options.hot_state_bytes));
+        Ok(StateStore { db: DB::open_cf_descriptors(&opts, path, [default_cf])?, write_options, hot })
     }
 
     /// Reads the states of many users at once. A stored value that does not decode is
@@ -174,22 +197,34 @@ impl StateStore {
     /// RocksDB read errors.
     pub fn get_many<'a>(&self, keys: impl IntoIterator<Item = (i32, &'a str)>) -> Result<Vec<Loaded>, StateError> {
         let keys: Vec<Vec<u8>> = keys.into_iter().map(|(p, u)| user_key(p, u)).collect();
+        let mut loaded: Vec<Loaded> = std::iter::repeat_with(|| Loaded::Absent).take(keys.len()).collect();
+        let mut misses: Vec<usize> = Vec::with_capacity(keys.len());
+        {
+            let hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+            for (i, key) in keys.iter().enumerate() {
+                match hot.get(key) {
+                    Some(bytes) => loaded[i] = decoded(bytes),
+                    None => misses.push(i),
+                }
+            }
+        }
         // RocksDB's batched read walks sorted keys in one pass over each memtable and file, and
         // its values come back pinned in the block cache: decoded in place, never copied.
-        let mut order: Vec<usize> = (0..keys.len()).collect();
-        order.sort_unstable_by(|&a, &b| keys[a].cmp(&keys[b]));
+        misses.sort_unstable_by(|&a, &b| keys[a].cmp(&keys[b]));
         let cf = self.db.cf_handle(DEFAULT_COLUMN_FAMILY_NAME).expect("the store is opened with its default column family");
-        let values = self.db.batched_multi_get_cf(cf, order.iter().map(|&i| &keys[i]), true);
-        let mut loaded: Vec<Loaded> = std::iter::repeat_with(|| Loaded::Absent).take(keys.len()).collect();
-        for (&i, value) in order.iter().zip(values) {
+        let values = self.db.batched_multi_get_cf(cf, misses.iter().map(|&i| &keys[i]), true);
+        for (&i, value) in misses.iter().zip(values) {
             if let Some(bytes) = value? {
-                loaded[i] = match UserState::decode(&bytes) {
-                    Ok(state) => Loaded::State(state),
-                    Err(error) => Loaded::Invalid { bytes: bytes.to_vec(), error },
-                };
+                loaded[i] = decoded(&bytes);
             }
         }
         Ok(loaded)
+    }
+
+    /// Entries and bytes (by its own count) of the in-process cache of recently written states.
+    pub fn hot_states(&self) -> (usize, usize) {
+        let hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+        (hot.len(), hot.bytes())
     }
 
     /// Atomically writes user states, the next input offsets they reflect and, per partition,
@@ -233,7 +268,11 @@ impl StateStore {
         for (partition, next) in changelog {
             batch.put(changelog_key(partition), next.to_le_bytes());
         }
+        let mut hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
         self.db.write_opt(batch, &self.write_options)?;
+        for (key, state) in &users {
+            hot.put(key, state);
+        }
         Ok(())
     }
 
@@ -294,6 +333,8 @@ impl StateStore {
     ) -> Result<Applied, StateError> {
         let mut batch = WriteBatch::default();
         let mut out = Applied::default();
+        // Every user key the chunk writes or deletes leaves the hot cache with the write.
+        let mut touched: Vec<Vec<u8>> = Vec::new();
         for (offset, key, value) in records {
             let quarantine = |error: StateError| Quarantined { offset, key: key.to_vec(), value: value.unwrap_or_default().to_vec(), error };
             let parsed = match (ChangelogKey::decode(key), value) {
@@ -309,6 +350,9 @@ impl StateStore {
                     continue;
                 }
             };
+            if let ChangelogKey::User(user) = parsed {
+                touched.push(user_key(partition, user));
+            }
             match (parsed, value) {
                 (ChangelogKey::User(user), Some(v)) => match UserState::decode(v) {
                     Ok(state) if state.built_by(model.0) => {
@@ -360,7 +404,9 @@ impl StateStore {
             out.records += 1;
         }
         batch.put(changelog_key(partition), next.to_le_bytes());
+        let mut hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
         self.db.write(batch)?;
+        touched.iter().for_each(|k| hot.remove(k));
         Ok(out)
     }
 
@@ -400,7 +446,9 @@ impl StateStore {
     pub fn clear_users(&self) -> Result<(), StateError> {
         let mut batch = WriteBatch::default();
         batch.delete_range([USER_PREFIX].as_slice(), [USER_PREFIX + 1].as_slice());
+        let mut hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
         self.db.write(batch)?;
+        *hot = HotStates::new(hot.capacity());
         Ok(())
     }
 
@@ -425,7 +473,9 @@ impl StateStore {
             }
         }
         batch.delete(changelog_key(partition));
+        let mut hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
         self.db.write(batch)?;
+        hot.remove_prefix(&user_key(partition, ""));
         Ok(())
     }
 

@@ -164,3 +164,38 @@ fn users_come_in_chunks_that_resume_after_a_key() {
     assert_eq!(store.meta("handover").unwrap(), None);
     assert_eq!(store.users_after(None, 100).unwrap().len(), 25, "meta keys are not users");
 }
+
+/// The in-process cache of recently written states answers reads only with what RocksDB holds:
+/// restores, resets and dropped partitions take their keys out of it.
+#[test]
+fn the_hot_state_cache_never_answers_with_a_value_rocksdb_no_longer_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+    let state = |x: f32| UserState { hidden: vec![x; 4], model_version: "m".into(), ..Default::default() };
+    let (a, b, c) = (state(0.1), state(0.2), state(0.3));
+    store.commit([(1, "a", &a), (1, "b", &b), (2, "c", &c)], [], []).unwrap();
+    assert_eq!(store.hot_states().0, 3, "commits fill the cache");
+    assert_eq!(states(&store, &[(1, "a"), (1, "b"), (2, "c")]), vec![Some(a.clone()), Some(b.clone()), Some(c.clone())]);
+
+    // A restore rewrites a and deletes b.
+    let a2 = state(0.9);
+    let (ka, kb, va) = (ChangelogKey::User("a").encode(), ChangelogKey::User("b").encode(), a2.encode());
+    let records: Vec<(i64, &[u8], Option<&[u8]>)> = vec![(0, &ka, Some(&va)), (1, &kb, None)];
+    store.apply_changelog(1, records, 2, ("m", ModelPolicy::Refuse), &mut RestoreTrack::default()).unwrap();
+    assert_eq!(store.hot_states().0, 1, "the restored keys left the cache");
+    assert_eq!(states(&store, &[(1, "a"), (1, "b"), (2, "c")]), vec![Some(a2.clone()), None, Some(c.clone())]);
+
+    store.clear_partition(2).unwrap();
+    assert_eq!(states(&store, &[(2, "c")]), vec![None]);
+    store.commit([(1, "a", &a), (2, "c", &c)], [], []).unwrap();
+    store.clear_users().unwrap();
+    assert_eq!(states(&store, &[(1, "a"), (2, "c")]), vec![None, None]);
+    assert_eq!(store.hot_states(), (0, 0));
+
+    // With the cache off, reads are the same.
+    let store_b = dir.path().join("off");
+    let off = StateStore::open(&store_b, StoreOptions { hot_state_bytes: 0, ..StoreOptions::default() }).unwrap();
+    off.commit([(1, "a", &a)], [], []).unwrap();
+    assert_eq!(off.hot_states(), (0, 0));
+    assert_eq!(states(&off, &[(1, "a"), (1, "b")]), vec![Some(a), None]);
+}

@@ -63,6 +63,9 @@ pub struct RunArgs {
     /// Milliseconds after its first record that a batch (one transaction) closes [default: 100].
     #[arg(long)]
     pub commit_interval_ms: Option<u64>,
+    /// MiB for user states: RocksDB's block cache and the cache of recently written states [default: 256].
+    #[arg(long)]
+    pub state_cache_mib: Option<usize>,
     /// Address for /metrics and /health, or "" to disable [default: 127.0.0.1:9464].
     #[arg(long)]
     pub metrics_addr: Option<String>,
@@ -170,6 +173,9 @@ impl RunConfig {
         }
         if let Some(v) = args.commit_interval_ms {
             cfg.commit_interval_ms = v;
+        }
+        if let Some(v) = args.state_cache_mib {
+            cfg.state_cache_mib = v;
         }
         if let Some(v) = &args.metrics_addr {
             cfg.metrics_addr.clone_from(v);

@@ -61,6 +61,9 @@ pub struct RunConfig {
     pub max_batch_records: usize,
     /// A batch (and its transaction) closes at most this long after its first record.
     pub commit_interval_ms: u64,
+    /// Memory for user states in MiB: a quarter is RocksDB's block cache, three quarters the
+    /// in-process cache of recently written states (memtables, up to 2 × 64 MiB, come on top).
+    pub state_cache_mib: usize,
     /// Address of the `/metrics` and `/health` endpoints; empty to disable.
     pub metrics_addr: String,
     /// Largest accepted input record in bytes.
@@ -109,6 +112,7 @@ impl Default for RunConfig {
             bootstrap_output_topic: String::new(),
             max_batch_records: 4096,
             commit_interval_ms: 100,
+            state_cache_mib: 256,
             metrics_addr: "127.0.0.1:9464".into(),
             max_record_bytes: 64 * 1024,
             max_task_idle_ms: 1_000,

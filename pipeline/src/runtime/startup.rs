@@ -78,7 +78,7 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
     tracing::info!(version = model.version(), hidden = model.hidden_dim(), device = ?cfg.device, "model loaded");
     let policy = ModelPolicy::from_reset_flag(cfg.reset_state_on_model_change);
     let operator = IntentOperator::new(model).with_model_policy(policy);
-    let store = Arc::new(dir.open_store(StoreOptions::default())?);
+    let store = Arc::new(dir.open_store(StoreOptions::with_cache_budget(cfg.state_cache_mib << 20))?);
     StateDir::adopt_model(&store, operator.model().version(), policy)?;
 
     let clients = cfg.clients();

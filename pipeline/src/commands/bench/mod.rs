@@ -1,4 +1,5 @@
-//! `intentflow bench`: the operator's hot path measured in-process, without Kafka.
+//! `intentflow bench`: the operator's hot path measured in-process, without Kafka, or with
+//! `--brokers` the live operator through the real broker ([`live`]).
 //!
 //! Generated events, written as the JSON records a topic would hold, go through everything the
 //! live operator does to a batch between the consumer and the producer: decode, the users' states
@@ -16,6 +17,8 @@
 //!   its batch's intents are encoded and its states committed;
 //! * flat out (`--rates flat`), a full batch is always waiting, and an event's latency is its
 //!   batch's processing time.
+
+mod live;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -56,19 +59,28 @@ pub struct BenchArgs {
     /// events first (it has the default architecture, so its step costs what a real one does).
     #[arg(long)]
     pub model_dir: Option<PathBuf>,
-    /// RocksDB block cache in MiB.
-    #[arg(long, default_value_t = 64)]
-    pub block_cache_mib: usize,
+    /// Memory for user states in MiB, split as `run` splits it (its `state_cache_mib`): a
+    /// quarter RocksDB block cache, three quarters the cache of recently written states.
+    #[arg(long, default_value_t = 256)]
+    pub state_cache_mib: usize,
     /// Where the state stores go (default: a temporary directory, removed afterwards).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
     /// Random seed of the events.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Measure the live operator (`intentflow run` as a child process) through these brokers
+    /// instead of the hot path in-process.
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// With `--brokers`: the operator's `processing_guarantee`.
+    #[arg(long, default_value = "exactly_once", value_parser = ["exactly_once", "at_least_once"])]
+    pub processing_guarantee: String,
 }
 
 /// What one run measured.
 struct RunResult {
+    mode: String,
     rate: Option<f64>,
     events: u64,
     users: u64,
@@ -104,7 +116,7 @@ impl Stages {
 /// # Errors
 ///
 /// Bad arguments, model or state store failures.
-pub fn bench_cmd(args: &BenchArgs) -> Result<()> {
+pub async fn bench_cmd(args: &BenchArgs) -> Result<()> {
     let events = args.events.unwrap_or(args.users * 2);
     if args.users == 0 || args.batch == 0 || args.partitions == 0 || events == 0 {
         bail!("--users, --events, --batch and --partitions must be at least 1");
@@ -121,7 +133,7 @@ pub fn bench_cmd(args: &BenchArgs) -> Result<()> {
     let work = args.work_dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     let model_dir = match &args.model_dir {
         Some(dir) => dir.clone(),
-        None => train_small_model(&work.join("model"))?,
+        None => tokio::task::block_in_place(|| train_small_model(&work.join("model")))?,
     };
     let model = IntentModel::load(&model_dir, &Device::Cpu)?;
     let mut results = Vec::new();
@@ -129,8 +141,13 @@ pub fn bench_cmd(args: &BenchArgs) -> Result<()> {
         let dir = work.join(format!("state-{i}"));
         let _ = std::fs::remove_dir_all(&dir);
         eprintln!("bench: run {} of {}: {} events, {} users, {}", i + 1, rates.len(), events, args.users, describe_rate(*rate));
-        results.push(run_once(args, &model, &dir, events, *rate)?);
-        std::fs::remove_dir_all(&dir)?;
+        match &args.brokers {
+            Some(brokers) => results.push(live::run_live(args, brokers, &model_dir, &work, events, *rate).await?),
+            None => {
+                results.push(tokio::task::block_in_place(|| run_once(args, &model, &dir, events, *rate))?);
+                std::fs::remove_dir_all(&dir)?;
+            }
+        }
     }
     let mut out = std::io::stdout().lock();
     out.write_all(table(args, &model, &results).as_bytes())?;
@@ -150,9 +167,9 @@ fn train_small_model(dir: &Path) -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
-/// Writes schema-v1 JSON records of events `from..to` into `buf`, one after another, and the
-/// end of each into `ends`. Event *i*'s user is drawn from a hash of `seed` and *i*; times run
-/// one millisecond apart, so a user's sessions split on the 30-minute gap as real ones do.
+/// Writes event *i* as a schema-v1 JSON record. Its user is drawn from a hash of `seed` and
+/// *i*; the in-process bench gives events times one millisecond apart, so a user's sessions
+/// split on the 30-minute gap as real ones do, the live bench the time of producing.
 struct Synth {
     seed: u64,
     users: u64,
@@ -171,7 +188,7 @@ impl Synth {
         self.hash(i, 1) % self.users
     }
 
-    fn write(&self, i: u64, buf: &mut Vec<u8>) {
+    fn write(&self, i: u64, ts_ms: i64, buf: &mut Vec<u8>) {
         let r = self.hash(i, 2);
         let kind = match r % 100 {
             0..=1 => "purchase",
@@ -185,7 +202,7 @@ impl Synth {
             s,
             r#"{{"user_id":"u{:08}","ts":{},"type":"{kind}","event_id":"b{i}","item_id":"i{item}","category":"c{category}","price":{}.{:02}}}"#,
             self.user(i),
-            1_704_067_200_000 + i as i64,
+            ts_ms,
             cents / 100,
             cents % 100
         );
@@ -214,7 +231,7 @@ impl Clock {
 
 fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate: Option<f64>) -> Result<RunResult> {
     reset_peak_rss();
-    let store = StateStore::open(dir, StoreOptions { block_cache_bytes: args.block_cache_mib << 20, bulk_load: false })?;
+    let store = StateStore::open(dir, StoreOptions::with_cache_budget(args.state_cache_mib << 20))?;
     let operator = IntentOperator::new(model.clone());
     let decoder = EventDecoder::default();
     let synth = Synth { seed: args.seed, users: args.users };
@@ -246,7 +263,7 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
             ends.clear();
             partitions.clear();
             for i in next..next + n {
-                synth.write(i, &mut buf);
+                synth.write(i, 1_704_067_200_000 + i as i64, &mut buf);
                 ends.push(buf.len());
                 let user = synth.user(i);
                 seen[(user / 64) as usize] |= 1 << (user % 64);
@@ -301,6 +318,7 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
     store.compact()?;
     let state_bytes = store.sst_bytes()?;
     Ok(RunResult {
+        mode: "in-process".into(),
         rate,
         events,
         users: seen.iter().map(|w| u64::from(w.count_ones())).sum(),
@@ -319,22 +337,23 @@ fn table(args: &BenchArgs, model: &IntentModel, results: &[RunResult]) -> String
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "intentflow bench (in-process, no Kafka): intentflow {}, model {} (hidden vector {} values), batch {}, {} partitions, \
-         RocksDB block cache {} MiB with the write-ahead log, {cores} cores",
+        "intentflow bench: intentflow {}, model {} (hidden vector {} values), batch {}, {} partitions, \
+         state cache {} MiB (a quarter RocksDB block cache), RocksDB with its write-ahead log, {cores} cores",
         env!("CARGO_PKG_VERSION"),
         model.version(),
         model.hidden_dim(),
         args.batch,
         args.partitions,
-        args.block_cache_mib
+        args.state_cache_mib
     );
-    let _ = writeln!(s, "| offered | events | users | events/s | p50 ms | p99 ms | p99.9 ms | CPU s per M events | peak RSS MiB | state B/user | batches |");
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "| mode | offered | events | users | events/s | p50 ms | p99 ms | p99.9 ms | CPU s per M events | peak RSS MiB | state B/user | batches |");
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in results {
         let ms = |q: f64| r.latency_us.value_at_quantile(q) as f64 / 1000.0;
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.1} | {} |",
+            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.1} | {} |",
+            r.mode,
             r.rate.map_or_else(|| "flat out".to_string(), |r| format!("{r:.0}/s")),
             r.events,
             r.users,
@@ -350,26 +369,31 @@ fn table(args: &BenchArgs, model: &IntentModel, results: &[RunResult]) -> String
     }
     let _ = writeln!(s, "\nWall time per stage, µs per event:\n\n| offered | {} |", Stages::NAMES.join(" | "));
     let _ = writeln!(s, "|---|{}", "---:|".repeat(Stages::NAMES.len()));
-    for r in results {
+    for r in results.iter().filter(|r| r.batches > 0) {
         let cells: Vec<String> = r.stages.seconds.iter().map(|t| format!("{:.2}", t * 1e6 / r.events as f64)).collect();
         let _ = writeln!(s, "| {} | {} |", r.rate.map_or_else(|| "flat out".to_string(), |r| format!("{r:.0}/s")), cells.join(" | "));
     }
     s
 }
 
-/// User + system CPU seconds of this process so far (all threads), from `/proc/self/stat`;
-/// 0 where there is no procfs.
+/// User + system CPU seconds of this process so far (all threads), from procfs; 0 where there
+/// is none.
 fn process_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|t| t.parse::<f64>().ok()).sum());
-    ticks / clock_ticks_per_second()
+    cpu_seconds_in("/proc/self/stat")
 }
 
-fn clock_ticks_per_second() -> f64 {
-    // USER_HZ is 100 on every Linux architecture intentflow builds for.
-    100.0
+/// [`process_cpu_seconds`] of another process.
+fn process_cpu_seconds_of(pid: u32) -> f64 {
+    cpu_seconds_in(&format!("/proc/{pid}/stat"))
+}
+
+fn cpu_seconds_in(stat: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(stat) else { return 0.0 };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15, in
+    // clock ticks (USER_HZ, 100 on every Linux architecture intentflow builds for).
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|t| t.parse::<f64>().ok()).sum());
+    ticks / 100.0
 }
 
 /// Resets the kernel's peak-RSS mark of this process (`/proc/self/clear_refs`, Linux ≥ 4.0).
@@ -379,7 +403,16 @@ fn reset_peak_rss() {
 
 /// Peak resident set size of this process since start or [`reset_peak_rss`] (`VmHWM`).
 fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    peak_rss_in("/proc/self/status")
+}
+
+/// [`peak_rss_bytes`] of another process.
+fn peak_rss_bytes_of(pid: u32) -> u64 {
+    peak_rss_in(&format!("/proc/{pid}/status"))
+}
+
+fn peak_rss_in(status: &str) -> u64 {
+    std::fs::read_to_string(status)
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())))
         .map_or(0, |kb| kb * 1024)
@@ -396,7 +429,7 @@ mod tests {
         let mut users = std::collections::HashSet::new();
         for i in 0..5_000 {
             let mut buf = Vec::new();
-            synth.write(i, &mut buf);
+            synth.write(i, 1_704_067_200_000, &mut buf);
             let event = decoder.decode(&buf, 1_800_000_000_000).unwrap();
             assert_eq!(event.user_id, format!("u{:08}", synth.user(i)));
             users.insert(event.user_id);

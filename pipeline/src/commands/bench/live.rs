@@ -1,0 +1,172 @@
+//! `intentflow bench --brokers …`: the live operator measured through the real broker.
+//!
+//! The bench starts `intentflow run` (this binary) as a child process on fresh topics and a
+//! fresh state directory, waits for it to own its partitions, then produces the events at the
+//! offered load (or flat out), each stamped with the time it was handed to the producer. A
+//! `read_committed` consumer of the output topic takes each intent's latency as the time it
+//! arrives minus its event's stamp: what a downstream consumer sees, transactions included.
+//! The operator's CPU time and peak RSS are read from procfs before it is stopped with SIGTERM.
+
+use super::{process_cpu_seconds_of, peak_rss_bytes_of, BenchArgs, RunResult, Stages, Synth};
+use crate::kafka::{admin, DeliveryWindow, KafkaClients};
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use intentflow_schemas::ScoredIntent;
+use intentflow_state::{StateStore, StoreOptions};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the operator may take to start and own its partitions.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the last intents may take to arrive after the last event was produced.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Stops the child operator when dropped (an error path), with SIGTERM.
+struct Operator(Child);
+
+impl Operator {
+    fn terminate(&mut self) -> Result<()> {
+        let status = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status().context("running kill")?;
+        if !status.success() {
+            bail!("kill -TERM {} failed", self.0.id());
+        }
+        let exit = self.0.wait()?;
+        if !exit.success() {
+            bail!("the operator exited with {exit} after SIGTERM");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// One run against the live operator.
+pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, work: &Path, events: u64, rate: Option<f64>) -> Result<RunResult> {
+    let clients = KafkaClients::new(brokers);
+    let id = format!("{}-{}", chrono::Utc::now().timestamp_millis(), std::process::id());
+    let (input, output, group) = (format!("bench-events-{id}"), format!("bench-intents-{id}"), format!("bench-{id}"));
+    let partitions = i32::try_from(args.partitions)?;
+    admin::ensure_topic(&clients, &input, partitions).await?;
+    admin::ensure_topic(&clients, &output, partitions).await?;
+    let state_dir = work.join(format!("live-state-{id}"));
+    let log_path = work.join(format!("live-operator-{id}.log"));
+    let log = std::fs::File::create(&log_path)?;
+    let child = Command::new(std::env::current_exe()?)
+        .args(["run", "--brokers", brokers, "--input-topic", &input, "--output-topic", &output, "--group", &group])
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .arg("--model-dir")
+        .arg(model_dir)
+        .args(["--processing-guarantee", &args.processing_guarantee, "--metrics-addr", ""])
+        .args(["--max-batch-records", &args.batch.to_string(), "--state-cache-mib", &args.state_cache_mib.to_string()])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting `intentflow run`")?;
+    let mut operator = Operator(child);
+    let pid = operator.0.id();
+    let started = Instant::now();
+    while !std::fs::read_to_string(&log_path)?.contains("assigned partitions are up to date") {
+        if let Some(status) = operator.0.try_wait()? {
+            bail!("the operator exited with {status} before it was ready; its log: {}", log_path.display());
+        }
+        if started.elapsed() > START_TIMEOUT {
+            bail!("the operator did not own its partitions within {START_TIMEOUT:?}; its log: {}", log_path.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cpu_start = process_cpu_seconds_of(pid);
+
+    // The reader of the intents runs on its own thread while this one produces.
+    let reader = {
+        let consumer: BaseConsumer = clients.reader_config(&format!("{group}-reader"), "read_committed").create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(&output, p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        std::thread::spawn(move || read_latencies(&consumer, events))
+    };
+
+    let producer = clients.producer(&[])?;
+    let mut window = DeliveryWindow::new(&producer, 100_000);
+    let synth = Synth { seed: args.seed, users: args.users };
+    let t0 = Instant::now();
+    let mut buf = Vec::with_capacity(256);
+    let mut key = String::new();
+    let mut seen = vec![0u64; args.users.div_ceil(64) as usize];
+    for i in 0..events {
+        if let Some(r) = rate {
+            let due = Duration::from_secs_f64(i as f64 / r);
+            if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        buf.clear();
+        synth.write(i, chrono::Utc::now().timestamp_millis(), &mut buf);
+        let user = synth.user(i);
+        seen[(user / 64) as usize] |= 1 << (user % 64);
+        key.clear();
+        key.push_str(&format!("u{user:08}"));
+        window.send(&input, key.as_bytes(), &buf).await?;
+    }
+    window.finish().await?;
+    let (latency_us, last_arrival) = tokio::task::spawn_blocking(move || reader.join().expect("the reader thread does not panic")).await??;
+    let seconds = last_arrival.duration_since(t0).as_secs_f64();
+    let cpu_seconds = process_cpu_seconds_of(pid) - cpu_start;
+    let peak_rss = peak_rss_bytes_of(pid);
+    operator.terminate()?;
+    let state_bytes = {
+        let store = StateStore::open(&state_dir, StoreOptions::default())?;
+        store.compact()?;
+        store.sst_bytes()?
+    };
+    std::fs::remove_dir_all(&state_dir)?;
+    Ok(RunResult {
+        mode: format!("live run, {}", args.processing_guarantee),
+        rate,
+        events,
+        users: seen.iter().map(|w| u64::from(w.count_ones())).sum(),
+        seconds,
+        cpu_seconds,
+        latency_us,
+        peak_rss,
+        state_bytes,
+        batches: 0,
+        stages: Stages::default(),
+    })
+}
+
+/// Reads `events` intents; each one's latency is its arrival minus its event's time.
+fn read_latencies(consumer: &BaseConsumer, events: u64) -> Result<(Histogram<u64>, Instant)> {
+    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+    let mut seen = 0u64;
+    let mut last = Instant::now();
+    let deadline = Instant::now() + DRAIN_TIMEOUT + Duration::from_secs_f64(events as f64 / 1_000.0);
+    while seen < events {
+        if Instant::now() > deadline {
+            bail!("only {seen} of {events} intents arrived");
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let message = message?;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        last = Instant::now();
+        let intent: ScoredIntent = serde_json::from_slice(message.payload().unwrap_or_default()).context("an intent that does not parse")?;
+        let event_ms = chrono::DateTime::parse_from_rfc3339(&intent.event_ts)?.timestamp_millis();
+        latency_us.saturating_record(((now_ms - event_ms).max(0) as u64 * 1_000).max(1));
+        seen += 1;
+    }
+    Ok((latency_us, last))
+}
+
