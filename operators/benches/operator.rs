@@ -1,7 +1,7 @@
 //! Throughput of the scoring operator without Kafka: a batch of events through state reads,
 //! waves of batched GRU steps and intent construction, for several batch sizes.
 //!
-//! `cargo bench -p intentflow-operators --bench operator`
+//! `cargo bench --workspace --bench operator`
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use intentflow_model::train::{train, TrainConfig};
@@ -43,6 +43,29 @@ fn bench(c: &mut Criterion) {
             )
         });
     }
+    group.finish();
+
+    // One user with half of a batch's events: a wave per event of that user, and before waves
+    // skipped finished users, a pass over every user per wave.
+    let hot: Vec<PositionedEvent> = events[..4096]
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let mut e = e.clone();
+            if i % 2 == 0 {
+                e.event.user_id = "hot-user".into();
+            }
+            e
+        })
+        .collect();
+    let mut group = c.benchmark_group("operator_hot_user");
+    group.throughput(Throughput::Elements(hot.len() as u64));
+    group.bench_function("batch_4096_half_one_user", |b| {
+        b.iter(|| {
+            let out = op.process(&hot, &store, intentflow_operators::EmittedAt::Now(0)).unwrap();
+            out.intents.len()
+        })
+    });
     group.finish();
 }
 

@@ -174,6 +174,12 @@ impl IntentOperator {
         };
         let mut intents: Vec<Option<ScoredIntent>> = vec![None; events.len()];
         let max_len = slots.iter().map(|s| s.inputs.len()).max().unwrap_or(0);
+        // Slots by falling number of inputs: wave k steps the prefix of slots with more than k,
+        // so a user with thousands of events in the batch costs a wave per event, not a pass
+        // over every user per event.
+        let mut by_length: Vec<usize> = (0..slots.len()).collect();
+        by_length.sort_by_key(|&si| std::cmp::Reverse(slots[si].inputs.len()));
+        let mut active = by_length.len();
         let mut features: Vec<Features> = Vec::with_capacity(slots.len());
         let mut hidden: Vec<f32> = Vec::with_capacity(slots.len() * h);
         let mut wave_slots: Vec<usize> = Vec::with_capacity(slots.len());
@@ -181,8 +187,14 @@ impl IntentOperator {
             features.clear();
             hidden.clear();
             wave_slots.clear();
-            for (si, slot) in slots.iter_mut().enumerate() {
-                let Some(&input) = slot.inputs.get(wave) else { continue };
+            while active > 0 && slots[by_length[active - 1]].inputs.len() <= wave {
+                active -= 1;
+            }
+            // A row's step does not depend on the rows beside it, and intents land by input
+            // index: the order of a wave's rows changes nothing.
+            for &si in &by_length[..active] {
+                let slot = &mut slots[si];
+                let input = slot.inputs[wave];
                 let prepared = self.model.features().featurize(&mut slot.state.session, &events[input].event);
                 if prepared.reset_hidden {
                     slot.state.hidden.fill(0.0);
