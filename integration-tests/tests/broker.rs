@@ -238,3 +238,28 @@ fn chrono_like_future() -> i64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     now + 365 * 86_400_000
 }
+
+/// `intentflow bench --brokers` drives the live operator through the broker: it starts `run`,
+/// produces the events, and reads every intent back (it fails if one is missing).
+#[test]
+fn bench_measures_the_live_operator_through_the_broker() {
+    let brokers = require_broker();
+    let work = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(intentflow_bin())
+        .args(["bench", "--brokers", &brokers, "--users", "300", "--events", "3000", "--rates", "flat", "--processing-guarantee", "at_least_once"])
+        .arg("--model-dir")
+        .arg(trained_model_dir())
+        .arg("--work-dir")
+        .arg(work.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let row: Vec<&str> = stdout.lines().find(|l| l.starts_with("| live run, at_least_once")).unwrap_or_else(|| panic!("no live row: {stdout}")).trim_matches('|').split('|').map(str::trim).collect();
+    assert_eq!(row[2], "3000", "{row:?}");
+    let users: u32 = row[3].parse().unwrap();
+    assert!((250..=300).contains(&users), "{row:?}");
+    assert!(row[4].parse::<f64>().unwrap() > 0.0 && row[9].parse::<f64>().unwrap() > 0.0, "throughput and the operator's RSS: {row:?}");
+    assert!(row[10].parse::<f64>().unwrap() > 0.0, "the operator's state on disk: {row:?}");
+    assert!(!stdout.contains("Wall time per stage"), "no in-process stages for a live run");
+}

@@ -171,3 +171,36 @@ fn import_rejects_what_the_operator_rejects_under_the_runs_limits() {
     let out = intentflow(&["import", "--format", "jsonl", "--input", &path("big.jsonl"), "--output", &path("b.jsonl"), "--config", &path("run.toml")]);
     assert!(out.status.success() && text(&out.stderr).contains("wrote 1 events"), "{}", text(&out.stderr));
 }
+
+/// The cells of the rows of `intentflow bench`'s first table whose first cell is `mode`.
+fn bench_rows(stdout: &str, mode: &str) -> Vec<Vec<String>> {
+    stdout
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .filter(|l| l.starts_with(&format!("| {mode}")))
+        .map(|l| l.trim_matches('|').split('|').map(|c| c.trim().to_string()).collect())
+        .collect()
+}
+
+#[test]
+fn bench_runs_the_hot_path_in_process_and_reports_every_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().display().to_string();
+    let out = intentflow(&["bench", "--users", "2000", "--events", "6000", "--batch", "512", "--rates", "flat,20000", "--work-dir", &work]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let rows = bench_rows(&stdout, "in-process");
+    assert_eq!(rows.len(), 2, "{stdout}");
+    for (row, offered) in rows.iter().zip(["flat out", "20000/s"]) {
+        let num = |i: usize| row[i].parse::<f64>().unwrap_or_else(|_| panic!("column {i} of {row:?}"));
+        assert_eq!(row[1], offered);
+        assert_eq!(num(2), 6000.0, "events");
+        assert!((1_900.0..=2_000.0).contains(&num(3)), "6,000 uniform draws reach nearly all 2,000 users: {row:?}");
+        assert!(num(4) > 0.0 && num(8) > 0.0 && num(9) > 0.0, "events/s, CPU and RSS measured: {row:?}");
+        assert!(num(5) <= num(6) && num(6) <= num(7), "p50 ≤ p99 ≤ p99.9: {row:?}");
+        assert!(num(10) > 40.0, "a compacted state of the default model takes more than its 40 hidden floats' worth of bytes: {row:?}");
+    }
+    assert_eq!(rows[0][11], "12", "flat out, 6,000 events make full batches of 512");
+    assert!(rows[1][11].parse::<u32>().unwrap() >= 12, "an offered load makes batches of what has arrived");
+    assert!(stdout.contains("| flat out |") && stdout.contains("state read + model"), "the per-stage table: {stdout}");
+}
