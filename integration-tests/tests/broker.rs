@@ -240,11 +240,13 @@ fn chrono_like_future() -> i64 {
 }
 
 /// `intentflow bench --brokers` drives the live operator through the broker: it starts `run`,
-/// produces the events, and reads every intent back (it fails if one is missing).
+/// produces the events, reads every event's intent back (it fails if one is missing), and
+/// deletes its topics.
 #[test]
 fn bench_measures_the_live_operator_through_the_broker() {
     let brokers = require_broker();
     let work = tempfile::tempdir().unwrap();
+    let before = bench_topics(&brokers);
     let out = std::process::Command::new(intentflow_bin())
         .args(["bench", "--brokers", &brokers, "--users", "300", "--events", "3000", "--rates", "flat", "--processing-guarantee", "at_least_once"])
         .arg("--model-dir")
@@ -262,4 +264,22 @@ fn bench_measures_the_live_operator_through_the_broker() {
     assert!(row[4].parse::<f64>().unwrap() > 0.0 && row[9].parse::<f64>().unwrap() > 0.0, "throughput and the operator's RSS: {row:?}");
     assert!(row[10].parse::<f64>().unwrap() > 0.0, "the operator's state on disk: {row:?}");
     assert!(!stdout.contains("Wall time per stage"), "no in-process stages for a live run");
+    // Its topics are gone (deletion reaches the metadata shortly after the bench returns).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: Vec<String> = bench_topics(&brokers).into_iter().filter(|t| !before.contains(t)).collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the bench left topics behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The topics of `intentflow bench` runs on the broker.
+fn bench_topics(brokers: &str) -> HashSet<String> {
+    use rdkafka::consumer::Consumer;
+    let client = intentflow_pipeline::kafka::KafkaClients::new(brokers).metadata_client().unwrap();
+    let metadata = client.fetch_metadata(None, Duration::from_secs(10)).unwrap();
+    metadata.topics().iter().map(|t| t.name().to_string()).filter(|t| t.starts_with("bench-")).collect()
 }

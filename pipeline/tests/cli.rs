@@ -195,12 +195,12 @@ fn bench_runs_the_hot_path_in_process_and_reports_every_column() {
         let num = |i: usize| row[i].parse::<f64>().unwrap_or_else(|_| panic!("column {i} of {row:?}"));
         assert_eq!(row[1], offered);
         assert_eq!(num(2), 6000.0, "events");
-        assert!((1_900.0..=2_000.0).contains(&num(3)), "6,000 uniform draws reach nearly all 2,000 users: {row:?}");
+        assert!((1_850.0..=2_000.0).contains(&num(3)), "6,000 uniform draws reach about 1,900 of 2,000 users: {row:?}");
         assert!(num(4) > 0.0 && num(8) > 0.0 && num(9) > 0.0, "events/s, CPU and RSS measured: {row:?}");
         assert!(num(5) <= num(6) && num(6) <= num(7), "p50 ≤ p99 ≤ p99.9: {row:?}");
         assert!(num(10) > 40.0, "a compacted state of the default model takes more than its 40 hidden floats' worth of bytes: {row:?}");
     }
     assert_eq!(rows[0][11], "12", "flat out, 6,000 events make full batches of 512");
     assert!(rows[1][11].parse::<u32>().unwrap() >= 12, "an offered load makes batches of what has arrived");
-    assert!(stdout.contains("| flat out |") && stdout.contains("state read + model"), "the per-stage table: {stdout}");
+    assert!(stdout.contains("| offered | decode | state read + model"), "the per-stage table: {stdout}");
 }

@@ -5,113 +5,271 @@
 //! RocksDB; with it, it is a hash lookup. The cache holds encoded states (the bytes RocksDB
 //! holds), so a hit is decoded exactly as a read from RocksDB would be.
 //!
-//! Eviction is generational, an approximation of LRU without per-entry bookkeeping: writes go
-//! to the young generation; when it holds half the budget it becomes the old one and the
-//! previous old one is dropped. A lookup checks both.
-//!
 //! The cache is filled only by the store's own commits, never by reads, and every other write
-//! to a user key (restores, resets, partition drops) removes the keys it touches, all under one
-//! lock with the RocksDB write: so the cache never holds anything but the latest value of a key.
+//! to a user key (restores, resets, partition drops) removes the keys it touches, under the same
+//! lock as the RocksDB write: so the cache never holds anything but the latest value of a key.
+//!
+//! It is sharded by input partition, one lock per shard, so that a restore writing one
+//! partition's changelog chunk does not hold up the batch loop's reads and writes of the others.
+//! Eviction is generational per shard, an approximation of LRU without per-entry bookkeeping:
+//! writes go to the shard's young generation; whenever the whole cache is over its budget, the
+//! shard being written turns its young generation old and frees its previous old one (and the
+//! other shards do, if that is not enough). A lookup checks both generations.
 
 use foldhash::fast::RandomState;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
-type Map = HashMap<Box<[u8]>, Vec<u8>, RandomState>;
+/// Shards; partition `p` lives in shard `p mod SHARDS`.
+const SHARDS: usize = 16;
 
 /// Bookkeeping bytes counted per entry on top of key and value (hash table slot, two boxes).
 const ENTRY_OVERHEAD: usize = 64;
 
-/// Encoded states by store key, within a byte budget.
-#[derive(Debug, Default)]
-pub(crate) struct HotStates {
-    young: Map,
-    old: Map,
-    young_bytes: usize,
-    old_bytes: usize,
-    capacity: usize,
-}
+/// One generation: store key → encoded state.
+type Map = HashMap<Box<[u8]>, Vec<u8>, RandomState>;
 
 fn size(key: &[u8], value: &[u8]) -> usize {
     key.len() + value.len() + ENTRY_OVERHEAD
 }
 
-impl HotStates {
-    /// A cache of at most `capacity` bytes (0 turns it off).
-    pub(crate) fn new(capacity: usize) -> HotStates {
-        HotStates { capacity, ..HotStates::default() }
-    }
+/// One shard's two generations and their bytes.
+#[derive(Debug, Default)]
+struct Shard {
+    young: Map,
+    old: Map,
+    bytes: usize,
+}
 
-    /// The budget in bytes.
-    pub(crate) fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// The latest value written under `key`, if still cached.
-    pub(crate) fn get(&self, key: &[u8]) -> Option<&[u8]> {
+impl Shard {
+    fn get(&self, key: &[u8]) -> Option<&[u8]> {
         self.young.get(key).or_else(|| self.old.get(key)).map(Vec::as_slice)
     }
 
-    /// Records that `key` now holds `value`. A key already cached keeps its allocations.
-    pub(crate) fn put(&mut self, key: &[u8], value: &[u8]) {
-        if self.capacity == 0 {
-            return;
-        }
+    /// Stores `value` under `key` in the young generation; returns the bytes added (negative
+    /// when the value shrank). A key already cached keeps its allocations.
+    fn put(&mut self, key: &[u8], value: &[u8]) -> isize {
+        let before = self.bytes;
         if let Some(v) = self.young.get_mut(key) {
-            self.young_bytes = self.young_bytes - v.len() + value.len();
+            self.bytes = self.bytes - v.len() + value.len();
             v.clear();
             v.extend_from_slice(value);
         } else {
             let (k, mut v) = match self.old.remove_entry(key) {
                 Some((k, v)) => {
-                    self.old_bytes -= size(&k, &v);
+                    self.bytes -= size(&k, &v);
                     (k, v)
                 }
                 None => (Box::from(key), Vec::new()),
             };
             v.clear();
             v.extend_from_slice(value);
-            self.young_bytes += size(&k, &v);
+            self.bytes += size(&k, &v);
             self.young.insert(k, v);
         }
-        if self.young_bytes > self.capacity / 2 {
-            // Freed here, on the thread that allocated it, so the allocator reuses the memory
-            // for the next generation (freed elsewhere, it lingers and the process grows).
-            self.old = std::mem::take(&mut self.young);
-            self.old_bytes = std::mem::take(&mut self.young_bytes);
+        self.bytes as isize - before as isize
+    }
+
+    /// Turns the young generation old; returns the previous old one and the bytes it held.
+    fn turn(&mut self) -> (Map, usize) {
+        let freed: usize = self.old.iter().map(|(k, v)| size(k, v)).sum();
+        self.bytes -= freed;
+        (std::mem::replace(&mut self.old, std::mem::take(&mut self.young)), freed)
+    }
+
+    /// Forgets the keys `keep` refuses; returns the bytes freed.
+    fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) -> usize {
+        let before = self.bytes;
+        for map in [&mut self.young, &mut self.old] {
+            map.retain(|k, v| {
+                let kept = keep(k);
+                if !kept {
+                    self.bytes -= size(k, v);
+                }
+                kept
+            });
+        }
+        before - self.bytes
+    }
+
+    /// Forgets `key`; returns the bytes freed.
+    fn remove(&mut self, key: &[u8]) -> usize {
+        let mut freed = 0;
+        for map in [&mut self.young, &mut self.old] {
+            if let Some(v) = map.remove(key) {
+                freed += size(key, &v);
+            }
+        }
+        self.bytes -= freed;
+        freed
+    }
+}
+
+/// The shard of an input partition.
+fn shard_of(partition: i32) -> usize {
+    partition.rem_euclid(SHARDS as i32) as usize
+}
+
+/// The shard of a user key (`u` + partition, big-endian + user id).
+fn shard_of_key(key: &[u8]) -> usize {
+    key.get(1..5).map_or(0, |p| shard_of(i32::from_be_bytes(p.try_into().expect("4 bytes"))))
+}
+
+/// Recently written states by store key, within a byte budget over all shards.
+#[derive(Debug)]
+pub(crate) struct HotCache {
+    shards: Vec<Mutex<Shard>>,
+    /// Bytes held by all shards, by [`size`]'s count.
+    bytes: AtomicUsize,
+    capacity: usize,
+}
+
+impl HotCache {
+    /// A cache of about `capacity` bytes (0 turns it off).
+    pub(crate) fn new(capacity: usize) -> HotCache {
+        HotCache { shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(), bytes: AtomicUsize::new(0), capacity }
+    }
+
+    /// Locks one shard. A shard whose lock was poisoned (a panic between a RocksDB write and the
+    /// cache update) may be stale: it is emptied before use.
+    fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
+        match self.shards[shard].lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => {
+                let mut guard = poisoned.into_inner();
+                self.bytes.fetch_sub(guard.bytes, Ordering::Relaxed);
+                *guard = Shard::default();
+                self.shards[shard].clear_poison();
+                guard
+            }
+        }
+    }
+
+    fn locked(&self, wanted: impl Fn(usize) -> bool) -> Locked<'_> {
+        // Always in shard order, so no two holders of several shards wait on each other.
+        Locked { cache: self, guards: (0..SHARDS).map(|i| wanted(i).then(|| self.lock(i))).collect(), dropped: Vec::new() }
+    }
+
+    /// Locks the shards of `keys`' partitions.
+    pub(crate) fn lock_for<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) -> Locked<'_> {
+        let mut wanted = [false; SHARDS];
+        keys.into_iter().for_each(|k| wanted[shard_of_key(k)] = true);
+        self.locked(|i| wanted[i])
+    }
+
+    /// Locks the shard of one partition.
+    pub(crate) fn lock_partition(&self, partition: i32) -> Locked<'_> {
+        self.locked(|i| i == shard_of(partition))
+    }
+
+    /// Locks every shard.
+    pub(crate) fn lock_all(&self) -> Locked<'_> {
+        self.locked(|_| true)
+    }
+
+    /// Calls `found(i, value)` for each of `keys` that is cached, one shard at a time.
+    pub(crate) fn lookup(&self, keys: &[Vec<u8>], mut found: impl FnMut(usize, &[u8])) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut by_shard: [Vec<usize>; SHARDS] = Default::default();
+        keys.iter().enumerate().for_each(|(i, k)| by_shard[shard_of_key(k)].push(i));
+        for (shard, indices) in by_shard.iter().enumerate().filter(|(_, v)| !v.is_empty()) {
+            let hot = self.lock(shard);
+            for &i in indices {
+                if let Some(v) = hot.get(&keys[i]) {
+                    found(i, v);
+                }
+            }
+        }
+    }
+
+    /// Entries and bytes (by the budget's count).
+    pub(crate) fn totals(&self) -> (usize, usize) {
+        let entries = (0..SHARDS).map(|i| self.lock(i)).map(|s| s.young.len() + s.old.len()).sum();
+        (entries, self.bytes.load(Ordering::Relaxed))
+    }
+}
+
+/// Shards held locked: changes go to the shard of their key, which must be among them.
+pub(crate) struct Locked<'c> {
+    cache: &'c HotCache,
+    guards: Vec<Option<MutexGuard<'c, Shard>>>,
+    /// Generations turned out while locked, freed after the locks are released.
+    dropped: Vec<Map>,
+}
+
+impl Locked<'_> {
+    fn shard(&mut self, key: &[u8]) -> &mut Shard {
+        self.guards[shard_of_key(key)].as_mut().expect("the shard of every key changed is locked")
+    }
+
+    /// Records that `key` now holds `value`.
+    pub(crate) fn put(&mut self, key: &[u8], value: &[u8]) {
+        if self.cache.capacity == 0 {
+            return;
+        }
+        let added = self.shard(key).put(key, value);
+        let total = if added >= 0 {
+            self.cache.bytes.fetch_add(added as usize, Ordering::Relaxed) + added as usize
+        } else {
+            self.cache.bytes.fetch_sub(added.unsigned_abs(), Ordering::Relaxed) - added.unsigned_abs()
+        };
+        if total <= self.cache.capacity {
+            return;
+        }
+        // Over budget: the written shard turns first; if that is not enough (the bytes sit in
+        // other shards, say of partitions no longer written), the others turn too, those held
+        // here or free right now (never waited for: no lock order to break), twice at most.
+        let own = shard_of_key(key);
+        let order = std::iter::once(own).chain((0..SHARDS).filter(|&i| i != own));
+        for shard in order.clone().chain(order) {
+            if self.cache.bytes.load(Ordering::Relaxed) <= self.cache.capacity {
+                break;
+            }
+            let (old, freed) = match &mut self.guards[shard] {
+                Some(held) => held.turn(),
+                None => match self.cache.shards[shard].try_lock() {
+                    Ok(mut other) => other.turn(),
+                    Err(_) => continue,
+                },
+            };
+            self.cache.bytes.fetch_sub(freed, Ordering::Relaxed);
+            self.dropped.push(old);
         }
     }
 
     /// Forgets `key`.
     pub(crate) fn remove(&mut self, key: &[u8]) {
-        if let Some(v) = self.young.remove(key) {
-            self.young_bytes -= size(key, &v);
-        }
-        if let Some(v) = self.old.remove(key) {
-            self.old_bytes -= size(key, &v);
-        }
+        let freed = self.shard(key).remove(key);
+        self.cache.bytes.fetch_sub(freed, Ordering::Relaxed);
     }
 
-    /// Forgets every key that starts with `prefix`.
-    pub(crate) fn remove_prefix(&mut self, prefix: &[u8]) {
-        for (map, bytes) in [(&mut self.young, &mut self.young_bytes), (&mut self.old, &mut self.old_bytes)] {
-            map.retain(|k, v| {
-                let keep = !k.starts_with(prefix);
-                if !keep {
-                    *bytes -= size(k, v);
-                }
-                keep
-            });
+    /// Forgets every key of `partition` (keys starting with `prefix`).
+    pub(crate) fn remove_partition(&mut self, partition: i32, prefix: &[u8]) {
+        let shard = self.guards[shard_of(partition)].as_mut().expect("the partition's shard is locked");
+        let freed = shard.retain(|k| !k.starts_with(prefix));
+        self.cache.bytes.fetch_sub(freed, Ordering::Relaxed);
+    }
+
+    /// Forgets everything in the locked shards.
+    pub(crate) fn clear(&mut self) {
+        for shard in self.guards.iter_mut().flatten() {
+            self.cache.bytes.fetch_sub(shard.bytes, Ordering::Relaxed);
+            self.dropped.push(std::mem::take(&mut shard.young));
+            self.dropped.push(std::mem::take(&mut shard.old));
+            shard.bytes = 0;
         }
     }
+}
 
-    /// Bytes held, by the same count as the budget.
-    pub(crate) fn bytes(&self) -> usize {
-        self.young_bytes + self.old_bytes
-    }
-
-    /// Entries held.
-    pub(crate) fn len(&self) -> usize {
-        self.young.len() + self.old.len()
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        // Unlock first, then free the turned-out generations on this thread (so the allocator
+        // reuses their memory) without holding up the shards' other users.
+        self.guards.clear();
+        self.dropped.clear();
     }
 }
 
@@ -120,54 +278,77 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn key(partition: i32, user: u8) -> Vec<u8> {
+        let mut k = vec![b'u'];
+        k.extend_from_slice(&partition.to_be_bytes());
+        k.push(user);
+        k
+    }
+
     proptest! {
         /// Whatever the operations, a cached key holds the last value written to it, a removed
-        /// key is not cached, and the budget holds.
+        /// key is not cached, and the budget holds (within one entry).
         #[test]
         fn holds_only_latest_values_within_budget(
-            ops in proptest::collection::vec((0u8..3, 0u8..40, proptest::collection::vec(any::<u8>(), 0..50)), 0..400),
+            ops in proptest::collection::vec((0u8..4, 0i32..20, 0u8..10, proptest::collection::vec(any::<u8>(), 0..50)), 0..400),
             capacity in 0usize..4_000,
         ) {
-            let mut cache = HotStates::new(capacity);
+            let cache = HotCache::new(capacity);
             let mut truth: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
-            for (op, k, v) in ops {
-                let key = vec![b'u', k % 4, k];
+            for (op, partition, user, v) in ops {
+                let k = key(partition, user);
                 match op {
                     0 | 1 => {
-                        cache.put(&key, &v);
-                        truth.insert(key, v);
+                        cache.lock_for([k.as_slice()]).put(&k, &v);
+                        if capacity > 0 {
+                            truth.insert(k, v);
+                        }
                     }
-                    _ if k % 7 == 0 => {
-                        cache.remove_prefix(&key[..2]);
-                        truth.retain(|t, _| !t.starts_with(&key[..2]));
+                    2 if user == 0 => {
+                        let prefix = key(partition, 0)[..5].to_vec();
+                        cache.lock_partition(partition).remove_partition(partition, &prefix);
+                        truth.retain(|t, _| !t.starts_with(&prefix));
                     }
-                    _ => {
-                        cache.remove(&key);
-                        truth.remove(&key);
+                    2 => {
+                        cache.lock_partition(partition).remove(&k);
+                        truth.remove(&k);
                     }
+                    _ if user == 9 => {
+                        cache.lock_all().clear();
+                        truth.clear();
+                    }
+                    _ => {}
                 }
-                prop_assert!(cache.bytes() <= capacity + 50 + 3 + ENTRY_OVERHEAD, "{} > {capacity}", cache.bytes());
-                for k in 0..40u8 {
-                    let key = [b'u', k % 4, k];
-                    if let Some(v) = cache.get(&key) {
-                        prop_assert_eq!(Some(v), truth.get(key.as_slice()).map(Vec::as_slice));
-                    }
-                }
+                let (_, bytes) = cache.totals();
+                prop_assert!(bytes <= capacity + 50 + 6 + ENTRY_OVERHEAD, "{bytes} > {capacity}");
+                let counted: usize = (0..SHARDS).map(|i| cache.lock(i)).map(|s| s.young.iter().chain(s.old.iter()).map(|(k, v)| size(k, v)).sum::<usize>()).sum();
+                prop_assert_eq!(counted, bytes);
             }
-            let counted: usize = cache.young.iter().chain(cache.old.iter()).map(|(k, v)| size(k, v)).sum();
-            prop_assert_eq!(counted, cache.bytes());
+            let keys: Vec<Vec<u8>> = (0..20).flat_map(|p| (0..10).map(move |u| key(p, u))).collect();
+            let mut found = 0;
+            cache.lookup(&keys, |i, v| {
+                assert_eq!(Some(v), truth.get(&keys[i]).map(Vec::as_slice), "key {:?}", keys[i]);
+                found += 1;
+            });
+            prop_assert!(found <= truth.len());
         }
     }
 
     #[test]
     fn recent_writes_stay_and_old_ones_go() {
-        let mut cache = HotStates::new(10 * (3 + 10 + ENTRY_OVERHEAD));
-        for k in 0..100u8 {
-            cache.put(&[b'u', 0, k], &[k; 10]);
+        let cache = HotCache::new(10 * (6 + 10 + ENTRY_OVERHEAD));
+        for user in 0..100u8 {
+            let k = key(3, user);
+            cache.lock_for([k.as_slice()]).put(&k, &[user; 10]);
         }
-        assert_eq!(cache.get(&[b'u', 0, 99]), Some([99u8; 10].as_slice()));
-        assert_eq!(cache.get(&[b'u', 0, 0]), None);
-        assert!(cache.len() <= 10);
-        assert_eq!(HotStates::new(0).get(&[1]), None);
+        let mut hits = Vec::new();
+        let keys: Vec<Vec<u8>> = (0..100).map(|u| key(3, u)).collect();
+        cache.lookup(&keys, |i, v| hits.push((i, v.to_vec())));
+        assert!(hits.contains(&(99, vec![99; 10])), "the last write is cached");
+        assert!(!hits.iter().any(|(i, _)| *i == 0), "the first write is gone");
+        assert!(hits.len() <= 11);
+        let off = HotCache::new(0);
+        off.lock_for([keys[0].as_slice()]).put(&keys[0], &[1]);
+        assert_eq!(off.totals(), (0, 0));
     }
 }

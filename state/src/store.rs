@@ -4,11 +4,10 @@
 //! offsets, model, meta); splitting it by key space would scatter the key layout documented here.
 
 use crate::changelog::{decode_offset, Applied, ChangelogKey, ModelPolicy, Quarantined, RestoreTrack};
+use crate::hot::HotCache;
 use crate::{StateError, UserState};
 use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB, DEFAULT_COLUMN_FAMILY_NAME};
-use crate::hot::HotStates;
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
 
 const USER_PREFIX: u8 = b'u';
 const OFFSET_PREFIX: u8 = b'o';
@@ -99,8 +98,9 @@ impl StoreOptions {
 pub struct StateStore {
     db: DB,
     write_options: WriteOptions,
-    /// Taken around every write of user keys, so the cache and RocksDB change together.
-    hot: Mutex<HotStates>,
+    /// Recently written states; its shards are locked around every write of their user keys,
+    /// so the cache and RocksDB change together.
+    hot: HotCache,
 }
 
 fn user_key(partition: i32, user: &str) -> Vec<u8> {
@@ -185,7 +185,7 @@ impl StateStore {
         }
         // Opened with the default column family named, so that batched reads can address it.
         let default_cf = ColumnFamilyDescriptor::new(DEFAULT_COLUMN_FAMILY_NAME, opts.clone());
-        let hot = Mutex::new(HotStates::new(options.hot_state_bytes));
+        let hot = HotCache::new(options.hot_state_bytes);
         Ok(StateStore { db: DB::open_cf_descriptors(&opts, path, [default_cf])?, write_options, hot })
     }
 
@@ -198,16 +198,12 @@ impl StateStore {
     pub fn get_many<'a>(&self, keys: impl IntoIterator<Item = (i32, &'a str)>) -> Result<Vec<Loaded>, StateError> {
         let keys: Vec<Vec<u8>> = keys.into_iter().map(|(p, u)| user_key(p, u)).collect();
         let mut loaded: Vec<Loaded> = std::iter::repeat_with(|| Loaded::Absent).take(keys.len()).collect();
-        let mut misses: Vec<usize> = Vec::with_capacity(keys.len());
-        {
-            let hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
-            for (i, key) in keys.iter().enumerate() {
-                match hot.get(key) {
-                    Some(bytes) => loaded[i] = decoded(bytes),
-                    None => misses.push(i),
-                }
-            }
-        }
+        let mut hit = vec![false; keys.len()];
+        self.hot.lookup(&keys, |i, bytes| {
+            loaded[i] = decoded(bytes);
+            hit[i] = true;
+        });
+        let mut misses: Vec<usize> = (0..keys.len()).filter(|&i| !hit[i]).collect();
         // RocksDB's batched read walks sorted keys in one pass over each memtable and file, and
         // its values come back pinned in the block cache: decoded in place, never copied.
         misses.sort_unstable_by(|&a, &b| keys[a].cmp(&keys[b]));
@@ -223,8 +219,7 @@ impl StateStore {
 
     /// Entries and bytes (by its own count) of the in-process cache of recently written states.
     pub fn hot_states(&self) -> (usize, usize) {
-        let hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
-        (hot.len(), hot.bytes())
+        self.hot.totals()
     }
 
     /// Atomically writes user states, the next input offsets they reflect and, per partition,
@@ -257,7 +252,8 @@ impl StateStore {
     ) -> Result<(), StateError> {
         // Sorted, consecutive inserts into the memtable's skip list reuse each other's search.
         let mut users: Vec<(Vec<u8>, &[u8])> = states.into_iter().map(|(partition, user, state)| (user_key(partition, user), state)).collect();
-        users.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // Stable: of two writes of one key, the later stays last.
+        users.sort_by(|a, b| a.0.cmp(&b.0));
         let mut batch = WriteBatch::default();
         for (key, state) in &users {
             batch.put(key, state);
@@ -268,7 +264,7 @@ impl StateStore {
         for (partition, next) in changelog {
             batch.put(changelog_key(partition), next.to_le_bytes());
         }
-        let mut hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut hot = self.hot.lock_for(users.iter().map(|(k, _)| k.as_slice()));
         self.db.write_opt(batch, &self.write_options)?;
         for (key, state) in &users {
             hot.put(key, state);
@@ -404,7 +400,7 @@ impl StateStore {
             out.records += 1;
         }
         batch.put(changelog_key(partition), next.to_le_bytes());
-        let mut hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut hot = self.hot.lock_partition(partition);
         self.db.write(batch)?;
         touched.iter().for_each(|k| hot.remove(k));
         Ok(out)
@@ -446,9 +442,9 @@ impl StateStore {
     pub fn clear_users(&self) -> Result<(), StateError> {
         let mut batch = WriteBatch::default();
         batch.delete_range([USER_PREFIX].as_slice(), [USER_PREFIX + 1].as_slice());
-        let mut hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut hot = self.hot.lock_all();
         self.db.write(batch)?;
-        *hot = HotStates::new(hot.capacity());
+        hot.clear();
         Ok(())
     }
 
@@ -473,9 +469,9 @@ impl StateStore {
             }
         }
         batch.delete(changelog_key(partition));
-        let mut hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut hot = self.hot.lock_partition(partition);
         self.db.write(batch)?;
-        hot.remove_prefix(&user_key(partition, ""));
+        hot.remove_partition(partition, &user_key(partition, ""));
         Ok(())
     }
 

@@ -244,6 +244,9 @@ impl RunConfig {
                 self.transaction_timeout_ms
             ));
         }
+        if self.state_cache_mib > 1 << 20 {
+            return bad(format!("state_cache_mib = {} is over 1 TiB", self.state_cache_mib));
+        }
         if let Some(strategy) = self.kafka.consumer.get("partition.assignment.strategy").filter(|s| s.contains("cooperative")) {
             return bad(format!("partition.assignment.strategy = {strategy}: only eager assignors (range, roundrobin) are supported"));
         }

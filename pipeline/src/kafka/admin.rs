@@ -52,6 +52,23 @@ pub async fn ensure_topic_with(clients: &KafkaClients, topic: &str, partitions: 
     bail!("topic {topic} was created but its metadata did not appear")
 }
 
+/// Deletes `topics` (those that do not exist are no error).
+///
+/// # Errors
+///
+/// If the broker cannot be reached or refuses.
+pub async fn delete_topics(clients: &KafkaClients, topics: &[&str]) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = clients.base().create().context("creating a Kafka admin client")?;
+    let results = admin.delete_topics(topics, &AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT))).await.context("deleting topics")?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((name, code)) => bail!("deleting topic {name}: {code}"),
+        }
+    }
+    Ok(())
+}
+
 /// The number of partitions of `topic`, or `None` if it does not exist.
 ///
 /// # Errors

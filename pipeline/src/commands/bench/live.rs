@@ -7,7 +7,8 @@
 //! arrives minus its event's stamp: what a downstream consumer sees, transactions included. The
 //! first tenth of the events is a warm-up and not counted in the latency (metadata requests and
 //! first connections cost one-off hundreds of milliseconds).
-//! The operator's CPU time and peak RSS are read from procfs before it is stopped with SIGTERM.
+//! The operator's CPU time and peak RSS are read from procfs before it is stopped with SIGTERM;
+//! its state is then compacted and measured, and the run's topics are deleted.
 
 use super::{process_cpu_seconds_of, peak_rss_bytes_of, BenchArgs, RunResult, Stages, Synth};
 use crate::kafka::{admin, DeliveryWindow, KafkaClients};
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 
 /// How long the operator may take to start and own its partitions.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long the last intents may take to arrive after the last event was produced.
+/// How long the reader waits for the next intent before it gives up.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Stops the child operator when dropped (an error path), with SIGTERM.
@@ -48,9 +49,22 @@ impl Drop for Operator {
     fn drop(&mut self) {
         if matches!(self.0.try_wait(), Ok(None)) {
             let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
             let _ = self.0.wait();
         }
     }
+}
+
+/// The last lines of the operator's log, for an error message (the log may live in a temporary
+/// directory that is gone once the error is reported).
+fn log_tail(path: &Path) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 /// One run against the live operator.
@@ -82,10 +96,10 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
     let started = Instant::now();
     while !std::fs::read_to_string(&log_path)?.contains("assigned partitions are up to date") {
         if let Some(status) = operator.0.try_wait()? {
-            bail!("the operator exited with {status} before it was ready; its log: {}", log_path.display());
+            bail!("the operator exited with {status} before it was ready; the end of its log:\n{}", log_tail(&log_path));
         }
         if started.elapsed() > START_TIMEOUT {
-            bail!("the operator did not own its partitions within {START_TIMEOUT:?}; its log: {}", log_path.display());
+            bail!("the operator did not own its partitions within {START_TIMEOUT:?}; the end of its log:\n{}", log_tail(&log_path));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -127,7 +141,8 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
         window.send(&input, key.as_bytes(), &buf).await?;
     }
     window.finish().await?;
-    let (latency_us, last_arrival) = tokio::task::spawn_blocking(move || reader.join().expect("the reader thread does not panic")).await??;
+    let read = tokio::task::spawn_blocking(move || reader.join().expect("the reader thread does not panic")).await?;
+    let (latency_us, last_arrival) = read.map_err(|e| e.context(format!("reading the intents back; the end of the operator's log:\n{}", log_tail(&log_path))))?;
     let seconds = last_arrival.duration_since(t0).as_secs_f64();
     let cpu_seconds = process_cpu_seconds_of(pid) - cpu_start;
     let peak_rss = peak_rss_bytes_of(pid);
@@ -138,6 +153,7 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
         store.sst_bytes()?
     };
     std::fs::remove_dir_all(&state_dir)?;
+    admin::delete_topics(&clients, &[&input, &output, &format!("{group}-changelog")]).await?;
     Ok(RunResult {
         mode: format!("live run, {}, commit interval {} ms", args.processing_guarantee, args.commit_interval_ms),
         rate,
@@ -153,26 +169,32 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
     })
 }
 
-/// Reads `events` intents; each one's latency, after the first tenth, is its arrival minus its
+/// Reads the intents of all `events` events (each counted once: an at-least-once repeat does
+/// not hide a missing one); each one's latency, after the first tenth, is its arrival minus its
 /// event's time (milliseconds: the resolution of event times).
 fn read_latencies(consumer: &BaseConsumer, events: u64) -> Result<(Histogram<u64>, Instant)> {
     let mut latency_us = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+    let mut scored = vec![0u64; events.div_ceil(64) as usize];
     let mut seen = 0u64;
     let mut last = Instant::now();
-    let deadline = Instant::now() + DRAIN_TIMEOUT + Duration::from_secs_f64(events as f64 / 1_000.0);
     while seen < events {
-        if Instant::now() > deadline {
-            bail!("only {seen} of {events} intents arrived");
+        if last.elapsed() > DRAIN_TIMEOUT {
+            bail!("no intent for {DRAIN_TIMEOUT:?}; {seen} of {events} arrived");
         }
         let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
         let message = message?;
         let now_ms = chrono::Utc::now().timestamp_millis();
         last = Instant::now();
         let intent: ScoredIntent = serde_json::from_slice(message.payload().unwrap_or_default()).context("an intent that does not parse")?;
+        let index: u64 = intent.event_id.as_deref().and_then(|id| id.strip_prefix('b')).and_then(|i| i.parse().ok()).context("an intent without its bench event id")?;
+        let (word, bit) = ((index / 64) as usize, 1 << (index % 64));
+        if index >= events || scored[word] & bit != 0 {
+            continue;
+        }
+        scored[word] |= bit;
         seen += 1;
         // The first tenth of the events warms the clients up (metadata, connections, the first
         // fetches): their latency is not the steady state's.
-        let index: u64 = intent.event_id.as_deref().and_then(|id| id.strip_prefix('b')).and_then(|i| i.parse().ok()).context("an intent without its bench event id")?;
         if index < events / 10 {
             continue;
         }
@@ -181,4 +203,3 @@ fn read_latencies(consumer: &BaseConsumer, events: u64) -> Result<(Histogram<u64
     }
     Ok((latency_us, last))
 }
-

@@ -1,12 +1,12 @@
 //! `intentflow bench`: the operator's hot path measured in-process, without Kafka, or with
-//! `--brokers` the live operator through the real broker ([`live`]).
+//! `--brokers` the live operator through the real broker (`bench/live.rs`).
 //!
 //! Generated events, written as the JSON records a topic would hold, go through everything the
 //! live operator does to a batch between the consumer and the producer: decode, the users' states
-//! read from RocksDB (`multi_get`), featurize and step the model in waves, the intents encoded as
+//! read from RocksDB (one batched read), featurize and step the model in waves, the intents encoded as
 //! JSON into one reused buffer, the states encoded and committed with the input offsets in one
-//! write batch. Kafka's share (fetch, produce, transactions) is measured end to end by
-//! `scripts/bench` against the live `run`.
+//! write batch. Kafka's share (fetch, produce, transactions) is measured with `--brokers`
+//! against the live `run` (`bench/live.rs`), and by `scripts/bench`.
 //!
 //! Each run reports events/s, event→score latency percentiles, CPU seconds per million events,
 //! peak RSS and the state's bytes per user on disk once compacted. Latency is measured on a clock
@@ -61,8 +61,8 @@ pub struct BenchArgs {
     pub model_dir: Option<PathBuf>,
     /// Memory for user states in MiB, split as `run` splits it (its `state_cache_mib`): a
     /// quarter RocksDB block cache, three quarters the cache of recently written states.
-    #[arg(long, default_value_t = 256)]
-    pub state_cache_mib: usize,
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=1 << 20))]
+    pub state_cache_mib: u32,
     /// Where the state stores go (default: a temporary directory, removed afterwards).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
@@ -130,7 +130,7 @@ pub async fn bench_cmd(args: &BenchArgs) -> Result<()> {
         .iter()
         .map(|r| match r.as_str() {
             "flat" => Ok(None),
-            r => r.parse::<f64>().ok().filter(|r| *r > 0.0).map(Some).with_context(|| format!("--rates: {r:?} is neither `flat` nor a positive number")),
+            r => r.parse::<f64>().ok().filter(|r| r.is_finite() && *r > 0.0).map(Some).with_context(|| format!("--rates: {r:?} is neither `flat` nor a positive number")),
         })
         .collect::<Result<Vec<_>>>()?;
     let tmp = tempfile::tempdir()?;
@@ -235,7 +235,7 @@ impl Clock {
 
 fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate: Option<f64>) -> Result<RunResult> {
     reset_peak_rss();
-    let store = StateStore::open(dir, StoreOptions::with_cache_budget(args.state_cache_mib << 20))?;
+    let store = StateStore::open(dir, StoreOptions::with_cache_budget((args.state_cache_mib as usize) << 20))?;
     let operator = IntentOperator::new(model.clone());
     let decoder = EventDecoder::default();
     let synth = Synth { seed: args.seed, users: args.users };
@@ -252,7 +252,7 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
     while next < events {
         let now = clock.now().as_secs_f64();
         let arrived = match rate {
-            Some(r) => ((now * r) as u64 + 1).min(events),
+            Some(r) => ((now * r) as u64).saturating_add(1).min(events),
             None => events,
         };
         if arrived <= next {
