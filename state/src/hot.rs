@@ -246,10 +246,10 @@ impl Locked<'_> {
         self.cache.bytes.fetch_sub(freed, Ordering::Relaxed);
     }
 
-    /// Forgets every key of `partition` (keys starting with `prefix`).
-    pub(crate) fn remove_partition(&mut self, partition: i32, prefix: &[u8]) {
+    /// Forgets every key of `partition`.
+    pub(crate) fn remove_partition(&mut self, partition: i32) {
         let shard = self.guards[shard_of(partition)].as_mut().expect("the partition's shard is locked");
-        let freed = shard.retain(|k| !k.starts_with(prefix));
+        let freed = shard.retain(|k| k.get(1..5) != Some(partition.to_be_bytes().as_slice()));
         self.cache.bytes.fetch_sub(freed, Ordering::Relaxed);
     }
 
@@ -306,7 +306,7 @@ mod tests {
                     }
                     2 if user == 0 => {
                         let prefix = key(partition, 0)[..5].to_vec();
-                        cache.lock_partition(partition).remove_partition(partition, &prefix);
+                        cache.lock_partition(partition).remove_partition(partition);
                         truth.retain(|t, _| !t.starts_with(&prefix));
                     }
                     2 => {

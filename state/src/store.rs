@@ -198,12 +198,9 @@ impl StateStore {
     pub fn get_many<'a>(&self, keys: impl IntoIterator<Item = (i32, &'a str)>) -> Result<Vec<Loaded>, StateError> {
         let keys: Vec<Vec<u8>> = keys.into_iter().map(|(p, u)| user_key(p, u)).collect();
         let mut loaded: Vec<Loaded> = std::iter::repeat_with(|| Loaded::Absent).take(keys.len()).collect();
-        let mut hit = vec![false; keys.len()];
-        self.hot.lookup(&keys, |i, bytes| {
-            loaded[i] = decoded(bytes);
-            hit[i] = true;
-        });
-        let mut misses: Vec<usize> = (0..keys.len()).filter(|&i| !hit[i]).collect();
+        self.hot.lookup(&keys, |i, bytes| loaded[i] = decoded(bytes));
+        // A cached value is never `Absent`: what is still absent goes to RocksDB.
+        let mut misses: Vec<usize> = (0..keys.len()).filter(|&i| matches!(loaded[i], Loaded::Absent)).collect();
         // RocksDB's batched read walks sorted keys in one pass over each memtable and file, and
         // its values come back pinned in the block cache: decoded in place, never copied.
         misses.sort_unstable_by(|&a, &b| keys[a].cmp(&keys[b]));
@@ -471,7 +468,7 @@ impl StateStore {
         batch.delete(changelog_key(partition));
         let mut hot = self.hot.lock_partition(partition);
         self.db.write(batch)?;
-        hot.remove_partition(partition, &user_key(partition, ""));
+        hot.remove_partition(partition);
         Ok(())
     }
 

@@ -10,7 +10,7 @@
 //! The operator's CPU time and peak RSS are read from procfs before it is stopped with SIGTERM;
 //! its state is then compacted and measured, and the run's topics are deleted.
 
-use super::{process_cpu_seconds_of, peak_rss_bytes_of, BenchArgs, RunResult, Stages, Synth};
+use super::{cpu_seconds, latency_histogram, peak_rss_bytes, BenchArgs, RunResult, Seen, Stages, Synth};
 use crate::kafka::{admin, DeliveryWindow, KafkaClients};
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
@@ -19,6 +19,7 @@ use intentflow_state::{StateStore, StoreOptions};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use std::fmt::Write as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -103,7 +104,8 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let cpu_start = process_cpu_seconds_of(pid);
+    let pid = pid.to_string();
+    let cpu_start = cpu_seconds(&pid);
 
     // The reader of the intents runs on its own thread while this one produces.
     let reader = {
@@ -124,7 +126,7 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
     let t0 = Instant::now();
     let mut buf = Vec::with_capacity(256);
     let mut key = String::new();
-    let mut seen = vec![0u64; args.users.div_ceil(64) as usize];
+    let mut seen = Seen::new(args.users);
     for i in 0..events {
         if let Some(r) = rate {
             let due = Duration::from_secs_f64(i as f64 / r);
@@ -135,17 +137,17 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
         buf.clear();
         synth.write(i, chrono::Utc::now().timestamp_millis(), &mut buf);
         let user = synth.user(i);
-        seen[(user / 64) as usize] |= 1 << (user % 64);
+        seen.insert(user);
         key.clear();
-        key.push_str(&format!("u{user:08}"));
+        let _ = write!(key, "u{user:08}");
         window.send(&input, key.as_bytes(), &buf).await?;
     }
     window.finish().await?;
     let read = tokio::task::spawn_blocking(move || reader.join().expect("the reader thread does not panic")).await?;
     let (latency_us, last_arrival) = read.map_err(|e| e.context(format!("reading the intents back; the end of the operator's log:\n{}", log_tail(&log_path))))?;
     let seconds = last_arrival.duration_since(t0).as_secs_f64();
-    let cpu_seconds = process_cpu_seconds_of(pid) - cpu_start;
-    let peak_rss = peak_rss_bytes_of(pid);
+    let cpu_seconds = cpu_seconds(&pid) - cpu_start;
+    let peak_rss = peak_rss_bytes(&pid);
     operator.terminate()?;
     let state_bytes = {
         let store = StateStore::open(&state_dir, StoreOptions::default())?;
@@ -158,7 +160,7 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
         mode: format!("live run, {}, commit interval {} ms", args.processing_guarantee, args.commit_interval_ms),
         rate,
         events,
-        users: seen.iter().map(|w| u64::from(w.count_ones())).sum(),
+        users: seen.count(),
         seconds,
         cpu_seconds,
         latency_us,
@@ -173,8 +175,8 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
 /// not hide a missing one); each one's latency, after the first tenth, is its arrival minus its
 /// event's time (milliseconds: the resolution of event times).
 fn read_latencies(consumer: &BaseConsumer, events: u64) -> Result<(Histogram<u64>, Instant)> {
-    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
-    let mut scored = vec![0u64; events.div_ceil(64) as usize];
+    let mut latency_us = latency_histogram()?;
+    let mut scored = Seen::new(events);
     let mut seen = 0u64;
     let mut last = Instant::now();
     while seen < events {
@@ -187,11 +189,9 @@ fn read_latencies(consumer: &BaseConsumer, events: u64) -> Result<(Histogram<u64
         last = Instant::now();
         let intent: ScoredIntent = serde_json::from_slice(message.payload().unwrap_or_default()).context("an intent that does not parse")?;
         let index: u64 = intent.event_id.as_deref().and_then(|id| id.strip_prefix('b')).and_then(|i| i.parse().ok()).context("an intent without its bench event id")?;
-        let (word, bit) = ((index / 64) as usize, 1 << (index % 64));
-        if index >= events || scored[word] & bit != 0 {
+        if index >= events || !scored.insert(index) {
             continue;
         }
-        scored[word] |= bit;
         seen += 1;
         // The first tenth of the events warms the clients up (metadata, connections, the first
         // fetches): their latency is not the steady state's.

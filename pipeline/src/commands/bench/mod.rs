@@ -142,12 +142,12 @@ pub async fn bench_cmd(args: &BenchArgs) -> Result<()> {
     let model = IntentModel::load(&model_dir, &Device::Cpu)?;
     let mut results = Vec::new();
     for (i, rate) in rates.iter().enumerate() {
-        let dir = work.join(format!("state-{i}"));
-        let _ = std::fs::remove_dir_all(&dir);
         eprintln!("bench: run {} of {}: {} events, {} users, {}", i + 1, rates.len(), events, args.users, describe_rate(*rate));
         match &args.brokers {
             Some(brokers) => results.push(live::run_live(args, brokers, &model_dir, &work, events, *rate).await?),
             None => {
+                let dir = work.join(format!("state-{i}"));
+                let _ = std::fs::remove_dir_all(&dir);
                 results.push(tokio::task::block_in_place(|| run_once(args, &model, &dir, events, *rate))?);
                 std::fs::remove_dir_all(&dir)?;
             }
@@ -201,16 +201,17 @@ impl Synth {
             _ => "view",
         };
         let (item, category, cents) = ((r >> 8) % 50_000, (r >> 24) % 300, 100 + (r >> 40) % 50_000);
-        let mut s = String::with_capacity(160);
-        let _ = write!(
-            s,
+        // Writing into a Vec cannot fail.
+        let _ = std::io::Write::write_fmt(
+            buf,
+            format_args!(
             r#"{{"user_id":"u{:08}","ts":{},"type":"{kind}","event_id":"b{i}","item_id":"i{item}","category":"c{category}","price":{}.{:02}}}"#,
             self.user(i),
             ts_ms,
-            cents / 100,
-            cents % 100
+                cents / 100,
+                cents % 100
+            ),
         );
-        buf.extend_from_slice(s.as_bytes());
     }
 }
 
@@ -239,15 +240,15 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
     let operator = IntentOperator::new(model.clone());
     let decoder = EventDecoder::default();
     let synth = Synth { seed: args.seed, users: args.users };
-    let mut seen = vec![0u64; args.users.div_ceil(64) as usize];
-    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+    let mut seen = Seen::new(args.users);
+    let mut latency_us = latency_histogram()?;
     let (mut buf, mut ends, mut partitions) = (Vec::new(), Vec::new(), Vec::new());
     let mut offsets = vec![0i64; args.partitions as usize];
     let mut intents = Vec::with_capacity(1 << 20);
     let (mut next, mut batches) = (0u64, 0u64);
     let mut cpu_paused = 0.0;
     let mut stages = Stages::default();
-    let cpu_start = process_cpu_seconds();
+    let cpu_start = cpu_seconds(SELF);
     let mut clock = Clock { start: Instant::now(), paused: Duration::ZERO };
     while next < events {
         let now = clock.now().as_secs_f64();
@@ -261,7 +262,7 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
             continue;
         }
         let n = (arrived - next).min(args.batch as u64);
-        let cpu_before = process_cpu_seconds();
+        let cpu_before = cpu_seconds(SELF);
         clock.pause(|| {
             buf.clear();
             ends.clear();
@@ -270,11 +271,11 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
                 synth.write(i, 1_704_067_200_000 + i as i64, &mut buf);
                 ends.push(buf.len());
                 let user = synth.user(i);
-                seen[(user / 64) as usize] |= 1 << (user % 64);
+                seen.insert(user);
                 partitions.push((user % u64::from(args.partitions)) as i32);
             }
         });
-        cpu_paused += process_cpu_seconds() - cpu_before;
+        cpu_paused += cpu_seconds(SELF) - cpu_before;
         let fetched = clock.now();
         let mut start = 0;
         let records = ends.iter().zip(&partitions).map(|(&end, &partition)| {
@@ -317,15 +318,15 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
         batches += 1;
     }
     let seconds = clock.now().as_secs_f64();
-    let cpu_seconds = process_cpu_seconds() - cpu_start - cpu_paused;
-    let peak_rss = peak_rss_bytes();
+    let cpu_seconds = cpu_seconds(SELF) - cpu_start - cpu_paused;
+    let peak_rss = peak_rss_bytes(SELF);
     store.compact()?;
     let state_bytes = store.sst_bytes()?;
     Ok(RunResult {
         mode: "in-process".into(),
         rate,
         events,
-        users: seen.iter().map(|w| u64::from(w.count_ones())).sum(),
+        users: seen.count(),
         seconds,
         cpu_seconds,
         latency_us,
@@ -383,19 +384,13 @@ fn table(args: &BenchArgs, model: &IntentModel, results: &[RunResult]) -> String
     s
 }
 
-/// User + system CPU seconds of this process so far (all threads), from procfs; 0 where there
-/// is none.
-fn process_cpu_seconds() -> f64 {
-    cpu_seconds_in("/proc/self/stat")
-}
+/// The procfs entry of this process, for [`cpu_seconds`] and [`peak_rss_bytes`].
+const SELF: &str = "self";
 
-/// [`process_cpu_seconds`] of another process.
-fn process_cpu_seconds_of(pid: u32) -> f64 {
-    cpu_seconds_in(&format!("/proc/{pid}/stat"))
-}
-
-fn cpu_seconds_in(stat: &str) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(stat) else { return 0.0 };
+/// User + system CPU seconds so far (all threads) of the process `proc` (a pid, or [`SELF`]),
+/// from procfs; 0 where there is none.
+fn cpu_seconds(proc: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{proc}/stat")) else { return 0.0 };
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15, in
     // clock ticks (USER_HZ, 100 on every Linux architecture intentflow builds for).
     let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
@@ -408,21 +403,41 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// Peak resident set size of this process since start or [`reset_peak_rss`] (`VmHWM`).
-fn peak_rss_bytes() -> u64 {
-    peak_rss_in("/proc/self/status")
-}
-
-/// [`peak_rss_bytes`] of another process.
-fn peak_rss_bytes_of(pid: u32) -> u64 {
-    peak_rss_in(&format!("/proc/{pid}/status"))
-}
-
-fn peak_rss_in(status: &str) -> u64 {
-    std::fs::read_to_string(status)
+/// Peak resident set size (`VmHWM`) of the process `proc` (a pid, or [`SELF`]) since its start
+/// or, for this one, [`reset_peak_rss`].
+fn peak_rss_bytes(proc: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{proc}/status"))
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())))
         .map_or(0, |kb| kb * 1024)
+}
+
+/// Which of `n` indices (users, events) a run has met.
+struct Seen {
+    words: Vec<u64>,
+}
+
+impl Seen {
+    fn new(n: u64) -> Seen {
+        Seen { words: vec![0; n.div_ceil(64) as usize] }
+    }
+
+    /// Marks `i` (below `n`); whether it is new.
+    fn insert(&mut self, i: u64) -> bool {
+        let (word, bit) = (&mut self.words[(i / 64) as usize], 1u64 << (i % 64));
+        let new = *word & bit == 0;
+        *word |= bit;
+        new
+    }
+
+    fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+}
+
+/// A histogram of latencies in microseconds, 1 µs to an hour, three significant digits.
+fn latency_histogram() -> Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 3_600_000_000, 3)?)
 }
 
 #[cfg(test)]
@@ -446,12 +461,12 @@ mod tests {
 
     #[test]
     fn process_counters_read_procfs() {
-        assert!(peak_rss_bytes() > 0);
+        assert!(peak_rss_bytes(SELF) > 0);
         let t = Instant::now();
         let mut x = 0u64;
         while t.elapsed() < Duration::from_millis(50) {
             x = x.wrapping_add(std::hint::black_box(1));
         }
-        assert!(process_cpu_seconds() > 0.0, "{x}");
+        assert!(cpu_seconds(SELF) > 0.0, "{x}");
     }
 }
