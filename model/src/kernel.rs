@@ -58,6 +58,28 @@ pub struct FusedGru {
     head_bias: f32,
 }
 
+/// The fused step's weights (`G = 3H` gate rows in PyTorch's r, z, n order; see [`FusedGru`]'s
+/// fields for each layout).
+#[derive(Debug, Clone, Copy)]
+pub struct Layout<'a> {
+    /// `G` input-gate biases, r and z with their recurrent bias added.
+    pub bias_in: &'a [f32],
+    /// `FEATURE_DIM` columns of `G`.
+    pub dense_cols: &'a [f32],
+    /// One `G` row per item bucket (empty: no item embedding).
+    pub item_rows: &'a [f32],
+    /// One `G` row per category bucket (empty: no category embedding).
+    pub category_rows: &'a [f32],
+    /// Per block, `hm` columns of `3·hm`.
+    pub recurrent_cols: &'a [f32],
+    /// `H` recurrent biases of the n gate.
+    pub bias_hn: &'a [f32],
+    /// `H` head weights.
+    pub head: &'a [f32],
+    /// The head's bias.
+    pub head_bias: f32,
+}
+
 /// Why the parameters cannot be laid out.
 #[derive(Debug, thiserror::Error)]
 #[error("fused step: {0}")]
@@ -142,6 +164,25 @@ impl FusedGru {
     /// Packed members whose blocks are stepped on their own.
     pub fn blocks(&self) -> usize {
         self.members
+    }
+
+    /// Hidden size of one block (`H / blocks`).
+    pub fn member_dim(&self) -> usize {
+        self.hm
+    }
+
+    /// The weights as laid out for the step, for a device that runs the same arithmetic.
+    pub fn layout(&self) -> Layout<'_> {
+        Layout {
+            bias_in: &self.bias_in,
+            dense_cols: &self.dense_cols,
+            item_rows: &self.item_rows,
+            category_rows: &self.category_rows,
+            recurrent_cols: &self.recurrent_cols,
+            bias_hn: &self.bias_hn,
+            head: &self.head,
+            head_bias: self.head_bias,
+        }
     }
 
     /// Steps every row: `hidden` (`B × H`) is replaced by the new hidden vectors and `logits`

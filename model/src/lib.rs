@@ -13,11 +13,17 @@
 //! * [`eval`] — ROC/PR-AUC, log loss, Brier, P/R/F1, calibration error, bootstrap intervals;
 //!   [`report`] renders them as a self-contained HTML page.
 //!
+//! * [`resident`] — hidden states kept by slot where the step runs ([`ResidentStates`]): on the
+//!   CPU, and with the `cuda` feature on a GPU ([`cuda`]), where one fused kernel steps them in
+//!   place with the CPU kernel's arithmetic, bit for bit.
+//!
 //! The model runs on candle's CPU device, or on CUDA when built with the `cuda` feature.
 
 pub mod assess;
 pub mod baseline;
 pub mod calibrate;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod eval;
 pub mod features;
 mod gru;
@@ -25,6 +31,7 @@ mod io;
 pub mod kernel;
 mod logistic;
 pub mod report;
+pub mod resident;
 pub mod train;
 
 pub use calibrate::Calibration;
@@ -33,11 +40,13 @@ pub use gru::{names, GruParams, Projection};
 pub use io::{ModelMeta, MODEL_FILE, META_FILE};
 pub use train::{SplitSpec, TrainingSummary};
 pub use logistic::Logistic;
+pub use resident::{HostStates, ResidentRow, ResidentStates};
 
 pub use candle_core::Device;
 use candle_core::Tensor;
 use intentflow_schemas::{Event, SessionState};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 /// Errors of the model crate.
 #[derive(Debug, thiserror::Error)]
@@ -117,8 +126,30 @@ pub struct IntentModel {
     meta: ModelMeta,
     device: Device,
     projection: Projection,
-    /// On the CPU, the fused serving step ([`kernel`]); candle's otherwise.
-    fused: Option<std::sync::Arc<kernel::FusedGru>>,
+    /// The fused step's weight layout, built at load on every device.
+    kernel: Arc<kernel::FusedGru>,
+    serving: Serving,
+}
+
+/// What runs [`IntentModel::step`].
+#[derive(Clone)]
+enum Serving {
+    /// The fused CPU kernel.
+    Cpu,
+    /// The fused GPU kernel on a slab used as scratch (rows in slots `0..B`), regrown as needed.
+    Gpu(Arc<Mutex<Box<dyn ResidentStates>>>),
+    /// candle's tensors: the reference.
+    Candle,
+}
+
+impl std::fmt::Debug for Serving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Serving::Cpu => "Cpu",
+            Serving::Gpu(_) => "Gpu",
+            Serving::Candle => "Candle",
+        })
+    }
 }
 
 impl IntentModel {
@@ -126,7 +157,8 @@ impl IntentModel {
     ///
     /// # Errors
     ///
-    /// [`ModelError::Invalid`] when shapes disagree with each other or with the metadata.
+    /// [`ModelError::Invalid`] when shapes disagree with each other or with the metadata;
+    /// [`ModelError::CudaUnavailable`] when the GPU step cannot be loaded on a CUDA device.
     pub fn new(params: GruParams, meta: ModelMeta, device: Device) -> Result<IntentModel, ModelError> {
         params.validate().map_err(ModelError::Invalid)?;
         meta.features.validate().map_err(ModelError::Invalid)?;
@@ -151,23 +183,51 @@ impl IntentModel {
             )));
         }
         let params = params.to_device(&device)?;
-        // On the CPU every row is stepped on its own (the fused kernel, or candle's
+        // Every row is stepped on its own (the fused kernels, or candle's
         // [`Projection::PerRow`]), so a user's hidden state is bit-for-bit the same however the
-        // stream was cut into batches: what makes crash recovery and replays reproduce states.
+        // stream was cut into batches, and the same on the CPU and a GPU: what makes crash
+        // recovery and replays reproduce states.
         let projection = if device.is_cpu() { Projection::PerRow } else { Projection::Batched };
         let members = meta.training.as_ref().map_or(1, |t| t.members);
-        let fused = if device.is_cpu() {
-            Some(std::sync::Arc::new(kernel::FusedGru::new(&params, members).map_err(|e| ModelError::Invalid(e.to_string()))?))
-        } else {
-            None
-        };
-        Ok(IntentModel { params, meta, device, projection, fused })
+        let kernel = Arc::new(kernel::FusedGru::new(&params, members).map_err(|e| ModelError::Invalid(e.to_string()))?);
+        let mut model = IntentModel { params, meta, device, projection, kernel, serving: Serving::Cpu };
+        if !model.device.is_cpu() {
+            model.serving = Serving::Gpu(Arc::new(Mutex::new(model.resident_states(1024)?)));
+        }
+        Ok(model)
+    }
+
+    /// A slab of `capacity` resident hidden vectors (all zero) on the model's device, stepped
+    /// by the fused kernel of that device.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::CudaUnavailable`] when the device cannot hold it or has no fused step.
+    pub fn resident_states(&self, capacity: usize) -> Result<Box<dyn ResidentStates>, ModelError> {
+        if self.device.is_cpu() {
+            return Ok(Box::new(HostStates::new(self.kernel.clone(), capacity)));
+        }
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() {
+            return Ok(Box::new(cuda::CudaStates::new(&self.kernel, &self.device, capacity)?));
+        }
+        Err(ModelError::CudaUnavailable(format!("no fused step on {:?}", self.device)))
+    }
+
+    /// The calibrated purchase probability of a head logit.
+    pub fn probability(&self, logit: f32) -> f32 {
+        self.meta.calibration.apply(kernel::sigmoid(logit))
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// The same model stepped by candle on the CPU instead of the fused kernel: the reference
     /// the kernel is checked against, and the baseline of its benchmark.
     pub fn with_candle_step(&self) -> IntentModel {
-        IntentModel { fused: None, ..self.clone() }
+        IntentModel { serving: Serving::Candle, ..self.clone() }
     }
 
     /// The model's metadata (`model.json`).
@@ -211,12 +271,29 @@ impl IntentModel {
         if b == 0 {
             return Ok(StepOutput { hidden: Vec::new(), scores: Vec::new() });
         }
-        if let Some(fused) = &self.fused {
-            let mut next = hidden.to_vec();
-            let mut logits = vec![0f32; b];
-            fused.step(inputs, &mut next, &mut logits);
-            let scores = logits.into_iter().map(|l| self.meta.calibration.apply(kernel::sigmoid(l))).collect();
-            return Ok(StepOutput { hidden: next, scores });
+        match &self.serving {
+            Serving::Cpu => {
+                let mut next = hidden.to_vec();
+                let mut logits = vec![0f32; b];
+                self.kernel.step(inputs, &mut next, &mut logits);
+                let scores = logits.into_iter().map(|l| self.probability(l)).collect();
+                return Ok(StepOutput { hidden: next, scores });
+            }
+            Serving::Gpu(scratch) => {
+                let mut slab = scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if slab.capacity() < b {
+                    *slab = self.resident_states(b.next_power_of_two())?;
+                }
+                let slots: Vec<u32> = (0..b as u32).collect();
+                slab.load(&slots, hidden)?;
+                let rows: Vec<ResidentRow> = inputs.iter().zip(&slots).map(|(f, &slot)| ResidentRow { slot, reset: false, features: *f }).collect();
+                let (mut logits, mut next) = (Vec::with_capacity(b), Vec::with_capacity(b * h));
+                slab.step(&rows, &mut logits)?;
+                slab.read(&slots, &mut next)?;
+                let scores = logits.into_iter().map(|l| self.probability(l)).collect();
+                return Ok(StepOutput { hidden: next, scores });
+            }
+            Serving::Candle => {}
         }
         let x = self.params.gru_input_of(inputs, &self.device)?;
         let h0 = Tensor::from_slice(hidden, (b, h), &self.device)?;

@@ -10,6 +10,9 @@
 //!    user's events are applied strictly in their order.
 //! 3. **encode** — [`encode::encode_intent`] writes a [`ScoredIntent`] as JSON.
 //!
+//! On a GPU, [`IntentOperator::with_resident_slots`] keeps users' hidden states on the device
+//! between batches ([`resident`]): a cache checked against the store, never the record.
+//!
 //! With several co-partitioned input topics, [`merge::TopicMerge`] fixes the order in which one
 //! partition's records of the different topics are applied, the same live and in a replay.
 //!
@@ -19,6 +22,7 @@
 pub mod decode;
 pub mod encode;
 pub mod merge;
+pub mod resident;
 mod score;
 
 pub use decode::{Decoded, Rejected, SourceRecord};

@@ -5,7 +5,10 @@ use intentflow_model::{Features, IntentModel};
 use intentflow_schemas::{format_ts_ms, Event, ScoredIntent, SourcePosition, INTENT_SCHEMA_VERSION};
 use intentflow_state::changelog::ModelPolicy;
 use intentflow_state::{topic_id, Loaded, StateError, StateStore, UserState};
+use crate::resident::Resident;
+use intentflow_model::ResidentRow;
 use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 
 /// A valid event and where it came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,12 +76,37 @@ pub struct IntentOperator {
     model: IntentModel,
     policy: ModelPolicy,
     fencing: bool,
+    /// Hidden states resident where the model steps (on a GPU), if any.
+    resident: Option<Mutex<Resident>>,
 }
 
 impl IntentOperator {
-    /// Wraps a loaded model; states of another model are refused.
+    /// Wraps a loaded model; states of another model are refused. Every wave is stepped with
+    /// the stateless [`IntentModel::step`] until [`IntentOperator::with_resident_slots`].
     pub fn new(model: IntentModel) -> IntentOperator {
-        IntentOperator { model, policy: ModelPolicy::Refuse, fencing: true }
+        IntentOperator { model, policy: ModelPolicy::Refuse, fencing: true, resident: None }
+    }
+
+    /// Keeps up to `slots` users' hidden states resident where the model steps (least recently
+    /// used out first; see [`crate::resident`]); 0 steps every wave with the stateless
+    /// [`IntentModel::step`]. Meant for a GPU; on the CPU it runs the same logic on a slab in
+    /// memory (what its tests do).
+    ///
+    /// # Errors
+    ///
+    /// When the model's device cannot hold the slab.
+    pub fn with_resident_slots(mut self, slots: usize) -> Result<IntentOperator, OperatorError> {
+        self.resident = match slots {
+            0 => None,
+            n => Some(Mutex::new(Resident::new(self.model.resident_states(n)?))),
+        };
+        Ok(self)
+    }
+
+    /// Users whose hidden states are resident, and evictions so far (`None` without a slab).
+    pub fn resident_users(&self) -> Option<(usize, u64)> {
+        let resident = self.resident.as_ref()?.lock().unwrap_or_else(PoisonError::into_inner);
+        Some((resident.table().len(), resident.table().evictions()))
     }
 
     /// Whether events are fenced by their source position (the default). Sources whose
@@ -179,10 +207,18 @@ impl IntentOperator {
         // over every user per event.
         let mut by_length: Vec<usize> = (0..slots.len()).collect();
         by_length.sort_by_key(|&si| std::cmp::Reverse(slots[si].inputs.len()));
-        let mut active = by_length.len();
+        let mut active = by_length.iter().take_while(|&&si| !slots[si].inputs.is_empty()).count();
+        // With resident states, the stored vectors go to the device only for users it does not
+        // hold already; each wave then sends features and slot numbers alone.
+        let mut resident = self.resident.as_ref().map(|r| r.lock().unwrap_or_else(PoisonError::into_inner));
+        let device_slots = match resident.as_deref_mut() {
+            Some(r) => r.admit(by_length[..active].iter().map(|&si| (slots[si].partition, slots[si].user.as_str(), slots[si].state.hidden.as_slice())))?,
+            None => None,
+        };
         let mut features: Vec<Features> = Vec::with_capacity(slots.len());
         let mut hidden: Vec<f32> = Vec::with_capacity(slots.len() * h);
         let mut wave_slots: Vec<usize> = Vec::with_capacity(slots.len());
+        let mut scores: Vec<f32> = Vec::with_capacity(slots.len());
         for wave in 0..max_len {
             features.clear();
             hidden.clear();
@@ -192,28 +228,42 @@ impl IntentOperator {
             }
             // A row's step does not depend on the rows beside it, and intents land by input
             // index: the order of a wave's rows changes nothing.
-            for &si in &by_length[..active] {
+            for (rank, &si) in by_length[..active].iter().enumerate() {
                 let slot = &mut slots[si];
                 let input = slot.inputs[wave];
                 let prepared = self.model.features().featurize(&mut slot.state.session, &events[input].event);
-                if prepared.reset_hidden {
-                    slot.state.hidden.fill(0.0);
+                match (&device_slots, resident.as_deref_mut()) {
+                    (Some(on_device), Some(r)) => r.rows().push(ResidentRow { slot: on_device[rank], reset: prepared.reset_hidden, features: prepared.features }),
+                    _ => {
+                        if prepared.reset_hidden {
+                            slot.state.hidden.fill(0.0);
+                        }
+                        features.push(prepared.features);
+                        hidden.extend_from_slice(&slot.state.hidden);
+                    }
                 }
-                features.push(prepared.features);
-                hidden.extend_from_slice(&slot.state.hidden);
                 wave_slots.push(si);
             }
-            let out = self.model.step(&features, &hidden)?;
+            scores.clear();
+            match (&device_slots, resident.as_deref_mut()) {
+                (Some(_), Some(r)) => scores.extend(r.step()?.iter().map(|&logit| self.model.probability(logit))),
+                _ => {
+                    let out = self.model.step(&features, &hidden)?;
+                    for (k, &si) in wave_slots.iter().enumerate() {
+                        slots[si].state.hidden.copy_from_slice(&out.hidden[k * h..(k + 1) * h]);
+                    }
+                    scores.extend_from_slice(&out.scores);
+                }
+            }
             for (k, &si) in wave_slots.iter().enumerate() {
-                let slot = &mut slots[si];
-                slot.state.hidden.copy_from_slice(&out.hidden[k * h..(k + 1) * h]);
+                let slot = &slots[si];
                 let input = slot.inputs[wave];
                 let pe = &events[input];
                 let event_ts = format_ts_ms(pe.event.ts);
                 intents[input] = Some(ScoredIntent {
                     v: INTENT_SCHEMA_VERSION,
                     user_id: pe.event.user_id.clone(),
-                    score: out.scores[k],
+                    score: scores[k],
                     emitted_at: now.clone().unwrap_or_else(|| event_ts.clone()),
                     event_ts,
                     event_type: pe.event.kind,
@@ -226,6 +276,14 @@ impl IntentOperator {
                 });
             }
         }
+        // The batch's new vectors come back once, to be written with its states.
+        if let (Some(on_device), Some(r)) = (&device_slots, resident.as_deref_mut()) {
+            r.settle(on_device, &mut hidden)?;
+            for (&si, v) in by_length.iter().zip(hidden.chunks_exact(h)) {
+                slots[si].state.hidden.copy_from_slice(v);
+            }
+        }
+        drop(resident);
         if self.fencing {
             for slot in &mut slots {
                 // Inputs are in offset order per topic: the last of each topic moves its fence.
@@ -407,5 +465,70 @@ mod tests {
         let out = IntentOperator::new(model).with_model_policy(ModelPolicy::Reset).process(&mine, &store, EmittedAt::EventTime).unwrap();
         assert_eq!(out.foreign_states, 1);
         assert!(close(&out), "the user started fresh");
+    }
+
+    /// Resident states (here on the CPU slab, which runs the GPU path's logic) give the stateless
+    /// step's bits through evictions, batches with more users than slots, batches that were
+    /// stepped but never committed, and states rewritten behind the slab's back.
+    #[test]
+    fn resident_states_give_the_stateless_steps_bits_through_evictions_aborts_and_outside_writes() {
+        let events = generated(300, 6_000);
+        let positioned: Vec<PositionedEvent> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| PositionedEvent {
+                source: SourcePosition { topic: "t".into(), partition: (e.user_id.bytes().map(u32::from).sum::<u32>() % 3) as i32, offset: i as i64 },
+                event: e.clone(),
+            })
+            .collect();
+        let model = model();
+        let plain = IntentOperator::new(model.clone());
+        // 200 slots for 300 users: evictions; batches of at most 150 users: every batch fits.
+        let resident = IntentOperator::new(model.clone()).with_resident_slots(200).unwrap();
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = StateStore::open(dir_a.path(), StoreOptions::default()).unwrap();
+        let b = StateStore::open(dir_b.path(), StoreOptions::default()).unwrap();
+        let commit = |store: &StateStore, out: &BatchOutput| store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let (mut start, mut batches, mut aborted, mut rewritten) = (0, 0, 0, 0);
+        while start < positioned.len() {
+            let end = (start + rng.random_range(1..150)).min(positioned.len());
+            let batch = &positioned[start..end];
+            let out_a = plain.process(batch, &a, EmittedAt::EventTime).unwrap();
+            let out_b = resident.process(batch, &b, EmittedAt::EventTime).unwrap();
+            let scores = |o: &BatchOutput| o.intents.iter().map(|i| (i.source.offset, i.score.to_bits())).collect::<Vec<_>>();
+            assert_eq!(scores(&out_a), scores(&out_b), "batch {batches}");
+            assert_eq!(out_a.states, out_b.states, "batch {batches}");
+            batches += 1;
+            if rng.random_range(0..5) == 0 {
+                // Stepped, never committed: the next pass redoes the batch from the stored states.
+                aborted += 1;
+                continue;
+            }
+            commit(&a, &out_a);
+            commit(&b, &out_b);
+            if rng.random_range(0..6) == 0 {
+                // A state rewritten behind the slab (a restore, a reset): the slot must not be trusted.
+                let (p, user, state) = &out_a.states[0];
+                let rewound = UserState { hidden: state.hidden.iter().map(|v| v * 0.5).collect(), ..state.clone() };
+                for store in [&a, &b] {
+                    store.commit([(*p, user.as_str(), &rewound)], [], []).unwrap();
+                }
+                rewritten += 1;
+            }
+            start = end;
+        }
+        assert_eq!(a.users().unwrap(), b.users().unwrap());
+        let (held, evictions) = resident.resident_users().unwrap();
+        assert_eq!(held, 200);
+        assert!(evictions > 0 && aborted > 0 && rewritten > 0, "evictions {evictions}, aborted {aborted}, rewritten {rewritten}");
+        assert!(plain.resident_users().is_none());
+        // A batch with more users than slots runs on the stateless step, with the same bits.
+        let few = IntentOperator::new(model).with_resident_slots(4).unwrap();
+        let dir_c = tempfile::tempdir().unwrap();
+        let c = StateStore::open(dir_c.path(), StoreOptions::default()).unwrap();
+        let (whole_a, whole_c) = (plain.process(&positioned, &c, EmittedAt::EventTime).unwrap(), few.process(&positioned, &c, EmittedAt::EventTime).unwrap());
+        assert_eq!(whole_a.states, whole_c.states);
+        assert_eq!(whole_a.intents.iter().map(|i| i.score.to_bits()).collect::<Vec<_>>(), whole_c.intents.iter().map(|i| i.score.to_bits()).collect::<Vec<_>>());
     }
 }

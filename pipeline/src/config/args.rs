@@ -66,6 +66,9 @@ pub struct RunArgs {
     /// MiB for user states: RocksDB's block cache and the cache of recently written states [default: 256].
     #[arg(long)]
     pub state_cache_mib: Option<usize>,
+    /// With --device cuda: users whose hidden states stay resident on the GPU [default: 1048576].
+    #[arg(long)]
+    pub gpu_resident_users: Option<usize>,
     /// Address for /metrics and /health, or "" to disable [default: 127.0.0.1:9464].
     #[arg(long)]
     pub metrics_addr: Option<String>,
@@ -176,6 +179,9 @@ impl RunConfig {
         }
         if let Some(v) = args.state_cache_mib {
             cfg.state_cache_mib = v;
+        }
+        if let Some(v) = args.gpu_resident_users {
+            cfg.gpu_resident_users = v;
         }
         if let Some(v) = &args.metrics_addr {
             cfg.metrics_addr.clone_from(v);

@@ -9,6 +9,10 @@ mod args;
 pub use args::{KafkaArgs, RunArgs};
 
 use intentflow_model::DeviceKind;
+
+/// Users whose hidden states a GPU operator keeps resident by default: 160 MiB of device memory
+/// for the default model's 40 hidden units.
+pub const DEFAULT_GPU_RESIDENT_USERS: usize = 1 << 20;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -64,6 +68,10 @@ pub struct RunConfig {
     /// Memory for user states in MiB: a quarter is RocksDB's block cache, three quarters the
     /// in-process cache of recently written states (memtables, up to 2 × 64 MiB, come on top).
     pub state_cache_mib: usize,
+    /// With `device = "cuda"`: users whose hidden states stay resident on the GPU (least
+    /// recently used out first; RocksDB stays the record); 0 sends every wave's states up and
+    /// down instead.
+    pub gpu_resident_users: usize,
     /// Address of the `/metrics` and `/health` endpoints; empty to disable.
     pub metrics_addr: String,
     /// Largest accepted input record in bytes.
@@ -113,6 +121,7 @@ impl Default for RunConfig {
             max_batch_records: 4096,
             commit_interval_ms: 100,
             state_cache_mib: 256,
+            gpu_resident_users: DEFAULT_GPU_RESIDENT_USERS,
             metrics_addr: "127.0.0.1:9464".into(),
             max_record_bytes: 64 * 1024,
             max_task_idle_ms: 1_000,
@@ -246,6 +255,9 @@ impl RunConfig {
         }
         if self.state_cache_mib > 1 << 20 {
             return bad(format!("state_cache_mib = {} is over 1 TiB", self.state_cache_mib));
+        }
+        if self.gpu_resident_users >= u32::MAX as usize {
+            return bad(format!("gpu_resident_users = {} is over 2^32 - 1", self.gpu_resident_users));
         }
         if let Some(strategy) = self.kafka.consumer.get("partition.assignment.strategy").filter(|s| s.contains("cooperative")) {
             return bad(format!("partition.assignment.strategy = {strategy}: only eager assignors (range, roundrobin) are supported"));

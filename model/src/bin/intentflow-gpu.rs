@@ -1,0 +1,299 @@
+//! `intentflow-gpu`: the CPU/GPU equality check and the GPU model-stage benchmark, in one run on
+//! a GPU machine (built with `scripts/build-cuda`, run by `scripts/gpu-check`).
+//!
+//! ```text
+//! intentflow-gpu --model-dir DIR [--events EVENTS.jsonl] [--quick]
+//! ```
+//!
+//! 1. **Equality.** The trained model at `DIR` is loaded on the CPU and on CUDA. Slabs of
+//!    resident states on both ([`HostStates`], [`CudaStates`]) start from the same vectors and
+//!    take the same waves (batches of 1 to 65,536 rows, resets, rows in shuffled slots); after
+//!    every wave the logits and every stepped vector must be equal bit for bit. The stateless
+//!    [`IntentModel::step`] on CUDA must equal the CPU's too, a row stepped alone must equal the
+//!    same row in a launch of 65,536, and candle's CUDA step must agree within 1e-5.
+//! 2. **Benchmark.** With 10 M resident users, one step of B users (features up, the fused
+//!    kernel, logits down) for B from 256 to 4 M: median time and user-steps per second; loading
+//!    and reading back vectors per user; candle's GPU step and the fused CPU kernel on all this
+//!    machine's cores for comparison.
+//!
+//! Features come from `--events` (JSONL events, featurised in order per user) or, without it,
+//! from a seeded generator of plausible values. Exits 1 if any equality fails.
+
+use anyhow::{bail, Context, Result};
+use intentflow_model::cuda::{CudaStates, StepProfile};
+use intentflow_model::kernel::FusedGru;
+use intentflow_model::{Device, Features, HostStates, IntentModel, ResidentRow, ResidentStates, FEATURE_DIM};
+use intentflow_schemas::{Event, SessionState};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A small deterministic generator (SplitMix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (mut model_dir, mut events, mut quick) = (None, None, false);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--model-dir" => model_dir = args.next().map(PathBuf::from),
+            "--events" => events = args.next().map(PathBuf::from),
+            "--quick" => quick = true,
+            other => bail!("unknown argument {other} (usage: intentflow-gpu --model-dir DIR [--events EVENTS.jsonl] [--quick])"),
+        }
+    }
+    let model_dir = model_dir.context("--model-dir DIR is required")?;
+    let cuda = Device::new_cuda(0).context("opening CUDA device 0")?;
+    let cpu_model = IntentModel::load(&model_dir, &Device::Cpu)?;
+    let gpu_model = IntentModel::load(&model_dir, &cuda)?;
+    let h = cpu_model.hidden_dim();
+    let members = cpu_model.meta().training.as_ref().map_or(1, |t| t.members);
+    let kernel = Arc::new(FusedGru::new(cpu_model.params(), members)?);
+    println!("model {} (H = {h}, {} blocks of {}), {} CPU threads", cpu_model.version(), kernel.blocks(), kernel.member_dim(), rayon::current_num_threads());
+    let pool = feature_rows(&cpu_model, events.as_deref())?;
+    println!("{} feature rows ({})", pool.len(), if events.is_some() { "featurised events" } else { "generated" });
+
+    let failures = equality(&cpu_model, &gpu_model, &kernel, &cuda, &pool)?;
+    benchmark(&cpu_model, &gpu_model, &kernel, &cuda, &pool, quick)?;
+    if failures > 0 {
+        bail!("{failures} equality checks failed");
+    }
+    println!("\nall equality checks passed");
+    Ok(())
+}
+
+/// Feature rows: every event of the file featurised in order per user, or generated rows.
+fn feature_rows(model: &IntentModel, events: Option<&std::path::Path>) -> Result<Vec<(Features, bool)>> {
+    if let Some(path) = events {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut sessions: HashMap<String, SessionState> = HashMap::new();
+        let mut rows = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let ev: Event = serde_json::from_str(line).with_context(|| format!("{}: bad event", path.display()))?;
+            let prepared = model.features().featurize(sessions.entry(ev.user_id.clone()).or_default(), &ev);
+            rows.push((prepared.features, prepared.reset_hidden));
+        }
+        if rows.is_empty() {
+            bail!("{} holds no events", path.display());
+        }
+        return Ok(rows);
+    }
+    let spec = model.features();
+    let mut rng = Rng(7);
+    Ok((0..1 << 16)
+        .map(|_| {
+            let mut dense = [0f32; FEATURE_DIM];
+            for d in &mut dense {
+                *d = 4.0 * rng.unit() - 2.0;
+            }
+            let item = rng.below(u64::from(spec.item_buckets.max(1))) as u32;
+            let category = rng.below(u64::from(spec.category_buckets.max(1))) as u32;
+            (Features { dense, item, category }, rng.below(10) == 0)
+        })
+        .collect())
+}
+
+/// `n` rows in distinct random slots of `capacity`, features from `pool`.
+fn rows(rng: &mut Rng, pool: &[(Features, bool)], n: usize, capacity: usize) -> Vec<ResidentRow> {
+    let mut slots: Vec<u32> = (0..capacity as u32).collect();
+    for i in 0..n {
+        let j = i + rng.below((capacity - i) as u64) as usize;
+        slots.swap(i, j);
+    }
+    slots[..n]
+        .iter()
+        .map(|&slot| {
+            let (features, reset) = pool[rng.below(pool.len() as u64) as usize];
+            ResidentRow { slot, reset, features }
+        })
+        .collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Runs the equality checks; returns how many failed.
+fn equality(cpu_model: &IntentModel, gpu_model: &IntentModel, kernel: &Arc<FusedGru>, cuda: &Device, pool: &[(Features, bool)]) -> Result<usize> {
+    println!("\n## CPU/GPU equality\n");
+    let h = cpu_model.hidden_dim();
+    let capacity = 200_000;
+    let mut host = HostStates::new(kernel.clone(), capacity);
+    let mut gpu = CudaStates::new(kernel, cuda, capacity)?;
+    let mut rng = Rng(11);
+    let mut failures = 0;
+    let mut check = |what: String, ok: bool, detail: String| {
+        println!("{} {what}: {detail}", if ok { "ok  " } else { "FAIL" });
+        if !ok {
+            failures += 1;
+        }
+    };
+    // Same starting vectors in every slot (plausible magnitudes, some exact zeros).
+    let all: Vec<u32> = (0..capacity as u32).collect();
+    let start: Vec<f32> = (0..capacity * h).map(|i| if i % 7 == 0 { 0.0 } else { 1.8 * rng.unit() - 0.9 }).collect();
+    host.load(&all, &start)?;
+    gpu.load(&all, &start)?;
+    let (mut lh, mut lg, mut vh, mut vg) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for batch in [1usize, 7, 256, 4096, 65_536] {
+        let (mut worst, mut mismatched) = (0f32, 0usize);
+        for _ in 0..5 {
+            let wave = rows(&mut rng, pool, batch, capacity);
+            host.step(&wave, &mut lh)?;
+            gpu.step(&wave, &mut lg)?;
+            let slots: Vec<u32> = wave.iter().map(|r| r.slot).collect();
+            host.read(&slots, &mut vh)?;
+            gpu.read(&slots, &mut vg)?;
+            worst = worst.max(max_diff(&lh, &lg)).max(max_diff(&vh, &vg));
+            mismatched += bits(&lh).iter().zip(bits(&lg)).filter(|(a, b)| *a != b).count();
+            mismatched += bits(&vh).iter().zip(bits(&vg)).filter(|(a, b)| *a != b).count();
+        }
+        check(format!("resident step, batch {batch}, 5 waves"), mismatched == 0, format!("{mismatched} values differ in their bits, largest difference {worst:e}"));
+    }
+    // Every slot, stepped or not, still agrees.
+    host.read(&all, &mut vh)?;
+    gpu.read(&all, &mut vg)?;
+    check(format!("all {capacity} slots after the waves"), bits(&vh) == bits(&vg), format!("largest difference {:e}", max_diff(&vh, &vg)));
+
+    // Batch invariance on the GPU: a row alone, in a launch of 65,536, and in chunks of 1,000.
+    let wave = rows(&mut rng, pool, 65_536, capacity);
+    let slots: Vec<u32> = wave.iter().map(|r| r.slot).collect();
+    let before = {
+        gpu.read(&slots, &mut vg)?;
+        vg.clone()
+    };
+    gpu.step(&wave, &mut lg)?;
+    let whole = (lg.clone(), {
+        gpu.read(&slots, &mut vg)?;
+        vg.clone()
+    });
+    gpu.load(&slots, &before)?;
+    let (mut chunked_logits, mut piece) = (Vec::new(), Vec::new());
+    for chunk in wave.chunks(1_000) {
+        gpu.step(chunk, &mut piece)?;
+        chunked_logits.extend_from_slice(&piece);
+    }
+    gpu.read(&slots, &mut vg)?;
+    check("a launch of 65,536 rows against launches of 1,000".into(), bits(&whole.0) == bits(&chunked_logits) && bits(&whole.1) == bits(&vg), "bit for bit".into());
+    gpu.load(&slots, &before)?;
+    let mut alone_ok = true;
+    for (i, row) in wave.iter().enumerate().step_by(4_099) {
+        gpu.step(std::slice::from_ref(row), &mut piece)?;
+        alone_ok &= piece[0].to_bits() == whole.0[i].to_bits();
+    }
+    check("rows stepped alone against the same rows in a launch of 65,536".into(), alone_ok, "bit for bit".into());
+
+    // The stateless step on both devices, and candle's CUDA step as the reference.
+    let inputs: Vec<Features> = wave[..4096].iter().map(|r| r.features).collect();
+    let hidden = before[..4096 * h].to_vec();
+    let on_cpu = cpu_model.step(&inputs, &hidden)?;
+    let on_gpu = gpu_model.step(&inputs, &hidden)?;
+    check("IntentModel::step, CPU against CUDA, batch 4,096".into(), bits(&on_cpu.hidden) == bits(&on_gpu.hidden) && bits(&on_cpu.scores) == bits(&on_gpu.scores), format!("largest difference {:e}", max_diff(&on_cpu.hidden, &on_gpu.hidden)));
+    let candle = gpu_model.with_candle_step().step(&inputs, &hidden)?;
+    let worst = max_diff(&candle.hidden, &on_gpu.hidden).max(max_diff(&candle.scores, &on_gpu.scores));
+    check("candle's CUDA step against the fused kernel, batch 4,096".into(), worst <= 1e-5, format!("largest difference {worst:e} (bound 1e-5)"));
+    Ok(failures)
+}
+
+/// Median of `reps` timings of `f`, in seconds, after `warm` untimed runs.
+fn median(warm: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warm {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn benchmark(cpu_model: &IntentModel, gpu_model: &IntentModel, kernel: &Arc<FusedGru>, cuda: &Device, pool: &[(Features, bool)], quick: bool) -> Result<()> {
+    let h = cpu_model.hidden_dim();
+    let capacity = if quick { 1_000_000 } else { 10_000_000 };
+    println!("\n## GPU model stage, {capacity} resident users (H = {h}: {} MB of states)\n", capacity * h * 4 / 1_000_000);
+    let mut gpu = CudaStates::new(kernel, cuda, capacity)?;
+    let mut rng = Rng(3);
+    println!("Step: records packed (in chunks of 65,536 rows, overlapping the device's work), copied up, stepped, logits copied down. Phases: the same step with a wait after each phase, medians.\n");
+    println!("| batch | step ms (median) | user-steps/s | ns per user-step | pack ms | upload ms | kernel ms | download ms | kernel user-steps/s |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut logits = Vec::new();
+    let sizes: &[usize] = if quick { &[256, 4096, 65_536, 1 << 20] } else { &[256, 1024, 4096, 16_384, 65_536, 262_144, 1 << 20, 1 << 22] };
+    for &batch in sizes {
+        // Distinct slots spread over the slab: every row a different user, as in one wave.
+        let stride = (capacity / batch).max(1);
+        let offset = rng.below(stride as u64) as usize;
+        let wave: Vec<ResidentRow> = (0..batch).map(|i| ResidentRow { slot: ((i * stride + offset) % capacity) as u32, reset: pool[i % pool.len()].1, features: pool[i % pool.len()].0 }).collect();
+        let reps = if batch >= 1 << 20 { 11 } else { 51 };
+        let t = median(3, reps, || Ok(gpu.step(&wave, &mut logits)?))?;
+        let mut phases: Vec<StepProfile> = Vec::new();
+        for _ in 0..7 {
+            phases.push(gpu.profile_step(&wave, &mut logits)?);
+        }
+        let phase = |f: fn(&StepProfile) -> std::time::Duration| {
+            let mut v: Vec<f64> = phases.iter().map(|p| f(p).as_secs_f64()).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (pack, up, kernel_s, down) = (phase(|p| p.pack), phase(|p| p.upload), phase(|p| p.kernel), phase(|p| p.download));
+        println!(
+            "| {batch} | {:.3} | {:.1} M | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} M |",
+            t * 1e3,
+            batch as f64 / t / 1e6,
+            t * 1e9 / batch as f64,
+            pack * 1e3,
+            up * 1e3,
+            kernel_s * 1e3,
+            down * 1e3,
+            batch as f64 / kernel_s / 1e6
+        );
+    }
+    let n = 1 << 20;
+    let slots: Vec<u32> = (0..n as u32).map(|i| (i as usize * 7 % capacity) as u32).collect();
+    let vectors = vec![0.25f32; n * h];
+    let mut back = Vec::new();
+    let load = median(1, 5, || Ok(gpu.load(&slots, &vectors)?))?;
+    let read = median(1, 5, || Ok(gpu.read(&slots, &mut back)?))?;
+    println!("\nloading 1,048,576 users' vectors: {:.2} ms ({:.1} M users/s); reading them back: {:.2} ms ({:.1} M users/s)", load * 1e3, n as f64 / load / 1e6, read * 1e3, n as f64 / read / 1e6);
+
+    println!("\n## For comparison\n");
+    println!("| step | batch | ms (median) | user-steps/s |");
+    println!("|---|---:|---:|---:|");
+    let candle = gpu_model.with_candle_step();
+    let stateless = gpu_model.clone();
+    for batch in [4096usize, 65_536] {
+        let inputs: Vec<Features> = (0..batch).map(|i| pool[i % pool.len()].0).collect();
+        let hidden = vec![0.1f32; batch * h];
+        let t = median(3, 21, || Ok(candle.step(&inputs, &hidden).map(|_| ())?))?;
+        println!("| candle on the GPU (before) | {batch} | {:.3} | {:.2} M |", t * 1e3, batch as f64 / t / 1e6);
+        let t = median(3, 21, || Ok(stateless.step(&inputs, &hidden).map(|_| ())?))?;
+        println!("| fused GPU kernel, states up and down | {batch} | {:.3} | {:.2} M |", t * 1e3, batch as f64 / t / 1e6);
+        let t = median(3, 21, || Ok(cpu_model.step(&inputs, &hidden).map(|_| ())?))?;
+        println!("| fused CPU kernel, {} threads | {batch} | {:.3} | {:.2} M |", rayon::current_num_threads(), t * 1e3, batch as f64 / t / 1e6);
+    }
+    Ok(())
+}

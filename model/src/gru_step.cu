@@ -1,0 +1,122 @@
+// The GPU serving step of the intent GRU: the same arithmetic as the CPU kernel
+// (model/src/kernel.rs), operation for operation, on hidden states that stay resident in a slab.
+//
+// Built to PTX by model/build.rs with --fmad=false (no multiply-add contraction, as in Rust),
+// IEEE division and no flush-to-zero: a row's result is bit-for-bit the CPU kernel's, whatever
+// rows share its launch.
+//
+// Layout (all f32 unless noted; H hidden units, hm per packed member, G = 3H):
+//   bias_in        G            input-gate bias, r and z with the recurrent bias added
+//   dense_cols     F x G        dense-feature weights, one column per feature
+//   item_rows      Bi x G       W_item . E_item per bucket (Bi = 0: none)
+//   category_rows  Bc x G       W_cat . E_cat per bucket (Bc = 0: none)
+//   recurrent_cols k x hm x 3hm each member's recurrent block, column i = weights of h_i
+//   bias_hn        H            recurrent bias of the n gate
+//   head           H            head weights
+//   inputs (u32)   rows x (F+4) dense feature bits, item bucket, category bucket, slot, flags
+//   states         capacity x H the resident hidden states, updated in place
+//   logits         rows         the head's raw logits
+
+#define FLAG_RESET 1u
+
+__device__ __forceinline__ float exp_fixed(float x) {
+    const float LOG2E = 1.44269504088896340736f;
+    const float LN2_HI = 0.6933594f;
+    const float LN2_LO = -2.1219444e-4f;
+    const float SHIFT = 12582912.0f;
+    // f32::clamp: NaN passes through.
+    if (x < -87.0f) x = -87.0f;
+    if (x > 88.0f) x = 88.0f;
+    float n = (x * LOG2E + SHIFT) - SHIFT;
+    float r = (x - n * LN2_HI) - n * LN2_LO;
+    float p = 1.9875691e-4f;
+    p = p * r + 1.3981999e-3f;
+    p = p * r + 8.333452e-3f;
+    p = p * r + 4.1665796e-2f;
+    p = p * r + 1.6666665e-1f;
+    p = p * r + 5.0000001e-1f;
+    float y = (p * r) * r + r + 1.0f;
+    return y * __int_as_float(((int)n + 127) << 23);
+}
+
+__device__ __forceinline__ float sigmoid_fixed(float x) { return 1.0f / (1.0f + exp_fixed(-x)); }
+
+__device__ __forceinline__ float tanh_fixed(float x) { return 1.0f - 2.0f / (exp_fixed(2.0f * x) + 1.0f); }
+
+// One thread per (row, hidden unit); blockDim.x = rows_per_block * h. Dynamic shared memory:
+// rows_per_block * (F + 2H) floats.
+extern "C" __global__ void gru_step(
+    unsigned int rows, unsigned int h, unsigned int hm, unsigned int features,
+    unsigned int item_buckets, unsigned int category_buckets,
+    const float* __restrict__ bias_in, const float* __restrict__ dense_cols,
+    const float* __restrict__ item_rows, const float* __restrict__ category_rows,
+    const float* __restrict__ recurrent_cols, const float* __restrict__ bias_hn,
+    const float* __restrict__ head, float head_bias,
+    const unsigned int* __restrict__ inputs, float* __restrict__ states, float* __restrict__ logits) {
+    extern __shared__ float shared[];
+    const unsigned int stride = features + 4;
+    const unsigned int rows_per_block = blockDim.x / h;
+    const unsigned int local = threadIdx.x / h;
+    const unsigned int j = threadIdx.x % h;
+    const unsigned int row = blockIdx.x * rows_per_block + local;
+    const bool live = local < rows_per_block && row < rows;
+    float* x = shared + local * (features + 2 * h);
+    float* h_old = x + features;
+    float* h_new = h_old + h;
+    const unsigned int* in = inputs + (size_t)row * stride;
+    size_t slot = 0;
+    if (live) {
+        slot = in[features + 2];
+        for (unsigned int c = j; c < features; c += h) x[c] = __uint_as_float(in[c]);
+        h_old[j] = (in[features + 3] & FLAG_RESET) ? 0.0f : states[slot * h + j];
+    }
+    __syncthreads();
+    if (live) {
+        const unsigned int g3 = 3 * h;
+        const unsigned int m = j / hm, jj = j % hm, k3 = 3 * hm;
+        float g[3], rec[3];
+        for (unsigned int gate = 0; gate < 3; ++gate) {
+            const unsigned int at = gate * h + j;
+            float acc = bias_in[at];
+            for (unsigned int c = 0; c < features; ++c) acc = acc + dense_cols[c * g3 + at] * x[c];
+            if (item_buckets > 0) acc = acc + item_rows[(size_t)min(in[features], item_buckets - 1) * g3 + at];
+            if (category_buckets > 0) acc = acc + category_rows[(size_t)min(in[features + 1], category_buckets - 1) * g3 + at];
+            g[gate] = acc;
+            const float* block = recurrent_cols + (size_t)m * hm * k3 + gate * hm + jj;
+            const float* hidden = h_old + m * hm;
+            float r = 0.0f;
+            for (unsigned int i = 0; i < hm; ++i) r = r + block[i * k3] * hidden[i];
+            rec[gate] = r;
+        }
+        const float r = sigmoid_fixed(g[0] + rec[0]);
+        const float z = sigmoid_fixed(g[1] + rec[1]);
+        const float n = tanh_fixed(g[2] + r * (rec[2] + bias_hn[j]));
+        const float next = n + z * (h_old[j] - n);
+        h_new[j] = next;
+        states[slot * h + j] = next;
+    }
+    __syncthreads();
+    if (live && j == 0) {
+        float logit = head_bias;
+        for (unsigned int u = 0; u < h; ++u) logit = logit + head[u] * h_new[u];
+        logits[row] = logit;
+    }
+}
+
+// states[slots[i]] = hidden[i] for each of n rows.
+extern "C" __global__ void scatter_states(unsigned int n, unsigned int h, const unsigned int* __restrict__ slots,
+                                          const float* __restrict__ hidden, float* __restrict__ states) {
+    const size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (size_t)n * h) return;
+    const size_t i = t / h, j = t % h;
+    states[(size_t)slots[i] * h + j] = hidden[t];
+}
+
+// hidden[i] = states[slots[i]] for each of n rows.
+extern "C" __global__ void gather_states(unsigned int n, unsigned int h, const unsigned int* __restrict__ slots,
+                                         const float* __restrict__ states, float* __restrict__ hidden) {
+    const size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (size_t)n * h) return;
+    const size_t i = t / h, j = t % h;
+    hidden[t] = states[(size_t)slots[i] * h + j];
+}
