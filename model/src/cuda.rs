@@ -75,6 +75,13 @@ pub struct CudaStates {
     slots: SlotCheck,
 }
 
+impl Drop for CudaStates {
+    fn drop(&mut self) {
+        // The staging buffers are freed after this: no queued copy may still use them.
+        let _ = self.stream.synchronize();
+    }
+}
+
 impl std::fmt::Debug for CudaStates {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "CudaStates {{ h: {}, capacity: {} }}", self.h, self.capacity)
@@ -149,9 +156,11 @@ impl CudaStates {
 impl Staging {
     fn new(stream: &Arc<CudaStream>, rows: usize, h: usize) -> Result<Staging, ModelError> {
         let ctx = stream.context();
-        // SAFETY: the buffers are written before they are read (every use fills the prefix it
-        // sends), and flag 0 asks for plain page-locked memory the host may read back.
-        let (host_in, host_out) = unsafe { (ctx.alloc_pinned_with_flags::<u32>(rows * STRIDE.max(h + 1), 0).map_err(driver)?, ctx.alloc_pinned_with_flags::<f32>(rows * h, 0).map_err(driver)?) };
+        // SAFETY: flag 0 asks for plain page-locked memory the host may read back; it is zeroed
+        // below before any use.
+        let (mut host_in, mut host_out) = unsafe { (ctx.alloc_pinned_with_flags::<u32>(rows * STRIDE.max(h + 1), 0).map_err(driver)?, ctx.alloc_pinned_with_flags::<f32>(rows * h, 0).map_err(driver)?) };
+        host_in.as_mut_slice().map_err(driver)?.fill(0);
+        host_out.as_mut_slice().map_err(driver)?.fill(0.0);
         Ok(Staging {
             host_in,
             host_out,
@@ -163,6 +172,8 @@ impl Staging {
     /// Makes room for `rows` rows of input words and `rows × h` output values.
     fn reserve(&mut self, stream: &Arc<CudaStream>, rows: usize, h: usize) -> Result<(), ModelError> {
         if self.host_in.len() < rows * STRIDE.max(h + 1) || self.host_out.len() < rows * h {
+            // No copy may still read the buffers about to be freed.
+            stream.synchronize().map_err(driver)?;
             *self = Staging::new(stream, rows.next_power_of_two(), h)?;
         }
         Ok(())
@@ -179,6 +190,32 @@ impl ResidentStates for CudaStates {
     }
 
     fn load(&mut self, slots: &[u32], hidden: &[f32]) -> Result<(), ModelError> {
+        let loaded = self.load_queued(slots, hidden);
+        self.settled(loaded)
+    }
+
+    fn read(&mut self, slots: &[u32], out: &mut Vec<f32>) -> Result<(), ModelError> {
+        let read = self.read_queued(slots, out);
+        self.settled(read)
+    }
+
+    fn step(&mut self, rows: &[ResidentRow], logits: &mut Vec<f32>) -> Result<(), ModelError> {
+        let stepped = self.step_queued(rows, logits);
+        self.settled(stepped)
+    }
+}
+
+impl CudaStates {
+    /// After an error, waits for whatever was queued: no copy may still read a staging buffer
+    /// that the next call rewrites or frees.
+    fn settled(&self, result: Result<(), ModelError>) -> Result<(), ModelError> {
+        if result.is_err() {
+            let _ = self.stream.synchronize();
+        }
+        result
+    }
+
+    fn load_queued(&mut self, slots: &[u32], hidden: &[f32]) -> Result<(), ModelError> {
         let (n, h) = (slots.len(), self.h);
         check_rows(n, h, hidden.len())?;
         self.slots.check(slots.iter().copied(), self.capacity, false)?;
@@ -206,7 +243,7 @@ impl ResidentStates for CudaStates {
         self.sync()
     }
 
-    fn read(&mut self, slots: &[u32], out: &mut Vec<f32>) -> Result<(), ModelError> {
+    fn read_queued(&mut self, slots: &[u32], out: &mut Vec<f32>) -> Result<(), ModelError> {
         let (n, h) = (slots.len(), self.h);
         self.slots.check(slots.iter().copied(), self.capacity, false)?;
         if n == 0 {
@@ -233,7 +270,7 @@ impl ResidentStates for CudaStates {
         Ok(())
     }
 
-    fn step(&mut self, rows: &[ResidentRow], logits: &mut Vec<f32>) -> Result<(), ModelError> {
+    fn step_queued(&mut self, rows: &[ResidentRow], logits: &mut Vec<f32>) -> Result<(), ModelError> {
         let n = rows.len();
         // Slots are checked against the capacity while they are packed, chunk by chunk before
         // each launch; that no slot repeats is the caller's contract (a repeated slot is no
@@ -253,8 +290,7 @@ impl ResidentStates for CudaStates {
             let words = self.staging.host_in.as_mut_slice().map_err(driver)?;
             let records = &mut words[first * STRIDE..(first + count) * STRIDE];
             if let Some(slot) = pack(chunk, records, self.capacity) {
-                // Chunks already launched stay stepped: the caller treats the step as failed.
-                self.sync()?;
+                // Chunks already launched stay stepped: the step failed, its slots must be loaded again.
                 return Err(out_of_range(slot, self.capacity));
             }
             let mut target = self.staging.dev_in.slice_mut(first * STRIDE..(first + count) * STRIDE);
@@ -348,7 +384,9 @@ impl CudaStates {
             .arg(&input)
             .arg(&mut self.states)
             .arg(&mut output);
-        // SAFETY: the arguments match `gru_step`'s signature; slots are in range and unique.
+        // SAFETY: the arguments match `gru_step`'s signature, and every slot was checked to be
+        // in range while its row was packed. (A slot repeated in one step, against the
+        // contract, makes its rows race on values: no access outside the slab.)
         unsafe { launch.launch(cfg) }.map_err(driver)?;
         Ok(())
     }
@@ -373,8 +411,12 @@ impl CudaStates {
     /// As [`ResidentStates::step`].
     pub fn profile_step(&mut self, rows: &[ResidentRow], logits: &mut Vec<f32>) -> Result<StepProfile, ModelError> {
         let n = rows.len();
-        self.staging.reserve(&self.stream, n.max(1), self.h)?;
         let mut profile = StepProfile::default();
+        if n == 0 {
+            logits.clear();
+            return Ok(profile);
+        }
+        self.staging.reserve(&self.stream, n, self.h)?;
         let t = Instant::now();
         let words = self.staging.host_in.as_mut_slice().map_err(driver)?;
         if let Some(slot) = pack(rows, &mut words[..n * STRIDE], self.capacity) {

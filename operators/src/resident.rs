@@ -205,10 +205,15 @@ impl Resident {
         Resident { slab, table, key: Vec::new(), loads: Vec::new(), vectors: Vec::new(), rows: Vec::new(), logits: Vec::new() }
     }
 
-    /// Gives each user (input partition, id, stored hidden vector) a slot holding that vector,
-    /// loading the ones the slab does not hold; `None` when the batch has more users than
-    /// there are slots (it then runs on the stateless step).
-    pub(crate) fn admit<'a>(&mut self, users: impl Iterator<Item = (i32, &'a str, &'a [f32])>) -> Result<Option<Vec<u32>>, ModelError> {
+    /// Gives each of `count` users (input partition, id, stored hidden vector) a slot holding
+    /// that vector, loading the ones the slab does not hold; `None`, with the table untouched,
+    /// when the batch has more users than there are slots (it then runs on the stateless step).
+    pub(crate) fn admit<'a>(&mut self, count: usize, users: impl Iterator<Item = (i32, &'a str, &'a [f32])>) -> Result<Option<Vec<u32>>, ModelError> {
+        // Rows a failed batch left behind must not be stepped with this one.
+        self.rows.clear();
+        if count > self.table.capacity() {
+            return Ok(None);
+        }
         self.table.begin_batch();
         self.loads.clear();
         self.vectors.clear();
@@ -231,10 +236,12 @@ impl Resident {
         &mut self.rows
     }
 
-    /// Steps the rows filled since the last step; returns their logits.
+    /// Steps the rows filled since the last step (and forgets them, whatever the outcome);
+    /// returns their logits.
     pub(crate) fn step(&mut self) -> Result<&[f32], ModelError> {
-        self.slab.step(&self.rows, &mut self.logits)?;
+        let stepped = self.slab.step(&self.rows, &mut self.logits);
         self.rows.clear();
+        stepped?;
         Ok(&self.logits)
     }
 

@@ -6,7 +6,7 @@ use intentflow_schemas::{format_ts_ms, Event, ScoredIntent, SourcePosition, INTE
 use intentflow_state::changelog::ModelPolicy;
 use intentflow_state::{topic_id, Loaded, StateError, StateStore, UserState};
 use crate::resident::Resident;
-use intentflow_model::ResidentRow;
+use intentflow_model::{ResidentRow, ResidentStates};
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
@@ -95,12 +95,21 @@ impl IntentOperator {
     /// # Errors
     ///
     /// When the model's device cannot hold the slab.
-    pub fn with_resident_slots(mut self, slots: usize) -> Result<IntentOperator, OperatorError> {
-        self.resident = match slots {
-            0 => None,
-            n => Some(Mutex::new(Resident::new(self.model.resident_states(n)?))),
-        };
-        Ok(self)
+    pub fn with_resident_slots(self, slots: usize) -> Result<IntentOperator, OperatorError> {
+        Ok(match slots {
+            0 => IntentOperator { resident: None, ..self },
+            n => {
+                let slab = self.model.resident_states(n)?;
+                self.with_resident_states(slab)
+            }
+        })
+    }
+
+    /// Keeps users' hidden states resident in `slab` (one of the model's
+    /// [`IntentModel::resident_states`], or a wrapper of one).
+    pub fn with_resident_states(mut self, slab: Box<dyn ResidentStates>) -> IntentOperator {
+        self.resident = Some(Mutex::new(Resident::new(slab)));
+        self
     }
 
     /// Users whose hidden states are resident, and evictions so far (`None` without a slab).
@@ -212,7 +221,7 @@ impl IntentOperator {
         // hold already; each wave then sends features and slot numbers alone.
         let mut resident = self.resident.as_ref().map(|r| r.lock().unwrap_or_else(PoisonError::into_inner));
         let device_slots = match resident.as_deref_mut() {
-            Some(r) => r.admit(by_length[..active].iter().map(|&si| (slots[si].partition, slots[si].user.as_str(), slots[si].state.hidden.as_slice())))?,
+            Some(r) => r.admit(active, by_length[..active].iter().map(|&si| (slots[si].partition, slots[si].user.as_str(), slots[si].state.hidden.as_slice())))?,
             None => None,
         };
         let mut features: Vec<Features> = Vec::with_capacity(slots.len());
@@ -510,7 +519,9 @@ mod tests {
             if rng.random_range(0..6) == 0 {
                 // A state rewritten behind the slab (a restore, a reset): the slot must not be trusted.
                 let (p, user, state) = &out_a.states[0];
-                let rewound = UserState { hidden: state.hidden.iter().map(|v| v * 0.5).collect(), ..state.clone() };
+                // Half the time a vector of another length: the next step starts from zero.
+                let hidden = if rewritten % 2 == 0 { state.hidden.iter().map(|v| v * 0.5).collect() } else { vec![0.25; 3] };
+                let rewound = UserState { hidden, ..state.clone() };
                 for store in [&a, &b] {
                     store.commit([(*p, user.as_str(), &rewound)], [], []).unwrap();
                 }
@@ -530,5 +541,76 @@ mod tests {
         let (whole_a, whole_c) = (plain.process(&positioned, &c, EmittedAt::EventTime).unwrap(), few.process(&positioned, &c, EmittedAt::EventTime).unwrap());
         assert_eq!(whole_a.states, whole_c.states);
         assert_eq!(whole_a.intents.iter().map(|i| i.score.to_bits()).collect::<Vec<_>>(), whole_c.intents.iter().map(|i| i.score.to_bits()).collect::<Vec<_>>());
+    }
+
+    /// A slab whose `fail_at`-th step fails (counting from 1).
+    struct Failing {
+        inner: Box<dyn ResidentStates>,
+        steps: usize,
+        fail_at: usize,
+    }
+
+    impl ResidentStates for Failing {
+        fn hidden_dim(&self) -> usize {
+            self.inner.hidden_dim()
+        }
+        fn capacity(&self) -> usize {
+            self.inner.capacity()
+        }
+        fn load(&mut self, slots: &[u32], hidden: &[f32]) -> Result<(), intentflow_model::ModelError> {
+            self.inner.load(slots, hidden)
+        }
+        fn read(&mut self, slots: &[u32], out: &mut Vec<f32>) -> Result<(), intentflow_model::ModelError> {
+            self.inner.read(slots, out)
+        }
+        fn step(&mut self, rows: &[ResidentRow], logits: &mut Vec<f32>) -> Result<(), intentflow_model::ModelError> {
+            self.steps += 1;
+            if self.steps == self.fail_at {
+                // Half stepped, as a device that fails mid-launch may leave it.
+                self.inner.step(&rows[..rows.len() / 2], logits)?;
+                return Err(intentflow_model::ModelError::CudaUnavailable("injected failure".into()));
+            }
+            self.inner.step(rows, logits)
+        }
+    }
+
+    /// A batch whose device step fails has no effect: the batch is redone and the rest of the
+    /// stream gives the stateless operator's bits, including a batch with more users than
+    /// slots before and after.
+    #[test]
+    fn a_failed_resident_step_leaves_nothing_behind() {
+        let positioned = positioned(&generated(60, 1_500), "t");
+        let model = model();
+        let plain = IntentOperator::new(model.clone());
+        let slab = Failing { inner: model.resident_states(40).unwrap(), steps: 0, fail_at: 7 };
+        let resident = IntentOperator::new(model).with_resident_states(Box::new(slab));
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = StateStore::open(dir_a.path(), StoreOptions::default()).unwrap();
+        let b = StateStore::open(dir_b.path(), StoreOptions::default()).unwrap();
+        let commit = |store: &StateStore, out: &BatchOutput| store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
+        // Batches of 30 events (under 40 users), one of 600 (more users than slots), then 30s.
+        let mut cuts: Vec<usize> = (0..10).map(|i| i * 30).collect();
+        cuts.extend((0..=30).map(|i| 900 + i * 20));
+        cuts.push(positioned.len());
+        let (mut failed, mut k) = (0, 0);
+        while k + 1 < cuts.len() {
+            let batch = &positioned[cuts[k]..cuts[k + 1]];
+            let out_b = match resident.process(batch, &b, EmittedAt::EventTime) {
+                Ok(out) => out,
+                Err(e) => {
+                    assert!(e.to_string().contains("injected failure"), "{e}");
+                    failed += 1;
+                    continue;
+                }
+            };
+            let out_a = plain.process(batch, &a, EmittedAt::EventTime).unwrap();
+            assert_eq!(out_a.states, out_b.states, "batch {k}");
+            assert_eq!(out_a.intents.iter().map(|i| i.score.to_bits()).collect::<Vec<_>>(), out_b.intents.iter().map(|i| i.score.to_bits()).collect::<Vec<_>>());
+            commit(&a, &out_a);
+            commit(&b, &out_b);
+            k += 1;
+        }
+        assert_eq!(failed, 1);
+        assert_eq!(a.users().unwrap(), b.users().unwrap());
     }
 }

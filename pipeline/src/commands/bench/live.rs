@@ -14,6 +14,7 @@ use super::{cpu_seconds, latency_histogram, peak_rss_bytes, BenchArgs, RunResult
 use crate::kafka::{admin, DeliveryWindow, KafkaClients};
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
+use intentflow_model::DeviceKind;
 use intentflow_schemas::ScoredIntent;
 use intentflow_state::{StateStore, StoreOptions};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -88,6 +89,10 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
         .args(["--processing-guarantee", &args.processing_guarantee, "--metrics-addr", ""])
         .args(["--max-batch-records", &args.batch.to_string(), "--state-cache-mib", &args.state_cache_mib.to_string()])
         .args(["--commit-interval-ms", &args.commit_interval_ms.to_string()])
+        .args(match args.device {
+            DeviceKind::Cpu => vec![],
+            DeviceKind::Cuda => vec!["--device".to_string(), "cuda".into(), "--gpu-resident-users".into(), args.gpu_resident_users.to_string()],
+        })
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

@@ -25,7 +25,7 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use intentflow_formats::generate::{generate, GeneratorConfig};
 use intentflow_model::train::{train, TrainConfig};
-use intentflow_model::{Device, IntentModel};
+use intentflow_model::{Device, DeviceKind, IntentModel};
 use intentflow_operators::decode::decode_batch;
 use intentflow_operators::encode::encode_intent_into;
 use intentflow_operators::{EmittedAt, IntentOperator, SourceRecord};
@@ -63,6 +63,13 @@ pub struct BenchArgs {
     /// quarter RocksDB block cache, three quarters the cache of recently written states.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=1 << 20))]
     pub state_cache_mib: u32,
+    /// Device of the model: `cpu`, or `cuda` in a build with the `cuda` feature (then the
+    /// operator keeps `--gpu-resident-users` users' hidden states on the GPU, as `run` does).
+    #[arg(long, default_value = "cpu", value_parser = crate::config::parse_device)]
+    pub device: DeviceKind,
+    /// With `--device cuda`: users whose hidden states stay resident on the GPU.
+    #[arg(long, default_value_t = crate::config::DEFAULT_GPU_RESIDENT_USERS)]
+    pub gpu_resident_users: usize,
     /// Where the state stores go (default: a temporary directory, removed afterwards).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
@@ -139,7 +146,7 @@ pub async fn bench_cmd(args: &BenchArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => tokio::task::block_in_place(|| train_small_model(&work.join("model")))?,
     };
-    let model = IntentModel::load(&model_dir, &Device::Cpu)?;
+    let model = IntentModel::load(&model_dir, &args.device.open()?)?;
     let mut results = Vec::new();
     for (i, rate) in rates.iter().enumerate() {
         eprintln!("bench: run {} of {}: {} events, {} users, {}", i + 1, rates.len(), events, args.users, describe_rate(*rate));
@@ -237,7 +244,10 @@ impl Clock {
 fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate: Option<f64>) -> Result<RunResult> {
     reset_peak_rss();
     let store = StateStore::open(dir, StoreOptions::with_cache_budget((args.state_cache_mib as usize) << 20))?;
-    let operator = IntentOperator::new(model.clone());
+    let mut operator = IntentOperator::new(model.clone());
+    if args.device == DeviceKind::Cuda {
+        operator = operator.with_resident_slots(args.gpu_resident_users)?;
+    }
     let decoder = EventDecoder::default();
     let synth = Synth { seed: args.seed, users: args.users };
     let mut seen = Seen::new(args.users);
@@ -342,11 +352,15 @@ fn table(args: &BenchArgs, model: &IntentModel, results: &[RunResult]) -> String
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "intentflow bench: intentflow {}, model {} (hidden vector {} values), batch {}, {} partitions, \
+        "intentflow bench: intentflow {}, model {} (hidden vector {} values) on {}, batch {}, {} partitions, \
          state cache {} MiB (a quarter RocksDB block cache), RocksDB with its write-ahead log, {cores} cores",
         env!("CARGO_PKG_VERSION"),
         model.version(),
         model.hidden_dim(),
+        match args.device {
+            DeviceKind::Cpu => "the CPU".to_string(),
+            DeviceKind::Cuda => format!("CUDA, {} resident users", args.gpu_resident_users),
+        },
         args.batch,
         args.partitions,
         args.state_cache_mib
