@@ -37,7 +37,7 @@ fn bench(c: &mut Criterion) {
                 |slice| {
                     let out = op.process(slice, &store, intentflow_operators::EmittedAt::Now(0)).unwrap();
                     store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
-                    out.intents.len()
+                    out.scored.len()
                 },
                 BatchSize::SmallInput,
             )
@@ -63,7 +63,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("batch_4096_half_one_user", |b| {
         b.iter(|| {
             let out = op.process(&hot, &store, intentflow_operators::EmittedAt::Now(0)).unwrap();
-            out.intents.len()
+            out.scored.len()
         })
     });
     group.finish();

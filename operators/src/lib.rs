@@ -28,7 +28,7 @@ mod score;
 pub use decode::{Decoded, Rejected, SourceRecord};
 pub use intentflow_schemas::{Event, ScoredIntent, SourcePosition};
 pub use intentflow_state::{StateStore, UserState};
-pub use score::{BatchOutput, EmittedAt, IntentOperator, InvalidState, PositionedEvent};
+pub use score::{BatchOutput, EmittedAt, IntentOperator, InvalidState, PositionedEvent, Scored};
 
 /// Errors of the operators.
 #[derive(Debug, thiserror::Error)]

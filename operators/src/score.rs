@@ -2,7 +2,7 @@
 
 use crate::OperatorError;
 use intentflow_model::{Features, IntentModel};
-use intentflow_schemas::{format_ts_ms, Event, ScoredIntent, SourcePosition, INTENT_SCHEMA_VERSION};
+use intentflow_schemas::{format_ts_ms, write_ts_ms, Event, ScoredIntent, SourcePosition, INTENT_SCHEMA_VERSION};
 use intentflow_state::changelog::ModelPolicy;
 use intentflow_state::{topic_id, Loaded, StateError, StateStore, UserState};
 use crate::resident::Resident;
@@ -19,11 +19,35 @@ pub struct PositionedEvent {
     pub event: Event,
 }
 
+/// One applied event's score and the session it was in: an intent, less what its event and
+/// its batch hold ([`BatchOutput::intent`], [`BatchOutput::encode_intent`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    /// Index of the event in the batch's input.
+    pub input: usize,
+    /// Calibrated purchase probability.
+    pub score: f32,
+    /// Index of the user's session among its sessions, after the event.
+    pub session_seq: u32,
+    /// Events in the session, this one included.
+    pub session_events: u32,
+    /// The shop's session id, as an index into the batch's session ids.
+    session_id: Option<u32>,
+}
+
 /// Everything one batch produced.
 #[derive(Debug, Default)]
 pub struct BatchOutput {
-    /// One intent per applied event, in input order (so each user's intents are in event order).
-    pub intents: Vec<ScoredIntent>,
+    /// One per applied event, in input order (so each user's intents are in event order). An
+    /// intent is built from one with its event ([`BatchOutput::intent`]) or written as JSON
+    /// straight from both ([`BatchOutput::encode_intent`]): no strings per event.
+    pub scored: Vec<Scored>,
+    /// The shop's session ids the batch's intents name, each once per user and session.
+    session_ids: Vec<String>,
+    /// `emitted_at` of every intent, or `None` for each event's own time.
+    emitted_at: Option<String>,
+    /// The model that scored the batch.
+    model_version: String,
     /// The final state of every user the batch touched, keyed by (partition, user id).
     pub states: Vec<(i32, String, UserState)>,
     /// Users whose stored hidden vector did not fit the model and was restarted from zero.
@@ -39,6 +63,89 @@ pub struct BatchOutput {
     pub already_applied: usize,
     /// Batched model steps taken (the number of waves).
     pub waves: usize,
+}
+
+impl BatchOutput {
+    /// The shop's session id of a scored event.
+    pub fn session_id(&self, scored: &Scored) -> Option<&str> {
+        scored.session_id.map(|i| self.session_ids[i as usize].as_str())
+    }
+
+    /// The intent of a scored event; `events` is the batch's input.
+    pub fn intent(&self, events: &[PositionedEvent], scored: &Scored) -> ScoredIntent {
+        let pe = &events[scored.input];
+        let event_ts = format_ts_ms(pe.event.ts);
+        ScoredIntent {
+            v: INTENT_SCHEMA_VERSION,
+            user_id: pe.event.user_id.clone(),
+            score: scored.score,
+            emitted_at: self.emitted_at.clone().unwrap_or_else(|| event_ts.clone()),
+            event_ts,
+            event_type: pe.event.kind,
+            event_id: pe.event.event_id.clone(),
+            session_id: self.session_id(scored).map(str::to_string),
+            session_seq: scored.session_seq,
+            session_events: scored.session_events,
+            model_version: self.model_version.clone(),
+            source: pe.source.clone(),
+        }
+    }
+
+    /// Every intent of the batch, in input order; `events` is the batch's input.
+    pub fn intents<'a>(&'a self, events: &'a [PositionedEvent]) -> impl Iterator<Item = ScoredIntent> + 'a {
+        self.scored.iter().map(move |s| self.intent(events, s))
+    }
+
+    /// Appends a scored event's intent to `out` as the JSON object [`crate::encode::encode_intent`]
+    /// writes for [`BatchOutput::intent`] — the same bytes — without building the intent.
+    pub fn encode_intent(&self, events: &[PositionedEvent], scored: &Scored, out: &mut Vec<u8>) {
+        // Strings and numbers go through serde_json's own writers (its escaping, its number
+        // formats), into the buffer: nothing is allocated.
+        fn json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+            serde_json::to_writer(&mut *out, value).expect("strings and numbers serialise");
+        }
+        let (pe, ev) = (&events[scored.input], &events[scored.input].event);
+        out.extend_from_slice(b"{\"v\":");
+        json(out, &INTENT_SCHEMA_VERSION);
+        out.extend_from_slice(b",\"user_id\":");
+        json(out, ev.user_id.as_str());
+        out.extend_from_slice(b",\"score\":");
+        json(out, &scored.score);
+        out.extend_from_slice(b",\"event_ts\":\"");
+        write_ts_ms(ev.ts, out);
+        out.extend_from_slice(b"\",\"event_type\":");
+        json(out, &ev.kind);
+        if let Some(id) = &ev.event_id {
+            out.extend_from_slice(b",\"event_id\":");
+            json(out, id.as_str());
+        }
+        if let Some(id) = self.session_id(scored) {
+            out.extend_from_slice(b",\"session_id\":");
+            json(out, id);
+        }
+        out.extend_from_slice(b",\"session_seq\":");
+        json(out, &scored.session_seq);
+        out.extend_from_slice(b",\"session_events\":");
+        json(out, &scored.session_events);
+        out.extend_from_slice(b",\"model_version\":");
+        json(out, self.model_version.as_str());
+        out.extend_from_slice(b",\"source\":{\"topic\":");
+        json(out, pe.source.topic.as_str());
+        out.extend_from_slice(b",\"partition\":");
+        json(out, &pe.source.partition);
+        out.extend_from_slice(b",\"offset\":");
+        json(out, &pe.source.offset);
+        out.extend_from_slice(b"},\"emitted_at\":");
+        match &self.emitted_at {
+            Some(at) => json(out, at.as_str()),
+            None => {
+                out.push(b'"');
+                write_ts_ms(ev.ts, out);
+                out.push(b'"');
+            }
+        }
+        out.push(b'}');
+    }
 }
 
 /// A stored state that could not be read.
@@ -69,6 +176,8 @@ struct Slot {
     user: String,
     state: UserState,
     inputs: Vec<usize>,
+    /// The batch's index of this user's current session id, once one was recorded.
+    session_id: Option<u32>,
 }
 
 /// Scores events with a trained [`IntentModel`], keeping per-user state.
@@ -157,7 +266,7 @@ impl IntentOperator {
         for (i, pe) in events.iter().enumerate() {
             let key = (pe.source.partition, pe.event.user_id.as_str());
             let slot = *index.entry(key).or_insert_with(|| {
-                slots.push(Slot { partition: key.0, user: key.1.to_string(), state: UserState::default(), inputs: Vec::new() });
+                slots.push(Slot { partition: key.0, user: key.1.to_string(), state: UserState::default(), inputs: Vec::new(), session_id: None });
                 slots.len() - 1
             });
             slots[slot].inputs.push(i);
@@ -205,11 +314,12 @@ impl IntentOperator {
             slot.state.model_version.push_str(version);
         }
 
-        let now = match stamp {
+        let emitted_at = match stamp {
             EmittedAt::Now(ms) => Some(format_ts_ms(ms)),
             EmittedAt::EventTime => None,
         };
-        let mut intents: Vec<Option<ScoredIntent>> = vec![None; events.len()];
+        let mut scored: Vec<Option<Scored>> = vec![None; events.len()];
+        let mut session_ids: Vec<String> = Vec::new();
         let max_len = slots.iter().map(|s| s.inputs.len()).max().unwrap_or(0);
         // Slots by falling number of inputs: wave k steps the prefix of slots with more than k,
         // so a user with thousands of events in the batch costs a wave per event, not a pass
@@ -265,24 +375,20 @@ impl IntentOperator {
                 }
             }
             for (k, &si) in wave_slots.iter().enumerate() {
-                let slot = &slots[si];
+                let slot = &mut slots[si];
                 let input = slot.inputs[wave];
-                let pe = &events[input];
-                let event_ts = format_ts_ms(pe.event.ts);
-                intents[input] = Some(ScoredIntent {
-                    v: INTENT_SCHEMA_VERSION,
-                    user_id: pe.event.user_id.clone(),
-                    score: scores[k],
-                    emitted_at: now.clone().unwrap_or_else(|| event_ts.clone()),
-                    event_ts,
-                    event_type: pe.event.kind,
-                    event_id: pe.event.event_id.clone(),
-                    session_id: slot.state.session.session_id.clone(),
-                    session_seq: slot.state.session.session_seq,
-                    session_events: slot.state.session.events,
-                    model_version: version.to_string(),
-                    source: pe.source.clone(),
-                });
+                let session = &slot.state.session;
+                // A session id is stored once per user and session, not per event.
+                let session_id = match (&session.session_id, slot.session_id) {
+                    (None, _) => None,
+                    (Some(id), Some(i)) if session_ids[i as usize] == *id => Some(i),
+                    (Some(id), _) => {
+                        session_ids.push(id.clone());
+                        slot.session_id = Some(session_ids.len() as u32 - 1);
+                        slot.session_id
+                    }
+                };
+                scored[input] = Some(Scored { input, score: scores[k], session_seq: session.session_seq, session_events: session.events, session_id });
             }
         }
         // The batch's new vectors come back once, to be written with its states.
@@ -304,7 +410,10 @@ impl IntentOperator {
         }
         Ok(BatchOutput {
             // Fenced events have no intent.
-            intents: intents.into_iter().flatten().collect(),
+            scored: scored.into_iter().flatten().collect(),
+            session_ids,
+            emitted_at,
+            model_version: version.to_string(),
             states: slots.into_iter().filter(|s| !s.inputs.is_empty()).map(|s| (s.partition, s.user, s.state)).collect(),
             reset_states,
             foreign_states,
@@ -386,8 +495,8 @@ mod tests {
         while start < positioned.len() {
             let end = (start + rng.random_range(1..700)).min(positioned.len());
             let out = op.process(&positioned[start..end], &store, EmittedAt::Now(0)).unwrap();
-            assert_eq!(out.intents.len(), end - start);
-            for (intent, input) in out.intents.iter().zip(&positioned[start..end]) {
+            assert_eq!(out.scored.len(), end - start);
+            for (intent, input) in out.intents(&positioned[start..end]).zip(&positioned[start..end]) {
                 assert_eq!(intent.source, input.source, "outputs keep input order");
                 streamed.entry(intent.user_id.clone()).or_default().push(intent.score);
             }
@@ -430,11 +539,11 @@ mod tests {
         let before = store.users().unwrap();
         // The whole first batch again: nothing applied, nothing emitted, nothing to write.
         let again = op.process(&events[..120], &store, EmittedAt::EventTime).unwrap();
-        assert_eq!((again.already_applied, again.intents.len(), again.states.len()), (120, 0, 0));
+        assert_eq!((again.already_applied, again.scored.len(), again.states.len()), (120, 0, 0));
         // Its second half again with new events: only the new ones count.
         let overlap = op.process(&events[60..], &store, EmittedAt::EventTime).unwrap();
-        assert_eq!((overlap.already_applied, overlap.intents.len()), (60, 80));
-        assert!(overlap.intents.iter().all(|i| i.source.offset >= 120));
+        assert_eq!((overlap.already_applied, overlap.scored.len()), (60, 80));
+        assert!(overlap.intents(&events[60..]).all(|i| i.source.offset >= 120));
         commit(&overlap);
         // The same as one clean pass.
         let clean_dir = tempfile::tempdir().unwrap();
@@ -464,7 +573,7 @@ mod tests {
         let out = IntentOperator::new(model.clone()).process(&mine, &store, EmittedAt::EventTime).unwrap();
         assert_eq!(out.invalid_states.len(), 1);
         assert_eq!(out.invalid_states[0].bytes, b"\x03garbage");
-        let close = |got: &BatchOutput| got.intents.len() == fresh_scores.len() && got.intents.iter().zip(&fresh_scores).all(|(i, s)| (i.score - s).abs() <= 1e-6);
+        let close = |got: &BatchOutput| got.scored.len() == fresh_scores.len() && got.scored.iter().zip(&fresh_scores).all(|(i, s)| (i.score - s).abs() <= 1e-6);
         assert!(close(&out), "the user started fresh");
 
         let foreign = UserState { hidden: vec![0.9; model.hidden_dim()], model_version: "gru-other".into(), ..Default::default() };
@@ -505,7 +614,7 @@ mod tests {
             let batch = &positioned[start..end];
             let out_a = plain.process(batch, &a, EmittedAt::EventTime).unwrap();
             let out_b = resident.process(batch, &b, EmittedAt::EventTime).unwrap();
-            let scores = |o: &BatchOutput| o.intents.iter().map(|i| (i.source.offset, i.score.to_bits())).collect::<Vec<_>>();
+            let scores = |o: &BatchOutput| o.scored.iter().map(|i| (i.input, i.score.to_bits())).collect::<Vec<_>>();
             assert_eq!(scores(&out_a), scores(&out_b), "batch {batches}");
             assert_eq!(out_a.states, out_b.states, "batch {batches}");
             batches += 1;
@@ -540,7 +649,7 @@ mod tests {
         let c = StateStore::open(dir_c.path(), StoreOptions::default()).unwrap();
         let (whole_a, whole_c) = (plain.process(&positioned, &c, EmittedAt::EventTime).unwrap(), few.process(&positioned, &c, EmittedAt::EventTime).unwrap());
         assert_eq!(whole_a.states, whole_c.states);
-        assert_eq!(whole_a.intents.iter().map(|i| i.score.to_bits()).collect::<Vec<_>>(), whole_c.intents.iter().map(|i| i.score.to_bits()).collect::<Vec<_>>());
+        assert_eq!(whole_a.scored.iter().map(|i| i.score.to_bits()).collect::<Vec<_>>(), whole_c.scored.iter().map(|i| i.score.to_bits()).collect::<Vec<_>>());
     }
 
     /// A slab whose `fail_at`-th step fails (counting from 1).
@@ -605,12 +714,42 @@ mod tests {
             };
             let out_a = plain.process(batch, &a, EmittedAt::EventTime).unwrap();
             assert_eq!(out_a.states, out_b.states, "batch {k}");
-            assert_eq!(out_a.intents.iter().map(|i| i.score.to_bits()).collect::<Vec<_>>(), out_b.intents.iter().map(|i| i.score.to_bits()).collect::<Vec<_>>());
+            assert_eq!(out_a.scored.iter().map(|i| i.score.to_bits()).collect::<Vec<_>>(), out_b.scored.iter().map(|i| i.score.to_bits()).collect::<Vec<_>>());
             commit(&a, &out_a);
             commit(&b, &out_b);
             k += 1;
         }
         assert_eq!(failed, 1);
         assert_eq!(a.users().unwrap(), b.users().unwrap());
+    }
+
+    /// An intent written straight from its event and score is byte for byte the serde encoding
+    /// of the intent built from them: strings that need escaping, no and repeated session ids,
+    /// both kinds of `emitted_at`.
+    #[test]
+    fn intents_written_straight_are_the_serde_encoding_of_built_ones() {
+        let mut events = positioned(&generated(30, 400), "events \"quoted\" \\ topic");
+        for (i, pe) in events.iter_mut().enumerate() {
+            match i % 4 {
+                0 => pe.event.session_id = Some(format!("s-{}\u{7}\n\"é\"", i / 40)),
+                1 => pe.event.event_id = Some(format!("evt \u{1f600} {i}")),
+                2 => pe.event.user_id = format!("{}\t\\", pe.event.user_id),
+                _ => {}
+            }
+        }
+        let op = IntentOperator::new(model());
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+        for stamp in [EmittedAt::EventTime, EmittedAt::Now(1_900_000_000_123)] {
+            let out = op.process(&events, &store, stamp).unwrap();
+            assert_eq!(out.scored.len(), events.len());
+            assert!(out.scored.iter().filter_map(|s| out.session_id(s)).count() > 50);
+            let mut straight = Vec::new();
+            for (scored, built) in out.scored.iter().zip(out.intents(&events)) {
+                straight.clear();
+                out.encode_intent(&events, scored, &mut straight);
+                assert_eq!(String::from_utf8(straight.clone()).unwrap(), String::from_utf8(crate::encode::encode_intent(&built)).unwrap());
+            }
+        }
     }
 }

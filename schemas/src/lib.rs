@@ -24,12 +24,19 @@ pub use session::{item_key, SessionConfig, SessionState, SessionStep};
 /// `2019-10-01T00:00:00.000Z`. Years 0–9999 are formatted by hand (two per intent, on the hot
 /// path: no format-string parsing); others through chrono, as before.
 pub fn format_ts_ms(ts_ms: i64) -> String {
+    let mut out = Vec::with_capacity(24);
+    write_ts_ms(ts_ms, &mut out);
+    String::from_utf8(out).expect("ASCII digits and separators, or chrono's text")
+}
+
+/// Appends [`format_ts_ms`]'s text to `buf`, without allocating for years 0–9999.
+pub fn write_ts_ms(ts_ms: i64, buf: &mut Vec<u8>) {
     const MIN: i64 = -62_167_219_200_000; // 0000-01-01T00:00:00Z
     const MAX: i64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
     if !(MIN..=MAX).contains(&ts_ms) {
-        return chrono::DateTime::from_timestamp_millis(ts_ms)
-            .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
-            .unwrap_or_else(|| ts_ms.to_string());
+        let text = chrono::DateTime::from_timestamp_millis(ts_ms).map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()).unwrap_or_else(|| ts_ms.to_string());
+        buf.extend_from_slice(text.as_bytes());
+        return;
     }
     let (days, ms_of_day) = (ts_ms.div_euclid(86_400_000), ts_ms.rem_euclid(86_400_000));
     let (y, m, d) = civil_from_days(days);
@@ -52,7 +59,7 @@ pub fn format_ts_ms(ts_ms: i64) -> String {
     for (at, c) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (23, b'Z')] {
         out[at] = c;
     }
-    String::from_utf8(out.to_vec()).expect("ASCII digits and separators")
+    buf.extend_from_slice(&out);
 }
 
 /// `(year, month, day)` of days since 1970-01-01 in the proleptic Gregorian calendar (Howard

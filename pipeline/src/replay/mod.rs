@@ -294,8 +294,8 @@ impl Scorer<'_> {
         let out = self.operator.process(events, self.store, EmittedAt::EventTime)?;
         self.store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), next, [])?;
         self.summary.events += events.len() as u64;
-        self.summary.outputs += out.intents.len() as u64;
-        Ok(out.intents)
+        self.summary.outputs += out.scored.len() as u64;
+        Ok(out.intents(events).collect())
     }
 }
 

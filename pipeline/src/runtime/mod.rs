@@ -344,7 +344,7 @@ impl<'s> BatchLoop<'s> {
         let tpl = offsets_tpl(&next)?;
         // Encoded once, for the changelog and for RocksDB.
         let states: Vec<Vec<u8>> = out.states.iter().map(|(_, _, st)| st.encode()).collect();
-        let records = BatchRecords { out: &out, states: &states, rejected: &decoded.rejected, quarantined: &quarantined, tombstones: &self.tombstones, next: &next };
+        let records = BatchRecords { events: &decoded.events, out: &out, states: &states, rejected: &decoded.rejected, quarantined: &quarantined, tombstones: &self.tombstones, next: &next };
         let sink = s.sink();
         let changelog_next = match sink.send(consumer, &records, &tpl).await {
             Ok(changelog_next) => changelog_next,
@@ -382,7 +382,7 @@ impl<'s> BatchLoop<'s> {
         }
 
         stats.skipped += out.already_applied as u64;
-        stats.intents = out.intents.len() as u64;
+        stats.intents = out.scored.len() as u64;
         stats.state_resets = out.reset_states as u64;
         stats.foreign_states = out.foreign_states as u64;
         stats.waves = out.waves as u64;

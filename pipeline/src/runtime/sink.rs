@@ -13,7 +13,7 @@ use super::watchdog::Watchdog;
 use super::RebalanceContext;
 use crate::kafka::DeliveryWindow;
 use anyhow::{Context, Result};
-use intentflow_operators::{encode::encode_intent_into, BatchOutput, Rejected};
+use intentflow_operators::{BatchOutput, PositionedEvent, Rejected};
 use intentflow_state::changelog::{encode_offset, ChangelogKey};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, Producer};
@@ -46,6 +46,8 @@ pub struct BatchSink<'a> {
 
 /// One batch's results, ready to send.
 pub struct BatchRecords<'b> {
+    /// The batch's valid events, the operator's input.
+    pub events: &'b [PositionedEvent],
     /// What the operator produced.
     pub out: &'b BatchOutput,
     /// Each touched user's encoded state, aligned with `out.states`.
@@ -73,10 +75,10 @@ impl BatchSink<'_> {
         self.begin()?;
         let mut window = self.window();
         let mut buf = Vec::with_capacity(512);
-        for intent in &batch.out.intents {
+        for scored in &batch.out.scored {
             buf.clear();
-            encode_intent_into(intent, &mut buf);
-            window.send(self.output_topic, intent.user_id.as_bytes(), &buf).await?;
+            batch.out.encode_intent(batch.events, scored, &mut buf);
+            window.send(self.output_topic, batch.events[scored.input].event.user_id.as_bytes(), &buf).await?;
         }
         for r in batch.rejected {
             let key = format!("{}/{}", r.source.topic, r.source.partition);

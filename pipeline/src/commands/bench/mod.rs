@@ -27,7 +27,6 @@ use intentflow_formats::generate::{generate, GeneratorConfig};
 use intentflow_model::train::{train, TrainConfig};
 use intentflow_model::{Device, DeviceKind, IntentModel};
 use intentflow_operators::decode::decode_batch;
-use intentflow_operators::encode::encode_intent_into;
 use intentflow_operators::{EmittedAt, IntentOperator, SourceRecord};
 use intentflow_schemas::EventDecoder;
 use intentflow_state::{StateStore, StoreOptions};
@@ -304,8 +303,8 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
         let out = operator.process(&decoded.events, &store, EmittedAt::Now(now_ms))?;
         let t_scored = clock.now();
         intents.clear();
-        for intent in &out.intents {
-            encode_intent_into(intent, &mut intents);
+        for scored in &out.scored {
+            out.encode_intent(&decoded.events, scored, &mut intents);
         }
         let states: Vec<Vec<u8>> = out.states.iter().map(|(_, _, s)| s.encode()).collect();
         let t_encoded = clock.now();
