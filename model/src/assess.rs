@@ -47,8 +47,33 @@ impl Assessment {
     }
 }
 
-/// Calibrated GRU scores of every event of `sessions` (all events, labelled or not), per session.
-pub fn gru_scores(model: &IntentModel, sessions: &[LabelledSession]) -> Result<Vec<Vec<f32>>, ModelError> {
+/// The precision hidden states are kept in between steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StatePrecision {
+    /// As the model computes them: what the operator stores today.
+    #[default]
+    F32,
+    /// Rounded to IEEE half precision after every step (80 instead of 160 bytes for the
+    /// default model): a measurement of what storing them so would cost, not a serving mode.
+    F16,
+    /// Rounded to bfloat16 after every step (same size as f16, fewer mantissa bits).
+    Bf16,
+}
+
+impl StatePrecision {
+    /// Rounds `values` to this precision (to nearest, ties to even), in place.
+    pub fn round(self, values: &mut [f32]) {
+        match self {
+            StatePrecision::F32 => {}
+            StatePrecision::F16 => values.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+            StatePrecision::Bf16 => values.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+        }
+    }
+}
+
+/// Calibrated GRU scores of every event of `sessions` (all events, labelled or not), per
+/// session, with hidden states kept in `precision` between steps.
+pub fn gru_scores(model: &IntentModel, sessions: &[LabelledSession], precision: StatePrecision) -> Result<Vec<Vec<f32>>, ModelError> {
     let h = model.hidden_dim();
     let mut out: Vec<Vec<f32>> = sessions.iter().map(|s| Vec::with_capacity(s.features.len())).collect();
     for (c, chunk) in sessions.chunks(1024).enumerate() {
@@ -61,6 +86,7 @@ pub fn gru_scores(model: &IntentModel, sessions: &[LabelledSession]) -> Result<V
             let step = model.step(&inputs, &state)?;
             for (k, &i) in live.iter().enumerate() {
                 hidden[i * h..(i + 1) * h].copy_from_slice(&step.hidden[k * h..(k + 1) * h]);
+                precision.round(&mut hidden[i * h..(i + 1) * h]);
                 out[c * 1024 + i].push(step.scores[k]);
             }
         }
@@ -76,12 +102,22 @@ pub fn gru_scores(model: &IntentModel, sessions: &[LabelledSession]) -> Result<V
 /// [`ModelError::Invalid`] when the model carries no baselines (not trained by this
 /// project) or the part has no labelled events; candle errors otherwise.
 pub fn assess(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, part: Part, reps: usize, seed: u64) -> Result<Assessment, ModelError> {
+    assess_at(model, events, oracle, part, reps, seed, StatePrecision::F32)
+}
+
+/// [`assess`] with the GRU's hidden states kept in `precision` between steps: what storing
+/// states in f16 or bf16 would cost in quality.
+///
+/// # Errors
+///
+/// As [`assess`].
+pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, part: Part, reps: usize, seed: u64, precision: StatePrecision) -> Result<Assessment, ModelError> {
     let meta = model.meta();
     let baselines = meta.baselines.as_ref().ok_or_else(|| ModelError::Invalid("model.json has no baselines: train the model with `intentflow train`".into()))?;
     let (label, split) = meta.training.as_ref().map_or((LabelHorizon::Session, SplitSpec::default()), |t| (t.label, t.split));
     let sessions = labelled_sessions(events, model.features(), label);
     let chosen = split.part(&sessions, part);
-    let gru_all = gru_scores(model, chosen)?;
+    let gru_all = gru_scores(model, chosen, precision)?;
 
     let (mut gru, mut lr, mut ens, mut truth) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut labels, mut groups, mut seen) = (Vec::new(), Vec::new(), Vec::new());
@@ -137,4 +173,26 @@ pub fn assess(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, par
         });
     }
     Ok(Assessment { model_version: meta.version.clone(), part: part.as_str().into(), label, split, bootstrap_reps: reps, scorers })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StatePrecision;
+
+    #[test]
+    fn states_round_to_nearest_in_the_chosen_precision() {
+        let third = 1.0f32 / 3.0;
+        let mut v = [third, -0.0, 1.0, 65_504.0, 1e-9];
+        StatePrecision::F32.round(&mut v);
+        assert_eq!(v, [third, -0.0, 1.0, 65_504.0, 1e-9]);
+        let mut h = v;
+        StatePrecision::F16.round(&mut h);
+        // 1/3 in f16 is 0x3555 = 0.333251953125; 1e-9 is below f16's smallest subnormal.
+        assert_eq!(h, [0.333_251_95, -0.0, 1.0, 65_504.0, 0.0]);
+        let mut b = v;
+        StatePrecision::Bf16.round(&mut b);
+        // bf16 keeps f32's range but 8 mantissa bits: 1/3 is 0x3EAB = 0.333984375.
+        assert_eq!(b[0], 0.333_984_38);
+        assert!(b[4] > 0.0 && (b[4] - 1e-9).abs() < 1e-11);
+    }
 }

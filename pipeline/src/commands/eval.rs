@@ -4,7 +4,7 @@ use super::{read_input, InputArgs};
 use intentflow_schemas::Limits;
 use anyhow::{Context, Result};
 use clap::Args;
-use intentflow_model::assess::{assess, Assessment};
+use intentflow_model::assess::{assess_at, Assessment, StatePrecision};
 use intentflow_model::train::Part;
 use intentflow_model::{DeviceKind, IntentModel};
 use std::path::PathBuf;
@@ -30,6 +30,21 @@ pub struct EvalArgs {
     /// Seed of the bootstrap.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Keep the GRU's hidden states in this precision between steps: `f16` or `bf16` measure
+    /// what storing states in half the bytes would cost (the operator keeps f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub state_precision: PrecisionArg,
+}
+
+/// `--state-precision` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrecisionArg {
+    /// 32-bit floats, as served.
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
 }
 
 /// `--part` values.
@@ -81,7 +96,12 @@ pub fn eval_cmd(args: &EvalArgs) -> Result<()> {
         PartArg::Train => Part::Train,
         PartArg::All => Part::All,
     };
-    let a = assess(&model, &imported.events, imported.latent_intent.as_deref(), part, args.bootstrap, args.seed)?;
+    let precision = match args.state_precision {
+        PrecisionArg::F32 => StatePrecision::F32,
+        PrecisionArg::F16 => StatePrecision::F16,
+        PrecisionArg::Bf16 => StatePrecision::Bf16,
+    };
+    let a = assess_at(&model, &imported.events, imported.latent_intent.as_deref(), part, args.bootstrap, args.seed, precision)?;
     let out = args.out_dir.clone().unwrap_or_else(|| args.model_dir.clone());
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let metrics_path = out.join("metrics.json");
