@@ -8,7 +8,7 @@
 
 use crate::eval::{self, Metrics, Scored};
 use crate::train::{labelled_sessions, LabelHorizon, LabelledSession, Part, SplitSpec};
-use crate::{IntentModel, ModelError};
+use crate::{IntentModel, ModelError, StatePrecision};
 use intentflow_schemas::Event;
 use serde::{Deserialize, Serialize};
 
@@ -38,36 +38,16 @@ pub struct Assessment {
     pub bootstrap_reps: usize,
     /// One entry per scorer, the GRU first.
     pub scorers: Vec<ScorerMetrics>,
+    /// Precision the GRU's hidden states were rounded to between steps, if not the model's own
+    /// (`intentflow eval --state-precision`).
+    #[serde(default, skip_serializing_if = "StatePrecision::is_f32")]
+    pub state_precision: StatePrecision,
 }
 
 impl Assessment {
     /// The metrics of scorer `name`.
     pub fn scorer(&self, name: &str) -> Option<&Metrics> {
         self.scorers.iter().find(|s| s.name == name).map(|s| &s.metrics)
-    }
-}
-
-/// The precision hidden states are kept in between steps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum StatePrecision {
-    /// As the model computes them: what the operator stores today.
-    #[default]
-    F32,
-    /// Rounded to IEEE half precision after every step (80 instead of 160 bytes for the
-    /// default model): a measurement of what storing them so would cost, not a serving mode.
-    F16,
-    /// Rounded to bfloat16 after every step (same size as f16, fewer mantissa bits).
-    Bf16,
-}
-
-impl StatePrecision {
-    /// Rounds `values` to this precision (to nearest, ties to even), in place.
-    pub fn round(self, values: &mut [f32]) {
-        match self {
-            StatePrecision::F32 => {}
-            StatePrecision::F16 => values.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
-            StatePrecision::Bf16 => values.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
-        }
     }
 }
 
@@ -172,12 +152,12 @@ pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, 
             metrics: scored(&truth, threshold, 4),
         });
     }
-    Ok(Assessment { model_version: meta.version.clone(), part: part.as_str().into(), label, split, bootstrap_reps: reps, scorers })
+    Ok(Assessment { model_version: meta.version.clone(), part: part.as_str().into(), label, split, bootstrap_reps: reps, scorers, state_precision: precision })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::StatePrecision;
+    use crate::StatePrecision;
 
     #[test]
     fn states_round_to_nearest_in_the_chosen_precision() {

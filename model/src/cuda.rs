@@ -102,6 +102,12 @@ impl CudaStates {
         if h > 1024 {
             return Err(ModelError::Invalid(format!("the GPU step takes at most 1,024 hidden units, the model has {h}")));
         }
+        if !kernel.state_precision().is_f32() {
+            return Err(ModelError::Invalid(format!(
+                "the GPU step keeps f32 states; this model rounds them to {:?}: run it on the CPU, or train it without --state-precision",
+                kernel.state_precision()
+            )));
+        }
         let stream = dev.cuda_stream();
         let func = |name: &str| dev.get_or_load_custom_func(name, MODULE, PTX).map(|f| f.into_cuda_function()).map_err(driver);
         let up = |v: &[f32]| -> Result<CudaSlice<f32>, ModelError> {

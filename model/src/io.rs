@@ -2,7 +2,7 @@
 
 use crate::baseline::Baselines;
 use crate::train::{Trained, TrainingSummary};
-use crate::{Calibration, FeatureSpec, GruParams, IntentModel, ModelError};
+use crate::{Calibration, FeatureSpec, GruParams, IntentModel, ModelError, StatePrecision};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -42,17 +42,25 @@ pub struct ModelMeta {
     /// Training record, if the model was trained by this project.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainingSummary>,
+    /// Precision of the hidden states between steps (absent: f32).
+    #[serde(default, skip_serializing_if = "StatePrecision::is_f32")]
+    pub state_precision: StatePrecision,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     move |source| ModelError::Io { path: path.to_path_buf(), source }
 }
 
-fn content_version(weights: &[u8], features: &FeatureSpec, calibration: &Calibration) -> Result<String, ModelError> {
+fn content_version(weights: &[u8], meta: &ModelMeta) -> Result<String, ModelError> {
     let mut hasher = Sha256::new();
     hasher.update(weights);
-    hasher.update(serde_json::to_vec(features)?);
-    hasher.update(serde_json::to_vec(calibration)?);
+    hasher.update(serde_json::to_vec(&meta.features)?);
+    hasher.update(serde_json::to_vec(&meta.calibration)?);
+    // Rounded states make other states and scores: another model. (f32 adds nothing, so the
+    // versions of models from before this setting stay what they were.)
+    if !meta.state_precision.is_f32() {
+        hasher.update(serde_json::to_vec(&meta.state_precision)?);
+    }
     let digest = hasher.finalize();
     Ok(format!("gru-{}", digest.iter().take(6).map(|b| format!("{b:02x}")).collect::<String>()))
 }
@@ -78,7 +86,7 @@ impl IntentModel {
             )));
         }
         let bytes = std::fs::read(&weights_path).map_err(io_err(&weights_path))?;
-        let expected = content_version(&bytes, &meta.features, &meta.calibration)?;
+        let expected = content_version(&bytes, &meta)?;
         if expected != meta.version {
             return Err(ModelError::Invalid(format!(
                 "model.json says version {} but the files hash to {expected}; the directory was edited or mixed",
@@ -107,6 +115,7 @@ impl IntentModel {
             threshold: None,
             baselines: None,
             training: None,
+            state_precision: StatePrecision::F32,
         })
     }
 }
@@ -128,6 +137,7 @@ impl Trained {
             threshold: Some(self.threshold),
             baselines: Some(self.baselines.clone()),
             training: Some(self.summary.clone()),
+            state_precision: self.state_precision,
         })
     }
 }
@@ -144,7 +154,7 @@ fn save_dir(dir: &Path, params: &GruParams, mut meta: ModelMeta) -> Result<Model
     let weights_path = dir.join(MODEL_FILE);
     candle_core::safetensors::save(&tensors, &weights_path)?;
     let bytes = std::fs::read(&weights_path).map_err(io_err(&weights_path))?;
-    meta.version = content_version(&bytes, &meta.features, &meta.calibration)?;
+    meta.version = content_version(&bytes, &meta)?;
     let meta_path = dir.join(META_FILE);
     std::fs::write(&meta_path, serde_json::to_vec_pretty(&meta)?).map_err(io_err(&meta_path))?;
     Ok(meta)

@@ -25,7 +25,7 @@
 //! (rayon); a row's arithmetic is the same in any chunk. It equals candle's step within 1e-5
 //! (tested here and through the PyTorch interop fixture).
 
-use crate::{Features, GruParams, FEATURE_DIM};
+use crate::{Features, GruParams, StatePrecision, FEATURE_DIM};
 use rayon::prelude::*;
 
 /// Rows per parallel task: below this, a batch runs on the calling thread.
@@ -56,6 +56,8 @@ pub struct FusedGru {
     /// Head weights over the hidden units (packed order `[m][j]`).
     head: Vec<f32>,
     head_bias: f32,
+    /// Precision each new hidden vector is rounded to, before the head reads it.
+    precision: StatePrecision,
 }
 
 /// The fused step's weights (`G = 3H` gate rows in PyTorch's r, z, n order; see [`FusedGru`]'s
@@ -153,7 +155,7 @@ impl FusedGru {
                 bias_hn[m * hm + j] = b_hh[2 * h + m * hm + j];
             }
         }
-        Ok(FusedGru { h, members, hm, bias_in, dense_cols, item_rows, category_rows, recurrent_cols, bias_hn, head, head_bias })
+        Ok(FusedGru { h, members, hm, bias_in, dense_cols, item_rows, category_rows, recurrent_cols, bias_hn, head, head_bias, precision: StatePrecision::F32 })
     }
 
     /// Hidden size `H`.
@@ -164,6 +166,18 @@ impl FusedGru {
     /// Packed members whose blocks are stepped on their own.
     pub fn blocks(&self) -> usize {
         self.members
+    }
+
+    /// Rounds every new hidden vector to `precision` (to nearest, ties to even) before the
+    /// head reads it: the state then is what storing it in that precision keeps.
+    pub fn with_state_precision(mut self, precision: StatePrecision) -> FusedGru {
+        self.precision = precision;
+        self
+    }
+
+    /// The precision new hidden vectors are rounded to.
+    pub fn state_precision(&self) -> StatePrecision {
+        self.precision
     }
 
     /// Hidden size of one block (`H / blocks`).
@@ -255,6 +269,7 @@ impl FusedGru {
             let n = tanh(*gn + *r * (*cn + *bn));
             *h = n + z * (*h - n);
         }
+        self.precision.round(h);
         // Summed in unit order: the same on every machine.
         let mut logit = self.head_bias;
         for (w, x) in self.head.iter().zip(h.iter()) {

@@ -48,6 +48,40 @@ use intentflow_schemas::{Event, SessionState};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+/// The precision hidden states are kept in between steps.
+///
+/// A model trained with `--state-precision f16` rounds every new hidden vector to f16 inside
+/// its step (so a state is the same whether it stayed in memory or went through RocksDB, where
+/// it then takes 2 bytes a value); `intentflow eval --state-precision` rounds any model's
+/// states so, to measure what that costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatePrecision {
+    /// As computed: 32-bit floats.
+    #[default]
+    F32,
+    /// Rounded to IEEE half precision after every step.
+    F16,
+    /// Rounded to bfloat16 after every step (same size as f16, fewer mantissa bits).
+    Bf16,
+}
+
+impl StatePrecision {
+    /// Whether states are kept as computed.
+    pub fn is_f32(&self) -> bool {
+        *self == StatePrecision::F32
+    }
+
+    /// Rounds `values` to this precision (to nearest, ties to even), in place.
+    pub fn round(self, values: &mut [f32]) {
+        match self {
+            StatePrecision::F32 => {}
+            StatePrecision::F16 => values.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+            StatePrecision::Bf16 => values.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+        }
+    }
+}
+
 /// Errors of the model crate.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -189,7 +223,7 @@ impl IntentModel {
         // recovery and replays reproduce states.
         let projection = if device.is_cpu() { Projection::PerRow } else { Projection::Batched };
         let members = meta.training.as_ref().map_or(1, |t| t.members);
-        let kernel = Arc::new(kernel::FusedGru::new(&params, members).map_err(|e| ModelError::Invalid(e.to_string()))?);
+        let kernel = Arc::new(kernel::FusedGru::new(&params, members).map_err(|e| ModelError::Invalid(e.to_string()))?.with_state_precision(meta.state_precision));
         let mut model = IntentModel { params, meta, device, projection, kernel, serving: Serving::Cpu };
         if !model.device.is_cpu() {
             model.serving = Serving::Gpu(Arc::new(Mutex::new(model.resident_states(1024)?)));
@@ -298,7 +332,12 @@ impl IntentModel {
         let x = self.params.gru_input_of(inputs, &self.device)?;
         let h0 = Tensor::from_slice(hidden, (b, h), &self.device)?;
         let how = self.projection;
-        let h1 = self.params.cell(&self.params.input_gates(&x, how)?, &h0, how)?;
+        let mut h1 = self.params.cell(&self.params.input_gates(&x, how)?, &h0, how)?;
+        match self.meta.state_precision {
+            StatePrecision::F32 => {}
+            StatePrecision::F16 => h1 = h1.to_dtype(candle_core::DType::F16)?.to_dtype(candle_core::DType::F32)?,
+            StatePrecision::Bf16 => h1 = h1.to_dtype(candle_core::DType::BF16)?.to_dtype(candle_core::DType::F32)?,
+        }
         let raw: Vec<f32> = gru::sigmoid(&self.params.logits(&h1, how)?)?.to_vec1()?;
         let scores = raw.into_iter().map(|p| self.meta.calibration.apply(p)).collect();
         Ok(StepOutput { hidden: h1.flatten_all()?.to_vec1()?, scores })

@@ -21,7 +21,7 @@ pub struct PositionedEvent {
 
 /// One applied event's score and the session it was in: an intent, less what its event and
 /// its batch hold ([`BatchOutput::intent`], [`BatchOutput::encode_intent`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Scored {
     /// Index of the event in the batch's input.
     pub input: usize,
@@ -48,6 +48,8 @@ pub struct BatchOutput {
     emitted_at: Option<String>,
     /// The model that scored the batch.
     model_version: String,
+    /// Events in the batch's input: the slice `intent` and `encode_intent` must be given.
+    inputs: usize,
     /// The final state of every user the batch touched, keyed by (partition, user id).
     pub states: Vec<(i32, String, UserState)>,
     /// Users whose stored hidden vector did not fit the model and was restarted from zero.
@@ -71,8 +73,9 @@ impl BatchOutput {
         scored.session_id.map(|i| self.session_ids[i as usize].as_str())
     }
 
-    /// The intent of a scored event; `events` is the batch's input.
+    /// The intent of a scored event; `events` must be the slice the batch was processed from.
     pub fn intent(&self, events: &[PositionedEvent], scored: &Scored) -> ScoredIntent {
+        debug_assert_eq!(events.len(), self.inputs, "intents are built from the batch's own input");
         let pe = &events[scored.input];
         let event_ts = format_ts_ms(pe.event.ts);
         ScoredIntent {
@@ -104,6 +107,7 @@ impl BatchOutput {
         fn json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
             serde_json::to_writer(&mut *out, value).expect("strings and numbers serialise");
         }
+        debug_assert_eq!(events.len(), self.inputs, "intents are built from the batch's own input");
         let (pe, ev) = (&events[scored.input], &events[scored.input].event);
         out.extend_from_slice(b"{\"v\":");
         json(out, &INTENT_SCHEMA_VERSION);
@@ -414,6 +418,7 @@ impl IntentOperator {
             session_ids,
             emitted_at,
             model_version: version.to_string(),
+            inputs: events.len(),
             states: slots.into_iter().filter(|s| !s.inputs.is_empty()).map(|s| (s.partition, s.user, s.state)).collect(),
             reset_states,
             foreign_states,
@@ -450,6 +455,7 @@ mod tests {
     use intentflow_state::StoreOptions;
     use rand::{Rng, SeedableRng};
     use std::collections::BTreeMap;
+    use intentflow_schemas::SessionState;
 
     fn generated(users: usize, events: usize) -> Vec<Event> {
         generate(&GeneratorConfig { users, events, seed: 3, ..Default::default() }).into_iter().map(|g| g.event).collect()
@@ -734,16 +740,33 @@ mod tests {
                 0 => pe.event.session_id = Some(format!("s-{}\u{7}\n\"é\"", i / 40)),
                 1 => pe.event.event_id = Some(format!("evt \u{1f600} {i}")),
                 2 => pe.event.user_id = format!("{}\t\\", pe.event.user_id),
+                _ if i % 7 == 5 => pe.event.session_id = None,
                 _ => {}
             }
+            pe.source.partition = (i % 3) as i32;
         }
-        let op = IntentOperator::new(model());
+        let model = model();
+        // Each event's session id, found independently: every user's events through the
+        // feature path in order.
+        let mut sessions: HashMap<(i32, &str), SessionState> = HashMap::new();
+        let expected: Vec<Option<String>> = events
+            .iter()
+            .map(|pe| {
+                let session = sessions.entry((pe.source.partition, pe.event.user_id.as_str())).or_default();
+                model.features().featurize(session, &pe.event);
+                session.session_id.clone()
+            })
+            .collect();
+        assert!(expected.iter().any(Option::is_none) && expected.iter().filter(|s| s.is_some()).count() > 50);
+        let op = IntentOperator::new(model);
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
         for stamp in [EmittedAt::EventTime, EmittedAt::Now(1_900_000_000_123)] {
             let out = op.process(&events, &store, stamp).unwrap();
             assert_eq!(out.scored.len(), events.len());
-            assert!(out.scored.iter().filter_map(|s| out.session_id(s)).count() > 50);
+            for scored in &out.scored {
+                assert_eq!(out.session_id(scored), expected[scored.input].as_deref(), "event {}", scored.input);
+            }
             let mut straight = Vec::new();
             for (scored, built) in out.scored.iter().zip(out.intents(&events)) {
                 straight.clear();
@@ -751,5 +774,53 @@ mod tests {
                 assert_eq!(String::from_utf8(straight.clone()).unwrap(), String::from_utf8(crate::encode::encode_intent(&built)).unwrap());
             }
         }
+    }
+
+    /// A model with f16 states: streaming over arbitrary batch cuts gives the offline scores
+    /// bit for bit, and every stored hidden vector is f16 (written in 2 bytes a value).
+    #[test]
+    fn a_model_with_f16_states_streams_its_offline_scores_and_stores_half_the_bytes() {
+        let events = generated(120, 2_500);
+        let cfg = TrainConfig { hidden_dim: 8, members: 2, epochs: 1, state_precision: intentflow_model::StatePrecision::F16, ..TrainConfig::default() };
+        let trained = train(&events, &cfg, &Device::Cpu, |_, _| {}).unwrap();
+        let model_dir = tempfile::tempdir().unwrap();
+        trained.save(model_dir.path()).unwrap();
+        let model = IntentModel::load(model_dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(model.meta().state_precision, intentflow_model::StatePrecision::F16);
+        let positioned = positioned(&events, "t");
+        let op = IntentOperator::new(model.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let mut streamed: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        let mut start = 0;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        while start < positioned.len() {
+            let end = (start + rng.random_range(1..300)).min(positioned.len());
+            let out = op.process(&positioned[start..end], &store, EmittedAt::EventTime).unwrap();
+            for s in &out.scored {
+                streamed.entry(positioned[start + s.input].event.user_id.clone()).or_default().push(s.score.to_bits());
+            }
+            for (_, _, state) in &out.states {
+                let bytes = state.encode();
+                assert_eq!((bytes[0], bytes[1] & 8), (4, 8), "version 4, hidden in f16");
+            }
+            store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
+            start = end;
+        }
+        let mut by_user: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
+        for e in &events {
+            by_user.entry(&e.user_id).or_default().push(e);
+        }
+        for (user, evs) in by_user {
+            let offline = model.score_sequence(evs.iter().copied()).unwrap();
+            assert_eq!(streamed[user], offline.scores.iter().map(|s| s.to_bits()).collect::<Vec<_>>(), "user {user}");
+            assert!(offline.hidden.iter().all(|v| half_exact(*v)));
+        }
+    }
+
+    fn half_exact(v: f32) -> bool {
+        let mut r = [v];
+        intentflow_model::StatePrecision::F16.round(&mut r);
+        r[0].to_bits() == v.to_bits()
     }
 }

@@ -40,7 +40,7 @@ static GLOBAL: Counting = Counting;
 /// Today's cost is 9.0 allocations per event (the decoded event's strings and its state above
 /// all; 15.7 before intents were written straight from their events, measured with the default
 /// model on 2026-11-30); the bound sits a little above it.
-const MAX_ALLOCATIONS_PER_EVENT: f64 = 10.0;
+const MAX_ALLOCATIONS_PER_EVENT: f64 = 11.0;
 
 #[test]
 fn allocations_per_event_stay_bounded() {

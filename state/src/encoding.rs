@@ -1,20 +1,27 @@
 //! The versioned binary encoding of [`UserState`].
 //!
-//! Version 3, all integers little-endian:
+//! Version 4, all integers little-endian:
 //!
 //! ```text
-//! u8  version (= 3)
-//! u8  flags: bit 0 = purchased, bit 1 = session_id present, bit 2 = last_item present
+//! u8  version (= 4)
+//! u8  flags: bit 0 = purchased, bit 1 = session_id present, bit 2 = last_item present,
+//!            bit 3 = hidden vector in f16
 //! u32 session_seq | u32 events | u32 cart_count | f64 cart_value
 //! i64 started_ms  | i64 last_ts_ms | u64 total_events
 //! [u64 last_item]                      (only if flag bit 2)
 //! [u16 len, bytes] session_id          (only if flag bit 1)
 //! u16 len, bytes   model_version
-//! u16 n, n × f32   hidden vector
+//! u16 n, n × f32   hidden vector       (n × f16 if flag bit 3)
 //! u8  m, m × (u32 topic id, i64 next)  fences: per input topic, the offset after the last event applied
 //! ```
 //!
-//! Older versions still decode, with explicit migrations: version 2 is version 3 without
+//! The hidden vector is written in f16 when every value converts to f16 and back to the same
+//! bits (a model trained with `--state-precision f16` keeps its states so): nothing is lost,
+//! and the vector takes half the bytes. Other states are written as version 3 (flag bit 3
+//! clear), which builds from before version 4 read.
+//!
+//! Older versions still decode, with explicit migrations: version 3 is version 4 without flag
+//! bit 3 (always f32); version 2 is version 3 without
 //! fences (read with none, so its next event is applied whatever its offset); version 1 is
 //! version 2 without `last_item` (flag bit 2 never set), read with `last_item = None`, so the
 //! next event of such a session is not recognised as repeating the previous item.
@@ -26,7 +33,7 @@ use crate::StateError;
 use intentflow_schemas::SessionState;
 
 /// Current encoding version, the first byte of every encoded state.
-pub const STATE_ENCODING_VERSION: u8 = 3;
+pub const STATE_ENCODING_VERSION: u8 = 4;
 /// Oldest version [`UserState::decode`] still reads.
 const OLDEST_READABLE_VERSION: u8 = 1;
 /// First bytes above this are not taken for a future version but for garbage.
@@ -120,12 +127,17 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 }
 
 impl UserState {
-    /// Encodes this state (version [`STATE_ENCODING_VERSION`]).
+    /// Encodes this state: version [`STATE_ENCODING_VERSION`] when the hidden vector goes in
+    /// f16, else the same bytes as version 3.
     pub fn encode(&self) -> Vec<u8> {
         let s = &self.session;
+        // f16 only when it gives back every value's exact bits.
+        let half = !self.hidden.is_empty() && self.hidden.iter().all(|v| half::f16::from_f32(*v).to_f32().to_bits() == v.to_bits());
         let mut out = Vec::with_capacity(64 + self.hidden.len() * 4 + self.model_version.len());
-        out.push(STATE_ENCODING_VERSION);
-        out.push(u8::from(s.purchased) | (u8::from(s.session_id.is_some()) << 1) | (u8::from(s.last_item.is_some()) << 2));
+        // Without f16 the record is what version 3 wrote: builds from before version 4 still
+        // read it (a rolled-back binary keeps its states).
+        out.push(if half { STATE_ENCODING_VERSION } else { 3 });
+        out.push(u8::from(s.purchased) | (u8::from(s.session_id.is_some()) << 1) | (u8::from(s.last_item.is_some()) << 2) | (u8::from(half) << 3));
         out.extend_from_slice(&s.session_seq.to_le_bytes());
         out.extend_from_slice(&s.events.to_le_bytes());
         out.extend_from_slice(&s.cart_count.to_le_bytes());
@@ -142,7 +154,11 @@ impl UserState {
         put_str(&mut out, &self.model_version);
         out.extend_from_slice(&(self.hidden.len() as u16).to_le_bytes());
         for h in &self.hidden {
-            out.extend_from_slice(&h.to_le_bytes());
+            if half {
+                out.extend_from_slice(&half::f16::from_f32(*h).to_le_bytes());
+            } else {
+                out.extend_from_slice(&h.to_le_bytes());
+            }
         }
         // Input topics of one partition are few; more than 255 cannot be fenced and are dropped.
         let fences = &self.fences[..self.fences.len().min(u8::MAX as usize)];
@@ -181,7 +197,11 @@ impl UserState {
         let session_id = if flags & 2 != 0 { Some(r.string()?) } else { None };
         let model_version = r.string()?;
         let n = r.u16()? as usize;
-        let hidden = r.take(n * 4)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        let hidden = if version >= 4 && flags & 8 != 0 {
+            r.take(n * 2)?.chunks_exact(2).map(|c| half::f16::from_le_bytes(c.try_into().expect("2 bytes")).to_f32()).collect()
+        } else {
+            r.take(n * 4)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
+        };
         let mut fences = Vec::new();
         if version >= 3 {
             let [m] = r.array()?;
@@ -226,7 +246,12 @@ mod tests {
             last_item in proptest::option::of(any::<u64>()),
             hidden in proptest::collection::vec(-1.0f32..1.0, 0..128),
             fences in proptest::collection::vec((any::<u32>(), any::<i64>()), 0..4),
+            in_f16 in any::<bool>(),
         ) {
+            // Half the cases hold f16 values (what a model with f16 states stores).
+            let hidden: Vec<f32> = if in_f16 { hidden.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect() } else { hidden };
+            let exact = !hidden.is_empty() && hidden.iter().all(|v| half::f16::from_f32(*v).to_f32().to_bits() == v.to_bits());
+            let n = hidden.len();
             let state = UserState {
                 session: SessionState { session_id: sid, session_seq: seq, events, cart_count: cart, cart_value: value,
                     started_ms: started, last_ts_ms: last, purchased, total_events: total, last_item },
@@ -234,7 +259,11 @@ mod tests {
                 model_version: version,
                 fences: fences.into_iter().map(|(topic, next)| Fence { topic, next }).collect(),
             };
-            prop_assert_eq!(UserState::decode(&state.encode()).unwrap(), state);
+            let bytes = state.encode();
+            // Two bytes a value exactly when f16 keeps every value's bits.
+            let with_f32 = UserState { hidden: vec![0.1; n], ..state.clone() }.encode().len();
+            prop_assert_eq!(bytes.len(), if exact { with_f32 - 2 * n } else { with_f32 });
+            prop_assert_eq!(UserState::decode(&bytes).unwrap(), state);
         }
 
         #[test]
@@ -292,12 +321,29 @@ mod tests {
     }
 
     #[test]
+    fn reads_version_3_with_its_hidden_vector_in_f32() {
+        // 0.5 converts to f16 exactly: version 4 writes it in 2 bytes, version 3 wrote 4.
+        let state = UserState { hidden: vec![0.5, -0.25], model_version: "gru-x".into(), ..Default::default() };
+        let v4 = state.encode();
+        assert_eq!(v4[1] & 8, 8, "f16 flag");
+        let mut v3 = vec![3u8, v4[1] & !8];
+        let hidden_at = v4.len() - 1 - 2 * 2;
+        v3.extend_from_slice(&v4[2..hidden_at]);
+        for h in &state.hidden {
+            v3.extend_from_slice(&h.to_le_bytes());
+        }
+        v3.push(0);
+        assert_eq!(v3.len(), v4.len() + 4);
+        assert_eq!(UserState::decode(&v3).unwrap(), state);
+    }
+
+    #[test]
     fn rejects_unknown_version_and_truncation() {
         let mut bytes = UserState { hidden: vec![0.5; 4], ..Default::default() }.encode();
         assert!(matches!(UserState::decode(&bytes[..bytes.len() - 1]), Err(StateError::Corrupt(_))));
         bytes[0] = 9;
         let err = UserState::decode(&bytes).unwrap_err();
-        assert!(matches!(err, StateError::UnsupportedVersion { found: 9, supported: 3 }));
-        assert!(err.to_string().contains("version 9") && err.to_string().contains("1..=3"), "{err}");
+        assert!(matches!(err, StateError::UnsupportedVersion { found: 9, supported: 4 }));
+        assert!(err.to_string().contains("version 9") && err.to_string().contains("1..=4"), "{err}");
     }
 }

@@ -4,7 +4,8 @@ use super::{read_input, InputArgs};
 use intentflow_schemas::Limits;
 use anyhow::{Context, Result};
 use clap::Args;
-use intentflow_model::assess::{assess_at, Assessment, StatePrecision};
+use intentflow_model::assess::{assess_at, Assessment};
+use intentflow_model::StatePrecision;
 use intentflow_model::train::Part;
 use intentflow_model::{DeviceKind, IntentModel};
 use std::path::PathBuf;
@@ -31,7 +32,9 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Keep the GRU's hidden states in this precision between steps: `f16` or `bf16` measure
-    /// what storing states in half the bytes would cost (the operator keeps f32).
+    /// what storing states in half the bytes would cost (what `intentflow train
+    /// --state-precision` makes the served model do). metrics.json records it; write it
+    /// elsewhere with --out-dir to keep the model's own metrics.
     #[arg(long, value_enum, default_value = "f32")]
     pub state_precision: PrecisionArg,
 }
@@ -58,6 +61,16 @@ pub enum PartArg {
     Train,
     /// Every session.
     All,
+}
+
+impl From<PrecisionArg> for StatePrecision {
+    fn from(p: PrecisionArg) -> StatePrecision {
+        match p {
+            PrecisionArg::F32 => StatePrecision::F32,
+            PrecisionArg::F16 => StatePrecision::F16,
+            PrecisionArg::Bf16 => StatePrecision::Bf16,
+        }
+    }
 }
 
 /// Prints the comparison table of an assessment.
@@ -96,11 +109,7 @@ pub fn eval_cmd(args: &EvalArgs) -> Result<()> {
         PartArg::Train => Part::Train,
         PartArg::All => Part::All,
     };
-    let precision = match args.state_precision {
-        PrecisionArg::F32 => StatePrecision::F32,
-        PrecisionArg::F16 => StatePrecision::F16,
-        PrecisionArg::Bf16 => StatePrecision::Bf16,
-    };
+    let precision = args.state_precision.into();
     let a = assess_at(&model, &imported.events, imported.latent_intent.as_deref(), part, args.bootstrap, args.seed, precision)?;
     let out = args.out_dir.clone().unwrap_or_else(|| args.model_dir.clone());
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -111,8 +120,9 @@ pub fn eval_cmd(args: &EvalArgs) -> Result<()> {
     std::fs::write(&report_path, html).with_context(|| format!("writing {}", report_path.display()))?;
     if let Some(m) = a.scorers.first().map(|s| &s.metrics) {
         println!(
-            "model {} on {} ({} part): {} labelled events in {} sessions, positive rate {:.4}",
+            "model {}{} on {} ({} part): {} labelled events in {} sessions, positive rate {:.4}",
             a.model_version,
+            if a.state_precision.is_f32() { String::new() } else { format!(" with hidden states rounded to {:?}", a.state_precision) },
             args.input.input.display(),
             a.part,
             m.events,

@@ -31,6 +31,12 @@ pub struct TrainArgs {
     /// GRUs trained from consecutive seeds and packed into one served GRU (a seed ensemble).
     #[arg(long, default_value_t = TrainConfig::default().members)]
     pub members: usize,
+    /// Precision the served model keeps hidden states in: `f16` rounds each new hidden vector
+    /// to f16 in the step, so states take half the bytes in RocksDB and the changelog (quality
+    /// cost measured with `intentflow eval --state-precision f16`: docs/performance.md). Such a
+    /// model runs on the CPU only for now.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub state_precision: super::eval::PrecisionArg,
     /// Seed of initialisation and batch order.
     #[arg(long, default_value_t = TrainConfig::default().seed)]
     pub seed: u64,
@@ -136,6 +142,7 @@ impl TrainArgs {
                 CalibrationArg::Isotonic => CalibrationMethod::Isotonic,
             },
             session: SessionConfig { gap_ms: self.session_gap_minutes * 60_000 },
+            state_precision: self.state_precision.into(),
             ..TrainConfig::default()
         })
     }
