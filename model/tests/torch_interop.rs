@@ -51,6 +51,7 @@ fn a_pytorch_state_dict_steps_like_pytorch() {
         threshold: None,
         baselines: None,
         training: None,
+        state_precision: Default::default(),
     };
     let model = IntentModel::new(params, meta, Device::Cpu).unwrap();
     let dense = |row: usize| -> [f32; FEATURE_DIM] { std::array::from_fn(|i| -1.0 + 2.0 * (row * FEATURE_DIM + i) as f32 / 33.0) };
