@@ -21,8 +21,8 @@ const META_FORMAT: u32 = 2;
 pub struct ModelMeta {
     /// Layout version of this file.
     pub format: u32,
-    /// `gru-` + the first 12 hex digits of SHA-256 over the weights file, the feature spec and
-    /// the calibration.
+    /// `gru-` + the first 12 hex digits of SHA-256 over the weights file, the feature spec, the
+    /// calibration and (when not f32) the state precision.
     pub version: String,
     /// GRU input size D (dense features plus embedding widths).
     pub input_dim: usize,

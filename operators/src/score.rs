@@ -777,9 +777,9 @@ mod tests {
     }
 
     /// A model with f16 states: streaming over arbitrary batch cuts gives the offline scores
-    /// bit for bit, and every stored hidden vector is f16 (written in 2 bytes a value).
+    /// bit for bit, and every stored hidden vector is encoded in f16 (2 bytes a value).
     #[test]
-    fn a_model_with_f16_states_streams_its_offline_scores_and_stores_half_the_bytes() {
+    fn a_model_with_f16_states_streams_its_offline_scores_and_stores_its_states_in_f16() {
         let events = generated(120, 2_500);
         let cfg = TrainConfig { hidden_dim: 8, members: 2, epochs: 1, state_precision: intentflow_model::StatePrecision::F16, ..TrainConfig::default() };
         let trained = train(&events, &cfg, &Device::Cpu, |_, _| {}).unwrap();

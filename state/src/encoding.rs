@@ -131,8 +131,9 @@ impl UserState {
     /// f16, else the same bytes as version 3.
     pub fn encode(&self) -> Vec<u8> {
         let s = &self.session;
-        // f16 only when it gives back every value's exact bits.
-        let half = !self.hidden.is_empty() && self.hidden.iter().all(|v| half::f16::from_f32(*v).to_f32().to_bits() == v.to_bits());
+        // f16 only when it gives back every value's exact bits, and not for an all-zero vector
+        // (any model's fresh state: written as version 3, which older builds read).
+        let half = self.hidden.iter().any(|v| *v != 0.0) && self.hidden.iter().all(|v| half::f16::from_f32(*v).to_f32().to_bits() == v.to_bits());
         let mut out = Vec::with_capacity(64 + self.hidden.len() * 4 + self.model_version.len());
         // Without f16 the record is what version 3 wrote: builds from before version 4 still
         // read it (a rolled-back binary keeps its states).
@@ -250,7 +251,7 @@ mod tests {
         ) {
             // Half the cases hold f16 values (what a model with f16 states stores).
             let hidden: Vec<f32> = if in_f16 { hidden.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect() } else { hidden };
-            let exact = !hidden.is_empty() && hidden.iter().all(|v| half::f16::from_f32(*v).to_f32().to_bits() == v.to_bits());
+            let exact = hidden.iter().any(|v| *v != 0.0) && hidden.iter().all(|v| half::f16::from_f32(*v).to_f32().to_bits() == v.to_bits());
             let n = hidden.len();
             let state = UserState {
                 session: SessionState { session_id: sid, session_seq: seq, events, cart_count: cart, cart_value: value,
@@ -295,7 +296,7 @@ mod tests {
         assert_eq!(state.session.last_item, None);
         assert_eq!((state.model_version.as_str(), state.hidden.as_slice()), ("gru-abc", [0.25f32].as_slice()));
         assert_eq!(state.fences, [], "no fences before version 3");
-        assert_eq!(UserState::decode(&state.encode()).unwrap(), state, "re-encoded as version 3");
+        assert_eq!(UserState::decode(&state.encode()).unwrap(), state, "re-encoded in the current encoding");
         // A version-2 record is the version-1 one with last_item: read without fences.
         let mut v2 = v1.clone();
         v2[0] = 2;

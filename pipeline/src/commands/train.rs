@@ -114,6 +114,9 @@ impl TrainArgs {
         if self.hidden_dim == 0 || self.members == 0 || self.epochs == 0 || self.batch_size == 0 {
             bail!("--hidden-dim, --members, --epochs and --batch-size must be at least 1");
         }
+        if self.state_precision == super::eval::PrecisionArg::Bf16 {
+            bail!("--state-precision: a model keeps states in f32 or f16 (bf16 is for `intentflow eval --state-precision` only)");
+        }
         let fractions_ok = self.val_fraction > 0.0 && self.test_fraction >= 0.0 && self.val_fraction + self.test_fraction < 1.0;
         if !fractions_ok {
             bail!("--val-fraction must be positive and --val-fraction + --test-fraction below 1");
