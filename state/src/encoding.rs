@@ -1,28 +1,41 @@
 //! The versioned binary encoding of [`UserState`].
 //!
-//! Version 4, all integers little-endian:
+//! Version 3, all integers little-endian:
 //!
 //! ```text
-//! u8  version (= 4)
-//! u8  flags: bit 0 = purchased, bit 1 = session_id present, bit 2 = last_item present,
-//!            bit 3 = hidden vector in f16
+//! u8  version (= 3)
+//! u8  flags: bit 0 = purchased, bit 1 = session_id present, bit 2 = last_item present
 //! u32 session_seq | u32 events | u32 cart_count | f64 cart_value
 //! i64 started_ms  | i64 last_ts_ms | u64 total_events
 //! [u64 last_item]                      (only if flag bit 2)
 //! [u16 len, bytes] session_id          (only if flag bit 1)
 //! u16 len, bytes   model_version
-//! u16 n, n × f32   hidden vector       (n × f16 if flag bit 3)
+//! u16 n, n × f32   hidden vector
 //! u8  m, m × (u32 topic id, i64 next)  fences: per input topic, the offset after the last event applied
 //! ```
 //!
-//! The hidden vector is written in f16 when every value converts to f16 and back to the same
-//! bits (a model trained with `--state-precision f16` keeps its states so): nothing is lost,
-//! and the vector takes half the bytes. Other states are written as version 3 (flag bit 3
-//! clear), which builds from before version 4 read.
+//! Version 4, for a hidden vector that f16 holds exactly (every value converts to f16 and back
+//! to the same bits, not all zero: the states of a model trained with `--state-precision f16`),
+//! is compact; varints are unsigned LEB128, signed ones zigzag-encoded first:
 //!
-//! Older versions still decode, with explicit migrations: version 3 is version 4 without flag
-//! bit 3 (always f32); version 2 is version 3 without
-//! fences (read with none, so its next event is applied whatever its offset); version 1 is
+//! ```text
+//! u8  version (= 4)
+//! u8  flags: bits 0-2 as in version 3, bit 3 = hidden in f16 (always set), bit 4 = cart_value present
+//! varint session_seq | varint events | varint cart_count
+//! [f64 cart_value]                     (only if flag bit 4; else 0)
+//! zigzag started_ms | zigzag (last_ts_ms - started_ms) | varint total_events
+//! [u64 last_item]                      (only if flag bit 2)
+//! [varint len, bytes] session_id       (only if flag bit 1)
+//! varint len, bytes   model_version
+//! varint n, n × f16   hidden vector
+//! u8  m, m × (u32 topic id, zigzag next)
+//! ```
+//!
+//! Every other state is still written as version 3, which builds from before version 4 read
+//! (a rolled-back binary keeps its states).
+//!
+//! Older versions still decode, with explicit migrations: version 2 is version 3 without fences
+//! (read with none, so its next event is applied whatever its offset); version 1 is
 //! version 2 without `last_item` (flag bit 2 never set), read with `last_item = None`, so the
 //! next event of such a session is not recognised as repeating the previous item.
 //!
@@ -32,7 +45,7 @@
 use crate::StateError;
 use intentflow_schemas::SessionState;
 
-/// Current encoding version, the first byte of every encoded state.
+/// Newest encoding version (the first byte of an encoded state: 4 for f16 states, else 3).
 pub const STATE_ENCODING_VERSION: u8 = 4;
 /// Oldest version [`UserState::decode`] still reads.
 const OLDEST_READABLE_VERSION: u8 = 1;
@@ -115,8 +128,55 @@ impl<'a> Reader<'a> {
     }
     fn string(&mut self) -> Result<String, StateError> {
         let n = self.u16()? as usize;
+        self.utf8(n)
+    }
+    fn utf8(&mut self, n: usize) -> Result<String, StateError> {
         String::from_utf8(self.take(n)?.to_vec()).map_err(|e| StateError::Corrupt(e.to_string()))
     }
+    /// An unsigned LEB128 varint of at most 10 bytes.
+    fn varint(&mut self) -> Result<u64, StateError> {
+        let mut value = 0u64;
+        for i in 0..10 {
+            let [b] = self.array()?;
+            value |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(StateError::Corrupt("a varint longer than 10 bytes".into()))
+    }
+    fn varint_u32(&mut self) -> Result<u32, StateError> {
+        u32::try_from(self.varint()?).map_err(|_| StateError::Corrupt("a 32-bit field over 2^32".into()))
+    }
+    fn zigzag(&mut self) -> Result<i64, StateError> {
+        let v = self.varint()?;
+        Ok((v >> 1) as i64 ^ -((v & 1) as i64))
+    }
+    fn varint_str(&mut self) -> Result<String, StateError> {
+        let n = self.varint()?;
+        if n > u64::from(u16::MAX) {
+            return Err(StateError::Corrupt(format!("a {n}-byte string")));
+        }
+        self.utf8(n as usize)
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_zigzag(out: &mut Vec<u8>, v: i64) {
+    put_varint(out, ((v << 1) ^ (v >> 63)) as u64);
+}
+
+fn put_varint_str(out: &mut Vec<u8>, s: &str) {
+    let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -134,11 +194,14 @@ impl UserState {
         // f16 only when it gives back every value's exact bits, and not for an all-zero vector
         // (any model's fresh state: written as version 3, which older builds read).
         let half = self.hidden.iter().any(|v| *v != 0.0) && self.hidden.iter().all(|v| half::f16::from_f32(*v).to_f32().to_bits() == v.to_bits());
+        if half {
+            return self.encode_compact();
+        }
         let mut out = Vec::with_capacity(64 + self.hidden.len() * 4 + self.model_version.len());
         // Without f16 the record is what version 3 wrote: builds from before version 4 still
         // read it (a rolled-back binary keeps its states).
-        out.push(if half { STATE_ENCODING_VERSION } else { 3 });
-        out.push(u8::from(s.purchased) | (u8::from(s.session_id.is_some()) << 1) | (u8::from(s.last_item.is_some()) << 2) | (u8::from(half) << 3));
+        out.push(3);
+        out.push(u8::from(s.purchased) | (u8::from(s.session_id.is_some()) << 1) | (u8::from(s.last_item.is_some()) << 2));
         out.extend_from_slice(&s.session_seq.to_le_bytes());
         out.extend_from_slice(&s.events.to_le_bytes());
         out.extend_from_slice(&s.cart_count.to_le_bytes());
@@ -155,11 +218,7 @@ impl UserState {
         put_str(&mut out, &self.model_version);
         out.extend_from_slice(&(self.hidden.len() as u16).to_le_bytes());
         for h in &self.hidden {
-            if half {
-                out.extend_from_slice(&half::f16::from_f32(*h).to_le_bytes());
-            } else {
-                out.extend_from_slice(&h.to_le_bytes());
-            }
+            out.extend_from_slice(&h.to_le_bytes());
         }
         // Input topics of one partition are few; more than 255 cannot be fenced and are dropped.
         let fences = &self.fences[..self.fences.len().min(u8::MAX as usize)];
@@ -169,6 +228,76 @@ impl UserState {
             out.extend_from_slice(&f.next.to_le_bytes());
         }
         out
+    }
+
+    /// Version 4: the hidden vector in f16, counters and times as varints.
+    fn encode_compact(&self) -> Vec<u8> {
+        let s = &self.session;
+        let mut out = Vec::with_capacity(32 + self.hidden.len() * 2 + self.model_version.len());
+        out.push(STATE_ENCODING_VERSION);
+        let cart_value = s.cart_value.to_bits() != 0;
+        out.push(u8::from(s.purchased) | (u8::from(s.session_id.is_some()) << 1) | (u8::from(s.last_item.is_some()) << 2) | (1 << 3) | (u8::from(cart_value) << 4));
+        put_varint(&mut out, u64::from(s.session_seq));
+        put_varint(&mut out, u64::from(s.events));
+        put_varint(&mut out, u64::from(s.cart_count));
+        if cart_value {
+            out.extend_from_slice(&s.cart_value.to_le_bytes());
+        }
+        put_zigzag(&mut out, s.started_ms);
+        put_zigzag(&mut out, s.last_ts_ms.wrapping_sub(s.started_ms));
+        put_varint(&mut out, s.total_events);
+        if let Some(item) = s.last_item {
+            out.extend_from_slice(&item.to_le_bytes());
+        }
+        if let Some(id) = &s.session_id {
+            put_varint_str(&mut out, id);
+        }
+        put_varint_str(&mut out, &self.model_version);
+        put_varint(&mut out, self.hidden.len() as u64);
+        for h in &self.hidden {
+            out.extend_from_slice(&half::f16::from_f32(*h).to_le_bytes());
+        }
+        let fences = &self.fences[..self.fences.len().min(u8::MAX as usize)];
+        out.push(fences.len() as u8);
+        for f in fences {
+            out.extend_from_slice(&f.topic.to_le_bytes());
+            put_zigzag(&mut out, f.next);
+        }
+        out
+    }
+
+    /// Reads version 4 after its version byte.
+    fn decode_compact(mut r: Reader<'_>) -> Result<UserState, StateError> {
+        let [flags] = r.array()?;
+        if flags & 8 == 0 {
+            return Err(StateError::Corrupt("a version-4 state without its f16 flag".into()));
+        }
+        let session_seq = r.varint_u32()?;
+        let events = r.varint_u32()?;
+        let cart_count = r.varint_u32()?;
+        let cart_value = if flags & 16 != 0 { f64::from_le_bytes(r.array()?) } else { 0.0 };
+        let started_ms = r.zigzag()?;
+        let last_ts_ms = started_ms.wrapping_add(r.zigzag()?);
+        let total_events = r.varint()?;
+        let last_item = if flags & 4 != 0 { Some(u64::from_le_bytes(r.array()?)) } else { None };
+        let session_id = if flags & 2 != 0 { Some(r.varint_str()?) } else { None };
+        let model_version = r.varint_str()?;
+        let n = usize::try_from(r.varint()?).ok().filter(|n| *n <= usize::from(u16::MAX)).ok_or_else(|| StateError::Corrupt("a hidden vector over 65,535 values".into()))?;
+        let hidden = r.take(n * 2)?.chunks_exact(2).map(|c| half::f16::from_le_bytes(c.try_into().expect("2 bytes")).to_f32()).collect();
+        let [m] = r.array()?;
+        let mut fences = Vec::with_capacity(usize::from(m));
+        for _ in 0..m {
+            fences.push(Fence { topic: r.u32()?, next: r.zigzag()? });
+        }
+        if !r.bytes.is_empty() {
+            return Err(StateError::Corrupt(format!("{} trailing bytes", r.bytes.len())));
+        }
+        Ok(UserState {
+            session: SessionState { session_id, session_seq, events, cart_count, cart_value, started_ms, last_ts_ms, purchased: flags & 1 != 0, total_events, last_item },
+            hidden,
+            model_version,
+            fences,
+        })
     }
 
     /// Decodes bytes written by [`UserState::encode`] of this or an older version.
@@ -186,6 +315,9 @@ impl UserState {
         if !(OLDEST_READABLE_VERSION..=STATE_ENCODING_VERSION).contains(&version) {
             return Err(StateError::Corrupt(format!("first byte {version:#04x} is no state encoding version")));
         }
+        if version == 4 {
+            return UserState::decode_compact(r);
+        }
         let [flags] = r.array()?;
         let session_seq = r.u32()?;
         let events = r.u32()?;
@@ -198,11 +330,7 @@ impl UserState {
         let session_id = if flags & 2 != 0 { Some(r.string()?) } else { None };
         let model_version = r.string()?;
         let n = r.u16()? as usize;
-        let hidden = if version >= 4 && flags & 8 != 0 {
-            r.take(n * 2)?.chunks_exact(2).map(|c| half::f16::from_le_bytes(c.try_into().expect("2 bytes")).to_f32()).collect()
-        } else {
-            r.take(n * 4)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
-        };
+        let hidden = r.take(n * 4)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
         let mut fences = Vec::new();
         if version >= 3 {
             let [m] = r.array()?;
@@ -261,10 +389,10 @@ mod tests {
                 fences: fences.into_iter().map(|(topic, next)| Fence { topic, next }).collect(),
             };
             let bytes = state.encode();
-            // Two bytes a value exactly when f16 keeps every value's bits.
-            let with_f32 = UserState { hidden: vec![0.1; n], ..state.clone() }.encode().len();
-            prop_assert_eq!(bytes.len(), if exact { with_f32 - 2 * n } else { with_f32 });
+            // The compact version 4 exactly when f16 keeps every value's bits.
+            prop_assert_eq!(bytes[0], if exact { 4 } else { 3 });
             prop_assert_eq!(UserState::decode(&bytes).unwrap(), state);
+            let _ = n;
         }
 
         #[test]
@@ -322,20 +450,45 @@ mod tests {
     }
 
     #[test]
-    fn reads_version_3_with_its_hidden_vector_in_f32() {
-        // 0.5 converts to f16 exactly: version 4 writes it in 2 bytes, version 3 wrote 4.
-        let state = UserState { hidden: vec![0.5, -0.25], model_version: "gru-x".into(), ..Default::default() };
+    fn a_typical_f16_state_takes_about_half_the_bytes() {
+        let mut state = UserState { hidden: vec![0.0; 40], model_version: "gru-519253fe015e".into(), ..Default::default() };
+        state.hidden.iter_mut().enumerate().for_each(|(i, h)| *h = half::f16::from_f32(i as f32 / 50.0 - 0.4).to_f32());
+        state.session = SessionState {
+            session_id: None,
+            session_seq: 3,
+            events: 7,
+            cart_count: 0,
+            cart_value: 0.0,
+            started_ms: 1_569_888_000_000,
+            last_ts_ms: 1_569_888_312_000,
+            purchased: false,
+            total_events: 31,
+            last_item: Some(0x1234_5678_9abc_def0),
+        };
+        state.mark_applied(topic_id("events"), 1_234_567);
         let v4 = state.encode();
-        assert_eq!(v4[1] & 8, 8, "f16 flag");
-        let mut v3 = vec![3u8, v4[1] & !8];
-        let hidden_at = v4.len() - 1 - 2 * 2;
-        v3.extend_from_slice(&v4[2..hidden_at]);
-        for h in &state.hidden {
-            v3.extend_from_slice(&h.to_le_bytes());
-        }
-        v3.push(0);
-        assert_eq!(v3.len(), v4.len() + 4);
-        assert_eq!(UserState::decode(&v3).unwrap(), state);
+        let v3 = UserState { hidden: vec![0.1; 40], ..state.clone() }.encode();
+        // Version 4: 2 + 3 counters + 6 + 3 times + 1 total + 8 item + 17 version + 1 + 80 hidden
+        // + 1 + 4 + 4 fence = 130 bytes; version 3 holds the same in 247.
+        assert_eq!((v4[0], v4.len(), v3.len()), (4, 130, 247));
+        assert_eq!(UserState::decode(&v4).unwrap(), state);
+    }
+
+    #[test]
+    fn reads_version_3_with_its_hidden_vector_in_f32() {
+        // A version-3 record (what this build writes for vectors f16 cannot hold), its two
+        // hidden floats then replaced by values f16 can hold: still read as f32, and written
+        // back as version 4.
+        let mut v3 = UserState { hidden: vec![0.1, 0.2], model_version: "gru-x".into(), ..Default::default() }.encode();
+        assert_eq!(v3[0], 3);
+        let at = v3.len() - 1 - 8;
+        v3[at..at + 4].copy_from_slice(&0.5f32.to_le_bytes());
+        v3[at + 4..at + 8].copy_from_slice(&(-0.25f32).to_le_bytes());
+        let state = UserState::decode(&v3).unwrap();
+        assert_eq!(state.hidden, [0.5, -0.25]);
+        let v4 = state.encode();
+        assert_eq!((v4[0], v4[1] & 8), (4, 8));
+        assert_eq!(UserState::decode(&v4).unwrap(), state);
     }
 
     #[test]
