@@ -28,6 +28,7 @@ mod score;
 pub use decode::{Decoded, Rejected, SourceRecord};
 pub use intentflow_schemas::{Event, ScoredIntent, SourcePosition};
 pub use intentflow_state::{StateStore, UserState};
+pub use resident::ResidentBatch;
 pub use score::{BatchOutput, EmittedAt, IntentOperator, InvalidState, PositionedEvent, Scored};
 
 /// Errors of the operators.

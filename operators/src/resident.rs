@@ -198,6 +198,21 @@ pub(crate) struct Resident {
     logits: Vec<f32>,
 }
 
+/// What the resident slab did for one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResidentBatch {
+    /// The batch was stepped on the slab (false: it had more users than slots and ran on the
+    /// stateless step).
+    pub on_device: bool,
+    /// Users whose stored vector was loaded into a slot (new to the slab, evicted before, or
+    /// stale); the batch's other users were already there.
+    pub loaded: usize,
+    /// Users evicted to make room.
+    pub evicted: u64,
+    /// Users holding a slot after the batch.
+    pub held: usize,
+}
+
 impl Resident {
     /// A table over `slab`'s slots.
     pub(crate) fn new(slab: Box<dyn ResidentStates>) -> Resident {
@@ -208,12 +223,14 @@ impl Resident {
     /// Gives each of `count` users (input partition, id, stored hidden vector) a slot holding
     /// that vector, loading the ones the slab does not hold; `None`, with the table untouched,
     /// when the batch has more users than there are slots (it then runs on the stateless step).
-    pub(crate) fn admit<'a>(&mut self, count: usize, users: impl Iterator<Item = (i32, &'a str, &'a [f32])>) -> Result<Option<Vec<u32>>, ModelError> {
+    pub(crate) fn admit<'a>(&mut self, count: usize, users: impl Iterator<Item = (i32, &'a str, &'a [f32])>, report: &mut ResidentBatch) -> Result<Option<Vec<u32>>, ModelError> {
         // Rows a failed batch left behind must not be stepped with this one.
         self.rows.clear();
+        *report = ResidentBatch { held: self.table.len(), ..ResidentBatch::default() };
         if count > self.table.capacity() {
             return Ok(None);
         }
+        let evictions = self.table.evictions();
         self.table.begin_batch();
         self.loads.clear();
         self.vectors.clear();
@@ -228,6 +245,7 @@ impl Resident {
             slots.push(admitted.slot);
         }
         self.slab.load(&self.loads, &self.vectors)?;
+        *report = ResidentBatch { on_device: true, loaded: self.loads.len(), evicted: self.table.evictions() - evictions, held: self.table.len() };
         Ok(Some(slots))
     }
 

@@ -5,7 +5,7 @@ use intentflow_model::{Features, IntentModel};
 use intentflow_schemas::{format_ts_ms, write_ts_ms, Event, ScoredIntent, SourcePosition, INTENT_SCHEMA_VERSION};
 use intentflow_state::changelog::ModelPolicy;
 use intentflow_state::{topic_id, Loaded, StateError, StateStore, UserState};
-use crate::resident::Resident;
+use crate::resident::{Resident, ResidentBatch};
 use intentflow_model::{ResidentRow, ResidentStates};
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -65,6 +65,8 @@ pub struct BatchOutput {
     pub already_applied: usize,
     /// Batched model steps taken (the number of waves).
     pub waves: usize,
+    /// What the resident slab did, when the operator has one.
+    pub resident: Option<ResidentBatch>,
 }
 
 impl BatchOutput {
@@ -334,10 +336,12 @@ impl IntentOperator {
         // With resident states, the stored vectors go to the device only for users it does not
         // hold already; each wave then sends features and slot numbers alone.
         let mut resident = self.resident.as_ref().map(|r| r.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut report = ResidentBatch::default();
         let device_slots = match resident.as_deref_mut() {
-            Some(r) => r.admit(active, by_length[..active].iter().map(|&si| (slots[si].partition, slots[si].user.as_str(), slots[si].state.hidden.as_slice())))?,
+            Some(r) => r.admit(active, by_length[..active].iter().map(|&si| (slots[si].partition, slots[si].user.as_str(), slots[si].state.hidden.as_slice())), &mut report)?,
             None => None,
         };
+        let resident_report = resident.is_some().then_some(report);
         let mut features: Vec<Features> = Vec::with_capacity(slots.len());
         let mut hidden: Vec<f32> = Vec::with_capacity(slots.len() * h);
         let mut wave_slots: Vec<usize> = Vec::with_capacity(slots.len());
@@ -419,6 +423,7 @@ impl IntentOperator {
             emitted_at,
             model_version: version.to_string(),
             inputs: events.len(),
+            resident: resident_report,
             states: slots.into_iter().filter(|s| !s.inputs.is_empty()).map(|s| (s.partition, s.user, s.state)).collect(),
             reset_states,
             foreign_states,
@@ -647,6 +652,19 @@ mod tests {
         assert_eq!(a.users().unwrap(), b.users().unwrap());
         let (held, evictions) = resident.resident_users().unwrap();
         assert_eq!(held, 200);
+        // The slab's report: the next events of users it has just stepped load nobody.
+        let shifted = |by: i64| -> Vec<PositionedEvent> {
+            positioned.iter().step_by(150).map(|pe| PositionedEvent { source: SourcePosition { offset: pe.source.offset + by, ..pe.source.clone() }, ..pe.clone() }).collect()
+        };
+        let (later, latest) = (shifted(1_000_000), shifted(2_000_000));
+        let first = resident.process(&later, &b, EmittedAt::EventTime).unwrap();
+        commit(&b, &first);
+        let again = resident.process(&latest, &b, EmittedAt::EventTime).unwrap();
+        let users = again.states.len();
+        assert!(users > 10 && again.scored.len() == latest.len(), "{users} users, {} of {} scored", again.scored.len(), latest.len());
+        assert!(first.resident.unwrap().on_device && first.resident.unwrap().held == 200);
+        assert_eq!(again.resident.map(|r| (r.on_device, r.loaded, r.evicted)), Some((true, 0, 0)), "{users} users, all resident");
+        assert!(plain.process(&latest, &a, EmittedAt::EventTime).unwrap().resident.is_none());
         assert!(evictions > 0 && aborted > 0 && rewritten > 0, "evictions {evictions}, aborted {aborted}, rewritten {rewritten}");
         assert!(plain.resident_users().is_none());
         // A batch with more users than slots runs on the stateless step, with the same bits.

@@ -6,7 +6,7 @@
 
 use axum::{routing::get, Json, Router};
 use intentflow_schemas::DecodeError;
-use metrics::{Counter, Histogram};
+use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -186,6 +186,8 @@ pub struct BatchStats {
     pub seconds: f64,
     /// GRU steps (waves) in the batch.
     pub waves: u64,
+    /// With hidden states resident on a GPU: what the slab did for the batch.
+    pub resident: Option<intentflow_operators::ResidentBatch>,
 }
 
 /// Metric handles registered once and updated per batch.
@@ -200,6 +202,10 @@ pub struct BatchMetrics {
     batch_seconds: Histogram,
     batch_records: Histogram,
     waves: Counter,
+    gpu_resident_users: Gauge,
+    gpu_state_loads: Counter,
+    gpu_evictions: Counter,
+    gpu_fallback_batches: Counter,
 }
 
 impl Default for BatchMetrics {
@@ -218,6 +224,10 @@ impl Default for BatchMetrics {
             batch_seconds: metrics::histogram!("intentflow_batch_seconds"),
             batch_records: metrics::histogram!("intentflow_batch_records"),
             waves: metrics::counter!("intentflow_model_steps_total"),
+            gpu_resident_users: metrics::gauge!("intentflow_gpu_resident_users"),
+            gpu_state_loads: metrics::counter!("intentflow_gpu_state_loads_total"),
+            gpu_evictions: metrics::counter!("intentflow_gpu_evictions_total"),
+            gpu_fallback_batches: metrics::counter!("intentflow_gpu_fallback_batches_total"),
         }
     }
 }
@@ -247,6 +257,12 @@ impl BatchMetrics {
         self.batch_seconds.record(stats.seconds);
         self.batch_records.record(stats.records as f64);
         self.waves.increment(stats.waves);
+        if let Some(r) = &stats.resident {
+            self.gpu_resident_users.set(r.held as f64);
+            self.gpu_state_loads.increment(r.loaded as u64);
+            self.gpu_evictions.increment(r.evicted);
+            self.gpu_fallback_batches.increment(u64::from(!r.on_device));
+        }
         health.records_in.fetch_add(stats.records, Ordering::Relaxed);
         health.intents_out.fetch_add(stats.intents, Ordering::Relaxed);
         health.invalid.fetch_add(invalid, Ordering::Relaxed);

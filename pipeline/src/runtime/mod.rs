@@ -386,6 +386,7 @@ impl<'s> BatchLoop<'s> {
         stats.state_resets = out.reset_states as u64;
         stats.foreign_states = out.foreign_states as u64;
         stats.waves = out.waves as u64;
+        stats.resident = out.resident;
         stats.seconds = started.elapsed().as_secs_f64();
         self.metrics.emit(&stats, self.health);
         self.summary.records += stats.records;
