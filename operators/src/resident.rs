@@ -156,11 +156,6 @@ impl SlotTable {
         }
     }
 
-    /// Drops every key (their slots become free): after the slab itself was lost or replaced.
-    pub fn clear(&mut self) {
-        *self = SlotTable { evictions: self.evictions, batch: self.batch, ..SlotTable::new(self.capacity()) };
-    }
-
     fn unlink(&mut self, slot: u32) {
         let (newer, older) = (self.entries[slot as usize].newer, self.entries[slot as usize].older);
         match newer {
@@ -272,11 +267,6 @@ impl Resident {
             self.table.settle(slot, stamp(v));
         }
         Ok(())
-    }
-
-    /// The slot table.
-    pub(crate) fn table(&self) -> &SlotTable {
-        &self.table
     }
 }
 

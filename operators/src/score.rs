@@ -227,12 +227,6 @@ impl IntentOperator {
         self
     }
 
-    /// Users whose hidden states are resident, and evictions so far (`None` without a slab).
-    pub fn resident_users(&self) -> Option<(usize, u64)> {
-        let resident = self.resident.as_ref()?.lock().unwrap_or_else(PoisonError::into_inner);
-        Some((resident.table().len(), resident.table().evictions()))
-    }
-
     /// Whether events are fenced by their source position (the default). Sources whose
     /// positions are not Kafka offsets of a stable topic — files, whose "offset" is a row and
     /// whose names repeat across directories — must not fence.
@@ -479,6 +473,18 @@ mod tests {
         IntentModel::load(dir.path(), &Device::Cpu).unwrap()
     }
 
+    /// Events of topic `t` at their index as offset, each user in one of `partitions`.
+    fn spread(events: &[Event], partitions: u32) -> Vec<PositionedEvent> {
+        events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| PositionedEvent {
+                source: SourcePosition { topic: "t".into(), partition: (e.user_id.bytes().map(u32::from).sum::<u32>() % partitions) as i32, offset: i as i64 },
+                event: e.clone(),
+            })
+            .collect()
+    }
+
     fn positioned(events: &[Event], topic: &str) -> Vec<PositionedEvent> {
         events.iter().enumerate().map(|(i, e)| PositionedEvent { source: SourcePosition { topic: topic.into(), partition: 0, offset: i as i64 }, event: e.clone() }).collect()
     }
@@ -492,14 +498,7 @@ mod tests {
 
         let state_dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(state_dir.path(), StoreOptions::default()).unwrap();
-        let positioned: Vec<PositionedEvent> = events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| PositionedEvent {
-                source: SourcePosition { topic: "t".into(), partition: (e.user_id.bytes().map(u32::from).sum::<u32>() % 4) as i32, offset: i as i64 },
-                event: e.clone(),
-            })
-            .collect();
+        let positioned = spread(&events, 4);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let mut streamed: BTreeMap<String, Vec<f32>> = BTreeMap::new();
         let mut start = 0;
@@ -602,14 +601,7 @@ mod tests {
     #[test]
     fn resident_states_give_the_stateless_steps_bits_through_evictions_aborts_and_outside_writes() {
         let events = generated(300, 6_000);
-        let positioned: Vec<PositionedEvent> = events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| PositionedEvent {
-                source: SourcePosition { topic: "t".into(), partition: (e.user_id.bytes().map(u32::from).sum::<u32>() % 3) as i32, offset: i as i64 },
-                event: e.clone(),
-            })
-            .collect();
+        let positioned = spread(&events, 3);
         let model = model();
         let plain = IntentOperator::new(model.clone());
         // 200 slots for 300 users: evictions; batches of at most 150 users: every batch fits.
@@ -620,11 +612,14 @@ mod tests {
         let commit = |store: &StateStore, out: &BatchOutput| store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         let (mut start, mut batches, mut aborted, mut rewritten) = (0, 0, 0, 0);
+        let (mut held, mut evictions) = (0, 0);
         while start < positioned.len() {
             let end = (start + rng.random_range(1..150)).min(positioned.len());
             let batch = &positioned[start..end];
             let out_a = plain.process(batch, &a, EmittedAt::EventTime).unwrap();
             let out_b = resident.process(batch, &b, EmittedAt::EventTime).unwrap();
+            let report = out_b.resident.unwrap();
+            (held, evictions) = (report.held, evictions + report.evicted);
             let scores = |o: &BatchOutput| o.scored.iter().map(|i| (i.input, i.score.to_bits())).collect::<Vec<_>>();
             assert_eq!(scores(&out_a), scores(&out_b), "batch {batches}");
             assert_eq!(out_a.states, out_b.states, "batch {batches}");
@@ -650,7 +645,6 @@ mod tests {
             start = end;
         }
         assert_eq!(a.users().unwrap(), b.users().unwrap());
-        let (held, evictions) = resident.resident_users().unwrap();
         assert_eq!(held, 200);
         // The slab's report: the next events of users it has just stepped load nobody.
         let shifted = |by: i64| -> Vec<PositionedEvent> {
@@ -666,7 +660,6 @@ mod tests {
         assert_eq!(again.resident.map(|r| (r.on_device, r.loaded, r.evicted)), Some((true, 0, 0)), "{users} users, all resident");
         assert!(plain.process(&latest, &a, EmittedAt::EventTime).unwrap().resident.is_none());
         assert!(evictions > 0 && aborted > 0 && rewritten > 0, "evictions {evictions}, aborted {aborted}, rewritten {rewritten}");
-        assert!(plain.resident_users().is_none());
         // A batch with more users than slots runs on the stateless step, with the same bits.
         let few = IntentOperator::new(model).with_resident_slots(4).unwrap();
         let dir_c = tempfile::tempdir().unwrap();
