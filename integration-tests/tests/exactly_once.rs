@@ -209,3 +209,33 @@ fn a_broker_killed_mid_run_and_restarted_loses_and_doubles_nothing() {
         events.len()
     );
 }
+
+/// One transaction spans the batches of a commit interval: every batch reads the states the
+/// transaction's earlier batches built (staged, not yet in RocksDB) and SIGTERM commits the
+/// open transaction. States end bit-identical to one offline pass.
+#[test]
+fn one_transaction_spans_a_commit_interval_and_sigterm_commits_it() {
+    let sc = Scenario::new("eos-interval", 2);
+    // Few users, many events each: every user has events in many batches of one transaction.
+    let events = generated_events(40, 6_000, 91);
+    produce_events(&sc.brokers, &sc.input, &events).unwrap();
+    let addr = free_addr();
+    let mut op = sc.start("op", &sc.run_args(&["--max-batch-records", "100", "--commit-interval-ms", "3000", "--metrics-addr", &addr]));
+    let started = std::time::Instant::now();
+    let metrics = loop {
+        let text = http_get(&addr, "/metrics");
+        if metric(&text, "intentflow_records_in_total") >= events.len() as u64 {
+            break text;
+        }
+        assert!(op.exited().is_none() && started.elapsed() < IDLE, "not every record was consumed; log:\n{}", op.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (batches, commits) = (metric(&metrics, "intentflow_batches_total"), metric(&metrics, "intentflow_commits_total"));
+    assert!(batches >= 60, "{batches} batches of at most 100 records for {} events", events.len());
+    assert!(commits < batches, "{commits} commits for {batches} batches: a transaction per batch, not per interval");
+    let (status, log) = op.terminate().unwrap();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+    let intents = sc.intents(usize::MAX, Duration::from_secs(5));
+    assert_exactly_once(&intents, &events, &stored_states(&sc.state));
+    eprintln!("interval test: {batches} batches in {commits} commits before SIGTERM; {} intents", intents.len());
+}

@@ -121,9 +121,10 @@ fn at_least_once_never_applies_an_event_twice_after_a_crash_between_states_and_o
     let sc = Scenario::new("alo-fence", 4);
     let events = generated_events(600, 12_000, 73);
     produce_events(&sc.brokers, &sc.input, &events).unwrap();
-    let args = sc.run_args(&["--processing-guarantee", "at_least_once", "--max-batch-records", "500"]);
+    // A commit after every batch (interval 0), so that the crash below lands after three.
+    let args = sc.run_args(&["--processing-guarantee", "at_least_once", "--max-batch-records", "500", "--commit-interval-ms", "0"]);
 
-    // The fourth batch's states are flushed to the changelog, then the process aborts before
+    // The fourth commit's states are flushed to the changelog, then the process aborts before
     // its offset records are sent (and before RocksDB or the group hear of the batch).
     let log = sc.dir.path().join("crash.log");
     let mut op = Operator::spawn_env("run", &args, log, &[("FAILPOINTS", "changelog-between-users-and-offsets=3*off->return")]).unwrap();

@@ -4,7 +4,7 @@ use crate::OperatorError;
 use intentflow_model::{Features, IntentModel};
 use intentflow_schemas::{format_ts_ms, write_ts_ms, Event, ScoredIntent, SourcePosition, INTENT_SCHEMA_VERSION};
 use intentflow_state::changelog::ModelPolicy;
-use intentflow_state::{topic_id, Loaded, StateError, StateStore, UserState};
+use intentflow_state::{topic_id, Loaded, StateError, StateRead, UserState};
 use crate::resident::{Resident, ResidentBatch};
 use intentflow_model::{ResidentRow, ResidentStates};
 use std::collections::HashMap;
@@ -247,7 +247,7 @@ impl IntentOperator {
     }
 
     /// Scores a batch. Users are keyed by (input partition, user id); their states are read from
-    /// `store` once per batch and returned, not written: the caller writes them after the
+    /// `store` (the state store, or a view of it with an open transaction's writes) once per batch and returned, not written: the caller writes them after the
     /// outputs are acknowledged. `stamp` says what `emitted_at` holds.
     ///
     /// An event below its user's fence for its topic is already in the state and is skipped, so
@@ -260,7 +260,7 @@ impl IntentOperator {
     ///
     /// State read errors, a state of another model under [`ModelPolicy::Refuse`], and model
     /// errors; the batch then has no effect.
-    pub fn process(&self, events: &[PositionedEvent], store: &StateStore, stamp: EmittedAt) -> Result<BatchOutput, OperatorError> {
+    pub fn process(&self, events: &[PositionedEvent], store: &impl StateRead, stamp: EmittedAt) -> Result<BatchOutput, OperatorError> {
         let mut slots: Vec<Slot> = Vec::new();
         let mut index: HashMap<(i32, &str), usize> = HashMap::new();
         for (i, pe) in events.iter().enumerate() {
@@ -451,7 +451,7 @@ mod tests {
     use intentflow_formats::generate::{generate, GeneratorConfig};
     use intentflow_model::Device;
     use intentflow_model::train::{train, TrainConfig};
-    use intentflow_state::StoreOptions;
+    use intentflow_state::{StateStore, StoreOptions};
     use rand::{Rng, SeedableRng};
     use std::collections::BTreeMap;
     use intentflow_schemas::SessionState;

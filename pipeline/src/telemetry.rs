@@ -206,6 +206,9 @@ pub struct BatchMetrics {
     gpu_state_loads: Counter,
     gpu_evictions: Counter,
     gpu_fallback_batches: Counter,
+    commits: Counter,
+    commit_batches: Histogram,
+    commit_open_seconds: Histogram,
 }
 
 impl Default for BatchMetrics {
@@ -228,6 +231,9 @@ impl Default for BatchMetrics {
             gpu_state_loads: metrics::counter!("intentflow_gpu_state_loads_total"),
             gpu_evictions: metrics::counter!("intentflow_gpu_evictions_total"),
             gpu_fallback_batches: metrics::counter!("intentflow_gpu_fallback_batches_total"),
+            commits: metrics::counter!("intentflow_commits_total"),
+            commit_batches: metrics::histogram!("intentflow_commit_batches"),
+            commit_open_seconds: metrics::histogram!("intentflow_commit_open_seconds"),
         }
     }
 }
@@ -239,6 +245,14 @@ pub fn state_records_invalid(source: &'static str) -> Counter {
 }
 
 impl BatchMetrics {
+    /// Records a committed unit (a transaction under exactly-once): its batches, and how long
+    /// it stayed open from its first batch to the end of its commit.
+    pub fn unit_committed(&self, batches: u64, seconds: f64) {
+        self.commits.increment(1);
+        self.commit_batches.record(batches as f64);
+        self.commit_open_seconds.record(seconds);
+    }
+
     /// Records one batch.
     pub fn emit(&self, stats: &BatchStats, health: &Health) {
         self.records_in.increment(stats.records);

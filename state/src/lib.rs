@@ -8,6 +8,8 @@
 //!   partition's users can be found, moved or dropped together. A [`StateStore::commit`] writes a
 //!   batch of states together with the input offsets they reflect in one atomic write batch,
 //!   so the store never holds states without knowing how far they got.
+//! * [`Staged`] holds the writes of an open transaction, which the following batches read
+//!   through a [`StagedView`] and which reach RocksDB only when it commits.
 //! * [`changelog`] defines the records of the compacted changelog topic that backs the store,
 //!   and the recovery decision ([`changelog::plan_restore`]) a partition's local copy follows
 //!   on start-up or when a rebalance assigns it.
@@ -20,10 +22,12 @@
 pub mod changelog;
 mod encoding;
 mod hot;
+mod staged;
 mod store;
 
 pub use encoding::{topic_id, Fence, UserState, STATE_ENCODING_VERSION};
 pub use intentflow_schemas::SessionState;
+pub use staged::{StateRead, Staged, StagedView};
 pub use store::{Loaded, RawUser, StateStore, StoreOptions};
 
 /// Errors of the state layer.

@@ -103,12 +103,18 @@ pub struct StateStore {
     hot: HotCache,
 }
 
-fn user_key(partition: i32, user: &str) -> Vec<u8> {
+pub(crate) fn user_key(partition: i32, user: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(5 + user.len());
+    user_key_into(partition, user, &mut k);
+    k
+}
+
+/// Writes the store key of a user state into `k` (cleared first).
+pub(crate) fn user_key_into(partition: i32, user: &str, k: &mut Vec<u8>) {
+    k.clear();
     k.push(USER_PREFIX);
     k.extend_from_slice(&partition.to_be_bytes());
     k.extend_from_slice(user.as_bytes());
-    k
 }
 
 fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
@@ -134,6 +140,12 @@ fn parse_user_key(key: &[u8]) -> Result<(i32, String), StateError> {
     Ok((i32::from_be_bytes(key[1..5].try_into().expect("4 bytes")), String::from_utf8_lossy(&key[5..]).into_owned()))
 }
 
+/// The partition and user id of a key made by [`user_key`] (`None` if it is not one).
+pub(crate) fn split_user_key(key: &[u8]) -> Option<(i32, &str)> {
+    let partition = i32::from_be_bytes(key.get(1..5)?.try_into().ok()?);
+    Some((partition, std::str::from_utf8(&key[5..]).ok()?))
+}
+
 fn meta_key(name: &str) -> Vec<u8> {
     [[META_PREFIX].as_slice(), name.as_bytes()].concat()
 }
@@ -145,7 +157,7 @@ fn read_i64(bytes: Option<Vec<u8>>, what: &str) -> Result<Option<i64>, StateErro
 }
 
 /// What stored bytes hold: a state, or, if they do not decode, the bytes to quarantine.
-fn decoded(bytes: &[u8]) -> Loaded {
+pub(crate) fn decoded(bytes: &[u8]) -> Loaded {
     match UserState::decode(bytes) {
         Ok(state) => Loaded::State(state),
         Err(error) => Loaded::Invalid { bytes: bytes.to_vec(), error },
@@ -247,13 +259,22 @@ impl StateStore {
         offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
         changelog: impl IntoIterator<Item = (i32, i64)>,
     ) -> Result<(), StateError> {
+        self.commit_keyed(states.into_iter().map(|(partition, user, state)| (user_key(partition, user), state)).collect(), offsets, changelog)
+    }
+
+    /// [`StateStore::commit_encoded`] with the users' store keys made.
+    pub(crate) fn commit_keyed<'s, 'o, K: AsRef<[u8]>>(
+        &self,
+        mut users: Vec<(K, &'s [u8])>,
+        offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
+        changelog: impl IntoIterator<Item = (i32, i64)>,
+    ) -> Result<(), StateError> {
         // Sorted, consecutive inserts into the memtable's skip list reuse each other's search.
-        let mut users: Vec<(Vec<u8>, &[u8])> = states.into_iter().map(|(partition, user, state)| (user_key(partition, user), state)).collect();
         // Stable: of two writes of one key, the later stays last.
-        users.sort_by(|a, b| a.0.cmp(&b.0));
+        users.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
         let mut batch = WriteBatch::default();
         for (key, state) in &users {
-            batch.put(key, state);
+            batch.put(key.as_ref(), state);
         }
         for (topic, partition, next_offset) in offsets {
             batch.put(offset_key(topic, partition), next_offset.to_le_bytes());
@@ -261,10 +282,10 @@ impl StateStore {
         for (partition, next) in changelog {
             batch.put(changelog_key(partition), next.to_le_bytes());
         }
-        let mut hot = self.hot.lock_for(users.iter().map(|(k, _)| k.as_slice()));
+        let mut hot = self.hot.lock_for(users.iter().map(|(k, _)| k.as_ref()));
         self.db.write_opt(batch, &self.write_options)?;
         for (key, state) in &users {
-            hot.put(key, state);
+            hot.put(key.as_ref(), state);
         }
         Ok(())
     }

@@ -36,10 +36,10 @@ pub(super) fn collect<'c>(
     Ok(())
 }
 
-/// Moves each partition of an aborted batch, and of the records buffered behind it, back to its
-/// first record, and forgets the buffered ones: everything is read again.
-pub(super) fn rewind(consumer: &StreamConsumer<RebalanceContext>, batch: &[BorrowedMessage<'_>], order: Option<&mut InputOrder<'_>>) {
-    let mut first: BTreeMap<(String, i32), i64> = BTreeMap::new();
+/// Moves each partition of an aborted transaction (whose first offsets are `first`), of the batch
+/// in hand and of the records buffered behind it back to its first record, and forgets the
+/// buffered ones: everything is read again.
+pub(super) fn rewind(consumer: &StreamConsumer<RebalanceContext>, mut first: BTreeMap<(String, i32), i64>, batch: &[BorrowedMessage<'_>], order: Option<&mut InputOrder<'_>>) {
     let buffered = order.map(InputOrder::clear).unwrap_or_default();
     for (topic, partition, offset) in batch.iter().map(|m| (m.topic().to_string(), m.partition(), m.offset())).chain(buffered) {
         let slot = first.entry((topic, partition)).or_insert(offset);

@@ -94,7 +94,8 @@ pub async fn hand_over(
     sink.send_offsets(&mut window, &next).await?;
     window.finish().await?;
     if sink.exactly_once {
-        sink.commit(Some((consumer, &tpl)))?;
+        let group = consumer.group_metadata().context("the consumer has no group metadata")?;
+        sink.commit(Some((&group, &tpl)))?;
     } else {
         consumer.commit(&tpl, CommitMode::Sync).context("committing the replay's offsets")?;
     }

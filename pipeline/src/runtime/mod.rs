@@ -1,33 +1,46 @@
 //! The streaming runtime of `intentflow run`: the batch loop.
 //!
-//! One loop owns the consumer, the producer, the state store and the operator. Per batch:
+//! One loop owns the consumer, the producer, the state store and the operator. Batches are
+//! grouped into *units* of one commit interval (`commit_interval_ms`); under exactly-once a unit
+//! is one Kafka transaction. Per batch:
 //!
-//! 1. collect a micro-batch (up to `max_batch_records`, closing `commit_interval_ms` after its
-//!    first record); a rebalance while collecting drops what was collected before it (the new
-//!    assignment re-reads it from the committed offsets); with several input topics, records
-//!    pass through [`inputs::InputOrder`] so that a partition's topics are applied in the order a
-//!    replay uses;
+//! 1. collect a micro-batch: the first record and whatever else has arrived (up to
+//!    `max_batch_records`), without waiting for more; a rebalance while collecting drops what was
+//!    collected before it (the new assignment re-reads it from the committed offsets); with
+//!    several input topics, records pass through [`inputs::InputOrder`] so that a partition's
+//!    topics are applied in the order a replay uses;
 //! 2. drop records the state store already reflects (see [`crate::offsets::already_applied`]);
 //! 3. decode, then score with [`IntentOperator::process`] (waves of batched GRU steps; events a
-//!    user's state has already applied are skipped by its fences);
-//! 4. send every intent, every dead letter, and per touched partition the users' latest states
-//!    and the next input offsets to the changelog, and await every acknowledgement
-//!    ([`sink::BatchSink`]); under exactly-once all of it, plus the consumer offsets, is one
-//!    Kafka transaction, committed there;
-//! 5. only then write the users' new states, the next input offsets and the changelog offsets
-//!    to RocksDB in one atomic batch;
-//! 6. at-least-once only: commit the offsets to the consumer group.
+//!    user's state has already applied are skipped by its fences), reading users' states through
+//!    the unit's staged writes ([`intentflow_state::StagedView`]): a batch sees the states the
+//!    unit's earlier batches built, which RocksDB does not hold yet;
+//! 4. enqueue the intents and dead letters (and, under exactly-once, the users' new states to the
+//!    changelog) without awaiting them, so the next batch is scored while they travel, and stage
+//!    the states and next offsets.
+//!
+//! When the interval has passed since the unit began (checked after each batch, and by a timer
+//! when no records come), the unit commits:
+//!
+//! 5. at-least-once: await the intents, then send each staged user's latest state to the
+//!    changelog; then (both guarantees) the next input offsets to the changelog, await every
+//!    acknowledgement, and under exactly-once commit the transaction with the consumer offsets;
+//! 6. only then write the staged states, the next input offsets and the changelog offsets to
+//!    RocksDB in one atomic batch;
+//! 7. at-least-once only: commit the offsets to the consumer group.
 //!
 //! Newly assigned partitions stay paused while they restore from the changelog in the
 //! background ([`rebalance`], [`restore`]); the loop resumes each one when its restore reports
 //! back, and the others go on meanwhile. A crash anywhere leaves a store that is a prefix of the
 //! committed changelog, so a restart catches up from where the store stopped — it is never wiped.
 //!
-//! Under exactly-once a crash before the commit in step 4 aborts the transaction (the restarted
-//! instance's `init_transactions` does so at once): nothing of the batch is visible to
-//! `read_committed` readers and the batch is processed again from the same state. A crash
-//! between 4 and 5 leaves the store one batch behind the changelog, which the restore applies.
-//! On SIGTERM/SIGINT the loop finishes the batch in hand, commits it and returns.
+//! Under exactly-once a crash before the commit in step 5 aborts the transaction (the restarted
+//! instance's `init_transactions` does so at once): nothing of the unit is visible to
+//! `read_committed` readers and its batches are processed again from the same state. A failed
+//! delivery or transaction call aborts the unit and rewinds its partitions to the unit's first
+//! offsets; a rebalance aborts it too (its group metadata, taken when it began, would fence its
+//! offsets anyway), and the new assignment reads from the committed offsets. A crash between 5
+//! and 6 leaves the store one unit behind the changelog, which the restore applies. On
+//! SIGTERM/SIGINT the loop finishes the batch in hand, commits the unit and returns.
 //!
 //! The other modules: [`startup`] opens everything, [`handover`] adopts a replayed state,
 //! [`watchdog`] ends a process stuck in a transaction call, and `consume` is what the loop does
@@ -47,15 +60,18 @@ pub use rebalance::RebalanceContext;
 
 use crate::config::RunConfig;
 use crate::telemetry::{BatchMetrics, BatchStats, Health, Phase};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use consume::{collect, report_gap, rewind};
 use crate::dlq::{self, QuarantinedState};
 use crate::offsets;
 use inputs::InputOrder;
 use intentflow_operators::{decode::decode_batch, EmittedAt, SourceRecord};
 use intentflow_schemas::EventDecoder;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use crate::kafka::DeliveryWindow;
+use intentflow_state::{Staged, StagedView};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerGroupMetadata, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
+use rdkafka::producer::Producer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use restore::RestoreDone;
 use sink::{changelog_positions, offsets_tpl, BatchRecords};
@@ -139,6 +155,30 @@ struct BatchLoop<'s> {
     restored_records: (u64, u64),
     summary: RunSummary,
     aborts_in_a_row: u32,
+    /// How long a unit stays open (`commit_interval_ms`).
+    interval: Duration,
+    /// The open unit, if any.
+    unit: Option<Unit<'s>>,
+    /// The open unit's states and offsets, which its batches read and RocksDB gets when it
+    /// commits.
+    staged: Staged,
+}
+
+/// The batches of one commit interval: under exactly-once one Kafka transaction.
+struct Unit<'s> {
+    /// Its deliveries (under exactly-once inside the transaction).
+    window: DeliveryWindow<'s>,
+    /// Under exactly-once, the group's metadata when it began: a rebalance since fences its
+    /// offsets, so the commit fails rather than commit offsets of partitions that moved.
+    group: Option<ConsumerGroupMetadata>,
+    /// The first offset read per topic-partition: where an abort rewinds to.
+    first: BTreeMap<(String, i32), i64>,
+    /// Tombstones sent in it: sent again by the next unit if it is abandoned.
+    tombstones: BTreeMap<i32, (u64, Vec<Vec<u8>>)>,
+    /// When it began.
+    began: Instant,
+    /// Batches processed into it.
+    batches: u64,
 }
 
 impl<'s> BatchLoop<'s> {
@@ -155,6 +195,9 @@ impl<'s> BatchLoop<'s> {
             restored_records: (0, 0),
             summary: RunSummary::default(),
             aborts_in_a_row: 0,
+            interval: Duration::from_millis(s.cfg.commit_interval_ms),
+            unit: None,
+            staged: Staged::default(),
         }
     }
 
@@ -163,16 +206,19 @@ impl<'s> BatchLoop<'s> {
         let cfg = &s.cfg;
         let consumer = &s.consumer;
         let ctx = consumer.context();
-        let interval = Duration::from_millis(cfg.commit_interval_ms);
         let mut order = InputOrder::new(&cfg.input_topics, Duration::from_millis(cfg.max_task_idle_ms), cfg.max_batch_records);
         loop {
             let mut generation = ctx.generation();
-            self.follow_generation(generation, order.as_mut());
+            self.follow_generation(generation, order.as_mut())?;
             let first = tokio::select! {
                 biased;
                 () = stopped(shutdown) => break,
                 Some(done) = restores.recv() => {
                     self.restored(consumer, done)?;
+                    continue;
+                }
+                () = sleep_until(self.unit.as_ref().map(|u| u.began + self.interval)) => {
+                    self.end_unit(order.as_mut()).await?;
                     continue;
                 }
                 () = sleep_until(order.as_ref().and_then(InputOrder::deadline)) => None,
@@ -181,15 +227,14 @@ impl<'s> BatchLoop<'s> {
             let mut fetched: Vec<BorrowedMessage<'_>> = Vec::with_capacity(cfg.max_batch_records);
             if let Some(m) = first {
                 collect(&mut fetched, m, &mut generation, ctx)?;
-                // One timer for the batch, not one per record: with `biased`, a record that is
-                // ready is taken without polling the timer.
-                let closes = tokio::time::sleep(interval);
-                tokio::pin!(closes);
+                // The batch is what has arrived by now: nothing waits for more records (the commit
+                // interval paces the commits, not the batches), so a record is scored as soon as
+                // the batch before it is done.
                 while fetched.len() < cfg.max_batch_records {
                     tokio::select! {
                         biased;
                         m = consumer.recv() => collect(&mut fetched, m, &mut generation, ctx)?,
-                        () = &mut closes => break,
+                        () = std::future::ready(()) => break,
                     }
                 }
             }
@@ -198,7 +243,7 @@ impl<'s> BatchLoop<'s> {
                 continue;
             }
             // A rebalance during the collection (the records kept are of the new assignment).
-            self.follow_generation(generation, order.as_mut());
+            self.follow_generation(generation, order.as_mut())?;
             let batch = match &mut order {
                 None => fetched,
                 Some(o) => {
@@ -213,8 +258,15 @@ impl<'s> BatchLoop<'s> {
             if !batch.is_empty() {
                 self.process(&batch, order.as_mut()).await?;
             }
+            if self.unit.as_ref().is_some_and(|u| u.began.elapsed() >= self.interval) {
+                self.end_unit(order.as_mut()).await?;
+            }
         }
         self.health.set_phase(Phase::Stopping);
+        // The batches in hand are committed (or, if that fails, aborted: the next start repeats them).
+        if self.unit.is_some() {
+            self.end_unit(order.as_mut()).await?;
+        }
         self.finish()?;
         Ok(self.summary)
     }
@@ -223,8 +275,13 @@ impl<'s> BatchLoop<'s> {
     /// buffers were filled (maybe while a restore report won the loop's select): what the store
     /// reflects may have moved, and buffered records belong to the old assignment (the new one
     /// reads them again from the committed offsets).
-    fn follow_generation(&mut self, generation: u64, order: Option<&mut InputOrder<'_>>) {
+    fn follow_generation(&mut self, generation: u64, order: Option<&mut InputOrder<'_>>) -> Result<()> {
         if generation != self.generation {
+            if self.unit.is_some() {
+                // Its partitions were revoked: their next owner (maybe this instance again) reads
+                // them from the committed offsets and restores the committed states.
+                self.abandon_unit("a rebalance")?;
+            }
             self.applied.clear();
             // A revoked partition's next owner finds the same keys when it restores.
             self.tombstones.retain(|_, (g, _)| *g == generation);
@@ -233,6 +290,7 @@ impl<'s> BatchLoop<'s> {
             }
             self.generation = generation;
         }
+        Ok(())
     }
 
     /// A restore reported back: resume its partition, or stop when it failed.
@@ -287,7 +345,8 @@ impl<'s> BatchLoop<'s> {
         Ok(())
     }
 
-    /// Processes one batch: steps 2–6 of the module docs.
+    /// Processes one batch (steps 2–4 of the module docs) into the open unit, which it begins
+    /// if there is none.
     async fn process(&mut self, batch: &[BorrowedMessage<'_>], order: Option<&mut InputOrder<'_>>) -> Result<()> {
         let s = self.s;
         let cfg = &s.cfg;
@@ -298,7 +357,8 @@ impl<'s> BatchLoop<'s> {
         for m in batch {
             // A partition's recorded offset is loaded on its first record after start-up or a
             // rebalance, which is when a committed offset lost to retention shows: check then,
-            // not per record.
+            // not per record. (Records of the open unit lie beyond it, so the committed offset
+            // is the one to compare with.)
             let stored = self.applied.get_or_load(m.topic(), m.partition(), || {
                 let stored = s.store.offset(m.topic(), m.partition())?;
                 if let Some(expected) = stored.filter(|&e| m.offset() > e) {
@@ -324,7 +384,9 @@ impl<'s> BatchLoop<'s> {
             *stats.invalid.entry(r.error.kind()).or_default() += 1;
         }
         dlq::log_rejections(&decoded.rejected);
-        let out = tokio::task::block_in_place(|| s.operator.process(&decoded.events, &s.store, EmittedAt::Now(now_ms)))?;
+        // The users' states as the open unit left them.
+        let view = StagedView { store: &s.store, staged: &self.staged };
+        let out = tokio::task::block_in_place(|| s.operator.process(&decoded.events, &view, EmittedAt::Now(now_ms)))?;
         let quarantined: Vec<QuarantinedState> = out
             .invalid_states
             .iter()
@@ -341,44 +403,37 @@ impl<'s> BatchLoop<'s> {
         quarantined.iter().for_each(|q| q.report(&self.invalid_states));
 
         let next = offsets::next_offsets(batch.iter().map(|m| (m.topic(), m.partition(), m.offset())));
-        let tpl = offsets_tpl(&next)?;
         // Encoded once, for the changelog and for RocksDB.
         let states: Vec<Vec<u8>> = out.states.iter().map(|(_, _, st)| st.encode()).collect();
-        let records = BatchRecords { events: &decoded.events, out: &out, states: &states, rejected: &decoded.rejected, quarantined: &quarantined, tombstones: &self.tombstones, next: &next };
-        let sink = s.sink();
-        let changelog_next = match sink.send(consumer, &records, &tpl).await {
-            Ok(changelog_next) => changelog_next,
-            Err(e) if sink.exactly_once => {
-                // Nothing of the batch is visible and the store is untouched: abort, rewind the
-                // batch's partitions and process it again.
-                tracing::warn!(error = format!("{e:#}"), "transaction failed; aborting it and processing the batch again");
-                sink.abort()?;
-                rewind(consumer, batch, order);
-                metrics::counter!("intentflow_transactions_aborted_total").increment(1);
-                self.summary.aborted += 1;
-                self.aborts_in_a_row += 1;
-                if self.aborts_in_a_row >= MAX_ABORTS_IN_A_ROW {
-                    bail!("{} transactions in a row failed; last error: {e:#}", self.aborts_in_a_row);
-                }
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
-        self.aborts_in_a_row = 0;
-        self.tombstones.clear();
-        s.store.commit_encoded(
-            out.states.iter().zip(&states).map(|((p, u, _), bytes)| (*p, u.as_str(), bytes.as_slice())),
-            next.iter().map(|((t, p), o)| (t.as_str(), *p, *o)),
-            changelog_positions(&changelog_next),
-        )?;
-        for ((t, p), o) in &next {
-            self.applied.advance(t, *p, *o);
+        let records = BatchRecords { events: &decoded.events, out: &out, states: &states, rejected: &decoded.rejected, quarantined: &quarantined };
+        if self.unit.is_none() {
+            self.unit = Some(self.begin_unit()?);
         }
-        if !sink.exactly_once {
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                // The state store holds the offsets too, so a lost commit only costs a re-read.
-                tracing::warn!(error = %e, "offset commit failed");
-            }
+        let unit = self.unit.as_mut().expect("begun above");
+        unit.batches += 1;
+        for m in batch {
+            let first = unit.first.entry((m.topic().to_string(), m.partition())).or_insert(m.offset());
+            *first = (*first).min(m.offset());
+        }
+        let sink = s.sink();
+        // Inside a transaction order does not matter: the states go now, while the next batch
+        // is scored, after the unit's tombstones (sent once per unit, before any state).
+        // At-least-once sends states when the unit commits, after its intents are acknowledged.
+        let tombstones = if sink.exactly_once { std::mem::take(&mut self.tombstones) } else { BTreeMap::new() };
+        let mut sent = sink.send_outputs(&mut unit.window, &records).await;
+        if sent.is_ok() && sink.exactly_once {
+            sent = sink.send_states(&mut unit.window, &records, &tombstones).await;
+        }
+        unit.tombstones.extend(tombstones);
+        if let Err(e) = sent {
+            self.failed_unit(e, batch, order)?;
+            return Ok(());
+        }
+        for ((p, u, _), bytes) in out.states.iter().zip(&states) {
+            self.staged.put_user(*p, u, bytes);
+        }
+        for ((t, p), o) in &next {
+            self.staged.put_offset(t, *p, *o);
         }
 
         stats.skipped += out.already_applied as u64;
@@ -395,6 +450,111 @@ impl<'s> BatchLoop<'s> {
         self.summary.invalid += stats.invalid.values().sum::<u64>();
         self.summary.batches += 1;
         tracing::debug!(records = stats.records, intents = stats.intents, waves = stats.waves, seconds = stats.seconds, "batch done");
+        Ok(())
+    }
+
+    /// Opens a unit: a transaction under exactly-once.
+    fn begin_unit(&self) -> Result<Unit<'s>> {
+        let sink = self.s.sink();
+        let group = if sink.exactly_once {
+            // Taken now, so that a rebalance before the commit fences the unit's offsets.
+            Some(self.s.consumer.group_metadata().context("the consumer has no group metadata")?)
+        } else {
+            None
+        };
+        sink.begin()?;
+        Ok(Unit { window: DeliveryWindow::new(&self.s.producer, sink::WINDOW), group, first: BTreeMap::new(), tombstones: BTreeMap::new(), began: Instant::now(), batches: 0 })
+    }
+
+    /// Commits the open unit (steps 5–7 of the module docs). A failure under exactly-once
+    /// aborts it and rewinds its partitions.
+    async fn end_unit(&mut self, order: Option<&mut InputOrder<'_>>) -> Result<()> {
+        let Some(mut unit) = self.unit.take() else { return Ok(()) };
+        let s = self.s;
+        let sink = s.sink();
+        let committed = async {
+            let tpl = offsets_tpl(self.staged.offsets())?;
+            if !sink.exactly_once {
+                // Intents before states: a state on the changelog means its intents were delivered.
+                unit.window.finish().await?;
+                sink.send_staged(&mut unit.window, &self.tombstones, &self.staged).await?;
+            }
+            fail::fail_point!("changelog-between-users-and-offsets", |_| {
+                // Fault injection for the crash tests: the users' states are on the changelog,
+                // the offset records are never sent.
+                let _ = s.producer.flush(Duration::from_secs(30));
+                tracing::error!("failpoint changelog-between-users-and-offsets: aborting");
+                std::process::abort()
+            });
+            sink.send_offsets(&mut unit.window, self.staged.offsets()).await?;
+            unit.window.finish().await?;
+            sink.commit(unit.group.as_ref().map(|g| (g, &tpl)))?;
+            anyhow::Ok(tpl)
+        }
+        .await;
+        let tpl = match committed {
+            Ok(tpl) => tpl,
+            Err(e) if sink.exactly_once => {
+                self.unit = Some(unit);
+                return self.failed_unit(e, &[], order);
+            }
+            Err(e) => return Err(e),
+        };
+        self.aborts_in_a_row = 0;
+        if !sink.exactly_once {
+            self.tombstones.clear();
+        }
+        for (p, next) in changelog_positions(unit.window.tracked()) {
+            self.staged.put_changelog(p, next);
+        }
+        s.store.commit_staged(&self.staged)?;
+        for ((t, p), o) in self.staged.offsets() {
+            self.applied.advance(t, *p, *o);
+        }
+        self.staged.clear();
+        if !sink.exactly_once {
+            if let Err(e) = s.consumer.commit(&tpl, CommitMode::Async) {
+                // The state store holds the offsets too, so a lost commit only costs a re-read.
+                tracing::warn!(error = %e, "offset commit failed");
+            }
+        }
+        self.metrics.unit_committed(unit.batches, unit.began.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// A delivery or transaction call of the open unit failed. Under exactly-once nothing of the
+    /// unit is visible and the store is untouched: abort it, rewind its partitions (and those of
+    /// `batch`, the batch in hand) and process them again. Under at-least-once the operator
+    /// stops; a restart re-reads from the committed offsets.
+    fn failed_unit(&mut self, e: anyhow::Error, batch: &[BorrowedMessage<'_>], order: Option<&mut InputOrder<'_>>) -> Result<()> {
+        if !self.s.sink().exactly_once {
+            return Err(e);
+        }
+        tracing::warn!(error = format!("{e:#}"), "transaction failed; aborting it and processing its batches again");
+        let first = self.unit.as_ref().map(|u| u.first.clone()).unwrap_or_default();
+        self.abandon_unit("a failed delivery or transaction call")?;
+        rewind(&self.s.consumer, first, batch, order);
+        self.summary.aborted += 1;
+        self.aborts_in_a_row += 1;
+        if self.aborts_in_a_row >= MAX_ABORTS_IN_A_ROW {
+            bail!("{} transactions in a row failed; last error: {e:#}", self.aborts_in_a_row);
+        }
+        Ok(())
+    }
+
+    /// Drops the open unit: aborts its transaction under exactly-once and forgets its staged
+    /// states. Its tombstones are sent again by the next unit.
+    fn abandon_unit(&mut self, why: &str) -> Result<()> {
+        let Some(unit) = self.unit.take() else { return Ok(()) };
+        if self.s.sink().exactly_once {
+            tracing::info!(batches = unit.batches, "aborting the open transaction after {why}");
+            self.s.sink().abort()?;
+            metrics::counter!("intentflow_transactions_aborted_total").increment(1);
+        }
+        for (p, t) in unit.tombstones {
+            self.tombstones.entry(p).or_insert(t);
+        }
+        self.staged.clear();
         Ok(())
     }
 

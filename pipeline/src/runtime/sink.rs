@@ -1,6 +1,6 @@
 //! Where a batch's results go: intents to the output topic, dead letters to the dead-letter
-//! topic, users' states and input offsets to the changelog — in one Kafka transaction with the
-//! consumer offsets under exactly-once.
+//! topic, users' states and input offsets to the changelog — under exactly-once in the Kafka
+//! transaction of the commit interval, with the consumer offsets.
 //!
 //! Under at-least-once there is no transaction, so the order of deliveries is what keeps the
 //! guarantees: intents and dead letters are acknowledged first, then the changelog's user
@@ -10,12 +10,12 @@
 //! twice, and their intents were already delivered.
 
 use super::watchdog::Watchdog;
-use super::RebalanceContext;
 use crate::kafka::DeliveryWindow;
 use anyhow::{Context, Result};
 use intentflow_operators::{BatchOutput, PositionedEvent, Rejected};
 use intentflow_state::changelog::{encode_offset, ChangelogKey};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use intentflow_state::Staged;
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::TopicPartitionList;
 use std::collections::BTreeMap;
@@ -26,7 +26,7 @@ pub const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a transaction call with a retriable error is retried.
 pub const RETRY_FOR: Duration = Duration::from_secs(60);
 /// Deliveries awaited at once.
-const WINDOW: usize = 100_000;
+pub(super) const WINDOW: usize = 100_000;
 
 /// Produces batches' results.
 pub struct BatchSink<'a> {
@@ -56,24 +56,15 @@ pub struct BatchRecords<'b> {
     pub rejected: &'b [Rejected],
     /// State records that could not be used.
     pub quarantined: &'b [crate::dlq::QuarantinedState],
-    /// Changelog keys to delete, per partition (found by restores; with their generation).
-    pub tombstones: &'b BTreeMap<i32, (u64, Vec<Vec<u8>>)>,
-    /// The next input offset per topic-partition the batch read.
-    pub next: &'b BTreeMap<(String, i32), i64>,
 }
 
 impl BatchSink<'_> {
-    /// Sends a batch's results and awaits every acknowledgement; under exactly-once all of it,
-    /// plus the consumer offsets `tpl`, is one transaction, committed here. Returns the last
-    /// changelog offset written per partition.
+    /// Enqueues a batch's intents and dead letters.
     ///
     /// # Errors
     ///
-    /// A failed delivery or transaction call; under exactly-once nothing of the batch is then
-    /// visible once the caller aborts.
-    pub async fn send(&self, consumer: &StreamConsumer<RebalanceContext>, batch: &BatchRecords<'_>, tpl: &TopicPartitionList) -> Result<BTreeMap<i32, i64>> {
-        self.begin()?;
-        let mut window = self.window();
+    /// The first failed delivery.
+    pub async fn send_outputs(&self, window: &mut DeliveryWindow<'_>, batch: &BatchRecords<'_>) -> Result<()> {
         let mut buf = Vec::with_capacity(512);
         for scored in &batch.out.scored {
             buf.clear();
@@ -88,30 +79,39 @@ impl BatchSink<'_> {
         for q in batch.quarantined {
             window.send_with_headers(self.dlq_topic, &q.key, &q.value, Some(q.headers())).await?;
         }
-        if !self.exactly_once {
-            // Intents before states: a state on the changelog means its intents were delivered.
-            window.finish().await?;
-        }
-        // Tombstones before the batch's states: a user dropped by a restore and scored again in
-        // this batch ends with its new state.
-        for (partition, (_, keys)) in batch.tombstones {
+        Ok(())
+    }
+
+    /// Enqueues `tombstones`, then the batch's users' states, to the changelog. Tombstones come
+    /// first: a user dropped by a restore and scored again in this batch ends with its new state.
+    ///
+    /// # Errors
+    ///
+    /// The first failed delivery.
+    pub async fn send_states(&self, window: &mut DeliveryWindow<'_>, batch: &BatchRecords<'_>, tombstones: &BTreeMap<i32, (u64, Vec<Vec<u8>>)>) -> Result<()> {
+        self.send_tombstones(window, tombstones).await?;
+        let users = batch.out.states.iter().zip(batch.states).map(|((p, u, _), bytes)| (*p, u.as_str(), bytes.as_slice()));
+        self.send_users(window, users).await
+    }
+
+    /// [`BatchSink::send_states`] for the states a unit staged (at-least-once sends them when
+    /// the unit commits, each user's latest once).
+    ///
+    /// # Errors
+    ///
+    /// The first failed delivery.
+    pub async fn send_staged(&self, window: &mut DeliveryWindow<'_>, tombstones: &BTreeMap<i32, (u64, Vec<Vec<u8>>)>, staged: &Staged) -> Result<()> {
+        self.send_tombstones(window, tombstones).await?;
+        self.send_users(window, staged.user_states()).await
+    }
+
+    async fn send_tombstones(&self, window: &mut DeliveryWindow<'_>, tombstones: &BTreeMap<i32, (u64, Vec<Vec<u8>>)>) -> Result<()> {
+        for (partition, (_, keys)) in tombstones {
             for key in keys {
                 window.send_tombstone(self.changelog, *partition, key).await?;
             }
         }
-        let users = batch.out.states.iter().zip(batch.states).map(|((p, u, _), bytes)| (*p, u.as_str(), bytes.as_slice()));
-        self.send_users(&mut window, users).await?;
-        fail::fail_point!("changelog-between-users-and-offsets", |_| {
-            // Fault injection for the crash tests: the users' states are durable on the changelog,
-            // the offset records are never sent.
-            let _ = self.producer.flush(Duration::from_secs(30));
-            tracing::error!("failpoint changelog-between-users-and-offsets: aborting");
-            std::process::abort()
-        });
-        self.send_offsets(&mut window, batch.next).await?;
-        window.finish().await?;
-        self.commit(Some((consumer, tpl)))?;
-        Ok(window.tracked().clone())
+        Ok(())
     }
 
     /// A window of deliveries through this sink's producer.
@@ -132,22 +132,19 @@ impl BatchSink<'_> {
     }
 
     /// Under exactly-once, commits the open transaction, with the consumer offsets `offsets`
-    /// when given, under the watchdog; nothing otherwise.
+    /// when given (and the group metadata to fence them with), under the watchdog; nothing
+    /// otherwise.
     ///
     /// # Errors
     ///
     /// A transaction call that failed for good.
-    pub fn commit(&self, offsets: Option<(&StreamConsumer<RebalanceContext>, &TopicPartitionList)>) -> Result<()> {
+    pub fn commit(&self, offsets: Option<(&ConsumerGroupMetadata, &TopicPartitionList)>) -> Result<()> {
         if !self.exactly_once {
             return Ok(());
         }
-        let group = match offsets {
-            Some((consumer, _)) => Some(consumer.group_metadata().context("the consumer has no group metadata")?),
-            None => None,
-        };
         tokio::task::block_in_place(|| -> Result<()> {
             let _watch = self.watchdog.watch();
-            if let (Some((_, tpl)), Some(group)) = (offsets, &group) {
+            if let Some((group, tpl)) = offsets {
                 retrying("adding the offsets to the transaction", || self.producer.send_offsets_to_transaction(tpl, group, TXN_TIMEOUT))?;
             }
             retrying("committing the transaction", || self.producer.commit_transaction(TXN_TIMEOUT))

@@ -1,0 +1,213 @@
+//! Writes of an open Kafka transaction: visible to the batches that follow, written to RocksDB
+//! only once the transaction has committed.
+//!
+//! Under exactly-once one transaction spans every batch of a commit interval. Batch N+1 must
+//! see the states batch N built, but RocksDB may only hold what the changelog holds committed
+//! (a crash must leave the store a prefix of the committed changelog). So a batch's states go
+//! to a [`Staged`] overlay; reads go through a [`StagedView`] (the overlay first, then the
+//! store); a commit writes the overlay with [`StateStore::commit_staged`] in one atomic batch;
+//! an abort drops it.
+
+use crate::store::{user_key, Loaded};
+use crate::{StateError, StateStore};
+use foldhash::fast::RandomState;
+use std::collections::{BTreeMap, HashMap};
+
+/// Where a batch reads its users' states from: the store itself, or the store under the
+/// writes of an open transaction.
+pub trait StateRead {
+    /// Reads the states of many users at once (see [`StateStore::get_many`]).
+    ///
+    /// # Errors
+    ///
+    /// RocksDB read errors.
+    fn get_many<'a>(&self, keys: impl IntoIterator<Item = (i32, &'a str)>) -> Result<Vec<Loaded>, StateError>;
+}
+
+impl StateRead for StateStore {
+    fn get_many<'a>(&self, keys: impl IntoIterator<Item = (i32, &'a str)>) -> Result<Vec<Loaded>, StateError> {
+        StateStore::get_many(self, keys)
+    }
+}
+
+/// Uncommitted writes: the latest encoded state per user, the next input offset per
+/// topic-partition and the next changelog offset per partition.
+#[derive(Debug, Default)]
+pub struct Staged {
+    /// Store key → encoded state (the latest of the open transaction).
+    users: HashMap<Vec<u8>, Vec<u8>, RandomState>,
+    /// Bytes of the staged states' keys and values.
+    bytes: usize,
+    offsets: BTreeMap<(String, i32), i64>,
+    changelog: BTreeMap<i32, i64>,
+}
+
+impl Staged {
+    /// Stages a user's encoded state; a later state of the same user replaces it.
+    pub fn put_user(&mut self, partition: i32, user: &str, state: &[u8]) {
+        let key = user_key(partition, user);
+        match self.users.get_mut(&key) {
+            Some(v) => {
+                self.bytes = self.bytes - v.len() + state.len();
+                v.clear();
+                v.extend_from_slice(state);
+            }
+            None => {
+                self.bytes += key.len() + state.len();
+                self.users.insert(key, state.to_vec());
+            }
+        }
+    }
+
+    /// Stages the next input offset of a topic-partition (the highest staged wins).
+    pub fn put_offset(&mut self, topic: &str, partition: i32, next: i64) {
+        match self.offsets.get_mut(&(topic.to_string(), partition)) {
+            Some(o) => *o = (*o).max(next),
+            None => {
+                self.offsets.insert((topic.to_string(), partition), next);
+            }
+        }
+    }
+
+    /// Stages the next changelog offset of a partition (the highest staged wins).
+    pub fn put_changelog(&mut self, partition: i32, next: i64) {
+        let o = self.changelog.entry(partition).or_insert(next);
+        *o = (*o).max(next);
+    }
+
+    /// The staged next input offsets per topic-partition.
+    pub fn offsets(&self) -> &BTreeMap<(String, i32), i64> {
+        &self.offsets
+    }
+
+    /// The staged states as (partition, user, encoded state), in no particular order.
+    pub fn user_states(&self) -> impl Iterator<Item = (i32, &str, &[u8])> {
+        self.users.iter().map(|(k, v)| {
+            let (partition, user) = crate::store::split_user_key(k).expect("staged keys are user keys");
+            (partition, user, v.as_slice())
+        })
+    }
+
+    /// Users staged.
+    pub fn users(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Bytes of the staged states (keys and values).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether nothing is staged.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.offsets.is_empty() && self.changelog.is_empty()
+    }
+
+    /// Drops everything staged (an aborted transaction), keeping the allocations.
+    pub fn clear(&mut self) {
+        self.users.clear();
+        self.bytes = 0;
+        self.offsets.clear();
+        self.changelog.clear();
+    }
+}
+
+/// The store as an open transaction sees it: its staged writes over the store.
+#[derive(Clone, Copy)]
+pub struct StagedView<'a> {
+    /// The committed states.
+    pub store: &'a StateStore,
+    /// The open transaction's writes.
+    pub staged: &'a Staged,
+}
+
+impl StateRead for StagedView<'_> {
+    fn get_many<'a>(&self, keys: impl IntoIterator<Item = (i32, &'a str)>) -> Result<Vec<Loaded>, StateError> {
+        let keys: Vec<(i32, &str)> = keys.into_iter().collect();
+        if self.staged.users.is_empty() {
+            return self.store.get_many(keys);
+        }
+        let mut key = Vec::with_capacity(64);
+        let mut found: Vec<Option<Loaded>> = Vec::with_capacity(keys.len());
+        let mut misses = Vec::new();
+        for &(partition, user) in &keys {
+            crate::store::user_key_into(partition, user, &mut key);
+            match self.staged.users.get(&key) {
+                Some(bytes) => found.push(Some(crate::store::decoded(bytes))),
+                None => {
+                    found.push(None);
+                    misses.push((partition, user));
+                }
+            }
+        }
+        let mut read = self.store.get_many(misses)?.into_iter();
+        Ok(found.into_iter().map(|f| f.unwrap_or_else(|| read.next().expect("one read per miss"))).collect())
+    }
+}
+
+impl StateStore {
+    /// Writes what an open transaction staged, and the changelog offsets `staged` holds, in
+    /// one atomic batch (see [`StateStore::commit_encoded`]). The caller clears `staged` after.
+    ///
+    /// # Errors
+    ///
+    /// RocksDB write errors; nothing is written then.
+    pub fn commit_staged(&self, staged: &Staged) -> Result<(), StateError> {
+        self.commit_keyed(
+            staged.users.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect(),
+            staged.offsets.iter().map(|((t, p), o)| (t.as_str(), *p, *o)),
+            staged.changelog.iter().map(|(p, o)| (*p, *o)),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{StoreOptions, UserState};
+
+    fn state(events: u32) -> UserState {
+        let mut s = UserState::default();
+        s.session.events = events;
+        s.session.last_ts_ms = i64::from(events);
+        s
+    }
+
+    fn events(loaded: Vec<Loaded>) -> Vec<Option<u32>> {
+        loaded.into_iter().map(|l| l.state().map(|s| s.session.events)).collect()
+    }
+
+    #[test]
+    fn staged_writes_shadow_the_store_until_committed_and_vanish_when_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+        store.commit([(0, "a", &state(1)), (1, "b", &state(2))], [("in", 0, 10)], [(0, 5)]).unwrap();
+        let mut staged = Staged::default();
+        staged.put_user(0, "a", &state(7).encode());
+        staged.put_user(0, "a", &state(8).encode());
+        staged.put_user(0, "c", &state(3).encode());
+        staged.put_offset("in", 0, 12);
+        staged.put_offset("in", 0, 11);
+        staged.put_changelog(0, 9);
+        assert_eq!(staged.users(), 2);
+        let view = StagedView { store: &store, staged: &staged };
+        // The same user id on another partition is another key.
+        let keys = [(0, "a"), (1, "b"), (0, "c"), (1, "a"), (0, "a")];
+        assert_eq!(events(view.get_many(keys).unwrap()), [Some(8), Some(2), Some(3), None, Some(8)]);
+        assert_eq!(events(store.get_many(keys).unwrap()), [Some(1), Some(2), None, None, Some(1)], "nothing reaches RocksDB before the commit");
+
+        store.commit_staged(&staged).unwrap();
+        assert_eq!(events(store.get_many(keys).unwrap()), [Some(8), Some(2), Some(3), None, Some(8)]);
+        assert_eq!(store.offset("in", 0).unwrap(), Some(12));
+        assert_eq!(store.changelog_offset(0).unwrap(), Some(9));
+
+        staged.clear();
+        assert!(staged.is_empty());
+        staged.put_user(1, "b", &state(40).encode());
+        let view = StagedView { store: &store, staged: &staged };
+        assert_eq!(events(view.get_many(keys).unwrap()), [Some(8), Some(40), Some(3), None, Some(8)]);
+        staged.clear();
+        let view = StagedView { store: &store, staged: &staged };
+        assert_eq!(events(view.get_many(keys).unwrap()), [Some(8), Some(2), Some(3), None, Some(8)], "an aborted transaction's writes are gone");
+    }
+}
