@@ -20,6 +20,8 @@ const SECONDS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 const RESTORE_SECONDS: &[f64] = &[0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
 /// Buckets of batch sizes in records (up to the largest `max_batch_records` worth using).
 const RECORDS: &[f64] = &[1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0];
+/// Buckets of batches per commit.
+const BATCHES: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
 
 /// Installs the global Prometheus recorder. Call once per process.
 ///
@@ -31,6 +33,7 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
         .set_buckets(SECONDS)?
         .set_buckets_for_metric(Matcher::Full("intentflow_restore_seconds".into()), RESTORE_SECONDS)?
         .set_buckets_for_metric(Matcher::Full("intentflow_batch_records".into()), RECORDS)?
+        .set_buckets_for_metric(Matcher::Full("intentflow_commit_batches".into()), BATCHES)?
         .install_recorder()?)
 }
 

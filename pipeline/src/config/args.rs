@@ -60,7 +60,7 @@ pub struct RunArgs {
     /// Most records per micro-batch [default: 4096].
     #[arg(long)]
     pub max_batch_records: Option<usize>,
-    /// Milliseconds after its first record that a batch (one transaction) closes [default: 100].
+    /// Milliseconds between commits; under exactly-once one transaction spans them [default: 100].
     #[arg(long)]
     pub commit_interval_ms: Option<u64>,
     /// MiB for user states: RocksDB's block cache and the cache of recently written states [default: 256].

@@ -61,9 +61,10 @@ pub struct RunConfig {
     /// Start every user from zero when the state directory was built by another model
     /// (otherwise the operator refuses to start).
     pub reset_state_on_model_change: bool,
-    /// Most records per micro-batch (one batch is one transaction).
+    /// Most records per micro-batch (a batch is what has arrived, up to this many).
     pub max_batch_records: usize,
-    /// A batch (and its transaction) closes at most this long after its first record.
+    /// How often results are committed; under exactly-once one transaction spans the batches of
+    /// this interval. 0 commits after every batch.
     pub commit_interval_ms: u64,
     /// Memory for user states in MiB: a quarter is RocksDB's block cache, three quarters the
     /// in-process cache of recently written states (memtables, up to 2 × 64 MiB, come on top).

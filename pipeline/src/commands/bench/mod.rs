@@ -79,8 +79,8 @@ pub struct BenchArgs {
     /// instead of the hot path in-process.
     #[arg(long)]
     pub brokers: Option<String>,
-    /// With `--brokers`: the operator's `commit_interval_ms` (a batch closes at most this long
-    /// after its first record).
+    /// With `--brokers`: the operator's `commit_interval_ms` (how often it commits; under
+    /// exactly-once one transaction spans the interval).
     #[arg(long, default_value_t = 100)]
     pub commit_interval_ms: u64,
     /// With `--brokers`: the operator's `processing_guarantee`.
