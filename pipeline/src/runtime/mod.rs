@@ -469,8 +469,13 @@ impl<'s> BatchLoop<'s> {
     /// Commits the open unit (steps 5–7 of the module docs). A failure under exactly-once
     /// aborts it and rewinds its partitions.
     async fn end_unit(&mut self, order: Option<&mut InputOrder<'_>>) -> Result<()> {
-        let Some(mut unit) = self.unit.take() else { return Ok(()) };
         let s = self.s;
+        if s.consumer.context().generation() != self.generation {
+            // A rebalance since the unit's last batch (seen here first when no records came):
+            // its partitions may have moved.
+            return self.follow_generation(s.consumer.context().generation(), order);
+        }
+        let Some(mut unit) = self.unit.take() else { return Ok(()) };
         let sink = s.sink();
         let committed = async {
             let tpl = offsets_tpl(self.staged.offsets())?;
