@@ -170,6 +170,22 @@ pub fn read_intents(brokers: &str, topic: &str, expected: usize, idle: Duration)
         .collect()
 }
 
+/// Input records the consumer group `group` has committed in `topic` so far: the sum of its
+/// committed offsets (read without joining the group). Under exactly-once, progress that no
+/// crash can take back.
+pub fn committed_records(brokers: &str, group: &str, topic: &str) -> Result<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let clients = KafkaClients::new(brokers);
+    let Some(partitions) = admin::partition_count(&clients, topic)? else { return Ok(0) };
+    let consumer: BaseConsumer = clients.reader_config(group, "read_committed").create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok(committed.elements().iter().filter_map(|e| e.offset().to_raw()).filter(|o| *o > 0).sum())
+}
+
 /// Offsets in use in `topic` so far: the sum of its partitions' high minus low watermarks. An
 /// instant progress probe while an operator runs; under exactly-once it also counts transaction
 /// markers and aborted records, so it is an upper bound of the committed records.

@@ -144,6 +144,29 @@ pub fn wait_for_size(brokers: &str, topic: &str, n: i64, op: &mut Operator, limi
     }
 }
 
+/// Waits until the consumer group `group` has committed at least `n` records of `topic` (see
+/// [`crate::committed_records`]): unlike [`wait_for_size`], records of aborted transactions do
+/// not count. Panics with `op`'s log if `op` exits or after `limit`.
+pub fn wait_for_committed(brokers: &str, group: &str, topic: &str, n: i64, op: &mut Operator, limit: Duration) {
+    let started = Instant::now();
+    while crate::committed_records(brokers, group, topic).unwrap_or(0) < n {
+        if let Some(status) = op.exited() {
+            panic!("the operator exited ({status}) before {n} records of {topic} were committed; log:\n{}", op.log_text());
+        }
+        assert!(started.elapsed() < limit, "{n} records of {topic} not committed in {limit:?}; log:\n{}", op.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until `op` has logged a line containing `line`; panics with its log after `limit`.
+pub fn wait_for_log(op: &Operator, line: &str, limit: Duration) {
+    let started = Instant::now();
+    while !op.log_text().contains(line) {
+        assert!(started.elapsed() < limit, "`{line}` not logged; log:\n{}", op.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A `GET` of `path` on `addr` (the operator's metrics server): the whole HTTP response.
 pub fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};

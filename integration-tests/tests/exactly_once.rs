@@ -59,9 +59,10 @@ fn sigkill_at_random_moments_loses_nothing_doubles_nothing_and_keeps_states_bit_
     let (records, invalid) = with_invalid(&events);
     produce(&sc.brokers, &sc.input, &records).unwrap();
 
-    // One kill in each of six equal stretches of the run, at a random point of it, plus a random
-    // delay so that kills land anywhere in a batch: while scoring, producing, committing the
-    // transaction or writing RocksDB.
+    // One kill in each of six equal stretches of the run, at a random point of it (counted in
+    // committed input records, so every life makes progress of its own), plus a random delay so
+    // that kills land anywhere in a transaction: while scoring, producing, committing it or
+    // writing RocksDB.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2026);
     let n = events.len() as i64;
     let kills: Vec<i64> = (0..6).map(|k| rng.random_range(k * n / 7 + 1..(k + 1) * n / 7)).collect();
@@ -70,7 +71,10 @@ fn sigkill_at_random_moments_loses_nothing_doubles_nothing_and_keeps_states_bit_
     let snapshot = sc.dir.path().join("snapshot");
     for (life, at) in kills.iter().enumerate() {
         let mut op = sc.start(&format!("life{life}"), &args);
-        wait_for_size(&sc.brokers, &sc.output, *at, &mut op, IDLE);
+        // Every life catches up from the changelog first (the sixth after its store was rolled
+        // back), however far the one before it got.
+        wait_for_log(&op, "assigned partitions are up to date with the changelog", IDLE);
+        wait_for_committed(&sc.brokers, &sc.group, &sc.input, *at, &mut op, IDLE);
         std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
         logs.push(op.log_text());
         op.crash().unwrap();
@@ -128,7 +132,9 @@ fn instances_joining_and_dying_share_partitions_and_states_move_with_them() {
     let b = instance("b");
     wait_for_size(&sc.brokers, &sc.output, 15_000, &mut a, IDLE);
     let mut c = instance("c");
-    wait_for_size(&sc.brokers, &sc.output, 45_000, &mut c, IDLE);
+    // The third instance has taken partitions over (and restored them) before the second dies.
+    wait_for_log(&c, "assigned partitions are up to date with the changelog", IDLE);
+    wait_for_committed(&sc.brokers, &sc.group, &sc.input, 45_000, &mut c, IDLE);
     b.crash().unwrap();
     let committed = sc.intents(events.len(), IDLE);
     assert_eq!(committed.len(), events.len(), "log of a:\n{}", a.log_text());

@@ -145,19 +145,11 @@ fn at_least_once_never_applies_an_event_twice_after_a_crash_between_states_and_o
     assert_states_match_offline(&stored_states(&sc.state), &events);
     let fresh = sc.dir.path().join("fresh").display().to_string();
     let op = sc.start("fresh", &sc.run_args(&["--processing-guarantee", "at_least_once", "--state-dir", &fresh]));
-    wait_for_log(&op, "assigned partitions are up to date with the changelog");
+    wait_for_log(&op, "assigned partitions are up to date with the changelog", IDLE);
     let (status, _) = op.terminate().unwrap();
     assert!(status.success());
     assert_states_match_offline(&stored_states(std::path::Path::new(&fresh)), &events);
     eprintln!("fence test: {} intents for {} events; {fenced}", intents.len(), events.len());
-}
-
-fn wait_for_log(op: &Operator, line: &str) {
-    let started = Instant::now();
-    while !op.log_text().contains(line) {
-        assert!(started.elapsed() < IDLE, "`{line}` not logged; log:\n{}", op.log_text());
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Guarantee 3: an unusable state record — undecodable bytes, a key of no known kind, a newer
@@ -251,7 +243,7 @@ fn unusable_state_records_are_quarantined_and_their_users_start_fresh() {
     // A fresh instance restoring the whole changelog ends with the same states.
     let fresh_dir = sc.dir.path().join("fresh").display().to_string();
     let op = sc.start("fresh", &sc.run_args(&["--state-dir", &fresh_dir]));
-    wait_for_log(&op, "assigned partitions are up to date with the changelog");
+    wait_for_log(&op, "assigned partitions are up to date with the changelog", IDLE);
     let (status, log) = op.terminate().unwrap();
     assert!(status.success(), "{log}");
     assert_eq!(stored_states(std::path::Path::new(&fresh_dir)), stored_states(&sc.state));

@@ -2,8 +2,9 @@
 //!
 //! A [`SlotTable`] says which user holds which slot of the model's [`ResidentStates`] slab and
 //! evicts the least recently used user when a new one needs a slot. The slab is a cache, never
-//! the record: every batch still reads each user's state from the [`crate::StateStore`] (for the
-//! session counters and fences), and the durable state is what the batch writes there. A slot
+//! the record: every batch still reads each user's state from the [`crate::StateStore`] (or the
+//! staged writes of the open transaction over it; for the session counters and fences), and the
+//! durable state is what the caller writes there. A slot
 //! is trusted only when its *stamp* — a hash of the hidden vector it was last settled with —
 //! equals the stamp of the vector the store holds now. Anything that changed the stored state
 //! behind the slab (a transaction that aborted after the step, a restore from the changelog, a
@@ -14,7 +15,7 @@
 //! Per batch, then, hidden vectors cross to the device only for users that are new to the slab
 //! or stale; each wave sends the event features and slot numbers and gets the logits back; and
 //! the touched users' vectors come back once at the end of the batch, to be written to the store
-//! with the batch (write-through: eviction never has to write anything).
+//! by the caller (write-through: eviction never has to write anything).
 
 use intentflow_model::{ModelError, ResidentRow, ResidentStates};
 use std::collections::HashMap;

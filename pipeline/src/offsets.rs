@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 /// The next offset the state store reflects per topic-partition, read from the store once per
-/// partition and kept current after each batch. Lookups by `&str` allocate nothing.
+/// partition and kept current after each commit. Lookups by `&str` allocate nothing.
 #[derive(Debug, Default)]
 pub struct AppliedOffsets {
     by_topic: HashMap<String, HashMap<i32, Option<i64>>>,

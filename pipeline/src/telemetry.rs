@@ -193,6 +193,21 @@ pub struct BatchStats {
     pub resident: Option<intentflow_operators::ResidentBatch>,
 }
 
+impl BatchStats {
+    /// Adds `other`'s counts (records, skipped, intents, rejections, resets, waves) to these.
+    pub fn add(&mut self, other: &BatchStats) {
+        self.records += other.records;
+        self.skipped += other.skipped;
+        self.intents += other.intents;
+        for (kind, n) in &other.invalid {
+            *self.invalid.entry(kind).or_default() += n;
+        }
+        self.state_resets += other.state_resets;
+        self.foreign_states += other.foreign_states;
+        self.waves += other.waves;
+    }
+}
+
 /// Metric handles registered once and updated per batch.
 pub struct BatchMetrics {
     records_in: Counter,
@@ -257,19 +272,8 @@ impl BatchMetrics {
     }
 
     /// Records one batch.
-    pub fn emit(&self, stats: &BatchStats, health: &Health) {
+    pub fn emit_batch(&self, stats: &BatchStats, health: &Health) {
         self.records_in.increment(stats.records);
-        self.skipped.increment(stats.skipped);
-        self.intents_out.increment(stats.intents);
-        let mut invalid = 0;
-        for (kind, n) in &stats.invalid {
-            invalid += n;
-            if let Some(c) = self.invalid.get(kind) {
-                c.increment(*n);
-            }
-        }
-        self.state_resets.increment(stats.state_resets);
-        self.foreign_states.increment(stats.foreign_states);
         self.batches.increment(1);
         self.batch_seconds.record(stats.seconds);
         self.batch_records.record(stats.records as f64);
@@ -281,9 +285,26 @@ impl BatchMetrics {
             self.gpu_fallback_batches.increment(u64::from(!r.on_device));
         }
         health.records_in.fetch_add(stats.records, Ordering::Relaxed);
+        health.last_batch_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+    }
+
+    /// Records the outcomes of a committed unit's batches (`stats` summed with
+    /// [`BatchStats::add`]): intents produced and acknowledged, records rejected, skipped and
+    /// states reset. An aborted unit's batches are processed again and counted then.
+    pub fn emit_committed(&self, stats: &BatchStats, health: &Health) {
+        self.skipped.increment(stats.skipped);
+        self.intents_out.increment(stats.intents);
+        let mut invalid = 0;
+        for (kind, n) in &stats.invalid {
+            invalid += n;
+            if let Some(c) = self.invalid.get(kind) {
+                c.increment(*n);
+            }
+        }
+        self.state_resets.increment(stats.state_resets);
+        self.foreign_states.increment(stats.foreign_states);
         health.intents_out.fetch_add(stats.intents, Ordering::Relaxed);
         health.invalid.fetch_add(invalid, Ordering::Relaxed);
-        health.last_batch_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
     }
 }
 

@@ -1,10 +1,11 @@
 //! The state changelog: how user states and input offsets are written to, and read back from, a
 //! compacted Kafka topic, and the recovery decision for a partition's local store.
 //!
-//! The changelog has one partition per input partition. Each committed batch writes, to the
-//! changelog partition of every input partition it read:
+//! The changelog has one partition per input partition. Each committed unit of batches (one
+//! commit interval) writes, to the changelog partition of every input partition it read:
 //!
-//! * `u` + user id → the user's [`UserState`](crate::UserState) encoding, latest per batch;
+//! * `u` + user id → the user's [`UserState`](crate::UserState) encoding, latest per batch
+//!   (under at-least-once, latest per unit);
 //! * `o` + input topic → the next input offset of that topic-partition (8 bytes, little-endian).
 //!
 //! Compaction keeps the latest value per key, so the changelog partition always holds a full
@@ -13,9 +14,11 @@
 //!
 //! ## Invariants
 //!
-//! 1. Under exactly-once, a batch's intents, changelog records and consumer offsets are one
-//!    Kafka transaction; the local store is written only after that transaction committed,
-//!    with the changelog offset it now reflects ([`StateStore::commit`](crate::StateStore::commit)).
+//! 1. Under exactly-once, the intents, changelog records and consumer offsets of a commit
+//!    interval's batches are one Kafka transaction; the local store is written only after that
+//!    transaction committed, with the changelog offset it now reflects
+//!    ([`StateStore::commit_staged`](crate::StateStore::commit_staged)); until then its batches
+//!    read each other's states from a [`Staged`](crate::Staged) overlay.
 //!    So the local store is always a prefix of the committed changelog: never ahead of it.
 //! 2. A partition's local store plus the committed changelog records after its recorded
 //!    changelog offset equals the committed changelog, which equals the committed input

@@ -159,11 +159,12 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum ProcessingGuarantee {
-    /// Each batch's intents, dead letters, changelog records and input offsets are one Kafka
-    /// transaction: read with `read_committed`, every valid input has exactly one intent.
+    /// The intents, dead letters, changelog records and input offsets of each commit interval
+    /// are one Kafka transaction: read with `read_committed`, every valid input has exactly one
+    /// intent.
     #[value(name = "exactly_once")]
     ExactlyOnce,
-    /// No transactions: after a crash the last batch's outputs may repeat (with equal scores);
+    /// No transactions: after a crash the outputs since the last commit may repeat (with equal scores);
     /// states still apply every event once.
     #[value(name = "at_least_once")]
     AtLeastOnce,

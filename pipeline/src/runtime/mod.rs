@@ -82,11 +82,14 @@ use tokio::sync::watch;
 
 /// Consecutive aborted transactions after which the operator stops.
 const MAX_ABORTS_IN_A_ROW: u32 = 10;
+/// Staged states (keys and values) at which a unit commits before its interval is over, which
+/// bounds the memory of an open transaction whatever the interval and the rate.
+const MAX_STAGED_BYTES: usize = 64 << 20;
 
 /// Totals of a run, returned when it stops.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RunSummary {
-    /// Records consumed.
+    /// Records consumed (counted when their unit committed, as are the others).
     pub records: u64,
     /// Intents produced and acknowledged.
     pub intents: u64,
@@ -96,7 +99,8 @@ pub struct RunSummary {
     pub skipped: u64,
     /// Batches processed.
     pub batches: u64,
-    /// Transactions aborted (their batches were processed again).
+    /// Transactions aborted (after a failure or at a rebalance; their batches were processed
+    /// again).
     pub aborted: u64,
 }
 
@@ -179,6 +183,8 @@ struct Unit<'s> {
     began: Instant,
     /// Batches processed into it.
     batches: u64,
+    /// What its batches did, counted when it commits.
+    outcome: BatchStats,
 }
 
 impl<'s> BatchLoop<'s> {
@@ -202,6 +208,21 @@ impl<'s> BatchLoop<'s> {
     }
 
     async fn run(mut self, shutdown: &mut watch::Receiver<bool>, restores: &mut tokio::sync::mpsc::UnboundedReceiver<RestoreDone>) -> Result<RunSummary> {
+        match self.batches(shutdown, restores).await {
+            Ok(()) => Ok(self.summary),
+            Err(e) => {
+                // Abort an open transaction now rather than leave it to block `read_committed`
+                // readers and the next owner's restore until the broker times it out.
+                if let Err(abort) = self.abandon_unit("an error that stops the operator") {
+                    tracing::warn!(error = format!("{abort:#}"), "could not abort the open transaction; the broker aborts it after transaction_timeout_ms");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The loop itself; returns on shutdown or on the first error.
+    async fn batches(&mut self, shutdown: &mut watch::Receiver<bool>, restores: &mut tokio::sync::mpsc::UnboundedReceiver<RestoreDone>) -> Result<()> {
         let s = self.s;
         let cfg = &s.cfg;
         let consumer = &s.consumer;
@@ -258,7 +279,7 @@ impl<'s> BatchLoop<'s> {
             if !batch.is_empty() {
                 self.process(&batch, order.as_mut()).await?;
             }
-            if self.unit.as_ref().is_some_and(|u| u.began.elapsed() >= self.interval) {
+            if self.unit.as_ref().is_some_and(|u| u.began.elapsed() >= self.interval) || self.staged.bytes() >= MAX_STAGED_BYTES {
                 self.end_unit(order.as_mut()).await?;
             }
         }
@@ -267,8 +288,7 @@ impl<'s> BatchLoop<'s> {
         if self.unit.is_some() {
             self.end_unit(order.as_mut()).await?;
         }
-        self.finish()?;
-        Ok(self.summary)
+        self.finish()
     }
 
     /// Forgets what belongs to an earlier assignment when a rebalance happened since the loop's
@@ -443,12 +463,8 @@ impl<'s> BatchLoop<'s> {
         stats.waves = out.waves as u64;
         stats.resident = out.resident;
         stats.seconds = started.elapsed().as_secs_f64();
-        self.metrics.emit(&stats, self.health);
-        self.summary.records += stats.records;
-        self.summary.intents += stats.intents;
-        self.summary.skipped += stats.skipped;
-        self.summary.invalid += stats.invalid.values().sum::<u64>();
-        self.summary.batches += 1;
+        self.metrics.emit_batch(&stats, self.health);
+        self.unit.as_mut().expect("begun above").outcome.add(&stats);
         tracing::debug!(records = stats.records, intents = stats.intents, waves = stats.waves, seconds = stats.seconds, "batch done");
         Ok(())
     }
@@ -463,7 +479,7 @@ impl<'s> BatchLoop<'s> {
             None
         };
         sink.begin()?;
-        Ok(Unit { window: DeliveryWindow::new(&self.s.producer, sink::WINDOW), group, first: BTreeMap::new(), tombstones: BTreeMap::new(), began: Instant::now(), batches: 0 })
+        Ok(Unit { window: DeliveryWindow::new(&self.s.producer, sink::WINDOW), group, first: BTreeMap::new(), tombstones: BTreeMap::new(), began: Instant::now(), batches: 0, outcome: BatchStats::default() })
     }
 
     /// Commits the open unit (steps 5–7 of the module docs). A failure under exactly-once
@@ -524,6 +540,13 @@ impl<'s> BatchLoop<'s> {
             }
         }
         self.metrics.unit_committed(unit.batches, unit.began.elapsed().as_secs_f64());
+        self.metrics.emit_committed(&unit.outcome, self.health);
+        let o = &unit.outcome;
+        self.summary.records += o.records;
+        self.summary.intents += o.intents;
+        self.summary.skipped += o.skipped;
+        self.summary.invalid += o.invalid.values().sum::<u64>();
+        self.summary.batches += unit.batches;
         Ok(())
     }
 
@@ -539,7 +562,6 @@ impl<'s> BatchLoop<'s> {
         let first = self.unit.as_ref().map(|u| u.first.clone()).unwrap_or_default();
         self.abandon_unit("a failed delivery or transaction call")?;
         rewind(&self.s.consumer, first, batch, order);
-        self.summary.aborted += 1;
         self.aborts_in_a_row += 1;
         if self.aborts_in_a_row >= MAX_ABORTS_IN_A_ROW {
             bail!("{} transactions in a row failed; last error: {e:#}", self.aborts_in_a_row);
@@ -555,6 +577,7 @@ impl<'s> BatchLoop<'s> {
             tracing::info!(batches = unit.batches, "aborting the open transaction after {why}");
             self.s.sink().abort()?;
             metrics::counter!("intentflow_transactions_aborted_total").increment(1);
+            self.summary.aborted += 1;
         }
         for (p, t) in unit.tombstones {
             self.tombstones.entry(p).or_insert(t);
