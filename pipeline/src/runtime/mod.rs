@@ -19,7 +19,7 @@
 //!    the states and next offsets.
 //!
 //! When the interval has passed since the unit began (checked after each batch, and by a timer
-//! when no records come), the unit commits:
+//! when no records come), or once [`MAX_STAGED_BYTES`] of states are staged, the unit commits:
 //!
 //! 5. at-least-once: await the intents, then send each staged user's latest state to the
 //!    changelog; then (both guarantees) the next input offsets to the changelog, await every
