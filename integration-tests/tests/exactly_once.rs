@@ -68,6 +68,8 @@ fn sigkill_at_random_moments_loses_nothing_doubles_nothing_and_keeps_states_bit_
     let kills: Vec<i64> = (0..6).map(|k| rng.random_range(k * n / 7 + 1..(k + 1) * n / 7)).collect();
     let args = sc.run_args(&["--max-batch-records", "1000"]);
     let mut logs = Vec::new();
+    // Per life: committed input records when it was up to date, and what it waited for.
+    let mut progress = Vec::new();
     let snapshot = sc.dir.path().join("snapshot");
     for (life, at) in kills.iter().enumerate() {
         let mut op = sc.start(&format!("life{life}"), &args);
@@ -78,6 +80,7 @@ fn sigkill_at_random_moments_loses_nothing_doubles_nothing_and_keeps_states_bit_
         let before = committed_records(&sc.brokers, &sc.group, &sc.input).unwrap();
         let target = (*at).max((before + 2_000).min(records.len() as i64));
         wait_for_committed(&sc.brokers, &sc.group, &sc.input, target, &mut op, IDLE);
+        progress.push((before, target));
         std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
         logs.push(op.log_text());
         op.crash().unwrap();
@@ -109,7 +112,12 @@ fn sigkill_at_random_moments_loses_nothing_doubles_nothing_and_keeps_states_bit_
         assert!(!log.contains("rebuilding the partition's local state"), "life {life} wiped its store:\n{log}");
     }
     let restored: Vec<u64> = logs.iter().map(|l| restored_records(l)).collect();
-    assert!(restored[5] > 0, "the start after the store was rolled back did not catch up: {restored:?}");
+    let restore_lines: Vec<&str> = logs.iter().flat_map(|l| l.lines().filter(|l| l.contains("restored from the changelog") || l.contains("restor"))).collect();
+    assert!(
+        restored[5] > 0,
+        "the start after the store was rolled back did not catch up: {restored:?}; committed before/target per life: {progress:?}; restore lines:\n{}",
+        restore_lines.join("\n")
+    );
     eprintln!(
         "crash test: {} kills survived; {} intents for {} valid events, {} dead letters for {} invalid; changelog records applied per start: {restored:?}",
         kills.len(),
