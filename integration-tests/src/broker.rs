@@ -177,7 +177,8 @@ pub fn committed_records(brokers: &str, group: &str, topic: &str) -> Result<i64>
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let clients = KafkaClients::new(brokers);
     let Some(partitions) = admin::partition_count(&clients, topic)? else { return Ok(0) };
-    let consumer: BaseConsumer = clients.reader_config(group, "read_committed").create()?;
+    // read_uncommitted: the offsets committed so far, without waiting for an open transaction's.
+    let consumer: BaseConsumer = clients.reader_config(group, "read_uncommitted").create()?;
     let mut tpl = rdkafka::TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition(topic, p);
