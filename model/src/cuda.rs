@@ -15,7 +15,7 @@
 //! `intentflow-gpu` binary on a GPU machine).
 
 use crate::kernel::FusedGru;
-use crate::resident::{check_rows, ResidentRow, ResidentStates, SlotCheck};
+use crate::resident::{check_rows, out_of_range, ResidentRow, ResidentStates, SlotCheck};
 use crate::{ModelError, FEATURE_DIM};
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg};
 use candle_core::Device;
@@ -339,10 +339,6 @@ fn pack(rows: &[ResidentRow], words: &mut [u32], capacity: usize) -> Option<u32>
 }
 
 /// The error of a slot out of range.
-fn out_of_range(slot: u32, capacity: usize) -> ModelError {
-    ModelError::Invalid(format!("slot {slot} out of range: the slab holds {capacity}"))
-}
-
 /// Where the time of one step goes, each phase waited for before the next starts.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepProfile {

@@ -71,6 +71,11 @@ pub(crate) struct SlotCheck {
     call: u32,
 }
 
+/// The error for a slot beyond a slab of `capacity`.
+pub(crate) fn out_of_range(slot: u32, capacity: usize) -> ModelError {
+    ModelError::Invalid(format!("slot {slot} out of range: the slab holds {capacity}"))
+}
+
 impl SlotCheck {
     /// Checks that every slot is below `capacity` and, when `unique`, appears once.
     pub(crate) fn check(&mut self, slots: impl Iterator<Item = u32>, capacity: usize, unique: bool) -> Result<(), ModelError> {
@@ -84,7 +89,7 @@ impl SlotCheck {
         for slot in slots {
             let s = slot as usize;
             if s >= capacity {
-                return Err(ModelError::Invalid(format!("slot {slot} out of range: the slab holds {capacity}")));
+                return Err(out_of_range(slot, capacity));
             }
             if unique {
                 if self.marks[s] == self.call {

@@ -19,6 +19,7 @@
 
 use intentflow_model::{ModelError, ResidentRow, ResidentStates};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// No slot: the end of the recency list.
 const NIL: u32 = u32::MAX;
@@ -42,7 +43,7 @@ pub struct Admitted {
 
 #[derive(Debug)]
 struct Entry {
-    key: Option<Box<[u8]>>,
+    key: Option<Arc<[u8]>>,
     /// Hash of the vector the slot holds, if known.
     stamp: Option<u64>,
     /// Last batch that admitted it: such entries are not evicted within that batch.
@@ -54,7 +55,7 @@ struct Entry {
 /// Which key holds which of `capacity` slots, least recently used out first.
 #[derive(Debug)]
 pub struct SlotTable {
-    index: HashMap<Box<[u8]>, u32>,
+    index: HashMap<Arc<[u8]>, u32>,
     entries: Vec<Entry>,
     /// Most recently admitted.
     newest: u32,
@@ -133,13 +134,14 @@ impl SlotTable {
                 }
                 self.unlink(slot);
                 if let Some(old) = self.entries[slot as usize].key.take() {
-                    self.index.remove(&old);
+                    self.index.remove(&*old);
                 }
                 self.evictions += 1;
                 slot
             }
         };
-        let owned: Box<[u8]> = key.into();
+        // One allocation, shared by the index and the entry.
+        let owned: Arc<[u8]> = key.into();
         self.index.insert(owned.clone(), slot);
         let batch = self.batch;
         let entry = &mut self.entries[slot as usize];

@@ -135,13 +135,9 @@ impl BatchOutput {
         json(out, &scored.session_events);
         out.extend_from_slice(b",\"model_version\":");
         json(out, self.model_version.as_str());
-        out.extend_from_slice(b",\"source\":{\"topic\":");
-        json(out, pe.source.topic.as_str());
-        out.extend_from_slice(b",\"partition\":");
-        json(out, &pe.source.partition);
-        out.extend_from_slice(b",\"offset\":");
-        json(out, &pe.source.offset);
-        out.extend_from_slice(b"},\"emitted_at\":");
+        out.extend_from_slice(b",\"source\":");
+        json(out, &pe.source);
+        out.extend_from_slice(b",\"emitted_at\":");
         match &self.emitted_at {
             Some(at) => json(out, at.as_str()),
             None => {
@@ -218,6 +214,21 @@ impl IntentOperator {
                 self.with_resident_states(slab)
             }
         })
+    }
+
+    /// [`IntentOperator::with_resident_slots`] when the model steps on a GPU; on the CPU the
+    /// operator stays stateless (a slab in host memory would only add copies). What `run`,
+    /// `replay` and `bench` call with their `gpu_resident_users`.
+    ///
+    /// # Errors
+    ///
+    /// When the GPU cannot hold the slab.
+    pub fn with_gpu_resident_slots(self, slots: usize) -> Result<IntentOperator, OperatorError> {
+        if self.model.device().is_cuda() {
+            self.with_resident_slots(slots)
+        } else {
+            Ok(self)
+        }
     }
 
     /// Keeps users' hidden states resident in `slab` (one of the model's

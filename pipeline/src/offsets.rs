@@ -49,13 +49,23 @@ pub fn already_applied(offset: i64, stored_next: Option<i64>) -> bool {
 /// The next offset to consume per topic-partition after a batch: one past the highest offset
 /// seen, whatever became of the record (scored, rejected or skipped).
 pub fn next_offsets<'a>(records: impl IntoIterator<Item = (&'a str, i32, i64)>) -> BTreeMap<(String, i32), i64> {
-    // Keyed by the borrowed name while counting: a name is allocated per partition, not per record.
-    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    per_partition(records.into_iter().map(|(t, p, o)| (t, p, o + 1)), i64::max)
+}
+
+/// The first offset per topic-partition of `records`: where an aborted transaction that read
+/// them rewinds to.
+pub fn first_offsets<'a>(records: impl IntoIterator<Item = (&'a str, i32, i64)>) -> BTreeMap<(String, i32), i64> {
+    per_partition(records, i64::min)
+}
+
+/// Folds offsets per topic-partition with `keep`.
+fn per_partition<'a>(records: impl IntoIterator<Item = (&'a str, i32, i64)>, keep: fn(i64, i64) -> i64) -> BTreeMap<(String, i32), i64> {
+    // Keyed by the borrowed name while folding: a name is allocated per partition, not per record.
+    let mut folded: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     for (topic, partition, offset) in records {
-        let slot = next.entry((topic, partition)).or_insert(offset + 1);
-        *slot = (*slot).max(offset + 1);
+        folded.entry((topic, partition)).and_modify(|o| *o = keep(*o, offset)).or_insert(offset);
     }
-    next.into_iter().map(|((t, p), o)| ((t.to_string(), p), o)).collect()
+    folded.into_iter().map(|((t, p), o)| ((t.to_string(), p), o)).collect()
 }
 
 /// How many offsets were lost to retention when a partition that should resume at `expected`

@@ -190,18 +190,15 @@ impl UserState {
     /// Encodes this state: version [`STATE_ENCODING_VERSION`] when the hidden vector goes in
     /// f16, else the same bytes as version 3.
     pub fn encode(&self) -> Vec<u8> {
-        let s = &self.session;
-        // f16 only when it gives back every value's exact bits, and not for an all-zero vector
-        // (any model's fresh state: written as version 3, which older builds read).
-        let half = self.hidden.iter().any(|v| *v != 0.0) && self.hidden.iter().all(|v| half::f16::from_f32(*v).to_f32().to_bits() == v.to_bits());
-        if half {
-            return self.encode_compact();
+        if let Some(compact) = self.encode_compact() {
+            return compact;
         }
+        let s = &self.session;
         let mut out = Vec::with_capacity(64 + self.hidden.len() * 4 + self.model_version.len());
         // Without f16 the record is what version 3 wrote: builds from before version 4 still
         // read it (a rolled-back binary keeps its states).
         out.push(3);
-        out.push(u8::from(s.purchased) | (u8::from(s.session_id.is_some()) << 1) | (u8::from(s.last_item.is_some()) << 2));
+        out.push(self.base_flags());
         out.extend_from_slice(&s.session_seq.to_le_bytes());
         out.extend_from_slice(&s.events.to_le_bytes());
         out.extend_from_slice(&s.cart_count.to_le_bytes());
@@ -230,13 +227,21 @@ impl UserState {
         out
     }
 
-    /// Version 4: the hidden vector in f16, counters and times as varints.
-    fn encode_compact(&self) -> Vec<u8> {
+    /// The flags both versions begin with: purchased, session id present, last item present.
+    fn base_flags(&self) -> u8 {
+        let s = &self.session;
+        u8::from(s.purchased) | (u8::from(s.session_id.is_some()) << 1) | (u8::from(s.last_item.is_some()) << 2)
+    }
+
+    /// Version 4: the hidden vector in f16, counters and times as varints. `None` unless f16
+    /// gives back every value's exact bits, and for an all-zero vector (any model's fresh state,
+    /// written as version 3, which older builds read); each value is converted once.
+    fn encode_compact(&self) -> Option<Vec<u8>> {
         let s = &self.session;
         let mut out = Vec::with_capacity(32 + self.hidden.len() * 2 + self.model_version.len());
         out.push(STATE_ENCODING_VERSION);
         let cart_value = s.cart_value.to_bits() != 0;
-        out.push(u8::from(s.purchased) | (u8::from(s.session_id.is_some()) << 1) | (u8::from(s.last_item.is_some()) << 2) | (1 << 3) | (u8::from(cart_value) << 4));
+        out.push(self.base_flags() | (1 << 3) | (u8::from(cart_value) << 4));
         put_varint(&mut out, u64::from(s.session_seq));
         put_varint(&mut out, u64::from(s.events));
         put_varint(&mut out, u64::from(s.cart_count));
@@ -254,8 +259,17 @@ impl UserState {
         }
         put_varint_str(&mut out, &self.model_version);
         put_varint(&mut out, self.hidden.len() as u64);
+        let mut nonzero = false;
         for h in &self.hidden {
-            out.extend_from_slice(&half::f16::from_f32(*h).to_le_bytes());
+            let half = half::f16::from_f32(*h);
+            if half.to_f32().to_bits() != h.to_bits() {
+                return None;
+            }
+            nonzero |= *h != 0.0;
+            out.extend_from_slice(&half.to_le_bytes());
+        }
+        if !nonzero {
+            return None;
         }
         let fences = &self.fences[..self.fences.len().min(u8::MAX as usize)];
         out.push(fences.len() as u8);
@@ -263,7 +277,7 @@ impl UserState {
             out.extend_from_slice(&f.topic.to_le_bytes());
             put_zigzag(&mut out, f.next);
         }
-        out
+        Some(out)
     }
 
     /// Reads version 4 after its version byte.
@@ -380,7 +394,6 @@ mod tests {
             // Half the cases hold f16 values (what a model with f16 states stores).
             let hidden: Vec<f32> = if in_f16 { hidden.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect() } else { hidden };
             let exact = hidden.iter().any(|v| *v != 0.0) && hidden.iter().all(|v| half::f16::from_f32(*v).to_f32().to_bits() == v.to_bits());
-            let n = hidden.len();
             let state = UserState {
                 session: SessionState { session_id: sid, session_seq: seq, events, cart_count: cart, cart_value: value,
                     started_ms: started, last_ts_ms: last, purchased, total_events: total, last_item },
@@ -392,7 +405,6 @@ mod tests {
             // The compact version 4 exactly when f16 keeps every value's bits.
             prop_assert_eq!(bytes[0], if exact { 4 } else { 3 });
             prop_assert_eq!(UserState::decode(&bytes).unwrap(), state);
-            let _ = n;
         }
 
         #[test]

@@ -8,7 +8,7 @@
 //! store); a commit writes the overlay with [`StateStore::commit_staged`] in one atomic batch;
 //! an abort drops it.
 
-use crate::store::{user_key, Loaded};
+use crate::store::{user_key_into, Loaded};
 use crate::{StateError, StateStore};
 use foldhash::fast::RandomState;
 use std::collections::{BTreeMap, HashMap};
@@ -40,33 +40,31 @@ pub struct Staged {
     bytes: usize,
     offsets: BTreeMap<(String, i32), i64>,
     changelog: BTreeMap<i32, i64>,
+    /// Scratch for the store key of the user being staged.
+    key: Vec<u8>,
 }
 
 impl Staged {
-    /// Stages a user's encoded state; a later state of the same user replaces it.
-    pub fn put_user(&mut self, partition: i32, user: &str, state: &[u8]) {
-        let key = user_key(partition, user);
-        match self.users.get_mut(&key) {
+    /// Stages a user's encoded state; a later state of the same user replaces it. A user
+    /// staged before costs no allocation.
+    pub fn put_user(&mut self, partition: i32, user: &str, state: Vec<u8>) {
+        user_key_into(partition, user, &mut self.key);
+        match self.users.get_mut(self.key.as_slice()) {
             Some(v) => {
                 self.bytes = self.bytes - v.len() + state.len();
-                v.clear();
-                v.extend_from_slice(state);
+                *v = state;
             }
             None => {
-                self.bytes += key.len() + state.len();
-                self.users.insert(key, state.to_vec());
+                self.bytes += self.key.len() + state.len();
+                self.users.insert(self.key.clone(), state);
             }
         }
     }
 
     /// Stages the next input offset of a topic-partition (the highest staged wins).
-    pub fn put_offset(&mut self, topic: &str, partition: i32, next: i64) {
-        match self.offsets.get_mut(&(topic.to_string(), partition)) {
-            Some(o) => *o = (*o).max(next),
-            None => {
-                self.offsets.insert((topic.to_string(), partition), next);
-            }
-        }
+    pub fn put_offset(&mut self, topic: String, partition: i32, next: i64) {
+        let o = self.offsets.entry((topic, partition)).or_insert(next);
+        *o = (*o).max(next);
     }
 
     /// Stages the next changelog offset of a partition (the highest staged wins).
@@ -131,7 +129,7 @@ impl StateRead for StagedView<'_> {
         let mut found: Vec<Option<Loaded>> = Vec::with_capacity(keys.len());
         let mut misses = Vec::new();
         for &(partition, user) in &keys {
-            crate::store::user_key_into(partition, user, &mut key);
+            user_key_into(partition, user, &mut key);
             match self.staged.users.get(&key) {
                 Some(bytes) => found.push(Some(crate::store::decoded(bytes))),
                 None => {
@@ -183,11 +181,11 @@ mod tests {
         let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
         store.commit([(0, "a", &state(1)), (1, "b", &state(2))], [("in", 0, 10)], [(0, 5)]).unwrap();
         let mut staged = Staged::default();
-        staged.put_user(0, "a", &state(7).encode());
-        staged.put_user(0, "a", &state(8).encode());
-        staged.put_user(0, "c", &state(3).encode());
-        staged.put_offset("in", 0, 12);
-        staged.put_offset("in", 0, 11);
+        staged.put_user(0, "a", state(7).encode());
+        staged.put_user(0, "a", state(8).encode());
+        staged.put_user(0, "c", state(3).encode());
+        staged.put_offset("in".into(), 0, 12);
+        staged.put_offset("in".into(), 0, 11);
         staged.put_changelog(0, 9);
         assert_eq!(staged.users(), 2);
         let view = StagedView { store: &store, staged: &staged };
@@ -203,7 +201,7 @@ mod tests {
 
         staged.clear();
         assert!(staged.is_empty());
-        staged.put_user(1, "b", &state(40).encode());
+        staged.put_user(1, "b", state(40).encode());
         let view = StagedView { store: &store, staged: &staged };
         assert_eq!(events(view.get_many(keys).unwrap()), [Some(8), Some(40), Some(3), None, Some(8)]);
         staged.clear();

@@ -225,10 +225,7 @@ pub async fn replay(job: &ReplayJob) -> Result<ReplaySummary> {
     };
     // A file row's position is no Kafka offset, and file names repeat across directories: no
     // fences from files.
-    let mut operator = IntentOperator::new(model).with_fencing(source == ReplaySource::Topics);
-    if job.device == DeviceKind::Cuda {
-        operator = operator.with_resident_slots(crate::config::DEFAULT_GPU_RESIDENT_USERS)?;
-    }
+    let operator = IntentOperator::new(model).with_fencing(source == ReplaySource::Topics).with_gpu_resident_slots(crate::config::DEFAULT_GPU_RESIDENT_USERS)?;
     let store = dir.open_store(StoreOptions::bulk())?;
     StateDir::adopt_model(&store, operator.model().version(), ModelPolicy::Refuse)?;
 

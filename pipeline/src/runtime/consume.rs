@@ -8,7 +8,7 @@ use crate::config::OffsetReset;
 use anyhow::{bail, Result};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
-use rdkafka::{Message, Offset};
+use rdkafka::Offset;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -36,12 +36,12 @@ pub(super) fn collect<'c>(
     Ok(())
 }
 
-/// Moves each partition of an aborted transaction (whose first offsets are `first`), of the batch
-/// in hand and of the records buffered behind it back to its first record, and forgets the
-/// buffered ones: everything is read again.
-pub(super) fn rewind(consumer: &StreamConsumer<RebalanceContext>, mut first: BTreeMap<(String, i32), i64>, batch: &[BorrowedMessage<'_>], order: Option<&mut InputOrder<'_>>) {
+/// Moves each partition of an aborted transaction (whose first offsets, the batch in hand's
+/// included, are `first`) and of the records buffered behind it back to its first record, and
+/// forgets the buffered ones: everything is read again.
+pub(super) fn rewind(consumer: &StreamConsumer<RebalanceContext>, mut first: BTreeMap<(String, i32), i64>, order: Option<&mut InputOrder<'_>>) {
     let buffered = order.map(InputOrder::clear).unwrap_or_default();
-    for (topic, partition, offset) in batch.iter().map(|m| (m.topic().to_string(), m.partition(), m.offset())).chain(buffered) {
+    for (topic, partition, offset) in buffered {
         let slot = first.entry((topic, partition)).or_insert(offset);
         *slot = (*slot).min(offset);
     }

@@ -431,9 +431,8 @@ impl<'s> BatchLoop<'s> {
         }
         let unit = self.unit.as_mut().expect("begun above");
         unit.batches += 1;
-        for m in batch {
-            let first = unit.first.entry((m.topic().to_string(), m.partition())).or_insert(m.offset());
-            *first = (*first).min(m.offset());
+        for (partition, offset) in offsets::first_offsets(batch.iter().map(|m| (m.topic(), m.partition(), m.offset()))) {
+            unit.first.entry(partition).and_modify(|o| *o = (*o).min(offset)).or_insert(offset);
         }
         let sink = s.sink();
         // Inside a transaction order does not matter: the states go now, while the next batch
@@ -446,14 +445,14 @@ impl<'s> BatchLoop<'s> {
         }
         unit.tombstones.extend(tombstones);
         if let Err(e) = sent {
-            self.failed_unit(e, batch, order)?;
+            self.failed_unit(e, order)?;
             return Ok(());
         }
-        for ((p, u, _), bytes) in out.states.iter().zip(&states) {
+        for ((p, u, _), bytes) in out.states.iter().zip(states) {
             self.staged.put_user(*p, u, bytes);
         }
-        for ((t, p), o) in &next {
-            self.staged.put_offset(t, *p, *o);
+        for ((t, p), o) in next {
+            self.staged.put_offset(t, p, o);
         }
 
         stats.skipped += out.already_applied as u64;
@@ -517,7 +516,7 @@ impl<'s> BatchLoop<'s> {
             Ok(tpl) => tpl,
             Err(e) if sink.exactly_once => {
                 self.unit = Some(unit);
-                return self.failed_unit(e, &[], order);
+                return self.failed_unit(e, order);
             }
             Err(e) => return Err(e),
         };
@@ -551,17 +550,17 @@ impl<'s> BatchLoop<'s> {
     }
 
     /// A delivery or transaction call of the open unit failed. Under exactly-once nothing of the
-    /// unit is visible and the store is untouched: abort it, rewind its partitions (and those of
-    /// `batch`, the batch in hand) and process them again. Under at-least-once the operator
+    /// unit is visible and the store is untouched: abort it, rewind its partitions (the batch in
+    /// hand is already among them) and process them again. Under at-least-once the operator
     /// stops; a restart re-reads from the committed offsets.
-    fn failed_unit(&mut self, e: anyhow::Error, batch: &[BorrowedMessage<'_>], order: Option<&mut InputOrder<'_>>) -> Result<()> {
+    fn failed_unit(&mut self, e: anyhow::Error, order: Option<&mut InputOrder<'_>>) -> Result<()> {
         if !self.s.sink().exactly_once {
             return Err(e);
         }
         tracing::warn!(error = format!("{e:#}"), "transaction failed; aborting it and processing its batches again");
         let first = self.unit.as_ref().map(|u| u.first.clone()).unwrap_or_default();
         self.abandon_unit("a failed delivery or transaction call")?;
-        rewind(&self.s.consumer, first, batch, order);
+        rewind(&self.s.consumer, first, order);
         self.aborts_in_a_row += 1;
         if self.aborts_in_a_row >= MAX_ABORTS_IN_A_ROW {
             bail!("{} transactions in a row failed; last error: {e:#}", self.aborts_in_a_row);

@@ -20,7 +20,7 @@ use crate::kafka::{admin, KafkaClients};
 use crate::state_dir::StateDir;
 use crate::telemetry::Health;
 use anyhow::{bail, Context, Result};
-use intentflow_model::{DeviceKind, IntentModel};
+use intentflow_model::IntentModel;
 use intentflow_operators::IntentOperator;
 use intentflow_state::changelog::ModelPolicy;
 use intentflow_state::{StateStore, StoreOptions};
@@ -77,10 +77,7 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
     let model = IntentModel::load(&cfg.model_dir, &device)?;
     tracing::info!(version = model.version(), hidden = model.hidden_dim(), device = ?cfg.device, "model loaded");
     let policy = ModelPolicy::from_reset_flag(cfg.reset_state_on_model_change);
-    let mut operator = IntentOperator::new(model).with_model_policy(policy);
-    if cfg.device == DeviceKind::Cuda {
-        operator = operator.with_resident_slots(cfg.gpu_resident_users)?;
-    }
+    let operator = IntentOperator::new(model).with_model_policy(policy).with_gpu_resident_slots(cfg.gpu_resident_users)?;
     let store = Arc::new(dir.open_store(StoreOptions::with_cache_budget(cfg.state_cache_mib << 20))?);
     StateDir::adopt_model(&store, operator.model().version(), policy)?;
 

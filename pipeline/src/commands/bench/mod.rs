@@ -243,10 +243,7 @@ impl Clock {
 fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate: Option<f64>) -> Result<RunResult> {
     reset_peak_rss();
     let store = StateStore::open(dir, StoreOptions::with_cache_budget((args.state_cache_mib as usize) << 20))?;
-    let mut operator = IntentOperator::new(model.clone());
-    if args.device == DeviceKind::Cuda {
-        operator = operator.with_resident_slots(args.gpu_resident_users)?;
-    }
+    let operator = IntentOperator::new(model.clone()).with_gpu_resident_slots(args.gpu_resident_users)?;
     let decoder = EventDecoder::default();
     let synth = Synth { seed: args.seed, users: args.users };
     let mut seen = Seen::new(args.users);
