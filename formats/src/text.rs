@@ -7,11 +7,12 @@
 //!
 //! * **REES46** (`event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session`):
 //!   `event_time` `2019-10-01 00:00:00 UTC` → `ts`; `view`/`cart`/`remove_from_cart`/`purchase`
-//!   → `type`; `product_id` → `item_id`; `category_code` (or `category_id` when empty) →
-//!   `category`; `price`; `user_id`; `user_session` → `session_id`.
+//!   → `type`; `product_id` → `item_id`; `category_code` → `category` (the path, absent when
+//!   empty); `category_id`; `brand` (absent when empty); `price`; `user_id`; `user_session` →
+//!   `session_id`.
 //! * **Taobao UserBehavior** (no header: `user_id,item_id,category_id,behavior_type,timestamp`):
-//!   `pv`/`cart`/`fav`/`buy` → `view`/`add_to_cart`/`wishlist`/`purchase`; `timestamp` in epoch
-//!   seconds.
+//!   `pv`/`cart`/`fav`/`buy` → `view`/`add_to_cart`/`wishlist`/`purchase`; `category_id`;
+//!   `timestamp` in epoch seconds.
 //! * **RetailRocket** `events.csv` (`timestamp,visitorid,event,itemid,transactionid`):
 //!   `view`/`addtocart`/`transaction` → `view`/`add_to_cart`/`purchase`; `timestamp` in epoch
 //!   milliseconds; `visitorid` → `user_id`; `transactionid` → `event_id` (prefixed `t`). It has
@@ -152,7 +153,9 @@ fn map_row(layout: CsvLayout, r: &csv::StringRecord, fields: &mut Map<String, Va
             set("ts", ts);
             set("type", text_value(r, 1));
             set("item_id", text_value(r, 2));
-            set("category", cell(r, 4).or_else(|| cell(r, 3)).map_or(Value::Null, |c| Value::String(c.to_string())));
+            set("category_id", text_value(r, 3));
+            set("category", text_value(r, 4));
+            set("brand", text_value(r, 5));
             set("price", price);
             set("user_id", text_value(r, 7));
             set("session_id", text_value(r, 8));
@@ -164,7 +167,7 @@ fn map_row(layout: CsvLayout, r: &csv::StringRecord, fields: &mut Map<String, Va
             };
             set("user_id", text_value(r, 0));
             set("item_id", text_value(r, 1));
-            set("category", text_value(r, 2));
+            set("category_id", text_value(r, 2));
             set("type", text_value(r, 3));
             set("ts", ts);
         }
@@ -206,8 +209,12 @@ mod tests {
         let first = &got.events[0];
         assert_eq!((first.user_id.as_str(), first.kind, first.ts), ("554748717", EventType::View, 1_569_888_000_000));
         assert_eq!(first.category.as_deref(), Some("appliances.water_heater"));
+        assert_eq!((first.category_id.as_deref(), first.brand.as_deref()), (Some("2053013552326770905"), Some("aqua")));
         assert_eq!(got.events[1].kind, EventType::AddToCart);
-        assert_eq!(got.events[1].category.as_deref(), Some("2103807459595387724"));
+        // No path: the id stays in its own field, not folded into `category`.
+        assert_eq!(got.events[1].category, None);
+        assert_eq!(got.events[1].category_id.as_deref(), Some("2103807459595387724"));
+        assert_eq!(got.events[1].brand.as_deref(), Some("shiseido"));
         assert_eq!(got.events[1].session_id.as_deref(), Some("72d76fde"));
         assert_eq!(got.bad.iter().map(|b| b.line).collect::<Vec<_>>(), [4, 5]);
         assert!(got.bad[0].reason.contains("unknown event type `teleport`"), "{}", got.bad[0].reason);
@@ -248,6 +255,7 @@ mod tests {
         let got = csv(CsvLayout::Taobao, "1,2268318,2520377,pv,1511544070\n1,2333346,2520771,buy,1511561733\n1,2333346,2520771,fav\n");
         assert_eq!(got.events.iter().map(|e| e.kind).collect::<Vec<_>>(), [EventType::View, EventType::Purchase]);
         assert_eq!(got.events[0].ts, 1_511_544_070_000);
+        assert_eq!((got.events[0].category_id.as_deref(), got.events[0].category.as_deref()), (Some("2520377"), None));
         assert_eq!(got.bad.len(), 1);
         assert!(got.bad[0].reason.contains("missing required field `ts`"), "{}", got.bad[0].reason);
     }

@@ -39,6 +39,8 @@ fn event(user: &str, ts: i64, kind: EventType) -> Event {
         session_id: None,
         item_id: Some("42".into()),
         category: Some("electronics.phone".into()),
+        category_id: Some("2053013555631882655".into()),
+        brand: Some("samsung".into()),
         price: Some(199.5),
         quantity: None,
     }

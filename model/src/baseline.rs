@@ -3,17 +3,19 @@
 //! * **Base rate:** every event scores the training split's positive rate.
 //! * **Logistic regression on session aggregates:** for each event, the aggregates of its
 //!   session so far ([`AGGREGATE_NAMES`]: counts by type, duration, current / mean / max / min
-//!   price, distinct items and categories), fitted on the training split.
+//!   price, distinct items and categories, whether the product has a category path) and the
+//!   user's history before it (sessions, purchases, carts, time since the previous session),
+//!   fitted on the training split: the two regressions of `../shared/data/README.md` in one.
 //! * **Ensemble:** a logistic regression on the logits of the calibrated GRU score and the
 //!   baseline's score, stacked on the validation split.
 
 use crate::logistic::{logit, Logistic};
-use intentflow_schemas::{item_key, Event, EventType};
+use intentflow_schemas::{item_key, Event, EventType, SessionState};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
 /// Inputs of the logistic-regression baseline, in order.
-pub const AGGREGATE_NAMES: [&str; 13] = [
+pub const AGGREGATE_NAMES: [&str; 18] = [
     "log_browse_events",
     "log_add_to_cart",
     "log_remove_from_cart",
@@ -27,6 +29,11 @@ pub const AGGREGATE_NAMES: [&str; 13] = [
     "log_distinct_items",
     "log_distinct_categories",
     "log_events",
+    "has_category_path",
+    "log_prior_sessions",
+    "log_purchases",
+    "log_carts",
+    "log_hours_since_previous_session",
 ];
 
 /// Running aggregates of one session.
@@ -48,8 +55,9 @@ fn ln1p(x: f64) -> f64 {
 }
 
 impl SessionAggregates {
-    /// Adds `ev` and returns the aggregate row of the session up to and including it.
-    pub fn push(&mut self, ev: &Event) -> Vec<f64> {
+    /// Adds `ev` and returns the aggregate row of the session up to and including it, with the
+    /// user's history from `after` (the user's state after `ev`).
+    pub fn push(&mut self, ev: &Event, after: &SessionState) -> Vec<f64> {
         self.counts[ev.kind.index()] += 1;
         self.events += 1;
         let start = *self.start_ms.get_or_insert(ev.ts);
@@ -62,7 +70,7 @@ impl SessionAggregates {
         if let Some(i) = &ev.item_id {
             self.items.insert(item_key(i));
         }
-        if let Some(c) = &ev.category {
+        if let Some(c) = ev.category_id.as_ref().or(ev.category.as_ref()) {
             self.categories.insert(item_key(c));
         }
         let count = |k: EventType| f64::from(self.counts[k.index()]);
@@ -81,6 +89,11 @@ impl SessionAggregates {
             ln1p(self.items.len() as f64),
             ln1p(self.categories.len() as f64),
             ln1p(f64::from(self.events)),
+            f64::from(u8::from(ev.category.is_some())),
+            ln1p(f64::from(after.session_seq)),
+            ln1p(f64::from(after.history.purchases)),
+            ln1p(f64::from(after.history.carts)),
+            ln1p(after.history.previous_gap_ms as f64 / 3_600_000.0),
         ]
     }
 }

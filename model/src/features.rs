@@ -9,7 +9,7 @@ use intentflow_schemas::{item_key, Event, EventType, SessionConfig, SessionState
 use serde::{Deserialize, Serialize};
 
 /// Number of dense features per event (the embeddings come on top).
-pub const FEATURE_DIM: usize = 17;
+pub const FEATURE_DIM: usize = 24;
 
 /// Names of the feature slots, in order; written to `model.json`.
 pub const FEATURE_NAMES: [&str; FEATURE_DIM] = [
@@ -30,6 +30,13 @@ pub const FEATURE_NAMES: [&str; FEATURE_DIM] = [
     "first_in_session",
     "log_session_seconds",
     "same_item_as_previous",
+    "has_category_path",
+    "has_brand",
+    "log_prior_sessions",
+    "log_prior_events",
+    "log_purchases",
+    "log_carts",
+    "log_hours_since_previous_session",
 ];
 
 /// One event's features, before or after normalisation of the dense part.
@@ -111,6 +118,16 @@ fn raw_dense(ev: &Event, after: &SessionState, step: SessionStep) -> [f32; FEATU
     f[14] = f32::from(u8::from(step.new_session));
     f[15] = ((after.last_ts_ms - after.started_ms).max(0) as f64 / 1000.0).ln_1p() as f32;
     f[16] = f32::from(u8::from(step.same_item));
+    f[17] = f32::from(u8::from(ev.category.is_some()));
+    f[18] = f32::from(u8::from(ev.brand.is_some()));
+    // The long-term half: what the user did before this session (carts and purchases count
+    // this session's too: a session's first purchase ends it, so no labelled event sees its own).
+    let history = &after.history;
+    f[19] = f64::from(after.session_seq).ln_1p() as f32;
+    f[20] = ((after.total_events - u64::from(after.events)) as f64).ln_1p() as f32;
+    f[21] = f64::from(history.purchases).ln_1p() as f32;
+    f[22] = f64::from(history.carts).ln_1p() as f32;
+    f[23] = (history.previous_gap_ms as f64 / 3_600_000.0).ln_1p() as f32;
     debug_assert!(EventType::ALL.len() == 6);
     f
 }
@@ -165,7 +182,7 @@ impl FeatureSpec {
         let features = Features {
             dense: raw_dense(ev, session, step),
             item: bucket(ev.item_id.as_deref(), self.item_buckets),
-            category: bucket(ev.category.as_deref(), self.category_buckets),
+            category: bucket(ev.category_id.as_deref().or(ev.category.as_deref()), self.category_buckets),
         };
         (features, step.new_session)
     }
@@ -223,6 +240,8 @@ mod tests {
             session_id: None,
             item_id: None,
             category: None,
+            category_id: None,
+            brand: None,
             price,
             quantity: None,
         };

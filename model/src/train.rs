@@ -238,7 +238,7 @@ pub fn labelled_sessions(events: &[Event], spec: &FeatureSpec, horizon: LabelHor
                 .any(|e| e.kind == EventType::Purchase),
         };
         s.features.push(raw);
-        s.aggregates.push(aggregates.push(ev));
+        s.aggregates.push(aggregates.push(ev, &state));
         s.events.push(i);
         s.labels.push(if purchase { 0.0 } else { f32::from(u8::from(label)) });
         s.mask.push(if purchase { 0.0 } else { 1.0 });

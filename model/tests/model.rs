@@ -16,6 +16,8 @@ fn ev(user: usize, ts_s: i64, kind: EventType) -> Event {
         session_id: None,
         item_id: None,
         category: None,
+        category_id: None,
+        brand: None,
         price: Some(20.0),
         quantity: None,
     }

@@ -26,10 +26,28 @@
 //! ```
 //!
 //! and printed the reference numbers below.
+//!
+//! The fixture predates the seven dense features added after the first 17 (category path and
+//! brand present, the user's history). The test widens its `weight_ih_l0` with zero columns for
+//! them, as a PyTorch model trained on the first 17 would be served: whatever those inputs hold,
+//! the step must still equal PyTorch's.
 
 use candle_core::Device;
 use intentflow_model::{Calibration, FeatureSpec, Features, GruParams, IntentModel, ModelMeta, FEATURE_DIM};
 use intentflow_schemas::SessionConfig;
+
+/// Dense inputs of the PyTorch module that wrote the fixture.
+const TORCH_DENSE: usize = 17;
+
+/// `weight_ih_l0` with zero columns for the dense features after the first [`TORCH_DENSE`].
+fn widen(tensors: &mut std::collections::HashMap<String, candle_core::Tensor>) {
+    let w = &tensors["weight_ih_l0"];
+    let rows = w.dim(0).unwrap();
+    let zeros = candle_core::Tensor::zeros((rows, FEATURE_DIM - TORCH_DENSE), w.dtype(), w.device()).unwrap();
+    let parts = [w.narrow(1, 0, TORCH_DENSE).unwrap(), zeros, w.narrow(1, TORCH_DENSE, w.dim(1).unwrap() - TORCH_DENSE).unwrap()];
+    let widened = candle_core::Tensor::cat(&parts, 1).unwrap();
+    tensors.insert("weight_ih_l0".into(), widened);
+}
 use std::path::PathBuf;
 
 const H1: [f32; 8] = [-0.2474110, 0.0635583, 0.2741688, 0.2179607, -0.3079793, 0.7226425, -0.3828281, 0.3185961];
@@ -38,7 +56,9 @@ const P: [f32; 2] = [0.5741528, 0.5738866];
 #[test]
 fn a_pytorch_state_dict_steps_like_pytorch() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_gru.safetensors");
-    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    assert_eq!(tensors["weight_ih_l0"].dims(), [12, TORCH_DENSE + 4]);
+    widen(&mut tensors);
     let params = GruParams::from_state_dict(tensors).unwrap();
     assert_eq!((params.dense_dim(), params.hidden_dim(), params.item_shape(), params.category_shape()), (FEATURE_DIM, 4, (5, 2), (4, 2)));
     let meta = ModelMeta {
@@ -54,7 +74,10 @@ fn a_pytorch_state_dict_steps_like_pytorch() {
         state_precision: Default::default(),
     };
     let model = IntentModel::new(params, meta, Device::Cpu).unwrap();
-    let dense = |row: usize| -> [f32; FEATURE_DIM] { std::array::from_fn(|i| -1.0 + 2.0 * (row * FEATURE_DIM + i) as f32 / 33.0) };
+    // PyTorch's inputs in the first 17 slots; anything in the rest, which has zero weights.
+    let dense = |row: usize| -> [f32; FEATURE_DIM] {
+        std::array::from_fn(|i| if i < TORCH_DENSE { -1.0 + 2.0 * (row * TORCH_DENSE + i) as f32 / 33.0 } else { 0.75 - row as f32 })
+    };
     let inputs = [Features { dense: dense(0), item: 1, category: 2 }, Features { dense: dense(1), item: 3, category: 0 }];
     let h0 = [0.1, -0.2, 0.3, 0.0, 0.0, 0.5, -0.5, 0.25];
     let out = model.step(&inputs, &h0).unwrap();

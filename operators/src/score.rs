@@ -824,7 +824,8 @@ mod tests {
             }
             for (_, _, state) in &out.states {
                 let bytes = state.encode();
-                assert_eq!((bytes[0], bytes[1] & 8), (4, 8), "version 4, hidden in f16");
+                let with_history = state.session.history != intentflow_state::UserHistory::default();
+                assert_eq!((bytes[0], bytes[1] & 8), (4 + 2 * u8::from(with_history), 8), "version 4 (6 with a history), hidden in f16");
             }
             store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
             start = end;

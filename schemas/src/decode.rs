@@ -1,6 +1,6 @@
 //! The validating decoder of schema-v1 events, one set of rules for every source.
 //!
-//! A Kafka record's bytes are deserialised straight into the nine schema-v1 fields, each kept as
+//! A Kafka record's bytes are deserialised straight into the eleven schema-v1 fields, each kept as
 //! a [`Cell`] that borrows its string from the record where JSON needs no unescaping: no
 //! `serde_json::Value` tree, no map of keys, nothing allocated for fields the schema does not
 //! have (they are skipped). Sources that are not JSON bytes — Parquet rows, CSV importers —
@@ -126,6 +126,10 @@ struct Fields<'a> {
     #[serde(borrow, default)]
     category: Cell<'a>,
     #[serde(borrow, default)]
+    category_id: Cell<'a>,
+    #[serde(borrow, default)]
+    brand: Cell<'a>,
+    #[serde(borrow, default)]
     price: Cell<'a>,
     #[serde(borrow, default)]
     quantity: Cell<'a>,
@@ -147,6 +151,8 @@ impl FieldSource for Fields<'_> {
             "session_id" => &self.session_id,
             "item_id" => &self.item_id,
             "category" => &self.category,
+            "category_id" => &self.category_id,
+            "brand" => &self.brand,
             "price" => &self.price,
             "quantity" => &self.quantity,
             _ => return Cell::Absent,
@@ -274,6 +280,8 @@ impl EventDecoder {
             session_id: self.id_field(fields, "session_id")?,
             item_id: self.id_field(fields, "item_id")?,
             category: self.id_field(fields, "category")?,
+            category_id: self.id_field(fields, "category_id")?,
+            brand: self.id_field(fields, "brand")?,
             price,
             quantity,
         })

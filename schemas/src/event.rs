@@ -94,9 +94,16 @@ pub struct Event {
     /// Product id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub item_id: Option<String>,
-    /// Product category (id or path).
+    /// Product category as a path of names (REES46 `category_code`, e.g.
+    /// `electronics.smartphone`); a bare id belongs in `category_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub category: Option<String>,
+    /// Product category id (REES46 and Taobao `category_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category_id: Option<String>,
+    /// Product brand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brand: Option<String>,
     /// Unit price, ≥ 0, in the shop's currency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<f64>,

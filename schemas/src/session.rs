@@ -1,4 +1,5 @@
-//! The session part of a user's state, and the one rule that advances it.
+//! The session part of a user's state, its long-term history, and the one rule that advances
+//! both.
 //!
 //! Streaming, offline scoring and training all call [`SessionState::advance`], so a session
 //! boundary is decided the same way everywhere.
@@ -43,6 +44,24 @@ pub struct SessionState {
     pub total_events: u64,
     /// [`item_key`] of the latest event's item in the current session, if it named one.
     pub last_item: Option<u64>,
+    /// What the user did before, across sessions: the long-term half of the state, which a new
+    /// session does not reset.
+    pub history: UserHistory,
+}
+
+/// A user's long-term counters, kept across sessions (the session counters beside them are
+/// reset at every session boundary). With [`SessionState::session_seq`] (sessions before the
+/// current one) and [`SessionState::total_events`] they tell a returning buyer from a first
+/// visit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UserHistory {
+    /// Purchase events ever applied.
+    pub purchases: u32,
+    /// Add-to-cart events ever applied.
+    pub carts: u32,
+    /// Time from the previous session's last event to the current session's first event
+    /// (0 in the user's first session).
+    pub previous_gap_ms: i64,
 }
 
 /// A stable 64-bit key of an item id (FNV-1a), the same on every build and platform, so that
@@ -69,7 +88,7 @@ impl SessionState {
     /// A new session starts on a user's first event; after `gap_ms` of inactivity; when the
     /// event's `session_id` differs from the current one (both present); or after a purchase,
     /// which closes its session. A new session resets `events`, the cart and the start time and
-    /// increments `session_seq`; `total_events` always counts on. An event older than the
+    /// increments `session_seq`; `total_events` and the [`UserHistory`] always count on. An event older than the
     /// previous one stays in the session with a gap of 0 and does not move `last_ts_ms` back.
     pub fn advance(&mut self, ev: &Event, cfg: &SessionConfig) -> SessionStep {
         let fresh = self.total_events == 0;
@@ -78,6 +97,7 @@ impl SessionState {
         let gap_ms = if new_session {
             if !fresh {
                 self.session_seq += 1;
+                self.history.previous_gap_ms = (ev.ts - self.last_ts_ms).max(0);
             }
             self.events = 0;
             self.cart_count = 0;
@@ -106,12 +126,16 @@ impl SessionState {
             EventType::AddToCart => {
                 self.cart_count = self.cart_count.saturating_add(units);
                 self.cart_value += value;
+                self.history.carts = self.history.carts.saturating_add(1);
             }
             EventType::RemoveFromCart => {
                 self.cart_count = self.cart_count.saturating_sub(units);
                 self.cart_value = (self.cart_value - value).max(0.0);
             }
-            EventType::Purchase => self.purchased = true,
+            EventType::Purchase => {
+                self.purchased = true;
+                self.history.purchases = self.history.purchases.saturating_add(1);
+            }
             EventType::View | EventType::Click | EventType::Wishlist => {}
         }
         SessionStep { new_session, gap_ms, same_item }
@@ -131,6 +155,8 @@ mod tests {
             session_id: session.map(str::to_string),
             item_id: None,
             category: None,
+            category_id: None,
+            brand: None,
             price: Some(10.0),
             quantity: None,
         }
@@ -159,6 +185,8 @@ mod tests {
         assert_eq!(s.events, 1);
         assert_eq!(s.total_events, 7);
         assert_eq!(s.cart_count, 0);
+        // The long-term half survives every boundary.
+        assert_eq!(s.history, UserHistory { purchases: 1, carts: 1, previous_gap_ms: 1_000 });
     }
 
     #[test]

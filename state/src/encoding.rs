@@ -34,7 +34,17 @@
 //! Every other state is still written as version 3, which builds from before version 4 read
 //! (a rolled-back binary keeps its states).
 //!
-//! Older versions still decode, with explicit migrations: version 2 is version 3 without fences
+//! Versions 5 and 6 are versions 3 and 4 followed by the user's long-term history
+//! ([`UserHistory`]), written only when it is not all zero (so a state without history is still
+//! read by older builds):
+//!
+//! ```text
+//! varint purchases | varint carts | zigzag previous_gap_ms
+//! ```
+//!
+//! Older versions still decode, with explicit migrations: versions 3 and 4 are read with an
+//! empty history (the user's earlier purchases and carts are unknown and count from the next
+//! event on; sessions before are still `session_seq`); version 2 is version 3 without fences
 //! (read with none, so its next event is applied whatever its offset); version 1 is
 //! version 2 without `last_item` (flag bit 2 never set), read with `last_item = None`, so the
 //! next event of such a session is not recognised as repeating the previous item.
@@ -43,10 +53,13 @@
 //! ([`StateError::UnsupportedVersion`]): the operator quarantines such a record rather than guess.
 
 use crate::StateError;
-use intentflow_schemas::SessionState;
+use intentflow_schemas::{SessionState, UserHistory};
 
-/// Newest encoding version (the first byte of an encoded state: 4 for f16 states, else 3).
-pub const STATE_ENCODING_VERSION: u8 = 4;
+/// Newest encoding version. The first byte of an encoded state is 4 for f16 states, else 3,
+/// plus 2 when the user has a history (5, 6).
+pub const STATE_ENCODING_VERSION: u8 = 6;
+/// What a history adds to the version byte.
+const WITH_HISTORY: u8 = 2;
 /// Oldest version [`UserState::decode`] still reads.
 const OLDEST_READABLE_VERSION: u8 = 1;
 /// First bytes above this are not taken for a future version but for garbage.
@@ -152,6 +165,10 @@ impl<'a> Reader<'a> {
         let v = self.varint()?;
         Ok((v >> 1) as i64 ^ -((v & 1) as i64))
     }
+    /// The history block of versions 5 and 6.
+    fn history(&mut self) -> Result<UserHistory, StateError> {
+        Ok(UserHistory { purchases: self.varint_u32()?, carts: self.varint_u32()?, previous_gap_ms: self.zigzag()? })
+    }
     fn varint_str(&mut self) -> Result<String, StateError> {
         let n = self.varint()?;
         if n > u64::from(u16::MAX) {
@@ -173,6 +190,18 @@ fn put_zigzag(out: &mut Vec<u8>, v: i64) {
     put_varint(out, ((v << 1) ^ (v >> 63)) as u64);
 }
 
+/// Appends the history block of versions 5 and 6 and returns what it adds to the version byte
+/// (nothing for an empty history, which is not written).
+fn put_history(out: &mut Vec<u8>, h: &UserHistory) -> u8 {
+    if *h == UserHistory::default() {
+        return 0;
+    }
+    put_varint(out, u64::from(h.purchases));
+    put_varint(out, u64::from(h.carts));
+    put_zigzag(out, h.previous_gap_ms);
+    WITH_HISTORY
+}
+
 fn put_varint_str(out: &mut Vec<u8>, s: &str) {
     let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
     put_varint(out, bytes.len() as u64);
@@ -187,8 +216,8 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 }
 
 impl UserState {
-    /// Encodes this state: version [`STATE_ENCODING_VERSION`] when the hidden vector goes in
-    /// f16, else the same bytes as version 3.
+    /// Encodes this state: version 4 when the hidden vector goes in f16, else the same bytes as
+    /// version 3; 6 and 5 when the user has a history.
     pub fn encode(&self) -> Vec<u8> {
         if let Some(compact) = self.encode_compact() {
             return compact;
@@ -224,6 +253,7 @@ impl UserState {
             out.extend_from_slice(&f.topic.to_le_bytes());
             out.extend_from_slice(&f.next.to_le_bytes());
         }
+        out[0] += put_history(&mut out, &s.history);
         out
     }
 
@@ -239,7 +269,7 @@ impl UserState {
     fn encode_compact(&self) -> Option<Vec<u8>> {
         let s = &self.session;
         let mut out = Vec::with_capacity(32 + self.hidden.len() * 2 + self.model_version.len());
-        out.push(STATE_ENCODING_VERSION);
+        out.push(4);
         let cart_value = s.cart_value.to_bits() != 0;
         out.push(self.base_flags() | (1 << 3) | (u8::from(cart_value) << 4));
         put_varint(&mut out, u64::from(s.session_seq));
@@ -277,11 +307,12 @@ impl UserState {
             out.extend_from_slice(&f.topic.to_le_bytes());
             put_zigzag(&mut out, f.next);
         }
+        out[0] += put_history(&mut out, &s.history);
         Some(out)
     }
 
-    /// Reads version 4 after its version byte.
-    fn decode_compact(mut r: Reader<'_>) -> Result<UserState, StateError> {
+    /// Reads version 4 (or 6, `with_history`) after its version byte.
+    fn decode_compact(mut r: Reader<'_>, with_history: bool) -> Result<UserState, StateError> {
         let [flags] = r.array()?;
         if flags & 8 == 0 {
             return Err(StateError::Corrupt("a version-4 state without its f16 flag".into()));
@@ -303,11 +334,24 @@ impl UserState {
         for _ in 0..m {
             fences.push(Fence { topic: r.u32()?, next: r.zigzag()? });
         }
+        let history = if with_history { r.history()? } else { UserHistory::default() };
         if !r.bytes.is_empty() {
             return Err(StateError::Corrupt(format!("{} trailing bytes", r.bytes.len())));
         }
         Ok(UserState {
-            session: SessionState { session_id, session_seq, events, cart_count, cart_value, started_ms, last_ts_ms, purchased: flags & 1 != 0, total_events, last_item },
+            session: SessionState {
+                session_id,
+                session_seq,
+                events,
+                cart_count,
+                cart_value,
+                started_ms,
+                last_ts_ms,
+                purchased: flags & 1 != 0,
+                total_events,
+                last_item,
+                history,
+            },
             hidden,
             model_version,
             fences,
@@ -329,8 +373,9 @@ impl UserState {
         if !(OLDEST_READABLE_VERSION..=STATE_ENCODING_VERSION).contains(&version) {
             return Err(StateError::Corrupt(format!("first byte {version:#04x} is no state encoding version")));
         }
-        if version == 4 {
-            return UserState::decode_compact(r);
+        let with_history = version >= 5;
+        if version == 4 || version == 6 {
+            return UserState::decode_compact(r, with_history);
         }
         let [flags] = r.array()?;
         let session_seq = r.u32()?;
@@ -352,6 +397,7 @@ impl UserState {
                 fences.push(Fence { topic: r.u32()?, next: r.i64()? });
             }
         }
+        let history = if with_history { r.history()? } else { UserHistory::default() };
         if !r.bytes.is_empty() {
             return Err(StateError::Corrupt(format!("{} trailing bytes", r.bytes.len())));
         }
@@ -367,6 +413,7 @@ impl UserState {
                 purchased: flags & 1 != 0,
                 total_events,
                 last_item,
+                history,
             },
             hidden,
             model_version,
@@ -390,20 +437,23 @@ mod tests {
             hidden in proptest::collection::vec(-1.0f32..1.0, 0..128),
             fences in proptest::collection::vec((any::<u32>(), any::<i64>()), 0..4),
             in_f16 in any::<bool>(),
+            history in proptest::option::of((any::<u32>(), any::<u32>(), any::<i64>())),
         ) {
             // Half the cases hold f16 values (what a model with f16 states stores).
             let hidden: Vec<f32> = if in_f16 { hidden.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect() } else { hidden };
             let exact = hidden.iter().any(|v| *v != 0.0) && hidden.iter().all(|v| half::f16::from_f32(*v).to_f32().to_bits() == v.to_bits());
             let state = UserState {
                 session: SessionState { session_id: sid, session_seq: seq, events, cart_count: cart, cart_value: value,
-                    started_ms: started, last_ts_ms: last, purchased, total_events: total, last_item },
+                    started_ms: started, last_ts_ms: last, purchased, total_events: total, last_item,
+                    history: history.map_or_else(UserHistory::default, |(purchases, carts, previous_gap_ms)| UserHistory { purchases, carts, previous_gap_ms }) },
                 hidden,
                 model_version: version,
                 fences: fences.into_iter().map(|(topic, next)| Fence { topic, next }).collect(),
             };
             let bytes = state.encode();
-            // The compact version 4 exactly when f16 keeps every value's bits.
-            prop_assert_eq!(bytes[0], if exact { 4 } else { 3 });
+            // The compact version 4 exactly when f16 keeps every value's bits; 2 more with a history.
+            let with_history = state.session.history != UserHistory::default();
+            prop_assert_eq!(bytes[0], if exact { 4 } else { 3 } + if with_history { 2 } else { 0 });
             prop_assert_eq!(UserState::decode(&bytes).unwrap(), state);
         }
 
@@ -447,6 +497,25 @@ mod tests {
     }
 
     #[test]
+    fn a_history_adds_its_block_and_older_versions_read_without_one() {
+        let mut state = UserState { hidden: vec![0.1, 0.2], model_version: "gru-x".into(), ..Default::default() };
+        let v3 = state.encode();
+        state.session.history = UserHistory { purchases: 2, carts: 5, previous_gap_ms: 3_600_000 };
+        let v5 = state.encode();
+        // Version 5 is version 3 and the history block: 1 + 1 + 4 bytes of varints.
+        assert_eq!((v3[0], v5[0], v5.len() - v3.len()), (3, 5, 6));
+        assert_eq!(&v5[1..v3.len()], &v3[1..]);
+        assert_eq!(UserState::decode(&v5).unwrap(), state);
+        // A state written before histories existed (version 3) reads with an empty one.
+        assert_eq!(UserState::decode(&v3).unwrap().session.history, UserHistory::default());
+        state.hidden = vec![0.5, -0.25];
+        let v6 = state.encode();
+        assert_eq!(v6[0], 6);
+        assert_eq!(UserState::decode(&v6).unwrap(), state);
+        assert!(matches!(UserState::decode(&v6[..v6.len() - 1]), Err(StateError::Corrupt(_))), "a cut history is corrupt");
+    }
+
+    #[test]
     fn fences_say_what_is_applied_per_topic() {
         let mut s = UserState::default();
         let (a, b) = (topic_id("views"), topic_id("carts"));
@@ -476,6 +545,7 @@ mod tests {
             purchased: false,
             total_events: 31,
             last_item: Some(0x1234_5678_9abc_def0),
+            history: UserHistory::default(),
         };
         state.mark_applied(topic_id("events"), 1_234_567);
         let v4 = state.encode();
@@ -509,7 +579,7 @@ mod tests {
         assert!(matches!(UserState::decode(&bytes[..bytes.len() - 1]), Err(StateError::Corrupt(_))));
         bytes[0] = 9;
         let err = UserState::decode(&bytes).unwrap_err();
-        assert!(matches!(err, StateError::UnsupportedVersion { found: 9, supported: 4 }));
-        assert!(err.to_string().contains("version 9") && err.to_string().contains("1..=4"), "{err}");
+        assert!(matches!(err, StateError::UnsupportedVersion { found: 9, supported: 6 }));
+        assert!(err.to_string().contains("version 9") && err.to_string().contains("1..=6"), "{err}");
     }
 }

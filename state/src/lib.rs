@@ -26,7 +26,7 @@ mod staged;
 mod store;
 
 pub use encoding::{topic_id, Fence, UserState, STATE_ENCODING_VERSION};
-pub use intentflow_schemas::SessionState;
+pub use intentflow_schemas::{SessionState, UserHistory};
 pub use staged::{StateRead, Staged, StagedView};
 pub use store::{Loaded, RawUser, StateStore, StoreOptions};
 

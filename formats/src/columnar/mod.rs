@@ -2,7 +2,8 @@
 //! to files that Spark, DuckDB, Polars or pandas read as they are.
 //!
 //! **Reading events.** Only the schema-v1 columns are read (`user_id`, `ts`, `type`,
-//! `event_id`, `session_id`, `item_id`, `category`, `price`, `quantity`); other columns are
+//! `event_id`, `session_id`, `item_id`, `category`, `category_id`, `brand`, `price`,
+//! `quantity`); other columns are
 //! skipped without being decoded. Each row is validated by [`EventDecoder::decode_object`], the
 //! same rules as a JSON record on Kafka, so a row is accepted or rejected for the same reason
 //! wherever it comes from. Column types are taken as writers produce them: strings (plain,
@@ -33,7 +34,8 @@ use std::path::Path;
 pub const ROWS_PER_CHUNK: usize = 8192;
 
 /// The schema-v1 event fields, in the order of [`EventWriter`]'s columns.
-pub(crate) const EVENT_FIELDS: [&str; 9] = ["user_id", "ts", "type", "event_id", "session_id", "item_id", "category", "price", "quantity"];
+pub(crate) const EVENT_FIELDS: [&str; 11] =
+    ["user_id", "ts", "type", "event_id", "session_id", "item_id", "category", "category_id", "brand", "price", "quantity"];
 
 /// Errors of Parquet reading and writing.
 #[derive(Debug, thiserror::Error)]

@@ -227,6 +227,8 @@ impl EventWriter {
             Field::new("session_id", DataType::Utf8, true),
             Field::new("item_id", DataType::Utf8, true),
             Field::new("category", DataType::Utf8, true),
+            Field::new("category_id", DataType::Utf8, true),
+            Field::new("brand", DataType::Utf8, true),
             Field::new("price", DataType::Float64, true),
             Field::new("quantity", DataType::UInt32, true),
         ]);
@@ -261,6 +263,8 @@ fn event_columns(rows: &[Event]) -> Result<Vec<ArrayRef>, ColumnarError> {
         text(rows.iter().map(|e| e.session_id.as_deref())),
         text(rows.iter().map(|e| e.item_id.as_deref())),
         text(rows.iter().map(|e| e.category.as_deref())),
+        text(rows.iter().map(|e| e.category_id.as_deref())),
+        text(rows.iter().map(|e| e.brand.as_deref())),
         Arc::new(rows.iter().map(|e| e.price).collect::<Float64Array>()),
         Arc::new(rows.iter().map(|e| e.quantity).collect::<UInt32Array>()),
     ])

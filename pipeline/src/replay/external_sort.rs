@@ -223,6 +223,8 @@ mod tests {
             session_id: None,
             item_id: None,
             category: None,
+            category_id: None,
+            brand: None,
             price: Some(0.1 + row as f64),
             quantity: None,
         };
