@@ -9,8 +9,13 @@
 //! z  = σ(W_iz x + b_iz + W_hz h + b_hz)
 //! n  = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))
 //! h' = (1 − z) ⊙ n + z ⊙ h
-//! p  = σ(head.weight · h' + head.bias)
+//! p  = σ(head.weight · h' + head.bias + skip.weight · dense)
 //! ```
+//!
+//! The optional skip connection (`skip.weight`) gives the head the event's dense features
+//! directly, beside the GRU's summary of the session: the session and history aggregates among
+//! them then count as in a logistic regression on them, whatever the GRU learns on top (a "wide
+//! and deep" head). A model without it has no skip term.
 //!
 //! Over 400 lines: the parameters, their PyTorch names and the packing of the seed ensemble must
 //! change together; the CPU serving step moves to its own kernel module with the performance work.
@@ -27,6 +32,7 @@ use candle_core::{DType, Device, Tensor, D};
 ///         self.category_embedding = nn.Embedding(category_buckets, category_dim)
 ///         self.gru = nn.GRU(dense + item_dim + category_dim, hidden, batch_first=True)
 ///         self.head = nn.Linear(hidden, 1)
+///         self.skip = nn.Linear(dense, 1, bias=False)   # optional
 ///
 /// state = {k.removeprefix("gru."): v for k, v in Intent(...).state_dict().items()}
 /// safetensors.torch.save_file(state, "model.safetensors")
@@ -50,6 +56,8 @@ pub mod names {
     pub const ITEM_EMBEDDING: &str = "item_embedding.weight";
     /// `(category buckets, category dim)` hashed category embedding table (optional).
     pub const CATEGORY_EMBEDDING: &str = "category_embedding.weight";
+    /// `(1, dense)` weights of the dense features in the head's logit (optional).
+    pub const SKIP_WEIGHT: &str = "skip.weight";
 }
 
 /// The parameter tensors of the network.
@@ -71,6 +79,8 @@ pub struct GruParams {
     pub head_weight: Tensor,
     /// See [`names::HEAD_BIAS`].
     pub head_bias: Tensor,
+    /// See [`names::SKIP_WEIGHT`].
+    pub skip_weight: Option<Tensor>,
 }
 
 /// Sigmoid through differentiable primitives, so the same cell serves training and inference.
@@ -176,6 +186,7 @@ impl GruParams {
             head_bias: take(names::HEAD_BIAS)?,
             item_embedding: tensors.remove(names::ITEM_EMBEDDING),
             category_embedding: tensors.remove(names::CATEGORY_EMBEDDING),
+            skip_weight: tensors.remove(names::SKIP_WEIGHT),
         };
         params.validate()?;
         Ok(params)
@@ -197,6 +208,9 @@ impl GruParams {
         if let Some(t) = &self.category_embedding {
             out.push((names::CATEGORY_EMBEDDING, t));
         }
+        if let Some(t) = &self.skip_weight {
+            out.push((names::SKIP_WEIGHT, t));
+        }
         out
     }
 
@@ -216,9 +230,15 @@ impl GruParams {
         n.clone() + (z * (h - n)?)?
     }
 
-    /// Head logits `(B)` for hidden states `(B, H)`.
+    /// Head logits `(B)` for hidden states `(B, H)`, without the skip term.
     pub(crate) fn logits(&self, h: &Tensor, how: Projection) -> candle_core::Result<Tensor> {
         how.apply(h, &self.head_weight)?.broadcast_add(&self.head_bias)?.squeeze(D::Minus1)
+    }
+
+    /// The skip weights as host values (empty without a skip connection), for
+    /// [`skip_term`].
+    pub(crate) fn skip_values(&self) -> candle_core::Result<Vec<f32>> {
+        self.skip_weight.as_ref().map_or(Ok(Vec::new()), |t| t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1())
     }
 
     /// Checks shapes and dtypes against each other.
@@ -233,6 +253,11 @@ impl GruParams {
         }
         if self.item_shape().1 + self.category_shape().1 >= d {
             return Err(format!("embedding widths leave no dense inputs in {} = {d}", names::WEIGHT_IH));
+        }
+        if let Some(t) = &self.skip_weight {
+            if t.dims() != [1, self.dense_dim()] || t.dtype() != DType::F32 {
+                return Err(format!("tensor {} has shape {:?} {:?}, expected [1, {}] f32", names::SKIP_WEIGHT, t.dims(), t.dtype(), self.dense_dim()));
+            }
         }
         let want = [
             (names::WEIGHT_IH, &self.weight_ih, vec![3 * h, d]),
@@ -259,7 +284,8 @@ impl GruParams {
     /// Packs independently trained networks of equal shape into one network whose hidden vector
     /// is their hidden vectors side by side: the input weights keep each member's rows, the
     /// recurrent weights are block-diagonal, the embedding tables are concatenated column-wise,
-    /// and the head averages the members' logits. One step of the packed network equals one step
+    /// and the head averages the members' logits (skip weights are averaged too, so the skip
+    /// term is the mean of the members' skip terms). One step of the packed network equals one step
     /// of every member, so a seed ensemble streams through the same single GRU call (and stays a
     /// plain `nn.GRU` state_dict).
     ///
@@ -270,7 +296,7 @@ impl GruParams {
         let first = members.first().ok_or_else(|| crate::ModelError::Invalid("no members to pack".into()))?;
         let (h, d, dense) = (first.hidden_dim(), first.input_dim(), first.dense_dim());
         let ((ni, ei), (nc, ec)) = (first.item_shape(), first.category_shape());
-        if members.iter().any(|m| (m.hidden_dim(), m.input_dim(), m.item_shape(), m.category_shape()) != (h, d, (ni, ei), (nc, ec))) {
+        if members.iter().any(|m| (m.hidden_dim(), m.input_dim(), m.item_shape(), m.category_shape(), m.skip_weight.is_some()) != (h, d, (ni, ei), (nc, ec), first.skip_weight.is_some())) {
             return Err(crate::ModelError::Invalid("members to pack differ in shape".into()));
         }
         let k = members.len();
@@ -280,6 +306,7 @@ impl GruParams {
         let (mut b_ih, mut b_hh) = (vec![0f32; 3 * hp], vec![0f32; 3 * hp]);
         let mut head = vec![0f32; hp];
         let mut head_bias = 0f32;
+        let mut skip = first.skip_weight.as_ref().map(|_| vec![0f32; dense]);
         let mut items = vec![0f32; ni * k * ei];
         let mut categories = vec![0f32; nc * k * ec];
         for (m, p) in members.iter().enumerate() {
@@ -302,6 +329,11 @@ impl GruParams {
                 head[m * h + j] = w / k as f32;
             }
             head_bias += p.head_bias.to_vec1::<f32>()?[0] / k as f32;
+            if let Some(acc) = &mut skip {
+                for (a, w) in acc.iter_mut().zip(p.skip_values()?) {
+                    *a += w / k as f32;
+                }
+            }
             for (table, out, rows, width) in [(&p.item_embedding, &mut items, ni, ei), (&p.category_embedding, &mut categories, nc, ec)] {
                 if let Some(t) = table {
                     for (r, row) in t.to_vec2::<f32>()?.into_iter().enumerate().take(rows) {
@@ -323,6 +355,7 @@ impl GruParams {
             head_bias: Tensor::from_vec(vec![head_bias], 1, dev)?,
             item_embedding: table(items, ni, ei)?,
             category_embedding: table(categories, nc, ec)?,
+            skip_weight: skip.map(|w| Tensor::from_vec(w, (1, dense), dev)).transpose()?,
         })
     }
 
@@ -338,8 +371,16 @@ impl GruParams {
             bias_hh: self.bias_hh.to_device(device)?,
             head_weight: self.head_weight.to_device(device)?,
             head_bias: self.head_bias.to_device(device)?,
+            skip_weight: move_table(&self.skip_weight)?,
         })
     }
+}
+
+/// The skip term `Σ skip[i] · dense[i]` of one row, summed in slot order (0 without a skip
+/// connection): the one place every serving path adds it, so a score does not depend on which
+/// path computed the hidden state's part.
+pub(crate) fn skip_term(skip: &[f32], dense: &[f32]) -> f32 {
+    skip.iter().zip(dense).fold(0.0, |acc, (w, x)| acc + w * x)
 }
 
 fn table_shape(table: Option<&Tensor>) -> (usize, usize) {
@@ -375,6 +416,7 @@ pub(crate) mod testing {
             head_bias: t(1, 1).flatten_all().unwrap(),
             item_embedding: Some(t(item.0, item.1)),
             category_embedding: Some(t(category.0, category.1)),
+            skip_weight: Some(t(1, dense)),
         }
     }
 }
@@ -390,7 +432,11 @@ mod tests {
     fn step(p: &GruParams, dense: &Tensor, items: &Tensor, cats: &Tensor, h: &Tensor) -> (Tensor, Vec<f32>) {
         let how = Projection::Batched;
         let h1 = p.cell(&p.input_gates(&p.gru_input(dense, items, cats).unwrap(), how).unwrap(), h, how).unwrap();
-        let logits = p.logits(&h1, how).unwrap().to_vec1().unwrap();
+        let mut logits: Vec<f32> = p.logits(&h1, how).unwrap().to_vec1().unwrap();
+        let skip = p.skip_values().unwrap();
+        for (l, row) in logits.iter_mut().zip(dense.to_vec2::<f32>().unwrap()) {
+            *l += skip_term(&skip, &row);
+        }
         (h1, logits)
     }
 

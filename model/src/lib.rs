@@ -163,6 +163,9 @@ pub struct IntentModel {
     /// The fused step's weight layout, built at load on every device.
     kernel: Arc<kernel::FusedGru>,
     serving: Serving,
+    /// The skip weights on the host (empty: none); the skip term is added to the fused
+    /// kernels' logits here, not in them.
+    skip: Arc<[f32]>,
 }
 
 /// What runs [`IntentModel::step`].
@@ -224,7 +227,8 @@ impl IntentModel {
         let projection = if device.is_cpu() { Projection::PerRow } else { Projection::Batched };
         let members = meta.training.as_ref().map_or(1, |t| t.members);
         let kernel = Arc::new(kernel::FusedGru::new(&params, members).map_err(|e| ModelError::Invalid(e.to_string()))?.with_state_precision(meta.state_precision));
-        let mut model = IntentModel { params, meta, device, projection, kernel, serving: Serving::Cpu };
+        let skip = params.skip_values()?.into();
+        let mut model = IntentModel { params, meta, device, projection, kernel, serving: Serving::Cpu, skip };
         if !model.device.is_cpu() {
             model.serving = Serving::Gpu(Arc::new(Mutex::new(model.resident_states(1024)?)));
         }
@@ -248,8 +252,11 @@ impl IntentModel {
         Err(ModelError::CudaUnavailable(format!("no fused step on {:?}", self.device)))
     }
 
-    /// The calibrated purchase probability of a head logit.
-    pub fn probability(&self, logit: f32) -> f32 {
+    /// The calibrated purchase probability of a step's head logit (what the fused kernels
+    /// return) for a row with input `features`: the skip term of the dense features is added
+    /// here, the same way on every serving path.
+    pub fn probability(&self, logit: f32, features: &Features) -> f32 {
+        let logit = if self.skip.is_empty() { logit } else { logit + gru::skip_term(&self.skip, &features.dense) };
         self.meta.calibration.apply(kernel::sigmoid(logit))
     }
 
@@ -310,7 +317,7 @@ impl IntentModel {
                 let mut next = hidden.to_vec();
                 let mut logits = vec![0f32; b];
                 self.kernel.step(inputs, &mut next, &mut logits);
-                let scores = logits.into_iter().map(|l| self.probability(l)).collect();
+                let scores = logits.into_iter().zip(inputs).map(|(l, f)| self.probability(l, f)).collect();
                 return Ok(StepOutput { hidden: next, scores });
             }
             Serving::Gpu(scratch) => {
@@ -324,7 +331,7 @@ impl IntentModel {
                 let (mut logits, mut next) = (Vec::with_capacity(b), Vec::with_capacity(b * h));
                 slab.step(&rows, &mut logits)?;
                 slab.read(&slots, &mut next)?;
-                let scores = logits.into_iter().map(|l| self.probability(l)).collect();
+                let scores = logits.into_iter().zip(inputs).map(|(l, f)| self.probability(l, f)).collect();
                 return Ok(StepOutput { hidden: next, scores });
             }
             Serving::Candle => {}
@@ -338,8 +345,8 @@ impl IntentModel {
             StatePrecision::F16 => h1 = h1.to_dtype(candle_core::DType::F16)?.to_dtype(candle_core::DType::F32)?,
             StatePrecision::Bf16 => h1 = h1.to_dtype(candle_core::DType::BF16)?.to_dtype(candle_core::DType::F32)?,
         }
-        let raw: Vec<f32> = gru::sigmoid(&self.params.logits(&h1, how)?)?.to_vec1()?;
-        let scores = raw.into_iter().map(|p| self.meta.calibration.apply(p)).collect();
+        let logits: Vec<f32> = self.params.logits(&h1, how)?.to_vec1()?;
+        let scores = logits.into_iter().zip(inputs).map(|(l, f)| self.probability(l, f)).collect();
         Ok(StepOutput { hidden: h1.flatten_all()?.to_vec1()?, scores })
     }
 

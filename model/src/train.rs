@@ -147,6 +147,9 @@ pub struct TrainConfig {
     /// f32; `f16` halves the stored hidden state (measured cost: `intentflow eval
     /// --state-precision`).
     pub state_precision: StatePrecision,
+    /// Whether the head also reads the dense features directly (the skip connection of
+    /// `skip.weight`, see the `gru` module), beside the GRU's hidden vector.
+    pub skip: bool,
 }
 
 impl Default for TrainConfig {
@@ -170,6 +173,7 @@ impl Default for TrainConfig {
             seed: 7,
             session: SessionConfig::default(),
             state_precision: StatePrecision::F32,
+            skip: true,
         }
     }
 }
@@ -301,7 +305,11 @@ fn forward(params: &GruParams, batch: &Batch) -> Result<Tensor, ModelError> {
         h = params.cell(&gi.narrow(1, step, 1)?.squeeze(1)?, &h, Projection::Batched)?;
         logits.push(params.logits(&h, Projection::Batched)?);
     }
-    Ok(Tensor::stack(&logits, 1)?)
+    let logits = Tensor::stack(&logits, 1)?;
+    match &params.skip_weight {
+        None => Ok(logits),
+        Some(skip) => Ok((logits + batch.x.reshape((b * t, d))?.matmul(&skip.t()?)?.reshape((b, t))?)?),
+    }
 }
 
 /// Weighted mean of binary cross-entropy with logits, in a numerically stable form.
@@ -344,6 +352,37 @@ fn aggregate_rows(sessions: &[LabelledSession]) -> (Vec<Vec<f64>>, Vec<bool>) {
         .unzip()
 }
 
+/// Where the head's skip connection starts: a logistic regression on the normalised
+/// [`SKIP_FEATURES`](crate::features::SKIP_FEATURES) of the training split's labelled events
+/// (Newton's method, as the baseline), as skip weights and head bias. The bias is shifted by `ln(pos_weight)`, where the weighted loss
+/// puts its optimum. Training starts from this regression, with the hidden vector's head
+/// weights at zero, and the regression itself is the first candidate of early stopping: the
+/// GRU is kept only where it improves on the regression on validation.
+#[derive(Debug, Clone, PartialEq)]
+struct WideStart {
+    skip: Vec<f32>,
+    bias: f32,
+    /// 1 for the features the skip reads, 0 for the others (whose weights stay 0).
+    mask: Vec<f32>,
+}
+
+impl WideStart {
+    fn fit(train_set: &[LabelledSession], spec: &FeatureSpec, pos_weight: f32) -> WideStart {
+        let mask: Vec<f32> = crate::features::FEATURE_NAMES.iter().map(|n| f32::from(u8::from(crate::features::SKIP_FEATURES.contains(n)))).collect();
+        // Features left out are 0 in every row: the regression gives them no weight.
+        let (rows, labels): (Vec<Vec<f64>>, Vec<bool>) = train_set
+            .iter()
+            .flat_map(|s| (0..s.mask.len()).filter(|&j| s.mask[j] > 0.0).map(move |j| (s, j)))
+            .map(|(s, j)| (spec.normalize(&s.features[j]).dense.iter().zip(&mask).map(|(&v, &m)| f64::from(v * m)).collect(), s.labels[j] > 0.5))
+            .unzip();
+        let fitted = Logistic::fit(crate::features::FEATURE_NAMES.iter().map(|n| n.to_string()).collect(), &rows, &labels, 1.0);
+        // The regression standardises its inputs again: fold that into the weights.
+        let skip: Vec<f64> = fitted.weights.iter().zip(&fitted.std).map(|(w, sd)| w / sd).collect();
+        let shift: f64 = skip.iter().zip(&fitted.mean).map(|(w, m)| w * m).sum();
+        WideStart { skip: skip.iter().zip(&mask).map(|(&w, &m)| w as f32 * m).collect(), bias: (fitted.bias - shift + f64::from(pos_weight).ln()) as f32, mask }
+    }
+}
+
 /// One trained member of the seed ensemble.
 struct Member {
     params: GruParams,
@@ -359,6 +398,7 @@ fn fit_member(
     spec: &FeatureSpec,
     cfg: &TrainConfig,
     pos_weight: f32,
+    wide: Option<&WideStart>,
     seed: u64,
     device: &Device,
     mut on_epoch: impl FnMut(&EpochReport),
@@ -383,6 +423,11 @@ fn fit_member(
     if cat_dim > 0 {
         vars.push(uniform(&mut rng, (cat_rows as usize, cat_dim), 0.1, device)?);
     }
+    if let Some(wide) = wide {
+        vars[4] = Var::from_tensor(&Tensor::zeros((1, h), DType::F32, device)?)?;
+        vars[5] = Var::from_tensor(&Tensor::new(&[[wide.bias]], device)?)?;
+        vars.push(Var::from_tensor(&Tensor::from_slice(&wide.skip, (1, FEATURE_DIM), device)?)?);
+    }
     // The trained tensors in `vars` order; biases are held as (1, n) and stored flat.
     let params_of = |t: &[Tensor]| -> Result<GruParams, ModelError> {
         let mut tables = t[6..].iter();
@@ -395,6 +440,10 @@ fn fit_member(
             head_bias: t[5].flatten_all()?,
             item_embedding: if item_dim > 0 { tables.next().cloned() } else { None },
             category_embedding: if cat_dim > 0 { tables.next().cloned() } else { None },
+            skip_weight: match (wide, tables.next()) {
+                (Some(wide), Some(skip)) => Some(skip.broadcast_mul(&Tensor::from_slice(&wide.mask, (1, FEATURE_DIM), skip.device())?)?),
+                _ => None,
+            },
         })
     };
     let live = |vars: &[Var]| vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();
@@ -408,7 +457,15 @@ fn fit_member(
         batches.push(make_batch(chunk, spec, cfg.max_len, pos_weight, device)?);
     }
 
-    let mut best: Option<(f64, usize, Vec<Tensor>)> = None;
+    // Epoch 0 is the regression the skip connection starts from, kept if no epoch beats it.
+    let mut best: Option<(f64, usize, Vec<Tensor>)> = match wide {
+        None => None,
+        Some(_) => {
+            let (scores, labels) = predict(&params_of(&live(&vars))?, val_set, spec, device)?;
+            let snapshot = vars.iter().map(|v| v.as_tensor().copy()).collect::<Result<Vec<_>, _>>()?;
+            Some((eval::pr_auc(&scores, &labels).unwrap_or(0.0), 0, snapshot))
+        }
+    };
     let mut epochs = 0;
     for epoch in 1..=cfg.epochs {
         epochs = epoch;
@@ -543,12 +600,13 @@ pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, mut on_epoch:
     let spec = unfitted.fit(&train_rows);
     let pos_weight = cfg.pos_weight.unwrap_or_else(|| ((labelled - positives) as f64 / positives as f64).sqrt());
 
+    let wide = cfg.skip.then(|| WideStart::fit(train_set, &spec, pos_weight as f32));
     let mut members = Vec::with_capacity(cfg.members.max(1));
     let mut best_epochs = Vec::new();
     let mut epochs_run = 0;
     for member in 0..cfg.members.max(1) {
         let seed = cfg.seed.wrapping_add(member as u64 * 1_000_003);
-        let fitted = fit_member(train_set, val_set, &spec, cfg, pos_weight as f32, seed, device, |r| on_epoch(member, r))?;
+        let fitted = fit_member(train_set, val_set, &spec, cfg, pos_weight as f32, wide.as_ref(), seed, device, |r| on_epoch(member, r))?;
         best_epochs.push(fitted.best_epoch);
         epochs_run += fitted.epochs;
         members.push(fitted.params);

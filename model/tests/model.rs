@@ -114,6 +114,23 @@ fn training_learns_cart_leads_to_purchase_and_round_trips() {
         }
     }
 
+    // The head reads the session and history aggregates directly (the skip connection, which
+    // starts as a regression on them): the other features have no skip weight, and the fused
+    // serving step adds the skip term as candle's reference step does.
+    let skip: Vec<f32> = model.params().skip_weight.as_ref().expect("trained with a skip connection").flatten_all().unwrap().to_vec1().unwrap();
+    for (name, w) in intentflow_model::features::FEATURE_NAMES.iter().zip(&skip) {
+        assert!(intentflow_model::features::SKIP_FEATURES.contains(name) || *w == 0.0, "{name} has skip weight {w}");
+    }
+    assert!(skip.iter().any(|w| w.abs() > 1e-3), "{skip:?}");
+    let reference = model.with_candle_step().step(&inputs, &hidden).unwrap();
+    for (a, b) in reference.scores.iter().zip(&batched.scores) {
+        assert!((a - b).abs() < 1e-5, "candle {a} vs fused {b}");
+    }
+    let mut without_skip = model.params().clone();
+    without_skip.skip_weight = None;
+    let without = IntentModel::new(without_skip, model.meta().clone(), Device::Cpu).unwrap().step(&inputs, &hidden).unwrap();
+    assert!(without.scores.iter().zip(&batched.scores).any(|(a, b)| (a - b).abs() > 1e-4), "the skip term counts");
+
     // A tampered weights file is refused.
     let weights = dir.path().join(intentflow_model::MODEL_FILE);
     let mut bytes = std::fs::read(&weights).unwrap();

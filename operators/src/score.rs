@@ -370,15 +370,16 @@ impl IntentOperator {
                         if prepared.reset_hidden {
                             slot.state.hidden.fill(0.0);
                         }
-                        features.push(prepared.features);
                         hidden.extend_from_slice(&slot.state.hidden);
                     }
                 }
+                // Kept on both paths: the head's skip term reads them.
+                features.push(prepared.features);
                 wave_slots.push(si);
             }
             scores.clear();
             match (&device_slots, resident.as_deref_mut()) {
-                (Some(_), Some(r)) => scores.extend(r.step()?.iter().map(|&logit| self.model.probability(logit))),
+                (Some(_), Some(r)) => scores.extend(r.step()?.iter().zip(&features).map(|(&logit, f)| self.model.probability(logit, f))),
                 _ => {
                     let out = self.model.step(&features, &hidden)?;
                     for (k, &si) in wave_slots.iter().enumerate() {
@@ -824,8 +825,9 @@ mod tests {
             }
             for (_, _, state) in &out.states {
                 let bytes = state.encode();
-                let with_history = state.session.history != intentflow_state::UserHistory::default();
-                assert_eq!((bytes[0], bytes[1] & 8), (4 + 2 * u8::from(with_history), 8), "version 4 (6 with a history), hidden in f16");
+                // Every event counts in the session or the history: version 6, version 4's f16
+                // hidden vector followed by them.
+                assert_eq!((bytes[0], bytes[1] & 8), (6, 8), "version 6, hidden in f16");
             }
             store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
             start = end;

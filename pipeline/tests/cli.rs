@@ -45,18 +45,19 @@ fn generate_is_seeded_and_train_writes_pytorch_named_weights() {
             "head.bias:[1]",
             "head.weight:[1,16]",
             "item_embedding.weight:[1024,16]",
+            "skip.weight:[1,33]",
             "weight_hh_l0:[48,16]",
-            "weight_ih_l0:[48,41]"
+            "weight_ih_l0:[48,57]"
         ]
     );
     intentflow_model::IntentModel::load(&model_dir, &intentflow_model::Device::Cpu).expect("the written model loads");
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(model_dir.join("model.json")).unwrap()).unwrap();
     // Two members of hidden size 8 packed side by side.
     assert_eq!(meta["hidden_dim"], 16);
-    assert_eq!(meta["input_dim"], 17 + 2 * 8 + 2 * 4);
-    assert_eq!(meta["features"]["names"].as_array().unwrap().len(), 17);
+    assert_eq!(meta["input_dim"], 33 + 2 * 8 + 2 * 4);
+    assert_eq!(meta["features"]["names"].as_array().unwrap().len(), 33);
     assert_eq!(meta["calibration"]["method"], "platt");
-    assert_eq!(meta["baselines"]["logistic"]["weights"].as_array().unwrap().len(), 13);
+    assert_eq!(meta["baselines"]["logistic"]["weights"].as_array().unwrap().len(), 18);
     assert!(meta["version"].as_str().unwrap().starts_with("gru-"));
 
     // Evaluation on the held-out sessions of generated data also shows the oracle.

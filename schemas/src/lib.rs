@@ -18,7 +18,7 @@ mod session;
 pub use decode::{Cell, EventDecoder, FieldSource};
 pub use event::{DecodeError, Event, EventType, Limits};
 pub use intent::{ScoredIntent, SourcePosition, INTENT_SCHEMA_VERSION};
-pub use session::{item_key, SessionConfig, SessionState, SessionStep, UserHistory};
+pub use session::{item_key, DistinctSketch, SessionConfig, SessionCounts, SessionState, SessionStep, UserHistory};
 
 /// Formats epoch milliseconds as RFC 3339 UTC with millisecond precision, e.g.
 /// `2019-10-01T00:00:00.000Z`. Years 0–9999 are formatted by hand (two per intent, on the hot

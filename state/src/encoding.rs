@@ -35,16 +35,20 @@
 //! (a rolled-back binary keeps its states).
 //!
 //! Versions 5 and 6 are versions 3 and 4 followed by the user's long-term history
-//! ([`UserHistory`]), written only when it is not all zero (so a state without history is still
-//! read by older builds):
+//! ([`UserHistory`]) and the current session's counts ([`SessionCounts`]), written only when
+//! they are not all zero (so a fresh state is still read by older builds):
 //!
 //! ```text
 //! varint purchases | varint carts | zigzag previous_gap_ms
+//! varint browsed | varint added | varint removed | varint wished | varint priced
+//! [f32 price_sum | f32 price_max | f32 price_min]   (only if priced > 0)
+//! u32 items sketch | u32 categories sketch
 //! ```
 //!
 //! Older versions still decode, with explicit migrations: versions 3 and 4 are read with an
-//! empty history (the user's earlier purchases and carts are unknown and count from the next
-//! event on; sessions before are still `session_seq`); version 2 is version 3 without fences
+//! empty history and empty session counts (the user's earlier purchases and carts, and the
+//! current session's counts, are unknown and count from the next event on; sessions before are
+//! still `session_seq`); version 2 is version 3 without fences
 //! (read with none, so its next event is applied whatever its offset); version 1 is
 //! version 2 without `last_item` (flag bit 2 never set), read with `last_item = None`, so the
 //! next event of such a session is not recognised as repeating the previous item.
@@ -53,12 +57,12 @@
 //! ([`StateError::UnsupportedVersion`]): the operator quarantines such a record rather than guess.
 
 use crate::StateError;
-use intentflow_schemas::{SessionState, UserHistory};
+use intentflow_schemas::{DistinctSketch, SessionCounts, SessionState, UserHistory};
 
 /// Newest encoding version. The first byte of an encoded state is 4 for f16 states, else 3,
-/// plus 2 when the user has a history (5, 6).
+/// plus 2 when the user has a history or session counts (5, 6).
 pub const STATE_ENCODING_VERSION: u8 = 6;
-/// What a history adds to the version byte.
+/// What the history block adds to the version byte.
 const WITH_HISTORY: u8 = 2;
 /// Oldest version [`UserState::decode`] still reads.
 const OLDEST_READABLE_VERSION: u8 = 1;
@@ -165,9 +169,25 @@ impl<'a> Reader<'a> {
         let v = self.varint()?;
         Ok((v >> 1) as i64 ^ -((v & 1) as i64))
     }
+    fn f32(&mut self) -> Result<f32, StateError> {
+        Ok(f32::from_le_bytes(self.array()?))
+    }
     /// The history block of versions 5 and 6.
-    fn history(&mut self) -> Result<UserHistory, StateError> {
-        Ok(UserHistory { purchases: self.varint_u32()?, carts: self.varint_u32()?, previous_gap_ms: self.zigzag()? })
+    fn history(&mut self) -> Result<(UserHistory, SessionCounts), StateError> {
+        let history = UserHistory { purchases: self.varint_u32()?, carts: self.varint_u32()?, previous_gap_ms: self.zigzag()? };
+        let mut c = SessionCounts {
+            browsed: self.varint_u32()?,
+            added: self.varint_u32()?,
+            removed: self.varint_u32()?,
+            wished: self.varint_u32()?,
+            priced: self.varint_u32()?,
+            ..SessionCounts::default()
+        };
+        if c.priced > 0 {
+            (c.price_sum, c.price_max, c.price_min) = (self.f32()?, self.f32()?, self.f32()?);
+        }
+        (c.items, c.categories) = (DistinctSketch(self.u32()?), DistinctSketch(self.u32()?));
+        Ok((history, c))
     }
     fn varint_str(&mut self) -> Result<String, StateError> {
         let n = self.varint()?;
@@ -191,14 +211,25 @@ fn put_zigzag(out: &mut Vec<u8>, v: i64) {
 }
 
 /// Appends the history block of versions 5 and 6 and returns what it adds to the version byte
-/// (nothing for an empty history, which is not written).
-fn put_history(out: &mut Vec<u8>, h: &UserHistory) -> u8 {
-    if *h == UserHistory::default() {
+/// (nothing for an empty history and empty counts, which are not written).
+fn put_history(out: &mut Vec<u8>, s: &SessionState) -> u8 {
+    let (h, c) = (&s.history, &s.counts);
+    if *h == UserHistory::default() && *c == SessionCounts::default() {
         return 0;
     }
     put_varint(out, u64::from(h.purchases));
     put_varint(out, u64::from(h.carts));
     put_zigzag(out, h.previous_gap_ms);
+    for n in [c.browsed, c.added, c.removed, c.wished, c.priced] {
+        put_varint(out, u64::from(n));
+    }
+    if c.priced > 0 {
+        for v in [c.price_sum, c.price_max, c.price_min] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    out.extend_from_slice(&c.items.0.to_le_bytes());
+    out.extend_from_slice(&c.categories.0.to_le_bytes());
     WITH_HISTORY
 }
 
@@ -253,7 +284,7 @@ impl UserState {
             out.extend_from_slice(&f.topic.to_le_bytes());
             out.extend_from_slice(&f.next.to_le_bytes());
         }
-        out[0] += put_history(&mut out, &s.history);
+        out[0] += put_history(&mut out, s);
         out
     }
 
@@ -307,7 +338,7 @@ impl UserState {
             out.extend_from_slice(&f.topic.to_le_bytes());
             put_zigzag(&mut out, f.next);
         }
-        out[0] += put_history(&mut out, &s.history);
+        out[0] += put_history(&mut out, s);
         Some(out)
     }
 
@@ -334,7 +365,7 @@ impl UserState {
         for _ in 0..m {
             fences.push(Fence { topic: r.u32()?, next: r.zigzag()? });
         }
-        let history = if with_history { r.history()? } else { UserHistory::default() };
+        let (history, counts) = if with_history { r.history()? } else { Default::default() };
         if !r.bytes.is_empty() {
             return Err(StateError::Corrupt(format!("{} trailing bytes", r.bytes.len())));
         }
@@ -350,6 +381,7 @@ impl UserState {
                 purchased: flags & 1 != 0,
                 total_events,
                 last_item,
+                counts,
                 history,
             },
             hidden,
@@ -397,7 +429,7 @@ impl UserState {
                 fences.push(Fence { topic: r.u32()?, next: r.i64()? });
             }
         }
-        let history = if with_history { r.history()? } else { UserHistory::default() };
+        let (history, counts) = if with_history { r.history()? } else { Default::default() };
         if !r.bytes.is_empty() {
             return Err(StateError::Corrupt(format!("{} trailing bytes", r.bytes.len())));
         }
@@ -413,6 +445,7 @@ impl UserState {
                 purchased: flags & 1 != 0,
                 total_events,
                 last_item,
+                counts,
                 history,
             },
             hidden,
@@ -438,6 +471,7 @@ mod tests {
             fences in proptest::collection::vec((any::<u32>(), any::<i64>()), 0..4),
             in_f16 in any::<bool>(),
             history in proptest::option::of((any::<u32>(), any::<u32>(), any::<i64>())),
+            counts in proptest::option::of((proptest::collection::vec(0u32..1000, 5), proptest::collection::vec(0.0f32..1e6, 3), any::<u32>(), any::<u32>())),
         ) {
             // Half the cases hold f16 values (what a model with f16 states stores).
             let hidden: Vec<f32> = if in_f16 { hidden.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect() } else { hidden };
@@ -445,14 +479,20 @@ mod tests {
             let state = UserState {
                 session: SessionState { session_id: sid, session_seq: seq, events, cart_count: cart, cart_value: value,
                     started_ms: started, last_ts_ms: last, purchased, total_events: total, last_item,
-                    history: history.map_or_else(UserHistory::default, |(purchases, carts, previous_gap_ms)| UserHistory { purchases, carts, previous_gap_ms }) },
+                    history: history.map_or_else(UserHistory::default, |(purchases, carts, previous_gap_ms)| UserHistory { purchases, carts, previous_gap_ms }),
+                    counts: counts.map_or_else(SessionCounts::default, |(n, p, items, categories)| SessionCounts {
+                        browsed: n[0], added: n[1], removed: n[2], wished: n[3], priced: n[4],
+                        // Prices are stored only when some event had one.
+                        price_sum: if n[4] > 0 { p[0] } else { 0.0 }, price_max: if n[4] > 0 { p[1] } else { 0.0 }, price_min: if n[4] > 0 { p[2] } else { 0.0 },
+                        items: DistinctSketch(items), categories: DistinctSketch(categories),
+                    }) },
                 hidden,
                 model_version: version,
                 fences: fences.into_iter().map(|(topic, next)| Fence { topic, next }).collect(),
             };
             let bytes = state.encode();
             // The compact version 4 exactly when f16 keeps every value's bits; 2 more with a history.
-            let with_history = state.session.history != UserHistory::default();
+            let with_history = state.session.history != UserHistory::default() || state.session.counts != SessionCounts::default();
             prop_assert_eq!(bytes[0], if exact { 4 } else { 3 } + if with_history { 2 } else { 0 });
             prop_assert_eq!(UserState::decode(&bytes).unwrap(), state);
         }
@@ -502,8 +542,9 @@ mod tests {
         let v3 = state.encode();
         state.session.history = UserHistory { purchases: 2, carts: 5, previous_gap_ms: 3_600_000 };
         let v5 = state.encode();
-        // Version 5 is version 3 and the history block: 1 + 1 + 4 bytes of varints.
-        assert_eq!((v3[0], v5[0], v5.len() - v3.len()), (3, 5, 6));
+        // Version 5 is version 3 and the history block: 1 + 1 + 4 bytes of history varints, 5
+        // bytes of zero counts (no prices) and the two 4-byte sketches.
+        assert_eq!((v3[0], v5[0], v5.len() - v3.len()), (3, 5, 6 + 5 + 8));
         assert_eq!(&v5[1..v3.len()], &v3[1..]);
         assert_eq!(UserState::decode(&v5).unwrap(), state);
         // A state written before histories existed (version 3) reads with an empty one.
@@ -512,6 +553,14 @@ mod tests {
         let v6 = state.encode();
         assert_eq!(v6[0], 6);
         assert_eq!(UserState::decode(&v6).unwrap(), state);
+        // Session counts alone also take the block, prices only when there are some.
+        state.session.history = UserHistory::default();
+        state.session.counts = SessionCounts { browsed: 3, priced: 2, price_sum: 7.5, price_max: 5.0, price_min: 2.5, items: DistinctSketch(6), ..Default::default() };
+        let with_prices = state.encode();
+        let v4 = UserState { session: SessionState::default(), ..state.clone() }.encode();
+        // 3 bytes of zero history, 5 of counts, 12 of prices, 8 of sketches.
+        assert_eq!((v4[0], with_prices[0], with_prices.len() - v4.len()), (4, 6, 3 + 5 + 12 + 8));
+        assert_eq!(UserState::decode(&with_prices).unwrap(), state);
         assert!(matches!(UserState::decode(&v6[..v6.len() - 1]), Err(StateError::Corrupt(_))), "a cut history is corrupt");
     }
 
@@ -545,6 +594,7 @@ mod tests {
             purchased: false,
             total_events: 31,
             last_item: Some(0x1234_5678_9abc_def0),
+            counts: SessionCounts::default(),
             history: UserHistory::default(),
         };
         state.mark_applied(topic_id("events"), 1_234_567);

@@ -83,6 +83,10 @@ pub struct TrainArgs {
     /// cuts sessions the way the model was trained.
     #[arg(long, default_value_t = 30)]
     pub session_gap_minutes: i64,
+    /// Leave out the head's skip connection: the head then reads the GRU's hidden vector only
+    /// (by default it also reads the dense features, see docs/model.md).
+    #[arg(long)]
+    pub no_skip: bool,
 }
 
 /// `--label` values.
@@ -146,6 +150,7 @@ impl TrainArgs {
             },
             session: SessionConfig { gap_ms: self.session_gap_minutes * 60_000 },
             state_precision: self.state_precision.into(),
+            skip: !self.no_skip,
             ..TrainConfig::default()
         })
     }
