@@ -38,6 +38,10 @@ pub struct Assessment {
     pub bootstrap_reps: usize,
     /// One entry per scorer, the GRU first.
     pub scorers: Vec<ScorerMetrics>,
+    /// Paired bootstraps: the GRU and the ensemble against the logistic regression, on ROC-AUC
+    /// and PR-AUC.
+    #[serde(default)]
+    pub comparisons: Vec<eval::Comparison>,
     /// Precision the GRU's hidden states were rounded to between steps, if not the model's own
     /// (`intentflow eval --state-precision`).
     #[serde(default, skip_serializing_if = "StatePrecision::is_f32")]
@@ -152,7 +156,13 @@ pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, 
             metrics: scored(&truth, threshold, 4),
         });
     }
-    Ok(Assessment { model_version: meta.version.clone(), part: part.as_str().into(), label, split, bootstrap_reps: reps, scorers, state_precision: precision })
+    let mut comparisons = Vec::new();
+    for (name, scores) in [("gru", &gru), ("ensemble", &ens)] {
+        for metric in [("roc_auc", eval::roc_auc as fn(&[f32], &[bool]) -> Option<f64>), ("pr_auc", eval::pr_auc)] {
+            comparisons.push(eval::paired_bootstrap((name, "logistic_regression"), (scores, &lr), &labels, &groups, reps, seed + 5, metric));
+        }
+    }
+    Ok(Assessment { model_version: meta.version.clone(), part: part.as_str().into(), label, split, bootstrap_reps: reps, scorers, comparisons, state_precision: precision })
 }
 
 #[cfg(test)]

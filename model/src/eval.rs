@@ -199,6 +199,20 @@ pub fn bootstrap(
     seed: u64,
     metric: impl Fn(&[f32], &[bool]) -> Option<f64>,
 ) -> Option<Interval> {
+    let (mut s, mut l) = (Vec::new(), Vec::new());
+    let values = replicates(groups, reps, seed, |picked| {
+        s.clear();
+        l.clear();
+        s.extend(picked.iter().map(|&i| scores[i]));
+        l.extend(picked.iter().map(|&i| labels[i]));
+        metric(&s, &l)
+    })?;
+    Some(percentiles(values))
+}
+
+/// `metric` on `reps` resamples of whole groups with replacement (the events picked, in order);
+/// `None` with fewer than 2 groups or when no replicate is defined.
+fn replicates(groups: &[usize], reps: usize, seed: u64, mut metric: impl FnMut(&[usize]) -> Option<f64>) -> Option<Vec<f64>> {
     let n_groups = groups.iter().max().map_or(0, |m| m + 1);
     if n_groups < 2 {
         return None;
@@ -209,26 +223,125 @@ pub fn bootstrap(
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut values = Vec::with_capacity(reps);
-    let (mut s, mut l) = (Vec::new(), Vec::new());
+    let mut picked = Vec::new();
     for _ in 0..reps {
-        s.clear();
-        l.clear();
+        picked.clear();
         for _ in 0..n_groups {
-            for &i in &members[rng.random_range(0..n_groups)] {
-                s.push(scores[i]);
-                l.push(labels[i]);
-            }
+            picked.extend_from_slice(&members[rng.random_range(0..n_groups)]);
         }
-        if let Some(v) = metric(&s, &l) {
-            values.push(v);
-        }
+        values.extend(metric(&picked));
     }
-    if values.is_empty() {
-        return None;
-    }
+    (!values.is_empty()).then_some(values)
+}
+
+/// The 2.5th and 97.5th percentiles of replicate values.
+fn percentiles(mut values: Vec<f64>) -> Interval {
     values.sort_by(f64::total_cmp);
     let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
-    Some(Interval { lo: at(0.025), hi: at(0.975) })
+    Interval { lo: at(0.025), hi: at(0.975) }
+}
+
+/// Two scorers compared on the same events by a paired bootstrap: each replicate resamples
+/// whole sessions once and scores both on them, so what the sessions share cancels out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    /// The first scorer.
+    pub a: String,
+    /// The second scorer.
+    pub b: String,
+    /// `roc_auc` or `pr_auc`.
+    pub metric: String,
+    /// The metric of `a` minus that of `b`, on all events.
+    pub difference: Option<f64>,
+    /// 95 % interval of the difference over the replicates.
+    pub interval: Option<Interval>,
+    /// Share of replicates in which `a` scores higher than `b` (ties count half): the
+    /// bootstrap's probability that `a` beats `b` on this metric.
+    pub probability_a_better: Option<f64>,
+}
+
+/// Compares `a` and `b` on `metric` by a paired session bootstrap ([`Comparison`]).
+#[allow(clippy::too_many_arguments)]
+pub fn paired_bootstrap(
+    names: (&str, &str),
+    (a, b): (&[f32], &[f32]),
+    labels: &[bool],
+    groups: &[usize],
+    reps: usize,
+    seed: u64,
+    (metric_name, metric): (&str, fn(&[f32], &[bool]) -> Option<f64>),
+) -> Comparison {
+    let (mut sa, mut sb, mut l) = (Vec::new(), Vec::new(), Vec::new());
+    let differences = replicates(groups, reps, seed, |picked| {
+        (sa.clear(), sb.clear(), l.clear());
+        sa.extend(picked.iter().map(|&i| a[i]));
+        sb.extend(picked.iter().map(|&i| b[i]));
+        l.extend(picked.iter().map(|&i| labels[i]));
+        Some(metric(&sa, &l)? - metric(&sb, &l)?)
+    });
+    let probability_a_better = differences.as_ref().map(|d| {
+        d.iter().map(|&x| if x > 0.0 { 1.0 } else if x == 0.0 { 0.5 } else { 0.0 }).sum::<f64>() / d.len() as f64
+    });
+    Comparison {
+        a: names.0.into(),
+        b: names.1.into(),
+        metric: metric_name.into(),
+        difference: metric(a, labels).zip(metric(b, labels)).map(|(x, y)| x - y),
+        interval: differences.map(percentiles),
+        probability_a_better,
+    }
+}
+
+/// The shares of the highest scores [`lift`] reports: the top 1 %, 5 % and 10 %.
+pub const LIFT_FRACTIONS: [f64; 3] = [0.01, 0.05, 0.10];
+
+/// What a campaign aimed at the highest scores reaches: one row of a lift (gain) table.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LiftRow {
+    /// Share of events targeted (the highest scores first).
+    pub top: f64,
+    /// Events targeted.
+    pub events: usize,
+    /// Share of all positive events among them (the gain).
+    pub captured: f64,
+    /// Positive rate among them.
+    pub precision: f64,
+    /// Their positive rate over the base rate.
+    pub lift: f64,
+}
+
+/// The lift table at [`LIFT_FRACTIONS`]: events ranked by score, highest first. Scores tied
+/// across the cut count with their group's positive rate (what a random order of the tie would
+/// give on average), so a constant scorer captures exactly its share.
+pub fn lift(scores: &[f32], labels: &[bool]) -> Vec<LiftRow> {
+    // (events, positives) of each group of equal scores, highest first.
+    let groups: Vec<(usize, usize)> = descending_counts(scores, labels)
+        .iter()
+        .scan((0, 0), |prev, &(_, tp, fp)| {
+            let group = (tp + fp - prev.0 - prev.1, tp - prev.0);
+            *prev = (tp, fp);
+            Some(group)
+        })
+        .collect();
+    let positives = labels.iter().filter(|l| **l).count().max(1) as f64;
+    let base = positives / scores.len().max(1) as f64;
+    LIFT_FRACTIONS
+        .iter()
+        .map(|&top| {
+            let events = ((scores.len() as f64 * top).ceil() as usize).min(scores.len()).max(1);
+            let (mut taken, mut hits) = (0usize, 0f64);
+            for &(n, pos) in &groups {
+                let take = n.min(events - taken);
+                hits += pos as f64 * take as f64 / n as f64;
+                taken += take;
+                if taken == events {
+                    break;
+                }
+            }
+            let precision = hits / events as f64;
+            LiftRow { top, events, captured: hits / positives, precision, lift: precision / base }
+        })
+        .collect()
 }
 
 /// Buckets of "events seen so far in the session" for [`Metrics::auc_by_events`].
@@ -283,6 +396,9 @@ pub struct Metrics {
     pub pr_curve: Vec<Point>,
     /// Reliability diagram, 10 bins.
     pub reliability: Vec<ReliabilityBin>,
+    /// The lift table: what the top 1 %, 5 % and 10 % of scores capture.
+    #[serde(default)]
+    pub lift: Vec<LiftRow>,
 }
 
 /// What one scorer produced on one split: aligned per labelled event.
@@ -343,6 +459,7 @@ pub fn evaluate(s: Scored<'_>, threshold: f64, reps: usize, seed: u64) -> Metric
         roc_curve: thin(roc_curve),
         pr_curve: thin(pr_curve),
         reliability: reliability(s.scores, s.labels, 10),
+        lift: lift(s.scores, s.labels),
     }
 }
 
@@ -384,6 +501,37 @@ mod tests {
         let prf = prf_at(&[0.9, 0.6, 0.4, 0.1], &[true, false, true, false], 0.5);
         assert_eq!((prf.precision, prf.recall, prf.f1), (0.5, 0.5, 0.5));
         assert_eq!(best_f1_threshold(&[0.9, 0.8, 0.3, 0.1], &[true, true, false, false]), 0.8f32 as f64);
+    }
+
+    #[test]
+    fn lift_counts_the_positives_among_the_highest_scores() {
+        // 200 events, 20 positive; the 10 highest scores hold 6 positives.
+        let scores: Vec<f32> = (0..200).map(|i| 1.0 - i as f32 / 200.0).collect();
+        let labels: Vec<bool> = (0..200).map(|i| (i < 10 && i % 5 < 3) || (i >= 100 && i < 114)).collect();
+        let rows = lift(&scores, &labels);
+        assert_eq!(rows.iter().map(|r| r.events).collect::<Vec<_>>(), [2, 10, 20]);
+        let top5 = rows[1];
+        assert_eq!((top5.captured, top5.precision), (6.0 / 20.0, 0.6));
+        assert!((top5.lift - 6.0).abs() < 1e-12, "0.6 over a base rate of 0.1");
+        // A constant score captures its share, whatever the input order.
+        let flat = lift(&[0.5; 200], &labels);
+        assert!(flat.iter().all(|r| (r.captured - r.events as f64 / 200.0).abs() < 1e-12 && (r.lift - 1.0).abs() < 1e-12), "{flat:?}");
+    }
+
+    #[test]
+    fn a_paired_bootstrap_says_how_often_one_scorer_beats_another() {
+        let labels: Vec<bool> = (0..400).map(|i| (i * 7) % 10 < 2).collect();
+        let good: Vec<f32> = labels.iter().enumerate().map(|(i, &l)| if l { 0.6 } else { 0.4 } + ((i * 31) % 17) as f32 / 40.0).collect();
+        let noise: Vec<f32> = (0..400).map(|i| ((i * 53) % 97) as f32 / 97.0).collect();
+        let groups: Vec<usize> = (0..400).map(|i| i / 4).collect();
+        let c = paired_bootstrap(("good", "noise"), (&good, &noise), &labels, &groups, 200, 3, ("roc_auc", roc_auc));
+        assert!(c.probability_a_better.unwrap() > 0.99, "{c:?}");
+        let d = c.difference.unwrap();
+        let ci = c.interval.unwrap();
+        assert!(d > 0.1 && ci.lo < d && d < ci.hi, "{c:?}");
+        // Against itself: every replicate ties.
+        let same = paired_bootstrap(("good", "good"), (&good, &good), &labels, &groups, 50, 3, ("roc_auc", roc_auc));
+        assert_eq!((same.difference, same.probability_a_better), (Some(0.0), Some(0.5)));
     }
 
     #[test]

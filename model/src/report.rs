@@ -155,6 +155,32 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f
         }
         html.push_str("</tr>");
     }
+    html.push_str("</table><h2>Lift: positive events among the highest scores</h2><table><tr><th>scorer</th>");
+    for top in crate::eval::LIFT_FRACTIONS {
+        let _ = write!(html, "<th>top {:.0} %: captured (lift)</th>", top * 100.0);
+    }
+    html.push_str("</tr>");
+    for s in &a.scorers {
+        let _ = write!(html, "<tr><td>{}</td>", esc(&s.name));
+        for r in &s.metrics.lift {
+            let _ = write!(html, "<td>{:.3} (×{:.1})</td>", r.captured, r.lift);
+        }
+        html.push_str("</tr>");
+    }
+    html.push_str("</table><h2>Paired session bootstrap</h2><table><tr><th>comparison</th><th>metric</th><th>difference [95% CI]</th><th>P(first better)</th></tr>");
+    for c in &a.comparisons {
+        let ci = c.interval.map_or(String::new(), |c| format!(" [{:+.3}, {:+.3}]", c.lo, c.hi));
+        let _ = write!(
+            html,
+            "<tr><td>{} − {}</td><td>{}</td><td>{}{}</td><td>{}</td></tr>",
+            esc(&c.a),
+            esc(&c.b),
+            esc(&c.metric),
+            c.difference.map_or("n/a".into(), |d| format!("{d:+.4}")),
+            ci,
+            fmt_opt(c.probability_a_better)
+        );
+    }
     html.push_str("</table></body></html>\n");
     html
 }

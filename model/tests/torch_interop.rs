@@ -27,8 +27,8 @@
 //!
 //! and printed the reference numbers below.
 //!
-//! The fixture predates the seven dense features added after the first 17 (category path and
-//! brand present, the user's history). The test widens its `weight_ih_l0` with zero columns for
+//! The fixture predates the sixteen dense features added after the first 17 (category path and
+//! brand present, the user's history, the session's counts and prices). The test widens its `weight_ih_l0` with zero columns for
 //! them, as a PyTorch model trained on the first 17 would be served: whatever those inputs hold,
 //! the step must still equal PyTorch's.
 

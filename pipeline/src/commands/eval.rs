@@ -93,6 +93,28 @@ fn print_table(a: &Assessment) {
             m.at_threshold.f1
         );
     }
+    println!();
+    println!("{:<20} {:>10} {:>10} {:>10}   (share of positive events among the highest scores)", "lift: scorer", "top 1%", "top 5%", "top 10%");
+    for s in &a.scorers {
+        let cells: Vec<String> = s.metrics.lift.iter().map(|r| format!("{:.3} ×{:.1}", r.captured, r.lift)).collect();
+        println!("{:<20} {:>10} {:>10} {:>10}", s.name, cells.first().map_or("", String::as_str), cells.get(1).map_or("", String::as_str), cells.get(2).map_or("", String::as_str));
+    }
+    if !a.comparisons.is_empty() {
+        println!();
+        println!("paired session bootstrap ({} replicates):", a.bootstrap_reps);
+    }
+    for c in &a.comparisons {
+        println!(
+            "  {:<8} − {:<20} {:<8} {:>+8} {:>20}  P({} better) {}",
+            c.a,
+            c.b,
+            c.metric,
+            c.difference.map_or("n/a".into(), |d| format!("{d:+.4}")),
+            ci(c.interval),
+            c.a,
+            c.probability_a_better.map_or("n/a".into(), |p| format!("{p:.3}"))
+        );
+    }
 }
 
 /// Evaluates a model, its baselines and ensemble; writes metrics.json and report.html.
