@@ -120,6 +120,13 @@ pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, 
         }
     }
     if labels.is_empty() {
+        if part == Part::Test && split.test_fraction == 0.0 {
+            return Err(ModelError::Invalid(
+                "this model was trained with --test-fraction 0: it holds out no test sessions of its input. Evaluate it on a later file of \
+                 your own (--part all), or see its validation part (--part validation)"
+                    .into(),
+            ));
+        }
         return Err(ModelError::Invalid(format!("the {part:?} part of this input has no labelled events")));
     }
     let base = vec![baselines.base_rate as f32; labels.len()];
