@@ -190,6 +190,12 @@ fn intent(i: i64) -> ScoredIntent {
         model_version: "abc123".into(),
         source: SourcePosition { topic: "events".into(), partition: (i % 4) as i32, offset: i },
         emitted_at: intentflow_schemas::format_ts_ms(1_600_000_000_000 + i),
+        // Some with reasons, which round-trip through the comma-separated column.
+        reasons: match i % 3 {
+            0 => Vec::new(),
+            1 => vec!["cart_added".into()],
+            _ => vec!["returning_buyer".into(), "max_price".into()],
+        },
     }
 }
 

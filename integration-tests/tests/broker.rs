@@ -20,8 +20,12 @@ fn streamed_scores_equal_offline_scores_across_four_partitions() {
     let events = generated_events(1_200, 24_000, 7);
     produce_events(&sc.brokers, &sc.input, &events).unwrap();
 
-    let (intents, log) = sc.run_until("op", &sc.run_args(&[]), events.len(), IDLE);
+    let (intents, log) = sc.run_until("op", &sc.run_args(&["--reasons"]), events.len(), IDLE);
     assert!(log.contains("24000 records in, 24000 intents out, 0 invalid"), "summary missing; log:\n{log}");
+    // `--reasons`: intents name up to three of the model's signals.
+    let with_reasons = intents.iter().filter(|i| !i.reasons.is_empty()).count();
+    assert!(with_reasons > intents.len() / 10, "{with_reasons} of {} intents carry reasons", intents.len());
+    assert!(intents.iter().all(|i| i.reasons.len() <= 3 && i.reasons.iter().all(|r| intentflow_model::REASON_NAMES.contains(&r.as_str()))));
 
     let partitions: HashSet<i32> = intents.iter().map(|i| i.source.partition).collect();
     assert_eq!(partitions.len(), 4, "events interleaved across 4 partitions");

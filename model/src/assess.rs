@@ -8,7 +8,7 @@
 
 use crate::eval::{self, Metrics, Scored};
 use crate::train::{labelled_sessions, LabelHorizon, LabelledSession, Part, SplitSpec};
-use crate::{IntentModel, ModelError, StatePrecision};
+use crate::{Features, IntentModel, ModelError, StatePrecision, StepOutput};
 use intentflow_schemas::Event;
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +42,10 @@ pub struct Assessment {
     /// and PR-AUC.
     #[serde(default)]
     pub comparisons: Vec<eval::Comparison>,
+    /// The leave-one-signal-out check of the served model's reasons (none for a model without
+    /// a skip connection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasons: Option<ReasonCheck>,
     /// Precision the GRU's hidden states were rounded to between steps, if not the model's own
     /// (`intentflow eval --state-precision`).
     #[serde(default, skip_serializing_if = "StatePrecision::is_f32")]
@@ -58,8 +62,33 @@ impl Assessment {
 /// Calibrated GRU scores of every event of `sessions` (all events, labelled or not), per
 /// session, with hidden states kept in `precision` between steps.
 pub fn gru_scores(model: &IntentModel, sessions: &[LabelledSession], precision: StatePrecision) -> Result<Vec<Vec<f32>>, ModelError> {
-    let h = model.hidden_dim();
     let mut out: Vec<Vec<f32>> = sessions.iter().map(|s| Vec::with_capacity(s.features.len())).collect();
+    walk(model, sessions, precision, |wave| {
+        for (&(i, _), &score) in wave.rows.iter().zip(&wave.step.scores) {
+            out[i].push(score);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// One wave of [`walk`]: event `t` of each session `i` in `rows`, as stepped.
+struct Wave<'a> {
+    /// `(session index, event index)` of each row.
+    rows: &'a [(usize, usize)],
+    /// The rows' normalised inputs.
+    inputs: &'a [Features],
+    /// The rows' hidden vectors before the step, row-major.
+    before: &'a [f32],
+    /// The step's output.
+    step: &'a StepOutput,
+}
+
+/// Steps every session's events in waves (event `t` of many sessions per call, each session from
+/// a zero hidden vector, hidden states rounded to `precision` between steps) and shows each wave
+/// to `on_wave`.
+fn walk(model: &IntentModel, sessions: &[LabelledSession], precision: StatePrecision, mut on_wave: impl FnMut(Wave<'_>) -> Result<(), ModelError>) -> Result<(), ModelError> {
+    let h = model.hidden_dim();
     for (c, chunk) in sessions.chunks(1024).enumerate() {
         let mut hidden = vec![0f32; chunk.len() * h];
         let longest = chunk.iter().map(|s| s.features.len()).max().unwrap_or(0);
@@ -71,11 +100,79 @@ pub fn gru_scores(model: &IntentModel, sessions: &[LabelledSession], precision: 
             for (k, &i) in live.iter().enumerate() {
                 hidden[i * h..(i + 1) * h].copy_from_slice(&step.hidden[k * h..(k + 1) * h]);
                 precision.round(&mut hidden[i * h..(i + 1) * h]);
-                out[c * 1024 + i].push(step.scores[k]);
             }
+            let rows: Vec<(usize, usize)> = live.iter().map(|&i| (c * 1024 + i, t)).collect();
+            on_wave(Wave { rows: &rows, inputs: &inputs, before: &state, step: &step })?;
         }
     }
-    Ok(out)
+    Ok(())
+}
+
+/// How the reasons an intent would carry ([`IntentModel::reasons`]) hold up when each signal is
+/// left out: the signal's feature set to its training mean (0 after normalisation) in the
+/// event's own step, everything before unchanged, and the score computed again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReasonCheck {
+    /// Labelled events checked.
+    pub events: usize,
+    /// Events that got at least one reason.
+    pub with_reasons: usize,
+    /// Reasons given in all.
+    pub reasons: usize,
+    /// Share of the reasons whose signal, left out, lowers the score.
+    pub confirmed: Option<f64>,
+    /// Share of the events with reasons whose first reason is the signal that, left out,
+    /// lowers the score most.
+    pub top_agrees: Option<f64>,
+}
+
+/// [`ReasonCheck`] over the labelled events of `sessions`.
+///
+/// # Errors
+///
+/// Candle errors of the model's steps.
+pub fn check_reasons(model: &IntentModel, sessions: &[LabelledSession]) -> Result<ReasonCheck, ModelError> {
+    let slots: Vec<usize> = crate::SKIP_FEATURES.iter().map(|name| crate::features::FEATURE_NAMES.iter().position(|n| n == name).expect("skip features are features")).collect();
+    let h = model.hidden_dim();
+    let mut check = ReasonCheck { events: 0, with_reasons: 0, reasons: 0, confirmed: None, top_agrees: None };
+    let (mut confirmed, mut top_agrees) = (0usize, 0usize);
+    walk(model, sessions, StatePrecision::F32, |wave| {
+        // Every labelled row with reasons, stepped again once per signal left out.
+        let (mut inputs, mut before, mut asked) = (Vec::new(), Vec::new(), Vec::new());
+        for (k, &(i, t)) in wave.rows.iter().enumerate() {
+            if sessions[i].mask[t] == 0.0 {
+                continue;
+            }
+            check.events += 1;
+            let reasons = model.reasons(&wave.inputs[k]);
+            if reasons.is_empty() {
+                continue;
+            }
+            for &slot in &slots {
+                let mut without = wave.inputs[k];
+                without.dense[slot] = 0.0;
+                inputs.push(without);
+                before.extend_from_slice(&wave.before[k * h..(k + 1) * h]);
+            }
+            asked.push((wave.step.scores[k], reasons));
+        }
+        if asked.is_empty() {
+            return Ok(());
+        }
+        let left_out = model.step(&inputs, &before)?;
+        for (n, (score, reasons)) in asked.iter().enumerate() {
+            let drops: Vec<f32> = left_out.scores[n * slots.len()..(n + 1) * slots.len()].iter().map(|s| score - s).collect();
+            check.with_reasons += 1;
+            check.reasons += reasons.indices().len();
+            confirmed += reasons.indices().iter().filter(|&&r| drops[usize::from(r)] > 0.0).count();
+            let strongest = drops.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map(|(j, _)| j);
+            top_agrees += usize::from(strongest == Some(usize::from(reasons.indices()[0])));
+        }
+        Ok(())
+    })?;
+    check.confirmed = (check.reasons > 0).then(|| confirmed as f64 / check.reasons as f64);
+    check.top_agrees = (check.with_reasons > 0).then(|| top_agrees as f64 / check.with_reasons as f64);
+    Ok(check)
 }
 
 /// Scores `part` of `events` with the model, its baselines, its ensemble, and — when given —
@@ -169,7 +266,8 @@ pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, 
             comparisons.push(eval::paired_bootstrap((name, "logistic_regression"), (scores, &lr), &labels, &groups, reps, seed + 5, metric));
         }
     }
-    Ok(Assessment { model_version: meta.version.clone(), part: part.as_str().into(), label, split, bootstrap_reps: reps, scorers, comparisons, state_precision: precision })
+    let reasons = if model.params().skip_weight.is_some() { Some(check_reasons(model, chosen)?) } else { None };
+    Ok(Assessment { model_version: meta.version.clone(), part: part.as_str().into(), label, split, bootstrap_reps: reps, scorers, comparisons, reasons, state_precision: precision })
 }
 
 #[cfg(test)]

@@ -73,6 +73,27 @@ pub const SKIP_FEATURES: [&str; 17] = [
     "log_session_distinct_categories",
 ];
 
+/// The signal each of [`SKIP_FEATURES`] stands for in an intent's `reasons`, in the same order.
+pub const REASON_NAMES: [&str; 17] = [
+    "price",
+    "session_events",
+    "session_duration",
+    "categorised_product",
+    "returning_visitor",
+    "returning_buyer",
+    "past_carts",
+    "time_since_last_visit",
+    "browsing",
+    "cart_added",
+    "cart_removed",
+    "wishlisted",
+    "mean_price",
+    "max_price",
+    "min_price",
+    "items_compared",
+    "categories_browsed",
+];
+
 /// One event's features, before or after normalisation of the dense part.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Features {

@@ -35,7 +35,7 @@ pub mod resident;
 pub mod train;
 
 pub use calibrate::Calibration;
-pub use features::{FeatureSpec, Features, Prepared, FEATURE_DIM};
+pub use features::{FeatureSpec, Features, Prepared, FEATURE_DIM, REASON_NAMES, SKIP_FEATURES};
 pub use gru::{names, GruParams, Projection};
 pub use io::{ModelMeta, MODEL_FILE, META_FILE};
 pub use train::{SplitSpec, TrainingSummary};
@@ -144,6 +144,37 @@ impl DeviceKind {
     }
 }
 
+/// Most reasons an intent carries.
+pub const MAX_REASONS: usize = 3;
+
+/// A skip term must add at least this much to the logit for its signal to be a reason.
+pub const REASON_MIN_LOGIT: f32 = 0.25;
+
+/// Up to [`MAX_REASONS`] signals that raised one score, strongest first: indices into
+/// [`features::REASON_NAMES`], kept without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reasons {
+    slots: [u8; MAX_REASONS],
+    len: u8,
+}
+
+impl Reasons {
+    /// The signals' names, strongest first.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.slots[..usize::from(self.len)].iter().map(|&i| features::REASON_NAMES[usize::from(i)])
+    }
+
+    /// Indices into [`features::SKIP_FEATURES`], strongest first.
+    pub fn indices(&self) -> &[u8] {
+        &self.slots[..usize::from(self.len)]
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// Result of one batched step: new hidden vectors (row-major `B × H`) and scores (`B`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepOutput {
@@ -166,6 +197,8 @@ pub struct IntentModel {
     /// The skip weights on the host (empty: none); the skip term is added to the fused
     /// kernels' logits here, not in them.
     skip: Arc<[f32]>,
+    /// The dense slot of each of [`features::SKIP_FEATURES`].
+    skip_slots: [usize; features::SKIP_FEATURES.len()],
 }
 
 /// What runs [`IntentModel::step`].
@@ -228,7 +261,8 @@ impl IntentModel {
         let members = meta.training.as_ref().map_or(1, |t| t.members);
         let kernel = Arc::new(kernel::FusedGru::new(&params, members).map_err(|e| ModelError::Invalid(e.to_string()))?.with_state_precision(meta.state_precision));
         let skip = params.skip_values()?.into();
-        let mut model = IntentModel { params, meta, device, projection, kernel, serving: Serving::Cpu, skip };
+        let skip_slots = features::SKIP_FEATURES.map(|name| features::FEATURE_NAMES.iter().position(|n| *n == name).expect("skip features are features"));
+        let mut model = IntentModel { params, meta, device, projection, kernel, serving: Serving::Cpu, skip, skip_slots };
         if !model.device.is_cpu() {
             model.serving = Serving::Gpu(Arc::new(Mutex::new(model.resident_states(1024)?)));
         }
@@ -258,6 +292,36 @@ impl IntentModel {
     pub fn probability(&self, logit: f32, features: &Features) -> f32 {
         let logit = if self.skip.is_empty() { logit } else { logit + gru::skip_term(&self.skip, &features.dense) };
         self.meta.calibration.apply(kernel::sigmoid(logit))
+    }
+
+    /// The signals that raised the score of a row with input `features` most: the skip terms
+    /// (`skip.weight[i] · dense[i]`, dense features normalised so that 0 is the training mean)
+    /// of at least [`REASON_MIN_LOGIT`], strongest first, ties by feature order. Deterministic,
+    /// about 17 multiply-adds; empty for a model without a skip connection.
+    pub fn reasons(&self, features: &Features) -> Reasons {
+        let mut out = Reasons::default();
+        if self.skip.is_empty() {
+            return out;
+        }
+        let mut best = [(0f32, 0u8); MAX_REASONS];
+        for (i, &slot) in self.skip_slots.iter().enumerate() {
+            let c = self.skip[slot] * features.dense[slot];
+            if c < REASON_MIN_LOGIT {
+                continue;
+            }
+            let n = usize::from(out.len);
+            // Insert by strength; a later feature with an equal term goes after.
+            let at = best[..n].iter().position(|&(b, _)| c > b).unwrap_or(n);
+            if at < MAX_REASONS {
+                best.copy_within(at..MAX_REASONS - 1, at + 1);
+                best[at] = (c, i as u8);
+                out.len = (out.len + 1).min(MAX_REASONS as u8);
+            }
+        }
+        for (slot, (_, i)) in out.slots.iter_mut().zip(best).take(usize::from(out.len)) {
+            *slot = i;
+        }
+        out
     }
 
     /// The device the model runs on.

@@ -208,8 +208,16 @@ fn assessment_scores_the_held_out_sessions_with_every_scorer() {
     let ci = gru.roc_auc_ci.unwrap();
     assert!(ci.lo <= gru.roc_auc.unwrap() && gru.roc_auc.unwrap() <= ci.hi);
     assert_eq!(gru.auc_by_events.iter().map(|b| b.count).sum::<usize>(), 480);
+    // The GRU against the regression, paired, on both metrics; and for the ensemble.
+    assert_eq!(a.comparisons.iter().map(|c| (c.a.as_str(), c.metric.as_str())).collect::<Vec<_>>(), [("gru", "roc_auc"), ("gru", "pr_auc"), ("ensemble", "roc_auc"), ("ensemble", "pr_auc")]);
+    assert!(a.comparisons.iter().all(|c| c.probability_a_better.is_some_and(|p| (0.0..=1.0).contains(&p))));
+    assert_eq!(gru.lift.iter().map(|r| r.events).collect::<Vec<_>>(), [5, 24, 48]);
+    // Reasons: a signal named as one, left out, lowers the score.
+    let reasons = a.reasons.as_ref().expect("a model with a skip connection has reasons");
+    assert_eq!(reasons.events, 480);
+    assert!(reasons.with_reasons > 0 && reasons.confirmed.unwrap() > 0.9, "{reasons:?}");
     let html = intentflow_model::report::render_html(&a, "learnable.jsonl");
-    assert!(html.contains("<svg") && html.contains("logistic_regression") && html.contains(model.version()));
+    assert!(html.contains("<svg") && html.contains("logistic_regression") && html.contains(model.version()) && html.contains("Paired session bootstrap"));
 }
 
 /// Crash recovery and replays cut a stream into different batches; a user's state must not

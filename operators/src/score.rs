@@ -1,7 +1,7 @@
 //! The scoring operator: per-user state in, batched GRU steps, scored intents and states out.
 
 use crate::OperatorError;
-use intentflow_model::{Features, IntentModel};
+use intentflow_model::{Features, IntentModel, Reasons};
 use intentflow_schemas::{format_ts_ms, write_ts_ms, Event, ScoredIntent, SourcePosition, INTENT_SCHEMA_VERSION};
 use intentflow_state::changelog::ModelPolicy;
 use intentflow_state::{topic_id, Loaded, StateError, StateRead, UserState};
@@ -33,6 +33,9 @@ pub struct Scored {
     pub session_events: u32,
     /// The shop's session id, as an index into the batch's session ids.
     session_id: Option<u32>,
+    /// The signals that raised the score most, when the operator gives reasons
+    /// ([`IntentOperator::with_reasons`]); empty otherwise.
+    pub reasons: Reasons,
 }
 
 /// Everything one batch produced.
@@ -93,6 +96,7 @@ impl BatchOutput {
             session_events: scored.session_events,
             model_version: self.model_version.clone(),
             source: pe.source.clone(),
+            reasons: scored.reasons.names().map(str::to_string).collect(),
         }
     }
 
@@ -146,6 +150,16 @@ impl BatchOutput {
                 out.push(b'"');
             }
         }
+        if !scored.reasons.is_empty() {
+            out.extend_from_slice(b",\"reasons\":[");
+            for (k, name) in scored.reasons.names().enumerate() {
+                if k > 0 {
+                    out.push(b',');
+                }
+                json(out, name);
+            }
+            out.push(b']');
+        }
         out.push(b'}');
     }
 }
@@ -187,6 +201,8 @@ pub struct IntentOperator {
     model: IntentModel,
     policy: ModelPolicy,
     fencing: bool,
+    /// Whether intents carry their reasons.
+    reasons: bool,
     /// Hidden states resident where the model steps (on a GPU), if any.
     resident: Option<Mutex<Resident>>,
 }
@@ -195,7 +211,7 @@ impl IntentOperator {
     /// Wraps a loaded model; states of another model are refused. Every wave is stepped with
     /// the stateless [`IntentModel::step`] until [`IntentOperator::with_resident_slots`].
     pub fn new(model: IntentModel) -> IntentOperator {
-        IntentOperator { model, policy: ModelPolicy::Refuse, fencing: true, resident: None }
+        IntentOperator { model, policy: ModelPolicy::Refuse, fencing: true, reasons: false, resident: None }
     }
 
     /// Keeps up to `slots` users' hidden states resident where the model steps (least recently
@@ -243,6 +259,13 @@ impl IntentOperator {
     /// whose names repeat across directories — must not fence.
     pub fn with_fencing(mut self, fencing: bool) -> IntentOperator {
         self.fencing = fencing;
+        self
+    }
+
+    /// Whether each intent carries the signals that raised its score most
+    /// ([`IntentModel::reasons`]; off by default).
+    pub fn with_reasons(mut self, reasons: bool) -> IntentOperator {
+        self.reasons = reasons;
         self
     }
 
@@ -402,7 +425,8 @@ impl IntentOperator {
                         slot.session_id
                     }
                 };
-                scored[input] = Some(Scored { input, score: scores[k], session_seq: session.session_seq, session_events: session.events, session_id });
+                let reasons = if self.reasons { self.model.reasons(&features[k]) } else { Reasons::default() };
+                scored[input] = Some(Scored { input, score: scores[k], session_seq: session.session_seq, session_events: session.events, session_id, reasons });
             }
         }
         // The batch's new vectors come back once, to be written with its states.
@@ -772,20 +796,27 @@ mod tests {
         // Each event's session id, found independently: every user's events through the
         // feature path in order.
         let mut sessions: HashMap<(i32, &str), SessionState> = HashMap::new();
-        let expected: Vec<Option<String>> = events
+        let (expected, expected_reasons): (Vec<Option<String>>, Vec<Reasons>) = events
             .iter()
             .map(|pe| {
                 let session = sessions.entry((pe.source.partition, pe.event.user_id.as_str())).or_default();
-                model.features().featurize(session, &pe.event);
-                session.session_id.clone()
+                let prepared = model.features().featurize(session, &pe.event);
+                (session.session_id.clone(), model.reasons(&prepared.features))
             })
-            .collect();
+            .unzip();
         assert!(expected.iter().any(Option::is_none) && expected.iter().filter(|s| s.is_some()).count() > 50);
-        let op = IntentOperator::new(model);
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
-        for stamp in [EmittedAt::EventTime, EmittedAt::Now(1_900_000_000_123)] {
+        let plain = IntentOperator::new(model.clone());
+        let with_reasons = IntentOperator::new(model.clone()).with_reasons(true);
+        for (op, stamp) in [(&plain, EmittedAt::EventTime), (&plain, EmittedAt::Now(1_900_000_000_123)), (&with_reasons, EmittedAt::EventTime)] {
             let out = op.process(&events, &store, stamp).unwrap();
+            // Reasons only when asked for, and then they are the model's for the event's inputs.
+            let given = out.scored.iter().filter(|s| !s.reasons.is_empty()).count();
+            assert_eq!(given > 0, op.reasons, "{given} intents with reasons");
+            if op.reasons {
+                assert!(out.scored.iter().all(|s| s.reasons == expected_reasons[s.input]));
+            }
             assert_eq!(out.scored.len(), events.len());
             for scored in &out.scored {
                 assert_eq!(out.session_id(scored), expected[scored.input].as_deref(), "event {}", scored.input);

@@ -46,4 +46,8 @@ pub struct ScoredIntent {
     pub source: SourcePosition,
     /// When the operator emitted the score, RFC 3339 UTC.
     pub emitted_at: String,
+    /// The signals that raised the score most, strongest first (at most three; only when the
+    /// operator runs with `reasons = true`), e.g. `["cart_added", "returning_buyer"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
 }

@@ -87,8 +87,15 @@ pub struct DistinctSketch(pub u32);
 impl DistinctSketch {
     /// Adds a key (an [`item_key`]).
     pub fn insert(&mut self, key: u64) {
-        // The key's high bits: FNV-1a mixes them best.
-        self.0 |= 1 << (key >> 59);
+        // FNV-1a leaves keys that differ in their last bytes alike in their high bits: mix
+        // them first (MurmurHash3's finaliser), then take 5 bits.
+        let mut k = key;
+        k ^= k >> 33;
+        k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        k ^= k >> 33;
+        k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        k ^= k >> 33;
+        self.0 |= 1 << (k >> 59);
     }
 
     /// The estimated number of distinct keys added.
@@ -285,6 +292,10 @@ mod tests {
         let distinct = c.items.estimate();
         assert!((2.5..3.5).contains(&distinct), "three items, estimated {distinct}");
         assert_eq!(DistinctSketch::default().estimate(), 0.0);
+        // Keys that differ only in their last characters still spread over the bits.
+        let mut ten = DistinctSketch::default();
+        (0..10).for_each(|i| ten.insert(item_key(&format!("1000{i}"))));
+        assert!((7.0..14.0).contains(&ten.estimate()), "ten items, estimated {}", ten.estimate());
     }
 
     #[test]

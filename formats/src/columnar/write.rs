@@ -79,7 +79,7 @@ fn timestamps(values: Vec<i64>) -> ArrayRef {
 /// Writes scored intents to a Parquet file. Columns: `v`, `user_id`, `score` (float),
 /// `event_ts` (timestamp), `event_type`, `event_id`, `session_id`, `session_seq`,
 /// `session_events`, `model_version`, `source_topic`, `source_partition`, `source_offset`,
-/// `emitted_at` (timestamp).
+/// `emitted_at` (timestamp), `reasons` (the reasons comma-separated, null without any).
 pub struct IntentWriter(ChunkedWriter<ScoredIntent>);
 
 impl IntentWriter {
@@ -104,6 +104,7 @@ impl IntentWriter {
             Field::new("source_partition", DataType::Int32, false),
             Field::new("source_offset", DataType::Int64, false),
             Field::new("emitted_at", utc_millis(), false),
+            Field::new("reasons", DataType::Utf8, true),
         ]);
         ChunkedWriter::create(path, schema, intent_columns).map(IntentWriter)
     }
@@ -148,6 +149,7 @@ fn intent_columns(rows: &[ScoredIntent]) -> Result<Vec<ArrayRef>, ColumnarError>
         Arc::new(rows.iter().map(|i| i.source.partition).collect::<Int32Array>()),
         Arc::new(rows.iter().map(|i| i.source.offset).collect::<Int64Array>()),
         timestamps(times(|i| &i.emitted_at)?),
+        Arc::new(rows.iter().map(|i| (!i.reasons.is_empty()).then(|| i.reasons.join(","))).collect::<StringArray>()),
     ])
 }
 
@@ -170,6 +172,8 @@ pub fn read_intents(path: &Path) -> Result<Vec<ScoredIntent>, ColumnarError> {
         let (model, topic, partition) = (text("model_version")?, text("source_topic")?, primitive_column::<Int32Type>(&batch, path, "source_partition")?);
         let (offset, emitted_at) = (primitive_column::<Int64Type>(&batch, path, "source_offset")?, primitive_column::<TimestampMillisecondType>(&batch, path, "emitted_at")?);
         let optional = |a: &StringArray, row: usize| a.is_valid(row).then(|| a.value(row).to_string());
+        // Files written before intents had reasons have no such column.
+        let reasons = batch.column_by_name("reasons").map(|_| text("reasons")).transpose()?;
         for row in 0..batch.num_rows() {
             let kind = event_type.value(row);
             out.push(ScoredIntent {
@@ -185,6 +189,7 @@ pub fn read_intents(path: &Path) -> Result<Vec<ScoredIntent>, ColumnarError> {
                 model_version: model.value(row).to_string(),
                 source: intentflow_schemas::SourcePosition { topic: topic.value(row).to_string(), partition: partition.value(row), offset: offset.value(row) },
                 emitted_at: intentflow_schemas::format_ts_ms(emitted_at.value(row)),
+                reasons: reasons.as_ref().and_then(|r| optional(r, row)).map_or_else(Vec::new, |r| r.split(',').map(str::to_string).collect()),
             });
         }
     }

@@ -115,6 +115,18 @@ fn print_table(a: &Assessment) {
             c.probability_a_better.map_or("n/a".into(), |p| format!("{p:.3}"))
         );
     }
+    if let Some(r) = &a.reasons {
+        let share = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{:.1} %", v * 100.0));
+        println!();
+        println!(
+            "reasons: {} of {} labelled events carry some ({} in all); left out one at a time, {} of them lower the score, and the first is the strongest signal for {} of the events",
+            r.with_reasons,
+            r.events,
+            r.reasons,
+            share(r.confirmed),
+            share(r.top_agrees)
+        );
+    }
 }
 
 /// Evaluates a model, its baselines and ensemble; writes metrics.json and report.html.

@@ -57,6 +57,9 @@ pub struct RunArgs {
     /// Start every user from zero if the state was built by another model (otherwise refuse).
     #[arg(long)]
     pub reset_state_on_model_change: bool,
+    /// Each intent carries the signals that raised its score most (`reasons`).
+    #[arg(long)]
+    pub reasons: bool,
     /// Most records per micro-batch [default: 4096].
     #[arg(long)]
     pub max_batch_records: Option<usize>,
@@ -167,6 +170,9 @@ impl RunConfig {
         }
         if let Some(v) = &args.bootstrap_output_topic {
             cfg.bootstrap_output_topic.clone_from(v);
+        }
+        if args.reasons {
+            cfg.reasons = true;
         }
         if args.reset_state_on_model_change {
             cfg.reset_state_on_model_change = true;

@@ -61,6 +61,9 @@ pub struct RunConfig {
     /// Start every user from zero when the state directory was built by another model
     /// (otherwise the operator refuses to start).
     pub reset_state_on_model_change: bool,
+    /// Whether each intent carries the signals that raised its score most (`reasons`,
+    /// `docs/schemas.md`); off by default.
+    pub reasons: bool,
     /// Most records per micro-batch (a batch is what has arrived, up to this many).
     pub max_batch_records: usize,
     /// How often results are committed; under exactly-once one transaction spans the batches of
@@ -117,6 +120,7 @@ impl Default for RunConfig {
             instance_id: String::new(),
             transaction_timeout_ms: 30_000,
             reset_state_on_model_change: false,
+            reasons: false,
             bootstrap_from: String::new(),
             bootstrap_output_topic: String::new(),
             max_batch_records: 4096,

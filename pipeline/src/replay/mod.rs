@@ -146,6 +146,8 @@ pub struct ReplayJob {
     pub device: DeviceKind,
     /// Validation limits of input records (the run's).
     pub limits: Limits,
+    /// Whether intents carry their reasons (the run's `reasons`).
+    pub reasons: bool,
 }
 
 impl ReplayArgs {
@@ -189,6 +191,7 @@ impl ReplayArgs {
             spill_dir: self.spill_dir.clone(),
             device: self.device,
             limits: run.limits(),
+            reasons: run.reasons,
         })
     }
 }
@@ -225,7 +228,10 @@ pub async fn replay(job: &ReplayJob) -> Result<ReplaySummary> {
     };
     // A file row's position is no Kafka offset, and file names repeat across directories: no
     // fences from files.
-    let operator = IntentOperator::new(model).with_fencing(source == ReplaySource::Topics).with_gpu_resident_slots(crate::config::DEFAULT_GPU_RESIDENT_USERS)?;
+    let operator = IntentOperator::new(model)
+        .with_fencing(source == ReplaySource::Topics)
+        .with_reasons(job.reasons)
+        .with_gpu_resident_slots(crate::config::DEFAULT_GPU_RESIDENT_USERS)?;
     let store = dir.open_store(StoreOptions::bulk())?;
     StateDir::adopt_model(&store, operator.model().version(), ModelPolicy::Refuse)?;
 
@@ -326,6 +332,7 @@ pub async fn bootstrap(cfg: &RunConfig) -> Result<()> {
         spill_dir: None,
         device: cfg.device,
         limits: cfg.limits(),
+        reasons: cfg.reasons,
     };
     let s = replay(&job).await?;
     tracing::info!(events = s.events, invalid = s.invalid, seconds = s.seconds, ranges = ?s.ranges, "bootstrap: states built from history");

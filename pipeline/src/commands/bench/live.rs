@@ -89,6 +89,7 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
         .args(["--processing-guarantee", &args.processing_guarantee, "--metrics-addr", ""])
         .args(["--max-batch-records", &args.batch.to_string(), "--state-cache-mib", &args.state_cache_mib.to_string()])
         .args(["--commit-interval-ms", &args.commit_interval_ms.to_string()])
+        .args(args.reasons.then_some("--reasons"))
         .args(match args.device {
             DeviceKind::Cpu => vec![],
             DeviceKind::Cuda => vec!["--device".to_string(), "cuda".into(), "--gpu-resident-users".into(), args.gpu_resident_users.to_string()],

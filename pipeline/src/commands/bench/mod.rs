@@ -69,6 +69,9 @@ pub struct BenchArgs {
     /// With `--device cuda`: users whose hidden states stay resident on the GPU.
     #[arg(long, default_value_t = crate::config::DEFAULT_GPU_RESIDENT_USERS)]
     pub gpu_resident_users: usize,
+    /// Intents carry their reasons, as `run --reasons`.
+    #[arg(long)]
+    pub reasons: bool,
     /// Where the state stores go (default: a temporary directory, removed afterwards).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
@@ -243,7 +246,7 @@ impl Clock {
 fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate: Option<f64>) -> Result<RunResult> {
     reset_peak_rss();
     let store = StateStore::open(dir, StoreOptions::with_cache_budget((args.state_cache_mib as usize) << 20))?;
-    let operator = IntentOperator::new(model.clone()).with_gpu_resident_slots(args.gpu_resident_users)?;
+    let operator = IntentOperator::new(model.clone()).with_reasons(args.reasons).with_gpu_resident_slots(args.gpu_resident_users)?;
     let decoder = EventDecoder::default();
     let synth = Synth { seed: args.seed, users: args.users };
     let mut seen = Seen::new(args.users);
