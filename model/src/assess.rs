@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 /// The metrics of one scorer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScorerMetrics {
-    /// `gru`, `logistic_regression`, `ensemble`, `base_rate` or `oracle`.
+    /// `gru`, `logistic_regression`, `ensemble`, `gradient_boosting`, `base_rate` or `oracle`.
     pub name: String,
     /// What the scorer is.
     pub description: String,
@@ -38,8 +38,8 @@ pub struct Assessment {
     pub bootstrap_reps: usize,
     /// One entry per scorer, the GRU first.
     pub scorers: Vec<ScorerMetrics>,
-    /// Paired bootstraps: the GRU and the ensemble against the logistic regression, on ROC-AUC
-    /// and PR-AUC.
+    /// Paired bootstraps: the GRU and the ensemble against the logistic regression, and the
+    /// GRU against the boosted trees, on ROC-AUC and PR-AUC.
     #[serde(default)]
     pub comparisons: Vec<eval::Comparison>,
     /// The leave-one-signal-out check of the served model's reasons (none for a model without
@@ -200,7 +200,7 @@ pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, 
     let chosen = split.part(&sessions, part);
     let gru_all = gru_scores(model, chosen, precision)?;
 
-    let (mut gru, mut lr, mut ens, mut truth) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut gru, mut lr, mut ens, mut gb, mut truth) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut labels, mut groups, mut seen) = (Vec::new(), Vec::new(), Vec::new());
     for (k, (s, g)) in chosen.iter().zip(&gru_all).enumerate() {
         for j in (0..s.mask.len()).filter(|&j| s.mask[j] > 0.0) {
@@ -208,6 +208,9 @@ pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, 
             gru.push(g[j]);
             lr.push(l);
             ens.push(baselines.ensemble_score(g[j], l));
+            if let Some(trees) = &baselines.boosting {
+                gb.push(trees.predict(&s.aggregates[j]) as f32);
+            }
             if let Some(o) = oracle {
                 truth.push(o[s.events[j]] as f32);
             }
@@ -246,12 +249,21 @@ pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, 
             description: "GRU + logistic regression, stacked on validation".into(),
             metrics: scored(&ens, baselines.ensemble_threshold, 2),
         },
+    ];
+    if baselines.boosting.is_some() {
+        scorers.push(ScorerMetrics {
+            name: "gradient_boosting".into(),
+            description: "gradient-boosted trees on the same aggregates".into(),
+            metrics: scored(&gb, baselines.boosting_threshold, 5),
+        });
+    }
+    scorers.extend([
         ScorerMetrics {
             name: "base_rate".into(),
             description: "the training split's positive rate for every event".into(),
             metrics: scored(&base, baselines.base_rate, 3),
         },
-    ];
+    ]);
     if oracle.is_some() {
         let threshold = eval::best_f1_threshold(&truth, &labels);
         scorers.push(ScorerMetrics {
@@ -261,9 +273,13 @@ pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, 
         });
     }
     let mut comparisons = Vec::new();
-    for (name, scores) in [("gru", &gru), ("ensemble", &ens)] {
+    let mut pairs = vec![("gru", &gru, "logistic_regression", &lr), ("ensemble", &ens, "logistic_regression", &lr)];
+    if !gb.is_empty() {
+        pairs.push(("gru", &gru, "gradient_boosting", &gb));
+    }
+    for (a, a_scores, b, b_scores) in pairs {
         for metric in [("roc_auc", eval::roc_auc as fn(&[f32], &[bool]) -> Option<f64>), ("pr_auc", eval::pr_auc)] {
-            comparisons.push(eval::paired_bootstrap((name, "logistic_regression"), (scores, &lr), &labels, &groups, reps, seed + 5, metric));
+            comparisons.push(eval::paired_bootstrap((a, b), (a_scores, b_scores), &labels, &groups, reps, seed + 5, metric));
         }
     }
     let reasons = if model.params().skip_weight.is_some() { Some(check_reasons(model, chosen)?) } else { None };

@@ -6,9 +6,11 @@
 //!   price, distinct items and categories, whether the product has a category path) and the
 //!   user's history before it (sessions, purchases, carts, time since the previous session),
 //!   fitted on the training split: the two regressions of `../shared/data/README.md` in one.
+//! * **Gradient-boosted trees** on the same aggregates ([`crate::boosting`]).
 //! * **Ensemble:** a logistic regression on the logits of the calibrated GRU score and the
 //!   baseline's score, stacked on the validation split.
 
+use crate::boosting::GradientBoosting;
 use crate::logistic::{logit, Logistic};
 use intentflow_schemas::{item_key, Event, EventType, SessionState};
 use serde::{Deserialize, Serialize};
@@ -111,6 +113,12 @@ pub struct Baselines {
     pub ensemble: Logistic,
     /// F1-maximising threshold of the ensemble on validation.
     pub ensemble_threshold: f64,
+    /// Gradient-boosted trees on [`AGGREGATE_NAMES`] (models trained before it have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boosting: Option<GradientBoosting>,
+    /// F1-maximising threshold of the boosted trees on validation.
+    #[serde(default)]
+    pub boosting_threshold: f64,
 }
 
 impl Baselines {

@@ -8,7 +8,8 @@
 //!   each; the host-side `f32` buffers in and out keep tensors out of the state layer.
 //! * [`train`] — labels, time split, class-weighted BCE + AdamW with early stopping on
 //!   validation PR-AUC, then calibration, baselines and the ensemble, fitted on validation.
-//! * [`baseline`] — base rate and logistic regression on session aggregates.
+//! * [`baseline`] — base rate and logistic regression on session aggregates;
+//!   [`boosting`] — gradient-boosted trees on the same aggregates.
 //! * [`calibrate`] — Platt scaling and isotonic regression, stored with the model.
 //! * [`eval`] — ROC/PR-AUC, log loss, Brier, P/R/F1, calibration error, bootstrap intervals;
 //!   [`report`] renders them as a self-contained HTML page.
@@ -21,6 +22,7 @@
 
 pub mod assess;
 pub mod baseline;
+pub mod boosting;
 pub mod calibrate;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -196,7 +196,7 @@ fn assessment_scores_the_held_out_sessions_with_every_scorer() {
     let oracle: Vec<f64> = events.iter().map(|e| if e.user_id.trim_start_matches('u').parse::<usize>().unwrap() % 3 == 0 { 0.9 } else { 0.1 }).collect();
     let a = assess(&model, &events, Some(&oracle), Part::Test, 50, 3).unwrap();
     let names: Vec<&str> = a.scorers.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["gru", "logistic_regression", "ensemble", "base_rate", "oracle"]);
+    assert_eq!(names, ["gru", "logistic_regression", "ensemble", "gradient_boosting", "base_rate", "oracle"]);
     let gru = a.scorer("gru").unwrap();
     // 120 test sessions: 40 buy (4 labelled events each), 80 do not (4 each).
     assert_eq!((gru.sessions, gru.events), (120, 480));
@@ -209,7 +209,19 @@ fn assessment_scores_the_held_out_sessions_with_every_scorer() {
     assert!(ci.lo <= gru.roc_auc.unwrap() && gru.roc_auc.unwrap() <= ci.hi);
     assert_eq!(gru.auc_by_events.iter().map(|b| b.count).sum::<usize>(), 480);
     // The GRU against the regression, paired, on both metrics; and for the ensemble.
-    assert_eq!(a.comparisons.iter().map(|c| (c.a.as_str(), c.metric.as_str())).collect::<Vec<_>>(), [("gru", "roc_auc"), ("gru", "pr_auc"), ("ensemble", "roc_auc"), ("ensemble", "pr_auc")]);
+    let compared: Vec<(&str, &str, &str)> = a.comparisons.iter().map(|c| (c.a.as_str(), c.b.as_str(), c.metric.as_str())).collect();
+    assert_eq!(
+        compared,
+        [
+            ("gru", "logistic_regression", "roc_auc"),
+            ("gru", "logistic_regression", "pr_auc"),
+            ("ensemble", "logistic_regression", "roc_auc"),
+            ("ensemble", "logistic_regression", "pr_auc"),
+            ("gru", "gradient_boosting", "roc_auc"),
+            ("gru", "gradient_boosting", "pr_auc")
+        ]
+    );
+    assert!(a.scorer("gradient_boosting").unwrap().roc_auc.unwrap() > 0.8, "the trees learn the carts too");
     assert!(a.comparisons.iter().all(|c| c.probability_a_better.is_some_and(|p| (0.0..=1.0).contains(&p))));
     assert_eq!(gru.lift.iter().map(|r| r.events).collect::<Vec<_>>(), [5, 24, 48]);
     // Reasons: a signal named as one, left out, lowers the score.
