@@ -26,6 +26,32 @@ fn streamed_scores_equal_offline_scores_across_four_partitions() {
     let with_reasons = intents.iter().filter(|i| !i.reasons.is_empty()).count();
     assert!(with_reasons > intents.len() / 10, "{with_reasons} of {} intents carry reasons", intents.len());
     assert!(intents.iter().all(|i| i.reasons.len() <= 3 && i.reasons.iter().all(|r| intentflow_model::REASON_NAMES.contains(&r.as_str()))));
+    // Measured from outside: `eval --intents` scores what the operator streamed, and finds what
+    // stepping the model offline finds.
+    let files = tempfile::tempdir().unwrap();
+    let write = |name: &str, lines: Vec<String>| {
+        let path = files.path().join(name);
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        path.display().to_string()
+    };
+    let events_file = write("events.jsonl", events.iter().map(|e| serde_json::to_string(e).unwrap()).collect());
+    let intents_file = write("intents.jsonl", intents.iter().map(|i| serde_json::to_string(i).unwrap()).collect());
+    let model = trained_model_dir().display().to_string();
+    let mut metrics = Vec::new();
+    for (name, extra) in [("offline", vec![]), ("streamed", vec!["--intents", intents_file.as_str()])] {
+        let out = files.path().join(name).display().to_string();
+        let mut args = vec!["eval", "--model-dir", &model, "--input", &events_file, "--part", "all", "--bootstrap", "0", "--out-dir", &out];
+        args.extend(extra);
+        let (status, log) = intentflow(&args);
+        assert!(status.success(), "{name} eval: {log}");
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(files.path().join(name).join("metrics.json")).unwrap()).unwrap();
+        metrics.push(m);
+    }
+    assert_eq!(metrics[1]["streamed"], true);
+    for key in ["roc_auc", "pr_auc", "log_loss"] {
+        let (offline, streamed) = (metrics[0]["scorers"][0]["metrics"][key].as_f64().unwrap(), metrics[1]["scorers"][0]["metrics"][key].as_f64().unwrap());
+        assert!((offline - streamed).abs() < 1e-6, "{key}: offline {offline}, streamed {streamed}");
+    }
 
     let partitions: HashSet<i32> = intents.iter().map(|i| i.source.partition).collect();
     assert_eq!(partitions.len(), 4, "events interleaved across 4 partitions");

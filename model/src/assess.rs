@@ -42,6 +42,9 @@ pub struct Assessment {
     /// GRU against the boosted trees, on ROC-AUC and PR-AUC.
     #[serde(default)]
     pub comparisons: Vec<eval::Comparison>,
+    /// Whether the GRU's scores are the operator's streamed intents rather than stepped here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub streamed: bool,
     /// The leave-one-signal-out check of the served model's reasons (none for a model without
     /// a skip connection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -183,23 +186,44 @@ pub fn check_reasons(model: &IntentModel, sessions: &[LabelledSession]) -> Resul
 /// [`ModelError::Invalid`] when the model carries no baselines (not trained by this
 /// project) or the part has no labelled events; candle errors otherwise.
 pub fn assess(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, part: Part, reps: usize, seed: u64) -> Result<Assessment, ModelError> {
-    assess_at(model, events, oracle, part, reps, seed, StatePrecision::F32)
+    assess_at(model, events, oracle, part, reps, seed, GruScores::Stepped(StatePrecision::F32))
 }
 
-/// [`assess`] with the GRU's hidden states kept in `precision` between steps: what storing
-/// states in f16 or bf16 would cost in quality.
+/// Where [`assess_at`] takes the served model's scores from.
+#[derive(Debug, Clone, Copy)]
+pub enum GruScores<'a> {
+    /// Stepped here with [`IntentModel::step`], hidden states kept in this precision between
+    /// steps.
+    Stepped(StatePrecision),
+    /// What the operator streamed: `streamed[i]` is the score of `events[i]` (the intents of a
+    /// run over the same events, joined to them).
+    Streamed(&'a [f32]),
+}
+
+/// [`assess`] with the served model's scores taken from `gru`: stepped with hidden states kept in
+/// a given precision (what storing states in f16 or bf16 would cost in quality), or streamed by
+/// the operator (the model measured from outside, as a user would).
 ///
 /// # Errors
 ///
 /// As [`assess`].
-pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, part: Part, reps: usize, seed: u64, precision: StatePrecision) -> Result<Assessment, ModelError> {
+pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, part: Part, reps: usize, seed: u64, gru: GruScores<'_>) -> Result<Assessment, ModelError> {
     let meta = model.meta();
     let baselines = meta.baselines.as_ref().ok_or_else(|| ModelError::Invalid("model.json has no baselines: train the model with `intentflow train`".into()))?;
     let (label, split) = meta.training.as_ref().map_or((LabelHorizon::Session, SplitSpec::default()), |t| (t.label, t.split));
     let sessions = labelled_sessions(events, model.features(), label);
     let chosen = split.part(&sessions, part);
-    let gru_all = gru_scores(model, chosen, precision)?;
+    let (gru_all, precision, streamed) = match gru {
+        GruScores::Stepped(precision) => (gru_scores(model, chosen, precision)?, precision, false),
+        GruScores::Streamed(scores) => {
+            if scores.len() != events.len() {
+                return Err(ModelError::Invalid(format!("{} streamed scores for {} events", scores.len(), events.len())));
+            }
+            (chosen.iter().map(|s| s.events.iter().map(|&i| scores[i]).collect()).collect(), StatePrecision::F32, true)
+        }
+    };
 
+    let gru_description = if streamed { "the scores the operator streamed (joined from its intents)" } else { "the calibrated GRU score the operator emits" };
     let (mut gru, mut lr, mut ens, mut gb, mut truth) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut labels, mut groups, mut seen) = (Vec::new(), Vec::new(), Vec::new());
     for (k, (s, g)) in chosen.iter().zip(&gru_all).enumerate() {
@@ -236,7 +260,7 @@ pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, 
     let mut scorers = vec![
         ScorerMetrics {
             name: "gru".into(),
-            description: "the calibrated GRU score the operator emits".into(),
+            description: gru_description.into(),
             metrics: scored(&gru, meta.threshold.unwrap_or(0.5), 0),
         },
         ScorerMetrics {
@@ -283,7 +307,7 @@ pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, 
         }
     }
     let reasons = if model.params().skip_weight.is_some() { Some(check_reasons(model, chosen)?) } else { None };
-    Ok(Assessment { model_version: meta.version.clone(), part: part.as_str().into(), label, split, bootstrap_reps: reps, scorers, comparisons, reasons, state_precision: precision })
+    Ok(Assessment { model_version: meta.version.clone(), part: part.as_str().into(), label, split, bootstrap_reps: reps, scorers, comparisons, reasons, streamed, state_precision: precision })
 }
 
 #[cfg(test)]

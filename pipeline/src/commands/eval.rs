@@ -4,7 +4,9 @@ use super::{read_input, InputArgs};
 use intentflow_schemas::Limits;
 use anyhow::{Context, Result};
 use clap::Args;
-use intentflow_model::assess::{assess_at, Assessment};
+use intentflow_model::assess::{assess_at, Assessment, GruScores};
+use intentflow_schemas::{Event, ScoredIntent};
+use std::collections::HashMap;
 use intentflow_model::StatePrecision;
 use intentflow_model::train::Part;
 use intentflow_model::{DeviceKind, IntentModel};
@@ -37,6 +39,12 @@ pub struct EvalArgs {
     /// elsewhere with --out-dir to keep the model's own metrics.
     #[arg(long, value_enum, default_value = "f32")]
     pub state_precision: PrecisionArg,
+    /// Score the GRU row with the intents an operator streamed for the same events (JSONL as
+    /// `intentflow tail --json` prints them, or a Parquet intent file) instead of stepping the
+    /// model here: the model measured from outside. Each user's intents are matched to the
+    /// user's events in input order.
+    #[arg(long, conflicts_with = "state_precision")]
+    pub intents: Option<PathBuf>,
 }
 
 /// `--state-precision` values.
@@ -129,6 +137,44 @@ fn print_table(a: &Assessment) {
     }
 }
 
+/// Reads intents from JSONL (one per line) or, for a `.parquet` name, a Parquet intent file.
+fn read_intents(path: &std::path::Path) -> Result<Vec<ScoredIntent>> {
+    if path.extension().is_some_and(|e| e == "parquet") {
+        return Ok(intentflow_formats::columnar::read_intents(path)?);
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: not a scored intent", path.display(), n + 1)))
+        .collect()
+}
+
+/// Each event's streamed score: a user's intents, in the order given, belong to the user's
+/// events in input order (the operator keeps each user's order, and one intent per event).
+/// A user with more or fewer intents than events, or an intent whose event time or type is not
+/// its event's, is an error naming them.
+fn streamed_scores(events: &[Event], intents: &[ScoredIntent]) -> Result<Vec<f32>> {
+    let mut by_user: HashMap<&str, std::collections::VecDeque<&ScoredIntent>> = HashMap::new();
+    for i in intents {
+        by_user.entry(i.user_id.as_str()).or_default().push_back(i);
+    }
+    let mut scores = Vec::with_capacity(events.len());
+    for (k, e) in events.iter().enumerate() {
+        let Some(i) = by_user.get_mut(e.user_id.as_str()).and_then(|q| q.pop_front()) else {
+            anyhow::bail!("event {k} of user {} has no intent: were all events streamed, and the intents all read?", e.user_id);
+        };
+        if i.event_type != e.kind || i.event_ts != intentflow_schemas::format_ts_ms(e.ts) {
+            anyhow::bail!("user {}: intent for a {} at {} does not match event {k}, a {} at {}", e.user_id, i.event_type, i.event_ts, e.kind, intentflow_schemas::format_ts_ms(e.ts));
+        }
+        scores.push(i.score);
+    }
+    if let Some((user, left)) = by_user.iter().find(|(_, q)| !q.is_empty()) {
+        anyhow::bail!("user {user} has {} intents more than events", left.len());
+    }
+    Ok(scores)
+}
+
 /// Evaluates a model, its baselines and ensemble; writes metrics.json and report.html.
 ///
 /// # Errors
@@ -143,8 +189,12 @@ pub fn eval_cmd(args: &EvalArgs) -> Result<()> {
         PartArg::Train => Part::Train,
         PartArg::All => Part::All,
     };
-    let precision = args.state_precision.into();
-    let a = assess_at(&model, &imported.events, imported.latent_intent.as_deref(), part, args.bootstrap, args.seed, precision)?;
+    let streamed = args.intents.as_deref().map(|path| read_intents(path).and_then(|intents| streamed_scores(&imported.events, &intents))).transpose()?;
+    let gru = match &streamed {
+        Some(scores) => GruScores::Streamed(scores),
+        None => GruScores::Stepped(args.state_precision.into()),
+    };
+    let a = assess_at(&model, &imported.events, imported.latent_intent.as_deref(), part, args.bootstrap, args.seed, gru)?;
     let out = args.out_dir.clone().unwrap_or_else(|| args.model_dir.clone());
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let metrics_path = out.join("metrics.json");
@@ -156,7 +206,11 @@ pub fn eval_cmd(args: &EvalArgs) -> Result<()> {
         println!(
             "model {}{} on {} ({} part): {} labelled events in {} sessions, positive rate {:.4}",
             a.model_version,
-            if a.state_precision.is_f32() { String::new() } else { format!(" with hidden states rounded to {:?}", a.state_precision) },
+            match (a.streamed, a.state_precision.is_f32()) {
+                (true, _) => " as streamed (its scores from the operator's intents)".to_string(),
+                (false, true) => String::new(),
+                (false, false) => format!(" with hidden states rounded to {:?}", a.state_precision),
+            },
             args.input.input.display(),
             a.part,
             m.events,
