@@ -124,8 +124,9 @@ pub struct ReasonCheck {
     pub reasons: usize,
     /// Share of the reasons whose signal, left out, lowers the score.
     pub confirmed: Option<f64>,
-    /// Share of the events with reasons whose first reason is the signal that, left out,
-    /// lowers the score most.
+    /// Share of the events with reasons whose first reason is, of the signals that could be
+    /// reasons (above their mean, with a positive weight), the one that lowers the score most
+    /// when left out.
     pub top_agrees: Option<f64>,
 }
 
@@ -137,6 +138,7 @@ pub struct ReasonCheck {
 pub fn check_reasons(model: &IntentModel, sessions: &[LabelledSession]) -> Result<ReasonCheck, ModelError> {
     let slots: Vec<usize> = crate::SKIP_FEATURES.iter().map(|name| crate::features::FEATURE_NAMES.iter().position(|n| n == name).expect("skip features are features")).collect();
     let h = model.hidden_dim();
+    let skip = model.params().skip_values()?;
     let mut check = ReasonCheck { events: 0, with_reasons: 0, reasons: 0, confirmed: None, top_agrees: None };
     let (mut confirmed, mut top_agrees) = (0usize, 0usize);
     walk(model, sessions, StatePrecision::F32, |wave| {
@@ -157,18 +159,19 @@ pub fn check_reasons(model: &IntentModel, sessions: &[LabelledSession]) -> Resul
                 inputs.push(without);
                 before.extend_from_slice(&wave.before[k * h..(k + 1) * h]);
             }
-            asked.push((wave.step.scores[k], reasons));
+            let eligible: Vec<bool> = slots.iter().map(|&slot| wave.inputs[k].dense[slot] > 0.0 && skip.get(slot).is_some_and(|w| *w > 0.0)).collect();
+            asked.push((wave.step.scores[k], reasons, eligible));
         }
         if asked.is_empty() {
             return Ok(());
         }
         let left_out = model.step(&inputs, &before)?;
-        for (n, (score, reasons)) in asked.iter().enumerate() {
+        for (n, (score, reasons, eligible)) in asked.iter().enumerate() {
             let drops: Vec<f32> = left_out.scores[n * slots.len()..(n + 1) * slots.len()].iter().map(|s| score - s).collect();
             check.with_reasons += 1;
             check.reasons += reasons.indices().len();
             confirmed += reasons.indices().iter().filter(|&&r| drops[usize::from(r)] > 0.0).count();
-            let strongest = drops.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map(|(j, _)| j);
+            let strongest = drops.iter().enumerate().filter(|(j, _)| eligible[*j]).max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map(|(j, _)| j);
             top_agrees += usize::from(strongest == Some(usize::from(reasons.indices()[0])));
         }
         Ok(())

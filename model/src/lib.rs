@@ -298,8 +298,9 @@ impl IntentModel {
 
     /// The signals that raised the score of a row with input `features` most: the skip terms
     /// (`skip.weight[i] · dense[i]`, dense features normalised so that 0 is the training mean)
-    /// of at least [`REASON_MIN_LOGIT`], strongest first, ties by feature order. Deterministic,
-    /// about 17 multiply-adds; empty for a model without a skip connection.
+    /// of signals above their mean with a positive weight, of at least [`REASON_MIN_LOGIT`],
+    /// strongest first, ties by feature order. Deterministic, about 17 multiply-adds; empty for
+    /// a model without a skip connection.
     pub fn reasons(&self, features: &Features) -> Reasons {
         let mut out = Reasons::default();
         if self.skip.is_empty() {
@@ -307,8 +308,11 @@ impl IntentModel {
         }
         let mut best = [(0f32, 0u8); MAX_REASONS];
         for (i, &slot) in self.skip_slots.iter().enumerate() {
-            let c = self.skip[slot] * features.dense[slot];
-            if c < REASON_MIN_LOGIT {
+            // More of the signal than the average event has, and the model counts it for
+            // buying: less of something that counts against is no reason.
+            let (w, x) = (self.skip[slot], features.dense[slot]);
+            let c = w * x;
+            if x <= 0.0 || w <= 0.0 || c < REASON_MIN_LOGIT {
                 continue;
             }
             let n = usize::from(out.len);

@@ -62,11 +62,21 @@ pub fn tail_cmd(args: &TailArgs) -> Result<()> {
             top
         }
     };
-    println!("{:<14} {:>7}  {:<16} {:>4}  {:<24} source", "user", "score", "last event", "#", "event time");
+    // Reasons get a column when some intent has them (`run --reasons`).
+    let reasons = shown.iter().any(|i| !i.reasons.is_empty());
+    let width = if reasons { 30 } else { 0 };
+    println!("{:<14} {:>7}  {:<16} {:>4}  {:<24} {:<width$}{}", "user", "score", "last event", "#", "event time", "source", if reasons { " reasons" } else { "" });
     for i in shown {
+        let source = format!("{}/{}@{}", i.source.topic, i.source.partition, i.source.offset);
         println!(
-            "{:<14} {:>7.4}  {:<16} {:>4}  {:<24} {}/{}@{}",
-            i.user_id, i.score, i.event_type.as_str(), i.session_events, i.event_ts, i.source.topic, i.source.partition, i.source.offset
+            "{:<14} {:>7.4}  {:<16} {:>4}  {:<24} {:<width$}{}",
+            i.user_id,
+            i.score,
+            i.event_type.as_str(),
+            i.session_events,
+            i.event_ts,
+            source,
+            if reasons { format!(" {}", i.reasons.join(", ")) } else { String::new() }
         );
     }
     eprintln!("{} records from {} ({} scored intents)", records.len(), args.topic, intents.len());
