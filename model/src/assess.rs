@@ -306,7 +306,7 @@ pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, 
     }
     for (a, a_scores, b, b_scores) in pairs {
         for metric in [("roc_auc", eval::roc_auc as fn(&[f32], &[bool]) -> Option<f64>), ("pr_auc", eval::pr_auc)] {
-            comparisons.push(eval::paired_bootstrap((a, b), (a_scores, b_scores), &labels, &groups, reps, seed + 5, metric));
+            comparisons.push(eval::paired_bootstrap((a, b), (a_scores, b_scores), &labels, &groups, reps, seed + 6, metric));
         }
     }
     let reasons = if model.params().skip_weight.is_some() { Some(check_reasons(model, chosen)?) } else { None };

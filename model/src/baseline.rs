@@ -91,7 +91,7 @@ impl SessionAggregates {
             ln1p(self.items.len() as f64),
             ln1p(self.categories.len() as f64),
             ln1p(f64::from(self.events)),
-            f64::from(u8::from(ev.category.is_some())),
+            f64::from(u8::from(crate::features::present(ev.category.as_deref()))),
             ln1p(f64::from(after.session_seq)),
             ln1p(f64::from(after.history.purchases)),
             ln1p(f64::from(after.history.carts)),

@@ -50,9 +50,10 @@ pub const FEATURE_NAMES: [&str; FEATURE_DIM] = [
 
 /// The dense features the head's skip connection reads (the others reach the head through the
 /// GRU only): the aggregates of the session so far and of the user's history, as a logistic
-/// regression on them would use them. Per-event features (the event's type, gap, hour) stay
-/// out: on the real samples they made the linear part worse on later sessions (REES46 test
-/// ROC-AUC 0.700 with every feature, 0.738 with these; `docs/model.md`).
+/// regression on them would use them. The other features (the event's type, gap, hour, cart
+/// contents) stay out: on REES46 they made the linear part worse on later sessions (the
+/// regression alone: test ROC-AUC 0.700 with every feature, 0.738 with these; the served
+/// model: 0.675 and 0.724; `docs/model.md`).
 pub const SKIP_FEATURES: [&str; 17] = [
     "log_price",
     "log_event_index",
@@ -154,6 +155,12 @@ pub struct Prepared {
     pub reset_hidden: bool,
 }
 
+/// Whether an optional attribute is there: given and not empty (as the CSV importers read an
+/// empty cell).
+pub(crate) fn present(value: Option<&str>) -> bool {
+    value.is_some_and(|v| !v.is_empty())
+}
+
 /// Raw (unnormalised) features of `ev`, given the session state *after* applying it.
 fn raw_dense(ev: &Event, after: &SessionState, step: SessionStep) -> [f32; FEATURE_DIM] {
     let mut f = [0f32; FEATURE_DIM];
@@ -173,13 +180,13 @@ fn raw_dense(ev: &Event, after: &SessionState, step: SessionStep) -> [f32; FEATU
     f[14] = f32::from(u8::from(step.new_session));
     f[15] = ((after.last_ts_ms - after.started_ms).max(0) as f64 / 1000.0).ln_1p() as f32;
     f[16] = f32::from(u8::from(step.same_item));
-    f[17] = f32::from(u8::from(ev.category.is_some()));
-    f[18] = f32::from(u8::from(ev.brand.is_some()));
+    f[17] = f32::from(u8::from(present(ev.category.as_deref())));
+    f[18] = f32::from(u8::from(present(ev.brand.as_deref())));
     // The long-term half: what the user did before this session (carts and purchases count
     // this session's too: a session's first purchase ends it, so no labelled event sees its own).
     let history = &after.history;
     f[19] = f64::from(after.session_seq).ln_1p() as f32;
-    f[20] = ((after.total_events - u64::from(after.events)) as f64).ln_1p() as f32;
+    f[20] = (after.total_events.saturating_sub(u64::from(after.events)) as f64).ln_1p() as f32;
     f[21] = f64::from(history.purchases).ln_1p() as f32;
     f[22] = f64::from(history.carts).ln_1p() as f32;
     f[23] = (history.previous_gap_ms as f64 / 3_600_000.0).ln_1p() as f32;

@@ -258,6 +258,9 @@ impl GruParams {
             if t.dims() != [1, self.dense_dim()] || t.dtype() != DType::F32 {
                 return Err(format!("tensor {} has shape {:?} {:?}, expected [1, {}] f32", names::SKIP_WEIGHT, t.dims(), t.dtype(), self.dense_dim()));
             }
+            if self.skip_values().map_err(|e| e.to_string())?.iter().any(|w| !w.is_finite()) {
+                return Err(format!("tensor {} holds a value that is not finite", names::SKIP_WEIGHT));
+            }
         }
         let want = [
             (names::WEIGHT_IH, &self.weight_ih, vec![3 * h, d]),

@@ -224,10 +224,11 @@ fn assessment_scores_the_held_out_sessions_with_every_scorer() {
     assert!(a.scorer("gradient_boosting").unwrap().roc_auc.unwrap() > 0.8, "the trees learn the carts too");
     assert!(a.comparisons.iter().all(|c| c.probability_a_better.is_some_and(|p| (0.0..=1.0).contains(&p))));
     assert_eq!(gru.lift.iter().map(|r| r.events).collect::<Vec<_>>(), [5, 24, 48]);
-    // Reasons: a signal named as one, left out, lowers the score.
+    // Reasons: the first one named is, of the signals that could be reasons, the one whose
+    // removal moves the whole model's score most (GRU included), for most events.
     let reasons = a.reasons.as_ref().expect("a model with a skip connection has reasons");
     assert_eq!(reasons.events, 480);
-    assert!(reasons.with_reasons > 0 && reasons.confirmed.unwrap() > 0.9, "{reasons:?}");
+    assert!(reasons.with_reasons > 0 && reasons.top_agrees.unwrap() > 0.6, "{reasons:?}");
     let html = intentflow_model::report::render_html(&a, "learnable.jsonl");
     assert!(html.contains("<svg") && html.contains("logistic_regression") && html.contains(model.version()) && html.contains("Paired session bootstrap"));
 }

@@ -65,13 +65,14 @@ fn generate_is_seeded_and_train_writes_pytorch_named_weights() {
     let out = intentflow(&["eval", "--model-dir", &file("model"), "--input", &file("a.jsonl"), "--out-dir", &report_dir, "--bootstrap", "50"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let table = text(&out.stdout);
-    for scorer in ["gru", "logistic_regression", "ensemble", "base_rate", "oracle"] {
+    for scorer in ["gru", "logistic_regression", "ensemble", "gradient_boosting", "base_rate", "oracle"] {
         assert!(table.lines().any(|l| l.starts_with(scorer)), "{scorer} missing from\n{table}");
     }
     let metrics: serde_json::Value = serde_json::from_slice(&std::fs::read(Path::new(&report_dir).join("metrics.json")).unwrap()).unwrap();
     assert_eq!(metrics["part"], "test");
     assert_eq!(metrics["model_version"], meta["version"]);
-    let oracle_auc = metrics["scorers"][4]["metrics"]["roc_auc"].as_f64().unwrap();
+    let scorer = |name: &str| metrics["scorers"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("no scorer {name}"))["metrics"].clone();
+    let oracle_auc = scorer("oracle")["roc_auc"].as_f64().unwrap();
     let gru_auc = metrics["scorers"][0]["metrics"]["roc_auc"].as_f64().unwrap();
     assert!(oracle_auc > 0.6 && gru_auc > 0.5, "oracle {oracle_auc}, gru {gru_auc}");
     let html = std::fs::read_to_string(Path::new(&report_dir).join("report.html")).unwrap();

@@ -31,12 +31,12 @@
 //! u8  m, m × (u32 topic id, zigzag next)
 //! ```
 //!
-//! Every other state is still written as version 3, which builds from before version 4 read
-//! (a rolled-back binary keeps its states).
+//! Every other state is written as version 3 (or 5, below).
 //!
 //! Versions 5 and 6 are versions 3 and 4 followed by the user's long-term history
 //! ([`UserHistory`]) and the current session's counts ([`SessionCounts`]), written only when
-//! they are not all zero (so a fresh state is still read by older builds):
+//! they are not all zero, which is every user with an event (a build from before them
+//! quarantines such states; a fresh state is still version 3 or 4):
 //!
 //! ```text
 //! varint purchases | varint carts | zigzag previous_gap_ms
@@ -255,8 +255,7 @@ impl UserState {
         }
         let s = &self.session;
         let mut out = Vec::with_capacity(64 + self.hidden.len() * 4 + self.model_version.len());
-        // Without f16 the record is what version 3 wrote: builds from before version 4 still
-        // read it (a rolled-back binary keeps its states).
+        // Without f16 the record is what version 3 wrote (then 5 with a history block).
         out.push(3);
         out.push(self.base_flags());
         out.extend_from_slice(&s.session_seq.to_le_bytes());

@@ -152,9 +152,12 @@ fn read_intents(path: &std::path::Path) -> Result<Vec<ScoredIntent>> {
 
 /// Each event's streamed score: a user's intents, in the order given, belong to the user's
 /// events in input order (the operator keeps each user's order, and one intent per event).
-/// A user with more or fewer intents than events, or an intent whose event time or type is not
-/// its event's, is an error naming them.
-fn streamed_scores(events: &[Event], intents: &[ScoredIntent]) -> Result<Vec<f32>> {
+/// A user with more or fewer intents than events, an intent whose event time, type or id is not
+/// its event's, or one scored by another model than `model`, is an error naming them.
+fn streamed_scores(events: &[Event], intents: &[ScoredIntent], model: &str) -> Result<Vec<f32>> {
+    if let Some(other) = intents.iter().find(|i| i.model_version != model) {
+        anyhow::bail!("an intent of user {} was scored by model {}, not by the model evaluated ({model})", other.user_id, other.model_version);
+    }
     let mut by_user: HashMap<&str, std::collections::VecDeque<&ScoredIntent>> = HashMap::new();
     for i in intents {
         by_user.entry(i.user_id.as_str()).or_default().push_back(i);
@@ -164,7 +167,7 @@ fn streamed_scores(events: &[Event], intents: &[ScoredIntent]) -> Result<Vec<f32
         let Some(i) = by_user.get_mut(e.user_id.as_str()).and_then(|q| q.pop_front()) else {
             anyhow::bail!("event {k} of user {} has no intent: were all events streamed, and the intents all read?", e.user_id);
         };
-        if i.event_type != e.kind || i.event_ts != intentflow_schemas::format_ts_ms(e.ts) {
+        if i.event_type != e.kind || i.event_ts != intentflow_schemas::format_ts_ms(e.ts) || i.event_id != e.event_id {
             anyhow::bail!("user {}: intent for a {} at {} does not match event {k}, a {} at {}", e.user_id, i.event_type, i.event_ts, e.kind, intentflow_schemas::format_ts_ms(e.ts));
         }
         scores.push(i.score);
@@ -189,7 +192,7 @@ pub fn eval_cmd(args: &EvalArgs) -> Result<()> {
         PartArg::Train => Part::Train,
         PartArg::All => Part::All,
     };
-    let streamed = args.intents.as_deref().map(|path| read_intents(path).and_then(|intents| streamed_scores(&imported.events, &intents))).transpose()?;
+    let streamed = args.intents.as_deref().map(|path| read_intents(path).and_then(|intents| streamed_scores(&imported.events, &intents, model.version()))).transpose()?;
     let gru = match &streamed {
         Some(scores) => GruScores::Streamed(scores),
         None => GruScores::Stepped(args.state_precision.into()),
@@ -221,4 +224,45 @@ pub fn eval_cmd(args: &EvalArgs) -> Result<()> {
     print_table(&a);
     eprintln!("wrote {} and {}", metrics_path.display(), report_path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use intentflow_schemas::{EventType, SourcePosition};
+
+    fn event(user: &str, ts: i64, kind: EventType) -> Event {
+        Event { user_id: user.into(), ts, kind, event_id: None, session_id: None, item_id: None, category: None, category_id: None, brand: None, price: None, quantity: None }
+    }
+
+    fn intent(e: &Event, score: f32, model: &str) -> ScoredIntent {
+        ScoredIntent {
+            v: 1,
+            user_id: e.user_id.clone(),
+            score,
+            event_ts: intentflow_schemas::format_ts_ms(e.ts),
+            event_type: e.kind,
+            event_id: e.event_id.clone(),
+            session_id: None,
+            session_seq: 0,
+            session_events: 1,
+            model_version: model.into(),
+            source: SourcePosition { topic: "t".into(), partition: 0, offset: 0 },
+            emitted_at: String::new(),
+            reasons: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn streamed_intents_join_their_users_events_in_order_or_say_why_not() {
+        let events = [event("a", 1_000, EventType::View), event("b", 1_500, EventType::View), event("a", 2_000, EventType::AddToCart)];
+        // Users interleave differently on the output topic; each user's order is what counts.
+        let intents = [intent(&events[1], 0.2, "m"), intent(&events[0], 0.1, "m"), intent(&events[2], 0.3, "m")];
+        assert_eq!(streamed_scores(&events, &intents, "m").unwrap(), [0.1, 0.2, 0.3]);
+        let err = |intents: &[ScoredIntent]| streamed_scores(&events, intents, "m").unwrap_err().to_string();
+        assert!(err(&intents[..2]).contains("has no intent"));
+        assert!(err(&[intents[0].clone(), intents[2].clone(), intents[1].clone()]).contains("does not match event"), "a user's intents out of order");
+        assert!(err(&[intents[0].clone(), intents[1].clone(), intents[2].clone(), intents[2].clone()]).contains("more than events"));
+        assert!(err(&[intent(&events[1], 0.2, "other"), intents[1].clone(), intents[2].clone()]).contains("scored by model other"));
+    }
 }

@@ -210,6 +210,8 @@ impl Synth {
             _ => "view",
         };
         let (item, category, cents) = ((r >> 8) % 50_000, (r >> 24) % 300, 100 + (r >> 40) % 50_000);
+        // The category goes in `category` (a path, to the model) as in the measurements of
+        // docs/performance.md, so that their commands still give the same events.
         // Writing into a Vec cannot fail.
         let _ = std::io::Write::write_fmt(
             buf,
