@@ -582,7 +582,7 @@ pub struct Trained {
 ///
 /// [`ModelError::Training`] when a split has nothing to learn from (no sessions, or no
 /// positive label in training or validation); candle errors otherwise.
-pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, mut on_epoch: impl FnMut(usize, &EpochReport)) -> Result<Trained, ModelError> {
+pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, on_epoch: impl FnMut(usize, &EpochReport) + Send) -> Result<Trained, ModelError> {
     let unfitted = cfg.feature_spec();
     unfitted.validate().map_err(ModelError::Training)?;
     let sessions = labelled_sessions(events, &unfitted, cfg.label);
@@ -606,16 +606,24 @@ pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, mut on_epoch:
     let pos_weight = cfg.pos_weight.unwrap_or_else(|| ((labelled - positives) as f64 / positives as f64).sqrt());
 
     let wide = cfg.skip.then(|| WideStart::fit(train_set, &spec, pos_weight as f32));
-    let mut members = Vec::with_capacity(cfg.members.max(1));
-    let mut best_epochs = Vec::new();
-    let mut epochs_run = 0;
-    for member in 0..cfg.members.max(1) {
+    // Members are independent (each from its own seed): on the CPU they train side by side on
+    // all cores, each giving the bits it gives alone.
+    let on_epoch = std::sync::Mutex::new(on_epoch);
+    let fit = |member: usize| {
         let seed = cfg.seed.wrapping_add(member as u64 * 1_000_003);
-        let fitted = fit_member(train_set, val_set, &spec, cfg, pos_weight as f32, wide.as_ref(), seed, device, |r| on_epoch(member, r))?;
-        best_epochs.push(fitted.best_epoch);
-        epochs_run += fitted.epochs;
-        members.push(fitted.params);
-    }
+        fit_member(train_set, val_set, &spec, cfg, pos_weight as f32, wide.as_ref(), seed, device, |r| {
+            (on_epoch.lock().unwrap_or_else(std::sync::PoisonError::into_inner))(member, r)
+        })
+    };
+    let fitted: Vec<Member> = if device.is_cpu() {
+        use rayon::prelude::*;
+        (0..cfg.members.max(1)).into_par_iter().map(fit).collect::<Result<_, _>>()?
+    } else {
+        (0..cfg.members.max(1)).map(fit).collect::<Result<_, _>>()?
+    };
+    let best_epochs: Vec<usize> = fitted.iter().map(|m| m.best_epoch).collect();
+    let epochs_run = fitted.iter().map(|m| m.epochs).sum();
+    let members: Vec<GruParams> = fitted.into_iter().map(|m| m.params).collect();
     let params = GruParams::pack(&members)?;
 
     // Everything below is fitted on validation.

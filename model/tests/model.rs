@@ -259,3 +259,21 @@ fn a_rows_step_is_bit_identical_whatever_batch_it_shares() {
         }
     }
 }
+
+/// Members train side by side on the CPU; each must give the bits it gives alone, so the packed
+/// model does not depend on how the threads interleave.
+#[test]
+fn members_trained_together_equal_members_trained_alone() {
+    let events = learnable_events();
+    let cfg = TrainConfig { members: 2, epochs: 3, ..quick_config() };
+    let together = train(&events, &cfg, &Device::Cpu, |_, _| {}).unwrap();
+    let alone: Vec<_> = [cfg.seed, cfg.seed.wrapping_add(1_000_003)]
+        .iter()
+        .map(|&seed| train(&events, &TrainConfig { members: 1, seed, ..cfg.clone() }, &Device::Cpu, |_, _| {}).unwrap().params)
+        .collect();
+    let packed = intentflow_model::GruParams::pack(&alone).unwrap();
+    for ((name, a), (_, b)) in together.params.state_dict().into_iter().zip(packed.state_dict()) {
+        let (a, b): (Vec<f32>, Vec<f32>) = (a.flatten_all().unwrap().to_vec1().unwrap(), b.flatten_all().unwrap().to_vec1().unwrap());
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} differs");
+    }
+}

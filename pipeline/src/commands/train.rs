@@ -83,6 +83,10 @@ pub struct TrainArgs {
     /// cuts sessions the way the model was trained.
     #[arg(long, default_value_t = 30)]
     pub session_gap_minutes: i64,
+    /// Device to train on: `cpu` (members side by side on all cores), or `cuda` in a build with
+    /// the `cuda` feature (members one after another on the GPU).
+    #[arg(long, default_value = "cpu", value_parser = crate::config::parse_device)]
+    pub device: DeviceKind,
     /// Leave out the head's skip connection: the head then reads the GRU's hidden vector only
     /// (by default it also reads the dense features, see docs/model.md).
     #[arg(long)]
@@ -176,16 +180,17 @@ fn epoch_line(member: usize, r: &EpochReport) -> String {
 /// File failures, or data without purchases to learn from.
 pub fn train_cmd(args: &TrainArgs) -> Result<()> {
     let cfg = args.config()?;
+    let device = args.device.open()?;
     let imported = read_input(&args.input, Limits::default())?;
     eprintln!("training on {}: {}", args.input.input.display(), imported.summary());
-    let device = DeviceKind::Cpu.open()?;
-    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new(cfg.members as u64) } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template("[{bar:30}] {pos}/{len} members {elapsed} {msg}").expect("valid template"));
+    // Members train side by side on the CPU: the bar counts epochs of all of them (early stopping
+    // may end them before the most).
+    let most = (cfg.members * cfg.epochs) as u64;
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new(most) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("[{bar:30}] {pos}/{len} epochs (all members; early stopping ends sooner) {elapsed} {msg}").expect("valid template"));
     let trained = intentflow_model::train::train(&imported.events, &cfg, &device, |member, r| {
-        if member as u64 > bar.position() {
-            bar.inc(1);
-        }
-        bar.set_message(format!("epoch {}", r.epoch));
+        bar.inc(1);
+        bar.set_message(format!("member {member} epoch {}", r.epoch));
         let line = epoch_line(member, r);
         if bar.is_hidden() {
             eprintln!("{line}");
