@@ -104,12 +104,17 @@ pub struct Features {
     pub item: u32,
     /// Category embedding bucket (0: no category or no category embedding).
     pub category: u32,
+    /// Brand bucket of the head's brand embedding (0: no brand, or no such embedding).
+    pub brand: u32,
+    /// Bucket of the category path's top level (`electronics` of `electronics.smartphone`) in
+    /// the head's top-category embedding (0: no path, or no such embedding).
+    pub top_category: u32,
 }
 
 impl Features {
-    /// Dense features without item or category.
+    /// Dense features without item, category, brand or top category.
     pub fn dense(dense: [f32; FEATURE_DIM]) -> Features {
-        Features { dense, item: 0, category: 0 }
+        Features { dense, item: 0, category: 0, brand: 0, top_category: 0 }
     }
 }
 
@@ -141,6 +146,12 @@ pub struct FeatureSpec {
     /// Hash buckets of the category embedding (0: none).
     #[serde(default)]
     pub category_buckets: u32,
+    /// Hash buckets of the head's brand embedding (0: none).
+    #[serde(default)]
+    pub brand_buckets: u32,
+    /// Hash buckets of the head's top-category embedding (0: none).
+    #[serde(default)]
+    pub top_category_buckets: u32,
     /// Dense features switched off at training (always 0 after normalisation).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disabled: Vec<String>,
@@ -214,6 +225,8 @@ impl FeatureSpec {
             session,
             item_buckets: 0,
             category_buckets: 0,
+            brand_buckets: 0,
+            top_category_buckets: 0,
             disabled: Vec::new(),
         }
     }
@@ -222,6 +235,14 @@ impl FeatureSpec {
     pub fn with_buckets(mut self, item_buckets: u32, category_buckets: u32) -> FeatureSpec {
         self.item_buckets = item_buckets;
         self.category_buckets = category_buckets;
+        self
+    }
+
+    /// Sets the bucket counts of the head's brand and top-category embeddings (0 switches one
+    /// off).
+    pub fn with_head_buckets(mut self, brand_buckets: u32, top_category_buckets: u32) -> FeatureSpec {
+        self.brand_buckets = brand_buckets;
+        self.top_category_buckets = top_category_buckets;
         self
     }
 
@@ -255,6 +276,8 @@ impl FeatureSpec {
             dense: raw_dense(ev, session, step),
             item: bucket(ev.item_id.as_deref(), self.item_buckets),
             category: bucket(ev.category_id.as_deref().or(ev.category.as_deref()), self.category_buckets),
+            brand: bucket(ev.brand.as_deref().filter(|b| !b.is_empty()), self.brand_buckets),
+            top_category: bucket(ev.category.as_deref().and_then(|path| path.split('.').next()).filter(|top| !top.is_empty()), self.top_category_buckets),
         };
         (features, step.new_session)
     }
@@ -322,6 +345,16 @@ mod tests {
         assert_eq!(a.features.dense[0], 1.0);
         assert_eq!(a.features.dense[14], 1.0);
         assert!((a.features.dense[7] - 10f32.ln()).abs() < 1e-6);
+        // The head's brand and top-category buckets: a path's first level, empty strings absent.
+        let heads = FeatureSpec::identity(SessionConfig::default()).with_head_buckets(64, 16);
+        let mut branded = mk(5, EventType::View, None);
+        (branded.brand, branded.category) = (Some("samsung".into()), Some("electronics.smartphone".into()));
+        let f = heads.featurize(&mut SessionState::default(), &branded).features;
+        assert_eq!((f.brand, f.top_category), (bucket(Some("samsung"), 64), bucket(Some("electronics"), 16)));
+        assert!(f.brand > 0 && f.top_category > 0);
+        (branded.brand, branded.category) = (Some(String::new()), None);
+        let f = heads.featurize(&mut SessionState::default(), &branded).features;
+        assert_eq!((f.brand, f.top_category), (0, 0));
         let b = spec.featurize(&mut s, &mk(9_000, EventType::AddToCart, Some(9.0)));
         assert!(!b.reset_hidden);
         assert_eq!(b.features.dense[2], 1.0);

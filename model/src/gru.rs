@@ -15,7 +15,9 @@
 //! The optional skip connection (`skip.weight`) gives the head the event's dense features
 //! directly, beside the GRU's summary of the session: the session and history aggregates among
 //! them then count as in a logistic regression on them, whatever the GRU learns on top (a "wide
-//! and deep" head). A model without it has no skip term.
+//! and deep" head). A model without it has no skip term. Two optional hashed embeddings of
+//! width 1 add the brand's and the category path's top level's own terms to the same logit
+//! (`brand_embedding.weight[brand bucket] + top_category_embedding.weight[top bucket]`).
 //!
 //! Over 400 lines: the parameters, their PyTorch names and the packing of the seed ensemble must
 //! change together; the CPU serving step moves to its own kernel module with the performance work.
@@ -33,6 +35,8 @@ use candle_core::{DType, Device, Tensor, D};
 ///         self.gru = nn.GRU(dense + item_dim + category_dim, hidden, batch_first=True)
 ///         self.head = nn.Linear(hidden, 1)
 ///         self.skip = nn.Linear(dense, 1, bias=False)   # optional
+///         self.brand_embedding = nn.Embedding(brand_buckets, 1)          # optional
+///         self.top_category_embedding = nn.Embedding(top_buckets, 1)     # optional
 ///
 /// state = {k.removeprefix("gru."): v for k, v in Intent(...).state_dict().items()}
 /// safetensors.torch.save_file(state, "model.safetensors")
@@ -58,6 +62,11 @@ pub mod names {
     pub const CATEGORY_EMBEDDING: &str = "category_embedding.weight";
     /// `(1, dense)` weights of the dense features in the head's logit (optional).
     pub const SKIP_WEIGHT: &str = "skip.weight";
+    /// `(brand buckets, 1)` the brand's term in the head's logit (optional).
+    pub const BRAND_EMBEDDING: &str = "brand_embedding.weight";
+    /// `(top-category buckets, 1)` the category path's top level's term in the head's logit
+    /// (optional).
+    pub const TOP_CATEGORY_EMBEDDING: &str = "top_category_embedding.weight";
 }
 
 /// The parameter tensors of the network.
@@ -81,6 +90,10 @@ pub struct GruParams {
     pub head_bias: Tensor,
     /// See [`names::SKIP_WEIGHT`].
     pub skip_weight: Option<Tensor>,
+    /// See [`names::BRAND_EMBEDDING`].
+    pub brand_embedding: Option<Tensor>,
+    /// See [`names::TOP_CATEGORY_EMBEDDING`].
+    pub top_category_embedding: Option<Tensor>,
 }
 
 /// Sigmoid through differentiable primitives, so the same cell serves training and inference.
@@ -187,6 +200,8 @@ impl GruParams {
             item_embedding: tensors.remove(names::ITEM_EMBEDDING),
             category_embedding: tensors.remove(names::CATEGORY_EMBEDDING),
             skip_weight: tensors.remove(names::SKIP_WEIGHT),
+            brand_embedding: tensors.remove(names::BRAND_EMBEDDING),
+            top_category_embedding: tensors.remove(names::TOP_CATEGORY_EMBEDDING),
         };
         params.validate()?;
         Ok(params)
@@ -210,6 +225,12 @@ impl GruParams {
         }
         if let Some(t) = &self.skip_weight {
             out.push((names::SKIP_WEIGHT, t));
+        }
+        if let Some(t) = &self.brand_embedding {
+            out.push((names::BRAND_EMBEDDING, t));
+        }
+        if let Some(t) = &self.top_category_embedding {
+            out.push((names::TOP_CATEGORY_EMBEDDING, t));
         }
         out
     }
@@ -238,7 +259,12 @@ impl GruParams {
     /// The skip weights as host values (empty without a skip connection), for
     /// [`skip_term`].
     pub(crate) fn skip_values(&self) -> candle_core::Result<Vec<f32>> {
-        self.skip_weight.as_ref().map_or(Ok(Vec::new()), |t| t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1())
+        host_values(self.skip_weight.as_ref())
+    }
+
+    /// The head's brand and top-category terms per bucket as host values (empty without them).
+    pub(crate) fn head_table_values(&self) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        Ok((host_values(self.brand_embedding.as_ref())?, host_values(self.top_category_embedding.as_ref())?))
     }
 
     /// Checks shapes and dtypes against each other.
@@ -260,6 +286,16 @@ impl GruParams {
             }
             if self.skip_values().map_err(|e| e.to_string())?.iter().any(|w| !w.is_finite()) {
                 return Err(format!("tensor {} holds a value that is not finite", names::SKIP_WEIGHT));
+            }
+        }
+        for (name, table) in [(names::BRAND_EMBEDDING, &self.brand_embedding), (names::TOP_CATEGORY_EMBEDDING, &self.top_category_embedding)] {
+            if let Some(t) = table {
+                if t.rank() != 2 || t.dim(1).unwrap_or(0) != 1 || t.dim(0).unwrap_or(0) == 0 || t.dtype() != DType::F32 {
+                    return Err(format!("tensor {name} must be a non-empty f32 column (buckets, 1), got {:?} {:?}", t.dims(), t.dtype()));
+                }
+                if host_values(Some(t)).map_err(|e| e.to_string())?.iter().any(|w| !w.is_finite()) {
+                    return Err(format!("tensor {name} holds a value that is not finite"));
+                }
             }
         }
         let want = [
@@ -299,7 +335,11 @@ impl GruParams {
         let first = members.first().ok_or_else(|| crate::ModelError::Invalid("no members to pack".into()))?;
         let (h, d, dense) = (first.hidden_dim(), first.input_dim(), first.dense_dim());
         let ((ni, ei), (nc, ec)) = (first.item_shape(), first.category_shape());
-        if members.iter().any(|m| (m.hidden_dim(), m.input_dim(), m.item_shape(), m.category_shape(), m.skip_weight.is_some()) != (h, d, (ni, ei), (nc, ec), first.skip_weight.is_some())) {
+        let head_tables = |m: &GruParams| (table_shape(m.brand_embedding.as_ref()), table_shape(m.top_category_embedding.as_ref()));
+        if members.iter().any(|m| {
+            (m.hidden_dim(), m.input_dim(), m.item_shape(), m.category_shape(), m.skip_weight.is_some(), head_tables(m))
+                != (h, d, (ni, ei), (nc, ec), first.skip_weight.is_some(), head_tables(first))
+        }) {
             return Err(crate::ModelError::Invalid("members to pack differ in shape".into()));
         }
         let k = members.len();
@@ -359,6 +399,9 @@ impl GruParams {
             item_embedding: table(items, ni, ei)?,
             category_embedding: table(categories, nc, ec)?,
             skip_weight: skip.map(|w| Tensor::from_vec(w, (1, dense), dev)).transpose()?,
+            // Width-1 terms of the averaged logit: their mean over the members.
+            brand_embedding: mean_of(members.iter().map(|m| m.brand_embedding.as_ref()))?,
+            top_category_embedding: mean_of(members.iter().map(|m| m.top_category_embedding.as_ref()))?,
         })
     }
 
@@ -375,6 +418,8 @@ impl GruParams {
             head_weight: self.head_weight.to_device(device)?,
             head_bias: self.head_bias.to_device(device)?,
             skip_weight: move_table(&self.skip_weight)?,
+            brand_embedding: move_table(&self.brand_embedding)?,
+            top_category_embedding: move_table(&self.top_category_embedding)?,
         })
     }
 }
@@ -384,6 +429,28 @@ impl GruParams {
 /// path computed the hidden state's part.
 pub(crate) fn skip_term(skip: &[f32], dense: &[f32]) -> f32 {
     skip.iter().zip(dense).fold(0.0, |acc, (w, x)| acc + w * x)
+}
+
+/// A tensor's values on the host, flattened (empty for none).
+fn host_values(t: Option<&Tensor>) -> candle_core::Result<Vec<f32>> {
+    t.map_or(Ok(Vec::new()), |t| t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1())
+}
+
+/// The element-wise mean of equally shaped tensors (`None` when the first is absent).
+fn mean_of<'a>(mut tables: impl ExactSizeIterator<Item = Option<&'a Tensor>>) -> candle_core::Result<Option<Tensor>> {
+    let k = tables.len() as f64;
+    let Some(first) = tables.next().flatten() else { return Ok(None) };
+    let mut sum = first.clone();
+    for t in tables.flatten() {
+        sum = (sum + t)?;
+    }
+    Ok(Some((sum / k)?))
+}
+
+/// The term of `bucket` in a width-1 head table (0 without a table; the last row for a bucket
+/// past it).
+pub(crate) fn head_term(table: &[f32], bucket: u32) -> f32 {
+    table.get((bucket as usize).min(table.len().saturating_sub(1))).copied().unwrap_or(0.0)
 }
 
 fn table_shape(table: Option<&Tensor>) -> (usize, usize) {
@@ -420,6 +487,8 @@ pub(crate) mod testing {
             item_embedding: Some(t(item.0, item.1)),
             category_embedding: Some(t(category.0, category.1)),
             skip_weight: Some(t(1, dense)),
+            brand_embedding: Some(t(5, 1)),
+            top_category_embedding: Some(t(3, 1)),
         }
     }
 }
@@ -437,8 +506,11 @@ mod tests {
         let h1 = p.cell(&p.input_gates(&p.gru_input(dense, items, cats).unwrap(), how).unwrap(), h, how).unwrap();
         let mut logits: Vec<f32> = p.logits(&h1, how).unwrap().to_vec1().unwrap();
         let skip = p.skip_values().unwrap();
-        for (l, row) in logits.iter_mut().zip(dense.to_vec2::<f32>().unwrap()) {
-            *l += skip_term(&skip, &row);
+        // The item and category buckets stand in for the brand and top-category ones.
+        let (brand, top) = p.head_table_values().unwrap();
+        let (item_buckets, category_buckets): (Vec<u32>, Vec<u32>) = (items.to_vec1().unwrap(), cats.to_vec1().unwrap());
+        for (k, (l, row)) in logits.iter_mut().zip(dense.to_vec2::<f32>().unwrap()).enumerate() {
+            *l += skip_term(&skip, &row) + head_term(&brand, item_buckets[k]) + head_term(&top, category_buckets[k]);
         }
         (h1, logits)
     }

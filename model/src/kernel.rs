@@ -360,7 +360,7 @@ mod tests {
                 let v = values(seed, FEATURE_DIM);
                 let mut dense = [0f32; FEATURE_DIM];
                 dense.iter_mut().zip(v).for_each(|(d, x)| *d = 4.0 * x);
-                Features { dense, item: (i * 7 % 64) as u32, category: (i * 3 % 16) as u32 }
+                Features { item: (i * 7 % 64) as u32, category: (i * 3 % 16) as u32, ..Features::dense(dense) }
             })
             .collect()
     }

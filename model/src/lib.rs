@@ -201,6 +201,9 @@ pub struct IntentModel {
     skip: Arc<[f32]>,
     /// The dense slot of each of [`features::SKIP_FEATURES`].
     skip_slots: [usize; features::SKIP_FEATURES.len()],
+    /// The head's brand and top-category terms per bucket (empty: none), added with the skip
+    /// term.
+    head_tables: Arc<(Vec<f32>, Vec<f32>)>,
 }
 
 /// What runs [`IntentModel::step`].
@@ -245,6 +248,16 @@ impl IntentModel {
             )));
         }
         let spec = &meta.features;
+        let head_rows = |t: &Option<Tensor>| t.as_ref().map_or(0, |t| t.dim(0).unwrap_or(0));
+        if head_rows(&params.brand_embedding) != spec.brand_buckets as usize || head_rows(&params.top_category_embedding) != spec.top_category_buckets as usize {
+            return Err(ModelError::Invalid(format!(
+                "the head's brand and top-category tables have {} and {} rows, the feature spec hashes into {} and {}",
+                head_rows(&params.brand_embedding),
+                head_rows(&params.top_category_embedding),
+                spec.brand_buckets,
+                spec.top_category_buckets
+            )));
+        }
         if params.item_shape().0 != spec.item_buckets as usize || params.category_shape().0 != spec.category_buckets as usize {
             return Err(ModelError::Invalid(format!(
                 "embedding tables have {} item and {} category rows, the feature spec hashes into {} and {}",
@@ -264,7 +277,8 @@ impl IntentModel {
         let kernel = Arc::new(kernel::FusedGru::new(&params, members).map_err(|e| ModelError::Invalid(e.to_string()))?.with_state_precision(meta.state_precision));
         let skip = params.skip_values()?.into();
         let skip_slots = features::SKIP_FEATURES.map(|name| features::FEATURE_NAMES.iter().position(|n| *n == name).expect("skip features are features"));
-        let mut model = IntentModel { params, meta, device, projection, kernel, serving: Serving::Cpu, skip, skip_slots };
+        let head_tables = Arc::new(params.head_table_values()?);
+        let mut model = IntentModel { params, meta, device, projection, kernel, serving: Serving::Cpu, skip, skip_slots, head_tables };
         if !model.device.is_cpu() {
             model.serving = Serving::Gpu(Arc::new(Mutex::new(model.resident_states(1024)?)));
         }
@@ -292,7 +306,11 @@ impl IntentModel {
     /// return) for a row with input `features`: the skip term of the dense features is added
     /// here, the same way on every serving path.
     pub fn probability(&self, logit: f32, features: &Features) -> f32 {
-        let logit = if self.skip.is_empty() { logit } else { logit + gru::skip_term(&self.skip, &features.dense) };
+        let mut logit = if self.skip.is_empty() { logit } else { logit + gru::skip_term(&self.skip, &features.dense) };
+        let (brand, top) = &*self.head_tables;
+        if !brand.is_empty() || !top.is_empty() {
+            logit += gru::head_term(brand, features.brand) + gru::head_term(top, features.top_category);
+        }
         self.meta.calibration.apply(kernel::sigmoid(logit))
     }
 

@@ -203,7 +203,7 @@ mod tests {
             .map(|(i, &slot)| {
                 let mut dense = [0f32; FEATURE_DIM];
                 dense.iter_mut().zip(values(seed, FEATURE_DIM)).for_each(|(d, x)| *d = 3.0 * x);
-                ResidentRow { slot, reset: i % 5 == 4, features: Features { dense, item: (i * 5 % 32) as u32, category: (i % 8) as u32 } }
+                ResidentRow { slot, reset: i % 5 == 4, features: Features { item: (i * 5 % 32) as u32, category: (i % 8) as u32, ..Features::dense(dense) } }
             })
             .collect()
     }

@@ -154,6 +154,8 @@ pub struct TrainConfig {
     /// Whether the head also reads the dense features directly (the skip connection of
     /// `skip.weight`, see the `gru` module), beside the GRU's hidden vector.
     pub skip: bool,
+    /// Hash buckets of the head's brand and top-category embeddings (fewer than 2: none).
+    pub head_buckets: (u32, u32),
 }
 
 impl Default for TrainConfig {
@@ -178,6 +180,7 @@ impl Default for TrainConfig {
             session: SessionConfig::default(),
             state_precision: StatePrecision::F32,
             skip: true,
+            head_buckets: (256, 64),
         }
     }
 }
@@ -185,8 +188,10 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// The unfitted feature spec this configuration trains with.
     pub fn feature_spec(&self) -> FeatureSpec {
+        let usable = |buckets: u32| if buckets >= 2 { buckets } else { 0 };
         FeatureSpec { disabled: self.disabled.clone(), ..FeatureSpec::identity(self.session) }
             .with_buckets(self.item_embedding.0, self.category_embedding.0)
+            .with_head_buckets(usable(self.head_buckets.0), usable(self.head_buckets.1))
     }
 }
 
@@ -265,6 +270,9 @@ struct Batch {
     x: Tensor,
     items: Tensor,
     categories: Tensor,
+    /// Brand and top-category buckets `(B·T)`.
+    brands: Tensor,
+    tops: Tensor,
     y: Tensor,
     w: Tensor,
 }
@@ -275,6 +283,7 @@ fn make_batch(sessions: &[&LabelledSession], spec: &FeatureSpec, max_len: usize,
     let mut x = vec![0f32; b * t * FEATURE_DIM];
     let mut items = vec![0u32; b * t];
     let mut categories = vec![0u32; b * t];
+    let (mut brands, mut tops) = (vec![0u32; b * t], vec![0u32; b * t]);
     let mut y = vec![0f32; b * t];
     let mut w = vec![0f32; b * t];
     for (i, s) in sessions.iter().enumerate() {
@@ -284,6 +293,7 @@ fn make_batch(sessions: &[&LabelledSession], spec: &FeatureSpec, max_len: usize,
             x[k * FEATURE_DIM..(k + 1) * FEATURE_DIM].copy_from_slice(&row.dense);
             items[k] = row.item;
             categories[k] = row.category;
+            (brands[k], tops[k]) = (row.brand, row.top_category);
             y[k] = s.labels[j];
             w[k] = s.mask[j] * if s.labels[j] > 0.5 { pos_weight } else { 1.0 };
         }
@@ -292,6 +302,8 @@ fn make_batch(sessions: &[&LabelledSession], spec: &FeatureSpec, max_len: usize,
         x: Tensor::from_vec(x, (b, t, FEATURE_DIM), device)?,
         items: Tensor::from_vec(items, b * t, device)?,
         categories: Tensor::from_vec(categories, b * t, device)?,
+        brands: Tensor::from_vec(brands, b * t, device)?,
+        tops: Tensor::from_vec(tops, b * t, device)?,
         y: Tensor::from_vec(y, (b, t), device)?,
         w: Tensor::from_vec(w, (b, t), device)?,
     })
@@ -309,11 +321,16 @@ fn forward(params: &GruParams, batch: &Batch) -> Result<Tensor, ModelError> {
         h = params.cell(&gi.narrow(1, step, 1)?.squeeze(1)?, &h, Projection::Batched)?;
         logits.push(params.logits(&h, Projection::Batched)?);
     }
-    let logits = Tensor::stack(&logits, 1)?;
-    match &params.skip_weight {
-        None => Ok(logits),
-        Some(skip) => Ok((logits + batch.x.reshape((b * t, d))?.matmul(&skip.t()?)?.reshape((b, t))?)?),
+    let mut logits = Tensor::stack(&logits, 1)?;
+    if let Some(skip) = &params.skip_weight {
+        logits = (logits + batch.x.reshape((b * t, d))?.matmul(&skip.t()?)?.reshape((b, t))?)?;
     }
+    for (table, buckets) in [(&params.brand_embedding, &batch.brands), (&params.top_category_embedding, &batch.tops)] {
+        if let Some(table) = table {
+            logits = (logits + table.embedding(buckets)?.reshape((b, t))?)?;
+        }
+    }
+    Ok(logits)
 }
 
 /// Weighted mean of binary cross-entropy with logits, in a numerically stable form.
@@ -433,6 +450,11 @@ fn fit_member(
         vars[5] = Var::from_tensor(&Tensor::new(&[[wide.bias]], device)?)?;
         vars.push(Var::from_tensor(&Tensor::from_slice(&wide.skip, (1, FEATURE_DIM), device)?)?);
     }
+    // The head's brand and top-category terms start at zero: the regression start stays exact.
+    let (brand_rows, top_rows) = (spec.brand_buckets as usize, spec.top_category_buckets as usize);
+    for rows in [brand_rows, top_rows].into_iter().filter(|&r| r > 0) {
+        vars.push(Var::from_tensor(&Tensor::zeros((rows, 1), DType::F32, device)?)?);
+    }
     // The trained tensors in `vars` order; biases are held as (1, n) and stored flat.
     let params_of = |t: &[Tensor]| -> Result<GruParams, ModelError> {
         let mut tables = t[6..].iter();
@@ -445,10 +467,15 @@ fn fit_member(
             head_bias: t[5].flatten_all()?,
             item_embedding: if item_dim > 0 { tables.next().cloned() } else { None },
             category_embedding: if cat_dim > 0 { tables.next().cloned() } else { None },
-            skip_weight: match (wide, tables.next()) {
-                (Some(wide), Some(skip)) => Some(skip.broadcast_mul(&Tensor::from_slice(&wide.mask, (1, FEATURE_DIM), skip.device())?)?),
-                _ => None,
+            skip_weight: match wide {
+                Some(wide) => {
+                    let skip = tables.next().expect("a skip tensor after the embeddings");
+                    Some(skip.broadcast_mul(&Tensor::from_slice(&wide.mask, (1, FEATURE_DIM), skip.device())?)?)
+                }
+                None => None,
             },
+            brand_embedding: if brand_rows > 0 { tables.next().cloned() } else { None },
+            top_category_embedding: if top_rows > 0 { tables.next().cloned() } else { None },
         })
     };
     let live = |vars: &[Var]| vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();

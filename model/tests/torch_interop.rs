@@ -78,7 +78,7 @@ fn a_pytorch_state_dict_steps_like_pytorch() {
     let dense = |row: usize| -> [f32; FEATURE_DIM] {
         std::array::from_fn(|i| if i < TORCH_DENSE { -1.0 + 2.0 * (row * TORCH_DENSE + i) as f32 / 33.0 } else { 0.75 - row as f32 })
     };
-    let inputs = [Features { dense: dense(0), item: 1, category: 2 }, Features { dense: dense(1), item: 3, category: 0 }];
+    let inputs = [Features { item: 1, category: 2, ..Features::dense(dense(0)) }, Features { item: 3, category: 0, ..Features::dense(dense(1)) }];
     let h0 = [0.1, -0.2, 0.3, 0.0, 0.0, 0.5, -0.5, 0.25];
     let out = model.step(&inputs, &h0).unwrap();
     for (got, want) in out.hidden.iter().zip(H1) {

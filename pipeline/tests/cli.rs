@@ -41,11 +41,13 @@ fn generate_is_seeded_and_train_writes_pytorch_named_weights() {
         [
             "bias_hh_l0:[48]",
             "bias_ih_l0:[48]",
+            "brand_embedding.weight:[256,1]",
             "category_embedding.weight:[256,8]",
             "head.bias:[1]",
             "head.weight:[1,16]",
             "item_embedding.weight:[1024,16]",
             "skip.weight:[1,33]",
+            "top_category_embedding.weight:[64,1]",
             "weight_hh_l0:[48,16]",
             "weight_ih_l0:[48,57]"
         ]

@@ -107,7 +107,7 @@ fn feature_rows(model: &IntentModel, events: Option<&std::path::Path>) -> Result
             }
             let item = rng.below(u64::from(spec.item_buckets.max(1))) as u32;
             let category = rng.below(u64::from(spec.category_buckets.max(1))) as u32;
-            (Features { dense, item, category }, rng.below(10) == 0)
+            (Features { item, category, ..Features::dense(dense) }, rng.below(10) == 0)
         })
         .collect())
 }

@@ -64,6 +64,12 @@ pub struct TrainArgs {
     /// Width of the category embedding.
     #[arg(long, default_value_t = TrainConfig::default().category_embedding.1)]
     pub category_dim: usize,
+    /// Hash buckets of the head's brand embedding (fewer than 2: none).
+    #[arg(long, default_value_t = TrainConfig::default().head_buckets.0)]
+    pub brand_buckets: u32,
+    /// Hash buckets of the head's embedding of the category path's top level (fewer than 2: none).
+    #[arg(long, default_value_t = TrainConfig::default().head_buckets.1)]
+    pub top_category_buckets: u32,
     /// Dense features to switch off, by name (see docs/model.md), comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub disable_features: Vec<String>,
@@ -141,6 +147,7 @@ impl TrainArgs {
             pos_weight: self.pos_weight,
             item_embedding: (self.item_buckets, self.item_dim),
             category_embedding: (self.category_buckets, self.category_dim),
+            head_buckets: (self.brand_buckets, self.top_category_buckets),
             disabled: self.disable_features.clone(),
             label: match self.label {
                 LabelArg::Session => LabelHorizon::Session,
