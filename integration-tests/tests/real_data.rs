@@ -59,32 +59,35 @@ fn rees46_sample_imports_completely_and_the_default_model_clears_quality_floors(
     assert!(lr.roc_auc.unwrap() > 0.7, "baseline ROC-AUC {:?}", lr.roc_auc);
 }
 
-#[test]
-fn taobao_sample_imports_completely() {
-    let Some(path) = real_sample("taobao_sample_imports_completely", "taobao-userbehavior-114-users.csv") else { return };
+/// A Taobao sample's events, imported without a bad row (`None`, after a SKIP line, without
+/// the samples).
+fn taobao_sample(test: &str, file: &str) -> Option<Vec<intentflow_schemas::Event>> {
+    let path = real_sample(test, file)?;
     let got = read_events(&path, Format::Taobao).unwrap();
     assert!(got.bad.is_empty(), "{:?}", &got.bad[..got.bad.len().min(5)]);
-    let e = &got.events;
-    assert_eq!(e.len(), 10_000);
+    Some(got.events)
+}
+
+/// A Taobao sample's facts as ../shared/data/README.md gives them: rows; views, carts,
+/// favourites, purchases; users; buying users.
+fn taobao_facts(e: &[intentflow_schemas::Event]) -> (usize, (usize, usize, usize, usize), usize, usize) {
     let counts = (count(e, EventType::View), count(e, EventType::AddToCart), count(e, EventType::Wishlist), count(e, EventType::Purchase));
-    assert_eq!(counts, (9_046, 536, 212, 206));
-    assert_eq!(e.iter().map(|e| &e.user_id).collect::<HashSet<_>>().len(), 114);
-    let buyers: HashSet<_> = e.iter().filter(|e| e.kind == EventType::Purchase).map(|e| &e.user_id).collect();
-    assert_eq!(buyers.len(), 74);
+    let users = e.iter().map(|e| &e.user_id).collect::<HashSet<_>>().len();
+    let buyers = e.iter().filter(|e| e.kind == EventType::Purchase).map(|e| &e.user_id).collect::<HashSet<_>>().len();
+    (e.len(), counts, users, buyers)
+}
+
+#[test]
+fn taobao_sample_imports_completely() {
+    let Some(e) = taobao_sample("taobao_sample_imports_completely", "taobao-userbehavior-114-users.csv") else { return };
+    assert_eq!(taobao_facts(&e), (10_000, (9_046, 536, 212, 206), 114, 74));
 }
 
 #[test]
 fn taobao_814_users_import_completely_with_their_history() {
-    let Some(path) = real_sample("taobao_814_users_import_completely_with_their_history", "taobao-userbehavior-814-users.csv") else { return };
-    let got = read_events(&path, Format::Taobao).unwrap();
-    assert!(got.bad.is_empty(), "{:?}", &got.bad[..got.bad.len().min(5)]);
-    let e = &got.events;
-    // The facts of ../shared/data/README.md.
-    assert_eq!(e.len(), 84_287);
-    let counts = (count(e, EventType::View), count(e, EventType::AddToCart), count(e, EventType::Wishlist), count(e, EventType::Purchase));
-    assert_eq!(counts, (75_693, 4_494, 2_351, 1_749));
-    assert_eq!(e.iter().map(|e| &e.user_id).collect::<HashSet<_>>().len(), 814);
-    assert_eq!(e.iter().filter(|e| e.kind == EventType::Purchase).map(|e| &e.user_id).collect::<HashSet<_>>().len(), 558);
+    let Some(events) = taobao_sample("taobao_814_users_import_completely_with_their_history", "taobao-userbehavior-814-users.csv") else { return };
+    let e = &events;
+    assert_eq!(taobao_facts(e), (84_287, (75_693, 4_494, 2_351, 1_749), 814, 558));
     assert!(e.iter().all(|e| e.category_id.is_some() && e.category.is_none() && e.brand.is_none()));
     // Complete histories: the session rule sees returning users, and their history survives
     // the session boundary.

@@ -136,7 +136,7 @@ pub struct ReasonCheck {
 ///
 /// Candle errors of the model's steps.
 pub fn check_reasons(model: &IntentModel, sessions: &[LabelledSession]) -> Result<ReasonCheck, ModelError> {
-    let slots: Vec<usize> = crate::SKIP_FEATURES.iter().map(|name| crate::features::FEATURE_NAMES.iter().position(|n| n == name).expect("skip features are features")).collect();
+    let slots = crate::features::skip_slots();
     let h = model.hidden_dim();
     let skip = model.params().skip_values()?;
     let mut check = ReasonCheck { events: 0, with_reasons: 0, reasons: 0, confirmed: None, top_agrees: None };

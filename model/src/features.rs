@@ -54,46 +54,47 @@ pub const FEATURE_NAMES: [&str; FEATURE_DIM] = [
 /// contents) stay out: on REES46 they made the linear part worse on later sessions (the
 /// regression alone: test ROC-AUC 0.700 with every feature, 0.738 with these; the served
 /// model: 0.675 and 0.724; `docs/model.md`).
-pub const SKIP_FEATURES: [&str; 17] = [
-    "log_price",
-    "log_event_index",
-    "log_session_seconds",
-    "has_category_path",
-    "log_prior_sessions",
-    "log_purchases",
-    "log_carts",
-    "log_hours_since_previous_session",
-    "log_session_browsed",
-    "log_session_added",
-    "log_session_removed",
-    "log_session_wished",
-    "log_session_mean_price",
-    "log_session_max_price",
-    "log_session_min_price",
-    "log_session_distinct_items",
-    "log_session_distinct_categories",
-];
+pub const SKIP_FEATURES: [&str; 17] = column(0);
 
 /// The signal each of [`SKIP_FEATURES`] stands for in an intent's `reasons`, in the same order.
-pub const REASON_NAMES: [&str; 17] = [
-    "price",
-    "session_events",
-    "session_duration",
-    "categorised_product",
-    "returning_visitor",
-    "returning_buyer",
-    "past_carts",
-    "time_since_last_visit",
-    "browsing",
-    "cart_added",
-    "cart_removed",
-    "wishlisted",
-    "mean_price",
-    "max_price",
-    "min_price",
-    "items_compared",
-    "categories_browsed",
+pub const REASON_NAMES: [&str; 17] = column(1);
+
+/// Each skip feature with the name of its signal in `reasons`.
+const SKIP_SIGNALS: [(&str, &str); 17] = [
+    ("log_price", "price"),
+    ("log_event_index", "session_events"),
+    ("log_session_seconds", "session_duration"),
+    ("has_category_path", "categorised_product"),
+    ("log_prior_sessions", "returning_visitor"),
+    ("log_purchases", "returning_buyer"),
+    ("log_carts", "past_carts"),
+    ("log_hours_since_previous_session", "time_since_last_visit"),
+    ("log_session_browsed", "browsing"),
+    ("log_session_added", "cart_added"),
+    ("log_session_removed", "cart_removed"),
+    ("log_session_wished", "wishlisted"),
+    ("log_session_mean_price", "mean_price"),
+    ("log_session_max_price", "max_price"),
+    ("log_session_min_price", "min_price"),
+    ("log_session_distinct_items", "items_compared"),
+    ("log_session_distinct_categories", "categories_browsed"),
 ];
+
+/// One side of [`SKIP_SIGNALS`]: feature names (0) or reason names (1).
+const fn column(side: usize) -> [&'static str; 17] {
+    let mut out = [""; 17];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = if side == 0 { SKIP_SIGNALS[i].0 } else { SKIP_SIGNALS[i].1 };
+        i += 1;
+    }
+    out
+}
+
+/// The dense slot of each of [`SKIP_FEATURES`].
+pub(crate) fn skip_slots() -> [usize; SKIP_FEATURES.len()] {
+    SKIP_FEATURES.map(|name| FEATURE_NAMES.iter().position(|n| *n == name).expect("skip features are features"))
+}
 
 /// One event's features, before or after normalisation of the dense part.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -121,8 +122,13 @@ impl Features {
 /// Bucket of `id` among `buckets` (bucket 0 means "none"; with fewer than 2 buckets every id
 /// is 0).
 pub fn bucket(id: Option<&str>, buckets: u32) -> u32 {
-    match id {
-        Some(id) if buckets >= 2 => 1 + (item_key(id) % u64::from(buckets - 1)) as u32,
+    bucket_of_key(id.map(item_key), buckets)
+}
+
+/// [`bucket`] of an id's [`item_key`], computed already.
+fn bucket_of_key(key: Option<u64>, buckets: u32) -> u32 {
+    match key {
+        Some(key) if buckets >= 2 => 1 + (key % u64::from(buckets - 1)) as u32,
         _ => 0,
     }
 }
@@ -166,10 +172,15 @@ pub struct Prepared {
     pub reset_hidden: bool,
 }
 
-/// Whether an optional attribute is there: given and not empty (as the CSV importers read an
+/// An optional attribute if it is there: given and not empty (as the CSV importers read an
 /// empty cell).
+fn attribute(value: Option<&str>) -> Option<&str> {
+    value.filter(|v| !v.is_empty())
+}
+
+/// Whether an optional attribute is there ([`attribute`]).
 pub(crate) fn present(value: Option<&str>) -> bool {
-    value.is_some_and(|v| !v.is_empty())
+    attribute(value).is_some()
 }
 
 /// Raw (unnormalised) features of `ev`, given the session state *after* applying it.
@@ -274,10 +285,10 @@ impl FeatureSpec {
         let step = session.advance(ev, &self.session);
         let features = Features {
             dense: raw_dense(ev, session, step),
-            item: bucket(ev.item_id.as_deref(), self.item_buckets),
-            category: bucket(ev.category_id.as_deref().or(ev.category.as_deref()), self.category_buckets),
-            brand: bucket(ev.brand.as_deref().filter(|b| !b.is_empty()), self.brand_buckets),
-            top_category: bucket(ev.category.as_deref().and_then(|path| path.split('.').next()).filter(|top| !top.is_empty()), self.top_category_buckets),
+            item: bucket_of_key(step.item_key, self.item_buckets),
+            category: bucket_of_key(step.category_key, self.category_buckets),
+            brand: bucket(attribute(ev.brand.as_deref()), self.brand_buckets),
+            top_category: bucket(attribute(ev.category.as_deref().and_then(|path| path.split('.').next())), self.top_category_buckets),
         };
         (features, step.new_session)
     }

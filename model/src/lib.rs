@@ -276,7 +276,7 @@ impl IntentModel {
         let members = meta.training.as_ref().map_or(1, |t| t.members);
         let kernel = Arc::new(kernel::FusedGru::new(&params, members).map_err(|e| ModelError::Invalid(e.to_string()))?.with_state_precision(meta.state_precision));
         let skip = params.skip_values()?.into();
-        let skip_slots = features::SKIP_FEATURES.map(|name| features::FEATURE_NAMES.iter().position(|n| *n == name).expect("skip features are features"));
+        let skip_slots = features::skip_slots();
         let head_tables = Arc::new(params.head_table_values()?);
         let mut model = IntentModel { params, meta, device, projection, kernel, serving: Serving::Cpu, skip, skip_slots, head_tables };
         if !model.device.is_cpu() {

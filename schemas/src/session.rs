@@ -136,6 +136,10 @@ pub struct SessionStep {
     pub gap_ms: i64,
     /// The event names the same item as the previous event of the session.
     pub same_item: bool,
+    /// [`item_key`] of the event's item, if it names one (computed once, for every use).
+    pub item_key: Option<u64>,
+    /// [`item_key`] of the event's category id, else its category path, if it has one.
+    pub category_key: Option<u64>,
 }
 
 impl SessionState {
@@ -172,8 +176,9 @@ impl SessionState {
             self.session_id.clone_from(&ev.session_id);
         }
         let item = ev.item_id.as_deref().map(item_key);
+        let category = ev.category_id.as_deref().or(ev.category.as_deref()).map(item_key);
         let same_item = item.is_some() && item == self.last_item;
-        self.counts.add(ev, item);
+        self.counts.add(ev, item, category);
         self.last_item = item;
         self.events += 1;
         self.total_events += 1;
@@ -196,12 +201,12 @@ impl SessionState {
             }
             EventType::View | EventType::Click | EventType::Wishlist => {}
         }
-        SessionStep { new_session, gap_ms, same_item }
+        SessionStep { new_session, gap_ms, same_item, item_key: item, category_key: category }
     }
 }
 
 impl SessionCounts {
-    fn add(&mut self, ev: &Event, item: Option<u64>) {
+    fn add(&mut self, ev: &Event, item: Option<u64>, category: Option<u64>) {
         match ev.kind {
             EventType::View | EventType::Click => self.browsed = self.browsed.saturating_add(1),
             EventType::AddToCart => self.added = self.added.saturating_add(1),
@@ -220,8 +225,8 @@ impl SessionCounts {
         if let Some(key) = item {
             self.items.insert(key);
         }
-        if let Some(c) = ev.category_id.as_deref().or(ev.category.as_deref()) {
-            self.categories.insert(item_key(c));
+        if let Some(key) = category {
+            self.categories.insert(key);
         }
     }
 

@@ -172,6 +172,18 @@ impl<'a> Reader<'a> {
     fn f32(&mut self) -> Result<f32, StateError> {
         Ok(f32::from_le_bytes(self.array()?))
     }
+    /// The end of every version: `session` completed with the history block when
+    /// `with_history` (versions 5 and 6), and no bytes after it.
+    fn finish(mut self, mut session: SessionState, with_history: bool) -> Result<SessionState, StateError> {
+        if with_history {
+            (session.history, session.counts) = self.history()?;
+        }
+        if !self.bytes.is_empty() {
+            return Err(StateError::Corrupt(format!("{} trailing bytes", self.bytes.len())));
+        }
+        Ok(session)
+    }
+
     /// The history block of versions 5 and 6.
     fn history(&mut self) -> Result<(UserHistory, SessionCounts), StateError> {
         let history = UserHistory { purchases: self.varint_u32()?, carts: self.varint_u32()?, previous_gap_ms: self.zigzag()? };
@@ -364,29 +376,20 @@ impl UserState {
         for _ in 0..m {
             fences.push(Fence { topic: r.u32()?, next: r.zigzag()? });
         }
-        let (history, counts) = if with_history { r.history()? } else { Default::default() };
-        if !r.bytes.is_empty() {
-            return Err(StateError::Corrupt(format!("{} trailing bytes", r.bytes.len())));
-        }
-        Ok(UserState {
-            session: SessionState {
-                session_id,
-                session_seq,
-                events,
-                cart_count,
-                cart_value,
-                started_ms,
-                last_ts_ms,
-                purchased: flags & 1 != 0,
-                total_events,
-                last_item,
-                counts,
-                history,
-            },
-            hidden,
-            model_version,
-            fences,
-        })
+        let session = SessionState {
+            session_id,
+            session_seq,
+            events,
+            cart_count,
+            cart_value,
+            started_ms,
+            last_ts_ms,
+            purchased: flags & 1 != 0,
+            total_events,
+            last_item,
+            ..SessionState::default()
+        };
+        Ok(UserState { session: r.finish(session, with_history)?, hidden, model_version, fences })
     }
 
     /// Decodes bytes written by [`UserState::encode`] of this or an older version.
@@ -428,29 +431,20 @@ impl UserState {
                 fences.push(Fence { topic: r.u32()?, next: r.i64()? });
             }
         }
-        let (history, counts) = if with_history { r.history()? } else { Default::default() };
-        if !r.bytes.is_empty() {
-            return Err(StateError::Corrupt(format!("{} trailing bytes", r.bytes.len())));
-        }
-        Ok(UserState {
-            session: SessionState {
-                session_id,
-                session_seq,
-                events,
-                cart_count,
-                cart_value,
-                started_ms,
-                last_ts_ms,
-                purchased: flags & 1 != 0,
-                total_events,
-                last_item,
-                counts,
-                history,
-            },
-            hidden,
-            model_version,
-            fences,
-        })
+        let session = SessionState {
+            session_id,
+            session_seq,
+            events,
+            cart_count,
+            cart_value,
+            started_ms,
+            last_ts_ms,
+            purchased: flags & 1 != 0,
+            total_events,
+            last_item,
+            ..SessionState::default()
+        };
+        Ok(UserState { session: r.finish(session, with_history)?, hidden, model_version, fences })
     }
 }
 
