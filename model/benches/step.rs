@@ -18,7 +18,7 @@ fn bench(c: &mut Criterion) {
     let candle = fused.with_candle_step();
     // Real feature rows: each event featurised against a fresh session.
     let rows: Vec<Features> = events.iter().map(|e| fused.features().featurize(&mut SessionState::default(), e).features).collect();
-    let h = fused.hidden_dim();
+    let h = fused.state_dim();
 
     let mut group = c.benchmark_group("model_step");
     for batch in [1usize, 16, 64, 256, 1024, 4096, 8192] {

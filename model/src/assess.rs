@@ -91,7 +91,7 @@ struct Wave<'a> {
 /// a zero hidden vector, hidden states rounded to `precision` between steps) and shows each wave
 /// to `on_wave`.
 fn walk(model: &IntentModel, sessions: &[LabelledSession], precision: StatePrecision, mut on_wave: impl FnMut(Wave<'_>) -> Result<(), ModelError>) -> Result<(), ModelError> {
-    let h = model.hidden_dim();
+    let h = model.state_dim();
     for (c, chunk) in sessions.chunks(1024).enumerate() {
         let mut hidden = vec![0f32; chunk.len() * h];
         let longest = chunk.iter().map(|s| s.features.len()).max().unwrap_or(0);
@@ -137,7 +137,7 @@ pub struct ReasonCheck {
 /// Candle errors of the model's steps.
 pub fn check_reasons(model: &IntentModel, sessions: &[LabelledSession]) -> Result<ReasonCheck, ModelError> {
     let slots = crate::features::skip_slots();
-    let h = model.hidden_dim();
+    let h = model.state_dim();
     let skip = model.params().skip_values()?;
     let mut check = ReasonCheck { events: 0, with_reasons: 0, reasons: 0, confirmed: None, top_agrees: None };
     let (mut confirmed, mut top_agrees) = (0usize, 0usize);

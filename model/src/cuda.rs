@@ -1,12 +1,12 @@
 //! The GPU serving step (`cuda` feature): hidden states resident on the device, one fused
 //! kernel per step.
 //!
-//! [`CudaStates`] holds a slab of `capacity × H` hidden vectors in device memory and the CPU
-//! kernel's weight layout ([`FusedGru`]: input tables with the embeddings folded in, the packed
+//! [`CudaStates`] holds a slab of `capacity × S` states (hidden vectors, and an LSTM's memories) in device memory and the CPU
+//! kernel's weight layout ([`FusedStep`]: input tables with the embeddings folded in, the packed
 //! ensemble's recurrent blocks). A step sends one packed record per row — the dense features,
 //! the item and category buckets, the slot and a reset flag — through a pinned staging buffer,
-//! runs `gru_step` (`src/gru_step.cu`: one thread per hidden unit of a row, gates in registers,
-//! the state updated in place), and brings one logit per row back. Hidden vectors cross the bus
+//! runs `gru_step` or `lstm_step` (`src/gru_step.cu`: one thread per hidden unit of a row, gates
+//! in registers, the state updated in place), and brings one logit per row back. Hidden vectors cross the bus
 //! only when a user is loaded into a slot or read back to be persisted.
 //!
 //! The kernel repeats the CPU kernel's operations in the same order, compiled without
@@ -14,7 +14,8 @@
 //! and logit are bit-for-bit the CPU's, whatever rows share the launch (checked by the
 //! `intentflow-gpu` binary on a GPU machine).
 
-use crate::kernel::FusedGru;
+use crate::kernel::FusedStep;
+use crate::Cell;
 use crate::resident::{check_rows, out_of_range, ResidentRow, ResidentStates, SlotCheck};
 use crate::{ModelError, FEATURE_DIM};
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg};
@@ -68,8 +69,12 @@ pub struct CudaStates {
     gather_fn: CudaFunction,
     weights: Weights,
     states: CudaSlice<f32>,
+    /// Values per state (`H`, or `2H` for an LSTM).
     h: usize,
+    /// Hidden units `H`: threads per row.
+    units: usize,
     hm: usize,
+    cell: Cell,
     capacity: usize,
     staging: Staging,
     slots: SlotCheck,
@@ -96,11 +101,11 @@ impl CudaStates {
     /// [`ModelError::CudaUnavailable`] when `device` is not a CUDA device or the device
     /// refuses the module or the memory; [`ModelError::Invalid`] for a hidden size the kernel
     /// does not take (over 1,024 units).
-    pub fn new(kernel: &FusedGru, device: &Device, capacity: usize) -> Result<CudaStates, ModelError> {
+    pub fn new(kernel: &FusedStep, device: &Device, capacity: usize) -> Result<CudaStates, ModelError> {
         let dev = device.as_cuda_device().map_err(driver)?;
-        let (h, hm) = (kernel.hidden_dim(), kernel.member_dim());
-        if h > 1024 {
-            return Err(ModelError::Invalid(format!("the GPU step takes at most 1,024 hidden units, the model has {h}")));
+        let (units, hm, h, cell) = (kernel.hidden_dim(), kernel.member_dim(), kernel.state_dim(), kernel.cell());
+        if units > 1024 {
+            return Err(ModelError::Invalid(format!("the GPU step takes at most 1,024 hidden units, the model has {units}")));
         }
         if !kernel.state_precision().is_f32() {
             return Err(ModelError::Invalid(format!(
@@ -118,7 +123,7 @@ impl CudaStates {
             stream.clone_htod(v).map_err(driver)
         };
         let layout = kernel.layout();
-        let g3 = 3 * h;
+        let g3 = cell.gates() * units;
         let weights = Weights {
             bias_in: up(layout.bias_in)?,
             dense_cols: up(layout.dense_cols)?,
@@ -134,14 +139,19 @@ impl CudaStates {
         let states = stream.alloc_zeros::<f32>(capacity.max(1) * h).map_err(driver)?;
         let staging = Staging::new(&stream, 1024, h)?;
         Ok(CudaStates {
-            step_fn: func("gru_step")?,
+            step_fn: func(match cell {
+                Cell::Gru => "gru_step",
+                Cell::Lstm => "lstm_step",
+            })?,
             scatter_fn: func("scatter_states")?,
             gather_fn: func("gather_states")?,
             stream,
             weights,
             states,
             h,
+            units,
             hm,
+            cell,
             capacity,
             staging,
             slots: SlotCheck::default(),
@@ -356,7 +366,7 @@ impl CudaStates {
     /// Launches the step over `count` rows whose records start at row `first` of the staged
     /// input; their logits land at the same rows of the staged output.
     fn launch_step(&mut self, first: usize, count: usize) -> Result<(), ModelError> {
-        let h = self.h;
+        let h = self.units;
         let rows_per_block = (BLOCK_THREADS / h).max(1);
         let cfg = LaunchConfig {
             grid_dim: (count.div_ceil(rows_per_block) as u32, 1, 1),
@@ -379,14 +389,18 @@ impl CudaStates {
             .arg(&w.dense_cols)
             .arg(&w.item_rows)
             .arg(&w.category_rows)
-            .arg(&w.recurrent_cols)
-            .arg(&w.bias_hn)
+            .arg(&w.recurrent_cols);
+        // An LSTM has no recurrent bias inside a gate.
+        if self.cell == Cell::Gru {
+            launch.arg(&w.bias_hn);
+        }
+        launch
             .arg(&w.head)
             .arg(&w.head_bias)
             .arg(&input)
             .arg(&mut self.states)
             .arg(&mut output);
-        // SAFETY: the arguments match `gru_step`'s signature, and every slot was checked to be
+        // SAFETY: the arguments match `gru_step`'s (or `lstm_step`'s) signature, and every slot was checked to be
         // in range while its row was packed. (A slot repeated in one step, against the
         // contract, makes its rows race on values: no access outside the slab.)
         unsafe { launch.launch(cfg) }.map_err(driver)?;

@@ -1,8 +1,9 @@
-//! The purchase-intent network: hashed item and category embeddings, one GRU layer (PyTorch
-//! `nn.GRU` semantics and tensor names) and a linear head with a sigmoid.
+//! The purchase-intent network: hashed item and category embeddings, one recurrent layer — a
+//! GRU or an LSTM, with PyTorch's `nn.GRU` / `nn.LSTM` semantics and tensor names ([`Cell`]) —
+//! and a linear head with a sigmoid.
 //!
-//! The GRU input `x` is the event's dense features followed by the embedding rows of its item
-//! bucket and its category bucket. For hidden `h` (gate order r, z, n as in PyTorch):
+//! The cell's input `x` is the event's dense features followed by the embedding rows of its item
+//! bucket and its category bucket. For hidden `h`, a GRU (gate order r, z, n as in PyTorch):
 //!
 //! ```text
 //! r  = σ(W_ir x + b_ir + W_hr h + b_hr)
@@ -10,6 +11,14 @@
 //! n  = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))
 //! h' = (1 − z) ⊙ n + z ⊙ h
 //! p  = σ(head.weight · h' + head.bias + skip.weight · dense)
+//! ```
+//!
+//! An LSTM (gate order i, f, g, o) also carries a memory `c`; its state is `[h | c]`, twice the
+//! width, and the head reads `h`:
+//!
+//! ```text
+//! i, f, o = σ(W_i· x + b_i· + W_h· h + b_h·)      g = tanh(W_ig x + b_ig + W_hg h + b_hg)
+//! c' = f ⊙ c + i ⊙ g                              h' = o ⊙ tanh(c')
 //! ```
 //!
 //! The optional skip connection (`skip.weight`) gives the head the event's dense features
@@ -24,6 +33,53 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+/// The recurrent cell of a network. PyTorch stores `nn.GRU` and `nn.LSTM` under the same tensor
+/// names, stacking 3 and 4 gates: a network's cell is told by the shape of its recurrent weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cell {
+    /// Gated recurrent unit: the state is the hidden vector.
+    #[default]
+    Gru,
+    /// Long short-term memory: the state is the hidden vector and the cell's memory.
+    Lstm,
+}
+
+impl Cell {
+    /// Every cell, in the order `train --arch auto` tries them.
+    pub const ALL: [Cell; 2] = [Cell::Gru, Cell::Lstm];
+
+    /// Gates stacked in the weight matrices.
+    pub fn gates(self) -> usize {
+        match self {
+            Cell::Gru => 3,
+            Cell::Lstm => 4,
+        }
+    }
+
+    /// Values in a user's state for hidden size `h`: `h`, or `[h | c]` for an LSTM.
+    pub fn state_dim(self, h: usize) -> usize {
+        match self {
+            Cell::Gru => h,
+            Cell::Lstm => 2 * h,
+        }
+    }
+
+    /// The name used on the command line, in `model.json` and in model versions.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cell::Gru => "gru",
+            Cell::Lstm => "lstm",
+        }
+    }
+}
+
+impl std::fmt::Display for Cell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Tensor names in `model.safetensors`, the same as the `state_dict` of this PyTorch module:
 ///
 /// ```python
@@ -32,7 +88,7 @@ use candle_core::{DType, Device, Tensor, D};
 ///         super().__init__()
 ///         self.item_embedding = nn.Embedding(item_buckets, item_dim)
 ///         self.category_embedding = nn.Embedding(category_buckets, category_dim)
-///         self.gru = nn.GRU(dense + item_dim + category_dim, hidden, batch_first=True)
+///         self.gru = nn.GRU(dense + item_dim + category_dim, hidden, batch_first=True)  # or nn.LSTM
 ///         self.head = nn.Linear(hidden, 1)
 ///         self.skip = nn.Linear(dense, 1, bias=False)   # optional
 ///         self.brand_embedding = nn.Embedding(brand_buckets, 1)          # optional
@@ -44,13 +100,14 @@ use candle_core::{DType, Device, Tensor, D};
 ///
 /// The embeddings are optional (a model without them has `D` dense inputs only).
 pub mod names {
-    /// `(3·H, D)` input-to-hidden weights, gates r, z, n stacked.
+    /// `(G·H, D)` input-to-hidden weights, gates stacked (G = 3 for a GRU: r, z, n; 4 for an
+    /// LSTM: i, f, g, o).
     pub const WEIGHT_IH: &str = "weight_ih_l0";
-    /// `(3·H, H)` hidden-to-hidden weights.
+    /// `(G·H, H)` hidden-to-hidden weights.
     pub const WEIGHT_HH: &str = "weight_hh_l0";
-    /// `(3·H)` input-to-hidden bias.
+    /// `(G·H)` input-to-hidden bias.
     pub const BIAS_IH: &str = "bias_ih_l0";
-    /// `(3·H)` hidden-to-hidden bias.
+    /// `(G·H)` hidden-to-hidden bias.
     pub const BIAS_HH: &str = "bias_hh_l0";
     /// `(1, H)` head weight.
     pub const HEAD_WEIGHT: &str = "head.weight";
@@ -131,6 +188,20 @@ impl GruParams {
     /// Hidden size H.
     pub fn hidden_dim(&self) -> usize {
         self.weight_hh.dim(1).unwrap_or(0)
+    }
+
+    /// The recurrent cell, from the gates stacked in `weight_hh` (4: an LSTM; else a GRU, which
+    /// [`validate`](Self::validate) checks has 3).
+    pub fn cell(&self) -> Cell {
+        match (self.weight_hh.dim(0), self.weight_hh.dim(1)) {
+            (Ok(rows), Ok(h)) if h > 0 && rows == 4 * h => Cell::Lstm,
+            _ => Cell::Gru,
+        }
+    }
+
+    /// Values in a user's state: [`Cell::state_dim`] of the hidden size.
+    pub fn state_dim(&self) -> usize {
+        self.cell().state_dim(self.hidden_dim())
     }
 
     /// Input size of the GRU: dense features plus both embedding widths.
@@ -235,25 +306,44 @@ impl GruParams {
         out
     }
 
-    /// Input projection `x·W_ihᵀ + b_ih` for `x` of shape `(N, D)`; returns `(N, 3H)`.
+    /// Input projection `x·W_ihᵀ + b_ih` for `x` of shape `(N, D)`; returns `(N, G·H)`.
     pub(crate) fn input_gates(&self, x: &Tensor, how: Projection) -> candle_core::Result<Tensor> {
         how.apply(x, &self.weight_ih)?.broadcast_add(&self.bias_ih)
     }
 
-    /// One GRU step from precomputed input gates `gi` `(B, 3H)` and hidden `h` `(B, H)`.
-    pub(crate) fn cell(&self, gi: &Tensor, h: &Tensor, how: Projection) -> candle_core::Result<Tensor> {
+    /// One step of the cell from precomputed input gates `gi` `(B, G·H)` and states `(B, S)`
+    /// (`S` = [`state_dim`](Self::state_dim)); returns the new states.
+    pub(crate) fn step_states(&self, gi: &Tensor, state: &Tensor, how: Projection) -> candle_core::Result<Tensor> {
         let hd = self.hidden_dim();
-        let gh = how.apply(h, &self.weight_hh)?.broadcast_add(&self.bias_hh)?;
-        let r = sigmoid(&(gi.narrow(1, 0, hd)? + gh.narrow(1, 0, hd)?)?)?;
-        let z = sigmoid(&(gi.narrow(1, hd, hd)? + gh.narrow(1, hd, hd)?)?)?;
-        let n = (gi.narrow(1, 2 * hd, hd)? + (r * gh.narrow(1, 2 * hd, hd)?)?)?.tanh()?;
-        // (1 - z) * n + z * h  ==  n + z * (h - n)
-        n.clone() + (z * (h - n)?)?
+        match self.cell() {
+            Cell::Gru => {
+                let h = state;
+                let gh = how.apply(h, &self.weight_hh)?.broadcast_add(&self.bias_hh)?;
+                let r = sigmoid(&(gi.narrow(1, 0, hd)? + gh.narrow(1, 0, hd)?)?)?;
+                let z = sigmoid(&(gi.narrow(1, hd, hd)? + gh.narrow(1, hd, hd)?)?)?;
+                let n = (gi.narrow(1, 2 * hd, hd)? + (r * gh.narrow(1, 2 * hd, hd)?)?)?.tanh()?;
+                // (1 - z) * n + z * h  ==  n + z * (h - n)
+                n.clone() + (z * (h - n)?)?
+            }
+            Cell::Lstm => {
+                let (h, c) = (state.narrow(1, 0, hd)?, state.narrow(1, hd, hd)?);
+                let g = (gi + how.apply(&h, &self.weight_hh)?.broadcast_add(&self.bias_hh)?)?;
+                let i = sigmoid(&g.narrow(1, 0, hd)?)?;
+                let f = sigmoid(&g.narrow(1, hd, hd)?)?;
+                let cand = g.narrow(1, 2 * hd, hd)?.tanh()?;
+                let o = sigmoid(&g.narrow(1, 3 * hd, hd)?)?;
+                let c = ((f * c)? + (i * cand)?)?;
+                let h = (o * c.tanh()?)?;
+                Tensor::cat(&[h, c], 1)
+            }
+        }
     }
 
-    /// Head logits `(B)` for hidden states `(B, H)`, without the skip term.
-    pub(crate) fn logits(&self, h: &Tensor, how: Projection) -> candle_core::Result<Tensor> {
-        how.apply(h, &self.head_weight)?.broadcast_add(&self.head_bias)?.squeeze(D::Minus1)
+    /// Head logits `(B)` for states `(B, S)` (the head reads their hidden part), without the
+    /// skip term.
+    pub(crate) fn logits(&self, state: &Tensor, how: Projection) -> candle_core::Result<Tensor> {
+        let h = state.narrow(1, 0, self.hidden_dim())?;
+        how.apply(&h, &self.head_weight)?.broadcast_add(&self.head_bias)?.squeeze(D::Minus1)
     }
 
     /// The skip weights as host values (empty without a skip connection), for
@@ -298,11 +388,15 @@ impl GruParams {
                 }
             }
         }
+        let g = self.cell().gates();
+        if self.weight_hh.rank() != 2 || self.weight_hh.dim(0).unwrap_or(0) != g * h {
+            return Err(format!("tensor {} has shape {:?}: 3 (GRU) or 4 (LSTM) gates of H rows expected", names::WEIGHT_HH, self.weight_hh.dims()));
+        }
         let want = [
-            (names::WEIGHT_IH, &self.weight_ih, vec![3 * h, d]),
-            (names::WEIGHT_HH, &self.weight_hh, vec![3 * h, h]),
-            (names::BIAS_IH, &self.bias_ih, vec![3 * h]),
-            (names::BIAS_HH, &self.bias_hh, vec![3 * h]),
+            (names::WEIGHT_IH, &self.weight_ih, vec![g * h, d]),
+            (names::WEIGHT_HH, &self.weight_hh, vec![g * h, h]),
+            (names::BIAS_IH, &self.bias_ih, vec![g * h]),
+            (names::BIAS_HH, &self.bias_hh, vec![g * h]),
             (names::HEAD_WEIGHT, &self.head_weight, vec![1, h]),
             (names::HEAD_BIAS, &self.head_bias, vec![1]),
         ];
@@ -320,8 +414,8 @@ impl GruParams {
         Ok(())
     }
 
-    /// Packs independently trained networks of equal shape into one network whose hidden vector
-    /// is their hidden vectors side by side: the input weights keep each member's rows, the
+    /// Packs independently trained networks of equal shape and cell into one network whose hidden
+    /// vector is their hidden vectors side by side (an LSTM's memory likewise): the input weights keep each member's rows, the
     /// recurrent weights are block-diagonal, the embedding tables are concatenated column-wise,
     /// and the head averages the members' logits (skip weights are averaged too, so the skip
     /// term is the mean of the members' skip terms). One step of the packed network equals one step
@@ -337,16 +431,16 @@ impl GruParams {
         let ((ni, ei), (nc, ec)) = (first.item_shape(), first.category_shape());
         let head_tables = |m: &GruParams| (table_shape(m.brand_embedding.as_ref()), table_shape(m.top_category_embedding.as_ref()));
         if members.iter().any(|m| {
-            (m.hidden_dim(), m.input_dim(), m.item_shape(), m.category_shape(), m.skip_weight.is_some(), head_tables(m))
-                != (h, d, (ni, ei), (nc, ec), first.skip_weight.is_some(), head_tables(first))
+            (m.cell(), m.hidden_dim(), m.input_dim(), m.item_shape(), m.category_shape(), m.skip_weight.is_some(), head_tables(m))
+                != (first.cell(), h, d, (ni, ei), (nc, ec), first.skip_weight.is_some(), head_tables(first))
         }) {
             return Err(crate::ModelError::Invalid("members to pack differ in shape".into()));
         }
-        let k = members.len();
+        let (k, g) = (members.len(), first.cell().gates());
         let (hp, dp) = (k * h, dense + k * (ei + ec));
-        let mut w_ih = vec![0f32; 3 * hp * dp];
-        let mut w_hh = vec![0f32; 3 * hp * hp];
-        let (mut b_ih, mut b_hh) = (vec![0f32; 3 * hp], vec![0f32; 3 * hp]);
+        let mut w_ih = vec![0f32; g * hp * dp];
+        let mut w_hh = vec![0f32; g * hp * hp];
+        let (mut b_ih, mut b_hh) = (vec![0f32; g * hp], vec![0f32; g * hp]);
         let mut head = vec![0f32; hp];
         let mut head_bias = 0f32;
         let mut skip = first.skip_weight.as_ref().map(|_| vec![0f32; dense]);
@@ -355,7 +449,7 @@ impl GruParams {
         for (m, p) in members.iter().enumerate() {
             let (wi, wh): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (p.weight_ih.to_vec2()?, p.weight_hh.to_vec2()?);
             let (bi, bh): (Vec<f32>, Vec<f32>) = (p.bias_ih.to_vec1()?, p.bias_hh.to_vec1()?);
-            for gate in 0..3 {
+            for gate in 0..g {
                 for r in 0..h {
                     let (src, dst) = (gate * h + r, gate * hp + m * h + r);
                     let row = &mut w_ih[dst * dp..(dst + 1) * dp];
@@ -390,10 +484,10 @@ impl GruParams {
             if rows == 0 { Ok(None) } else { Tensor::from_vec(data, (rows, k * width), dev).map(Some) }
         };
         Ok(GruParams {
-            weight_ih: Tensor::from_vec(w_ih, (3 * hp, dp), dev)?,
-            weight_hh: Tensor::from_vec(w_hh, (3 * hp, hp), dev)?,
-            bias_ih: Tensor::from_vec(b_ih, 3 * hp, dev)?,
-            bias_hh: Tensor::from_vec(b_hh, 3 * hp, dev)?,
+            weight_ih: Tensor::from_vec(w_ih, (g * hp, dp), dev)?,
+            weight_hh: Tensor::from_vec(w_hh, (g * hp, hp), dev)?,
+            bias_ih: Tensor::from_vec(b_ih, g * hp, dev)?,
+            bias_hh: Tensor::from_vec(b_hh, g * hp, dev)?,
             head_weight: Tensor::from_vec(head, (1, hp), dev)?,
             head_bias: Tensor::from_vec(vec![head_bias], 1, dev)?,
             item_embedding: table(items, ni, ei)?,
@@ -472,16 +566,17 @@ pub(crate) mod testing {
             .collect()
     }
 
-    /// A network with `dense` dense inputs, hidden size `h`, and `(buckets, width)` item and
-    /// category embeddings.
-    pub fn network(seed: u64, dense: usize, h: usize, item: (usize, usize), category: (usize, usize)) -> GruParams {
+    /// A network of `cell` with `dense` dense inputs, hidden size `h`, and `(buckets, width)`
+    /// item and category embeddings.
+    pub fn network(cell: Cell, seed: u64, dense: usize, h: usize, item: (usize, usize), category: (usize, usize)) -> GruParams {
         let mut s = seed;
         let mut t = |rows: usize, cols: usize| Tensor::from_vec(values(&mut s, rows * cols), (rows, cols), &Device::Cpu).unwrap();
+        let g = cell.gates();
         GruParams {
-            weight_ih: t(3 * h, dense + item.1 + category.1),
-            weight_hh: t(3 * h, h),
-            bias_ih: t(1, 3 * h).flatten_all().unwrap(),
-            bias_hh: t(1, 3 * h).flatten_all().unwrap(),
+            weight_ih: t(g * h, dense + item.1 + category.1),
+            weight_hh: t(g * h, h),
+            bias_ih: t(1, g * h).flatten_all().unwrap(),
+            bias_hh: t(1, g * h).flatten_all().unwrap(),
             head_weight: t(1, h),
             head_bias: t(1, 1).flatten_all().unwrap(),
             item_embedding: Some(t(item.0, item.1)),
@@ -497,13 +592,13 @@ pub(crate) mod testing {
 mod tests {
     use super::*;
 
-    fn member(seed: u64, dense: usize, h: usize) -> GruParams {
-        testing::network(seed, dense, h, (6, 2), (4, 3))
+    fn member(cell: Cell, seed: u64, dense: usize, h: usize) -> GruParams {
+        testing::network(cell, seed, dense, h, (6, 2), (4, 3))
     }
 
     fn step(p: &GruParams, dense: &Tensor, items: &Tensor, cats: &Tensor, h: &Tensor) -> (Tensor, Vec<f32>) {
         let how = Projection::Batched;
-        let h1 = p.cell(&p.input_gates(&p.gru_input(dense, items, cats).unwrap(), how).unwrap(), h, how).unwrap();
+        let h1 = p.step_states(&p.input_gates(&p.gru_input(dense, items, cats).unwrap(), how).unwrap(), h, how).unwrap();
         let mut logits: Vec<f32> = p.logits(&h1, how).unwrap().to_vec1().unwrap();
         let skip = p.skip_values().unwrap();
         // The item and category buckets stand in for the brand and top-category ones.
@@ -517,35 +612,50 @@ mod tests {
 
     #[test]
     fn a_packed_ensemble_steps_like_its_members_averaged() {
-        let (dense_dim, h) = (5, 3);
-        let members: Vec<GruParams> = (1..=3).map(|s| member(s, dense_dim, h)).collect();
-        let packed = GruParams::pack(&members).unwrap();
-        packed.validate().unwrap();
-        assert_eq!((packed.hidden_dim(), packed.dense_dim(), packed.item_shape(), packed.category_shape()), (9, 5, (6, 6), (4, 9)));
-        let dense = Tensor::from_vec((0..10).map(|i| i as f32 * 0.1 - 0.4).collect::<Vec<f32>>(), (2, dense_dim), &Device::Cpu).unwrap();
-        let items = Tensor::from_vec(vec![1u32, 5], 2, &Device::Cpu).unwrap();
-        let cats = Tensor::from_vec(vec![3u32, 0], 2, &Device::Cpu).unwrap();
-        // Two steps, so the recurrent blocks are exercised from a non-zero state.
-        let mut hs: Vec<Tensor> = members.iter().map(|_| Tensor::zeros((2, h), DType::F32, &Device::Cpu).unwrap()).collect();
-        let mut hp = Tensor::zeros((2, 9), DType::F32, &Device::Cpu).unwrap();
-        for _ in 0..2 {
-            let mut mean = [0f32; 2];
-            for (m, p) in members.iter().enumerate() {
-                let (h1, logits) = step(p, &dense, &items, &cats, &hs[m]);
-                hs[m] = h1;
-                for (acc, l) in mean.iter_mut().zip(logits) {
-                    *acc += l / 3.0;
+        for cell in Cell::ALL {
+            let (dense_dim, h) = (5, 3);
+            let members: Vec<GruParams> = (1..=3).map(|s| member(cell, s, dense_dim, h)).collect();
+            let packed = GruParams::pack(&members).unwrap();
+            packed.validate().unwrap();
+            assert_eq!((packed.cell(), packed.hidden_dim(), packed.dense_dim(), packed.item_shape(), packed.category_shape()), (cell, 9, 5, (6, 6), (4, 9)));
+            let dense = Tensor::from_vec((0..10).map(|i| i as f32 * 0.1 - 0.4).collect::<Vec<f32>>(), (2, dense_dim), &Device::Cpu).unwrap();
+            let items = Tensor::from_vec(vec![1u32, 5], 2, &Device::Cpu).unwrap();
+            let cats = Tensor::from_vec(vec![3u32, 0], 2, &Device::Cpu).unwrap();
+            // Two steps, so the recurrent blocks are exercised from a non-zero state.
+            let mut hs: Vec<Tensor> = members.iter().map(|m| Tensor::zeros((2, m.state_dim()), DType::F32, &Device::Cpu).unwrap()).collect();
+            let mut hp = Tensor::zeros((2, packed.state_dim()), DType::F32, &Device::Cpu).unwrap();
+            for _ in 0..2 {
+                let mut mean = [0f32; 2];
+                for (m, p) in members.iter().enumerate() {
+                    let (h1, logits) = step(p, &dense, &items, &cats, &hs[m]);
+                    hs[m] = h1;
+                    for (acc, l) in mean.iter_mut().zip(logits) {
+                        *acc += l / 3.0;
+                    }
+                }
+                let (h1, logits) = step(&packed, &dense, &items, &cats, &hp);
+                hp = h1;
+                for (a, b) in logits.iter().zip(mean) {
+                    assert!((a - b).abs() < 1e-5, "{cell}: packed {logits:?} vs mean of members {mean:?}");
+                }
+                // The packed state is the members' hidden vectors side by side, then (an LSTM)
+                // their memories side by side.
+                let parts = cell.state_dim(h) / h;
+                let joined: Vec<Tensor> = (0..parts).flat_map(|part| hs.iter().map(move |s| s.narrow(1, part * h, h).unwrap())).collect();
+                let joined = Tensor::cat(&joined, 1).unwrap().to_vec2::<f32>().unwrap();
+                for (a, b) in hp.to_vec2::<f32>().unwrap().concat().iter().zip(joined.concat()) {
+                    assert!((a - b).abs() < 1e-6, "{cell}");
                 }
             }
-            let (h1, logits) = step(&packed, &dense, &items, &cats, &hp);
-            hp = h1;
-            for (a, b) in logits.iter().zip(mean) {
-                assert!((a - b).abs() < 1e-5, "packed {logits:?} vs mean of members {mean:?}");
-            }
-            let joined = Tensor::cat(&hs, 1).unwrap().to_vec2::<f32>().unwrap();
-            for (a, b) in hp.to_vec2::<f32>().unwrap().concat().iter().zip(joined.concat()) {
-                assert!((a - b).abs() < 1e-6);
-            }
         }
+    }
+
+    #[test]
+    fn the_cell_is_told_by_the_recurrent_weights_shape() {
+        let (gru, lstm) = (member(Cell::Gru, 1, 5, 3), member(Cell::Lstm, 1, 5, 3));
+        assert_eq!((gru.cell(), gru.state_dim()), (Cell::Gru, 3));
+        assert_eq!((lstm.cell(), lstm.state_dim()), (Cell::Lstm, 6));
+        let odd = GruParams { weight_hh: Tensor::zeros((6, 3), DType::F32, &Device::Cpu).unwrap(), ..gru };
+        assert!(odd.validate().unwrap_err().contains("gates"), "two gates are neither cell");
     }
 }

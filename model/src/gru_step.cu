@@ -1,20 +1,22 @@
-// The GPU serving step of the intent GRU: the same arithmetic as the CPU kernel
-// (model/src/kernel.rs), operation for operation, on hidden states that stay resident in a slab.
+// The GPU serving steps of the intent network's cells (GRU and LSTM): the same arithmetic as the
+// CPU kernel (model/src/kernel.rs), operation for operation, on states that stay resident in a
+// slab.
 //
 // Built to PTX by model/build.rs with --fmad=false (no multiply-add contraction, as in Rust),
 // IEEE division and no flush-to-zero: a row's result is bit-for-bit the CPU kernel's, whatever
 // rows share its launch.
 //
-// Layout (all f32 unless noted; H hidden units, hm per packed member, G = 3H):
-//   bias_in        G            input-gate bias, r and z with the recurrent bias added
+// Layout (all f32 unless noted; H hidden units, hm per packed member, G = 3H for a GRU, 4H for
+// an LSTM, S = H for a GRU, 2H for an LSTM):
+//   bias_in        G            input-gate bias with the recurrent bias added (a GRU's n without)
 //   dense_cols     F x G        dense-feature weights, one column per feature
 //   item_rows      Bi x G       W_item . E_item per bucket (Bi = 0: none)
 //   category_rows  Bc x G       W_cat . E_cat per bucket (Bc = 0: none)
-//   recurrent_cols k x hm x 3hm each member's recurrent block, column i = weights of h_i
-//   bias_hn        H            recurrent bias of the n gate
+//   recurrent_cols k x hm x (G/k) each member's recurrent block, column i = weights of h_i
+//   bias_hn        H            a GRU's recurrent bias of the n gate
 //   head           H            head weights
 //   inputs (u32)   rows x (F+4) dense feature bits, item bucket, category bucket, slot, flags
-//   states         capacity x H the resident hidden states, updated in place
+//   states         capacity x S the resident states ([h | c] for an LSTM), updated in place
 //   logits         rows         the head's raw logits
 
 #define FLAG_RESET 1u
@@ -94,6 +96,72 @@ extern "C" __global__ void gru_step(
         const float next = n + z * (h_old[j] - n);
         h_new[j] = next;
         states[slot * h + j] = next;
+    }
+    __syncthreads();
+    if (live && j == 0) {
+        float logit = head_bias;
+        for (unsigned int u = 0; u < h; ++u) logit = logit + head[u] * h_new[u];
+        logits[row] = logit;
+    }
+}
+
+// One LSTM step; threads, blocks and shared memory as gru_step. A row's state is [h | c]: h in
+// shared memory for the recurrent products, c read and written by its unit's thread only.
+extern "C" __global__ void lstm_step(
+    unsigned int rows, unsigned int h, unsigned int hm, unsigned int features,
+    unsigned int item_buckets, unsigned int category_buckets,
+    const float* __restrict__ bias_in, const float* __restrict__ dense_cols,
+    const float* __restrict__ item_rows, const float* __restrict__ category_rows,
+    const float* __restrict__ recurrent_cols,
+    const float* __restrict__ head, float head_bias,
+    const unsigned int* __restrict__ inputs, float* __restrict__ states, float* __restrict__ logits) {
+    extern __shared__ float shared[];
+    const unsigned int stride = features + 4;
+    const unsigned int rows_per_block = blockDim.x / h;
+    const unsigned int local = threadIdx.x / h;
+    const unsigned int j = threadIdx.x % h;
+    const unsigned int row = blockIdx.x * rows_per_block + local;
+    const bool live = local < rows_per_block && row < rows;
+    float* x = shared + local * (features + 2 * h);
+    float* h_old = x + features;
+    float* h_new = h_old + h;
+    const unsigned int* in = inputs + (size_t)row * stride;
+    size_t slot = 0;
+    bool reset = false;
+    if (live) {
+        slot = in[features + 2];
+        reset = (in[features + 3] & FLAG_RESET) != 0;
+        for (unsigned int c = j; c < features; c += h) x[c] = __uint_as_float(in[c]);
+        h_old[j] = reset ? 0.0f : states[slot * 2 * h + j];
+    }
+    __syncthreads();
+    if (live) {
+        const unsigned int g4 = 4 * h;
+        const unsigned int m = j / hm, jj = j % hm, k4 = 4 * hm;
+        float g[4], rec[4];
+        for (unsigned int gate = 0; gate < 4; ++gate) {
+            const unsigned int at = gate * h + j;
+            float acc = bias_in[at];
+            for (unsigned int c = 0; c < features; ++c) acc = acc + dense_cols[c * g4 + at] * x[c];
+            if (item_buckets > 0) acc = acc + item_rows[(size_t)min(in[features], item_buckets - 1) * g4 + at];
+            if (category_buckets > 0) acc = acc + category_rows[(size_t)min(in[features + 1], category_buckets - 1) * g4 + at];
+            g[gate] = acc;
+            const float* block = recurrent_cols + (size_t)m * hm * k4 + gate * hm + jj;
+            const float* hidden = h_old + m * hm;
+            float r = 0.0f;
+            for (unsigned int i = 0; i < hm; ++i) r = r + block[i * k4] * hidden[i];
+            rec[gate] = r;
+        }
+        const float i = sigmoid_fixed(g[0] + rec[0]);
+        const float f = sigmoid_fixed(g[1] + rec[1]);
+        const float cand = tanh_fixed(g[2] + rec[2]);
+        const float o = sigmoid_fixed(g[3] + rec[3]);
+        const float c_old = reset ? 0.0f : states[slot * 2 * h + h + j];
+        const float c = f * c_old + i * cand;
+        const float next = o * tanh_fixed(c);
+        h_new[j] = next;
+        states[slot * 2 * h + j] = next;
+        states[slot * 2 * h + h + j] = c;
     }
     __syncthreads();
     if (live && j == 0) {

@@ -2,7 +2,7 @@
 
 use crate::baseline::Baselines;
 use crate::train::{Trained, TrainingSummary};
-use crate::{Calibration, FeatureSpec, GruParams, IntentModel, ModelError, StatePrecision};
+use crate::{Calibration, Cell, FeatureSpec, GruParams, IntentModel, ModelError, StatePrecision};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -13,6 +13,9 @@ use std::path::Path;
 pub const MODEL_FILE: &str = "model.safetensors";
 /// Metadata file name inside a model directory.
 pub const META_FILE: &str = "model.json";
+/// Sub-directory of a model directory that holds the cells trained beside the served one
+/// (`candidates/lstm/`, …), each a model directory of its own.
+pub const CANDIDATES_DIR: &str = "candidates";
 /// Version of the `model.json` layout (2 added embeddings, calibration and baselines).
 const META_FORMAT: u32 = 2;
 
@@ -21,12 +24,15 @@ const META_FORMAT: u32 = 2;
 pub struct ModelMeta {
     /// Layout version of this file.
     pub format: u32,
-    /// `gru-` + the first 12 hex digits of SHA-256 over the weights file, the feature spec, the
-    /// calibration and (when not f32) the state precision.
+    /// The cell's name (`gru-`, `lstm-`) + the first 12 hex digits of SHA-256 over the weights
+    /// file, the feature spec, the calibration and (when not f32) the state precision.
     pub version: String,
-    /// GRU input size D (dense features plus embedding widths).
+    /// The recurrent cell (absent: a GRU, as every model before LSTMs).
+    #[serde(default)]
+    pub cell: Cell,
+    /// Input size D of the cell (dense features plus embedding widths).
     pub input_dim: usize,
-    /// GRU hidden size H.
+    /// Hidden size H of the cell.
     pub hidden_dim: usize,
     /// Feature contract.
     pub features: FeatureSpec,
@@ -62,7 +68,18 @@ fn content_version(weights: &[u8], meta: &ModelMeta) -> Result<String, ModelErro
         hasher.update(serde_json::to_vec(&meta.state_precision)?);
     }
     let digest = hasher.finalize();
-    Ok(format!("gru-{}", digest.iter().take(6).map(|b| format!("{b:02x}")).collect::<String>()))
+    // The weights' shapes tell the cell, so the hash already differs; the prefix says it.
+    Ok(format!("{}-{}", meta.cell, digest.iter().take(6).map(|b| format!("{b:02x}")).collect::<String>()))
+}
+
+/// The model directories of the cells trained beside the model in `dir` (see
+/// [`CANDIDATES_DIR`]), by name; empty when there are none.
+pub fn candidate_dirs(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut dirs: Vec<std::path::PathBuf> = std::fs::read_dir(dir.join(CANDIDATES_DIR))
+        .map(|entries| entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.join(META_FILE).is_file()).collect())
+        .unwrap_or_default();
+    dirs.sort();
+    dirs
 }
 
 impl IntentModel {
@@ -108,6 +125,7 @@ impl IntentModel {
         save_dir(dir, params, ModelMeta {
             format: META_FORMAT,
             version: String::new(),
+            cell: params.cell(),
             input_dim: params.input_dim(),
             hidden_dim: params.hidden_dim(),
             features,
@@ -121,15 +139,25 @@ impl IntentModel {
 }
 
 impl Trained {
-    /// Writes the model, its calibration, threshold, baselines and training record to `dir`.
+    /// Writes the model, its calibration, threshold, baselines and training record to `dir`,
+    /// and each of its [`candidates`](Trained::candidates) to `dir/candidates/<cell>/` (the
+    /// candidates of an earlier model in `dir` are removed first).
     ///
     /// # Errors
     ///
     /// I/O and candle errors.
     pub fn save(&self, dir: &Path) -> Result<ModelMeta, ModelError> {
+        let candidates = dir.join(CANDIDATES_DIR);
+        if candidates.exists() {
+            std::fs::remove_dir_all(&candidates).map_err(io_err(&candidates))?;
+        }
+        for candidate in &self.candidates {
+            candidate.save(&candidates.join(candidate.params.cell().name()))?;
+        }
         save_dir(dir, &self.params, ModelMeta {
             format: META_FORMAT,
             version: String::new(),
+            cell: self.params.cell(),
             input_dim: self.params.input_dim(),
             hidden_dim: self.params.hidden_dim(),
             features: self.features.clone(),

@@ -1,18 +1,20 @@
-//! The CPU serving step: one fused pass per row, the packed seed ensemble run as its blocks,
-//! embeddings folded into input tables, rows spread over all cores.
+//! The CPU serving step of every cell the model ships (GRU and LSTM): one fused pass per row,
+//! the packed seed ensemble run as its blocks, embeddings folded into input tables, rows spread
+//! over all cores.
 //!
-//! candle runs a GRU step as some thirty tensors (three projections, a dozen element-wise ops,
-//! copies), one matrix-vector product per row on the CPU: bound by overhead, not arithmetic.
-//! [`FusedGru`] does the same step in plain `f32` loops over weights laid out for it at load:
+//! candle runs a recurrent step as some thirty tensors (three projections, a dozen element-wise
+//! ops, copies), one matrix-vector product per row on the CPU: bound by overhead, not
+//! arithmetic. [`FusedStep`] does the same step in plain `f32` loops over weights laid out for it
+//! at load:
 //!
 //! * **Inputs folded into tables.** A row's input gates are `b + W_dense·dense + T_item[item] +
-//!   T_cat[category]`, where `T_item = W_item·E_item` (one `3H` row per hash bucket) is computed
-//!   once at load: no embedding lookup, no `D × 3H` product per row.
+//!   T_cat[category]`, where `T_item = W_item·E_item` (one `G·H` row per hash bucket, `G` gates)
+//!   is computed once at load: no embedding lookup, no `D × G·H` product per row.
 //! * **The packed ensemble as its blocks.** The recurrent weights of `k` packed members are
-//!   block-diagonal (80 % zeros for five members); each member's `3h × h` block is multiplied on
+//!   block-diagonal (80 % zeros for five members); each member's `G·h × h` block is multiplied on
 //!   its own. A matrix that is not block-diagonal runs as one block.
-//! * **Gates in one pass.** Per member, its three gates are computed into a small scratch and
-//!   the new hidden units are written directly; the head's logit is summed as they come.
+//! * **Gates in one pass.** Per member, its gates are computed into a small scratch and the new
+//!   state is written directly; the head's logit is summed as they come.
 //! * **Products as column sweeps.** Every matrix is stored transposed and multiplied as
 //!   `out += column_i · x_i` for `i` in order: the loops run along the outputs, which the compiler
 //!   vectorises, and every output is summed in the same order whatever the vector width. Rust
@@ -21,38 +23,41 @@
 //!   x86-64 or ARM machine, whichever rows share its batch — the property that makes crash
 //!   recovery and replays reproduce states exactly.
 //!
-//! [`FusedGru::step`] splits a batch into chunks of [`ROWS_PER_TASK`] rows over all cores
+//! [`FusedStep::step`] splits a batch into chunks of [`ROWS_PER_TASK`] rows over all cores
 //! (rayon); a row's arithmetic is the same in any chunk. It equals candle's step within 1e-5
 //! (tested here and through the PyTorch interop fixture) for f32 states; with f16 states both
 //! round, and may differ by an f16 step where candle's unrounded value fell on the other side.
 
-use crate::{Features, GruParams, StatePrecision, FEATURE_DIM};
+use crate::{Cell, Features, GruParams, StatePrecision, FEATURE_DIM};
 use rayon::prelude::*;
 
 /// Rows per parallel task: below this, a batch runs on the calling thread.
 pub const ROWS_PER_TASK: usize = 256;
 
-/// A GRU (with its head) laid out for the fused CPU step.
+/// A recurrent network (with its head) laid out for the fused CPU step.
 #[derive(Debug, Clone)]
-pub struct FusedGru {
+pub struct FusedStep {
+    /// The cell.
+    cell: Cell,
     /// Total hidden size `H = k · hm`.
     h: usize,
     /// Packed members `k` (1 when the recurrent matrix is not block-diagonal).
     members: usize,
     /// Hidden size of one member.
     hm: usize,
-    /// Input gate bias (`[gate][unit]`, as PyTorch stacks them), with the recurrent bias of r
-    /// and z added.
+    /// Input gate bias (`[gate][unit]`, as PyTorch stacks them), with the recurrent bias added
+    /// (except a GRU's n gate's).
     bias_in: Vec<f32>,
-    /// Dense-feature weights, transposed: `FEATURE_DIM` columns of `3H`.
+    /// Dense-feature weights, transposed: `FEATURE_DIM` columns of `G·H`.
     dense_cols: Vec<f32>,
-    /// `W_item · E_item`: one `3H` row per item bucket (empty without an item embedding).
+    /// `W_item · E_item`: one `G·H` row per item bucket (empty without an item embedding).
     item_rows: Vec<f32>,
-    /// `W_cat · E_cat`: one `3H` row per category bucket (empty without one).
+    /// `W_cat · E_cat`: one `G·H` row per category bucket (empty without one).
     category_rows: Vec<f32>,
-    /// Recurrent blocks, per member `hm` columns of `3·hm` (`[gate][j]` within the member).
+    /// Recurrent blocks, per member `hm` columns of `G·hm` (`[gate][j]` within the member).
     recurrent_cols: Vec<f32>,
-    /// The recurrent bias of the n gate, inside `r ⊙ (W_hn h + b_hn)`, per hidden unit.
+    /// A GRU's recurrent bias of the n gate, inside `r ⊙ (W_hn h + b_hn)`, per hidden unit
+    /// (empty for an LSTM).
     bias_hn: Vec<f32>,
     /// Head weights over the hidden units (packed order `[m][j]`).
     head: Vec<f32>,
@@ -61,11 +66,13 @@ pub struct FusedGru {
     precision: StatePrecision,
 }
 
-/// The fused step's weights (`G = 3H` gate rows in PyTorch's r, z, n order; see [`FusedGru`]'s
-/// fields for each layout).
+/// The fused step's weights (`G·H` gate rows in PyTorch's order: r, z, n for a GRU, i, f, g, o
+/// for an LSTM; see [`FusedStep`]'s fields for each layout).
 #[derive(Debug, Clone, Copy)]
 pub struct Layout<'a> {
-    /// `G` input-gate biases, r and z with their recurrent bias added.
+    /// The cell.
+    pub cell: Cell,
+    /// `G·H` input-gate biases with the recurrent bias added (a GRU's n gate without it).
     pub bias_in: &'a [f32],
     /// `FEATURE_DIM` columns of `G`.
     pub dense_cols: &'a [f32],
@@ -75,7 +82,7 @@ pub struct Layout<'a> {
     pub category_rows: &'a [f32],
     /// Per block, `hm` columns of `3·hm`.
     pub recurrent_cols: &'a [f32],
-    /// `H` recurrent biases of the n gate.
+    /// A GRU's `H` recurrent biases of the n gate (empty for an LSTM).
     pub bias_hn: &'a [f32],
     /// `H` head weights.
     pub head: &'a [f32],
@@ -94,16 +101,17 @@ impl From<candle_core::Error> for KernelError {
     }
 }
 
-impl FusedGru {
+impl FusedStep {
     /// Lays out `params` for the fused step; `members` is the number of packed seed members
     /// (their recurrent blocks are used only when the matrix really is block-diagonal).
     ///
     /// # Errors
     ///
-    /// When the parameters do not have the shapes of an intent GRU.
-    pub fn new(params: &GruParams, members: usize) -> Result<FusedGru, KernelError> {
+    /// When the parameters do not have the shapes of an intent network.
+    pub fn new(params: &GruParams, members: usize) -> Result<FusedStep, KernelError> {
         let cpu = candle_core::Device::Cpu;
-        let (h, d, dense) = (params.hidden_dim(), params.input_dim(), params.dense_dim());
+        let (cell, h, d, dense) = (params.cell(), params.hidden_dim(), params.input_dim(), params.dense_dim());
+        let gates = cell.gates();
         if dense != FEATURE_DIM {
             return Err(KernelError(format!("{dense} dense inputs, this build has {FEATURE_DIM}")));
         }
@@ -113,14 +121,15 @@ impl FusedGru {
         let b_hh: Vec<f32> = params.bias_hh.to_device(&cpu)?.to_vec1()?;
         let head: Vec<f32> = params.head_weight.to_device(&cpu)?.flatten_all()?.to_vec1()?;
         let head_bias = params.head_bias.to_device(&cpu)?.to_vec1::<f32>()?[0];
-        let members = if members > 1 && h % members == 0 && block_diagonal(&w_hh, h, members) { members } else { 1 };
+        let members = if members > 1 && h % members == 0 && block_diagonal(&w_hh, gates, h, members) { members } else { 1 };
         let hm = h / members;
-        let g3 = 3 * h;
+        let g3 = gates * h;
         let mut bias_in = vec![0f32; g3];
         let mut dense_cols = vec![0f32; FEATURE_DIM * g3];
         for row in 0..g3 {
-            // r and z add both biases outside the nonlinearity; n keeps b_hn inside r ⊙ (…).
-            bias_in[row] = if row < 2 * h { b_ih[row] + b_hh[row] } else { b_ih[row] };
+            // Both biases add outside the nonlinearity, except a GRU's n gate, which keeps b_hn
+            // inside r ⊙ (…).
+            bias_in[row] = if cell == Cell::Gru && row >= 2 * h { b_ih[row] } else { b_ih[row] + b_hh[row] };
             for c in 0..FEATURE_DIM {
                 dense_cols[c * g3 + row] = w_ih[row * d + c];
             }
@@ -141,22 +150,24 @@ impl FusedGru {
         };
         let item_rows = fold(&params.item_embedding, dense)?;
         let category_rows = fold(&params.category_embedding, dense + params.item_shape().1)?;
-        let mut recurrent_cols = vec![0f32; members * hm * 3 * hm];
-        let mut bias_hn = vec![0f32; h];
+        let mut recurrent_cols = vec![0f32; members * hm * gates * hm];
         for m in 0..members {
-            for gate in 0..3 {
+            for gate in 0..gates {
                 for j in 0..hm {
                     let row = gate * h + m * hm + j;
                     for i in 0..hm {
-                        recurrent_cols[m * hm * 3 * hm + i * 3 * hm + gate * hm + j] = w_hh[row * h + m * hm + i];
+                        recurrent_cols[m * hm * gates * hm + i * gates * hm + gate * hm + j] = w_hh[row * h + m * hm + i];
                     }
                 }
             }
-            for j in 0..hm {
-                bias_hn[m * hm + j] = b_hh[2 * h + m * hm + j];
-            }
         }
-        Ok(FusedGru { h, members, hm, bias_in, dense_cols, item_rows, category_rows, recurrent_cols, bias_hn, head, head_bias, precision: StatePrecision::F32 })
+        let bias_hn = if cell == Cell::Gru { b_hh[2 * h..].to_vec() } else { Vec::new() };
+        Ok(FusedStep { cell, h, members, hm, bias_in, dense_cols, item_rows, category_rows, recurrent_cols, bias_hn, head, head_bias, precision: StatePrecision::F32 })
+    }
+
+    /// The cell.
+    pub fn cell(&self) -> Cell {
+        self.cell
     }
 
     /// Hidden size `H`.
@@ -164,14 +175,19 @@ impl FusedGru {
         self.h
     }
 
+    /// Values per user state: `H`, or `2H` for an LSTM (`[h | c]`).
+    pub fn state_dim(&self) -> usize {
+        self.cell.state_dim(self.h)
+    }
+
     /// Packed members whose blocks are stepped on their own.
     pub fn blocks(&self) -> usize {
         self.members
     }
 
-    /// Rounds every new hidden vector to `precision` (to nearest, ties to even) before the
-    /// head reads it: the state then is what storing it in that precision keeps.
-    pub fn with_state_precision(mut self, precision: StatePrecision) -> FusedGru {
+    /// Rounds every new state to `precision` (to nearest, ties to even) before the head reads
+    /// it: the state then is what storing it in that precision keeps.
+    pub fn with_state_precision(mut self, precision: StatePrecision) -> FusedStep {
         self.precision = precision;
         self
     }
@@ -189,6 +205,7 @@ impl FusedGru {
     /// The weights as laid out for the step, for a device that runs the same arithmetic.
     pub fn layout(&self) -> Layout<'_> {
         Layout {
+            cell: self.cell,
             bias_in: &self.bias_in,
             dense_cols: &self.dense_cols,
             item_rows: &self.item_rows,
@@ -200,41 +217,45 @@ impl FusedGru {
         }
     }
 
-    /// Steps every row: `hidden` (`B × H`) is replaced by the new hidden vectors and `logits`
-    /// (`B`) receives the head's raw logits. Rows are spread over all cores in chunks.
+    /// Steps every row: `states` (`B × S`, `S` = [`state_dim`](Self::state_dim)) is replaced
+    /// by the new states and `logits` (`B`) receives the head's raw logits. Rows are spread over
+    /// all cores in chunks.
     ///
     /// # Panics
     ///
     /// If the buffers do not hold `inputs.len()` rows.
-    pub fn step(&self, inputs: &[Features], hidden: &mut [f32], logits: &mut [f32]) {
-        assert_eq!(hidden.len(), inputs.len() * self.h, "hidden buffer");
+    pub fn step(&self, inputs: &[Features], states: &mut [f32], logits: &mut [f32]) {
+        let s = self.state_dim();
+        assert_eq!(states.len(), inputs.len() * s, "state buffer");
         assert_eq!(logits.len(), inputs.len(), "logit buffer");
         if inputs.len() < 2 * ROWS_PER_TASK {
-            self.rows(inputs, hidden, logits);
+            self.rows(inputs, states, logits);
             return;
         }
         inputs
             .par_chunks(ROWS_PER_TASK)
-            .zip(hidden.par_chunks_mut(ROWS_PER_TASK * self.h))
+            .zip(states.par_chunks_mut(ROWS_PER_TASK * s))
             .zip(logits.par_chunks_mut(ROWS_PER_TASK))
             .for_each(|((x, h), l)| self.rows(x, h, l));
     }
 
     /// Steps consecutive rows on this thread.
-    fn rows(&self, inputs: &[Features], hidden: &mut [f32], logits: &mut [f32]) {
-        let mut gates = vec![0f32; 3 * self.h];
-        let mut rec = vec![0f32; 3 * self.h];
-        let mut r = vec![0f32; self.h];
-        for ((f, h), logit) in inputs.iter().zip(hidden.chunks_exact_mut(self.h)).zip(logits.iter_mut()) {
-            *logit = self.row(f, h, &mut gates, &mut rec, &mut r);
+    fn rows(&self, inputs: &[Features], states: &mut [f32], logits: &mut [f32]) {
+        let g = self.cell.gates() * self.h;
+        let (mut gates, mut rec, mut r) = (vec![0f32; g], vec![0f32; g], vec![0f32; self.h]);
+        for ((f, state), logit) in inputs.iter().zip(states.chunks_exact_mut(self.state_dim())).zip(logits.iter_mut()) {
+            *logit = match self.cell {
+                Cell::Gru => self.gru_row(f, state, &mut gates, &mut rec, &mut r),
+                Cell::Lstm => self.lstm_row(f, state, &mut gates, &mut rec),
+            };
         }
     }
 
-    /// One row: input gates, the members' recurrent blocks, then the gate math over all hidden
-    /// units at once (plain array loops, which the compiler vectorises, `exp` included); returns
-    /// the head's logit.
-    fn row(&self, f: &Features, h: &mut [f32], gates: &mut [f32], rec: &mut [f32], r: &mut [f32]) -> f32 {
-        let (hd, g3) = (self.h, 3 * self.h);
+    /// A row's input gates into `gates` and its members' recurrent products of `h` into `rec`
+    /// (both `G·H`, `[gate][unit]`).
+    #[inline(always)]
+    fn products(&self, f: &Features, h: &[f32], gates: &mut [f32], rec: &mut [f32]) {
+        let (hd, g3) = (self.h, gates.len());
         gates.copy_from_slice(&self.bias_in);
         for (c, x) in f.dense.iter().enumerate() {
             axpy(gates, &self.dense_cols[c * g3..(c + 1) * g3], *x);
@@ -245,18 +266,25 @@ impl FusedGru {
                 add(gates, &table[b * g3..(b + 1) * g3]);
             }
         }
-        let (hm, k3) = (self.hm, 3 * self.hm);
+        let (hm, k3) = (self.hm, g3 / self.members);
         rec.fill(0.0);
         for m in 0..self.members {
             let block = &self.recurrent_cols[m * hm * k3..(m + 1) * hm * k3];
             for (i, x) in h[m * hm..(m + 1) * hm].iter().enumerate() {
                 let col = &block[i * k3..(i + 1) * k3];
-                for gate in 0..3 {
+                for gate in 0..self.cell.gates() {
                     let at = gate * hd + m * hm;
                     axpy(&mut rec[at..at + hm], &col[gate * hm..(gate + 1) * hm], *x);
                 }
             }
         }
+    }
+
+    /// One GRU row: the products, then the gate math over all hidden units at once (plain array
+    /// loops, which the compiler vectorises, `exp` included); returns the head's logit.
+    fn gru_row(&self, f: &Features, h: &mut [f32], gates: &mut [f32], rec: &mut [f32], r: &mut [f32]) -> f32 {
+        let hd = self.h;
+        self.products(f, h, gates, rec);
         let (g_r, rest) = gates.split_at(hd);
         let (g_z, g_n) = rest.split_at(hd);
         let (rec_r, rest) = rec.split_at(hd);
@@ -271,7 +299,36 @@ impl FusedGru {
             *h = n + z * (*h - n);
         }
         self.precision.round(h);
-        // Summed in unit order: the same on every machine.
+        self.head_logit(h)
+    }
+
+    /// One LSTM row on its state `[h | c]`: the products, then `c' = f·c + i·g`, `h' =
+    /// o·tanh(c')` over all hidden units at once; returns the head's logit.
+    fn lstm_row(&self, f: &Features, state: &mut [f32], gates: &mut [f32], rec: &mut [f32]) -> f32 {
+        let hd = self.h;
+        self.products(f, &state[..hd], gates, rec);
+        let (h, c) = state.split_at_mut(hd);
+        let (g_i, rest) = gates.split_at(hd);
+        let (g_f, rest) = rest.split_at(hd);
+        let (g_g, g_o) = rest.split_at(hd);
+        let (r_i, rest) = rec.split_at(hd);
+        let (r_f, rest) = rest.split_at(hd);
+        let (r_g, r_o) = rest.split_at(hd);
+        for (((h, c), (gi, ri)), ((gf, rf), ((gg, rg), (go, ro)))) in
+            h.iter_mut().zip(c.iter_mut()).zip(g_i.iter().zip(r_i)).zip(g_f.iter().zip(r_f).zip(g_g.iter().zip(r_g).zip(g_o.iter().zip(r_o))))
+        {
+            let (i, forget) = (sigmoid(*gi + *ri), sigmoid(*gf + *rf));
+            let (g, o) = (tanh(*gg + *rg), sigmoid(*go + *ro));
+            *c = forget * *c + i * g;
+            *h = o * tanh(*c);
+        }
+        self.precision.round(state);
+        self.head_logit(&state[..hd])
+    }
+
+    /// The head's logit of new hidden units, summed in unit order: the same on every machine.
+    #[inline(always)]
+    fn head_logit(&self, h: &[f32]) -> f32 {
         let mut logit = self.head_bias;
         for (w, x) in self.head.iter().zip(h.iter()) {
             logit += *w * *x;
@@ -280,11 +337,11 @@ impl FusedGru {
     }
 }
 
-/// Whether the `h × h` blocks of the `3h × h` matrix `w` off the `members` diagonal blocks
-/// are all zero.
-fn block_diagonal(w: &[f32], h: usize, members: usize) -> bool {
+/// Whether the `h × h` blocks of the `gates·h × h` matrix `w` off the `members` diagonal
+/// blocks are all zero.
+fn block_diagonal(w: &[f32], gates: usize, h: usize, members: usize) -> bool {
     let hm = h / members;
-    (0..3 * h).all(|row| {
+    (0..gates * h).all(|row| {
         let m = (row % h) / hm;
         (0..h).all(|c| c / hm == m || w[row * h + c] == 0.0)
     })
@@ -349,9 +406,10 @@ mod tests {
 
     use crate::gru::testing::values;
 
-    /// A member network with `FEATURE_DIM` dense inputs, item and category embeddings.
-    fn member(seed: u64, h: usize) -> GruParams {
-        crate::gru::testing::network(seed, FEATURE_DIM, h, (64, 8), (16, 4))
+    /// A member network of `cell` with `FEATURE_DIM` dense inputs, item and category
+    /// embeddings.
+    fn member(cell: Cell, seed: u64, h: usize) -> GruParams {
+        crate::gru::testing::network(cell, seed, FEATURE_DIM, h, (64, 8), (16, 4))
     }
 
     fn features(seed: &mut u64, n: usize) -> Vec<Features> {
@@ -369,8 +427,8 @@ mod tests {
     fn candle_step(p: &GruParams, f: &[Features], h: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let how = Projection::PerRow;
         let x = p.gru_input_of(f, &Device::Cpu).unwrap();
-        let h0 = Tensor::from_slice(h, (f.len(), p.hidden_dim()), &Device::Cpu).unwrap();
-        let h1 = p.cell(&p.input_gates(&x, how).unwrap(), &h0, how).unwrap();
+        let h0 = Tensor::from_slice(h, (f.len(), p.state_dim()), &Device::Cpu).unwrap();
+        let h1 = p.step_states(&p.input_gates(&x, how).unwrap(), &h0, how).unwrap();
         let logits = p.logits(&h1, how).unwrap().to_vec1().unwrap();
         (h1.flatten_all().unwrap().to_vec1().unwrap(), logits)
     }
@@ -382,13 +440,21 @@ mod tests {
     }
 
     #[test]
-    fn the_fused_step_equals_candles_for_a_packed_ensemble_and_a_full_matrix() {
-        let packed = GruParams::pack(&(1..=5).map(|s| member(s, 8)).collect::<Vec<_>>()).unwrap();
-        for (params, members, blocks) in [(&packed, 5, 5), (&member(9, 12), 1, 1), (&packed, 1, 1)] {
-            let fused = FusedGru::new(params, members).unwrap();
-            assert_eq!(fused.blocks(), blocks);
+    fn the_fused_step_equals_candles_for_a_packed_ensemble_and_a_full_matrix_of_every_cell() {
+        for cell in Cell::ALL {
+            let packed = GruParams::pack(&(1..=5).map(|s| member(cell, s, 8)).collect::<Vec<_>>()).unwrap();
+            for (params, members, blocks) in [(&packed, 5, 5), (&member(cell, 9, 12), 1, 1), (&packed, 1, 1)] {
+                equals_candle(params, members, blocks);
+            }
+        }
+    }
+
+    fn equals_candle(params: &GruParams, members: usize, blocks: usize) {
+        {
+            let fused = FusedStep::new(params, members).unwrap();
+            assert_eq!((fused.blocks(), fused.cell(), fused.state_dim()), (blocks, params.cell(), params.state_dim()));
             let mut seed = 11;
-            let (rows, h) = (700, params.hidden_dim());
+            let (rows, h) = (700, params.state_dim());
             let mut hidden_c = vec![0f32; rows * h];
             let mut hidden_f = hidden_c.clone();
             // Three steps, so that the recurrent blocks start from non-zero states.
@@ -406,21 +472,24 @@ mod tests {
 
     #[test]
     fn a_rows_result_does_not_depend_on_the_batch_it_is_in() {
-        let params = GruParams::pack(&(1..=5).map(|s| member(s, 8)).collect::<Vec<_>>()).unwrap();
-        let fused = FusedGru::new(&params, 5).unwrap();
-        let mut seed = 3;
-        let rows = 3 * ROWS_PER_TASK + 17;
-        let f = features(&mut seed, rows);
-        let start: Vec<f32> = values(&mut seed, rows * 40);
-        // The whole batch at once (spread over threads) ...
-        let (mut batch_h, mut batch_l) = (start.clone(), vec![0f32; rows]);
-        fused.step(&f, &mut batch_h, &mut batch_l);
-        // ... and each row alone, bit for bit.
-        for (i, x) in f.iter().enumerate() {
-            let (mut h, mut l) = (start[i * 40..(i + 1) * 40].to_vec(), [0f32]);
-            fused.step(std::slice::from_ref(x), &mut h, &mut l);
-            assert_eq!(h.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), batch_h[i * 40..(i + 1) * 40].iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "row {i}");
-            assert_eq!(l[0].to_bits(), batch_l[i].to_bits(), "row {i}");
+        for cell in Cell::ALL {
+            let params = GruParams::pack(&(1..=5).map(|s| member(cell, s, 8)).collect::<Vec<_>>()).unwrap();
+            let fused = FusedStep::new(&params, 5).unwrap();
+            let s = fused.state_dim();
+            let mut seed = 3;
+            let rows = 3 * ROWS_PER_TASK + 17;
+            let f = features(&mut seed, rows);
+            let start: Vec<f32> = values(&mut seed, rows * s);
+            // The whole batch at once (spread over threads) ...
+            let (mut batch_h, mut batch_l) = (start.clone(), vec![0f32; rows]);
+            fused.step(&f, &mut batch_h, &mut batch_l);
+            // ... and each row alone, bit for bit.
+            for (i, x) in f.iter().enumerate() {
+                let (mut h, mut l) = (start[i * s..(i + 1) * s].to_vec(), [0f32]);
+                fused.step(std::slice::from_ref(x), &mut h, &mut l);
+                assert_eq!(h.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), batch_h[i * s..(i + 1) * s].iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{cell} row {i}");
+                assert_eq!(l[0].to_bits(), batch_l[i].to_bits(), "{cell} row {i}");
+            }
         }
     }
 

@@ -2,8 +2,8 @@
 //!
 //! * [`features`] — the single feature path: an event plus the user's session state becomes a
 //!   normalised GRU input, identically in training, offline scoring and streaming.
-//! * [`IntentModel`] — a trained GRU + head loaded from a model directory (`model.safetensors`
-//!   with PyTorch `nn.GRU` tensor names, `model.json` with dimensions, feature spec and a
+//! * [`IntentModel`] — a trained recurrent network ([`Cell`]: GRU or LSTM) + head loaded from a
+//!   model directory (`model.safetensors` with PyTorch `nn.GRU` / `nn.LSTM` tensor names, `model.json` with dimensions, feature spec and a
 //!   content-hash version). [`IntentModel::step`] advances a whole batch of users by one event
 //!   each; the host-side `f32` buffers in and out keep tensors out of the state layer.
 //! * [`train`] — labels, time split, class-weighted BCE + AdamW with early stopping on
@@ -38,8 +38,8 @@ pub mod train;
 
 pub use calibrate::Calibration;
 pub use features::{FeatureSpec, Features, Prepared, FEATURE_DIM, REASON_NAMES, SKIP_FEATURES};
-pub use gru::{names, GruParams, Projection};
-pub use io::{ModelMeta, MODEL_FILE, META_FILE};
+pub use gru::{names, Cell, GruParams, Projection};
+pub use io::{candidate_dirs, ModelMeta, CANDIDATES_DIR, MODEL_FILE, META_FILE};
 pub use train::{SplitSpec, TrainingSummary};
 pub use logistic::Logistic;
 pub use resident::{HostStates, ResidentRow, ResidentStates};
@@ -177,10 +177,10 @@ impl Reasons {
     }
 }
 
-/// Result of one batched step: new hidden vectors (row-major `B × H`) and scores (`B`).
+/// Result of one batched step: new states (row-major `B × S`) and scores (`B`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepOutput {
-    /// Hidden vectors after the step, `B × H`.
+    /// States after the step, `B × S` ([`IntentModel::state_dim`]).
     pub hidden: Vec<f32>,
     /// Purchase probabilities after the step.
     pub scores: Vec<f32>,
@@ -194,7 +194,7 @@ pub struct IntentModel {
     device: Device,
     projection: Projection,
     /// The fused step's weight layout, built at load on every device.
-    kernel: Arc<kernel::FusedGru>,
+    kernel: Arc<kernel::FusedStep>,
     serving: Serving,
     /// The skip weights on the host (empty: none); the skip term is added to the fused
     /// kernels' logits here, not in them.
@@ -237,12 +237,14 @@ impl IntentModel {
     pub fn new(params: GruParams, meta: ModelMeta, device: Device) -> Result<IntentModel, ModelError> {
         params.validate().map_err(ModelError::Invalid)?;
         meta.features.validate().map_err(ModelError::Invalid)?;
-        if params.dense_dim() != FEATURE_DIM || params.hidden_dim() != meta.hidden_dim || meta.input_dim != params.input_dim() {
+        if params.dense_dim() != FEATURE_DIM || params.hidden_dim() != meta.hidden_dim || meta.input_dim != params.input_dim() || params.cell() != meta.cell {
             return Err(ModelError::Invalid(format!(
-                "dimensions disagree: tensors D={} (dense {}) H={}, model.json D={} H={}, this build has {FEATURE_DIM} dense features",
+                "dimensions disagree: tensors {} D={} (dense {}) H={}, model.json {} D={} H={}, this build has {FEATURE_DIM} dense features",
+                params.cell(),
                 params.input_dim(),
                 params.dense_dim(),
                 params.hidden_dim(),
+                meta.cell,
                 meta.input_dim,
                 meta.hidden_dim
             )));
@@ -274,7 +276,7 @@ impl IntentModel {
         // recovery and replays reproduce states.
         let projection = if device.is_cpu() { Projection::PerRow } else { Projection::Batched };
         let members = meta.training.as_ref().map_or(1, |t| t.members);
-        let kernel = Arc::new(kernel::FusedGru::new(&params, members).map_err(|e| ModelError::Invalid(e.to_string()))?.with_state_precision(meta.state_precision));
+        let kernel = Arc::new(kernel::FusedStep::new(&params, members).map_err(|e| ModelError::Invalid(e.to_string()))?.with_state_precision(meta.state_precision));
         let skip = params.skip_values()?.into();
         let skip_slots = features::skip_slots();
         let head_tables = Arc::new(params.head_table_values()?);
@@ -285,7 +287,7 @@ impl IntentModel {
         Ok(model)
     }
 
-    /// A slab of `capacity` resident hidden vectors (all zero) on the model's device, stepped
+    /// A slab of `capacity` resident states (all zero) on the model's device, stepped
     /// by the fused kernel of that device.
     ///
     /// # Errors
@@ -364,14 +366,25 @@ impl IntentModel {
         &self.meta
     }
 
-    /// Content-hash version, e.g. `gru-3f9a0c1b2d4e`.
+    /// Content-hash version, e.g. `gru-3f9a0c1b2d4e` (the cell, then the hash).
     pub fn version(&self) -> &str {
         &self.meta.version
+    }
+
+    /// The recurrent cell.
+    pub fn cell(&self) -> Cell {
+        self.meta.cell
     }
 
     /// Hidden size H.
     pub fn hidden_dim(&self) -> usize {
         self.meta.hidden_dim
+    }
+
+    /// Values in a user's state: `H`, or `2H` for an LSTM (hidden vector and memory, `[h | c]`).
+    /// What [`step`](Self::step) takes and returns per row.
+    pub fn state_dim(&self) -> usize {
+        self.meta.cell.state_dim(self.meta.hidden_dim)
     }
 
     /// The feature contract to prepare inputs with.
@@ -386,14 +399,15 @@ impl IntentModel {
 
     /// Advances `B = inputs.len()` users by one event each.
     ///
-    /// `hidden` holds their current hidden vectors row-major (`B × H`; zeros for a new
-    /// session). Returns the new hidden vectors and the calibrated purchase probabilities.
+    /// `hidden` holds their current states row-major (`B × S`, `S` =
+    /// [`state_dim`](Self::state_dim); zeros for a new session). Returns the new states and the
+    /// calibrated purchase probabilities.
     ///
     /// # Errors
     ///
     /// [`ModelError::Invalid`] if `hidden` has the wrong length; candle errors otherwise.
     pub fn step(&self, inputs: &[Features], hidden: &[f32]) -> Result<StepOutput, ModelError> {
-        let (b, h) = (inputs.len(), self.hidden_dim());
+        let (b, h) = (inputs.len(), self.state_dim());
         if hidden.len() != b * h {
             return Err(ModelError::Invalid(format!("hidden buffer holds {} values, expected {b}×{h}", hidden.len())));
         }
@@ -427,7 +441,7 @@ impl IntentModel {
         let x = self.params.gru_input_of(inputs, &self.device)?;
         let h0 = Tensor::from_slice(hidden, (b, h), &self.device)?;
         let how = self.projection;
-        let mut h1 = self.params.cell(&self.params.input_gates(&x, how)?, &h0, how)?;
+        let mut h1 = self.params.step_states(&self.params.input_gates(&x, how)?, &h0, how)?;
         match self.meta.state_precision {
             StatePrecision::F32 => {}
             StatePrecision::F16 => h1 = h1.to_dtype(candle_core::DType::F16)?.to_dtype(candle_core::DType::F32)?,
@@ -446,7 +460,7 @@ impl IntentModel {
     ///
     /// Candle errors.
     pub fn score_sequence<'a>(&self, events: impl IntoIterator<Item = &'a Event>) -> Result<SequenceScores, ModelError> {
-        let mut out = SequenceScores { scores: Vec::new(), hidden: vec![0f32; self.hidden_dim()], session: SessionState::default() };
+        let mut out = SequenceScores { scores: Vec::new(), hidden: vec![0f32; self.state_dim()], session: SessionState::default() };
         for ev in events {
             let prepared = self.features().featurize(&mut out.session, ev);
             if prepared.reset_hidden {
@@ -465,7 +479,7 @@ impl IntentModel {
 pub struct SequenceScores {
     /// One score per event.
     pub scores: Vec<f32>,
-    /// Hidden vector after the last event.
+    /// State after the last event.
     pub hidden: Vec<f32>,
     /// Session state after the last event.
     pub session: SessionState,

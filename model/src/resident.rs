@@ -13,7 +13,7 @@
 //! the `cuda` feature, [`crate::cuda::CudaStates`] on a GPU. Both compute a row exactly as the
 //! CPU kernel does, bit for bit, whatever rows share the step.
 
-use crate::kernel::FusedGru;
+use crate::kernel::FusedStep;
 use crate::{Features, ModelError};
 use std::sync::Arc;
 
@@ -31,20 +31,21 @@ pub struct ResidentRow {
 
 /// A slab of hidden vectors, one per slot, stepped in place.
 pub trait ResidentStates: Send {
-    /// Hidden size `H`.
-    fn hidden_dim(&self) -> usize;
+    /// Values per state `S`: the hidden size, or twice it for an LSTM (hidden vector and
+    /// memory).
+    fn state_dim(&self) -> usize;
 
     /// Number of slots.
     fn capacity(&self) -> usize;
 
-    /// Writes `hidden` (`slots.len() × H`) into the given slots.
+    /// Writes `hidden` (`slots.len() × S`) into the given slots.
     ///
     /// # Errors
     ///
     /// A slot out of range, a buffer of the wrong length, device errors.
     fn load(&mut self, slots: &[u32], hidden: &[f32]) -> Result<(), ModelError>;
 
-    /// Reads the given slots' vectors into `out` (`slots.len() × H`, replacing its contents).
+    /// Reads the given slots' vectors into `out` (`slots.len() × S`, replacing its contents).
     ///
     /// # Errors
     ///
@@ -105,7 +106,7 @@ impl SlotCheck {
 /// A resident slab in host memory, stepped by the fused CPU kernel.
 #[derive(Debug)]
 pub struct HostStates {
-    kernel: Arc<FusedGru>,
+    kernel: Arc<FusedStep>,
     states: Vec<f32>,
     capacity: usize,
     scratch: Vec<f32>,
@@ -115,15 +116,15 @@ pub struct HostStates {
 
 impl HostStates {
     /// A slab of `capacity` zero vectors for `kernel`'s model.
-    pub fn new(kernel: Arc<FusedGru>, capacity: usize) -> HostStates {
-        let h = kernel.hidden_dim();
+    pub fn new(kernel: Arc<FusedStep>, capacity: usize) -> HostStates {
+        let h = kernel.state_dim();
         HostStates { kernel, states: vec![0.0; capacity * h], capacity, scratch: Vec::new(), inputs: Vec::new(), slots: SlotCheck::default() }
     }
 }
 
 impl ResidentStates for HostStates {
-    fn hidden_dim(&self) -> usize {
-        self.kernel.hidden_dim()
+    fn state_dim(&self) -> usize {
+        self.kernel.state_dim()
     }
 
     fn capacity(&self) -> usize {
@@ -131,7 +132,7 @@ impl ResidentStates for HostStates {
     }
 
     fn load(&mut self, slots: &[u32], hidden: &[f32]) -> Result<(), ModelError> {
-        let h = self.hidden_dim();
+        let h = self.state_dim();
         check_rows(slots.len(), h, hidden.len())?;
         self.slots.check(slots.iter().copied(), self.capacity, false)?;
         for (&slot, v) in slots.iter().zip(hidden.chunks_exact(h)) {
@@ -142,7 +143,7 @@ impl ResidentStates for HostStates {
     }
 
     fn read(&mut self, slots: &[u32], out: &mut Vec<f32>) -> Result<(), ModelError> {
-        let h = self.hidden_dim();
+        let h = self.state_dim();
         self.slots.check(slots.iter().copied(), self.capacity, false)?;
         out.clear();
         for &slot in slots {
@@ -153,7 +154,7 @@ impl ResidentStates for HostStates {
     }
 
     fn step(&mut self, rows: &[ResidentRow], logits: &mut Vec<f32>) -> Result<(), ModelError> {
-        let h = self.hidden_dim();
+        let h = self.state_dim();
         self.slots.check(rows.iter().map(|r| r.slot), self.capacity, true)?;
         self.scratch.clear();
         self.inputs.clear();
@@ -189,11 +190,11 @@ pub(crate) fn check_rows(rows: usize, h: usize, len: usize) -> Result<(), ModelE
 mod tests {
     use super::*;
     use crate::gru::testing::{network, values};
-    use crate::{GruParams, FEATURE_DIM};
+    use crate::{Cell, GruParams, FEATURE_DIM};
 
-    fn kernel() -> Arc<FusedGru> {
-        let packed = GruParams::pack(&(1..=3).map(|s| network(s, FEATURE_DIM, 6, (32, 4), (8, 2))).collect::<Vec<_>>()).unwrap();
-        Arc::new(FusedGru::new(&packed, 3).unwrap())
+    fn kernel(cell: Cell) -> Arc<FusedStep> {
+        let packed = GruParams::pack(&(1..=3).map(|s| network(cell, s, FEATURE_DIM, 6, (32, 4), (8, 2))).collect::<Vec<_>>()).unwrap();
+        Arc::new(FusedStep::new(&packed, 3).unwrap())
     }
 
     fn rows(seed: &mut u64, slots: &[u32]) -> Vec<ResidentRow> {
@@ -210,8 +211,13 @@ mod tests {
 
     #[test]
     fn a_resident_step_is_the_stateless_step_on_the_slots_vectors() {
-        let kernel = kernel();
-        let h = kernel.hidden_dim();
+        for cell in Cell::ALL {
+            resident_equals_stateless(kernel(cell));
+        }
+    }
+
+    fn resident_equals_stateless(kernel: Arc<FusedStep>) {
+        let h = kernel.state_dim();
         let mut slab = HostStates::new(kernel.clone(), 64);
         let mut seed = 5;
         let slots: Vec<u32> = vec![7, 3, 40, 12, 63, 0];
@@ -240,7 +246,7 @@ mod tests {
 
     #[test]
     fn slots_out_of_range_or_stepped_twice_are_refused() {
-        let mut slab = HostStates::new(kernel(), 4);
+        let mut slab = HostStates::new(kernel(Cell::Gru), 4);
         let mut seed = 1;
         let mut logits = Vec::new();
         assert!(slab.step(&rows(&mut seed, &[1, 4]), &mut logits).is_err());

@@ -1,4 +1,5 @@
-//! Training of the intent GRU, its calibration, the baselines and the ensemble.
+//! Training of the intent network (a GRU or an LSTM, or each and the better kept), its
+//! calibration, the baselines and the ensemble.
 //!
 //! * **Labels** ([`labelled_sessions`]): sessions are cut by
 //!   [`intentflow_schemas::SessionState::advance`] (the dataset's session id, a 30-minute gap,
@@ -15,6 +16,9 @@
 //! * **Wide start** (with [`TrainConfig::skip`], the default): the head's skip connection
 //!   starts as a logistic regression on the session and history aggregates, the hidden
 //!   vector's head weights at zero, and that regression is epoch 0 of early stopping.
+//! * **Architectures** ([`TrainConfig::cells`]): with more than one cell, each is trained the
+//!   same way and the one whose packed model has the higher validation PR-AUC is served; the
+//!   others are kept as [`Trained::candidates`] for `intentflow eval` to compare.
 //! * **After training**, on the validation split: calibration of the GRU score, the
 //!   F1-maximising threshold, the logistic-regression baseline's threshold, the stacked
 //!   ensemble, and the number of boosted trees of the tree baseline.
@@ -27,7 +31,7 @@ use crate::baseline::{stack_row, Baselines, SessionAggregates, AGGREGATE_NAMES};
 use crate::boosting::GradientBoosting;
 use crate::calibrate::{Calibration, CalibrationMethod};
 use crate::StatePrecision;
-use crate::{eval, FeatureSpec, Features, GruParams, Logistic, ModelError, Projection, FEATURE_DIM};
+use crate::{eval, Cell, FeatureSpec, Features, GruParams, Logistic, ModelError, Projection, FEATURE_DIM};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use intentflow_schemas::{Event, EventType, SessionConfig, SessionState};
@@ -111,7 +115,9 @@ impl SplitSpec {
 /// Hyper-parameters of [`train`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
-    /// GRU hidden size of each member.
+    /// The cells to train: one, or several of which the best on validation PR-AUC is served.
+    pub cells: Vec<Cell>,
+    /// Hidden size of each member.
     pub hidden_dim: usize,
     /// GRUs trained from consecutive seeds and packed into one (a seed ensemble; the served
     /// hidden vector has `members × hidden_dim` values).
@@ -161,6 +167,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
+            cells: vec![Cell::Gru],
             hidden_dim: 8,
             members: 5,
             epochs: 40,
@@ -312,13 +319,13 @@ fn make_batch(sessions: &[&LabelledSession], spec: &FeatureSpec, max_len: usize,
 /// Logits `(B, T)` of a padded batch, running the cell over time from a zero state.
 fn forward(params: &GruParams, batch: &Batch) -> Result<Tensor, ModelError> {
     let (b, t, d) = batch.x.dims3()?;
-    let hd = params.hidden_dim();
+    let gates = params.cell().gates() * params.hidden_dim();
     let input = params.gru_input(&batch.x.reshape((b * t, d))?, &batch.items, &batch.categories)?;
-    let gi = params.input_gates(&input, Projection::Batched)?.reshape((b, t, 3 * hd))?;
-    let mut h = Tensor::zeros((b, hd), DType::F32, batch.x.device())?;
+    let gi = params.input_gates(&input, Projection::Batched)?.reshape((b, t, gates))?;
+    let mut h = Tensor::zeros((b, params.state_dim()), DType::F32, batch.x.device())?;
     let mut logits = Vec::with_capacity(t);
     for step in 0..t {
-        h = params.cell(&gi.narrow(1, step, 1)?.squeeze(1)?, &h, Projection::Batched)?;
+        h = params.step_states(&gi.narrow(1, step, 1)?.squeeze(1)?, &h, Projection::Batched)?;
         logits.push(params.logits(&h, Projection::Batched)?);
     }
     let mut logits = Tensor::stack(&logits, 1)?;
@@ -412,9 +419,10 @@ struct Member {
     epochs: usize,
 }
 
-/// Trains one GRU from seed `seed` with early stopping on validation PR-AUC.
+/// Trains one network of `cell` from seed `seed` with early stopping on validation PR-AUC.
 #[allow(clippy::too_many_arguments)]
 fn fit_member(
+    cell: Cell,
     train_set: &[LabelledSession],
     val_set: &[LabelledSession],
     spec: &FeatureSpec,
@@ -431,11 +439,12 @@ fn fit_member(
     let cat_dim = if cat_rows >= 2 { cat_dim } else { 0 };
     let d = FEATURE_DIM + item_dim + cat_dim;
     let bound = 1.0 / (h as f32).sqrt();
+    let g = cell.gates();
     let mut vars = vec![
-        uniform(&mut rng, (3 * h, d), bound, device)?,
-        uniform(&mut rng, (3 * h, h), bound, device)?,
-        uniform(&mut rng, (1, 3 * h), bound, device)?,
-        uniform(&mut rng, (1, 3 * h), bound, device)?,
+        uniform(&mut rng, (g * h, d), bound, device)?,
+        uniform(&mut rng, (g * h, h), bound, device)?,
+        uniform(&mut rng, (1, g * h), bound, device)?,
+        uniform(&mut rng, (1, g * h), bound, device)?,
         uniform(&mut rng, (1, h), bound, device)?,
         uniform(&mut rng, (1, 1), bound, device)?,
     ];
@@ -515,6 +524,7 @@ fn fit_member(
         let criterion = val_pr.unwrap_or(0.0);
         let improved = best.as_ref().is_none_or(|(c, _, _)| criterion > *c);
         on_epoch(&EpochReport {
+            cell,
             epoch,
             train_loss: loss_sum / batches.len().max(1) as f64,
             val_log_loss: eval::log_loss(&scores, &labels),
@@ -536,6 +546,8 @@ fn fit_member(
 /// Progress of one epoch, for display.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EpochReport {
+    /// The cell being trained.
+    pub cell: Cell,
     /// 1-based epoch.
     pub epoch: usize,
     /// Mean weighted training loss.
@@ -581,6 +593,21 @@ pub struct TrainingSummary {
     pub val_roc_auc: Option<f64>,
     /// Validation PR-AUC of the packed model.
     pub val_pr_auc: Option<f64>,
+    /// Every cell trained, with its packed model's validation scores; the served one had the
+    /// highest PR-AUC (absent in models from before LSTMs: one GRU).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trials: Vec<CellTrial>,
+}
+
+/// One cell trained by [`train`] and how it validated.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CellTrial {
+    /// The cell.
+    pub cell: Cell,
+    /// Validation ROC-AUC of its packed model.
+    pub val_roc_auc: Option<f64>,
+    /// Validation PR-AUC of its packed model, the criterion.
+    pub val_pr_auc: Option<f64>,
 }
 
 /// A trained model with everything fitted around it, ready to save.
@@ -600,6 +627,9 @@ pub struct Trained {
     pub summary: TrainingSummary,
     /// Precision the served model keeps hidden states in ([`TrainConfig::state_precision`]).
     pub state_precision: StatePrecision,
+    /// The cells trained beside the served one that validated worse, for comparison
+    /// (`intentflow eval` scores them too); empty when one cell was trained.
+    pub candidates: Vec<Trained>,
 }
 
 /// Trains a model on `events`: `cfg.members` GRUs from consecutive seeds, packed into one
@@ -633,67 +663,88 @@ pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, on_epoch: imp
     let pos_weight = cfg.pos_weight.unwrap_or_else(|| ((labelled - positives) as f64 / positives as f64).sqrt());
 
     let wide = cfg.skip.then(|| WideStart::fit(train_set, &spec, pos_weight as f32));
-    // Members are independent (each from its own seed): on the CPU they train side by side on
-    // all cores, each giving the bits it gives alone.
-    let on_epoch = std::sync::Mutex::new(on_epoch);
-    let fit = |member: usize| {
-        let seed = cfg.seed.wrapping_add(member as u64 * 1_000_003);
-        fit_member(train_set, val_set, &spec, cfg, pos_weight as f32, wide.as_ref(), seed, device, |r| {
-            (on_epoch.lock().unwrap_or_else(std::sync::PoisonError::into_inner))(member, r)
-        })
-    };
-    let fitted: Vec<Member> = if device.is_cpu() {
-        use rayon::prelude::*;
-        (0..cfg.members.max(1)).into_par_iter().map(fit).collect::<Result<_, _>>()?
-    } else {
-        (0..cfg.members.max(1)).map(fit).collect::<Result<_, _>>()?
-    };
-    let best_epochs: Vec<usize> = fitted.iter().map(|m| m.best_epoch).collect();
-    let epochs_run = fitted.iter().map(|m| m.epochs).sum();
-    let members: Vec<GruParams> = fitted.into_iter().map(|m| m.params).collect();
-    let params = GruParams::pack(&members)?;
 
-    // Everything below is fitted on validation.
-    let (raw_val, val_labels) = predict(&params, val_set, &spec, &Device::Cpu)?;
-    let (val_roc_auc, val_pr_auc) = (eval::roc_auc(&raw_val, &val_labels), eval::pr_auc(&raw_val, &val_labels));
-    let calibration = Calibration::fit(cfg.calibration, &raw_val, &val_labels);
-    let gru_val: Vec<f32> = raw_val.iter().map(|&p| calibration.apply(p)).collect();
-    let threshold = eval::best_f1_threshold(&gru_val, &val_labels);
-
+    // The baselines do not depend on the cell: fitted once, on the same splits.
     let (train_agg, train_agg_labels) = aggregate_rows(train_set);
     let names = AGGREGATE_NAMES.iter().map(|s| s.to_string()).collect();
     let logistic = Logistic::fit(names, &train_agg, &train_agg_labels, 1.0);
-    let (val_agg, _) = aggregate_rows(val_set);
+    let (val_agg, val_labels) = aggregate_rows(val_set);
     let lr_val: Vec<f32> = val_agg.iter().map(|r| logistic.predict(r) as f32).collect();
-    let stacked: Vec<Vec<f64>> = gru_val.iter().zip(&lr_val).map(|(&g, &l)| stack_row(g, l)).collect();
-    let ensemble = Logistic::fit(vec!["gru_logit".into(), "logistic_logit".into()], &stacked, &val_labels, 1.0);
-    let ens_val: Vec<f32> = stacked.iter().map(|r| ensemble.predict(r) as f32).collect();
     let boosting = GradientBoosting::fit(AGGREGATE_NAMES.iter().map(|s| s.to_string()).collect(), (&train_agg, &train_agg_labels), (&val_agg, &val_labels));
     let gb_val: Vec<f32> = val_agg.iter().map(|r| boosting.predict(r) as f32).collect();
-    let baselines = Baselines {
-        base_rate: positives as f64 / labelled as f64,
-        logistic_threshold: eval::best_f1_threshold(&lr_val, &val_labels),
-        logistic,
-        ensemble_threshold: eval::best_f1_threshold(&ens_val, &val_labels),
-        ensemble,
-        boosting_threshold: eval::best_f1_threshold(&gb_val, &val_labels),
-        boosting: Some(boosting),
+
+    let on_epoch = std::sync::Mutex::new(on_epoch);
+    let fit_cell = |cell: Cell| -> Result<Trained, ModelError> {
+        // Members are independent (each from its own seed): on the CPU they train side by side
+        // on all cores, each giving the bits it gives alone.
+        let fit = |member: usize| {
+            let seed = cfg.seed.wrapping_add(member as u64 * 1_000_003);
+            fit_member(cell, train_set, val_set, &spec, cfg, pos_weight as f32, wide.as_ref(), seed, device, |r| {
+                (on_epoch.lock().unwrap_or_else(std::sync::PoisonError::into_inner))(member, r)
+            })
+        };
+        let fitted: Vec<Member> = if device.is_cpu() {
+            use rayon::prelude::*;
+            (0..cfg.members.max(1)).into_par_iter().map(fit).collect::<Result<_, _>>()?
+        } else {
+            (0..cfg.members.max(1)).map(fit).collect::<Result<_, _>>()?
+        };
+        let best_epochs: Vec<usize> = fitted.iter().map(|m| m.best_epoch).collect();
+        let epochs_run = fitted.iter().map(|m| m.epochs).sum();
+        let members: Vec<GruParams> = fitted.into_iter().map(|m| m.params).collect();
+        let params = GruParams::pack(&members)?;
+
+        // Everything below is fitted on validation.
+        let (raw_val, val_labels) = predict(&params, val_set, &spec, &Device::Cpu)?;
+        let (val_roc_auc, val_pr_auc) = (eval::roc_auc(&raw_val, &val_labels), eval::pr_auc(&raw_val, &val_labels));
+        let calibration = Calibration::fit(cfg.calibration, &raw_val, &val_labels);
+        let gru_val: Vec<f32> = raw_val.iter().map(|&p| calibration.apply(p)).collect();
+        let threshold = eval::best_f1_threshold(&gru_val, &val_labels);
+        let stacked: Vec<Vec<f64>> = gru_val.iter().zip(&lr_val).map(|(&g, &l)| stack_row(g, l)).collect();
+        let ensemble = Logistic::fit(vec!["gru_logit".into(), "logistic_logit".into()], &stacked, &val_labels, 1.0);
+        let ens_val: Vec<f32> = stacked.iter().map(|r| ensemble.predict(r) as f32).collect();
+        let baselines = Baselines {
+            base_rate: positives as f64 / labelled as f64,
+            logistic_threshold: eval::best_f1_threshold(&lr_val, &val_labels),
+            logistic: logistic.clone(),
+            ensemble_threshold: eval::best_f1_threshold(&ens_val, &val_labels),
+            ensemble,
+            boosting_threshold: eval::best_f1_threshold(&gb_val, &val_labels),
+            boosting: Some(boosting.clone()),
+        };
+        let summary = TrainingSummary {
+            seed: cfg.seed,
+            members: members.len(),
+            epochs: epochs_run,
+            best_epochs,
+            label: cfg.label,
+            split: cfg.split,
+            train_sessions: train_set.len(),
+            val_sessions: val_set.len(),
+            test_sessions: cfg.split.part(&sessions, Part::Test).len(),
+            train_events: labelled,
+            train_base_rate: positives as f64 / labelled as f64,
+            pos_weight,
+            val_roc_auc,
+            val_pr_auc,
+            trials: vec![CellTrial { cell, val_roc_auc, val_pr_auc }],
+        };
+        Ok(Trained { params, features: spec.clone(), calibration, threshold, baselines, summary, state_precision: cfg.state_precision, candidates: Vec::new() })
     };
-    let summary = TrainingSummary {
-        seed: cfg.seed,
-        members: members.len(),
-        epochs: epochs_run,
-        best_epochs,
-        label: cfg.label,
-        split: cfg.split,
-        train_sessions: train_set.len(),
-        val_sessions: val_set.len(),
-        test_sessions: cfg.split.part(&sessions, Part::Test).len(),
-        train_events: labelled,
-        train_base_rate: positives as f64 / labelled as f64,
-        pos_weight,
-        val_roc_auc,
-        val_pr_auc,
-    };
-    Ok(Trained { params, features: spec, calibration, threshold, baselines, summary, state_precision: cfg.state_precision })
+    let mut cells: Vec<Cell> = Vec::new();
+    for &cell in &cfg.cells {
+        if !cells.contains(&cell) {
+            cells.push(cell);
+        }
+    }
+    let mut trained: Vec<Trained> = (if cells.is_empty() { vec![Cell::Gru] } else { cells }).into_iter().map(fit_cell).collect::<Result<_, _>>()?;
+    // The served cell: the highest validation PR-AUC (the early-stopping criterion), the first
+    // listed on a tie.
+    let pr = |t: &Trained| t.summary.val_pr_auc.unwrap_or(0.0);
+    let best = (0..trained.len()).fold(0, |best, i| if pr(&trained[i]) > pr(&trained[best]) { i } else { best });
+    let trials: Vec<CellTrial> = trained.iter().flat_map(|t| t.summary.trials.clone()).collect();
+    let mut served = trained.remove(best);
+    served.summary.trials = trials;
+    served.candidates = trained;
+    Ok(served)
 }

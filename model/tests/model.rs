@@ -243,7 +243,7 @@ fn a_rows_step_is_bit_identical_whatever_batch_it_shares() {
     let dir = tempfile::tempdir().unwrap();
     trained.save(dir.path()).unwrap();
     let model = IntentModel::load(dir.path(), &Device::Cpu).unwrap();
-    let h = model.hidden_dim();
+    let h = model.state_dim();
     let n = 3_000;
     let inputs: Vec<Features> = (0..n)
         .map(|i| Features { item: (i * 7 % 1_000) as u32, category: (i % 200) as u32, ..Features::dense([((i * 13 % 17) as f32).sin(); FEATURE_DIM]) })

@@ -64,6 +64,7 @@ fn a_pytorch_state_dict_steps_like_pytorch() {
     let meta = ModelMeta {
         format: 2,
         version: "gru-torchfixture".into(),
+        cell: Default::default(),
         input_dim: params.input_dim(),
         hidden_dim: 4,
         features: FeatureSpec::identity(SessionConfig::default()).with_buckets(5, 4),

@@ -265,7 +265,7 @@ impl Resident {
     /// them: from now on they are trusted while the store holds the same vectors.
     pub(crate) fn settle(&mut self, slots: &[u32], out: &mut Vec<f32>) -> Result<(), ModelError> {
         self.slab.read(slots, out)?;
-        let h = self.slab.hidden_dim();
+        let h = self.slab.state_dim();
         for (&slot, v) in slots.iter().zip(out.chunks_exact(h)) {
             self.table.settle(slot, stamp(v));
         }

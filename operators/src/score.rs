@@ -306,7 +306,7 @@ impl IntentOperator {
             slots[slot].inputs.push(i);
         }
         let stored = store.get_many(slots.iter().map(|s| (s.partition, s.user.as_str())))?;
-        let h = self.model.hidden_dim();
+        let h = self.model.state_dim();
         let version = self.model.version();
         let (mut reset_states, mut foreign_states, mut already_applied) = (0, 0, 0);
         let mut invalid_states = Vec::new();
@@ -622,7 +622,7 @@ mod tests {
         let close = |got: &BatchOutput| got.scored.len() == fresh_scores.len() && got.scored.iter().zip(&fresh_scores).all(|(i, s)| (i.score - s).abs() <= 1e-6);
         assert!(close(&out), "the user started fresh");
 
-        let foreign = UserState { hidden: vec![0.9; model.hidden_dim()], model_version: "gru-other".into(), ..Default::default() };
+        let foreign = UserState { hidden: vec![0.9; model.state_dim()], model_version: "gru-other".into(), ..Default::default() };
         store.commit([(0, user.as_str(), &foreign)], [], []).unwrap();
         let err = IntentOperator::new(model.clone()).process(&mine, &store, EmittedAt::EventTime).unwrap_err();
         assert!(err.to_string().contains("built by model gru-other"), "{err}");
@@ -713,8 +713,8 @@ mod tests {
     }
 
     impl ResidentStates for Failing {
-        fn hidden_dim(&self) -> usize {
-            self.inner.hidden_dim()
+        fn state_dim(&self) -> usize {
+            self.inner.state_dim()
         }
         fn capacity(&self) -> usize {
             self.inner.capacity()

@@ -21,7 +21,7 @@
 
 use anyhow::{bail, Context, Result};
 use intentflow_model::cuda::{CudaStates, StepProfile};
-use intentflow_model::kernel::FusedGru;
+use intentflow_model::kernel::FusedStep;
 use intentflow_model::{Device, Features, GruParams, HostStates, IntentModel, ResidentRow, ResidentStates, FEATURE_DIM};
 use intentflow_schemas::{Event, SessionState};
 use std::collections::HashMap;
@@ -65,9 +65,9 @@ fn main() -> Result<()> {
     let cuda = Device::new_cuda(0).context("opening CUDA device 0")?;
     let cpu_model = IntentModel::load(&model_dir, &Device::Cpu)?;
     let gpu_model = IntentModel::load(&model_dir, &cuda)?;
-    let h = cpu_model.hidden_dim();
+    let h = cpu_model.state_dim();
     let members = cpu_model.meta().training.as_ref().map_or(1, |t| t.members);
-    let kernel = Arc::new(FusedGru::new(cpu_model.params(), members)?);
+    let kernel = Arc::new(FusedStep::new(cpu_model.params(), members)?);
     println!("model {} (H = {h}, {} blocks of {}), {} CPU threads", cpu_model.version(), kernel.blocks(), kernel.member_dim(), rayon::current_num_threads());
     let pool = feature_rows(&cpu_model, events.as_deref())?;
     println!("{} feature rows ({})", pool.len(), if events.is_some() { "featurised events" } else { "generated" });
@@ -113,16 +113,16 @@ fn feature_rows(model: &IntentModel, events: Option<&std::path::Path>) -> Result
 }
 
 /// The served model's kernel and the other shapes the kernel must handle, named.
-fn variants(model: &IntentModel, served: &Arc<FusedGru>) -> Result<Vec<(String, Arc<FusedGru>)>> {
+fn variants(model: &IntentModel, served: &Arc<FusedStep>) -> Result<Vec<(String, Arc<FusedStep>)>> {
     let p = model.params();
     let bare = GruParams { item_embedding: None, category_embedding: None, weight_ih: p.weight_ih.narrow(1, 0, FEATURE_DIM)?, ..p.clone() };
     let wide = GruParams::pack(&vec![p.clone(); 8])?;
     let members = model.meta().training.as_ref().map_or(1, |t| t.members);
     Ok(vec![
         (format!("served model (H = {}, {} blocks)", served.hidden_dim(), served.blocks()), served.clone()),
-        (format!("one full recurrent matrix (H = {})", p.hidden_dim()), Arc::new(FusedGru::new(p, 1)?)),
-        ("no embedding tables".into(), Arc::new(FusedGru::new(&bare, members)?)),
-        ("H = 320, 8 blocks of 40".into(), Arc::new(FusedGru::new(&wide, 8)?)),
+        (format!("one full recurrent matrix (H = {})", p.hidden_dim()), Arc::new(FusedStep::new(p, 1)?)),
+        ("no embedding tables".into(), Arc::new(FusedStep::new(&bare, members)?)),
+        ("H = 320, 8 blocks of 40".into(), Arc::new(FusedStep::new(&wide, 8)?)),
     ])
 }
 
@@ -151,9 +151,9 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Runs the equality checks; returns how many failed.
-fn equality(cpu_model: &IntentModel, gpu_model: &IntentModel, kernel: &Arc<FusedGru>, cuda: &Device, pool: &[(Features, bool)]) -> Result<usize> {
+fn equality(cpu_model: &IntentModel, gpu_model: &IntentModel, kernel: &Arc<FusedStep>, cuda: &Device, pool: &[(Features, bool)]) -> Result<usize> {
     println!("\n## CPU/GPU equality\n");
-    let h = cpu_model.hidden_dim();
+    let h = cpu_model.state_dim();
     let capacity = 200_000;
     let mut rng = Rng(11);
     let mut failures = 0;
@@ -172,7 +172,7 @@ fn equality(cpu_model: &IntentModel, gpu_model: &IntentModel, kernel: &Arc<Fused
         .map(|(i, &(f, reset))| if i % 10 == 3 { (Features { item: f.item + 10_000, category: f.category + 10_000, ..f }, reset) } else { (f, reset) })
         .collect();
     for (name, variant) in variants(cpu_model, kernel)? {
-        let vh_ = variant.hidden_dim();
+        let vh_ = variant.state_dim();
         let cap = if vh_ > 100 { 70_000 } else { capacity };
         let mut host = HostStates::new(variant.clone(), cap);
         let mut gpu = CudaStates::new(&variant, cuda, cap)?;
@@ -262,8 +262,8 @@ fn median(warm: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result
     Ok(times[times.len() / 2])
 }
 
-fn benchmark(cpu_model: &IntentModel, gpu_model: &IntentModel, kernel: &Arc<FusedGru>, cuda: &Device, pool: &[(Features, bool)], quick: bool) -> Result<()> {
-    let h = cpu_model.hidden_dim();
+fn benchmark(cpu_model: &IntentModel, gpu_model: &IntentModel, kernel: &Arc<FusedStep>, cuda: &Device, pool: &[(Features, bool)], quick: bool) -> Result<()> {
+    let h = cpu_model.state_dim();
     let capacity = if quick { 1_000_000 } else { 10_000_000 };
     println!("\n## GPU model stage, {capacity} resident users (H = {h}: {} MB of states)\n", capacity * h * 4 / 1_000_000);
     let mut gpu = CudaStates::new(kernel, cuda, capacity)?;

@@ -1,4 +1,5 @@
-//! `intentflow train`: the GRU seed ensemble, its calibration and baselines from an event file.
+//! `intentflow train`: the recurrent seed ensemble (GRU or LSTM, by default each and the better
+//! on validation kept), its calibration and baselines from an event file.
 
 use super::{read_input, InputArgs};
 use intentflow_schemas::Limits;
@@ -7,7 +8,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use intentflow_model::calibrate::CalibrationMethod;
 use intentflow_model::train::{EpochReport, LabelHorizon, SplitSpec, TrainConfig};
-use intentflow_model::DeviceKind;
+use intentflow_model::{Cell, DeviceKind};
 use intentflow_schemas::SessionConfig;
 use std::path::PathBuf;
 
@@ -25,10 +26,16 @@ pub struct TrainArgs {
     /// Stop after this many epochs without a better validation PR-AUC.
     #[arg(long, default_value_t = TrainConfig::default().patience)]
     pub patience: usize,
-    /// GRU hidden size of each ensemble member.
+    /// The recurrent cell: `gru`, `lstm`, or `auto` (train both, serve the one with the higher
+    /// validation PR-AUC; the other is kept under `MODEL_DIR/candidates/` for `intentflow
+    /// eval` to compare).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub arch: ArchArg,
+    /// Hidden size of each ensemble member.
     #[arg(long, default_value_t = TrainConfig::default().hidden_dim)]
     pub hidden_dim: usize,
-    /// GRUs trained from consecutive seeds and packed into one served GRU (a seed ensemble).
+    /// Networks trained from consecutive seeds and packed into one served network (a seed
+    /// ensemble).
     #[arg(long, default_value_t = TrainConfig::default().members)]
     pub members: usize,
     /// Precision the served model keeps hidden states in: `f16` rounds each new hidden vector
@@ -99,6 +106,28 @@ pub struct TrainArgs {
     pub no_skip: bool,
 }
 
+/// `--arch` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArchArg {
+    /// A GRU.
+    Gru,
+    /// An LSTM.
+    Lstm,
+    /// Each cell; the one with the higher validation PR-AUC is served.
+    Auto,
+}
+
+impl ArchArg {
+    /// The cells to train.
+    pub fn cells(self) -> Vec<Cell> {
+        match self {
+            ArchArg::Gru => vec![Cell::Gru],
+            ArchArg::Lstm => vec![Cell::Lstm],
+            ArchArg::Auto => Cell::ALL.to_vec(),
+        }
+    }
+}
+
 /// `--label` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LabelArg {
@@ -136,6 +165,7 @@ impl TrainArgs {
             bail!("--val-fraction must be positive and --val-fraction + --test-fraction below 1");
         }
         Ok(TrainConfig {
+            cells: self.arch.cells(),
             epochs: self.epochs,
             patience: self.patience,
             hidden_dim: self.hidden_dim,
@@ -170,7 +200,8 @@ impl TrainArgs {
 fn epoch_line(member: usize, r: &EpochReport) -> String {
     let f = |v: Option<f64>| v.map_or("n/a".to_string(), |a| format!("{a:.4}"));
     format!(
-        "member {member} epoch {:>3}: train loss {:.4}  val log loss {:.4}  val ROC-AUC {}  val PR-AUC {}{}",
+        "{} member {member} epoch {:>3}: train loss {:.4}  val log loss {:.4}  val ROC-AUC {}  val PR-AUC {}{}",
+        r.cell,
         r.epoch,
         r.train_loss,
         r.val_log_loss,
@@ -192,12 +223,12 @@ pub fn train_cmd(args: &TrainArgs) -> Result<()> {
     eprintln!("training on {}: {}", args.input.input.display(), imported.summary());
     // Members train side by side on the CPU: the bar counts epochs of all of them (early stopping
     // may end them before the most).
-    let most = (cfg.members * cfg.epochs) as u64;
+    let most = (cfg.cells.len() * cfg.members * cfg.epochs) as u64;
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new(most) } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template("[{bar:30}] {pos}/{len} epochs (all members; early stopping ends sooner) {elapsed} {msg}").expect("valid template"));
+    bar.set_style(ProgressStyle::with_template("[{bar:30}] {pos}/{len} epochs (all cells and members; early stopping ends sooner) {elapsed} {msg}").expect("valid template"));
     let trained = intentflow_model::train::train(&imported.events, &cfg, &device, |member, r| {
         bar.inc(1);
-        bar.set_message(format!("member {member} epoch {}", r.epoch));
+        bar.set_message(format!("{} member {member} epoch {}", r.cell, r.epoch));
         let line = epoch_line(member, r);
         if bar.is_hidden() {
             eprintln!("{line}");
@@ -208,6 +239,11 @@ pub fn train_cmd(args: &TrainArgs) -> Result<()> {
     bar.finish_and_clear();
     let meta = trained.save(&args.model_dir)?;
     let s = &trained.summary;
+    if s.trials.len() > 1 {
+        let f = |v: Option<f64>| v.map_or("n/a".to_string(), |a| format!("{a:.4}"));
+        let trials: Vec<String> = s.trials.iter().map(|t| format!("{} {} / {}", t.cell, f(t.val_roc_auc), f(t.val_pr_auc))).collect();
+        eprintln!("cells on validation (ROC-AUC / PR-AUC): {}; serving {}", trials.join(", "), meta.cell);
+    }
     eprintln!(
         "model {} written to {} ({} members, best epochs {:?}; sessions {} train / {} validation / {} test held out; \
          train base rate {:.4}, positive weight {:.2}; val ROC-AUC {}, PR-AUC {}; calibration {:?})",

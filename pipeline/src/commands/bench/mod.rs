@@ -353,11 +353,12 @@ fn table(args: &BenchArgs, model: &IntentModel, results: &[RunResult]) -> String
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "intentflow bench: intentflow {}, model {} (hidden vector {} values) on {}, batch {}, {} partitions, \
+        "intentflow bench: intentflow {}, model {} ({} state of {} values) on {}, batch {}, {} partitions, \
          state cache {} MiB (a quarter RocksDB block cache), RocksDB with its write-ahead log, {cores} cores",
         env!("CARGO_PKG_VERSION"),
         model.version(),
-        model.hidden_dim(),
+        model.cell(),
+        model.state_dim(),
         match args.device {
             DeviceKind::Cpu => "the CPU".to_string(),
             DeviceKind::Cuda => format!("CUDA, {} resident users", args.gpu_resident_users),
