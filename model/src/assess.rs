@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 /// The metrics of one scorer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScorerMetrics {
-    /// `gru`, `logistic_regression`, `ensemble`, `gradient_boosting`, `base_rate` or `oracle`.
+    /// The served model by its cell (`gru` or `lstm`), a cell trained beside it (`lstm_candidate`,
+    /// …), `logistic_regression`, `ensemble`, `gradient_boosting`, `base_rate` or `oracle`.
     pub name: String,
     /// What the scorer is.
     pub description: String,
@@ -36,10 +37,11 @@ pub struct Assessment {
     pub split: SplitSpec,
     /// Bootstrap replicates behind the intervals.
     pub bootstrap_reps: usize,
-    /// One entry per scorer, the GRU first.
+    /// One entry per scorer, the served model first.
     pub scorers: Vec<ScorerMetrics>,
-    /// Paired bootstraps: the GRU and the ensemble against the logistic regression, and the
-    /// GRU against the boosted trees, on ROC-AUC and PR-AUC.
+    /// Paired bootstraps: the served model and the ensemble against the logistic regression, the
+    /// served model against the boosted trees and against each candidate cell, on ROC-AUC and
+    /// PR-AUC.
     #[serde(default)]
     pub comparisons: Vec<eval::Comparison>,
     /// Whether the GRU's scores are the operator's streamed intents rather than stepped here.
@@ -189,7 +191,7 @@ pub fn check_reasons(model: &IntentModel, sessions: &[LabelledSession]) -> Resul
 /// [`ModelError::Invalid`] when the model carries no baselines (not trained by this
 /// project) or the part has no labelled events; candle errors otherwise.
 pub fn assess(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, part: Part, reps: usize, seed: u64) -> Result<Assessment, ModelError> {
-    assess_at(model, events, oracle, part, reps, seed, GruScores::Stepped(StatePrecision::F32))
+    assess_at(model, &[], events, oracle, part, reps, seed, GruScores::Stepped(StatePrecision::F32))
 }
 
 /// Where [`assess_at`] takes the served model's scores from.
@@ -205,12 +207,24 @@ pub enum GruScores<'a> {
 
 /// [`assess`] with the served model's scores taken from `gru`: stepped with hidden states kept in
 /// a given precision (what storing states in f16 or bf16 would cost in quality), or streamed by
-/// the operator (the model measured from outside, as a user would).
+/// the operator (the model measured from outside, as a user would); and with `candidates`, the
+/// cells trained beside it ([`crate::candidate_dirs`]), scored and compared with it.
 ///
 /// # Errors
 ///
-/// As [`assess`].
-pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, part: Part, reps: usize, seed: u64, gru: GruScores<'_>) -> Result<Assessment, ModelError> {
+/// As [`assess`]; [`ModelError::Invalid`] for a candidate whose features or labels are not the
+/// model's.
+#[allow(clippy::too_many_arguments)]
+pub fn assess_at(
+    model: &IntentModel,
+    candidates: &[IntentModel],
+    events: &[Event],
+    oracle: Option<&[f64]>,
+    part: Part,
+    reps: usize,
+    seed: u64,
+    gru: GruScores<'_>,
+) -> Result<Assessment, ModelError> {
     let meta = model.meta();
     let baselines = meta.baselines.as_ref().ok_or_else(|| ModelError::Invalid("model.json has no baselines: train the model with `intentflow train`".into()))?;
     let (label, split) = meta.training.as_ref().map_or((LabelHorizon::Session, SplitSpec::default()), |t| (t.label, t.split));
@@ -226,7 +240,21 @@ pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, 
         }
     };
 
-    let gru_description = if streamed { "the scores the operator streamed (joined from its intents)" } else { "the calibrated GRU score the operator emits" };
+    let labelled = |all: &[Vec<f32>]| -> Vec<f32> { chosen.iter().zip(all).flat_map(|(s, g)| (0..s.mask.len()).filter(|&j| s.mask[j] > 0.0).map(|j| g[j])).collect() };
+    let mut beside = Vec::new();
+    for candidate in candidates {
+        let trained_on = |m: &IntentModel| m.meta().training.as_ref().map(|t| (t.label, t.split));
+        if candidate.features() != model.features() || trained_on(candidate) != trained_on(model) {
+            return Err(ModelError::Invalid(format!("candidate {} was trained on other features, labels or splits than {}", candidate.version(), model.version())));
+        }
+        beside.push((candidate, labelled(&gru_scores(candidate, chosen, StatePrecision::F32)?)));
+    }
+    let served = model.cell().name();
+    let gru_description = if streamed {
+        format!("the served {served} model's scores as the operator streamed them (joined from its intents)")
+    } else {
+        format!("the served {served} model's calibrated score, as the operator emits it")
+    };
     let (mut gru, mut lr, mut ens, mut gb, mut truth) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut labels, mut groups, mut seen) = (Vec::new(), Vec::new(), Vec::new());
     for (k, (s, g)) in chosen.iter().zip(&gru_all).enumerate() {
@@ -262,8 +290,8 @@ pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, 
     };
     let mut scorers = vec![
         ScorerMetrics {
-            name: "gru".into(),
-            description: gru_description.into(),
+            name: served.into(),
+            description: gru_description,
             metrics: scored(&gru, meta.threshold.unwrap_or(0.5), 0),
         },
         ScorerMetrics {
@@ -277,6 +305,14 @@ pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, 
             metrics: scored(&ens, baselines.ensemble_threshold, 2),
         },
     ];
+    let candidate_names: Vec<String> = beside.iter().map(|(c, _)| format!("{}_candidate", c.cell())).collect();
+    for ((candidate, scores), name) in beside.iter().zip(&candidate_names) {
+        scorers.push(ScorerMetrics {
+            name: name.clone(),
+            description: format!("the {} trained beside the served model, which validated better ({})", candidate.cell(), candidate.version()),
+            metrics: scored(scores, candidate.meta().threshold.unwrap_or(0.5), 7),
+        });
+    }
     if baselines.boosting.is_some() {
         scorers.push(ScorerMetrics {
             name: "gradient_boosting".into(),
@@ -300,9 +336,12 @@ pub fn assess_at(model: &IntentModel, events: &[Event], oracle: Option<&[f64]>, 
         });
     }
     let mut comparisons = Vec::new();
-    let mut pairs = vec![("gru", &gru, "logistic_regression", &lr), ("ensemble", &ens, "logistic_regression", &lr)];
+    let mut pairs = vec![(served, &gru, "logistic_regression", &lr), ("ensemble", &ens, "logistic_regression", &lr)];
     if !gb.is_empty() {
-        pairs.push(("gru", &gru, "gradient_boosting", &gb));
+        pairs.push((served, &gru, "gradient_boosting", &gb));
+    }
+    for ((_, scores), name) in beside.iter().zip(&candidate_names) {
+        pairs.push((served, &gru, name.as_str(), scores));
     }
     for (a, a_scores, b, b_scores) in pairs {
         for metric in [("roc_auc", eval::roc_auc as fn(&[f32], &[bool]) -> Option<f64>), ("pr_auc", eval::pr_auc)] {

@@ -17,8 +17,9 @@
 //!   starts as a logistic regression on the session and history aggregates, the hidden
 //!   vector's head weights at zero, and that regression is epoch 0 of early stopping.
 //! * **Architectures** ([`TrainConfig::cells`]): with more than one cell, each is trained the
-//!   same way and the one whose packed model has the higher validation PR-AUC is served; the
-//!   others are kept as [`Trained::candidates`] for `intentflow eval` to compare.
+//!   same way and the cheapest is served unless a dearer one validates better beyond doubt
+//!   ([`DEARER_CELL_CONFIDENCE`]); the others are kept as [`Trained::candidates`] for
+//!   `intentflow eval` to compare.
 //! * **After training**, on the validation split: calibration of the GRU score, the
 //!   F1-maximising threshold, the logistic-regression baseline's threshold, the stacked
 //!   ensemble, and the number of boosted trees of the tree baseline.
@@ -115,7 +116,8 @@ impl SplitSpec {
 /// Hyper-parameters of [`train`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
-    /// The cells to train: one, or several of which the best on validation PR-AUC is served.
+    /// The cells to train: one, or several (cheapest first) of which one is served, chosen on
+    /// validation PR-AUC (see the module documentation).
     pub cells: Vec<Cell>,
     /// Hidden size of each member.
     pub hidden_dim: usize,
@@ -593,8 +595,8 @@ pub struct TrainingSummary {
     pub val_roc_auc: Option<f64>,
     /// Validation PR-AUC of the packed model.
     pub val_pr_auc: Option<f64>,
-    /// Every cell trained, with its packed model's validation scores; the served one had the
-    /// highest PR-AUC (absent in models from before LSTMs: one GRU).
+    /// Every cell trained, with its packed model's validation scores (absent in models from
+    /// before LSTMs: one GRU).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trials: Vec<CellTrial>,
 }
@@ -608,6 +610,31 @@ pub struct CellTrial {
     pub val_roc_auc: Option<f64>,
     /// Validation PR-AUC of its packed model, the criterion.
     pub val_pr_auc: Option<f64>,
+    /// For a cell not served: the paired session bootstrap's probability that it beats the
+    /// served cell on validation PR-AUC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p_better_than_served: Option<f64>,
+}
+
+/// How sure the validation must be before a dearer cell is served: the paired session
+/// bootstrap's probability that it beats the cheaper cell on PR-AUC.
+pub const DEARER_CELL_CONFIDENCE: f64 = 0.9;
+
+/// Which of the cells trained (in the order given, cheapest first: [`Cell::ALL`]) to serve: the
+/// first, unless a later one beats the one chosen so far on validation PR-AUC with probability
+/// at least [`DEARER_CELL_CONFIDENCE`] (paired session bootstrap, 500 replicates). A dearer cell
+/// costs state bytes and step time on every event, so a difference the validation split cannot
+/// tell from noise does not buy it.
+fn choose_cell(val_scores: &[Vec<f32>], val_set: &[LabelledSession], seed: u64) -> usize {
+    (1..val_scores.len()).fold(0, |best, i| if p_better(val_scores, i, best, val_set, seed) >= DEARER_CELL_CONFIDENCE { i } else { best })
+}
+
+/// The paired session bootstrap's probability that cell `a` beats cell `b` on validation PR-AUC.
+fn p_better(val_scores: &[Vec<f32>], a: usize, b: usize, val_set: &[LabelledSession], seed: u64) -> f64 {
+    let labels: Vec<bool> = val_set.iter().flat_map(|s| s.labels.iter().zip(&s.mask).filter(|(_, m)| **m > 0.0).map(|(l, _)| *l > 0.5)).collect();
+    let groups: Vec<usize> = val_set.iter().enumerate().flat_map(|(k, s)| s.mask.iter().filter(|m| **m > 0.0).map(move |_| k)).collect();
+    let c = eval::paired_bootstrap(("a", "b"), (&val_scores[a], &val_scores[b]), &labels, &groups, 500, seed, ("pr_auc", eval::pr_auc));
+    c.probability_a_better.unwrap_or(0.0)
 }
 
 /// A trained model with everything fitted around it, ready to save.
@@ -674,7 +701,8 @@ pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, on_epoch: imp
     let gb_val: Vec<f32> = val_agg.iter().map(|r| boosting.predict(r) as f32).collect();
 
     let on_epoch = std::sync::Mutex::new(on_epoch);
-    let fit_cell = |cell: Cell| -> Result<Trained, ModelError> {
+    // Each cell's packed model, and its raw validation scores for the choice below.
+    let fit_cell = |cell: Cell| -> Result<(Trained, Vec<f32>), ModelError> {
         // Members are independent (each from its own seed): on the CPU they train side by side
         // on all cores, each giving the bits it gives alone.
         let fit = |member: usize| {
@@ -727,9 +755,10 @@ pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, on_epoch: imp
             pos_weight,
             val_roc_auc,
             val_pr_auc,
-            trials: vec![CellTrial { cell, val_roc_auc, val_pr_auc }],
+            trials: vec![CellTrial { cell, val_roc_auc, val_pr_auc, p_better_than_served: None }],
         };
-        Ok(Trained { params, features: spec.clone(), calibration, threshold, baselines, summary, state_precision: cfg.state_precision, candidates: Vec::new() })
+        let trained = Trained { params, features: spec.clone(), calibration, threshold, baselines, summary, state_precision: cfg.state_precision, candidates: Vec::new() };
+        Ok((trained, raw_val))
     };
     let mut cells: Vec<Cell> = Vec::new();
     for &cell in &cfg.cells {
@@ -737,14 +766,47 @@ pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, on_epoch: imp
             cells.push(cell);
         }
     }
-    let mut trained: Vec<Trained> = (if cells.is_empty() { vec![Cell::Gru] } else { cells }).into_iter().map(fit_cell).collect::<Result<_, _>>()?;
-    // The served cell: the highest validation PR-AUC (the early-stopping criterion), the first
-    // listed on a tie.
-    let pr = |t: &Trained| t.summary.val_pr_auc.unwrap_or(0.0);
-    let best = (0..trained.len()).fold(0, |best, i| if pr(&trained[i]) > pr(&trained[best]) { i } else { best });
-    let trials: Vec<CellTrial> = trained.iter().flat_map(|t| t.summary.trials.clone()).collect();
+    let (mut trained, val_scores): (Vec<Trained>, Vec<Vec<f32>>) =
+        (if cells.is_empty() { vec![Cell::Gru] } else { cells }).into_iter().map(fit_cell).collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
+    let best = choose_cell(&val_scores, val_set, cfg.seed);
+    let mut trials: Vec<CellTrial> = trained.iter().flat_map(|t| t.summary.trials.clone()).collect();
+    for (i, trial) in trials.iter_mut().enumerate().filter(|(i, _)| *i != best) {
+        trial.p_better_than_served = Some(p_better(&val_scores, i, best, val_set, cfg.seed));
+    }
     let mut served = trained.remove(best);
     served.summary.trials = trials;
     served.candidates = trained;
     Ok(served)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` sessions of four labelled events each, every third session a buying one.
+    fn sessions(n: usize) -> Vec<LabelledSession> {
+        (0..n)
+            .map(|k| {
+                let label = if k % 3 == 0 { 1.0 } else { 0.0 };
+                LabelledSession { start_ms: k as i64, features: Vec::new(), labels: vec![label; 4], mask: vec![1.0; 4], aggregates: Vec::new(), events: Vec::new() }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_dearer_cell_is_served_only_when_it_validates_better_beyond_doubt() {
+        let val = sessions(60);
+        let labels: Vec<f32> = val.iter().flat_map(|s| s.labels.clone()).collect();
+        // A scorer that ranks every buying session first, and one that is noise.
+        let perfect: Vec<f32> = labels.iter().map(|&l| 0.2 + 0.6 * l).collect();
+        let noise: Vec<f32> = (0..labels.len()).map(|i| ((i * 7919) % 101) as f32 / 101.0).collect();
+        assert_eq!(choose_cell(&[noise.clone(), perfect.clone()], &val, 7), 1, "clearly better: served");
+        assert_eq!(choose_cell(&[perfect.clone(), noise.clone()], &val, 7), 0, "worse: not served");
+        assert_eq!(choose_cell(&[perfect.clone(), perfect.clone()], &val, 7), 0, "as good: the cheaper is kept");
+        // A little better on one session only: not beyond doubt.
+        let mut nudged = noise.clone();
+        nudged[0] += 0.5;
+        assert!(p_better(&[noise.clone(), nudged.clone()], 1, 0, &val, 7) < DEARER_CELL_CONFIDENCE);
+        assert_eq!(choose_cell(&[noise, nudged], &val, 7), 0);
+    }
 }

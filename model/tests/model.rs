@@ -4,7 +4,7 @@
 use candle_core::Device;
 use intentflow_model::assess::assess;
 use intentflow_model::train::{labelled_sessions, train, LabelHorizon, Part, TrainConfig};
-use intentflow_model::{FeatureSpec, Features, IntentModel, ModelError, FEATURE_DIM};
+use intentflow_model::{Cell, FeatureSpec, Features, IntentModel, ModelError, FEATURE_DIM};
 use intentflow_schemas::{Event, EventType, SessionConfig, SessionState};
 
 fn ev(user: usize, ts_s: i64, kind: EventType) -> Event {
@@ -276,4 +276,57 @@ fn members_trained_together_equal_members_trained_alone() {
         let (a, b): (Vec<f32>, Vec<f32>) = (a.flatten_all().unwrap().to_vec1().unwrap(), b.flatten_all().unwrap().to_vec1().unwrap());
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} differs");
     }
+}
+
+#[test]
+fn both_cells_train_the_better_on_validation_is_served_and_the_other_kept_beside_it() {
+    let cfg = TrainConfig { cells: vec![Cell::Gru, Cell::Lstm], members: 1, ..quick_config() };
+    let trained = train(&learnable_events(), &cfg, &Device::Cpu, |_, _| {}).unwrap();
+    let trials = &trained.summary.trials;
+    assert_eq!(trials.iter().map(|t| t.cell).collect::<Vec<_>>(), [Cell::Gru, Cell::Lstm]);
+    // The GRU is served unless the LSTM beats it on validation beyond doubt.
+    let served = trained.params.cell();
+    let (mine, other) = (trials.iter().find(|t| t.cell == served).unwrap(), trials.iter().find(|t| t.cell != served).unwrap());
+    assert_eq!((trained.summary.val_pr_auc, mine.p_better_than_served), (mine.val_pr_auc, None));
+    let p = other.p_better_than_served.expect("the cell not served is compared with the served one");
+    match served {
+        Cell::Gru => assert!(p < intentflow_model::train::DEARER_CELL_CONFIDENCE, "the LSTM beat the GRU with P = {p} and was not served"),
+        Cell::Lstm => assert!(p <= 1.0 - intentflow_model::train::DEARER_CELL_CONFIDENCE + 1e-9, "the LSTM was served though the GRU beat it with P = {p}"),
+    }
+    assert_eq!(trained.candidates.len(), 1);
+    assert_ne!(trained.candidates[0].params.cell(), trained.params.cell());
+
+    let dir = tempfile::tempdir().unwrap();
+    let meta = trained.save(dir.path()).unwrap();
+    assert!(meta.version.starts_with(&format!("{}-", meta.cell)));
+    let candidates = intentflow_model::candidate_dirs(dir.path());
+    assert_eq!(candidates.len(), 1);
+    let models = [IntentModel::load(dir.path(), &Device::Cpu).unwrap(), IntentModel::load(&candidates[0], &Device::Cpu).unwrap()];
+    let lstm = models.iter().find(|m| m.cell() == Cell::Lstm).expect("an LSTM among the two");
+    assert_eq!((lstm.hidden_dim(), lstm.state_dim()), (8, 16), "the state is [h | c]");
+    let auc = lstm.meta().training.as_ref().unwrap().val_roc_auc.unwrap();
+    assert!(auc > 0.85, "the LSTM learns the cart rule too: validation ROC-AUC {auc}");
+
+    // The LSTM streams through the fused step as candle computes it, and a user's state does
+    // not depend on the batch it was stepped in.
+    let events = [ev(9001, 0, EventType::View), ev(9001, 20, EventType::AddToCart), ev(9001, 40, EventType::View)];
+    let fused = lstm.score_sequence(&events).unwrap();
+    let reference = lstm.with_candle_step().score_sequence(&events).unwrap();
+    for (a, b) in fused.scores.iter().zip(&reference.scores).chain(fused.hidden.iter().zip(&reference.hidden)) {
+        assert!((a - b).abs() < 1e-5, "fused {a} vs candle {b}");
+    }
+    let s = lstm.state_dim();
+    let inputs: Vec<Features> = (0..600).map(|i| Features { item: i * 7, ..Features::dense([(i % 13) as f32 * 0.1 - 0.6; FEATURE_DIM]) }).collect();
+    let states: Vec<f32> = (0..600 * s).map(|i| (i as f32 * 0.37).sin() * 0.5).collect();
+    let batched = lstm.step(&inputs, &states).unwrap();
+    for i in [0, 299, 599] {
+        let single = lstm.step(&inputs[i..=i], &states[i * s..(i + 1) * s]).unwrap();
+        assert_eq!(single.scores[0].to_bits(), batched.scores[i].to_bits());
+        assert_eq!(single.hidden, batched.hidden[i * s..(i + 1) * s]);
+    }
+
+    // Training again into the same directory with one cell leaves no stale candidate.
+    let gru_only = train(&learnable_events(), &TrainConfig { members: 1, ..quick_config() }, &Device::Cpu, |_, _| {}).unwrap();
+    gru_only.save(dir.path()).unwrap();
+    assert!(intentflow_model::candidate_dirs(dir.path()).is_empty());
 }

@@ -197,7 +197,12 @@ pub fn eval_cmd(args: &EvalArgs) -> Result<()> {
         Some(scores) => GruScores::Streamed(scores),
         None => GruScores::Stepped(args.state_precision.into()),
     };
-    let a = assess_at(&model, &imported.events, imported.latent_intent.as_deref(), part, args.bootstrap, args.seed, gru)?;
+    // The cells trained beside the served one (`train --arch auto`), scored the same way.
+    let candidates = intentflow_model::candidate_dirs(&args.model_dir)
+        .iter()
+        .map(|dir| IntentModel::load(dir, &DeviceKind::Cpu.open()?).with_context(|| format!("candidate model {}", dir.display())))
+        .collect::<Result<Vec<_>>>()?;
+    let a = assess_at(&model, &candidates, &imported.events, imported.latent_intent.as_deref(), part, args.bootstrap, args.seed, gru)?;
     let out = args.out_dir.clone().unwrap_or_else(|| args.model_dir.clone());
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let metrics_path = out.join("metrics.json");
