@@ -197,7 +197,7 @@ impl Staging {
 }
 
 impl ResidentStates for CudaStates {
-    fn hidden_dim(&self) -> usize {
+    fn state_dim(&self) -> usize {
         self.h
     }
 
