@@ -496,11 +496,16 @@ mod tests {
         generate(&GeneratorConfig { users, events, seed: 3, ..Default::default() }).into_iter().map(|g| g.event).collect()
     }
 
-    /// A small model trained once per test process.
+    /// A small GRU trained once per test process.
     fn model() -> IntentModel {
         static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-        let dir = DIR.get_or_init(|| {
-            let cfg = TrainConfig { hidden_dim: 16, members: 1, epochs: 1, ..TrainConfig::default() };
+        small_model(&DIR, intentflow_model::Cell::Gru)
+    }
+
+    /// A small model of `cell`, trained once into `dir`.
+    fn small_model(dir: &'static std::sync::OnceLock<tempfile::TempDir>, cell: intentflow_model::Cell) -> IntentModel {
+        let dir = dir.get_or_init(|| {
+            let cfg = TrainConfig { cells: vec![cell], hidden_dim: 16, members: 1, epochs: 1, ..TrainConfig::default() };
             let trained = train(&generated(300, 6_000), &cfg, &Device::Cpu, |_, _| {}).unwrap();
             let dir = tempfile::tempdir().unwrap();
             trained.save(dir.path()).unwrap();
@@ -528,8 +533,20 @@ mod tests {
     /// Streaming in waves over arbitrary batch cuts reproduces offline per-user scoring.
     #[test]
     fn waves_over_batches_equal_offline_sequences() {
+        waves_equal_offline(model());
+    }
+
+    /// The same for an LSTM, whose state (`[h | c]`, twice the hidden size) goes through RocksDB.
+    #[test]
+    fn an_lstm_streams_in_waves_as_it_scores_offline() {
+        static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+        let model = small_model(&DIR, intentflow_model::Cell::Lstm);
+        assert_eq!((model.cell(), model.state_dim()), (intentflow_model::Cell::Lstm, 32));
+        waves_equal_offline(model);
+    }
+
+    fn waves_equal_offline(model: IntentModel) {
         let events = generated(300, 6_000);
-        let model = model();
         let op = IntentOperator::new(model.clone());
 
         let state_dir = tempfile::tempdir().unwrap();
@@ -565,6 +582,7 @@ mod tests {
             }
             let state = &states[user];
             assert_eq!(state.session, offline.session);
+            assert_eq!(state.hidden.len(), model.state_dim());
             for (a, b) in state.hidden.iter().zip(&offline.hidden) {
                 assert!((a - b).abs() <= 1e-5);
             }

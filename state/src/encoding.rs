@@ -74,7 +74,8 @@ const PLAUSIBLE_VERSIONS: u8 = 32;
 pub struct UserState {
     /// Session counters and times.
     pub session: SessionState,
-    /// The GRU hidden intent vector after the user's latest event (empty for a new user).
+    /// The model's recurrent state after the user's latest event (a GRU's hidden vector, an
+    /// LSTM's hidden vector and memory; empty for a new user).
     pub hidden: Vec<f32>,
     /// Version of the model that produced `hidden`.
     pub model_version: String,

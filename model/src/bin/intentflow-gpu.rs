@@ -22,11 +22,12 @@
 use anyhow::{bail, Context, Result};
 use intentflow_model::cuda::{CudaStates, StepProfile};
 use intentflow_model::kernel::FusedStep;
-use intentflow_model::{Device, Features, GruParams, HostStates, IntentModel, ResidentRow, ResidentStates, FEATURE_DIM};
+use intentflow_model::{Cell, Device, Features, GruParams, HostStates, IntentModel, ResidentRow, ResidentStates, FEATURE_DIM};
 use intentflow_schemas::{Event, SessionState};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use candle_core::Tensor;
 use std::time::Instant;
 
 /// A small deterministic generator (SplitMix64).
@@ -118,11 +119,22 @@ fn variants(model: &IntentModel, served: &Arc<FusedStep>) -> Result<Vec<(String,
     let bare = GruParams { item_embedding: None, category_embedding: None, weight_ih: p.weight_ih.narrow(1, 0, FEATURE_DIM)?, ..p.clone() };
     let wide = GruParams::pack(&vec![p.clone(); 8])?;
     let members = model.meta().training.as_ref().map_or(1, |t| t.members);
+    // The other cell, its gates made from the served weights (the kernel is checked, not the
+    // weights): a GRU's gates and its first again for an LSTM, an LSTM's first three for a GRU.
+    let h = p.hidden_dim();
+    let gates = |t: &Tensor| -> candle_core::Result<Tensor> {
+        match p.cell() {
+            Cell::Gru => Tensor::cat(&[t.clone(), t.narrow(0, 0, h)?], 0),
+            Cell::Lstm => t.narrow(0, 0, 3 * h),
+        }
+    };
+    let other = GruParams { weight_ih: gates(&p.weight_ih)?, weight_hh: gates(&p.weight_hh)?, bias_ih: gates(&p.bias_ih)?, bias_hh: gates(&p.bias_hh)?, ..p.clone() };
     Ok(vec![
-        (format!("served model (H = {}, {} blocks)", served.hidden_dim(), served.blocks()), served.clone()),
+        (format!("served {} model (H = {}, {} blocks)", served.cell(), served.hidden_dim(), served.blocks()), served.clone()),
         (format!("one full recurrent matrix (H = {})", p.hidden_dim()), Arc::new(FusedStep::new(p, 1)?)),
         ("no embedding tables".into(), Arc::new(FusedStep::new(&bare, members)?)),
         ("H = 320, 8 blocks of 40".into(), Arc::new(FusedStep::new(&wide, 8)?)),
+        (format!("the other cell, {} (H = {}, {} blocks)", other.cell(), other.hidden_dim(), members), Arc::new(FusedStep::new(&other, members)?)),
     ])
 }
 
