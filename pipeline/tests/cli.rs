@@ -26,7 +26,10 @@ fn generate_is_seeded_and_train_writes_pytorch_named_weights() {
 
     let out = intentflow(&["train", "--input", &file("a.jsonl"), "--model-dir", &file("model"), "--epochs", "2", "--hidden-dim", "8", "--members", "2"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("member 1 epoch   2:"), "{}", text(&out.stderr));
+    // By default both cells train (`--arch auto`) and one is served; the other is kept beside it.
+    let log = text(&out.stderr);
+    assert!(log.contains("gru member 1 epoch   2:") && log.contains("lstm member 1 epoch   2:"), "{log}");
+    assert!(log.contains("cells on validation (ROC-AUC / PR-AUC): gru "), "{log}");
 
     let model_dir = Path::new(&file("model")).to_path_buf();
     // Seeded and deterministic on CPU: the same input and seed give the same bytes.
@@ -35,39 +38,52 @@ fn generate_is_seeded_and_train_writes_pytorch_named_weights() {
     for name in ["model.safetensors", "model.json"] {
         assert_eq!(std::fs::read(model_dir.join(name)).unwrap(), std::fs::read(Path::new(&file("again")).join(name)).unwrap(), "{name} differs between two runs");
     }
-    let weights = safetensors_names(&model_dir.join("model.safetensors"));
-    assert_eq!(
-        weights,
-        [
-            "bias_hh_l0:[48]",
-            "bias_ih_l0:[48]",
-            "brand_embedding.weight:[256,1]",
-            "category_embedding.weight:[256,8]",
-            "head.bias:[1]",
-            "head.weight:[1,16]",
-            "item_embedding.weight:[1024,16]",
-            "skip.weight:[1,33]",
-            "top_category_embedding.weight:[64,1]",
-            "weight_hh_l0:[48,16]",
-            "weight_ih_l0:[48,57]"
-        ]
-    );
-    intentflow_model::IntentModel::load(&model_dir, &intentflow_model::Device::Cpu).expect("the written model loads");
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(model_dir.join("model.json")).unwrap()).unwrap();
+    let (served, other) = match meta["cell"].as_str().unwrap() {
+        "gru" => ("gru", "lstm"),
+        "lstm" => ("lstm", "gru"),
+        cell => panic!("served cell {cell}"),
+    };
+    assert!(log.contains(&format!("serving {served}")), "{log}");
+    let candidate_dir = model_dir.join("candidates").join(other);
+    for (dir, cell) in [(model_dir.as_path(), served), (candidate_dir.as_path(), other)] {
+        // PyTorch's names and shapes: nn.GRU stacks 3 gates of 16 rows, nn.LSTM 4.
+        let g = if cell == "gru" { 48 } else { 64 };
+        assert_eq!(
+            safetensors_names(&dir.join("model.safetensors")),
+            [
+                format!("bias_hh_l0:[{g}]"),
+                format!("bias_ih_l0:[{g}]"),
+                "brand_embedding.weight:[256,1]".into(),
+                "category_embedding.weight:[256,8]".into(),
+                "head.bias:[1]".into(),
+                "head.weight:[1,16]".into(),
+                "item_embedding.weight:[1024,16]".into(),
+                "skip.weight:[1,33]".into(),
+                "top_category_embedding.weight:[64,1]".into(),
+                format!("weight_hh_l0:[{g},16]"),
+                format!("weight_ih_l0:[{g},57]")
+            ],
+            "{cell}"
+        );
+        let model = intentflow_model::IntentModel::load(dir, &intentflow_model::Device::Cpu).expect("the written model loads");
+        assert_eq!(model.cell().name(), cell);
+    }
     // Two members of hidden size 8 packed side by side.
     assert_eq!(meta["hidden_dim"], 16);
     assert_eq!(meta["input_dim"], 33 + 2 * 8 + 2 * 4);
     assert_eq!(meta["features"]["names"].as_array().unwrap().len(), 33);
     assert_eq!(meta["calibration"]["method"], "platt");
     assert_eq!(meta["baselines"]["logistic"]["weights"].as_array().unwrap().len(), 18);
-    assert!(meta["version"].as_str().unwrap().starts_with("gru-"));
+    assert!(meta["version"].as_str().unwrap().starts_with(&format!("{served}-")));
 
     // Evaluation on the held-out sessions of generated data also shows the oracle.
     let report_dir = file("report");
     let out = intentflow(&["eval", "--model-dir", &file("model"), "--input", &file("a.jsonl"), "--out-dir", &report_dir, "--bootstrap", "50"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let table = text(&out.stdout);
-    for scorer in ["gru", "logistic_regression", "ensemble", "gradient_boosting", "base_rate", "oracle"] {
+    let candidate = format!("{other}_candidate");
+    for scorer in [served, &candidate, "logistic_regression", "ensemble", "gradient_boosting", "base_rate", "oracle"] {
         assert!(table.lines().any(|l| l.starts_with(scorer)), "{scorer} missing from\n{table}");
     }
     let metrics: serde_json::Value = serde_json::from_slice(&std::fs::read(Path::new(&report_dir).join("metrics.json")).unwrap()).unwrap();
