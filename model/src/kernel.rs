@@ -252,9 +252,9 @@ impl FusedStep {
     }
 
     /// A row's input gates into `gates` and its members' recurrent products of `h` into `rec`
-    /// (both `G·H`, `[gate][unit]`).
+    /// (both `G·H`, `[gate][unit]`, `G` gates: a constant, so that the gate loop unrolls).
     #[inline(always)]
-    fn products(&self, f: &Features, h: &[f32], gates: &mut [f32], rec: &mut [f32]) {
+    fn products<const G: usize>(&self, f: &Features, h: &[f32], gates: &mut [f32], rec: &mut [f32]) {
         let (hd, g3) = (self.h, gates.len());
         gates.copy_from_slice(&self.bias_in);
         for (c, x) in f.dense.iter().enumerate() {
@@ -266,13 +266,13 @@ impl FusedStep {
                 add(gates, &table[b * g3..(b + 1) * g3]);
             }
         }
-        let (hm, k3) = (self.hm, g3 / self.members);
+        let (hm, k3) = (self.hm, G * self.hm);
         rec.fill(0.0);
         for m in 0..self.members {
             let block = &self.recurrent_cols[m * hm * k3..(m + 1) * hm * k3];
             for (i, x) in h[m * hm..(m + 1) * hm].iter().enumerate() {
                 let col = &block[i * k3..(i + 1) * k3];
-                for gate in 0..self.cell.gates() {
+                for gate in 0..G {
                     let at = gate * hd + m * hm;
                     axpy(&mut rec[at..at + hm], &col[gate * hm..(gate + 1) * hm], *x);
                 }
@@ -284,7 +284,7 @@ impl FusedStep {
     /// loops, which the compiler vectorises, `exp` included); returns the head's logit.
     fn gru_row(&self, f: &Features, h: &mut [f32], gates: &mut [f32], rec: &mut [f32], r: &mut [f32]) -> f32 {
         let hd = self.h;
-        self.products(f, h, gates, rec);
+        self.products::<3>(f, h, gates, rec);
         let (g_r, rest) = gates.split_at(hd);
         let (g_z, g_n) = rest.split_at(hd);
         let (rec_r, rest) = rec.split_at(hd);
@@ -306,21 +306,26 @@ impl FusedStep {
     /// o·tanh(c')` over all hidden units at once; returns the head's logit.
     fn lstm_row(&self, f: &Features, state: &mut [f32], gates: &mut [f32], rec: &mut [f32]) -> f32 {
         let hd = self.h;
-        self.products(f, &state[..hd], gates, rec);
+        self.products::<4>(f, &state[..hd], gates, rec);
+        // Pre-activations, then each gate's nonlinearity over its units: plain loops that vectorise.
+        for (g, r) in gates.iter_mut().zip(rec.iter()) {
+            *g += *r;
+        }
+        let (g_i, rest) = gates.split_at_mut(hd);
+        let (g_f, rest) = rest.split_at_mut(hd);
+        let (g_g, g_o) = rest.split_at_mut(hd);
+        for x in g_i.iter_mut().chain(g_f.iter_mut()).chain(g_o.iter_mut()) {
+            *x = sigmoid(*x);
+        }
+        for x in g_g.iter_mut() {
+            *x = tanh(*x);
+        }
         let (h, c) = state.split_at_mut(hd);
-        let (g_i, rest) = gates.split_at(hd);
-        let (g_f, rest) = rest.split_at(hd);
-        let (g_g, g_o) = rest.split_at(hd);
-        let (r_i, rest) = rec.split_at(hd);
-        let (r_f, rest) = rest.split_at(hd);
-        let (r_g, r_o) = rest.split_at(hd);
-        for (((h, c), (gi, ri)), ((gf, rf), ((gg, rg), (go, ro)))) in
-            h.iter_mut().zip(c.iter_mut()).zip(g_i.iter().zip(r_i)).zip(g_f.iter().zip(r_f).zip(g_g.iter().zip(r_g).zip(g_o.iter().zip(r_o))))
-        {
-            let (i, forget) = (sigmoid(*gi + *ri), sigmoid(*gf + *rf));
-            let (g, o) = (tanh(*gg + *rg), sigmoid(*go + *ro));
-            *c = forget * *c + i * g;
-            *h = o * tanh(*c);
+        for ((c, i), (f, g)) in c.iter_mut().zip(g_i.iter()).zip(g_f.iter().zip(g_g.iter())) {
+            *c = *f * *c + *i * *g;
+        }
+        for ((h, c), o) in h.iter_mut().zip(c.iter()).zip(g_o.iter()) {
+            *h = *o * tanh(*c);
         }
         self.precision.round(state);
         self.head_logit(&state[..hd])
