@@ -142,6 +142,7 @@ impl CudaStates {
             step_fn: func(match cell {
                 Cell::Gru => "gru_step",
                 Cell::Lstm => "lstm_step",
+                Cell::Cnn => "cnn_step",
             })?,
             scatter_fn: func("scatter_states")?,
             gather_fn: func("gather_states")?,
@@ -378,31 +379,24 @@ impl CudaStates {
         let mut output = st.dev_out.slice_mut(first..first + count);
         let (n32, h32, hm32, f32_) = (count as u32, h as u32, self.hm as u32, FEATURE_DIM as u32);
         let mut launch = self.stream.launch_builder(&self.step_fn);
-        launch
-            .arg(&n32)
-            .arg(&h32)
-            .arg(&hm32)
-            .arg(&f32_)
-            .arg(&w.item_buckets)
-            .arg(&w.category_buckets)
-            .arg(&w.bias_in)
-            .arg(&w.dense_cols)
-            .arg(&w.item_rows)
-            .arg(&w.category_rows)
-            .arg(&w.recurrent_cols);
-        // An LSTM has no recurrent bias inside a gate.
+        launch.arg(&n32).arg(&h32);
+        // A convolution has no members' blocks to find; the recurrent cells do.
+        if self.cell.is_recurrent() {
+            launch.arg(&hm32);
+        }
+        launch.arg(&f32_).arg(&w.item_buckets).arg(&w.category_buckets).arg(&w.bias_in).arg(&w.dense_cols).arg(&w.item_rows).arg(&w.category_rows);
+        if self.cell.is_recurrent() {
+            launch.arg(&w.recurrent_cols);
+        }
+        // Only a GRU has a recurrent bias inside a gate.
         if self.cell == Cell::Gru {
             launch.arg(&w.bias_hn);
         }
-        launch
-            .arg(&w.head)
-            .arg(&w.head_bias)
-            .arg(&input)
-            .arg(&mut self.states)
-            .arg(&mut output);
-        // SAFETY: the arguments match `gru_step`'s (or `lstm_step`'s) signature, and every slot was checked to be
-        // in range while its row was packed. (A slot repeated in one step, against the
-        // contract, makes its rows race on values: no access outside the slab.)
+        launch.arg(&w.head).arg(&w.head_bias).arg(&input).arg(&mut self.states).arg(&mut output);
+        // SAFETY: the arguments match the signature of the cell's kernel (`gru_step`, `lstm_step`
+        // or `cnn_step`), and every slot was checked to be in range while its row was packed. (A
+        // slot repeated in one step, against the contract, makes its rows race on values: no
+        // access outside the slab.)
         unsafe { launch.launch(cfg) }.map_err(driver)?;
         Ok(())
     }

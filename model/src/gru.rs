@@ -21,6 +21,12 @@
 //! c' = f ⊙ c + i ⊙ g                              h' = o ⊙ tanh(c')
 //! ```
 //!
+//! A causal temporal convolution (PyTorch `nn.Conv1d` over the session's events, padded on the
+//! left) reads the event and the [`CNN_TAPS`]` − 1` before it, `y_t = relu(b + Σ_j W_j x_{t−j})`,
+//! and the head reads `y`. It streams without keeping past events: its state is `[y | P_1 | P_2]`
+//! where `P_m` is what the events so far add to the output `m` events ahead (`P_1' = W_1 x +
+//! P_2`, `P_2' = W_2 x`); a new session starts from zeros, the convolution's zero padding.
+//!
 //! The optional skip connection (`skip.weight`) gives the head the event's dense features
 //! directly, beside the GRU's summary of the session: the session and history aggregates among
 //! them then count as in a logistic regression on them, whatever the GRU learns on top (a "wide
@@ -33,8 +39,9 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-/// The recurrent cell of a network. PyTorch stores `nn.GRU` and `nn.LSTM` under the same tensor
-/// names, stacking 3 and 4 gates: a network's cell is told by the shape of its recurrent weights.
+/// The sequence cell of a network. PyTorch stores `nn.GRU` and `nn.LSTM` under the same tensor
+/// names, stacking 3 and 4 gates: their cell is told by the shape of the recurrent weights; a
+/// convolution is stored as `conv.weight` and has none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Cell {
@@ -43,26 +50,40 @@ pub enum Cell {
     Gru,
     /// Long short-term memory: the state is the hidden vector and the cell's memory.
     Lstm,
+    /// Causal temporal convolution over the last [`CNN_TAPS`] events of the session: the state
+    /// is its output and its partial sums for the outputs ahead.
+    Cnn,
 }
 
-impl Cell {
-    /// Every cell, in the order `train --arch auto` tries them.
-    pub const ALL: [Cell; 2] = [Cell::Gru, Cell::Lstm];
+/// Events a convolution reads: the current one and the two before it.
+pub const CNN_TAPS: usize = 3;
 
-    /// Gates stacked in the weight matrices.
+impl Cell {
+    /// Every cell, cheapest to serve first: the order `train --arch auto` tries them in.
+    pub const ALL: [Cell; 3] = [Cell::Gru, Cell::Lstm, Cell::Cnn];
+
+    /// Row blocks stacked in the input weights: gates, or a convolution's taps.
     pub fn gates(self) -> usize {
         match self {
             Cell::Gru => 3,
             Cell::Lstm => 4,
+            Cell::Cnn => CNN_TAPS,
         }
     }
 
-    /// Values in a user's state for hidden size `h`: `h`, or `[h | c]` for an LSTM.
+    /// Values in a user's state for hidden size `h`: `h`; `[h | c]` for an LSTM; `[y | P_1 |
+    /// P_2]` for a convolution.
     pub fn state_dim(self, h: usize) -> usize {
         match self {
             Cell::Gru => h,
             Cell::Lstm => 2 * h,
+            Cell::Cnn => CNN_TAPS * h,
         }
+    }
+
+    /// Whether the cell has recurrent weights (`weight_hh_l0`).
+    pub fn is_recurrent(self) -> bool {
+        self != Cell::Cnn
     }
 
     /// The name used on the command line, in `model.json` and in model versions.
@@ -70,6 +91,7 @@ impl Cell {
         match self {
             Cell::Gru => "gru",
             Cell::Lstm => "lstm",
+            Cell::Cnn => "cnn",
         }
     }
 }
@@ -109,6 +131,11 @@ pub mod names {
     pub const BIAS_IH: &str = "bias_ih_l0";
     /// `(G·H)` hidden-to-hidden bias.
     pub const BIAS_HH: &str = "bias_hh_l0";
+    /// `(C, D, k)` a convolution's weights, as `nn.Conv1d` stores them (instead of the four
+    /// tensors above).
+    pub const CONV_WEIGHT: &str = "conv.weight";
+    /// `(C)` a convolution's bias.
+    pub const CONV_BIAS: &str = "conv.bias";
     /// `(1, H)` head weight.
     pub const HEAD_WEIGHT: &str = "head.weight";
     /// `(1)` head bias.
@@ -133,14 +160,16 @@ pub struct GruParams {
     pub item_embedding: Option<Tensor>,
     /// See [`names::CATEGORY_EMBEDDING`].
     pub category_embedding: Option<Tensor>,
-    /// See [`names::WEIGHT_IH`].
+    /// See [`names::WEIGHT_IH`]; for a convolution its taps stacked, the current event's first
+    /// (`weight_ih[j·C + c, d] = conv.weight[c, d, k − 1 − j]`).
     pub weight_ih: Tensor,
-    /// See [`names::WEIGHT_HH`].
-    pub weight_hh: Tensor,
-    /// See [`names::BIAS_IH`].
+    /// See [`names::WEIGHT_HH`] (none for a convolution).
+    pub weight_hh: Option<Tensor>,
+    /// See [`names::BIAS_IH`]; for a convolution `conv.bias` followed by zeros for the other
+    /// taps.
     pub bias_ih: Tensor,
-    /// See [`names::BIAS_HH`].
-    pub bias_hh: Tensor,
+    /// See [`names::BIAS_HH`] (none for a convolution).
+    pub bias_hh: Option<Tensor>,
     /// See [`names::HEAD_WEIGHT`].
     pub head_weight: Tensor,
     /// See [`names::HEAD_BIAS`].
@@ -185,15 +214,16 @@ impl Projection {
 }
 
 impl GruParams {
-    /// Hidden size H.
+    /// Hidden size H (the width the head reads).
     pub fn hidden_dim(&self) -> usize {
-        self.weight_hh.dim(1).unwrap_or(0)
+        self.head_weight.dim(1).unwrap_or(0)
     }
 
-    /// The recurrent cell, from the gates stacked in `weight_hh` (4: an LSTM; else a GRU, which
-    /// [`validate`](Self::validate) checks has 3).
+    /// The cell: a convolution without `weight_hh`; else from the gates stacked in it (4: an
+    /// LSTM; else a GRU, which [`validate`](Self::validate) checks has 3).
     pub fn cell(&self) -> Cell {
-        match (self.weight_hh.dim(0), self.weight_hh.dim(1)) {
+        let Some(w) = &self.weight_hh else { return Cell::Cnn };
+        match (w.dim(0), w.dim(1)) {
             (Ok(rows), Ok(h)) if h > 0 && rows == 4 * h => Cell::Lstm,
             _ => Cell::Gru,
         }
@@ -260,12 +290,20 @@ impl GruParams {
     ///
     /// The name of the first missing tensor, or a shape disagreement.
     pub fn from_state_dict(mut tensors: std::collections::HashMap<String, Tensor>) -> Result<GruParams, String> {
+        let conv = tensors.remove(names::CONV_WEIGHT);
         let mut take = |name: &str| tensors.remove(name).ok_or_else(|| format!("no tensor `{name}`"));
+        let (weight_ih, weight_hh, bias_ih, bias_hh) = match conv {
+            Some(conv) => {
+                let (w, b) = conv_to_taps(&conv, &take(names::CONV_BIAS)?).map_err(|e| format!("{}: {e}", names::CONV_WEIGHT))?;
+                (w, None, b, None)
+            }
+            None => (take(names::WEIGHT_IH)?, Some(take(names::WEIGHT_HH)?), take(names::BIAS_IH)?, Some(take(names::BIAS_HH)?)),
+        };
         let params = GruParams {
-            weight_ih: take(names::WEIGHT_IH)?,
-            weight_hh: take(names::WEIGHT_HH)?,
-            bias_ih: take(names::BIAS_IH)?,
-            bias_hh: take(names::BIAS_HH)?,
+            weight_ih,
+            weight_hh,
+            bias_ih,
+            bias_hh,
             head_weight: take(names::HEAD_WEIGHT)?,
             head_bias: take(names::HEAD_BIAS)?,
             item_embedding: tensors.remove(names::ITEM_EMBEDDING),
@@ -278,32 +316,34 @@ impl GruParams {
         Ok(params)
     }
 
-    /// The tensors under their `state_dict` names.
-    pub fn state_dict(&self) -> Vec<(&'static str, &Tensor)> {
-        let mut out = vec![
-            (names::WEIGHT_IH, &self.weight_ih),
-            (names::WEIGHT_HH, &self.weight_hh),
-            (names::BIAS_IH, &self.bias_ih),
-            (names::BIAS_HH, &self.bias_hh),
-            (names::HEAD_WEIGHT, &self.head_weight),
-            (names::HEAD_BIAS, &self.head_bias),
+    /// The tensors under their `state_dict` names (a convolution's as `nn.Conv1d` stores them).
+    ///
+    /// # Errors
+    ///
+    /// Candle errors of laying a convolution's taps out.
+    pub fn state_dict(&self) -> candle_core::Result<Vec<(&'static str, Tensor)>> {
+        let mut out = match (&self.weight_hh, &self.bias_hh) {
+            (Some(w_hh), Some(b_hh)) => vec![
+                (names::WEIGHT_IH, self.weight_ih.clone()),
+                (names::WEIGHT_HH, w_hh.clone()),
+                (names::BIAS_IH, self.bias_ih.clone()),
+                (names::BIAS_HH, b_hh.clone()),
+            ],
+            _ => {
+                let (w, b) = taps_to_conv(&self.weight_ih, &self.bias_ih, self.hidden_dim())?;
+                vec![(names::CONV_WEIGHT, w), (names::CONV_BIAS, b)]
+            }
+        };
+        out.extend([(names::HEAD_WEIGHT, self.head_weight.clone()), (names::HEAD_BIAS, self.head_bias.clone())]);
+        let optional = [
+            (names::ITEM_EMBEDDING, &self.item_embedding),
+            (names::CATEGORY_EMBEDDING, &self.category_embedding),
+            (names::SKIP_WEIGHT, &self.skip_weight),
+            (names::BRAND_EMBEDDING, &self.brand_embedding),
+            (names::TOP_CATEGORY_EMBEDDING, &self.top_category_embedding),
         ];
-        if let Some(t) = &self.item_embedding {
-            out.push((names::ITEM_EMBEDDING, t));
-        }
-        if let Some(t) = &self.category_embedding {
-            out.push((names::CATEGORY_EMBEDDING, t));
-        }
-        if let Some(t) = &self.skip_weight {
-            out.push((names::SKIP_WEIGHT, t));
-        }
-        if let Some(t) = &self.brand_embedding {
-            out.push((names::BRAND_EMBEDDING, t));
-        }
-        if let Some(t) = &self.top_category_embedding {
-            out.push((names::TOP_CATEGORY_EMBEDDING, t));
-        }
-        out
+        out.extend(optional.into_iter().filter_map(|(name, t)| t.clone().map(|t| (name, t))));
+        Ok(out)
     }
 
     /// Input projection `x·W_ihᵀ + b_ih` for `x` of shape `(N, D)`; returns `(N, G·H)`.
@@ -315,10 +355,16 @@ impl GruParams {
     /// (`S` = [`state_dim`](Self::state_dim)); returns the new states.
     pub(crate) fn step_states(&self, gi: &Tensor, state: &Tensor, how: Projection) -> candle_core::Result<Tensor> {
         let hd = self.hidden_dim();
+        let recurrent = |h: &Tensor| -> candle_core::Result<Tensor> {
+            match (&self.weight_hh, &self.bias_hh) {
+                (Some(w), Some(b)) => how.apply(h, w)?.broadcast_add(b),
+                _ => Err(candle_core::Error::Msg("a recurrent step without recurrent weights".into())),
+            }
+        };
         match self.cell() {
             Cell::Gru => {
                 let h = state;
-                let gh = how.apply(h, &self.weight_hh)?.broadcast_add(&self.bias_hh)?;
+                let gh = recurrent(h)?;
                 let r = sigmoid(&(gi.narrow(1, 0, hd)? + gh.narrow(1, 0, hd)?)?)?;
                 let z = sigmoid(&(gi.narrow(1, hd, hd)? + gh.narrow(1, hd, hd)?)?)?;
                 let n = (gi.narrow(1, 2 * hd, hd)? + (r * gh.narrow(1, 2 * hd, hd)?)?)?.tanh()?;
@@ -327,7 +373,7 @@ impl GruParams {
             }
             Cell::Lstm => {
                 let (h, c) = (state.narrow(1, 0, hd)?, state.narrow(1, hd, hd)?);
-                let g = (gi + how.apply(&h, &self.weight_hh)?.broadcast_add(&self.bias_hh)?)?;
+                let g = (gi + recurrent(&h)?)?;
                 let i = sigmoid(&g.narrow(1, 0, hd)?)?;
                 let f = sigmoid(&g.narrow(1, hd, hd)?)?;
                 let cand = g.narrow(1, 2 * hd, hd)?.tanh()?;
@@ -335,6 +381,16 @@ impl GruParams {
                 let c = ((f * c)? + (i * cand)?)?;
                 let h = (o * c.tanh()?)?;
                 Tensor::cat(&[h, c], 1)
+            }
+            Cell::Cnn => {
+                // y = relu(u_0 + P_1); P_m' = u_m + P_{m+1}; the last tap's P' = u_{k−1}.
+                let tap = |m: usize| gi.narrow(1, m * hd, hd);
+                let partial = |m: usize| state.narrow(1, m * hd, hd);
+                let mut parts = vec![(tap(0)? + partial(1)?)?.relu()?];
+                for m in 1..CNN_TAPS {
+                    parts.push(if m + 1 < CNN_TAPS { (tap(m)? + partial(m + 1)?)? } else { tap(m)? });
+                }
+                Tensor::cat(&parts, 1)
             }
         }
     }
@@ -389,17 +445,23 @@ impl GruParams {
             }
         }
         let g = self.cell().gates();
-        if self.weight_hh.rank() != 2 || self.weight_hh.dim(0).unwrap_or(0) != g * h {
-            return Err(format!("tensor {} has shape {:?}: 3 (GRU) or 4 (LSTM) gates of H rows expected", names::WEIGHT_HH, self.weight_hh.dims()));
+        if let Some(w) = &self.weight_hh {
+            if w.rank() != 2 || w.dim(0).unwrap_or(0) != g * h {
+                return Err(format!("tensor {} has shape {:?}: 3 (GRU) or 4 (LSTM) gates of H rows expected", names::WEIGHT_HH, w.dims()));
+            }
         }
-        let want = [
+        if self.weight_hh.is_some() != self.bias_hh.is_some() {
+            return Err(format!("tensors {} and {} come together", names::WEIGHT_HH, names::BIAS_HH));
+        }
+        let mut want = vec![
             (names::WEIGHT_IH, &self.weight_ih, vec![g * h, d]),
-            (names::WEIGHT_HH, &self.weight_hh, vec![g * h, h]),
             (names::BIAS_IH, &self.bias_ih, vec![g * h]),
-            (names::BIAS_HH, &self.bias_hh, vec![g * h]),
             (names::HEAD_WEIGHT, &self.head_weight, vec![1, h]),
             (names::HEAD_BIAS, &self.head_bias, vec![1]),
         ];
+        if let (Some(w), Some(b)) = (&self.weight_hh, &self.bias_hh) {
+            want.extend([(names::WEIGHT_HH, w, vec![g * h, h]), (names::BIAS_HH, b, vec![g * h])]);
+        }
         for (name, t, dims) in want {
             if t.dims() != dims.as_slice() {
                 return Err(format!("tensor {name} has shape {:?}, expected {dims:?}", t.dims()));
@@ -438,8 +500,9 @@ impl GruParams {
         }
         let (k, g) = (members.len(), first.cell().gates());
         let (hp, dp) = (k * h, dense + k * (ei + ec));
+        let recurrent = first.cell().is_recurrent();
         let mut w_ih = vec![0f32; g * hp * dp];
-        let mut w_hh = vec![0f32; g * hp * hp];
+        let mut w_hh = vec![0f32; if recurrent { g * hp * hp } else { 0 }];
         let (mut b_ih, mut b_hh) = (vec![0f32; g * hp], vec![0f32; g * hp]);
         let mut head = vec![0f32; hp];
         let mut head_bias = 0f32;
@@ -447,8 +510,10 @@ impl GruParams {
         let mut items = vec![0f32; ni * k * ei];
         let mut categories = vec![0f32; nc * k * ec];
         for (m, p) in members.iter().enumerate() {
-            let (wi, wh): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (p.weight_ih.to_vec2()?, p.weight_hh.to_vec2()?);
-            let (bi, bh): (Vec<f32>, Vec<f32>) = (p.bias_ih.to_vec1()?, p.bias_hh.to_vec1()?);
+            let wi: Vec<Vec<f32>> = p.weight_ih.to_vec2()?;
+            let wh: Vec<Vec<f32>> = p.weight_hh.as_ref().map_or(Ok(Vec::new()), |w| w.to_vec2())?;
+            let bi: Vec<f32> = p.bias_ih.to_vec1()?;
+            let bh: Vec<f32> = p.bias_hh.as_ref().map_or(Ok(vec![0.0; g * h]), |b| b.to_vec1())?;
             for gate in 0..g {
                 for r in 0..h {
                     let (src, dst) = (gate * h + r, gate * hp + m * h + r);
@@ -457,7 +522,9 @@ impl GruParams {
                     row[dense + m * ei..dense + (m + 1) * ei].copy_from_slice(&wi[src][dense..dense + ei]);
                     let cat_at = dense + k * ei + m * ec;
                     row[cat_at..cat_at + ec].copy_from_slice(&wi[src][dense + ei..]);
-                    w_hh[dst * hp + m * h..dst * hp + (m + 1) * h].copy_from_slice(&wh[src]);
+                    if recurrent {
+                        w_hh[dst * hp + m * h..dst * hp + (m + 1) * h].copy_from_slice(&wh[src]);
+                    }
                     b_ih[dst] = bi[src];
                     b_hh[dst] = bh[src];
                 }
@@ -485,9 +552,9 @@ impl GruParams {
         };
         Ok(GruParams {
             weight_ih: Tensor::from_vec(w_ih, (g * hp, dp), dev)?,
-            weight_hh: Tensor::from_vec(w_hh, (g * hp, hp), dev)?,
+            weight_hh: recurrent.then(|| Tensor::from_vec(w_hh, (g * hp, hp), dev)).transpose()?,
             bias_ih: Tensor::from_vec(b_ih, g * hp, dev)?,
-            bias_hh: Tensor::from_vec(b_hh, g * hp, dev)?,
+            bias_hh: recurrent.then(|| Tensor::from_vec(b_hh, g * hp, dev)).transpose()?,
             head_weight: Tensor::from_vec(head, (1, hp), dev)?,
             head_bias: Tensor::from_vec(vec![head_bias], 1, dev)?,
             item_embedding: table(items, ni, ei)?,
@@ -506,9 +573,9 @@ impl GruParams {
             item_embedding: move_table(&self.item_embedding)?,
             category_embedding: move_table(&self.category_embedding)?,
             weight_ih: self.weight_ih.to_device(device)?,
-            weight_hh: self.weight_hh.to_device(device)?,
+            weight_hh: move_table(&self.weight_hh)?,
             bias_ih: self.bias_ih.to_device(device)?,
-            bias_hh: self.bias_hh.to_device(device)?,
+            bias_hh: move_table(&self.bias_hh)?,
             head_weight: self.head_weight.to_device(device)?,
             head_bias: self.head_bias.to_device(device)?,
             skip_weight: move_table(&self.skip_weight)?,
@@ -523,6 +590,25 @@ impl GruParams {
 /// path computed the hidden state's part.
 pub(crate) fn skip_term(skip: &[f32], dense: &[f32]) -> f32 {
     skip.iter().zip(dense).fold(0.0, |acc, (w, x)| acc + w * x)
+}
+
+/// A convolution's `nn.Conv1d` weight `(C, D, k)` and bias `(C)` as stacked taps: `(k·C, D)`,
+/// the current event's tap first, and `(k·C)` with the bias on the first tap.
+fn conv_to_taps(conv: &Tensor, bias: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let (c, _, k) = conv.dims3()?;
+    if k != CNN_TAPS || bias.dims() != [c] {
+        return Err(candle_core::Error::Msg(format!("shape {:?} with bias {:?}: (C, D, {CNN_TAPS}) and (C) expected", conv.dims(), bias.dims())));
+    }
+    let taps: Vec<Tensor> = (0..k).map(|j| conv.narrow(2, k - 1 - j, 1)?.squeeze(2)).collect::<candle_core::Result<_>>()?;
+    let rest = Tensor::zeros((k - 1) * c, bias.dtype(), bias.device())?;
+    Ok((Tensor::cat(&taps, 0)?.contiguous()?, Tensor::cat(&[bias, &rest], 0)?))
+}
+
+/// The inverse of [`conv_to_taps`] for hidden size `c`.
+fn taps_to_conv(weight_ih: &Tensor, bias_ih: &Tensor, c: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    let k = weight_ih.dim(0)? / c.max(1);
+    let taps: Vec<Tensor> = (0..k).map(|i| weight_ih.narrow(0, (k - 1 - i) * c, c)?.unsqueeze(2)).collect::<candle_core::Result<_>>()?;
+    Ok((Tensor::cat(&taps, 2)?.contiguous()?, bias_ih.narrow(0, 0, c)?.contiguous()?))
 }
 
 /// A tensor's values on the host, flattened (empty for none).
@@ -572,11 +658,18 @@ pub(crate) mod testing {
         let mut s = seed;
         let mut t = |rows: usize, cols: usize| Tensor::from_vec(values(&mut s, rows * cols), (rows, cols), &Device::Cpu).unwrap();
         let g = cell.gates();
+        let recurrent = cell.is_recurrent();
+        let weight_ih = t(g * h, dense + item.1 + category.1);
+        let weight_hh = recurrent.then(|| t(g * h, h));
+        // A convolution's bias is on its first tap only.
+        let bias_ih = t(1, g * h).flatten_all().unwrap();
+        let bias_ih = if recurrent { bias_ih } else { Tensor::cat(&[bias_ih.narrow(0, 0, h).unwrap(), Tensor::zeros((g - 1) * h, DType::F32, &Device::Cpu).unwrap()], 0).unwrap() };
+        let bias_hh = recurrent.then(|| t(1, g * h).flatten_all().unwrap());
         GruParams {
-            weight_ih: t(g * h, dense + item.1 + category.1),
-            weight_hh: t(g * h, h),
-            bias_ih: t(1, g * h).flatten_all().unwrap(),
-            bias_hh: t(1, g * h).flatten_all().unwrap(),
+            weight_ih,
+            weight_hh,
+            bias_ih,
+            bias_hh,
             head_weight: t(1, h),
             head_bias: t(1, 1).flatten_all().unwrap(),
             item_embedding: Some(t(item.0, item.1)),
@@ -655,7 +748,43 @@ mod tests {
         let (gru, lstm) = (member(Cell::Gru, 1, 5, 3), member(Cell::Lstm, 1, 5, 3));
         assert_eq!((gru.cell(), gru.state_dim()), (Cell::Gru, 3));
         assert_eq!((lstm.cell(), lstm.state_dim()), (Cell::Lstm, 6));
-        let odd = GruParams { weight_hh: Tensor::zeros((6, 3), DType::F32, &Device::Cpu).unwrap(), ..gru };
+        let odd = GruParams { weight_hh: Some(Tensor::zeros((6, 3), DType::F32, &Device::Cpu).unwrap()), ..gru };
         assert!(odd.validate().unwrap_err().contains("gates"), "two gates are neither cell");
+        let cnn = member(Cell::Cnn, 1, 5, 3);
+        assert_eq!((cnn.cell(), cnn.state_dim()), (Cell::Cnn, 9));
+    }
+
+    #[test]
+    fn a_convolution_is_stored_as_pytorch_conv1d_and_streams_as_one() {
+        let cnn = member(Cell::Cnn, 4, 5, 3);
+        let dict: std::collections::HashMap<String, Tensor> = cnn.state_dict().unwrap().into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+        let conv = &dict[names::CONV_WEIGHT];
+        assert_eq!((conv.dims(), dict[names::CONV_BIAS].dims()), ([3, 5 + 2 + 3, CNN_TAPS].as_slice(), [3].as_slice()));
+        assert!(!dict.contains_key(names::WEIGHT_IH) && !dict.contains_key(names::WEIGHT_HH));
+        let back = GruParams::from_state_dict(dict.clone()).unwrap();
+        assert_eq!(back.weight_ih.to_vec2::<f32>().unwrap(), cnn.weight_ih.to_vec2::<f32>().unwrap());
+        assert_eq!(back.bias_ih.to_vec1::<f32>().unwrap(), cnn.bias_ih.to_vec1::<f32>().unwrap());
+
+        // Streamed one event at a time, the output is PyTorch's causal Conv1d (left padding
+        // k − 1) over the whole sequence, then a ReLU.
+        let x: Vec<Vec<f32>> = (0..5).map(|t| (0..10).map(|d| ((t * 10 + d) as f32 * 0.37).sin()).collect()).collect();
+        let w: Vec<Vec<Vec<f32>>> = conv.to_vec3().unwrap();
+        let b: Vec<f32> = dict[names::CONV_BIAS].to_vec1().unwrap();
+        let mut state = Tensor::zeros((1, cnn.state_dim()), DType::F32, &Device::Cpu).unwrap();
+        for t in 0..x.len() {
+            let row = Tensor::from_slice(&x[t], (1, 10), &Device::Cpu).unwrap();
+            state = cnn.step_states(&cnn.input_gates(&row, Projection::Batched).unwrap(), &state, Projection::Batched).unwrap();
+            let y: Vec<f32> = state.narrow(1, 0, 3).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            for c in 0..3 {
+                let mut acc = b[c];
+                for i in 0..CNN_TAPS {
+                    // Tap i of Conv1d reads position t − (k − 1) + i; before the start: padding.
+                    if let Some(xt) = (t + i).checked_sub(CNN_TAPS - 1).map(|p| &x[p]) {
+                        acc += (0..10).map(|d| w[c][d][i] * xt[d]).sum::<f32>();
+                    }
+                }
+                assert!((y[c] - acc.max(0.0)).abs() < 1e-5, "t {t} channel {c}: streamed {} vs convolution {}", y[c], acc.max(0.0));
+            }
+        }
     }
 }

@@ -1,4 +1,4 @@
-// The GPU serving steps of the intent network's cells (GRU and LSTM): the same arithmetic as the
+// The GPU serving steps of the intent network's cells (GRU, LSTM, causal convolution): the same arithmetic as the
 // CPU kernel (model/src/kernel.rs), operation for operation, on states that stay resident in a
 // slab.
 //
@@ -7,7 +7,7 @@
 // rows share its launch.
 //
 // Layout (all f32 unless noted; H hidden units, hm per packed member, G = 3H for a GRU, 4H for
-// an LSTM, S = H for a GRU, 2H for an LSTM):
+// an LSTM, 3H for a convolution's taps; S = H for a GRU, 2H for an LSTM, 3H for a convolution):
 //   bias_in        G            input-gate bias with the recurrent bias added (a GRU's n without)
 //   dense_cols     F x G        dense-feature weights, one column per feature
 //   item_rows      Bi x G       W_item . E_item per bucket (Bi = 0: none)
@@ -167,6 +167,63 @@ extern "C" __global__ void lstm_step(
     if (live && j == 0) {
         float logit = head_bias;
         for (unsigned int u = 0; u < h; ++u) logit = logit + head[u] * h_new[u];
+        logits[row] = logit;
+    }
+}
+
+#define CNN_TAPS 3
+
+// One step of the causal convolution; threads, blocks and shared memory as gru_step. A row's
+// state is [y | P_1 | P_2]: each unit's thread reads its taps u_m of the event and writes
+// y = relu(u_0 + P_1), P_1 = u_1 + P_2, P_2 = u_2 (no recurrence: no other unit's values).
+extern "C" __global__ void cnn_step(
+    unsigned int rows, unsigned int h, unsigned int features,
+    unsigned int item_buckets, unsigned int category_buckets,
+    const float* __restrict__ bias_in, const float* __restrict__ dense_cols,
+    const float* __restrict__ item_rows, const float* __restrict__ category_rows,
+    const float* __restrict__ head, float head_bias,
+    const unsigned int* __restrict__ inputs, float* __restrict__ states, float* __restrict__ logits) {
+    extern __shared__ float shared[];
+    const unsigned int stride = features + 4;
+    const unsigned int rows_per_block = blockDim.x / h;
+    const unsigned int local = threadIdx.x / h;
+    const unsigned int j = threadIdx.x % h;
+    const unsigned int row = blockIdx.x * rows_per_block + local;
+    const bool live = local < rows_per_block && row < rows;
+    float* x = shared + local * (features + 2 * h);
+    float* y = x + features + h;
+    const unsigned int* in = inputs + (size_t)row * stride;
+    if (live) {
+        for (unsigned int c = j; c < features; c += h) x[c] = __uint_as_float(in[c]);
+    }
+    __syncthreads();
+    if (live) {
+        const size_t slot = in[features + 2];
+        const bool reset = (in[features + 3] & FLAG_RESET) != 0;
+        const unsigned int g = CNN_TAPS * h;
+        float u[CNN_TAPS];
+        for (unsigned int m = 0; m < CNN_TAPS; ++m) {
+            const unsigned int at = m * h + j;
+            float acc = bias_in[at];
+            for (unsigned int c = 0; c < features; ++c) acc = acc + dense_cols[c * g + at] * x[c];
+            if (item_buckets > 0) acc = acc + item_rows[(size_t)min(in[features], item_buckets - 1) * g + at];
+            if (category_buckets > 0) acc = acc + category_rows[(size_t)min(in[features + 1], category_buckets - 1) * g + at];
+            u[m] = acc;
+        }
+        float* state = states + slot * CNN_TAPS * h;
+        const float p1 = reset ? 0.0f : state[h + j];
+        const float p2 = reset ? 0.0f : state[2 * h + j];
+        const float pre = u[0] + p1;
+        const float out = pre < 0.0f ? 0.0f : pre;
+        y[j] = out;
+        state[j] = out;
+        state[h + j] = u[1] + p2;
+        state[2 * h + j] = u[2];
+    }
+    __syncthreads();
+    if (live && j == 0) {
+        float logit = head_bias;
+        for (unsigned int v = 0; v < h; ++v) logit = logit + head[v] * y[v];
         logits[row] = logit;
     }
 }

@@ -175,7 +175,7 @@ fn save_dir(dir: &Path, params: &GruParams, mut meta: ModelMeta) -> Result<Model
     params.validate().map_err(ModelError::Invalid)?;
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let tensors: HashMap<&str, Tensor> = params
-        .state_dict()
+        .state_dict()?
         .into_iter()
         .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
         .collect::<Result<_, candle_core::Error>>()?;

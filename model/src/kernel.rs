@@ -116,12 +116,14 @@ impl FusedStep {
             return Err(KernelError(format!("{dense} dense inputs, this build has {FEATURE_DIM}")));
         }
         let w_ih: Vec<f32> = params.weight_ih.to_device(&cpu)?.flatten_all()?.to_vec1()?;
-        let w_hh: Vec<f32> = params.weight_hh.to_device(&cpu)?.flatten_all()?.to_vec1()?;
+        let host = |t: &Option<candle_core::Tensor>| -> Result<Vec<f32>, KernelError> { Ok(t.as_ref().map(|t| t.to_device(&cpu)?.flatten_all()?.to_vec1()).transpose()?.unwrap_or_default()) };
+        let w_hh = host(&params.weight_hh)?;
         let b_ih: Vec<f32> = params.bias_ih.to_device(&cpu)?.to_vec1()?;
-        let b_hh: Vec<f32> = params.bias_hh.to_device(&cpu)?.to_vec1()?;
+        let b_hh = host(&params.bias_hh)?;
         let head: Vec<f32> = params.head_weight.to_device(&cpu)?.flatten_all()?.to_vec1()?;
         let head_bias = params.head_bias.to_device(&cpu)?.to_vec1::<f32>()?[0];
-        let members = if members > 1 && h % members == 0 && block_diagonal(&w_hh, gates, h, members) { members } else { 1 };
+        // A convolution has no recurrent matrix: its members need no blocks.
+        let members = if members > 1 && h % members == 0 && (w_hh.is_empty() || block_diagonal(&w_hh, gates, h, members)) { members } else { 1 };
         let hm = h / members;
         let g3 = gates * h;
         let mut bias_in = vec![0f32; g3];
@@ -129,7 +131,11 @@ impl FusedStep {
         for row in 0..g3 {
             // Both biases add outside the nonlinearity, except a GRU's n gate, which keeps b_hn
             // inside r ⊙ (…).
-            bias_in[row] = if cell == Cell::Gru && row >= 2 * h { b_ih[row] } else { b_ih[row] + b_hh[row] };
+            bias_in[row] = match cell {
+                Cell::Gru if row >= 2 * h => b_ih[row],
+                Cell::Gru | Cell::Lstm => b_ih[row] + b_hh[row],
+                Cell::Cnn => b_ih[row],
+            };
             for c in 0..FEATURE_DIM {
                 dense_cols[c * g3 + row] = w_ih[row * d + c];
             }
@@ -150,8 +156,8 @@ impl FusedStep {
         };
         let item_rows = fold(&params.item_embedding, dense)?;
         let category_rows = fold(&params.category_embedding, dense + params.item_shape().1)?;
-        let mut recurrent_cols = vec![0f32; members * hm * gates * hm];
-        for m in 0..members {
+        let mut recurrent_cols = vec![0f32; if cell.is_recurrent() { members * hm * gates * hm } else { 0 }];
+        for m in (0..members).filter(|_| cell.is_recurrent()) {
             for gate in 0..gates {
                 for j in 0..hm {
                     let row = gate * h + m * hm + j;
@@ -247,15 +253,15 @@ impl FusedStep {
             *logit = match self.cell {
                 Cell::Gru => self.gru_row(f, state, &mut gates, &mut rec, &mut r),
                 Cell::Lstm => self.lstm_row(f, state, &mut gates, &mut rec),
+                Cell::Cnn => self.cnn_row(f, state, &mut gates),
             };
         }
     }
 
-    /// A row's input gates into `gates` and its members' recurrent products of `h` into `rec`
-    /// (both `G·H`, `[gate][unit]`, `G` gates: a constant, so that the gate loop unrolls).
+    /// A row's input gates (or a convolution's taps) into `gates` (`G·H`, `[gate][unit]`).
     #[inline(always)]
-    fn products<const G: usize>(&self, f: &Features, h: &[f32], gates: &mut [f32], rec: &mut [f32]) {
-        let (hd, g3) = (self.h, gates.len());
+    fn inputs(&self, f: &Features, gates: &mut [f32]) {
+        let g3 = gates.len();
         gates.copy_from_slice(&self.bias_in);
         for (c, x) in f.dense.iter().enumerate() {
             axpy(gates, &self.dense_cols[c * g3..(c + 1) * g3], *x);
@@ -266,7 +272,14 @@ impl FusedStep {
                 add(gates, &table[b * g3..(b + 1) * g3]);
             }
         }
-        let (hm, k3) = (self.hm, G * self.hm);
+    }
+
+    /// A row's input gates into `gates` and its members' recurrent products of `h` into `rec`
+    /// (both `G·H`, `[gate][unit]`, `G` gates: a constant, so that the gate loop unrolls).
+    #[inline(always)]
+    fn products<const G: usize>(&self, f: &Features, h: &[f32], gates: &mut [f32], rec: &mut [f32]) {
+        self.inputs(f, gates);
+        let (hd, hm, k3) = (self.h, self.hm, G * self.hm);
         rec.fill(0.0);
         for m in 0..self.members {
             let block = &self.recurrent_cols[m * hm * k3..(m + 1) * hm * k3];
@@ -331,6 +344,33 @@ impl FusedStep {
         self.head_logit(&state[..hd])
     }
 
+    /// One convolution row on its state `[y | P_1 | … | P_{k−1}]`: the taps `u_j` of the event,
+    /// then `y = relu(u_0 + P_1)`, `P_m = u_m + P_{m+1}`, `P_{k−1} = u_{k−1}`; returns the head's
+    /// logit of `y`.
+    fn cnn_row(&self, f: &Features, state: &mut [f32], taps: &mut [f32]) -> f32 {
+        let hd = self.h;
+        self.inputs(f, taps);
+        let (y, partials) = state.split_at_mut(hd);
+        for ((y, u), p) in y.iter_mut().zip(&taps[..hd]).zip(partials.iter()) {
+            *y = relu(*u + *p);
+        }
+        // In order of m, so each P_m reads the P_{m+1} of the step before.
+        for m in 1..crate::gru::CNN_TAPS {
+            let (left, right) = partials.split_at_mut(m * hd);
+            let p = &mut left[(m - 1) * hd..];
+            let u = &taps[m * hd..(m + 1) * hd];
+            if m + 1 < crate::gru::CNN_TAPS {
+                for ((p, u), next) in p.iter_mut().zip(u).zip(right[..hd].iter()) {
+                    *p = *u + *next;
+                }
+            } else {
+                p.copy_from_slice(u);
+            }
+        }
+        self.precision.round(state);
+        self.head_logit(&state[..hd])
+    }
+
     /// The head's logit of new hidden units, summed in unit order: the same on every machine.
     #[inline(always)]
     fn head_logit(&self, h: &[f32]) -> f32 {
@@ -389,6 +429,12 @@ pub fn exp(x: f32) -> f32 {
     let y = (p * r) * r + r + 1.0;
     // y · 2^n, with n in [-126, 127] after the clamp.
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `max(x, 0)`, as candle's `relu` (NaN stays NaN).
+#[inline(always)]
+pub fn relu(x: f32) -> f32 {
+    if x < 0.0 { 0.0 } else { x }
 }
 
 /// The logistic function through [`exp`].

@@ -441,12 +441,14 @@ fn fit_member(
     let cat_dim = if cat_rows >= 2 { cat_dim } else { 0 };
     let d = FEATURE_DIM + item_dim + cat_dim;
     let bound = 1.0 / (h as f32).sqrt();
-    let g = cell.gates();
+    let (g, recurrent) = (cell.gates(), cell.is_recurrent());
+    // A convolution has no recurrent weights (a placeholder keeps the positions; it gets no
+    // gradient) and a bias on its first tap only.
     let mut vars = vec![
         uniform(&mut rng, (g * h, d), bound, device)?,
-        uniform(&mut rng, (g * h, h), bound, device)?,
-        uniform(&mut rng, (1, g * h), bound, device)?,
-        uniform(&mut rng, (1, g * h), bound, device)?,
+        uniform(&mut rng, if recurrent { (g * h, h) } else { (1, 1) }, bound, device)?,
+        uniform(&mut rng, (1, if recurrent { g * h } else { h }), bound, device)?,
+        uniform(&mut rng, (1, if recurrent { g * h } else { 1 }), bound, device)?,
         uniform(&mut rng, (1, h), bound, device)?,
         uniform(&mut rng, (1, 1), bound, device)?,
     ];
@@ -471,9 +473,9 @@ fn fit_member(
         let mut tables = t[6..].iter();
         Ok(GruParams {
             weight_ih: t[0].clone(),
-            weight_hh: t[1].clone(),
-            bias_ih: t[2].flatten_all()?,
-            bias_hh: t[3].flatten_all()?,
+            weight_hh: recurrent.then(|| t[1].clone()),
+            bias_ih: if recurrent { t[2].flatten_all()? } else { Tensor::cat(&[t[2].flatten_all()?, Tensor::zeros((g - 1) * h, DType::F32, t[2].device())?], 0)? },
+            bias_hh: recurrent.then(|| t[3].flatten_all()).transpose()?,
             head_weight: t[4].clone(),
             head_bias: t[5].flatten_all()?,
             item_embedding: if item_dim > 0 { tables.next().cloned() } else { None },

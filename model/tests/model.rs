@@ -272,7 +272,7 @@ fn members_trained_together_equal_members_trained_alone() {
         .map(|&seed| train(&events, &TrainConfig { members: 1, seed, ..cfg.clone() }, &Device::Cpu, |_, _| {}).unwrap().params)
         .collect();
     let packed = intentflow_model::GruParams::pack(&alone).unwrap();
-    for ((name, a), (_, b)) in together.params.state_dict().into_iter().zip(packed.state_dict()) {
+    for ((name, a), (_, b)) in together.params.state_dict().unwrap().into_iter().zip(packed.state_dict().unwrap()) {
         let (a, b): (Vec<f32>, Vec<f32>) = (a.flatten_all().unwrap().to_vec1().unwrap(), b.flatten_all().unwrap().to_vec1().unwrap());
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} differs");
     }
@@ -292,6 +292,7 @@ fn both_cells_train_the_better_on_validation_is_served_and_the_other_kept_beside
     match served {
         Cell::Gru => assert!(p < intentflow_model::train::DEARER_CELL_CONFIDENCE, "the LSTM beat the GRU with P = {p} and was not served"),
         Cell::Lstm => assert!(p <= 1.0 - intentflow_model::train::DEARER_CELL_CONFIDENCE + 1e-9, "the LSTM was served though the GRU beat it with P = {p}"),
+        Cell::Cnn => unreachable!("not trained"),
     }
     assert_eq!(trained.candidates.len(), 1);
     assert_ne!(trained.candidates[0].params.cell(), trained.params.cell());
@@ -304,29 +305,43 @@ fn both_cells_train_the_better_on_validation_is_served_and_the_other_kept_beside
     let models = [IntentModel::load(dir.path(), &Device::Cpu).unwrap(), IntentModel::load(&candidates[0], &Device::Cpu).unwrap()];
     let lstm = models.iter().find(|m| m.cell() == Cell::Lstm).expect("an LSTM among the two");
     assert_eq!((lstm.hidden_dim(), lstm.state_dim()), (8, 16), "the state is [h | c]");
-    let auc = lstm.meta().training.as_ref().unwrap().val_roc_auc.unwrap();
-    assert!(auc > 0.85, "the LSTM learns the cart rule too: validation ROC-AUC {auc}");
-
-    // The LSTM streams through the fused step as candle computes it, and a user's state does
-    // not depend on the batch it was stepped in.
-    let events = [ev(9001, 0, EventType::View), ev(9001, 20, EventType::AddToCart), ev(9001, 40, EventType::View)];
-    let fused = lstm.score_sequence(&events).unwrap();
-    let reference = lstm.with_candle_step().score_sequence(&events).unwrap();
-    for (a, b) in fused.scores.iter().zip(&reference.scores).chain(fused.hidden.iter().zip(&reference.hidden)) {
-        assert!((a - b).abs() < 1e-5, "fused {a} vs candle {b}");
-    }
-    let s = lstm.state_dim();
-    let inputs: Vec<Features> = (0..600).map(|i| Features { item: i * 7, ..Features::dense([(i % 13) as f32 * 0.1 - 0.6; FEATURE_DIM]) }).collect();
-    let states: Vec<f32> = (0..600 * s).map(|i| (i as f32 * 0.37).sin() * 0.5).collect();
-    let batched = lstm.step(&inputs, &states).unwrap();
-    for i in [0, 299, 599] {
-        let single = lstm.step(&inputs[i..=i], &states[i * s..(i + 1) * s]).unwrap();
-        assert_eq!(single.scores[0].to_bits(), batched.scores[i].to_bits());
-        assert_eq!(single.hidden, batched.hidden[i * s..(i + 1) * s]);
-    }
+    streams_like_candle(lstm);
 
     // Training again into the same directory with one cell leaves no stale candidate.
     let gru_only = train(&learnable_events(), &TrainConfig { members: 1, ..quick_config() }, &Device::Cpu, |_, _| {}).unwrap();
     gru_only.save(dir.path()).unwrap();
     assert!(intentflow_model::candidate_dirs(dir.path()).is_empty());
+}
+
+#[test]
+fn a_causal_convolution_trains_and_streams_like_candle() {
+    let cnn = train(&learnable_events(), &TrainConfig { cells: vec![Cell::Cnn], ..quick_config() }, &Device::Cpu, |_, _| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    cnn.save(dir.path()).unwrap();
+    let model = IntentModel::load(dir.path(), &Device::Cpu).unwrap();
+    assert_eq!((model.cell(), model.hidden_dim(), model.state_dim()), (Cell::Cnn, 16, 48), "two members of 8 channels; [y | P_1 | P_2]");
+    assert!(model.version().starts_with("cnn-"));
+    streams_like_candle(&model);
+}
+
+/// A trained model of any cell learns the cart rule, streams through the fused step as candle
+/// computes it, and a user's state does not depend on the batch it was stepped in.
+fn streams_like_candle(model: &IntentModel) {
+    let auc = model.meta().training.as_ref().unwrap().val_roc_auc.unwrap();
+    assert!(auc > 0.85, "the {} learns the cart rule too: validation ROC-AUC {auc}", model.cell());
+    let events = [ev(9001, 0, EventType::View), ev(9001, 20, EventType::AddToCart), ev(9001, 40, EventType::View)];
+    let fused = model.score_sequence(&events).unwrap();
+    let reference = model.with_candle_step().score_sequence(&events).unwrap();
+    for (a, b) in fused.scores.iter().zip(&reference.scores).chain(fused.hidden.iter().zip(&reference.hidden)) {
+        assert!((a - b).abs() < 1e-5, "fused {a} vs candle {b}");
+    }
+    let s = model.state_dim();
+    let inputs: Vec<Features> = (0..600).map(|i| Features { item: i * 7, ..Features::dense([(i % 13) as f32 * 0.1 - 0.6; FEATURE_DIM]) }).collect();
+    let states: Vec<f32> = (0..600 * s).map(|i| (i as f32 * 0.37).sin() * 0.5).collect();
+    let batched = model.step(&inputs, &states).unwrap();
+    for i in [0, 299, 599] {
+        let single = model.step(&inputs[i..=i], &states[i * s..(i + 1) * s]).unwrap();
+        assert_eq!(single.scores[0].to_bits(), batched.scores[i].to_bits());
+        assert_eq!(single.hidden, batched.hidden[i * s..(i + 1) * s]);
+    }
 }

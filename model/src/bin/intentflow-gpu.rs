@@ -121,21 +121,37 @@ fn variants(model: &IntentModel, served: &Arc<FusedStep>) -> Result<Vec<(String,
     let members = model.meta().training.as_ref().map_or(1, |t| t.members);
     // The other cell, its gates made from the served weights (the kernel is checked, not the
     // weights): a GRU's gates and its first again for an LSTM, an LSTM's first three for a GRU.
+    // The other cells, their weights made from the served ones (the kernel is checked, not the
+    // weights): as many gate blocks as each needs, cycling through the served model's.
     let h = p.hidden_dim();
-    let gates = |t: &Tensor| -> candle_core::Result<Tensor> {
-        match p.cell() {
-            Cell::Gru => Tensor::cat(&[t.clone(), t.narrow(0, 0, h)?], 0),
-            Cell::Lstm => t.narrow(0, 0, 3 * h),
-        }
+    let blocks = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+        let have = t.dim(0)? / h;
+        Tensor::cat(&(0..n).map(|i| t.narrow(0, (i % have) * h, h)).collect::<candle_core::Result<Vec<_>>>()?, 0)
     };
-    let other = GruParams { weight_ih: gates(&p.weight_ih)?, weight_hh: gates(&p.weight_hh)?, bias_ih: gates(&p.bias_ih)?, bias_hh: gates(&p.bias_hh)?, ..p.clone() };
-    Ok(vec![
+    let (w_hh, b_hh) = match (&p.weight_hh, &p.bias_hh) {
+        (Some(w), Some(b)) => (w.clone(), b.clone()),
+        // From a convolution: recurrent weights from its first tap's input columns.
+        _ => (p.weight_ih.narrow(1, 0, h)?.contiguous()?, p.bias_ih.clone()),
+    };
+    let mut out = vec![
         (format!("served {} model (H = {}, {} blocks)", served.cell(), served.hidden_dim(), served.blocks()), served.clone()),
-        (format!("one full recurrent matrix (H = {})", p.hidden_dim()), Arc::new(FusedStep::new(p, 1)?)),
+        (format!("one full matrix (H = {})", p.hidden_dim()), Arc::new(FusedStep::new(p, 1)?)),
         ("no embedding tables".into(), Arc::new(FusedStep::new(&bare, members)?)),
         ("H = 320, 8 blocks of 40".into(), Arc::new(FusedStep::new(&wide, 8)?)),
-        (format!("the other cell, {} (H = {}, {} blocks)", other.cell(), other.hidden_dim(), members), Arc::new(FusedStep::new(&other, members)?)),
-    ])
+    ];
+    for cell in Cell::ALL.into_iter().filter(|&c| c != p.cell()) {
+        let g = cell.gates();
+        let bias = blocks(&p.bias_ih, g)?;
+        let other = GruParams {
+            weight_ih: blocks(&p.weight_ih, g)?,
+            weight_hh: cell.is_recurrent().then(|| blocks(&w_hh, g)).transpose()?,
+            bias_ih: if cell.is_recurrent() { bias } else { Tensor::cat(&[bias.narrow(0, 0, h)?, Tensor::zeros((g - 1) * h, bias.dtype(), bias.device())?], 0)? },
+            bias_hh: cell.is_recurrent().then(|| blocks(&b_hh, g)).transpose()?,
+            ..p.clone()
+        };
+        out.push((format!("the {cell} cell (H = {h}, {members} blocks)"), Arc::new(FusedStep::new(&other, members)?)));
+    }
+    Ok(out)
 }
 
 /// `n` rows in distinct random slots of `capacity`, features from `pool`.
