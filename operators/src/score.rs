@@ -545,6 +545,15 @@ mod tests {
         waves_equal_offline(model);
     }
 
+    /// The same for a causal convolution, whose state is its output and partial sums.
+    #[test]
+    fn a_convolution_streams_in_waves_as_it_scores_offline() {
+        static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+        let model = small_model(&DIR, intentflow_model::Cell::Cnn);
+        assert_eq!((model.cell(), model.state_dim()), (intentflow_model::Cell::Cnn, 48));
+        waves_equal_offline(model);
+    }
+
     fn waves_equal_offline(model: IntentModel) {
         let events = generated(300, 6_000);
         let op = IntentOperator::new(model.clone());

@@ -28,7 +28,9 @@ fn generate_is_seeded_and_train_writes_pytorch_named_weights() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     // By default both cells train (`--arch auto`) and one is served; the other is kept beside it.
     let log = text(&out.stderr);
-    assert!(log.contains("gru member 1 epoch   2:") && log.contains("lstm member 1 epoch   2:"), "{log}");
+    for cell in ["gru", "lstm", "cnn"] {
+        assert!(log.contains(&format!("{cell} member 1 epoch   2:")), "{cell} not trained: {log}");
+    }
     assert!(log.contains("cells on validation (ROC-AUC / PR-AUC): gru "), "{log}");
 
     let model_dir = Path::new(&file("model")).to_path_buf();
@@ -39,33 +41,36 @@ fn generate_is_seeded_and_train_writes_pytorch_named_weights() {
         assert_eq!(std::fs::read(model_dir.join(name)).unwrap(), std::fs::read(Path::new(&file("again")).join(name)).unwrap(), "{name} differs between two runs");
     }
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(model_dir.join("model.json")).unwrap()).unwrap();
-    let (served, other) = match meta["cell"].as_str().unwrap() {
-        "gru" => ("gru", "lstm"),
-        "lstm" => ("lstm", "gru"),
-        cell => panic!("served cell {cell}"),
-    };
+    let served = meta["cell"].as_str().unwrap();
     assert!(log.contains(&format!("serving {served}")), "{log}");
-    let candidate_dir = model_dir.join("candidates").join(other);
-    for (dir, cell) in [(model_dir.as_path(), served), (candidate_dir.as_path(), other)] {
-        // PyTorch's names and shapes: nn.GRU stacks 3 gates of 16 rows, nn.LSTM 4.
-        let g = if cell == "gru" { 48 } else { 64 };
-        assert_eq!(
-            safetensors_names(&dir.join("model.safetensors")),
-            [
-                format!("bias_hh_l0:[{g}]"),
-                format!("bias_ih_l0:[{g}]"),
-                "brand_embedding.weight:[256,1]".into(),
-                "category_embedding.weight:[256,8]".into(),
-                "head.bias:[1]".into(),
-                "head.weight:[1,16]".into(),
-                "item_embedding.weight:[1024,16]".into(),
-                "skip.weight:[1,33]".into(),
-                "top_category_embedding.weight:[64,1]".into(),
-                format!("weight_hh_l0:[{g},16]"),
-                format!("weight_ih_l0:[{g},57]")
-            ],
-            "{cell}"
-        );
+    let others: Vec<&str> = ["gru", "lstm", "cnn"].into_iter().filter(|c| *c != served).collect();
+    let dirs = [(model_dir.clone(), served), (model_dir.join("candidates").join(others[0]), others[0]), (model_dir.join("candidates").join(others[1]), others[1])];
+    for (dir, cell) in &dirs {
+        let (dir, cell) = (dir.as_path(), *cell);
+        // PyTorch's names and shapes: nn.GRU stacks 3 gates of 16 rows, nn.LSTM 4; nn.Conv1d
+        // keeps (channels, inputs, taps).
+        let cell_tensors: Vec<String> = match cell {
+            "cnn" => vec!["conv.bias:[16]".into(), "conv.weight:[16,57,3]".into()],
+            _ => {
+                let g = if cell == "gru" { 48 } else { 64 };
+                vec![format!("bias_hh_l0:[{g}]"), format!("bias_ih_l0:[{g}]"), format!("weight_hh_l0:[{g},16]"), format!("weight_ih_l0:[{g},57]")]
+            }
+        };
+        let mut expected: Vec<String> = [
+            "brand_embedding.weight:[256,1]",
+            "category_embedding.weight:[256,8]",
+            "head.bias:[1]",
+            "head.weight:[1,16]",
+            "item_embedding.weight:[1024,16]",
+            "skip.weight:[1,33]",
+            "top_category_embedding.weight:[64,1]",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain(cell_tensors)
+        .collect();
+        expected.sort();
+        assert_eq!(safetensors_names(&dir.join("model.safetensors")), expected, "{cell}");
         let model = intentflow_model::IntentModel::load(dir, &intentflow_model::Device::Cpu).expect("the written model loads");
         assert_eq!(model.cell().name(), cell);
     }
@@ -82,8 +87,8 @@ fn generate_is_seeded_and_train_writes_pytorch_named_weights() {
     let out = intentflow(&["eval", "--model-dir", &file("model"), "--input", &file("a.jsonl"), "--out-dir", &report_dir, "--bootstrap", "50"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let table = text(&out.stdout);
-    let candidate = format!("{other}_candidate");
-    for scorer in [served, &candidate, "logistic_regression", "ensemble", "gradient_boosting", "base_rate", "oracle"] {
+    let candidates: Vec<String> = others.iter().map(|c| format!("{c}_candidate")).collect();
+    for scorer in [served, &candidates[0], &candidates[1], "logistic_regression", "ensemble", "gradient_boosting", "base_rate", "oracle"] {
         assert!(table.lines().any(|l| l.starts_with(scorer)), "{scorer} missing from\n{table}");
     }
     let metrics: serde_json::Value = serde_json::from_slice(&std::fs::read(Path::new(&report_dir).join("metrics.json")).unwrap()).unwrap();

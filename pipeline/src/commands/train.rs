@@ -1,5 +1,5 @@
-//! `intentflow train`: the recurrent seed ensemble (GRU or LSTM, by default each and the better
-//! on validation kept), its calibration and baselines from an event file.
+//! `intentflow train`: the seed ensemble of a sequence cell (GRU, LSTM or causal convolution; by
+//! default each, and one chosen on validation), its calibration and baselines from an event file.
 
 use super::{read_input, InputArgs};
 use intentflow_schemas::Limits;
@@ -26,9 +26,10 @@ pub struct TrainArgs {
     /// Stop after this many epochs without a better validation PR-AUC.
     #[arg(long, default_value_t = TrainConfig::default().patience)]
     pub patience: usize,
-    /// The recurrent cell: `gru`, `lstm`, or `auto` (train both, serve the one with the higher
-    /// validation PR-AUC; the other is kept under `MODEL_DIR/candidates/` for `intentflow
-    /// eval` to compare).
+    /// The sequence cell: `gru`, `lstm`, `cnn` (a causal convolution over the last three
+    /// events), or `auto`: train all three and serve the cheapest (GRU, LSTM, CNN in that order)
+    /// unless a dearer one beats it on validation PR-AUC with probability ≥ 0.9 (paired session
+    /// bootstrap); the others are kept under `MODEL_DIR/candidates/` for `intentflow eval`.
     #[arg(long, value_enum, default_value = "auto")]
     pub arch: ArchArg,
     /// Hidden size of each ensemble member.
@@ -113,7 +114,9 @@ pub enum ArchArg {
     Gru,
     /// An LSTM.
     Lstm,
-    /// Each cell; the one with the higher validation PR-AUC is served.
+    /// A causal temporal convolution over the session's last three events.
+    Cnn,
+    /// Every cell; the cheapest is served unless a dearer one validates better beyond doubt.
     Auto,
 }
 
@@ -123,6 +126,7 @@ impl ArchArg {
         match self {
             ArchArg::Gru => vec![Cell::Gru],
             ArchArg::Lstm => vec![Cell::Lstm],
+            ArchArg::Cnn => vec![Cell::Cnn],
             ArchArg::Auto => Cell::ALL.to_vec(),
         }
     }
