@@ -1,7 +1,7 @@
 //! Scores a trained model, its baselines and its ensemble on one part of a time split, the
 //! way `intentflow eval` reports them.
 //!
-//! The GRU is run with [`IntentModel::step`], the very call the streaming operator makes, one
+//! The served model is run with [`IntentModel::step`], the very call the streaming operator makes, one
 //! wave per event position over many sessions at once (a session starts from a zero hidden
 //! vector, so sessions are independent). Labels, split and session rule are those recorded in
 //! the model at training time.
@@ -44,14 +44,14 @@ pub struct Assessment {
     /// PR-AUC.
     #[serde(default)]
     pub comparisons: Vec<eval::Comparison>,
-    /// Whether the GRU's scores are the operator's streamed intents rather than stepped here.
+    /// Whether the served model's scores are the operator's streamed intents rather than stepped here.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub streamed: bool,
     /// The leave-one-signal-out check of the served model's reasons (none for a model without
     /// a skip connection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasons: Option<ReasonCheck>,
-    /// Precision the GRU's hidden states were rounded to between steps, if not the model's own
+    /// Precision the served model's states were rounded to between steps, if not the model's own
     /// (`intentflow eval --state-precision`).
     #[serde(default, skip_serializing_if = "StatePrecision::is_f32")]
     pub state_precision: StatePrecision,
@@ -64,7 +64,7 @@ impl Assessment {
     }
 }
 
-/// Calibrated GRU scores of every event of `sessions` (all events, labelled or not), per
+/// Calibrated scores of a model for every event of `sessions` (all events, labelled or not), per
 /// session, with hidden states kept in `precision` between steps.
 pub fn gru_scores(model: &IntentModel, sessions: &[LabelledSession], precision: StatePrecision) -> Result<Vec<Vec<f32>>, ModelError> {
     let mut out: Vec<Vec<f32>> = sessions.iter().map(|s| Vec::with_capacity(s.features.len())).collect();
@@ -301,7 +301,7 @@ pub fn assess_at(
         },
         ScorerMetrics {
             name: "ensemble".into(),
-            description: "GRU + logistic regression, stacked on validation".into(),
+            description: format!("the served {served} model + logistic regression, stacked on validation"),
             metrics: scored(&ens, baselines.ensemble_threshold, 2),
         },
     ];
@@ -309,7 +309,7 @@ pub fn assess_at(
     for ((candidate, scores), name) in beside.iter().zip(&candidate_names) {
         scorers.push(ScorerMetrics {
             name: name.clone(),
-            description: format!("the {} trained beside the served model, which validated better ({})", candidate.cell(), candidate.version()),
+            description: format!("the {} trained beside the served model and not served: not better on validation beyond doubt ({})", candidate.cell(), candidate.version()),
             metrics: scored(scores, candidate.meta().threshold.unwrap_or(0.5), 7),
         });
     }

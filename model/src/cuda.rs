@@ -1,13 +1,14 @@
 //! The GPU serving step (`cuda` feature): hidden states resident on the device, one fused
 //! kernel per step.
 //!
-//! [`CudaStates`] holds a slab of `capacity × S` states (hidden vectors, and an LSTM's memories) in device memory and the CPU
-//! kernel's weight layout ([`FusedStep`]: input tables with the embeddings folded in, the packed
+//! [`CudaStates`] holds a slab of `capacity × S` states (hidden vectors, an LSTM's memories, a
+//! convolution's partial sums) in device memory and the CPU kernel's weight layout ([`FusedStep`]: input tables with the embeddings folded in, the packed
 //! ensemble's recurrent blocks). A step sends one packed record per row — the dense features,
 //! the item and category buckets, the slot and a reset flag — through a pinned staging buffer,
-//! runs `gru_step` or `lstm_step` (`src/gru_step.cu`: one thread per hidden unit of a row, gates
-//! in registers, the state updated in place), and brings one logit per row back. Hidden vectors cross the bus
-//! only when a user is loaded into a slot or read back to be persisted.
+//! runs the cell's kernel (`gru_step`, `lstm_step` or `cnn_step` in `src/gru_step.cu`: one thread
+//! per hidden unit of a row, gates in registers, the state updated in place), and brings one
+//! logit per row back. States cross the bus only when a user is loaded into a slot or read back
+//! to be persisted.
 //!
 //! The kernel repeats the CPU kernel's operations in the same order, compiled without
 //! multiply-add contraction, with IEEE division and without flush-to-zero: a row's new state
@@ -61,7 +62,7 @@ struct Staging {
     dev_out: CudaSlice<f32>,
 }
 
-/// A resident slab of hidden vectors on a CUDA device, stepped by the fused kernel.
+/// A resident slab of states on a CUDA device, stepped by the fused kernel of the model's cell.
 pub struct CudaStates {
     stream: Arc<CudaStream>,
     step_fn: CudaFunction,
@@ -69,7 +70,7 @@ pub struct CudaStates {
     gather_fn: CudaFunction,
     weights: Weights,
     states: CudaSlice<f32>,
-    /// Values per state (`H`, or `2H` for an LSTM).
+    /// Values per state (`H`; `2H` for an LSTM, `3H` for a convolution).
     h: usize,
     /// Hidden units `H`: threads per row.
     units: usize,

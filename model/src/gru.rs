@@ -1,6 +1,7 @@
-//! The purchase-intent network: hashed item and category embeddings, one recurrent layer — a
-//! GRU or an LSTM, with PyTorch's `nn.GRU` / `nn.LSTM` semantics and tensor names ([`Cell`]) —
-//! and a linear head with a sigmoid.
+//! The purchase-intent network: hashed item and category embeddings, one sequence layer ([`Cell`]:
+//! a GRU or an LSTM with PyTorch's `nn.GRU` / `nn.LSTM` semantics and tensor names, or a causal
+//! `nn.Conv1d`) and a linear head with a sigmoid. (The module and [`GruParams`] keep their first
+//! names.)
 //!
 //! The cell's input `x` is the event's dense features followed by the embedding rows of its item
 //! bucket and its category bucket. For hidden `h`, a GRU (gate order r, z, n as in PyTorch):
@@ -28,8 +29,8 @@
 //! P_2`, `P_2' = W_2 x`); a new session starts from zeros, the convolution's zero padding.
 //!
 //! The optional skip connection (`skip.weight`) gives the head the event's dense features
-//! directly, beside the GRU's summary of the session: the session and history aggregates among
-//! them then count as in a logistic regression on them, whatever the GRU learns on top (a "wide
+//! directly, beside the cell's summary of the session: the session and history aggregates among
+//! them then count as in a logistic regression on them, whatever the cell learns on top (a "wide
 //! and deep" head). A model without it has no skip term. Two optional hashed embeddings of
 //! width 1 add the brand's and the category path's top level's own terms to the same logit
 //! (`brand_embedding.weight[brand bucket] + top_category_embedding.weight[top bucket]`).
@@ -234,7 +235,7 @@ impl GruParams {
         self.cell().state_dim(self.hidden_dim())
     }
 
-    /// Input size of the GRU: dense features plus both embedding widths.
+    /// Input size of the cell: dense features plus both embedding widths.
     pub fn input_dim(&self) -> usize {
         self.weight_ih.dim(1).unwrap_or(0)
     }
@@ -249,12 +250,12 @@ impl GruParams {
         table_shape(self.category_embedding.as_ref())
     }
 
-    /// Number of dense features the GRU expects before the embeddings.
+    /// Number of dense features the cell expects before the embeddings.
     pub fn dense_dim(&self) -> usize {
         self.input_dim().saturating_sub(self.item_shape().1 + self.category_shape().1)
     }
 
-    /// Builds the GRU input `(N, D)`: dense features `(N, dense)` followed by the embedding rows
+    /// Builds the cell's input `(N, D)`: dense features `(N, dense)` followed by the embedding rows
     /// of the item and category buckets (`u32` tensors of length N).
     pub(crate) fn gru_input(&self, dense: &Tensor, items: &Tensor, categories: &Tensor) -> candle_core::Result<Tensor> {
         let mut parts = vec![dense.clone()];
@@ -270,7 +271,7 @@ impl GruParams {
         Tensor::cat(&parts, 1)
     }
 
-    /// The GRU input `(N, D)` of prepared features, built on `device`.
+    /// The cell's input `(N, D)` of prepared features, built on `device`.
     pub(crate) fn gru_input_of(&self, inputs: &[crate::Features], device: &Device) -> candle_core::Result<Tensor> {
         let n = inputs.len();
         let dense: Vec<f32> = inputs.iter().flat_map(|f| f.dense).collect();
@@ -473,16 +474,20 @@ impl GruParams {
         if h == 0 || d == 0 {
             return Err("zero-sized model".into());
         }
+        if self.cell() == Cell::Cnn && host_values(Some(&self.bias_ih)).map_err(|e| e.to_string())?[h..].iter().any(|b| *b != 0.0) {
+            return Err(format!("a convolution's bias is {} on its current-event tap: the other taps' biases must be zero", names::CONV_BIAS));
+        }
         Ok(())
     }
 
-    /// Packs independently trained networks of equal shape and cell into one network whose hidden
-    /// vector is their hidden vectors side by side (an LSTM's memory likewise): the input weights keep each member's rows, the
+    /// Packs independently trained networks of equal shape and cell into one network whose state
+    /// is their states side by side, part by part (all hidden vectors, then all of an LSTM's
+    /// memories, or a convolution's partial sums): the input weights keep each member's rows, the
     /// recurrent weights are block-diagonal, the embedding tables are concatenated column-wise,
     /// and the head averages the members' logits (skip weights are averaged too, so the skip
-    /// term is the mean of the members' skip terms). One step of the packed network equals one step
-    /// of every member, so a seed ensemble streams through the same single GRU call (and stays a
-    /// plain `nn.GRU` state_dict).
+    /// term is the mean of the members' skip terms). One step of the packed network equals one
+    /// step of every member, so a seed ensemble streams through the same single call (and stays a
+    /// plain `nn.GRU` / `nn.LSTM` / `nn.Conv1d` state_dict).
     ///
     /// # Errors
     ///
@@ -600,8 +605,18 @@ fn conv_to_taps(conv: &Tensor, bias: &Tensor) -> candle_core::Result<(Tensor, Te
         return Err(candle_core::Error::Msg(format!("shape {:?} with bias {:?}: (C, D, {CNN_TAPS}) and (C) expected", conv.dims(), bias.dims())));
     }
     let taps: Vec<Tensor> = (0..k).map(|j| conv.narrow(2, k - 1 - j, 1)?.squeeze(2)).collect::<candle_core::Result<_>>()?;
-    let rest = Tensor::zeros((k - 1) * c, bias.dtype(), bias.device())?;
-    Ok((Tensor::cat(&taps, 0)?.contiguous()?, Tensor::cat(&[bias, &rest], 0)?))
+    Ok((Tensor::cat(&taps, 0)?.contiguous()?, conv_bias_taps(bias)?))
+}
+
+/// A convolution's bias `(C)` as the stacked taps' bias `(k·C)`: on the current event's tap,
+/// zero on the others (the bias is added once per output, as in `nn.Conv1d`).
+///
+/// # Errors
+///
+/// Candle errors (a bias that is not a vector).
+pub fn conv_bias_taps(bias: &Tensor) -> candle_core::Result<Tensor> {
+    let rest = Tensor::zeros((CNN_TAPS - 1) * bias.dim(0)?, bias.dtype(), bias.device())?;
+    Tensor::cat(&[bias, &rest], 0)
 }
 
 /// The inverse of [`conv_to_taps`] for hidden size `c`.
@@ -661,9 +676,8 @@ pub(crate) mod testing {
         let recurrent = cell.is_recurrent();
         let weight_ih = t(g * h, dense + item.1 + category.1);
         let weight_hh = recurrent.then(|| t(g * h, h));
-        // A convolution's bias is on its first tap only.
         let bias_ih = t(1, g * h).flatten_all().unwrap();
-        let bias_ih = if recurrent { bias_ih } else { Tensor::cat(&[bias_ih.narrow(0, 0, h).unwrap(), Tensor::zeros((g - 1) * h, DType::F32, &Device::Cpu).unwrap()], 0).unwrap() };
+        let bias_ih = if recurrent { bias_ih } else { conv_bias_taps(&bias_ih.narrow(0, 0, h).unwrap()).unwrap() };
         let bias_hh = recurrent.then(|| t(1, g * h).flatten_all().unwrap());
         GruParams {
             weight_ih,
@@ -764,6 +778,9 @@ mod tests {
         let back = GruParams::from_state_dict(dict.clone()).unwrap();
         assert_eq!(back.weight_ih.to_vec2::<f32>().unwrap(), cnn.weight_ih.to_vec2::<f32>().unwrap());
         assert_eq!(back.bias_ih.to_vec1::<f32>().unwrap(), cnn.bias_ih.to_vec1::<f32>().unwrap());
+        // A bias on another tap would not survive as conv.bias: refused.
+        let taps_bias = GruParams { bias_ih: Tensor::ones(CNN_TAPS * 3, DType::F32, &Device::Cpu).unwrap(), ..cnn.clone() };
+        assert!(taps_bias.validate().unwrap_err().contains("other taps"));
 
         // Streamed one event at a time, the output is PyTorch's causal Conv1d (left padding
         // k − 1) over the whole sequence, then a ReLU.

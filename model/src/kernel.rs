@@ -1,6 +1,6 @@
-//! The CPU serving step of every cell the model ships (GRU and LSTM): one fused pass per row,
-//! the packed seed ensemble run as its blocks, embeddings folded into input tables, rows spread
-//! over all cores.
+//! The CPU serving step of every cell the model ships (GRU, LSTM, causal convolution): one fused
+//! pass per row, the packed seed ensemble run as its blocks, embeddings folded into input tables,
+//! rows spread over all cores.
 //!
 //! candle runs a recurrent step as some thirty tensors (three projections, a dozen element-wise
 //! ops, copies), one matrix-vector product per row on the CPU: bound by overhead, not
@@ -34,7 +34,7 @@ use rayon::prelude::*;
 /// Rows per parallel task: below this, a batch runs on the calling thread.
 pub const ROWS_PER_TASK: usize = 256;
 
-/// A recurrent network (with its head) laid out for the fused CPU step.
+/// A network of any cell (with its head) laid out for the fused CPU step.
 #[derive(Debug, Clone)]
 pub struct FusedStep {
     /// The cell.
@@ -57,7 +57,7 @@ pub struct FusedStep {
     /// Recurrent blocks, per member `hm` columns of `G·hm` (`[gate][j]` within the member).
     recurrent_cols: Vec<f32>,
     /// A GRU's recurrent bias of the n gate, inside `r ⊙ (W_hn h + b_hn)`, per hidden unit
-    /// (empty for an LSTM).
+    /// (empty for the other cells).
     bias_hn: Vec<f32>,
     /// Head weights over the hidden units (packed order `[m][j]`).
     head: Vec<f32>,
@@ -80,9 +80,9 @@ pub struct Layout<'a> {
     pub item_rows: &'a [f32],
     /// One `G` row per category bucket (empty: no category embedding).
     pub category_rows: &'a [f32],
-    /// Per block, `hm` columns of `3·hm`.
+    /// Per block, `hm` columns of `G·hm` (empty for a convolution).
     pub recurrent_cols: &'a [f32],
-    /// A GRU's `H` recurrent biases of the n gate (empty for an LSTM).
+    /// A GRU's `H` recurrent biases of the n gate (empty for the other cells).
     pub bias_hn: &'a [f32],
     /// `H` head weights.
     pub head: &'a [f32],
@@ -198,7 +198,7 @@ impl FusedStep {
         self
     }
 
-    /// The precision new hidden vectors are rounded to.
+    /// The precision new states are rounded to.
     pub fn state_precision(&self) -> StatePrecision {
         self.precision
     }
@@ -431,7 +431,8 @@ pub fn exp(x: f32) -> f32 {
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// `max(x, 0)`, as candle's `relu` (NaN stays NaN).
+/// `max(x, 0)`: candle's `relu` for every number but NaN, which stays NaN here (candle gives 0;
+/// the CUDA kernel does as this one).
 #[inline(always)]
 pub fn relu(x: f32) -> f32 {
     if x < 0.0 { 0.0 } else { x }
@@ -474,7 +475,7 @@ mod tests {
             .collect()
     }
 
-    /// candle's step (the reference): new hidden vectors and logits.
+    /// candle's step (the reference): new states and logits.
     fn candle_step(p: &GruParams, f: &[Features], h: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let how = Projection::PerRow;
         let x = p.gru_input_of(f, &Device::Cpu).unwrap();

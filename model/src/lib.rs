@@ -1,10 +1,11 @@
 //! The purchase-intent model of Intentflow, in candle. No Kafka, no storage.
 //!
 //! * [`features`] — the single feature path: an event plus the user's session state becomes a
-//!   normalised GRU input, identically in training, offline scoring and streaming.
-//! * [`IntentModel`] — a trained recurrent network ([`Cell`]: GRU or LSTM) + head loaded from a
-//!   model directory (`model.safetensors` with PyTorch `nn.GRU` / `nn.LSTM` tensor names, `model.json` with dimensions, feature spec and a
-//!   content-hash version). [`IntentModel::step`] advances a whole batch of users by one event
+//!   normalised network input, identically in training, offline scoring and streaming.
+//! * [`IntentModel`] — a trained network ([`Cell`]: GRU, LSTM or causal convolution) + head
+//!   loaded from a model directory (`model.safetensors` with PyTorch `nn.GRU` / `nn.LSTM` /
+//!   `nn.Conv1d` tensor names, `model.json` with dimensions, feature spec and a content-hash
+//!   version). The parameter type keeps its first name, [`GruParams`], for every cell. [`IntentModel::step`] advances a whole batch of users by one event
 //!   each; the host-side `f32` buffers in and out keep tensors out of the state layer.
 //! * [`train`] — labels, time split, class-weighted BCE + AdamW with early stopping on
 //!   validation PR-AUC, then calibration, baselines and the ensemble, fitted on validation.
@@ -38,7 +39,7 @@ pub mod train;
 
 pub use calibrate::Calibration;
 pub use features::{FeatureSpec, Features, Prepared, FEATURE_DIM, REASON_NAMES, SKIP_FEATURES};
-pub use gru::{names, Cell, GruParams, Projection};
+pub use gru::{conv_bias_taps, names, Cell, GruParams, Projection, CNN_TAPS};
 pub use io::{candidate_dirs, ModelMeta, CANDIDATES_DIR, MODEL_FILE, META_FILE};
 pub use train::{SplitSpec, TrainingSummary};
 pub use logistic::Logistic;
@@ -381,7 +382,8 @@ impl IntentModel {
         self.meta.hidden_dim
     }
 
-    /// Values in a user's state: `H`, or `2H` for an LSTM (hidden vector and memory, `[h | c]`).
+    /// Values in a user's state ([`Cell::state_dim`]): `H`; `2H` for an LSTM (`[h | c]`); `3H`
+    /// for a convolution (`[y | P_1 | P_2]`).
     /// What [`step`](Self::step) takes and returns per row.
     pub fn state_dim(&self) -> usize {
         self.meta.cell.state_dim(self.meta.hidden_dim)

@@ -2,7 +2,7 @@
 //!
 //! The stateless [`crate::IntentModel::step`] takes every row's hidden vector in and hands it
 //! back, which on a GPU means two transfers of `B × H` floats per wave. A [`ResidentStates`]
-//! slab keeps the hidden vectors of active users on the device instead: the caller loads a
+//! slab keeps the states of active users on the device instead: the caller loads a
 //! user's vector once into a slot ([`ResidentStates::load`]), then each wave sends only the
 //! event features and the slot numbers ([`ResidentStates::step`]) and gets the logits back;
 //! [`ResidentStates::read`] brings vectors back when the caller must persist them.
@@ -29,10 +29,10 @@ pub struct ResidentRow {
     pub features: Features,
 }
 
-/// A slab of hidden vectors, one per slot, stepped in place.
+/// A slab of states (hidden vectors, an LSTM's memories, a convolution's partial sums), one per
+/// slot, stepped in place.
 pub trait ResidentStates: Send {
-    /// Values per state `S`: the hidden size, or twice it for an LSTM (hidden vector and
-    /// memory).
+    /// Values per state `S` ([`crate::Cell::state_dim`]).
     fn state_dim(&self) -> usize;
 
     /// Number of slots.

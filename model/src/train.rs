@@ -1,5 +1,5 @@
-//! Training of the intent network (a GRU or an LSTM, or each and the better kept), its
-//! calibration, the baselines and the ensemble.
+//! Training of the intent network (a GRU, an LSTM or a causal convolution, or each and one
+//! chosen on validation), its calibration, the baselines and the ensemble.
 //!
 //! * **Labels** ([`labelled_sessions`]): sessions are cut by
 //!   [`intentflow_schemas::SessionState::advance`] (the dataset's session id, a 30-minute gap,
@@ -20,7 +20,7 @@
 //!   same way and the cheapest is served unless a dearer one validates better beyond doubt
 //!   ([`DEARER_CELL_CONFIDENCE`]); the others are kept as [`Trained::candidates`] for
 //!   `intentflow eval` to compare.
-//! * **After training**, on the validation split: calibration of the GRU score, the
+//! * **After training**, on the validation split: calibration of the served network's score, the
 //!   F1-maximising threshold, the logistic-regression baseline's threshold, the stacked
 //!   ensemble, and the number of boosted trees of the tree baseline.
 //!
@@ -121,7 +121,7 @@ pub struct TrainConfig {
     pub cells: Vec<Cell>,
     /// Hidden size of each member.
     pub hidden_dim: usize,
-    /// GRUs trained from consecutive seeds and packed into one (a seed ensemble; the served
+    /// Networks trained from consecutive seeds and packed into one (a seed ensemble; the served
     /// hidden vector has `members × hidden_dim` values).
     pub members: usize,
     /// Most passes over the training split.
@@ -160,7 +160,7 @@ pub struct TrainConfig {
     /// --state-precision`).
     pub state_precision: StatePrecision,
     /// Whether the head also reads the dense features directly (the skip connection of
-    /// `skip.weight`, see the `gru` module), beside the GRU's hidden vector.
+    /// `skip.weight`, see the `gru` module), beside the cell's output.
     pub skip: bool,
     /// Hash buckets of the head's brand and top-category embeddings (fewer than 2: none).
     pub head_buckets: (u32, u32),
@@ -354,7 +354,7 @@ fn uniform(rng: &mut ChaCha8Rng, shape: (usize, usize), bound: f32, device: &Dev
     Ok(Var::from_tensor(&Tensor::from_vec(data, shape, device)?)?)
 }
 
-/// Raw (uncalibrated) GRU probabilities of every labelled event of `sessions`, in session and
+/// Raw (uncalibrated) network probabilities of every labelled event of `sessions`, in session and
 /// event order, with their labels.
 fn predict(params: &GruParams, sessions: &[LabelledSession], spec: &FeatureSpec, device: &Device) -> Result<(Vec<f32>, Vec<bool>), ModelError> {
     let (mut scores, mut labels) = (Vec::new(), Vec::new());
@@ -387,7 +387,7 @@ fn aggregate_rows(sessions: &[LabelledSession]) -> (Vec<Vec<f64>>, Vec<bool>) {
 /// (Newton's method, as the baseline), as skip weights and head bias. The bias is shifted by
 /// `ln(pos_weight)`, where the weighted loss puts its optimum. Training starts from this
 /// regression, with the hidden vector's head weights at zero, and the regression itself is the
-/// first candidate of early stopping: the GRU is kept only where it improves on the regression
+/// first candidate of early stopping: the network is kept only where it improves on the regression
 /// on validation.
 #[derive(Debug, Clone, PartialEq)]
 struct WideStart {
@@ -474,7 +474,7 @@ fn fit_member(
         Ok(GruParams {
             weight_ih: t[0].clone(),
             weight_hh: recurrent.then(|| t[1].clone()),
-            bias_ih: if recurrent { t[2].flatten_all()? } else { Tensor::cat(&[t[2].flatten_all()?, Tensor::zeros((g - 1) * h, DType::F32, t[2].device())?], 0)? },
+            bias_ih: if recurrent { t[2].flatten_all()? } else { crate::gru::conv_bias_taps(&t[2].flatten_all()?)? },
             bias_hh: recurrent.then(|| t[3].flatten_all()).transpose()?,
             head_weight: t[4].clone(),
             head_bias: t[5].flatten_all()?,
@@ -571,7 +571,7 @@ pub struct EpochReport {
 pub struct TrainingSummary {
     /// Seed of weight initialisation and batch order (member k uses seed + k·1,000,003).
     pub seed: u64,
-    /// GRUs trained from consecutive seeds and packed into the model.
+    /// Networks trained from consecutive seeds and packed into the model.
     pub members: usize,
     /// Epochs run by all members together (early stopping may end before the maximum).
     pub epochs: usize,
@@ -627,16 +627,29 @@ pub const DEARER_CELL_CONFIDENCE: f64 = 0.9;
 /// at least [`DEARER_CELL_CONFIDENCE`] (paired session bootstrap, 500 replicates). A dearer cell
 /// costs state bytes and step time on every event, so a difference the validation split cannot
 /// tell from noise does not buy it.
-fn choose_cell(val_scores: &[Vec<f32>], val_set: &[LabelledSession], seed: u64) -> usize {
-    (1..val_scores.len()).fold(0, |best, i| if p_better(val_scores, i, best, val_set, seed) >= DEARER_CELL_CONFIDENCE { i } else { best })
+fn choose_cell(val_scores: &[Vec<f32>], val: &ValidationEvents, seed: u64) -> usize {
+    (1..val_scores.len()).fold(0, |best, i| if val.p_better(&val_scores[i], &val_scores[best], seed) >= DEARER_CELL_CONFIDENCE { i } else { best })
 }
 
-/// The paired session bootstrap's probability that cell `a` beats cell `b` on validation PR-AUC.
-fn p_better(val_scores: &[Vec<f32>], a: usize, b: usize, val_set: &[LabelledSession], seed: u64) -> f64 {
-    let labels: Vec<bool> = val_set.iter().flat_map(|s| s.labels.iter().zip(&s.mask).filter(|(_, m)| **m > 0.0).map(|(l, _)| *l > 0.5)).collect();
-    let groups: Vec<usize> = val_set.iter().enumerate().flat_map(|(k, s)| s.mask.iter().filter(|m| **m > 0.0).map(move |_| k)).collect();
-    let c = eval::paired_bootstrap(("a", "b"), (&val_scores[a], &val_scores[b]), &labels, &groups, 500, seed, ("pr_auc", eval::pr_auc));
-    c.probability_a_better.unwrap_or(0.0)
+/// The labels and sessions of the validation split's labelled events, in the order of
+/// [`predict`]'s scores: what the paired bootstrap resamples.
+struct ValidationEvents {
+    labels: Vec<bool>,
+    groups: Vec<usize>,
+}
+
+impl ValidationEvents {
+    fn of(val_set: &[LabelledSession]) -> ValidationEvents {
+        let labels = val_set.iter().flat_map(|s| s.labels.iter().zip(&s.mask).filter(|(_, m)| **m > 0.0).map(|(l, _)| *l > 0.5)).collect();
+        let groups = val_set.iter().enumerate().flat_map(|(k, s)| s.mask.iter().filter(|m| **m > 0.0).map(move |_| k)).collect();
+        ValidationEvents { labels, groups }
+    }
+
+    /// The paired session bootstrap's probability that scores `a` beat scores `b` on PR-AUC.
+    fn p_better(&self, a: &[f32], b: &[f32], seed: u64) -> f64 {
+        let c = eval::paired_bootstrap(("a", "b"), (a, b), &self.labels, &self.groups, 500, seed, ("pr_auc", eval::pr_auc));
+        c.probability_a_better.unwrap_or(0.0)
+    }
 }
 
 /// A trained model with everything fitted around it, ready to save.
@@ -646,7 +659,7 @@ pub struct Trained {
     pub params: GruParams,
     /// Fitted feature contract.
     pub features: FeatureSpec,
-    /// Calibration of the GRU score.
+    /// Calibration of the network's score.
     pub calibration: Calibration,
     /// F1-maximising threshold of the calibrated score on validation.
     pub threshold: f64,
@@ -656,13 +669,15 @@ pub struct Trained {
     pub summary: TrainingSummary,
     /// Precision the served model keeps hidden states in ([`TrainConfig::state_precision`]).
     pub state_precision: StatePrecision,
-    /// The cells trained beside the served one that validated worse, for comparison
-    /// (`intentflow eval` scores them too); empty when one cell was trained.
+    /// The cells trained beside the served one and not served (they did not validate better
+    /// beyond doubt, see [`DEARER_CELL_CONFIDENCE`]), for comparison: `intentflow eval` scores
+    /// them too. Empty when one cell was trained.
     pub candidates: Vec<Trained>,
 }
 
-/// Trains a model on `events`: `cfg.members` GRUs from consecutive seeds, packed into one
-/// ([`GruParams::pack`]). `on_epoch` sees (member, epoch report), for progress display.
+/// Trains a model on `events`: for each of `cfg.cells`, `cfg.members` networks from consecutive
+/// seeds packed into one ([`GruParams::pack`]), then one of them chosen to serve (see the module
+/// documentation). `on_epoch` sees (member, epoch report), for progress display.
 ///
 /// # Errors
 ///
@@ -762,18 +777,15 @@ pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, on_epoch: imp
         let trained = Trained { params, features: spec.clone(), calibration, threshold, baselines, summary, state_precision: cfg.state_precision, candidates: Vec::new() };
         Ok((trained, raw_val))
     };
-    let mut cells: Vec<Cell> = Vec::new();
-    for &cell in &cfg.cells {
-        if !cells.contains(&cell) {
-            cells.push(cell);
-        }
-    }
+    // Cheapest first, whatever order they were given in.
+    let cells: Vec<Cell> = Cell::ALL.into_iter().filter(|c| cfg.cells.contains(c)).collect();
     let (mut trained, val_scores): (Vec<Trained>, Vec<Vec<f32>>) =
         (if cells.is_empty() { vec![Cell::Gru] } else { cells }).into_iter().map(fit_cell).collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
-    let best = choose_cell(&val_scores, val_set, cfg.seed);
+    let val = ValidationEvents::of(val_set);
+    let best = choose_cell(&val_scores, &val, cfg.seed);
     let mut trials: Vec<CellTrial> = trained.iter().flat_map(|t| t.summary.trials.clone()).collect();
     for (i, trial) in trials.iter_mut().enumerate().filter(|(i, _)| *i != best) {
-        trial.p_better_than_served = Some(p_better(&val_scores, i, best, val_set, cfg.seed));
+        trial.p_better_than_served = Some(val.p_better(&val_scores[i], &val_scores[best], cfg.seed));
     }
     let mut served = trained.remove(best);
     served.summary.trials = trials;
@@ -797,8 +809,9 @@ mod tests {
 
     #[test]
     fn a_dearer_cell_is_served_only_when_it_validates_better_beyond_doubt() {
-        let val = sessions(60);
-        let labels: Vec<f32> = val.iter().flat_map(|s| s.labels.clone()).collect();
+        let sessions = sessions(60);
+        let val = ValidationEvents::of(&sessions);
+        let labels: Vec<f32> = sessions.iter().flat_map(|s| s.labels.clone()).collect();
         // A scorer that ranks every buying session first, and one that is noise.
         let perfect: Vec<f32> = labels.iter().map(|&l| 0.2 + 0.6 * l).collect();
         let noise: Vec<f32> = (0..labels.len()).map(|i| ((i * 7919) % 101) as f32 / 101.0).collect();
@@ -808,7 +821,7 @@ mod tests {
         // A little better on one session only: not beyond doubt.
         let mut nudged = noise.clone();
         nudged[0] += 0.5;
-        assert!(p_better(&[noise.clone(), nudged.clone()], 1, 0, &val, 7) < DEARER_CELL_CONFIDENCE);
+        assert!(val.p_better(&nudged, &noise, 7) < DEARER_CELL_CONFIDENCE);
         assert_eq!(choose_cell(&[noise, nudged], &val, 7), 0);
     }
 }

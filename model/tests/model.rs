@@ -279,7 +279,7 @@ fn members_trained_together_equal_members_trained_alone() {
 }
 
 #[test]
-fn both_cells_train_the_better_on_validation_is_served_and_the_other_kept_beside_it() {
+fn two_cells_train_the_cheaper_is_served_unless_the_dearer_validates_better_beyond_doubt() {
     let cfg = TrainConfig { cells: vec![Cell::Gru, Cell::Lstm], members: 1, ..quick_config() };
     let trained = train(&learnable_events(), &cfg, &Device::Cpu, |_, _| {}).unwrap();
     let trials = &trained.summary.trials;

@@ -26,7 +26,8 @@ fn generate_is_seeded_and_train_writes_pytorch_named_weights() {
 
     let out = intentflow(&["train", "--input", &file("a.jsonl"), "--model-dir", &file("model"), "--epochs", "2", "--hidden-dim", "8", "--members", "2"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    // By default both cells train (`--arch auto`) and one is served; the other is kept beside it.
+    // By default all three cells train (`--arch auto`) and one is served; the others are kept
+    // beside it.
     let log = text(&out.stderr);
     for cell in ["gru", "lstm", "cnn"] {
         assert!(log.contains(&format!("{cell} member 1 epoch   2:")), "{cell} not trained: {log}");

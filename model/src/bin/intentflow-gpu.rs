@@ -20,14 +20,14 @@
 //! from a seeded generator of plausible values. Exits 1 if any equality fails.
 
 use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
 use intentflow_model::cuda::{CudaStates, StepProfile};
 use intentflow_model::kernel::FusedStep;
-use intentflow_model::{Cell, Device, Features, GruParams, HostStates, IntentModel, ResidentRow, ResidentStates, FEATURE_DIM};
+use intentflow_model::{conv_bias_taps, Cell, Device, Features, GruParams, HostStates, IntentModel, ResidentRow, ResidentStates, FEATURE_DIM};
 use intentflow_schemas::{Event, SessionState};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use candle_core::Tensor;
 use std::time::Instant;
 
 /// A small deterministic generator (SplitMix64).
@@ -119,19 +119,21 @@ fn variants(model: &IntentModel, served: &Arc<FusedStep>) -> Result<Vec<(String,
     let bare = GruParams { item_embedding: None, category_embedding: None, weight_ih: p.weight_ih.narrow(1, 0, FEATURE_DIM)?, ..p.clone() };
     let wide = GruParams::pack(&vec![p.clone(); 8])?;
     let members = model.meta().training.as_ref().map_or(1, |t| t.members);
-    // The other cell, its gates made from the served weights (the kernel is checked, not the
-    // weights): a GRU's gates and its first again for an LSTM, an LSTM's first three for a GRU.
     // The other cells, their weights made from the served ones (the kernel is checked, not the
-    // weights): as many gate blocks as each needs, cycling through the served model's.
-    let h = p.hidden_dim();
+    // weights): as many gate blocks as each needs, cycling through the served model's; for a
+    // served convolution, block-diagonal recurrent weights from each member's first inputs.
+    let (h, hm) = (p.hidden_dim(), p.hidden_dim() / members.max(1));
     let blocks = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
         let have = t.dim(0)? / h;
         Tensor::cat(&(0..n).map(|i| t.narrow(0, (i % have) * h, h)).collect::<candle_core::Result<Vec<_>>>()?, 0)
     };
     let (w_hh, b_hh) = match (&p.weight_hh, &p.bias_hh) {
         (Some(w), Some(b)) => (w.clone(), b.clone()),
-        // From a convolution: recurrent weights from its first tap's input columns.
-        _ => (p.weight_ih.narrow(1, 0, h)?.contiguous()?, p.bias_ih.clone()),
+        _ => {
+            let w_ih: Vec<Vec<f32>> = p.weight_ih.narrow(0, 0, h)?.to_vec2()?;
+            let w: Vec<f32> = (0..h).flat_map(|r| (0..h).map(move |c| (r, c))).map(|(r, c)| if r / hm == c / hm { w_ih[r][c % hm] } else { 0.0 }).collect();
+            (Tensor::from_vec(w, (h, h), &candle_core::Device::Cpu)?, p.bias_ih.narrow(0, 0, h)?)
+        }
     };
     let mut out = vec![
         (format!("served {} model (H = {}, {} blocks)", served.cell(), served.hidden_dim(), served.blocks()), served.clone()),
@@ -145,11 +147,12 @@ fn variants(model: &IntentModel, served: &Arc<FusedStep>) -> Result<Vec<(String,
         let other = GruParams {
             weight_ih: blocks(&p.weight_ih, g)?,
             weight_hh: cell.is_recurrent().then(|| blocks(&w_hh, g)).transpose()?,
-            bias_ih: if cell.is_recurrent() { bias } else { Tensor::cat(&[bias.narrow(0, 0, h)?, Tensor::zeros((g - 1) * h, bias.dtype(), bias.device())?], 0)? },
+            bias_ih: if cell.is_recurrent() { bias } else { conv_bias_taps(&bias.narrow(0, 0, h)?)? },
             bias_hh: cell.is_recurrent().then(|| blocks(&b_hh, g)).transpose()?,
             ..p.clone()
         };
-        out.push((format!("the {cell} cell (H = {h}, {members} blocks)"), Arc::new(FusedStep::new(&other, members)?)));
+        let kernel = Arc::new(FusedStep::new(&other, members)?);
+        out.push((format!("the {cell} cell (H = {h}, {} blocks)", kernel.blocks()), kernel));
     }
     Ok(out)
 }
