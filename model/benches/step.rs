@@ -1,6 +1,7 @@
 //! One step of the default model (5 packed members of hidden size 8, item and category
 //! embeddings) for batches of 1 to 8,192 users: the fused CPU kernel against candle's step, for
-//! the GRU (`fused`, `candle`) and the LSTM of the same shape (`fused_lstm`).
+//! the GRU (`fused`, `candle`), and the LSTM and the causal convolution of the same shape
+//! (`fused_lstm`, `fused_cnn`).
 //!
 //! `cargo bench --workspace --bench step` (docs/performance.md has the numbers).
 
@@ -18,7 +19,7 @@ fn bench(c: &mut Criterion) {
         trained.save(dir.path()).unwrap();
         IntentModel::load(dir.path(), &Device::Cpu).unwrap()
     };
-    let (fused, lstm) = (trained(Cell::Gru), trained(Cell::Lstm));
+    let (fused, lstm, cnn) = (trained(Cell::Gru), trained(Cell::Lstm), trained(Cell::Cnn));
     let candle = fused.with_candle_step();
     // Real feature rows: each event featurised against a fresh session.
     let rows: Vec<Features> = events.iter().map(|e| fused.features().featurize(&mut SessionState::default(), e).features).collect();
@@ -32,6 +33,8 @@ fn bench(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("fused", batch), &batch, |b, _| b.iter(|| fused.step(inputs, &hidden).unwrap()));
         let states = vec![0.1f32; batch * lstm.state_dim()];
         group.bench_with_input(BenchmarkId::new("fused_lstm", batch), &batch, |b, _| b.iter(|| lstm.step(inputs, &states).unwrap()));
+        let states = vec![0.1f32; batch * cnn.state_dim()];
+        group.bench_with_input(BenchmarkId::new("fused_cnn", batch), &batch, |b, _| b.iter(|| cnn.step(inputs, &states).unwrap()));
         if batch <= 4096 {
             group.bench_with_input(BenchmarkId::new("candle", batch), &batch, |b, _| b.iter(|| candle.step(inputs, &hidden).unwrap()));
         }
