@@ -7,6 +7,7 @@
 //! catalogue with categories and log-normal prices. Users differ in activity (log-normal), and
 //! all users' events are interleaved in time order. The same seed gives the same events.
 
+use compact_str::format_compact;
 use intentflow_schemas::{Event, EventType};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -86,7 +87,7 @@ pub fn generate(cfg: &GeneratorConfig) -> Vec<GeneratedEvent> {
     let mut out = Vec::with_capacity(cfg.events);
     let mut serial = 0u64;
     for (u, &n) in quota.iter().enumerate() {
-        let user_id = format!("u{u:06}");
+        let user_id = format_compact!("u{u:06}");
         let mut intent = -2.0 + 1.5 * normal(&mut rng);
         let mut t = cfg.start_ms as f64 + rng.random_range(0.0..horizon_ms);
         let mut session = 0u32;
@@ -136,11 +137,11 @@ pub fn generate(cfg: &GeneratorConfig) -> Vec<GeneratedEvent> {
                     user_id: user_id.clone(),
                     ts: t as i64,
                     kind,
-                    event_id: Some(format!("g{}-{serial}", cfg.seed)),
-                    session_id: Some(format!("{user_id}-s{session}")),
-                    item_id: Some(format!("i{item}")),
+                    event_id: Some(format_compact!("g{}-{serial}", cfg.seed)),
+                    session_id: Some(format_compact!("{user_id}-s{session}")),
+                    item_id: Some(format_compact!("i{item}")),
                     category: None,
-                    category_id: Some(format!("c{}", item_category[item])),
+                    category_id: Some(format_compact!("c{}", item_category[item])),
                     brand: None,
                     price: Some((prices[item] * 100.0).round() / 100.0),
                     quantity: None,

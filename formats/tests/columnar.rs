@@ -35,7 +35,7 @@ fn event(user: &str, ts: i64, kind: EventType) -> Event {
         user_id: user.into(),
         ts,
         kind,
-        event_id: Some(format!("e{ts}")),
+        event_id: Some(format!("e{ts}").into()),
         session_id: None,
         item_id: Some("42".into()),
         category: Some("electronics.phone".into()),
@@ -54,7 +54,7 @@ fn events_round_trip_through_parquet() {
         .map(|i| {
             let mut e = event(&format!("u{}", i % 97), 1_600_000_000_000 + i, EventType::ALL[i as usize % 4]);
             e.quantity = (i % 3 == 0).then_some(2);
-            e.session_id = (i % 2 == 0).then(|| format!("s{}", i / 100));
+            e.session_id = (i % 2 == 0).then(|| format!("s{}", i / 100).into());
             e
         })
         .collect();
@@ -90,7 +90,7 @@ fn other_writers_types_are_understood() {
     let read = read_events(&path, &EventDecoder::default(), NOW).unwrap();
     assert!(read.rejected.is_empty(), "{:?}", read.rejected);
     let got: Vec<(String, i64, EventType, Option<String>, Option<f64>, Option<u32>)> =
-        read.events.into_iter().map(|e| (e.user_id, e.ts, e.kind, e.item_id, e.price, e.quantity)).collect();
+        read.events.into_iter().map(|e| (e.user_id.to_string(), e.ts, e.kind, e.item_id.map(|s| s.to_string()), e.price, e.quantity)).collect();
     assert_eq!(
         got,
         vec![

@@ -143,7 +143,7 @@ pub fn intentflow(args: &[&str]) -> (ExitStatus, String) {
 
 /// Produces events as schema-v1 JSON keyed by user id.
 pub fn produce_events(brokers: &str, topic: &str, events: &[Event]) -> Result<()> {
-    let records: Vec<(String, Vec<u8>)> = events.iter().map(|e| (e.user_id.clone(), serde_json::to_vec(e).unwrap())).collect();
+    let records: Vec<(String, Vec<u8>)> = events.iter().map(|e| (e.user_id.to_string(), serde_json::to_vec(e).unwrap())).collect();
     produce(brokers, topic, &records)
 }
 

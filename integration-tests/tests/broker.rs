@@ -173,10 +173,10 @@ fn malformed_records_are_dead_lettered_counted_and_logged_while_valid_ones_are_s
     // (kind, bytes) of every bad record, in production order.
     let mut bad_sent: Vec<(&str, Vec<u8>)> = Vec::new();
     for (i, e) in events.iter().enumerate() {
-        records.push((e.user_id.clone(), serde_json::to_vec(e).unwrap()));
+        records.push((e.user_id.to_string(), serde_json::to_vec(e).unwrap()));
         if i % 10 == 0 {
             let (kind, bytes) = &bad[(i / 10) % bad.len()];
-            records.push((e.user_id.clone(), bytes.clone()));
+            records.push((e.user_id.to_string(), bytes.clone()));
             *expected_invalid.entry(kind).or_default() += 1;
             bad_sent.push((kind, bytes.clone()));
         }

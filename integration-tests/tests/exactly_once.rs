@@ -14,10 +14,10 @@ fn with_invalid(events: &[intentflow_schemas::Event]) -> (Vec<(String, Vec<u8>)>
     let mut records = Vec::with_capacity(events.len() + events.len() / 500 + 1);
     let mut invalid = Vec::new();
     for (i, e) in events.iter().enumerate() {
-        records.push((e.user_id.clone(), serde_json::to_vec(e).unwrap()));
+        records.push((e.user_id.to_string(), serde_json::to_vec(e).unwrap()));
         if i % 500 == 0 {
             let bad = format!(r#"{{"user_id":"{}","ts":"broken-{i}","type":"view"}}"#, e.user_id).into_bytes();
-            records.push((e.user_id.clone(), bad.clone()));
+            records.push((e.user_id.to_string(), bad.clone()));
             invalid.push(bad);
         }
     }

@@ -40,7 +40,7 @@ fn time_and_offset_bounds_are_exact_per_partition() {
     let out = sc.dir.path().join("window.jsonl");
     let log = replay(&sc, "state-window", &out, &["--from", &from, "--to", &to]);
     let got: BTreeSet<String> = read_jsonl(&out).into_iter().map(|i| i.event_id.unwrap()).collect();
-    let want: BTreeSet<String> = events.iter().filter(|e| e.ts >= t0 && e.ts < t1).map(|e| e.event_id.clone().unwrap()).collect();
+    let want: BTreeSet<String> = events.iter().filter(|e| e.ts >= t0 && e.ts < t1).map(|e| e.event_id.as_deref().unwrap().to_string()).collect();
     assert_eq!(got.len(), want.len(), "{log}");
     assert!(got == want, "the replayed events are exactly those with {from} <= time < {to}");
 
@@ -113,7 +113,7 @@ fn a_replay_of_two_input_topics_under_the_runs_limits_equals_the_live_operator()
     let mut padded = serde_json::to_value(&events[0]).unwrap();
     padded["padding"] = serde_json::Value::String("x".repeat(70_000));
     padded["event_id"] = serde_json::Value::String("padded".into());
-    produce(&sc.brokers, &sc.input, &[(events[0].user_id.clone(), serde_json::to_vec(&padded).unwrap())]).unwrap();
+    produce(&sc.brokers, &sc.input, &[(events[0].user_id.to_string(), serde_json::to_vec(&padded).unwrap())]).unwrap();
     let config = sc.dir.path().join("run.toml");
     // Never release a partition's records without waiting for the other topic: a slow fetch must
     // not change the order under test.
@@ -270,7 +270,7 @@ fn history_then_live_hand_off_skips_nothing_and_applies_nothing_twice() {
     // of one uninterrupted pass over history + live (every event applied exactly once).
     let all = sc.intents(usize::MAX, Duration::from_secs(3));
     assert_eq!(all.len(), live.len(), "history was not re-emitted live");
-    let live_ids: BTreeSet<String> = live.iter().map(|e| e.event_id.clone().unwrap()).collect();
+    let live_ids: BTreeSet<String> = live.iter().map(|e| e.event_id.as_deref().unwrap().to_string()).collect();
     assert!(all.iter().all(|i| live_ids.contains(i.event_id.as_deref().unwrap())));
     assert_states_match_offline(&stored_states(&sc.state), &events);
     drop(intents);
@@ -334,7 +334,7 @@ fn run_bootstrap_from_builds_history_then_goes_live_in_one_command() {
     assert_eq!(sc.intents(usize::MAX, Duration::from_secs(3)).len(), live.len());
     assert_states_match_offline(&stored_states(&sc.state), &events);
     // Asked for, the history's intents went to the backfill topic: one per history event.
-    let history_ids: BTreeSet<String> = history.iter().map(|e| e.event_id.clone().unwrap()).collect();
+    let history_ids: BTreeSet<String> = history.iter().map(|e| e.event_id.as_deref().unwrap().to_string()).collect();
     let backfilled = read_intents(&sc.brokers, &backfill, usize::MAX, Duration::from_secs(3)).unwrap();
     assert_eq!(backfilled.len(), history.len());
     assert!(backfilled.into_iter().map(|i| i.event_id.unwrap()).collect::<BTreeSet<_>>() == history_ids);

@@ -74,7 +74,7 @@ fn states_never_cross_models_when_partitions_move_between_instances_of_two_model
     assert_eq!(b_intents.len(), second.len(), "{log}");
     assert!(b_intents.iter().all(|i| i.model_version != version_a));
     assert_scores(&b_intents, &offline_scores_of(model_b.path(), &second));
-    let users = |stretch: &[Event]| -> BTreeSet<String> { stretch.iter().map(|e| e.user_id.clone()).collect() };
+    let users = |stretch: &[Event]| -> BTreeSet<String> { stretch.iter().map(|e| e.user_id.to_string()).collect() };
     // Every user of model A ends on model A's state: dropped, and tombstoned on the changelog so
     // that it agrees with the store.
     let a_users = users(&first).len() as u64;
@@ -92,8 +92,8 @@ fn states_never_cross_models_when_partitions_move_between_instances_of_two_model
     let later = of(&all, &third);
     assert_eq!(later.len(), third.len());
     let b_users = users(&second);
-    let continued: Vec<Event> = second.iter().chain(&third).filter(|e| b_users.contains(&e.user_id)).cloned().collect();
-    let restarted: Vec<Event> = third.iter().filter(|e| !b_users.contains(&e.user_id)).cloned().collect();
+    let continued: Vec<Event> = second.iter().chain(&third).filter(|e| b_users.contains(e.user_id.as_str())).cloned().collect();
+    let restarted: Vec<Event> = third.iter().filter(|e| !b_users.contains(e.user_id.as_str())).cloned().collect();
     let mut expected = offline_scores_of(model_b.path(), &restarted);
     for (user, mut s) in offline_scores_of(model_b.path(), &continued) {
         // Only the third stretch's scores are new.

@@ -363,7 +363,7 @@ mod tests {
         let f = heads.featurize(&mut SessionState::default(), &branded).features;
         assert_eq!((f.brand, f.top_category), (bucket(Some("samsung"), 64), bucket(Some("electronics"), 16)));
         assert!(f.brand > 0 && f.top_category > 0);
-        (branded.brand, branded.category) = (Some(String::new()), None);
+        (branded.brand, branded.category) = (Some(Default::default()), None);
         let f = heads.featurize(&mut SessionState::default(), &branded).features;
         assert_eq!((f.brand, f.top_category), (0, 0));
         let b = spec.featurize(&mut s, &mk(9_000, EventType::AddToCart, Some(9.0)));

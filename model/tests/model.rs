@@ -9,7 +9,7 @@ use intentflow_schemas::{Event, EventType, SessionConfig, SessionState};
 
 fn ev(user: usize, ts_s: i64, kind: EventType) -> Event {
     Event {
-        user_id: format!("u{user}"),
+        user_id: format!("u{user}").into(),
         ts: 1_700_000_000_000 + ts_s * 1000,
         kind,
         event_id: None,
@@ -162,10 +162,10 @@ fn training_and_streaming_compute_identical_inputs() {
         for k in 0..(3 + u % 7) {
             let kind = EventType::ALL[(u + k) % 6];
             let mut e = ev(u, (k as i64) * (40 + u as i64 * 17), kind);
-            e.item_id = Some(format!("item{}", (u * 7 + k) % 11));
-            e.category = (k % 3 != 0).then(|| format!("cat{}", u % 4));
+            e.item_id = Some(format!("item{}", (u * 7 + k) % 11).into());
+            e.category = (k % 3 != 0).then(|| format!("cat{}", u % 4).into());
             e.price = (k % 4 != 1).then_some(3.5 * (k + 1) as f64);
-            e.session_id = Some(format!("s{}", k / 5));
+            e.session_id = Some(format!("s{}", k / 5).into());
             events.push(e);
         }
     }

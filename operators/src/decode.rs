@@ -49,7 +49,7 @@ pub fn decode_batch<'a>(
 ) -> Decoded {
     let mut out = Decoded::default();
     for r in records {
-        let source = SourcePosition { topic: r.topic.to_string(), partition: r.partition, offset: r.offset };
+        let source = SourcePosition { topic: r.topic.into(), partition: r.partition, offset: r.offset };
         match decoder.decode(r.payload.unwrap_or_default(), now_ms) {
             Ok(event) => out.events.push(crate::PositionedEvent { source, event }),
             Err(error) => out.rejected.push(Rejected { source, timestamp_ms: r.timestamp_ms, error, payload: r.payload.map(<[u8]>::to_vec) }),

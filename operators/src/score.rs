@@ -85,12 +85,12 @@ impl BatchOutput {
         let event_ts = format_ts_ms(pe.event.ts);
         ScoredIntent {
             v: INTENT_SCHEMA_VERSION,
-            user_id: pe.event.user_id.clone(),
+            user_id: pe.event.user_id.to_string(),
             score: scored.score,
             emitted_at: self.emitted_at.clone().unwrap_or_else(|| event_ts.clone()),
             event_ts,
             event_type: pe.event.kind,
-            event_id: pe.event.event_id.clone(),
+            event_id: pe.event.event_id.as_deref().map(str::to_string),
             session_id: self.session_id(scored).map(str::to_string),
             session_seq: scored.session_seq,
             session_events: scored.session_events,
@@ -811,9 +811,9 @@ mod tests {
         let mut events = positioned(&generated(30, 400), "events \"quoted\" \\ topic");
         for (i, pe) in events.iter_mut().enumerate() {
             match i % 4 {
-                0 => pe.event.session_id = Some(format!("s-{}\u{7}\n\"é\"", i / 40)),
-                1 => pe.event.event_id = Some(format!("evt \u{1f600} {i}")),
-                2 => pe.event.user_id = format!("{}\t\\", pe.event.user_id),
+                0 => pe.event.session_id = Some(format!("s-{}\u{7}\n\"é\"", i / 40).into()),
+                1 => pe.event.event_id = Some(format!("evt \u{1f600} {i}").into()),
+                2 => pe.event.user_id = format!("{}\t\\", pe.event.user_id).into(),
                 _ if i % 7 == 5 => pe.event.session_id = None,
                 _ => {}
             }
@@ -879,7 +879,7 @@ mod tests {
             let end = (start + rng.random_range(1..300)).min(positioned.len());
             let out = op.process(&positioned[start..end], &store, EmittedAt::EventTime).unwrap();
             for s in &out.scored {
-                streamed.entry(positioned[start + s.input].event.user_id.clone()).or_default().push(s.score.to_bits());
+                streamed.entry(positioned[start + s.input].event.user_id.to_string()).or_default().push(s.score.to_bits());
             }
             for (_, _, state) in &out.states {
                 let bytes = state.encode();

@@ -8,7 +8,8 @@
 //! checks ([`FieldSource`]), so a row is accepted or rejected for the same reason wherever it
 //! comes from.
 
-use crate::event::{DecodeError, Event, EventType, Limits};
+use crate::event::{DecodeError, Event, EventType, Limits, Text};
+use compact_str::ToCompactString;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{Map, Number, Value};
@@ -287,12 +288,13 @@ impl EventDecoder {
         })
     }
 
-    /// Reads an optional id-like field: a string, or an integer kept as its decimal text.
-    fn id_field(&self, fields: &impl FieldSource, field: &'static str) -> Result<Option<String>, DecodeError> {
+    /// Reads an optional id-like field: a string, or an integer kept as its decimal text. Text of
+    /// up to 24 bytes is kept inline ([`Text`]): no allocation.
+    fn id_field(&self, fields: &impl FieldSource, field: &'static str) -> Result<Option<Text>, DecodeError> {
         let s = match fields.cell(field) {
             Cell::Absent => return Ok(None),
-            Cell::Str(s) => s.into_owned(),
-            Cell::Num(n) if n.is_i64() || n.is_u64() => n.to_string(),
+            Cell::Str(s) => Text::from(s.as_ref()),
+            Cell::Num(n) if n.is_i64() || n.is_u64() => n.to_compact_string(),
             other => return Err(DecodeError::WrongType { field, expected: "a string or an integer", got: other.type_name() }),
         };
         if s.len() > self.limits.max_id_bytes {

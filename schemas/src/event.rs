@@ -73,13 +73,17 @@ impl fmt::Display for EventType {
     }
 }
 
+/// An event's text: kept inline up to 24 bytes (user, item and category ids, brands: no
+/// allocation per event), on the heap beyond.
+pub type Text = compact_str::CompactString;
+
 /// One validated clickstream event.
 ///
 /// Serialises to canonical schema v1 JSON: `ts` as epoch milliseconds, absent optionals omitted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// The user (shopper) the event belongs to; integers on input are kept as their decimal text.
-    pub user_id: String,
+    pub user_id: Text,
     /// Event time in epoch milliseconds (UTC).
     pub ts: i64,
     /// What happened.
@@ -87,23 +91,23 @@ pub struct Event {
     pub kind: EventType,
     /// Producer-assigned id of the event, echoed in the scored intent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub event_id: Option<String>,
+    pub event_id: Option<Text>,
     /// The shop's own session id; a change starts a new session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session_id: Option<String>,
+    pub session_id: Option<Text>,
     /// Product id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub item_id: Option<String>,
+    pub item_id: Option<Text>,
     /// Product category as a path of names (REES46 `category_code`, e.g.
     /// `electronics.smartphone`); a bare id belongs in `category_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub category: Option<String>,
+    pub category: Option<Text>,
     /// Product category id (REES46 and Taobao `category_id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub category_id: Option<String>,
+    pub category_id: Option<Text>,
     /// Product brand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub brand: Option<String>,
+    pub brand: Option<Text>,
     /// Unit price, ≥ 0, in the shop's currency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<f64>,

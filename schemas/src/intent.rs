@@ -9,8 +9,9 @@ pub const INTENT_SCHEMA_VERSION: u32 = 1;
 /// offline runs (topic = file path, partition = 0, offset = line number).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourcePosition {
-    /// Input topic (or file).
-    pub topic: String,
+    /// Input topic (or file); a topic name of up to 24 bytes is kept inline, so an event's
+    /// position costs no allocation.
+    pub topic: crate::Text,
     /// Input partition.
     pub partition: i32,
     /// Offset of the input record.

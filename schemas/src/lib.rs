@@ -16,7 +16,7 @@ mod intent;
 mod session;
 
 pub use decode::{Cell, EventDecoder, FieldSource};
-pub use event::{DecodeError, Event, EventType, Limits};
+pub use event::{DecodeError, Event, EventType, Limits, Text};
 pub use intent::{ScoredIntent, SourcePosition, INTENT_SCHEMA_VERSION};
 pub use session::{item_key, DistinctSketch, SessionConfig, SessionCounts, SessionState, SessionStep, UserHistory};
 

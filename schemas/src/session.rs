@@ -152,7 +152,7 @@ impl SessionState {
     /// previous one stays in the session with a gap of 0 and does not move `last_ts_ms` back.
     pub fn advance(&mut self, ev: &Event, cfg: &SessionConfig) -> SessionStep {
         let fresh = self.total_events == 0;
-        let id_changed = matches!((&self.session_id, &ev.session_id), (Some(a), Some(b)) if a != b);
+        let id_changed = matches!((&self.session_id, &ev.session_id), (Some(a), Some(b)) if a.as_str() != b.as_str());
         let new_session = fresh || self.purchased || id_changed || ev.ts - self.last_ts_ms > cfg.gap_ms;
         let gap_ms = if new_session {
             if !fresh {
@@ -172,8 +172,15 @@ impl SessionState {
         } else {
             (ev.ts - self.last_ts_ms).max(0)
         };
-        if ev.session_id.is_some() {
-            self.session_id.clone_from(&ev.session_id);
+        if let Some(id) = &ev.session_id {
+            // The kept id's buffer is reused: no allocation per event of a session.
+            match &mut self.session_id {
+                Some(kept) => {
+                    kept.clear();
+                    kept.push_str(id);
+                }
+                None => self.session_id = Some(id.to_string()),
+            }
         }
         let item = ev.item_id.as_deref().map(item_key);
         let category = ev.category_id.as_deref().or(ev.category.as_deref()).map(item_key);
@@ -246,7 +253,7 @@ mod tests {
             ts: ts_s * 1000,
             kind,
             event_id: None,
-            session_id: session.map(str::to_string),
+            session_id: session.map(Into::into),
             item_id: None,
             category: None,
             category_id: None,
@@ -311,7 +318,7 @@ mod tests {
         let mut s = SessionState::default();
         let mut with_item = |ts, item: &str| {
             let mut e = ev(ts, EventType::View, None);
-            e.item_id = Some(item.to_string());
+            e.item_id = Some(item.into());
             s.advance(&e, &cfg).same_item
         };
         assert_eq!([with_item(0, "a"), with_item(10, "a"), with_item(20, "b"), with_item(30, "a")], [false, true, false, false]);

@@ -187,7 +187,7 @@ pub fn read_intents(path: &Path) -> Result<Vec<ScoredIntent>, ColumnarError> {
                 session_seq: seq.value(row),
                 session_events: events.value(row),
                 model_version: model.value(row).to_string(),
-                source: intentflow_schemas::SourcePosition { topic: topic.value(row).to_string(), partition: partition.value(row), offset: offset.value(row) },
+                source: intentflow_schemas::SourcePosition { topic: topic.value(row).into(), partition: partition.value(row), offset: offset.value(row) },
                 emitted_at: intentflow_schemas::format_ts_ms(emitted_at.value(row)),
                 reasons: reasons.as_ref().and_then(|r| optional(r, row)).map_or_else(Vec::new, |r| r.split(',').map(str::to_string).collect()),
             });

@@ -167,7 +167,7 @@ fn streamed_scores(events: &[Event], intents: &[ScoredIntent], model: &str) -> R
         let Some(i) = by_user.get_mut(e.user_id.as_str()).and_then(|q| q.pop_front()) else {
             anyhow::bail!("event {k} of user {} has no intent: were all events streamed, and the intents all read?", e.user_id);
         };
-        if i.event_type != e.kind || i.event_ts != intentflow_schemas::format_ts_ms(e.ts) || i.event_id != e.event_id {
+        if i.event_type != e.kind || i.event_ts != intentflow_schemas::format_ts_ms(e.ts) || i.event_id.as_deref() != e.event_id.as_deref() {
             anyhow::bail!("user {}: intent for a {} at {} does not match event {k}, a {} at {}", e.user_id, i.event_type, i.event_ts, e.kind, intentflow_schemas::format_ts_ms(e.ts));
         }
         scores.push(i.score);
@@ -243,11 +243,11 @@ mod tests {
     fn intent(e: &Event, score: f32, model: &str) -> ScoredIntent {
         ScoredIntent {
             v: 1,
-            user_id: e.user_id.clone(),
+            user_id: e.user_id.to_string(),
             score,
             event_ts: intentflow_schemas::format_ts_ms(e.ts),
             event_type: e.kind,
-            event_id: e.event_id.clone(),
+            event_id: e.event_id.as_deref().map(str::to_string),
             session_id: None,
             session_seq: 0,
             session_events: 1,

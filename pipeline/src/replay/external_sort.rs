@@ -216,10 +216,10 @@ mod tests {
 
     fn keyed(file: u32, row: u64, ts: i64) -> Keyed {
         let event = Event {
-            user_id: format!("u{row}"),
+            user_id: format!("u{row}").into(),
             ts,
             kind: EventType::View,
-            event_id: Some(format!("{file}/{row}")),
+            event_id: Some(format!("{file}/{row}").into()),
             session_id: None,
             item_id: None,
             category: None,

@@ -61,7 +61,7 @@ pub async fn replay_files(job: &ReplayJob, inputs: &[PathBuf], span: (i64, i64),
                 let Keyed { file, event, .. } = keyed?;
                 let offset = &mut next[file as usize];
                 *offset += 1;
-                Ok(PositionedEvent { source: SourcePosition { topic: names[file as usize].clone(), partition: 0, offset: *offset as i64 - 1 }, event })
+                Ok(PositionedEvent { source: SourcePosition { topic: names[file as usize].as_str().into(), partition: 0, offset: *offset as i64 - 1 }, event })
             })
             .collect::<Result<_>>()?;
         let intents = scorer.score(&chunk, [])?;
