@@ -116,14 +116,18 @@ impl FusedStep {
             return Err(KernelError(format!("{dense} dense inputs, this build has {FEATURE_DIM}")));
         }
         let w_ih: Vec<f32> = params.weight_ih.to_device(&cpu)?.flatten_all()?.to_vec1()?;
-        let host = |t: &Option<candle_core::Tensor>| -> Result<Vec<f32>, KernelError> { Ok(t.as_ref().map(|t| t.to_device(&cpu)?.flatten_all()?.to_vec1()).transpose()?.unwrap_or_default()) };
+        // A convolution has no recurrent tensors: empty.
+        let host = |t: &Option<candle_core::Tensor>| -> Result<Vec<f32>, KernelError> {
+            Ok(t.as_ref().map(|t| t.to_device(&cpu)?.flatten_all()?.to_vec1()).transpose()?.unwrap_or_default())
+        };
         let w_hh = host(&params.weight_hh)?;
         let b_ih: Vec<f32> = params.bias_ih.to_device(&cpu)?.to_vec1()?;
         let b_hh = host(&params.bias_hh)?;
         let head: Vec<f32> = params.head_weight.to_device(&cpu)?.flatten_all()?.to_vec1()?;
         let head_bias = params.head_bias.to_device(&cpu)?.to_vec1::<f32>()?[0];
         // A convolution has no recurrent matrix: its members need no blocks.
-        let members = if members > 1 && h % members == 0 && (w_hh.is_empty() || block_diagonal(&w_hh, gates, h, members)) { members } else { 1 };
+        let blocks = members > 1 && h % members == 0 && (!cell.is_recurrent() || block_diagonal(&w_hh, gates, h, members));
+        let members = if blocks { members } else { 1 };
         let hm = h / members;
         let g3 = gates * h;
         let mut bias_in = vec![0f32; g3];
