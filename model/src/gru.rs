@@ -221,7 +221,7 @@ impl GruParams {
     }
 
     /// The cell: a convolution without `weight_hh`; else from the gates stacked in it (4: an
-    /// LSTM; else a GRU, which [`validate`](Self::validate) checks has 3).
+    /// LSTM; else a GRU, which validation checks has 3).
     pub fn cell(&self) -> Cell {
         let Some(w) = &self.weight_hh else { return Cell::Cnn };
         match (w.dim(0), w.dim(1)) {

@@ -5,7 +5,7 @@ use super::LabelledSession;
 use crate::{eval, Cell};
 use serde::{Deserialize, Serialize};
 
-/// One cell trained by [`train`] and how it validated.
+/// One cell trained by [`train`](super::train) and how it validated.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct CellTrial {
     /// The cell.
@@ -34,7 +34,7 @@ pub(super) fn choose_cell(val_scores: &[Vec<f32>], val: &ValidationEvents, seed:
 }
 
 /// The labels and sessions of the validation split's labelled events, in the order of
-/// [`predict`]'s scores: what the paired bootstrap resamples.
+/// [`predict`](super::fit::predict)'s scores: what the paired bootstrap resamples.
 pub(super) struct ValidationEvents {
     labels: Vec<bool>,
     groups: Vec<usize>,

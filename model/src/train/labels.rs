@@ -90,7 +90,7 @@ pub struct LabelledSession {
     pub labels: Vec<f32>,
     /// 1.0 where the label counts (0 for the purchase event that closes the session).
     pub mask: Vec<f32>,
-    /// Session aggregates so far per event, the baseline's inputs ([`AGGREGATE_NAMES`]).
+    /// Session aggregates so far per event, the baseline's inputs ([`AGGREGATE_NAMES`](crate::baseline::AGGREGATE_NAMES)).
     pub aggregates: Vec<Vec<f64>>,
     /// Index of each event in the input slice.
     pub events: Vec<usize>,
