@@ -508,7 +508,7 @@ impl GruParams {
         let recurrent = first.cell().is_recurrent();
         let mut w_ih = vec![0f32; g * hp * dp];
         let mut w_hh = vec![0f32; if recurrent { g * hp * hp } else { 0 }];
-        let (mut b_ih, mut b_hh) = (vec![0f32; g * hp], vec![0f32; g * hp]);
+        let (mut b_ih, mut b_hh) = (vec![0f32; g * hp], vec![0f32; if recurrent { g * hp } else { 0 }]);
         let mut head = vec![0f32; hp];
         let mut head_bias = 0f32;
         let mut skip = first.skip_weight.as_ref().map(|_| vec![0f32; dense]);
@@ -518,7 +518,7 @@ impl GruParams {
             let wi: Vec<Vec<f32>> = p.weight_ih.to_vec2()?;
             let wh: Vec<Vec<f32>> = p.weight_hh.as_ref().map_or(Ok(Vec::new()), |w| w.to_vec2())?;
             let bi: Vec<f32> = p.bias_ih.to_vec1()?;
-            let bh: Vec<f32> = p.bias_hh.as_ref().map_or(Ok(vec![0.0; g * h]), |b| b.to_vec1())?;
+            let bh: Vec<f32> = p.bias_hh.as_ref().map_or(Ok(Vec::new()), |b| b.to_vec1())?;
             for gate in 0..g {
                 for r in 0..h {
                     let (src, dst) = (gate * h + r, gate * hp + m * h + r);
@@ -527,11 +527,11 @@ impl GruParams {
                     row[dense + m * ei..dense + (m + 1) * ei].copy_from_slice(&wi[src][dense..dense + ei]);
                     let cat_at = dense + k * ei + m * ec;
                     row[cat_at..cat_at + ec].copy_from_slice(&wi[src][dense + ei..]);
+                    b_ih[dst] = bi[src];
                     if recurrent {
                         w_hh[dst * hp + m * h..dst * hp + (m + 1) * h].copy_from_slice(&wh[src]);
+                        b_hh[dst] = bh[src];
                     }
-                    b_ih[dst] = bi[src];
-                    b_hh[dst] = bh[src];
                 }
             }
             for (j, w) in p.head_weight.flatten_all()?.to_vec1::<f32>()?.into_iter().enumerate() {

@@ -45,6 +45,40 @@ __device__ __forceinline__ float sigmoid_fixed(float x) { return 1.0f / (1.0f + 
 
 __device__ __forceinline__ float tanh_fixed(float x) { return 1.0f - 2.0f / (exp_fixed(2.0f * x) + 1.0f); }
 
+// The input pre-activation of row `at` of the G = g rows (gates or taps): its bias, the dense
+// product in feature order, then the item and category tables' rows, as the CPU kernel sums them.
+__device__ __forceinline__ float input_gate(
+    unsigned int at, unsigned int g, unsigned int features, const float* x, const unsigned int* in,
+    unsigned int item_buckets, unsigned int category_buckets,
+    const float* __restrict__ bias_in, const float* __restrict__ dense_cols,
+    const float* __restrict__ item_rows, const float* __restrict__ category_rows) {
+    float acc = bias_in[at];
+    for (unsigned int c = 0; c < features; ++c) acc = acc + dense_cols[c * g + at] * x[c];
+    if (item_buckets > 0) acc = acc + item_rows[(size_t)min(in[features], item_buckets - 1) * g + at];
+    if (category_buckets > 0) acc = acc + category_rows[(size_t)min(in[features + 1], category_buckets - 1) * g + at];
+    return acc;
+}
+
+// Gate `gate`'s recurrent product for unit j: its member's block (hm units, `gates` gates) times
+// the member's old hidden units, in unit order.
+__device__ __forceinline__ float recurrent_gate(
+    unsigned int gate, unsigned int gates, unsigned int j, unsigned int hm,
+    const float* __restrict__ recurrent_cols, const float* h_old) {
+    const unsigned int m = j / hm, kg = gates * hm;
+    const float* block = recurrent_cols + (size_t)m * hm * kg + gate * hm + j % hm;
+    const float* hidden = h_old + m * hm;
+    float r = 0.0f;
+    for (unsigned int i = 0; i < hm; ++i) r = r + block[i * kg] * hidden[i];
+    return r;
+}
+
+// The head's logit of a row's h new outputs, summed in unit order.
+__device__ __forceinline__ float head_logit(unsigned int h, const float* __restrict__ head, float head_bias, const float* out) {
+    float logit = head_bias;
+    for (unsigned int u = 0; u < h; ++u) logit = logit + head[u] * out[u];
+    return logit;
+}
+
 // One thread per (row, hidden unit); blockDim.x = rows_per_block * h. Dynamic shared memory:
 // rows_per_block * (F + 2H) floats.
 extern "C" __global__ void gru_step(
@@ -74,21 +108,10 @@ extern "C" __global__ void gru_step(
     }
     __syncthreads();
     if (live) {
-        const unsigned int g3 = 3 * h;
-        const unsigned int m = j / hm, jj = j % hm, k3 = 3 * hm;
         float g[3], rec[3];
         for (unsigned int gate = 0; gate < 3; ++gate) {
-            const unsigned int at = gate * h + j;
-            float acc = bias_in[at];
-            for (unsigned int c = 0; c < features; ++c) acc = acc + dense_cols[c * g3 + at] * x[c];
-            if (item_buckets > 0) acc = acc + item_rows[(size_t)min(in[features], item_buckets - 1) * g3 + at];
-            if (category_buckets > 0) acc = acc + category_rows[(size_t)min(in[features + 1], category_buckets - 1) * g3 + at];
-            g[gate] = acc;
-            const float* block = recurrent_cols + (size_t)m * hm * k3 + gate * hm + jj;
-            const float* hidden = h_old + m * hm;
-            float r = 0.0f;
-            for (unsigned int i = 0; i < hm; ++i) r = r + block[i * k3] * hidden[i];
-            rec[gate] = r;
+            g[gate] = input_gate(gate * h + j, 3 * h, features, x, in, item_buckets, category_buckets, bias_in, dense_cols, item_rows, category_rows);
+            rec[gate] = recurrent_gate(gate, 3, j, hm, recurrent_cols, h_old);
         }
         const float r = sigmoid_fixed(g[0] + rec[0]);
         const float z = sigmoid_fixed(g[1] + rec[1]);
@@ -98,11 +121,7 @@ extern "C" __global__ void gru_step(
         states[slot * h + j] = next;
     }
     __syncthreads();
-    if (live && j == 0) {
-        float logit = head_bias;
-        for (unsigned int u = 0; u < h; ++u) logit = logit + head[u] * h_new[u];
-        logits[row] = logit;
-    }
+    if (live && j == 0) logits[row] = head_logit(h, head, head_bias, h_new);
 }
 
 // One LSTM step; threads, blocks and shared memory as gru_step. A row's state is [h | c]: h in
@@ -136,21 +155,10 @@ extern "C" __global__ void lstm_step(
     }
     __syncthreads();
     if (live) {
-        const unsigned int g4 = 4 * h;
-        const unsigned int m = j / hm, jj = j % hm, k4 = 4 * hm;
         float g[4], rec[4];
         for (unsigned int gate = 0; gate < 4; ++gate) {
-            const unsigned int at = gate * h + j;
-            float acc = bias_in[at];
-            for (unsigned int c = 0; c < features; ++c) acc = acc + dense_cols[c * g4 + at] * x[c];
-            if (item_buckets > 0) acc = acc + item_rows[(size_t)min(in[features], item_buckets - 1) * g4 + at];
-            if (category_buckets > 0) acc = acc + category_rows[(size_t)min(in[features + 1], category_buckets - 1) * g4 + at];
-            g[gate] = acc;
-            const float* block = recurrent_cols + (size_t)m * hm * k4 + gate * hm + jj;
-            const float* hidden = h_old + m * hm;
-            float r = 0.0f;
-            for (unsigned int i = 0; i < hm; ++i) r = r + block[i * k4] * hidden[i];
-            rec[gate] = r;
+            g[gate] = input_gate(gate * h + j, 4 * h, features, x, in, item_buckets, category_buckets, bias_in, dense_cols, item_rows, category_rows);
+            rec[gate] = recurrent_gate(gate, 4, j, hm, recurrent_cols, h_old);
         }
         const float i = sigmoid_fixed(g[0] + rec[0]);
         const float f = sigmoid_fixed(g[1] + rec[1]);
@@ -164,11 +172,7 @@ extern "C" __global__ void lstm_step(
         states[slot * 2 * h + h + j] = c;
     }
     __syncthreads();
-    if (live && j == 0) {
-        float logit = head_bias;
-        for (unsigned int u = 0; u < h; ++u) logit = logit + head[u] * h_new[u];
-        logits[row] = logit;
-    }
+    if (live && j == 0) logits[row] = head_logit(h, head, head_bias, h_new);
 }
 
 #define CNN_TAPS 3
@@ -200,15 +204,9 @@ extern "C" __global__ void cnn_step(
     if (live) {
         const size_t slot = in[features + 2];
         const bool reset = (in[features + 3] & FLAG_RESET) != 0;
-        const unsigned int g = CNN_TAPS * h;
         float u[CNN_TAPS];
         for (unsigned int m = 0; m < CNN_TAPS; ++m) {
-            const unsigned int at = m * h + j;
-            float acc = bias_in[at];
-            for (unsigned int c = 0; c < features; ++c) acc = acc + dense_cols[c * g + at] * x[c];
-            if (item_buckets > 0) acc = acc + item_rows[(size_t)min(in[features], item_buckets - 1) * g + at];
-            if (category_buckets > 0) acc = acc + category_rows[(size_t)min(in[features + 1], category_buckets - 1) * g + at];
-            u[m] = acc;
+            u[m] = input_gate(m * h + j, CNN_TAPS * h, features, x, in, item_buckets, category_buckets, bias_in, dense_cols, item_rows, category_rows);
         }
         float* state = states + slot * CNN_TAPS * h;
         const float p1 = reset ? 0.0f : state[h + j];
@@ -221,11 +219,7 @@ extern "C" __global__ void cnn_step(
         state[2 * h + j] = u[2];
     }
     __syncthreads();
-    if (live && j == 0) {
-        float logit = head_bias;
-        for (unsigned int v = 0; v < h; ++v) logit = logit + head[v] * y[v];
-        logits[row] = logit;
-    }
+    if (live && j == 0) logits[row] = head_logit(h, head, head_bias, y);
 }
 
 // states[slots[i]] = hidden[i] for each of n rows.

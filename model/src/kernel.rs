@@ -66,12 +66,10 @@ pub struct FusedStep {
     precision: StatePrecision,
 }
 
-/// The fused step's weights (`G·H` gate rows in PyTorch's order: r, z, n for a GRU, i, f, g, o
-/// for an LSTM; see [`FusedStep`]'s fields for each layout).
+/// The fused step's weights (`G·H` rows in PyTorch's order: gates r, z, n for a GRU, i, f, g, o
+/// for an LSTM, a convolution's taps; see [`FusedStep`]'s fields for each layout).
 #[derive(Debug, Clone, Copy)]
 pub struct Layout<'a> {
-    /// The cell.
-    pub cell: Cell,
     /// `G·H` input-gate biases with the recurrent bias added (a GRU's n gate without it).
     pub bias_in: &'a [f32],
     /// `FEATURE_DIM` columns of `G`.
@@ -215,7 +213,6 @@ impl FusedStep {
     /// The weights as laid out for the step, for a device that runs the same arithmetic.
     pub fn layout(&self) -> Layout<'_> {
         Layout {
-            cell: self.cell,
             bias_in: &self.bias_in,
             dense_cols: &self.dense_cols,
             item_rows: &self.item_rows,

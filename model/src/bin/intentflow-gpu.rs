@@ -86,7 +86,7 @@ fn main() -> Result<()> {
 fn feature_rows(model: &IntentModel, events: Option<&std::path::Path>) -> Result<Vec<(Features, bool)>> {
     if let Some(path) = events {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut sessions: HashMap<String, SessionState> = HashMap::new();
+        let mut sessions: HashMap<intentflow_schemas::Text, SessionState> = HashMap::new();
         let mut rows = Vec::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let ev: Event = serde_json::from_str(line).with_context(|| format!("{}: bad event", path.display()))?;
