@@ -63,9 +63,12 @@ fn sigkill_at_random_moments_loses_nothing_doubles_nothing_and_keeps_states_bit_
     // own part (counted in committed input records), plus a random delay so that kills land
     // anywhere in a transaction: while scoring, producing, committing it or writing RocksDB.
     // A life can never get into the next part, so every life commits work of its own.
+    // One wave per batch: a user's second event in a batch waits for the next one, so kills
+    // also land while events are deferred and their partitions' offsets held back (a restart
+    // reads the other users' events after them again, and their fences skip them).
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2026);
     let parts: Vec<&[(String, Vec<u8>)]> = records.chunks(records.len().div_ceil(7)).collect();
-    let args = sc.run_args(&["--max-batch-records", "1000"]);
+    let args = sc.run_args(&["--max-batch-records", "1000", "--max-waves-per-batch", "1"]);
     let mut logs = Vec::new();
     let mut produced = 0;
     let snapshot = sc.dir.path().join("snapshot");
@@ -227,13 +230,14 @@ fn a_broker_killed_mid_run_and_restarted_loses_and_doubles_nothing() {
 /// transaction's earlier batches built (staged, not yet in RocksDB) and SIGTERM commits the
 /// open transaction. States end bit-identical to one offline pass.
 #[test]
-fn one_transaction_spans_a_commit_interval_and_sigterm_commits_it() {
+fn one_transaction_spans_a_commit_interval_and_sigterm_commits_it_with_deferred_events() {
     let sc = Scenario::new("eos-interval", 2);
     // Few users, many events each: every user has events in many batches of one transaction.
     let events = generated_events(40, 6_000, 91);
     produce_events(&sc.brokers, &sc.input, &events).unwrap();
     let addr = free_addr();
-    let mut op = sc.start("op", &sc.run_args(&["--max-batch-records", "100", "--commit-interval-ms", "3000", "--metrics-addr", &addr]));
+    // Two waves per batch: users with more events in a batch have them deferred.
+    let mut op = sc.start("op", &sc.run_args(&["--max-batch-records", "100", "--max-waves-per-batch", "2", "--commit-interval-ms", "3000", "--metrics-addr", &addr]));
     let started = std::time::Instant::now();
     let metrics = loop {
         let text = http_get(&addr, "/metrics");
@@ -246,9 +250,11 @@ fn one_transaction_spans_a_commit_interval_and_sigterm_commits_it() {
     let (batches, commits) = (metric(&metrics, "intentflow_batches_total"), metric(&metrics, "intentflow_commits_total"));
     assert!(batches >= 60, "{batches} batches of at most 100 records for {} events", events.len());
     assert!(commits < batches, "{commits} commits for {batches} batches: a transaction per batch, not per interval");
+    let (steps, deferred) = (metric(&metrics, "intentflow_model_steps_total"), metric(&metrics, "intentflow_events_deferred_total"));
+    assert!(deferred > 0 && steps <= 2 * batches, "{deferred} events deferred, {steps} waves in {batches} batches");
     let (status, log) = op.terminate().unwrap();
     assert!(status.success(), "exit {status}; log:\n{log}");
     let intents = sc.intents(usize::MAX, Duration::from_secs(5));
     assert_exactly_once(&intents, &events, &stored_states(&sc.state));
-    eprintln!("interval test: {batches} batches in {commits} commits before SIGTERM; {} intents", intents.len());
+    eprintln!("interval test: {batches} batches in {commits} commits before SIGTERM, {deferred} events deferred; {} intents", intents.len());
 }

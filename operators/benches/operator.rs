@@ -66,6 +66,17 @@ fn bench(c: &mut Criterion) {
             out.scored.len()
         })
     });
+    // The same batch with the live operator's default cap of 64 waves: the hot user's first 64
+    // events and everyone else's are applied, its other 1,984 are deferred to later batches
+    // (what `intentflow run` does with `max_waves_per_batch`), so the batch is done sooner.
+    let capped = IntentOperator::new(IntentModel::load(model_dir.path(), &Device::Cpu).unwrap()).with_wave_cap(std::num::NonZeroUsize::new(64));
+    group.bench_function("batch_4096_half_one_user_cap_64", |b| {
+        b.iter(|| {
+            let out = capped.process(&hot, &store, intentflow_operators::EmittedAt::Now(0)).unwrap();
+            assert_eq!(out.deferred.len(), 2048 - 64);
+            out.scored.len()
+        })
+    });
     group.finish();
 }
 

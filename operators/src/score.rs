@@ -8,6 +8,7 @@ use intentflow_state::{topic_id, Loaded, StateError, StateRead, UserState};
 use crate::resident::{Resident, ResidentBatch};
 use intentflow_model::{ResidentRow, ResidentStates};
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::{Mutex, PoisonError};
 
 /// A valid event and where it came from.
@@ -68,6 +69,11 @@ pub struct BatchOutput {
     pub already_applied: usize,
     /// Batched model steps taken (the number of waves).
     pub waves: usize,
+    /// Events left for the next batch by the wave cap ([`IntentOperator::with_wave_cap`]): the
+    /// later events of users with more than the cap, as input indices in input order. They are
+    /// not applied, get no intent and move no fence: the caller gives them again, ahead of any
+    /// newer record, and commits no input offset past them.
+    pub deferred: Vec<usize>,
     /// What the resident slab did, when the operator has one.
     pub resident: Option<ResidentBatch>,
 }
@@ -205,13 +211,15 @@ pub struct IntentOperator {
     reasons: bool,
     /// Hidden states resident where the model steps (on a GPU), if any.
     resident: Option<Mutex<Resident>>,
+    /// Most waves per batch, if capped.
+    wave_cap: Option<NonZeroUsize>,
 }
 
 impl IntentOperator {
     /// Wraps a loaded model; states of another model are refused. Every wave is stepped with
     /// the stateless [`IntentModel::step`] until [`IntentOperator::with_resident_slots`].
     pub fn new(model: IntentModel) -> IntentOperator {
-        IntentOperator { model, policy: ModelPolicy::Refuse, fencing: true, reasons: false, resident: None }
+        IntentOperator { model, policy: ModelPolicy::Refuse, fencing: true, reasons: false, resident: None, wave_cap: None }
     }
 
     /// Keeps up to `slots` users' hidden states resident where the model steps (least recently
@@ -269,6 +277,21 @@ impl IntentOperator {
         self
     }
 
+    /// Caps the waves of a batch at `cap` (`None`: no cap). A user with more events in the
+    /// batch has its first `cap` applied; the rest come back as [`BatchOutput::deferred`], so
+    /// one user with thousands of events cannot serialise the batch into thousands of
+    /// one-row waves while every other user waits. States are the same whatever the cap: each
+    /// user's events are still applied in order, only later.
+    ///
+    /// The caller must give the deferred events again and commit no input offset past the
+    /// first of them; events of other users between that offset and the batch's end are then
+    /// read again after a restart, and their fences skip them. So a cap needs fencing (the
+    /// default); without it the cap is ignored.
+    pub fn with_wave_cap(mut self, cap: Option<NonZeroUsize>) -> IntentOperator {
+        self.wave_cap = cap;
+        self
+    }
+
     /// What to do with a stored state built by another model.
     pub fn with_model_policy(mut self, policy: ModelPolicy) -> IntentOperator {
         self.policy = policy;
@@ -310,6 +333,7 @@ impl IntentOperator {
         let version = self.model.version();
         let (mut reset_states, mut foreign_states, mut already_applied) = (0, 0, 0);
         let mut invalid_states = Vec::new();
+        let mut deferred = Vec::new();
         let mut topics = TopicIds::default();
         for (slot, loaded) in slots.iter_mut().zip(stored) {
             slot.state = match loaded {
@@ -335,6 +359,11 @@ impl IntentOperator {
                 let state = &slot.state;
                 slot.inputs.retain(|&i| !state.has_applied(topics.id(&events[i].source.topic), events[i].source.offset));
                 already_applied += before - slot.inputs.len();
+            }
+            if let Some(cap) = self.wave_cap.filter(|_| self.fencing) {
+                if slot.inputs.len() > cap.get() {
+                    deferred.extend(slot.inputs.drain(cap.get()..));
+                }
             }
             // A hidden vector from a model of another size cannot continue; the session
             // counters stay, and the next event's step starts from zero.
@@ -460,6 +489,10 @@ impl IntentOperator {
             invalid_states,
             already_applied,
             waves: max_len,
+            deferred: {
+                deferred.sort_unstable();
+                deferred
+            },
         })
     }
 }
@@ -596,6 +629,61 @@ mod tests {
                 assert!((a - b).abs() <= 1e-5);
             }
         }
+    }
+
+    /// With a wave cap, a batch takes at most that many waves; a user's later events come back
+    /// deferred and, given again ahead of newer records, are applied in order: every event is
+    /// scored once, with the score and final state of an uncapped pass. A restart from the
+    /// offsets a caller may commit (per partition, the first deferred event's, else one past the
+    /// last) re-reads other users' applied events, which their fences skip.
+    #[test]
+    fn a_wave_cap_defers_later_events_and_changes_no_score() {
+        let model = model();
+        let events = spread(&generated(300, 6_000), 4);
+        let uncapped_dir = tempfile::tempdir().unwrap();
+        let uncapped = StateStore::open(uncapped_dir.path(), StoreOptions::default()).unwrap();
+        let mut expected: BTreeMap<(i32, i64), f32> = BTreeMap::new();
+        for chunk in events.chunks(500) {
+            let out = IntentOperator::new(model.clone()).process(chunk, &uncapped, EmittedAt::Now(0)).unwrap();
+            assert!(out.deferred.is_empty(), "no cap, nothing deferred");
+            expected.extend(out.scored.iter().map(|s| ((chunk[s.input].source.partition, chunk[s.input].source.offset), s.score)));
+            uncapped.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
+        }
+
+        let cap = NonZeroUsize::new(2).unwrap();
+        let op = IntentOperator::new(model).with_wave_cap(Some(cap));
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let mut scored: BTreeMap<(i32, i64), f32> = BTreeMap::new();
+        let (mut carry, mut next, mut deferred_total): (Vec<PositionedEvent>, usize, usize) = (Vec::new(), 0, 0);
+        let mut restarted = false;
+        while next < events.len() || !carry.is_empty() {
+            let take = 400.min(events.len() - next);
+            let mut batch = std::mem::take(&mut carry);
+            batch.extend_from_slice(&events[next..next + take]);
+            next += take;
+            let out = op.process(&batch, &store, EmittedAt::Now(0)).unwrap();
+            assert!(out.waves <= cap.get(), "{} waves", out.waves);
+            assert_eq!(out.scored.len() + out.deferred.len() + out.already_applied, batch.len());
+            for s in &out.scored {
+                let at = (batch[s.input].source.partition, batch[s.input].source.offset);
+                assert!(scored.insert(at, s.score).is_none(), "event {at:?} scored twice");
+            }
+            deferred_total += out.deferred.len();
+            carry = out.deferred.iter().map(|&i| batch[i].clone()).collect();
+            store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
+            if !restarted && next >= events.len() / 2 {
+                // A crash after this commit: the in-memory carry is lost, and the partitions are
+                // read again from what the caller committed.
+                restarted = true;
+                let first_deferred = |p: i32| carry.iter().filter(|c| c.source.partition == p).map(|c| c.source.offset).min();
+                carry = events[..next].iter().filter(|e| first_deferred(e.source.partition).is_some_and(|d| e.source.offset >= d)).cloned().collect();
+                assert!(carry.iter().any(|e| scored.contains_key(&(e.source.partition, e.source.offset))), "the restart re-reads applied events");
+            }
+        }
+        assert!(deferred_total > 0, "the cap deferred events");
+        assert_eq!(scored, expected, "the same scores for the same events, each once");
+        assert_eq!(store.users().unwrap(), uncapped.users().unwrap(), "the same final states");
     }
 
     /// A redelivered event is below its user's fence: not applied again, no intent; the rest of

@@ -52,6 +52,22 @@ pub fn next_offsets<'a>(records: impl IntoIterator<Item = (&'a str, i32, i64)>) 
     per_partition(records.into_iter().map(|(t, p, o)| (t, p, o + 1)), i64::max)
 }
 
+/// Lowers the next offsets of a batch (`next`, per topic-partition) to the first event the wave
+/// cap deferred in each partition: those events are applied by a later batch, so the committed
+/// offset must not pass them. (Applied events of other users beyond it are read again after a
+/// restart and skipped by their users' fences.)
+pub fn hold_at_deferred<'a>(next: &mut BTreeMap<(String, i32), i64>, deferred: impl IntoIterator<Item = (&'a str, i32, i64)>) {
+    for ((topic, partition), first) in first_offsets(deferred) {
+        next.entry((topic, partition)).and_modify(|o| *o = (*o).min(first)).or_insert(first);
+    }
+}
+
+/// Whether the record at `offset` of `topic`-`partition` lies at or beyond the partition's next
+/// offset in `next` (held back by a deferred event); a partition not in `next` holds nothing.
+pub fn held(next: &BTreeMap<(String, i32), i64>, topic: &str, partition: i32, offset: i64) -> bool {
+    next.iter().any(|((t, p), &n)| t == topic && *p == partition && offset >= n)
+}
+
 /// The first offset per topic-partition of `records`: where an aborted transaction that read
 /// them rewinds to.
 pub fn first_offsets<'a>(records: impl IntoIterator<Item = (&'a str, i32, i64)>) -> BTreeMap<(String, i32), i64> {
@@ -113,6 +129,16 @@ mod tests {
         assert_eq!(a.known().collect::<Vec<_>>(), [("t", 1, 9)]);
         a.clear();
         assert_eq!(a.known().count(), 0);
+    }
+
+    #[test]
+    fn deferred_events_hold_their_partition_back() {
+        let mut next = next_offsets([("a", 0, 7), ("a", 1, 3), ("b", 0, 4)]);
+        hold_at_deferred(&mut next, [("a", 0, 6), ("a", 0, 5), ("b", 0, 9)]);
+        // a-0 waits for its first deferred event; a-1 has none; a deferral never moves one forward.
+        assert_eq!(next, BTreeMap::from([(("a".to_string(), 0), 5), (("a".to_string(), 1), 4), (("b".to_string(), 0), 5)]));
+        assert!(held(&next, "a", 0, 5) && held(&next, "a", 0, 6));
+        assert!(!held(&next, "a", 0, 4) && !held(&next, "a", 1, 3) && !held(&next, "c", 0, 99));
     }
 
     #[test]

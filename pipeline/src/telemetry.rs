@@ -189,6 +189,8 @@ pub struct BatchStats {
     pub seconds: f64,
     /// GRU steps (waves) in the batch.
     pub waves: u64,
+    /// Events the wave cap left for the next batch (`max_waves_per_batch`).
+    pub deferred: u64,
     /// With hidden states resident on a GPU: what the slab did for the batch.
     pub resident: Option<intentflow_operators::ResidentBatch>,
 }
@@ -220,6 +222,7 @@ pub struct BatchMetrics {
     batch_seconds: Histogram,
     batch_records: Histogram,
     waves: Counter,
+    deferred: Counter,
     gpu_resident_users: Gauge,
     gpu_state_loads: Counter,
     gpu_evictions: Counter,
@@ -245,6 +248,7 @@ impl Default for BatchMetrics {
             batch_seconds: metrics::histogram!("intentflow_batch_seconds"),
             batch_records: metrics::histogram!("intentflow_batch_records"),
             waves: metrics::counter!("intentflow_model_steps_total"),
+            deferred: metrics::counter!("intentflow_events_deferred_total"),
             gpu_resident_users: metrics::gauge!("intentflow_gpu_resident_users"),
             gpu_state_loads: metrics::counter!("intentflow_gpu_state_loads_total"),
             gpu_evictions: metrics::counter!("intentflow_gpu_evictions_total"),
@@ -278,6 +282,7 @@ impl BatchMetrics {
         self.batch_seconds.record(stats.seconds);
         self.batch_records.record(stats.records as f64);
         self.waves.increment(stats.waves);
+        self.deferred.increment(stats.deferred);
         if let Some(r) = &stats.resident {
             self.gpu_resident_users.set(r.held as f64);
             self.gpu_state_loads.increment(r.loaded as u64);

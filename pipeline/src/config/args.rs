@@ -63,6 +63,9 @@ pub struct RunArgs {
     /// Most records per micro-batch [default: 4096].
     #[arg(long)]
     pub max_batch_records: Option<usize>,
+    /// Most model steps per micro-batch; a user's events beyond it wait for the next batch (0: no cap) [default: 64].
+    #[arg(long)]
+    pub max_waves_per_batch: Option<usize>,
     /// Milliseconds between commits; under exactly-once one transaction spans them [default: 100].
     #[arg(long)]
     pub commit_interval_ms: Option<u64>,
@@ -179,6 +182,9 @@ impl RunConfig {
         }
         if let Some(v) = args.max_batch_records {
             cfg.max_batch_records = v;
+        }
+        if let Some(v) = args.max_waves_per_batch {
+            cfg.max_waves_per_batch = v;
         }
         if let Some(v) = args.commit_interval_ms {
             cfg.commit_interval_ms = v;

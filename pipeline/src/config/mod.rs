@@ -66,6 +66,10 @@ pub struct RunConfig {
     pub reasons: bool,
     /// Most records per micro-batch (a batch is what has arrived, up to this many).
     pub max_batch_records: usize,
+    /// Most waves (batched model steps) per micro-batch: a user with more events in a batch
+    /// has the rest deferred to the next one, so one hot user cannot turn a batch into
+    /// thousands of one-row steps. 0: no cap.
+    pub max_waves_per_batch: usize,
     /// How often results are committed; under exactly-once one transaction spans the batches of
     /// this interval. 0 commits after every batch.
     pub commit_interval_ms: u64,
@@ -124,6 +128,7 @@ impl Default for RunConfig {
             bootstrap_from: String::new(),
             bootstrap_output_topic: String::new(),
             max_batch_records: 4096,
+            max_waves_per_batch: 64,
             commit_interval_ms: 100,
             state_cache_mib: 256,
             gpu_resident_users: DEFAULT_GPU_RESIDENT_USERS,

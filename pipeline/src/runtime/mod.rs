@@ -13,7 +13,11 @@
 //! 3. decode, then score with [`IntentOperator::process`] (waves of batched GRU steps; events a
 //!    user's state has already applied are skipped by its fences), reading users' states through
 //!    the unit's staged writes ([`intentflow_state::StagedView`]): a batch sees the states the
-//!    unit's earlier batches built, which RocksDB does not hold yet;
+//!    unit's earlier batches built, which RocksDB does not hold yet. A user with more events than
+//!    `max_waves_per_batch` has the rest *deferred*: they lead the next batch (which then takes
+//!    fewer new records and does not wait for any), and the partition's next offset stays at the
+//!    first of them until they are applied, so a restart reads them again (the fences skip the
+//!    other users' events read again with them);
 //! 4. enqueue the intents and dead letters (and, under exactly-once, the users' new states to the
 //!    changelog) without awaiting them, so the next batch is scored while they travel, and stage
 //!    the states and next offsets.
@@ -40,7 +44,8 @@
 //! offsets; a rebalance aborts it too (its group metadata, taken when it began, would fence its
 //! offsets anyway), and the new assignment reads from the committed offsets. A crash between 5
 //! and 6 leaves the store one unit behind the changelog, which the restore applies. On
-//! SIGTERM/SIGINT the loop finishes the batch in hand, commits the unit and returns.
+//! SIGTERM/SIGINT the loop finishes the batch in hand and any deferred events, commits the unit
+//! and returns.
 //!
 //! The other modules: [`startup`] opens everything, [`handover`] adopts a replayed state,
 //! [`watchdog`] ends a process stuck in a transaction call, and `consume` is what the loop does
@@ -65,7 +70,8 @@ use consume::{collect, report_gap, rewind};
 use crate::dlq::{self, QuarantinedState};
 use crate::offsets;
 use inputs::InputOrder;
-use intentflow_operators::{decode::decode_batch, EmittedAt, SourceRecord};
+use intentflow_operators::decode::{decode_batch, Rejected};
+use intentflow_operators::{EmittedAt, PositionedEvent, SourceRecord};
 use intentflow_schemas::EventDecoder;
 use crate::kafka::DeliveryWindow;
 use intentflow_state::{Staged, StagedView};
@@ -166,6 +172,15 @@ struct BatchLoop<'s> {
     /// The open unit's states and offsets, which its batches read and RocksDB gets when it
     /// commits.
     staged: Staged,
+    /// Events the wave cap deferred: the next batch begins with them.
+    carry: Vec<PositionedEvent>,
+    /// Invalid records read beyond a deferred event of their partition: dead-lettered by a
+    /// later batch, once their partition's next offset passes them.
+    carry_rejected: Vec<Rejected>,
+    /// Per topic-partition, one past the highest offset collected since the last rewind or
+    /// rebalance: a partition's next offset once nothing of it is deferred (a batch of deferred
+    /// events alone must not move it back to theirs).
+    collected: BTreeMap<(String, i32), i64>,
 }
 
 /// The batches of one commit interval: under exactly-once one Kafka transaction.
@@ -204,6 +219,9 @@ impl<'s> BatchLoop<'s> {
             interval: Duration::from_millis(s.cfg.commit_interval_ms),
             unit: None,
             staged: Staged::default(),
+            carry: Vec::new(),
+            carry_rejected: Vec::new(),
+            collected: BTreeMap::new(),
         }
     }
 
@@ -231,7 +249,13 @@ impl<'s> BatchLoop<'s> {
         loop {
             let mut generation = ctx.generation();
             self.follow_generation(generation, order.as_mut())?;
-            let first = tokio::select! {
+            // Deferred events are processed at once, with whatever else has arrived; a stop
+            // waits for them (below).
+            let deferred = !self.carry.is_empty();
+            if deferred && *shutdown.borrow() {
+                break;
+            }
+            let first = if deferred { None } else { tokio::select! {
                 biased;
                 () = stopped(shutdown) => break,
                 Some(done) = restores.recv() => {
@@ -244,14 +268,19 @@ impl<'s> BatchLoop<'s> {
                 }
                 () = sleep_until(order.as_ref().and_then(InputOrder::deadline)) => None,
                 m = consumer.recv() => Some(m),
-            };
-            let mut fetched: Vec<BorrowedMessage<'_>> = Vec::with_capacity(cfg.max_batch_records);
+            }};
+            // Deferred events count against the batch's records.
+            let room = cfg.max_batch_records.saturating_sub(self.carry.len());
+            let mut fetched: Vec<BorrowedMessage<'_>> = Vec::with_capacity(room.max(1));
+            let arrived = first.is_some();
             if let Some(m) = first {
                 collect(&mut fetched, m, &mut generation, ctx)?;
+            }
+            if arrived || deferred {
                 // The batch is what has arrived by now: nothing waits for more records (the commit
                 // interval paces the commits, not the batches), so a record is scored as soon as
                 // the batch before it is done.
-                while fetched.len() < cfg.max_batch_records {
+                while fetched.len() < room {
                     tokio::select! {
                         biased;
                         m = consumer.recv() => collect(&mut fetched, m, &mut generation, ctx)?,
@@ -276,7 +305,7 @@ impl<'s> BatchLoop<'s> {
                     released
                 }
             };
-            if !batch.is_empty() {
+            if !batch.is_empty() || !self.carry.is_empty() {
                 self.process(&batch, order.as_mut()).await?;
             }
             if self.unit.as_ref().is_some_and(|u| u.began.elapsed() >= self.interval) || self.staged.bytes() >= MAX_STAGED_BYTES {
@@ -284,6 +313,11 @@ impl<'s> BatchLoop<'s> {
             }
         }
         self.health.set_phase(Phase::Stopping);
+        // Deferred events are applied before the last commit, so that a clean stop leaves
+        // nothing to read again.
+        while !self.carry.is_empty() && ctx.generation() == self.generation {
+            self.process(&[], order.as_mut()).await?;
+        }
         // The batches in hand are committed (or, if that fails, aborted: the next start repeats them).
         if self.unit.is_some() {
             self.end_unit(order.as_mut()).await?;
@@ -303,6 +337,7 @@ impl<'s> BatchLoop<'s> {
                 self.abandon_unit("a rebalance")?;
             }
             self.applied.clear();
+            self.forget_collected();
             // A revoked partition's next owner finds the same keys when it restores.
             self.tombstones.retain(|_, (g, _)| *g == generation);
             if let Some(o) = order {
@@ -399,14 +434,16 @@ impl<'s> BatchLoop<'s> {
             }
         }
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let decoded = decode_batch(&self.decoder, fresh, now_ms);
-        for r in &decoded.rejected {
-            *stats.invalid.entry(r.error.kind()).or_default() += 1;
-        }
-        dlq::log_rejections(&decoded.rejected);
+        let mut decoded = decode_batch(&self.decoder, fresh, now_ms);
+        // Events deferred by the last batch go first: each user's events stay in order.
+        let mut events = std::mem::take(&mut self.carry);
+        let carried = events.len();
+        events.append(&mut decoded.events);
+        let mut rejected = std::mem::take(&mut self.carry_rejected);
+        rejected.append(&mut decoded.rejected);
         // The users' states as the open unit left them.
         let view = StagedView { store: &s.store, staged: &self.staged };
-        let out = tokio::task::block_in_place(|| s.operator.process(&decoded.events, &view, EmittedAt::Now(now_ms)))?;
+        let out = tokio::task::block_in_place(|| s.operator.process(&events, &view, EmittedAt::Now(now_ms)))?;
         let quarantined: Vec<QuarantinedState> = out
             .invalid_states
             .iter()
@@ -422,16 +459,33 @@ impl<'s> BatchLoop<'s> {
             .collect();
         quarantined.iter().for_each(|q| q.report(&self.invalid_states));
 
-        let next = offsets::next_offsets(batch.iter().map(|m| (m.topic(), m.partition(), m.offset())));
+        for (partition, next) in offsets::next_offsets(batch.iter().map(|m| (m.topic(), m.partition(), m.offset()))) {
+            self.collected.entry(partition).and_modify(|n| *n = (*n).max(next)).or_insert(next);
+        }
+        // Every record the batch read, the deferred ones it began with included.
+        let read = || batch.iter().map(|m| (m.topic(), m.partition(), m.offset())).chain(events[..carried].iter().map(|e| (&*e.source.topic, e.source.partition, e.source.offset)));
+        let mut next: BTreeMap<(String, i32), i64> = offsets::first_offsets(read()).into_keys().map(|k| {
+            let n = self.collected[&k];
+            (k, n)
+        }).collect();
+        offsets::hold_at_deferred(&mut next, out.deferred.iter().map(|&i| (&*events[i].source.topic, events[i].source.partition, events[i].source.offset)));
+        // An invalid record beyond a partition's held offset waits with the deferred events: it
+        // is dead-lettered once the offset passes it, so a restart that reads it again cannot
+        // dead-letter it twice.
+        let (rejected, held): (Vec<Rejected>, Vec<Rejected>) = rejected.into_iter().partition(|r| !offsets::held(&next, &r.source.topic, r.source.partition, r.source.offset));
+        for r in &rejected {
+            *stats.invalid.entry(r.error.kind()).or_default() += 1;
+        }
+        dlq::log_rejections(&rejected);
         // Encoded once, for the changelog and for RocksDB.
         let states: Vec<Vec<u8>> = out.states.iter().map(|(_, _, st)| st.encode()).collect();
-        let records = BatchRecords { events: &decoded.events, out: &out, states: &states, rejected: &decoded.rejected, quarantined: &quarantined };
+        let records = BatchRecords { events: &events, out: &out, states: &states, rejected: &rejected, quarantined: &quarantined };
         if self.unit.is_none() {
             self.unit = Some(self.begin_unit()?);
         }
         let unit = self.unit.as_mut().expect("begun above");
         unit.batches += 1;
-        for (partition, offset) in offsets::first_offsets(batch.iter().map(|m| (m.topic(), m.partition(), m.offset()))) {
+        for (partition, offset) in offsets::first_offsets(read()) {
             unit.first.entry(partition).and_modify(|o| *o = (*o).min(offset)).or_insert(offset);
         }
         let sink = s.sink();
@@ -454,17 +508,20 @@ impl<'s> BatchLoop<'s> {
         for ((t, p), o) in next {
             self.staged.put_offset(t, p, o);
         }
+        self.carry = out.deferred.iter().map(|&i| events[i].clone()).collect();
+        self.carry_rejected = held;
 
         stats.skipped += out.already_applied as u64;
         stats.intents = out.scored.len() as u64;
         stats.state_resets = out.reset_states as u64;
         stats.foreign_states = out.foreign_states as u64;
         stats.waves = out.waves as u64;
+        stats.deferred = out.deferred.len() as u64;
         stats.resident = out.resident;
         stats.seconds = started.elapsed().as_secs_f64();
         self.metrics.emit_batch(&stats, self.health);
         self.unit.as_mut().expect("begun above").outcome.add(&stats);
-        tracing::debug!(records = stats.records, intents = stats.intents, waves = stats.waves, seconds = stats.seconds, "batch done");
+        tracing::debug!(records = stats.records, intents = stats.intents, waves = stats.waves, deferred = stats.deferred, seconds = stats.seconds, "batch done");
         Ok(())
     }
 
@@ -582,7 +639,18 @@ impl<'s> BatchLoop<'s> {
             self.tombstones.entry(p).or_insert(t);
         }
         self.staged.clear();
+        // Its partitions are read again from its first offsets (a rewind) or from the committed
+        // ones (a rebalance), deferred events included.
+        self.forget_collected();
         Ok(())
+    }
+
+    /// Forgets the deferred events and how far each partition was collected: its records are
+    /// read again.
+    fn forget_collected(&mut self) {
+        self.carry.clear();
+        self.carry_rejected.clear();
+        self.collected.clear();
     }
 
     /// After the last batch: under at-least-once, make the last position durable in the group.

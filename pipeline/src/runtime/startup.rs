@@ -77,7 +77,7 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
     let model = IntentModel::load(&cfg.model_dir, &device)?;
     tracing::info!(version = model.version(), hidden = model.hidden_dim(), device = ?cfg.device, "model loaded");
     let policy = ModelPolicy::from_reset_flag(cfg.reset_state_on_model_change);
-    let operator = IntentOperator::new(model).with_model_policy(policy).with_reasons(cfg.reasons).with_gpu_resident_slots(cfg.gpu_resident_users)?;
+    let operator = IntentOperator::new(model).with_model_policy(policy).with_reasons(cfg.reasons).with_wave_cap(std::num::NonZeroUsize::new(cfg.max_waves_per_batch)).with_gpu_resident_slots(cfg.gpu_resident_users)?;
     let store = Arc::new(dir.open_store(StoreOptions::with_cache_budget(cfg.state_cache_mib << 20))?);
     StateDir::adopt_model(&store, operator.model().version(), policy)?;
 
