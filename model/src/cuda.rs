@@ -18,7 +18,7 @@
 use crate::kernel::FusedStep;
 use crate::Cell;
 use crate::resident::{check_rows, out_of_range, ResidentRow, ResidentStates, SlotCheck};
-use crate::{ModelError, FEATURE_DIM};
+use crate::{ModelError, StatePrecision, FEATURE_DIM};
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg};
 use candle_core::Device;
 use rayon::prelude::*;
@@ -48,6 +48,8 @@ struct Weights {
     bias_hn: CudaSlice<f32>,
     head: CudaSlice<f32>,
     head_bias: f32,
+    /// 1 when new state values are rounded to f16 (a model trained with `--state-precision f16`).
+    f16_states: u32,
     item_buckets: u32,
     category_buckets: u32,
 }
@@ -108,12 +110,11 @@ impl CudaStates {
         if units > 1024 {
             return Err(ModelError::Invalid(format!("the GPU step takes at most 1,024 hidden units, the model has {units}")));
         }
-        if !kernel.state_precision().is_f32() {
-            return Err(ModelError::Invalid(format!(
-                "the GPU step keeps f32 states; this model rounds them to {:?}: run it on the CPU, or train it without --state-precision",
-                kernel.state_precision()
-            )));
-        }
+        let f16_states = match kernel.state_precision() {
+            StatePrecision::F32 => 0u32,
+            StatePrecision::F16 => 1,
+            other => return Err(ModelError::Invalid(format!("the GPU step keeps states in f32 or f16; this model rounds them to {other:?}: run it on the CPU"))),
+        };
         let stream = dev.cuda_stream();
         let func = |name: &str| dev.get_or_load_custom_func(name, MODULE, PTX).map(|f| f.into_cuda_function()).map_err(driver);
         let up = |v: &[f32]| -> Result<CudaSlice<f32>, ModelError> {
@@ -134,6 +135,7 @@ impl CudaStates {
             bias_hn: up(layout.bias_hn)?,
             head: up(layout.head)?,
             head_bias: layout.head_bias,
+            f16_states,
             item_buckets: (layout.item_rows.len() / g3) as u32,
             category_buckets: (layout.category_rows.len() / g3) as u32,
         };
@@ -393,7 +395,7 @@ impl CudaStates {
         if self.cell == Cell::Gru {
             launch.arg(&w.bias_hn);
         }
-        launch.arg(&w.head).arg(&w.head_bias).arg(&input).arg(&mut self.states).arg(&mut output);
+        launch.arg(&w.head).arg(&w.head_bias).arg(&w.f16_states).arg(&input).arg(&mut self.states).arg(&mut output);
         // SAFETY: the arguments match the signature of the cell's kernel (`gru_step`, `lstm_step`
         // or `cnn_step`), and every slot was checked to be in range while its row was packed. (A
         // slot repeated in one step, against the contract, makes its rows race on values: no

@@ -15,6 +15,9 @@
 //   recurrent_cols k x hm x (G/k) each member's recurrent block, column i = weights of h_i
 //   bias_hn        H            a GRU's recurrent bias of the n gate
 //   head           H            head weights
+//   f16_states     u32          1: every new state value is rounded to f16 and back (to nearest,
+//                               ties to even), as the CPU kernel rounds a model trained with
+//                               --state-precision f16, before the head reads it; 0: kept in f32
 //   inputs (u32)   rows x (F+4) dense feature bits, item bucket, category bucket, slot, flags
 //   states         capacity x S the resident states ([h | c] for an LSTM), updated in place
 //   logits         rows         the head's raw logits
@@ -44,6 +47,18 @@ __device__ __forceinline__ float exp_fixed(float x) {
 __device__ __forceinline__ float sigmoid_fixed(float x) { return 1.0f / (1.0f + exp_fixed(-x)); }
 
 __device__ __forceinline__ float tanh_fixed(float x) { return 1.0f - 2.0f / (exp_fixed(2.0f * x) + 1.0f); }
+
+// A new state value as the model keeps it: with f16 states, rounded to IEEE half precision (to
+// nearest, ties to even, subnormals kept: PTX cvt.rn without .ftz, as the `half` crate rounds on
+// the CPU) and widened back; else unchanged.
+__device__ __forceinline__ float kept(float x, unsigned int f16_states) {
+    if (!f16_states) return x;
+    unsigned short half_bits;
+    float widened;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(half_bits) : "f"(x));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(widened) : "h"(half_bits));
+    return widened;
+}
 
 // The input pre-activation of row `at` of the G = g rows (gates or taps): its bias, the dense
 // product in feature order, then the item and category tables' rows, as the CPU kernel sums them.
@@ -87,7 +102,7 @@ extern "C" __global__ void gru_step(
     const float* __restrict__ bias_in, const float* __restrict__ dense_cols,
     const float* __restrict__ item_rows, const float* __restrict__ category_rows,
     const float* __restrict__ recurrent_cols, const float* __restrict__ bias_hn,
-    const float* __restrict__ head, float head_bias,
+    const float* __restrict__ head, float head_bias, unsigned int f16_states,
     const unsigned int* __restrict__ inputs, float* __restrict__ states, float* __restrict__ logits) {
     extern __shared__ float shared[];
     const unsigned int stride = features + 4;
@@ -116,7 +131,7 @@ extern "C" __global__ void gru_step(
         const float r = sigmoid_fixed(g[0] + rec[0]);
         const float z = sigmoid_fixed(g[1] + rec[1]);
         const float n = tanh_fixed(g[2] + r * (rec[2] + bias_hn[j]));
-        const float next = n + z * (h_old[j] - n);
+        const float next = kept(n + z * (h_old[j] - n), f16_states);
         h_new[j] = next;
         states[slot * h + j] = next;
     }
@@ -132,7 +147,7 @@ extern "C" __global__ void lstm_step(
     const float* __restrict__ bias_in, const float* __restrict__ dense_cols,
     const float* __restrict__ item_rows, const float* __restrict__ category_rows,
     const float* __restrict__ recurrent_cols,
-    const float* __restrict__ head, float head_bias,
+    const float* __restrict__ head, float head_bias, unsigned int f16_states,
     const unsigned int* __restrict__ inputs, float* __restrict__ states, float* __restrict__ logits) {
     extern __shared__ float shared[];
     const unsigned int stride = features + 4;
@@ -165,11 +180,12 @@ extern "C" __global__ void lstm_step(
         const float cand = tanh_fixed(g[2] + rec[2]);
         const float o = sigmoid_fixed(g[3] + rec[3]);
         const float c_old = reset ? 0.0f : states[slot * 2 * h + h + j];
+        // h from the unrounded c, then both rounded: as the CPU rounds the whole state after.
         const float c = f * c_old + i * cand;
-        const float next = o * tanh_fixed(c);
+        const float next = kept(o * tanh_fixed(c), f16_states);
         h_new[j] = next;
         states[slot * 2 * h + j] = next;
-        states[slot * 2 * h + h + j] = c;
+        states[slot * 2 * h + h + j] = kept(c, f16_states);
     }
     __syncthreads();
     if (live && j == 0) logits[row] = head_logit(h, head, head_bias, h_new);
@@ -185,7 +201,7 @@ extern "C" __global__ void cnn_step(
     unsigned int item_buckets, unsigned int category_buckets,
     const float* __restrict__ bias_in, const float* __restrict__ dense_cols,
     const float* __restrict__ item_rows, const float* __restrict__ category_rows,
-    const float* __restrict__ head, float head_bias,
+    const float* __restrict__ head, float head_bias, unsigned int f16_states,
     const unsigned int* __restrict__ inputs, float* __restrict__ states, float* __restrict__ logits) {
     extern __shared__ float shared[];
     const unsigned int stride = features + 4;
@@ -212,11 +228,11 @@ extern "C" __global__ void cnn_step(
         const float p1 = reset ? 0.0f : state[h + j];
         const float p2 = reset ? 0.0f : state[2 * h + j];
         const float pre = u[0] + p1;
-        const float out = pre < 0.0f ? 0.0f : pre;
+        const float out = kept(pre < 0.0f ? 0.0f : pre, f16_states);
         y[j] = out;
         state[j] = out;
-        state[h + j] = u[1] + p2;
-        state[2 * h + j] = u[2];
+        state[h + j] = kept(u[1] + p2, f16_states);
+        state[2 * h + j] = kept(u[2], f16_states);
     }
     __syncthreads();
     if (live && j == 0) logits[row] = head_logit(h, head, head_bias, y);

@@ -346,7 +346,9 @@ impl IntentOperator {
                     }
                     ModelPolicy::Reset => {
                         foreign_states += 1;
-                        UserState::default()
+                        // The fences stay: events the old state applied are not applied again
+                        // (a restart reads them again behind events a wave cap deferred).
+                        UserState { fences: state.fences, ..UserState::default() }
                     }
                 },
                 Loaded::Invalid { bytes, error } => {

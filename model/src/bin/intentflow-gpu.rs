@@ -23,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use intentflow_model::cuda::{CudaStates, StepProfile};
 use intentflow_model::kernel::FusedStep;
-use intentflow_model::{conv_bias_taps, Cell, Device, Features, GruParams, HostStates, IntentModel, ResidentRow, ResidentStates, FEATURE_DIM};
+use intentflow_model::{conv_bias_taps, Cell, Device, Features, GruParams, HostStates, IntentModel, ResidentRow, ResidentStates, StatePrecision, FEATURE_DIM};
 use intentflow_schemas::{Event, SessionState};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -153,6 +153,11 @@ fn variants(model: &IntentModel, served: &Arc<FusedStep>) -> Result<Vec<(String,
         };
         let kernel = Arc::new(FusedStep::new(&other, members)?);
         out.push((format!("the {cell} cell (H = {h}, {} blocks)", kernel.blocks()), kernel));
+        out.push((format!("the {cell} cell, f16 states"), Arc::new(FusedStep::new(&other, members)?.with_state_precision(StatePrecision::F16))));
+    }
+    // States rounded to f16 in the step (`--state-precision f16`): the served cell too.
+    if served.state_precision().is_f32() {
+        out.push((format!("served {} model, f16 states", served.cell()), Arc::new(FusedStep::new(p, members)?.with_state_precision(StatePrecision::F16))));
     }
     Ok(out)
 }

@@ -39,11 +39,11 @@ pub struct TrainArgs {
     /// ensemble).
     #[arg(long, default_value_t = TrainConfig::default().members)]
     pub members: usize,
-    /// Precision the served model keeps hidden states in: `f16` rounds each new hidden vector
-    /// to f16 in the step, so states take half the bytes in RocksDB and the changelog (quality
-    /// cost measured with `intentflow eval --state-precision f16`: docs/performance.md). Such a
-    /// model runs on the CPU only for now.
-    #[arg(long, value_enum, default_value = "f32")]
+    /// Precision the served model keeps hidden states in: `f16` (the default) rounds each new
+    /// state to f16 in the step, on the CPU and the GPU alike, so states take half the bytes in
+    /// RocksDB and the changelog (quality cost measured with `intentflow eval --state-precision
+    /// f16`: docs/performance.md); `f32` keeps them whole.
+    #[arg(long, value_enum, default_value = "f16")]
     pub state_precision: super::eval::PrecisionArg,
     /// Seed of initialisation and batch order.
     #[arg(long, default_value_t = TrainConfig::default().seed)]

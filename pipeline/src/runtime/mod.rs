@@ -252,8 +252,15 @@ impl<'s> BatchLoop<'s> {
             // Deferred events are processed at once, with whatever else has arrived; a stop
             // waits for them (below).
             let deferred = !self.carry.is_empty();
-            if deferred && *shutdown.borrow() {
-                break;
+            if deferred {
+                if *shutdown.borrow() {
+                    break;
+                }
+                // Restores that finished meanwhile resume their partitions now: a carry that
+                // never empties (a hot user behind a backlog) must not keep them paused.
+                while let Ok(done) = restores.try_recv() {
+                    self.restored(consumer, done)?;
+                }
             }
             let first = if deferred { None } else { tokio::select! {
                 biased;
