@@ -87,14 +87,12 @@ pub struct Imported {
 impl Imported {
     /// A one-line summary: events by type, users, skipped rows.
     pub fn summary(&self) -> String {
-        let mut by_type = [0usize; 6];
+        let mut by_type = [0usize; EventType::ALL.len()];
         for e in &self.events {
             by_type[e.kind.index()] += 1;
         }
-        let types: Vec<String> =
-            EventType::ALL.iter().zip(by_type).filter(|(_, n)| *n > 0).map(|(k, n)| format!("{n} {}", k.as_str())).collect();
         let users: std::collections::HashSet<&str> = self.events.iter().map(|e| e.user_id.as_str()).collect();
-        format!("{} events ({}), {} users, {} rows skipped", self.events.len(), types.join(", "), users.len(), self.bad.len())
+        summary(&by_type, users.len(), self.bad.len())
     }
 
     /// Sorts the events by time (stable: equal times keep file order); the oracle column, if
@@ -111,6 +109,13 @@ impl Imported {
             None => self.events.sort_by_key(|e| e.ts),
         }
     }
+}
+
+/// The one-line summary of [`Imported::summary`] from counts: events by type (indexed as
+/// [`EventType::index`]), distinct users, skipped rows.
+pub fn summary(by_type: &[usize; EventType::ALL.len()], users: usize, skipped: usize) -> String {
+    let types: Vec<String> = EventType::ALL.iter().zip(by_type).filter(|(_, n)| **n > 0).map(|(k, n)| format!("{n} {}", k.as_str())).collect();
+    format!("{} events ({}), {users} users, {skipped} rows skipped", by_type.iter().sum::<usize>(), types.join(", "))
 }
 
 fn now_ms() -> i64 {
@@ -180,6 +185,38 @@ pub fn for_each_event(path: &Path, decoder: &EventDecoder, mut row: impl FnMut(u
         let file = open(path)?;
         text::jsonl_rows(std::io::BufReader::with_capacity(1 << 20, file), decoder, now, |i, _, event| row(i, event))
             .map_err(|source| FormatError::Io { path: path.to_path_buf(), source })?;
+    }
+    Ok(())
+}
+
+/// Streams the rows of `path` in `format` (any of them, CSV layouts included) to `row` in file
+/// order: each row's 1-based number and its event, or why it was skipped. Nothing is sorted or
+/// held, so memory stays bounded whatever the file's size; text files are read through `wrap`
+/// (given the file and its size), for a progress bar over the bytes read.
+///
+/// # Errors
+///
+/// If the file cannot be opened or read, or (Parquet) lacks a required column; bad rows are not
+/// errors.
+pub fn for_each_row(path: &Path, format: Format, decoder: &EventDecoder, wrap: impl FnOnce(std::fs::File, u64) -> Box<dyn Read>, mut row: impl FnMut(usize, Result<Event, String>)) -> Result<(), FormatError> {
+    let now = now_ms();
+    let layout = match format {
+        Format::Parquet => {
+            columnar::for_each_event(path, decoder, now, |i, event| row(i + 1, event.map_err(|e| e.to_string())))?;
+            return Ok(());
+        }
+        Format::Jsonl => None,
+        Format::Rees46 => Some(text::CsvLayout::Rees46),
+        Format::Taobao => Some(text::CsvLayout::Taobao),
+        Format::RetailRocket => Some(text::CsvLayout::RetailRocket),
+    };
+    let file = open(path)?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let reader = wrap(file, size);
+    match layout {
+        None => text::jsonl_rows(std::io::BufReader::with_capacity(1 << 20, reader), decoder, now, |i, _, event| row(i, event.map_err(|e| e.to_string())))
+            .map_err(|source| FormatError::Io { path: path.to_path_buf(), source })?,
+        Some(layout) => text::csv_rows(reader, layout, decoder, now, row),
     }
     Ok(())
 }

@@ -78,9 +78,19 @@ pub fn read_jsonl(reader: impl BufRead, decoder: &EventDecoder, now_ms: i64) -> 
 /// Reads a CSV file of `layout`; rows that do not map or do not validate are reported in
 /// [`Imported::bad`] with their line numbers.
 pub fn read_csv(input: impl Read, layout: CsvLayout, decoder: &EventDecoder, now_ms: i64) -> Imported {
+    let mut out = Imported::default();
+    csv_rows(input, layout, decoder, now_ms, |line, event| match event {
+        Ok(e) => out.events.push(e),
+        Err(reason) => out.bad.push(BadRow { line, reason }),
+    });
+    out
+}
+
+/// Streams the rows of a CSV file of `layout` to `row`: each row's 1-based line number and its
+/// event, or why it could not be mapped or validated. Memory stays bounded by one row.
+pub fn csv_rows(input: impl Read, layout: CsvLayout, decoder: &EventDecoder, now_ms: i64, mut row: impl FnMut(usize, Result<Event, String>)) {
     let header = layout != CsvLayout::Taobao;
     let mut reader = csv::ReaderBuilder::new().has_headers(header).flexible(true).from_reader(input);
-    let mut out = Imported::default();
     let mut record = csv::StringRecord::new();
     let mut fields = Map::new();
     let mut line = if header { 2 } else { 1 };
@@ -89,16 +99,12 @@ pub fn read_csv(input: impl Read, layout: CsvLayout, decoder: &EventDecoder, now
             Ok(false) => break,
             Ok(true) => {
                 let mapped = map_row(layout, &record, &mut fields).map_err(|e| e.to_string());
-                match mapped.and_then(|()| decoder.decode_object(&fields, now_ms).map_err(|e| e.to_string())) {
-                    Ok(e) => out.events.push(e),
-                    Err(reason) => out.bad.push(BadRow { line, reason }),
-                }
+                row(line, mapped.and_then(|()| decoder.decode_object(&fields, now_ms).map_err(|e| e.to_string())));
             }
-            Err(e) => out.bad.push(BadRow { line, reason: e.to_string() }),
+            Err(e) => row(line, Err(e.to_string())),
         }
         line += 1;
     }
-    out
 }
 
 /// Why a CSV row could not even be mapped to schema-v1 fields.

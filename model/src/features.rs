@@ -260,15 +260,21 @@ impl FeatureSpec {
     /// Fits mean and standard deviation of the dense features on raw rows (a zero deviation
     /// becomes 1), keeping the session rule, buckets and switched-off features.
     pub fn fit(&self, rows: &[Features]) -> FeatureSpec {
-        let n = rows.len().max(1) as f64;
+        self.fit_stream(rows.len(), || rows.iter().copied())
+    }
+
+    /// [`FeatureSpec::fit`] on `n` rows that `rows` yields, twice (for the mean, then the
+    /// variance), so that they need not be in memory.
+    pub fn fit_stream<I: Iterator<Item = Features>>(&self, n: usize, rows: impl Fn() -> I) -> FeatureSpec {
+        let n = n.max(1) as f64;
         let mut mean = [0f64; FEATURE_DIM];
-        for r in rows {
+        for r in rows() {
             for (m, x) in mean.iter_mut().zip(&r.dense) {
                 *m += f64::from(*x) / n;
             }
         }
         let mut var = [0f64; FEATURE_DIM];
-        for r in rows {
+        for r in rows() {
             for ((v, x), m) in var.iter_mut().zip(&r.dense).zip(&mean) {
                 *v += (f64::from(*x) - m).powi(2) / n;
             }

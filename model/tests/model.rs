@@ -3,7 +3,7 @@
 
 use candle_core::Device;
 use intentflow_model::assess::assess;
-use intentflow_model::train::{labelled_sessions, train, LabelHorizon, Part, TrainConfig};
+use intentflow_model::train::{labelled_sessions, train, train_sessions, LabelHorizon, Part, SessionsBuilder, TrainConfig};
 use intentflow_model::{Cell, FeatureSpec, Features, IntentModel, ModelError, FEATURE_DIM};
 use intentflow_schemas::{Event, EventType, SessionConfig, SessionState};
 
@@ -344,4 +344,44 @@ fn streams_like_candle(model: &IntentModel) {
         assert_eq!(single.scores[0].to_bits(), batched.scores[i].to_bits());
         assert_eq!(single.hidden, batched.hidden[i * s..(i + 1) * s]);
     }
+}
+
+/// Sessions spilled to disk one user at a time read back as `labelled_sessions` cuts them, in
+/// the same order, and train the same model as the events in memory.
+#[test]
+fn sessions_spilled_user_by_user_train_the_model_of_the_events_in_memory() {
+    let mut events = learnable_events();
+    // Within-24h labels look ahead across sessions; a second session per user.
+    events.extend((0..400).filter(|u| u % 4 == 0).map(|u| ev(u, 5_000 + u as i64, EventType::View)));
+    let cfg = quick_config();
+    let spec = cfg.feature_spec();
+    let dir = tempfile::tempdir().unwrap();
+    for horizon in [LabelHorizon::Session, LabelHorizon::Within24h] {
+        let mut builder = SessionsBuilder::create(dir.path(), &spec, horizon).unwrap();
+        let mut users: Vec<&str> = events.iter().map(|e| e.user_id.as_str()).collect();
+        users.sort_unstable();
+        users.dedup();
+        for user in users {
+            let mut of_user: Vec<Event> = events.iter().filter(|e| e.user_id == user).cloned().collect();
+            of_user.sort_by_key(|e| e.ts);
+            builder.add_user(&of_user).unwrap();
+        }
+        assert_eq!(builder.events(), events.len());
+        let spilled = builder.finish().unwrap();
+        let in_memory = labelled_sessions(&events, &spec, horizon);
+        assert_eq!(spilled.len(), in_memory.len());
+        for (i, want) in in_memory.iter().enumerate() {
+            let got = spilled.get(i);
+            assert_eq!((got.start_ms, &got.features, &got.labels, &got.mask, &got.aggregates), (want.start_ms, &want.features, &want.labels, &want.mask, &want.aggregates), "session {i}");
+        }
+        if horizon == LabelHorizon::Session {
+            let from_disk = train_sessions(&spilled, &cfg, &Device::Cpu, |_, _| {}).unwrap();
+            let from_memory = train(&events, &cfg, &Device::Cpu, |_, _| {}).unwrap();
+            let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+            assert_eq!(from_disk.save(&a).unwrap().version, from_memory.save(&b).unwrap().version);
+            assert_eq!(std::fs::read(a.join("model.safetensors")).unwrap(), std::fs::read(b.join("model.safetensors")).unwrap());
+        }
+    }
+    // Only the two model directories are left: the spill directories went with their sets.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
 }

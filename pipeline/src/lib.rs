@@ -12,11 +12,14 @@
 //!   decisions as pure functions. Both serve the runtime and replays, which depend on them and
 //!   not on each other (a bootstrap is a replay the runtime runs).
 //! * [`commands`] — `generate`, `import`, `train`, `eval` and `tail`.
+//! * [`external_sort`] — event files larger than memory in time order (replays) or user order
+//!   (training).
 //! * [`telemetry`] — Prometheus metrics and the health endpoint.
 
 pub mod commands;
 pub mod config;
 pub mod dlq;
+pub mod external_sort;
 pub mod kafka;
 pub mod offsets;
 pub mod output;

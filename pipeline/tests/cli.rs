@@ -35,9 +35,15 @@ fn generate_is_seeded_and_train_writes_pytorch_named_weights() {
     assert!(log.contains("cells on validation (ROC-AUC / PR-AUC): gru "), "{log}");
 
     let model_dir = Path::new(&file("model")).to_path_buf();
-    // Seeded and deterministic on CPU: the same input and seed give the same bytes.
-    let again = intentflow(&["train", "--input", &file("a.jsonl"), "--model-dir", &file("again"), "--epochs", "2", "--hidden-dim", "8", "--members", "2"]);
+    // Seeded and deterministic on CPU: the same input and seed give the same bytes, also when
+    // the input is put in user order through sorted runs on disk (500 events in memory).
+    let again = intentflow(&[
+        "train", "--input", &file("a.jsonl"), "--model-dir", &file("again"), "--epochs", "2", "--hidden-dim", "8", "--members", "2",
+        "--max-events-in-memory", "500", "--spill-dir", &file("spill"),
+    ]);
     assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(text(&again.stderr).contains("6000 events exceed --max-events-in-memory 500: merging 12 sorted runs"), "{}", text(&again.stderr));
+    assert_eq!(std::fs::read_dir(file("spill")).unwrap().count(), 0, "spill files left behind");
     for name in ["model.safetensors", "model.json"] {
         assert_eq!(std::fs::read(model_dir.join(name)).unwrap(), std::fs::read(Path::new(&file("again")).join(name)).unwrap(), "{name} differs between two runs");
     }

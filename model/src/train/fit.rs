@@ -1,12 +1,14 @@
 //! Training one member: padded length-bucketed batches, the cell run over time, the weighted
 //! loss, AdamW with early stopping on validation PR-AUC, and the wide start the head begins from.
 
+use super::store::{HostBatch, TrainBatches};
 use super::{EpochReport, LabelledSession, TrainConfig};
 use crate::{eval, Cell, FeatureSpec, GruParams, Logistic, ModelError, Projection, FEATURE_DIM};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::{seq::SliceRandom, Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::borrow::Borrow;
 
 /// A padded batch on the device: dense inputs `(B, T, D)`, item and category buckets `(B·T)`,
 /// labels and loss weights `(B, T)`.
@@ -21,36 +23,20 @@ struct Batch {
     w: Tensor,
 }
 
-fn make_batch(sessions: &[&LabelledSession], spec: &FeatureSpec, max_len: usize, pos_weight: f32, device: &Device) -> Result<Batch, ModelError> {
-    let t = sessions.iter().map(|s| s.features.len().min(max_len)).max().unwrap_or(1).max(1);
-    let b = sessions.len();
-    let mut x = vec![0f32; b * t * FEATURE_DIM];
-    let mut items = vec![0u32; b * t];
-    let mut categories = vec![0u32; b * t];
-    let (mut brands, mut tops) = (vec![0u32; b * t], vec![0u32; b * t]);
-    let mut y = vec![0f32; b * t];
-    let mut w = vec![0f32; b * t];
-    for (i, s) in sessions.iter().enumerate() {
-        for j in 0..s.features.len().min(t) {
-            let k = i * t + j;
-            let row = spec.normalize(&s.features[j]);
-            x[k * FEATURE_DIM..(k + 1) * FEATURE_DIM].copy_from_slice(&row.dense);
-            items[k] = row.item;
-            categories[k] = row.category;
-            (brands[k], tops[k]) = (row.brand, row.top_category);
-            y[k] = s.labels[j];
-            w[k] = s.mask[j] * if s.labels[j] > 0.5 { pos_weight } else { 1.0 };
-        }
+impl Batch {
+    /// `host` on `device`.
+    fn of(host: &HostBatch, device: &Device) -> Result<Batch, ModelError> {
+        let (b, t) = (host.rows, host.steps);
+        Ok(Batch {
+            x: Tensor::from_slice(&host.x, (b, t, FEATURE_DIM), device)?,
+            items: Tensor::from_slice(&host.items, b * t, device)?,
+            categories: Tensor::from_slice(&host.categories, b * t, device)?,
+            brands: Tensor::from_slice(&host.brands, b * t, device)?,
+            tops: Tensor::from_slice(&host.tops, b * t, device)?,
+            y: Tensor::from_slice(&host.y, (b, t), device)?,
+            w: Tensor::from_slice(&host.w, (b, t), device)?,
+        })
     }
-    Ok(Batch {
-        x: Tensor::from_vec(x, (b, t, FEATURE_DIM), device)?,
-        items: Tensor::from_vec(items, b * t, device)?,
-        categories: Tensor::from_vec(categories, b * t, device)?,
-        brands: Tensor::from_vec(brands, b * t, device)?,
-        tops: Tensor::from_vec(tops, b * t, device)?,
-        y: Tensor::from_vec(y, (b, t), device)?,
-        w: Tensor::from_vec(w, (b, t), device)?,
-    })
 }
 
 /// Logits `(B, T)` of a padded batch, running the cell over time from a zero state.
@@ -95,7 +81,7 @@ pub(super) fn predict(params: &GruParams, sessions: &[LabelledSession], spec: &F
     let (mut scores, mut labels) = (Vec::new(), Vec::new());
     let refs: Vec<&LabelledSession> = sessions.iter().collect();
     for chunk in refs.chunks(256) {
-        let batch = make_batch(chunk, spec, usize::MAX, 1.0, device)?;
+        let batch = Batch::of(&HostBatch::of(chunk, spec, usize::MAX, 1.0), device)?;
         let p: Vec<Vec<f32>> = crate::gru::sigmoid(&forward(params, &batch)?)?.to_vec2()?;
         for (s, row) in chunk.iter().zip(&p) {
             for j in 0..s.features.len() {
@@ -109,12 +95,30 @@ pub(super) fn predict(params: &GruParams, sessions: &[LabelledSession], spec: &F
     Ok((scores, labels))
 }
 
-/// Aggregate rows and labels of every labelled event of `sessions`.
-pub(super) fn aggregate_rows(sessions: &[LabelledSession]) -> (Vec<Vec<f64>>, Vec<bool>) {
-    sessions
-        .iter()
-        .flat_map(|s| (0..s.mask.len()).filter(|&j| s.mask[j] > 0.0).map(move |j| (s.aggregates[j].clone(), s.labels[j] > 0.5)))
-        .unzip()
+/// Aggregate rows and labels of every `stride`-th labelled event of `sessions` (every one with a
+/// stride of 1).
+pub(super) fn aggregate_rows<S: Borrow<LabelledSession>>(sessions: impl IntoIterator<Item = S>, stride: usize) -> (Vec<Vec<f64>>, Vec<bool>) {
+    let (mut rows, mut labels) = (Vec::new(), Vec::new());
+    each_labelled(sessions, stride, |s, j| {
+        rows.push(s.aggregates[j].clone());
+        labels.push(s.labels[j] > 0.5);
+    });
+    (rows, labels)
+}
+
+/// Calls `f` with every `stride`-th labelled event of `sessions` (the first, then every
+/// `stride`-th after it), as (session, index in it).
+fn each_labelled<S: Borrow<LabelledSession>>(sessions: impl IntoIterator<Item = S>, stride: usize, mut f: impl FnMut(&LabelledSession, usize)) {
+    let mut k = 0usize;
+    for s in sessions {
+        let s = s.borrow();
+        for j in (0..s.mask.len()).filter(|&j| s.mask[j] > 0.0) {
+            if k % stride.max(1) == 0 {
+                f(s, j);
+            }
+            k += 1;
+        }
+    }
 }
 
 /// Where the head's skip connection starts: a logistic regression on the normalised
@@ -133,14 +137,15 @@ pub(super) struct WideStart {
 }
 
 impl WideStart {
-    pub(super) fn fit(train_set: &[LabelledSession], spec: &FeatureSpec, pos_weight: f32) -> WideStart {
+    /// Fits the regression on every `stride`-th labelled event of the training split.
+    pub(super) fn fit<S: Borrow<LabelledSession>>(train_set: impl IntoIterator<Item = S>, stride: usize, spec: &FeatureSpec, pos_weight: f32) -> WideStart {
         let mask: Vec<f32> = crate::features::FEATURE_NAMES.iter().map(|n| f32::from(u8::from(crate::features::SKIP_FEATURES.contains(n)))).collect();
         // Features left out are 0 in every row: the regression gives them no weight.
-        let (rows, labels): (Vec<Vec<f64>>, Vec<bool>) = train_set
-            .iter()
-            .flat_map(|s| (0..s.mask.len()).filter(|&j| s.mask[j] > 0.0).map(move |j| (s, j)))
-            .map(|(s, j)| (spec.normalize(&s.features[j]).dense.iter().zip(&mask).map(|(&v, &m)| f64::from(v * m)).collect(), s.labels[j] > 0.5))
-            .unzip();
+        let (mut rows, mut labels): (Vec<Vec<f64>>, Vec<bool>) = (Vec::new(), Vec::new());
+        each_labelled(train_set, stride, |s, j| {
+            rows.push(spec.normalize(&s.features[j]).dense.iter().zip(&mask).map(|(&v, &m)| f64::from(v * m)).collect());
+            labels.push(s.labels[j] > 0.5);
+        });
         let fitted = Logistic::fit(crate::features::FEATURE_NAMES.iter().map(|n| n.to_string()).collect(), &rows, &labels, 1.0);
         // The regression standardises its inputs again: fold that into the weights.
         let skip: Vec<f64> = fitted.weights.iter().zip(&fitted.std).map(|(w, sd)| w / sd).collect();
@@ -160,11 +165,10 @@ pub(super) struct Member {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn fit_member(
     cell: Cell,
-    train_set: &[LabelledSession],
+    batches: &TrainBatches,
     val_set: &[LabelledSession],
     spec: &FeatureSpec,
     cfg: &TrainConfig,
-    pos_weight: f32,
     wide: Option<&WideStart>,
     seed: u64,
     device: &Device,
@@ -229,13 +233,8 @@ pub(super) fn fit_member(
     let live = |vars: &[Var]| vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();
     let mut opt = AdamW::new(vars.clone(), ParamsAdamW { lr: cfg.learning_rate, weight_decay: cfg.weight_decay, ..Default::default() })?;
 
-    // Length buckets: sessions of similar length share a batch, so little is padding.
-    let mut by_len: Vec<&LabelledSession> = train_set.iter().collect();
-    by_len.sort_by_key(|s| s.features.len());
-    let mut batches = Vec::new();
-    for chunk in by_len.chunks(cfg.batch_size.max(1)) {
-        batches.push(make_batch(chunk, spec, cfg.max_len, pos_weight, device)?);
-    }
+    // The batches' order, shuffled each epoch (the same permutations as shuffling the batches).
+    let mut order: Vec<usize> = (0..batches.len()).collect();
 
     // Epoch 0 is the regression the skip connection starts from, kept if no epoch beats it.
     let mut best: Option<(f64, usize, Vec<Tensor>)> = match wide {
@@ -249,9 +248,10 @@ pub(super) fn fit_member(
     let mut epochs = 0;
     for epoch in 1..=cfg.epochs {
         epochs = epoch;
-        batches.shuffle(&mut rng);
+        order.shuffle(&mut rng);
         let mut loss_sum = 0f64;
-        for batch in &batches {
+        for &k in &order {
+            let batch = &Batch::of(&batches.get(k), device)?;
             let params = params_of(&live(&vars))?;
             let loss = bce_with_logits(&forward(&params, batch)?, &batch.y, &batch.w)?;
             opt.backward_step(&loss)?;

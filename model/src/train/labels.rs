@@ -100,20 +100,31 @@ pub struct LabelledSession {
 /// not applied). Events are grouped by user and ordered by time; events with equal times keep
 /// their input order. Sessions come sorted by start time (ties by user).
 pub fn labelled_sessions(events: &[Event], spec: &FeatureSpec, horizon: LabelHorizon) -> Vec<LabelledSession> {
-    const DAY_MS: i64 = 86_400_000;
     let mut order: Vec<usize> = (0..events.len()).collect();
     order.sort_by(|&a, &b| events[a].user_id.cmp(&events[b].user_id).then(events[a].ts.cmp(&events[b].ts)));
     let mut out: Vec<LabelledSession> = Vec::new();
+    let mut user: Vec<(usize, &Event)> = Vec::new();
+    for (k, &i) in order.iter().enumerate() {
+        user.push((i, &events[i]));
+        if order.get(k + 1).is_none_or(|&j| events[j].user_id != events[i].user_id) {
+            user_sessions(&user, spec, horizon, &mut out);
+            user.clear();
+        }
+    }
+    out.sort_by_key(|s| s.start_ms);
+    out
+}
+
+/// Appends the labelled sessions of one user's events to `out`, in order: `events` are the
+/// user's (input index, event) in time order (equal times in input order).
+pub fn user_sessions(events: &[(usize, &Event)], spec: &FeatureSpec, horizon: LabelHorizon, out: &mut Vec<LabelledSession>) {
+    const DAY_MS: i64 = 86_400_000;
     let mut state = SessionState::default();
     let mut aggregates = SessionAggregates::default();
-    for (k, &i) in order.iter().enumerate() {
-        let ev = &events[i];
-        let first_of_user = k == 0 || events[order[k - 1]].user_id != ev.user_id;
-        if first_of_user {
-            state = SessionState::default();
-        }
+    let first = out.len();
+    for (k, &(i, ev)) in events.iter().enumerate() {
         let (raw, new_session) = spec.featurize_raw(&mut state, ev);
-        if new_session {
+        if new_session || out.len() == first {
             aggregates = SessionAggregates::default();
             out.push(LabelledSession {
                 start_ms: ev.ts,
@@ -128,11 +139,7 @@ pub fn labelled_sessions(events: &[Event], spec: &FeatureSpec, horizon: LabelHor
         let purchase = ev.kind == EventType::Purchase;
         let label = match horizon {
             LabelHorizon::Session => false,
-            LabelHorizon::Within24h => order[k + 1..]
-                .iter()
-                .map(|&j| &events[j])
-                .take_while(|e| e.user_id == ev.user_id && e.ts <= ev.ts + DAY_MS)
-                .any(|e| e.kind == EventType::Purchase),
+            LabelHorizon::Within24h => events[k + 1..].iter().take_while(|(_, e)| e.ts <= ev.ts + DAY_MS).any(|(_, e)| e.kind == EventType::Purchase),
         };
         s.features.push(raw);
         s.aggregates.push(aggregates.push(ev, &state));
@@ -144,6 +151,4 @@ pub fn labelled_sessions(events: &[Event], spec: &FeatureSpec, horizon: LabelHor
             s.labels[..n - 1].iter_mut().for_each(|l| *l = 1.0);
         }
     }
-    out.sort_by_key(|s| s.start_ms);
-    out
 }

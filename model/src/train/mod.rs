@@ -30,20 +30,28 @@
 mod choice;
 mod fit;
 pub mod labels;
+pub mod store;
 
 pub use choice::{CellTrial, DEARER_CELL_CONFIDENCE};
-pub use labels::{labelled_sessions, LabelHorizon, LabelledSession, Part, SplitSpec};
+pub use labels::{labelled_sessions, user_sessions, LabelHorizon, LabelledSession, Part, SplitSpec};
+pub use store::{SessionSet, SessionsBuilder};
 
 use crate::baseline::{stack_row, Baselines, AGGREGATE_NAMES};
 use crate::boosting::GradientBoosting;
 use crate::calibrate::{Calibration, CalibrationMethod};
 use crate::StatePrecision;
-use crate::{eval, Cell, FeatureSpec, Features, GruParams, Logistic, ModelError};
+use crate::{eval, Cell, FeatureSpec, GruParams, Logistic, ModelError};
 use candle_core::Device;
 use choice::{choose_cell, ValidationEvents};
 use fit::{aggregate_rows, fit_member, predict, Member, WideStart};
+use store::TrainBatches;
 use intentflow_schemas::{Event, SessionConfig};
 use serde::{Deserialize, Serialize};
+
+/// Most labelled training events each regression (the wide start, the logistic and boosted
+/// baselines) is fitted on; past it, every k-th of them (k the smallest that fits), so that
+/// their rows fit in memory whatever the input's size.
+pub const MAX_FIT_ROWS: usize = 1 << 20;
 
 /// Hyper-parameters of [`train`].
 #[derive(Debug, Clone, PartialEq)]
@@ -226,37 +234,59 @@ pub struct Trained {
 pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, on_epoch: impl FnMut(usize, &EpochReport) + Send) -> Result<Trained, ModelError> {
     let unfitted = cfg.feature_spec();
     unfitted.validate().map_err(ModelError::Training)?;
-    let sessions = labelled_sessions(events, &unfitted, cfg.label);
-    let train_set = cfg.split.part(&sessions, Part::Train);
-    let val_set = cfg.split.part(&sessions, Part::Validation);
-    let count = |set: &[LabelledSession], positive: bool| -> usize {
-        set.iter().map(|s| s.labels.iter().zip(&s.mask).filter(|(l, m)| **m > 0.0 && (!positive || **l > 0.5)).count()).sum()
-    };
-    let (labelled, positives) = (count(train_set, false), count(train_set, true));
-    if positives == 0 || positives == labelled || count(val_set, true) == 0 {
+    let sessions = SessionSet::of_events(events, &unfitted, cfg.label, &std::env::temp_dir())?;
+    train_sessions(&sessions, cfg, device, on_epoch)
+}
+
+/// [`train`] on labelled sessions spilled to disk: built by a [`SessionsBuilder`] with
+/// [`TrainConfig::feature_spec`] and [`TrainConfig::label`] of `cfg`, from any number of events,
+/// one user at a time. Memory holds the validation split, at most [`MAX_FIT_ROWS`] rows for
+/// each regression, and the batch in hand; the training split is read from disk.
+///
+/// # Errors
+///
+/// As [`train`], and spill file failures.
+pub fn train_sessions(sessions: &SessionSet, cfg: &TrainConfig, device: &Device, on_epoch: impl FnMut(usize, &EpochReport) + Send) -> Result<Trained, ModelError> {
+    let unfitted = cfg.feature_spec();
+    unfitted.validate().map_err(ModelError::Training)?;
+    let [train_range, val_range, test_range] = sessions.ranges(&cfg.split);
+    let val_set: Vec<LabelledSession> = sessions.iter(val_range).collect();
+    let count = |s: &LabelledSession, positive: bool| -> usize { s.labels.iter().zip(&s.mask).filter(|(l, m)| **m > 0.0 && (!positive || **l > 0.5)).count() };
+    let (mut labelled, mut positives) = (0, 0);
+    for s in sessions.iter(train_range.clone()) {
+        (labelled, positives) = (labelled + count(&s, false), positives + count(&s, true));
+    }
+    let val_positives: usize = val_set.iter().map(|s| count(s, true)).sum();
+    if positives == 0 || positives == labelled || val_positives == 0 {
         return Err(ModelError::Training(format!(
-            "{} training sessions ({labelled} labelled events, {positives} positive) and {} validation sessions ({} positive): \
+            "{} training sessions ({labelled} labelled events, {positives} positive) and {} validation sessions ({val_positives} positive): \
              both splits need events with and without a later purchase",
-            train_set.len(),
+            train_range.len(),
             val_set.len(),
-            count(val_set, true)
         )));
     }
-    let train_rows: Vec<Features> = train_set.iter().flat_map(|s| s.features.iter().copied()).collect();
-    let spec = unfitted.fit(&train_rows);
+    let train_rows = train_range.clone().map(|i| sessions.events_in(i)).sum();
+    let spec = unfitted.fit_stream(train_rows, || sessions.iter(train_range.clone()).flat_map(|s| s.features));
     let pos_weight = cfg.pos_weight.unwrap_or_else(|| ((labelled - positives) as f64 / positives as f64).sqrt());
+    // The regressions fit in memory: past MAX_FIT_ROWS labelled events, every stride-th.
+    let stride = labelled.div_ceil(MAX_FIT_ROWS).max(1);
+    if stride > 1 {
+        tracing::info!(labelled, stride, rows = labelled.div_ceil(stride), "the regressions fit on every stride-th labelled training event");
+    }
 
-    let wide = cfg.skip.then(|| WideStart::fit(train_set, &spec, pos_weight as f32));
+    let wide = cfg.skip.then(|| WideStart::fit(sessions.iter(train_range.clone()), stride, &spec, pos_weight as f32));
 
     // The baselines do not depend on the cell: fitted once, on the same splits.
-    let (train_agg, train_agg_labels) = aggregate_rows(train_set);
+    let (train_agg, train_agg_labels) = aggregate_rows(sessions.iter(train_range.clone()), stride);
     let names = AGGREGATE_NAMES.iter().map(|s| s.to_string()).collect();
     let logistic = Logistic::fit(names, &train_agg, &train_agg_labels, 1.0);
-    let (val_agg, val_labels) = aggregate_rows(val_set);
+    let (val_agg, val_labels) = aggregate_rows(&val_set, 1);
     let lr_val: Vec<f32> = val_agg.iter().map(|r| logistic.predict(r) as f32).collect();
     let boosting = GradientBoosting::fit(AGGREGATE_NAMES.iter().map(|s| s.to_string()).collect(), (&train_agg, &train_agg_labels), (&val_agg, &val_labels));
     let gb_val: Vec<f32> = val_agg.iter().map(|r| boosting.predict(r) as f32).collect();
 
+    // Written once, read by every member of every cell.
+    let batches = TrainBatches::write(sessions, train_range.clone(), &spec, cfg.batch_size, cfg.max_len, pos_weight as f32)?;
     let on_epoch = std::sync::Mutex::new(on_epoch);
     // Each cell's packed model, and its raw validation scores for the choice below.
     let fit_cell = |cell: Cell| -> Result<(Trained, Vec<f32>), ModelError> {
@@ -264,7 +294,7 @@ pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, on_epoch: imp
         // on all cores, each giving the bits it gives alone.
         let fit = |member: usize| {
             let seed = cfg.seed.wrapping_add(member as u64 * 1_000_003);
-            fit_member(cell, train_set, val_set, &spec, cfg, pos_weight as f32, wide.as_ref(), seed, device, |r| {
+            fit_member(cell, &batches, &val_set, &spec, cfg, wide.as_ref(), seed, device, |r| {
                 (on_epoch.lock().unwrap_or_else(std::sync::PoisonError::into_inner))(member, r)
             })
         };
@@ -280,7 +310,7 @@ pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, on_epoch: imp
         let params = GruParams::pack(&members)?;
 
         // Everything below is fitted on validation.
-        let (raw_val, val_labels) = predict(&params, val_set, &spec, &Device::Cpu)?;
+        let (raw_val, val_labels) = predict(&params, &val_set, &spec, &Device::Cpu)?;
         let (val_roc_auc, val_pr_auc) = (eval::roc_auc(&raw_val, &val_labels), eval::pr_auc(&raw_val, &val_labels));
         let calibration = Calibration::fit(cfg.calibration, &raw_val, &val_labels);
         let gru_val: Vec<f32> = raw_val.iter().map(|&p| calibration.apply(p)).collect();
@@ -304,9 +334,9 @@ pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, on_epoch: imp
             best_epochs,
             label: cfg.label,
             split: cfg.split,
-            train_sessions: train_set.len(),
+            train_sessions: train_range.len(),
             val_sessions: val_set.len(),
-            test_sessions: cfg.split.part(&sessions, Part::Test).len(),
+            test_sessions: test_range.len(),
             train_events: labelled,
             train_base_rate: positives as f64 / labelled as f64,
             pos_weight,
@@ -321,7 +351,7 @@ pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, on_epoch: imp
     let cells: Vec<Cell> = Cell::ALL.into_iter().filter(|c| cfg.cells.contains(c)).collect();
     let (mut trained, val_scores): (Vec<Trained>, Vec<Vec<f32>>) =
         (if cells.is_empty() { vec![Cell::Gru] } else { cells }).into_iter().map(fit_cell).collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
-    let val = ValidationEvents::of(val_set);
+    let val = ValidationEvents::of(&val_set);
     let best = choose_cell(&val_scores, &val, cfg.seed);
     let mut trials: Vec<CellTrial> = trained.iter().flat_map(|t| t.summary.trials.clone()).collect();
     for (i, trial) in trials.iter_mut().enumerate().filter(|(i, _)| *i != best) {

@@ -66,7 +66,14 @@ pub struct InputArgs {
 /// If the file cannot be read.
 pub fn read_input(args: &InputArgs, limits: Limits) -> Result<Imported> {
     let path = &args.input;
-    let imported = intentflow_formats::read_events_with(path, args.format.into(), &EventDecoder::new(limits), |file, size| {
+    let imported = intentflow_formats::read_events_with(path, args.format.into(), &EventDecoder::new(limits), progress_reader(path))?;
+    report_bad_rows(path, &imported.bad, imported.bad.len());
+    Ok(imported)
+}
+
+/// Wraps a file being read in a progress bar over its bytes, on a terminal for files over 8 MiB.
+pub fn progress_reader(path: &Path) -> impl FnOnce(std::fs::File, u64) -> Box<dyn std::io::Read> + '_ {
+    move |file, size| {
         if size > 8 << 20 && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             let bar = ProgressBar::new(size);
             bar.set_style(ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}").expect("valid template"));
@@ -75,17 +82,16 @@ pub fn read_input(args: &InputArgs, limits: Limits) -> Result<Imported> {
         } else {
             Box::new(file)
         }
-    })?;
-    report_bad_rows(path, &imported.bad);
-    Ok(imported)
+    }
 }
 
-fn report_bad_rows(path: &Path, bad: &[intentflow_formats::BadRow]) {
-    for b in bad.iter().take(10) {
+/// Prints the first of `total` skipped rows of `path` (`first` holds at least the first ten).
+pub fn report_bad_rows(path: &Path, first: &[intentflow_formats::BadRow], total: usize) {
+    for b in first.iter().take(10) {
         eprintln!("{}:{}: skipped: {}", path.display(), b.line, b.reason);
     }
-    if bad.len() > 10 {
-        eprintln!("{}: {} more rows skipped", path.display(), bad.len() - 10);
+    if total > 10 {
+        eprintln!("{}: {} more rows skipped", path.display(), total - 10);
     }
 }
 

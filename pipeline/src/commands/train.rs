@@ -1,16 +1,19 @@
 //! `intentflow train`: the seed ensemble of a sequence cell (GRU, LSTM or causal convolution; by
 //! default each, and one chosen on validation), its calibration and baselines from an event file.
 
-use super::{read_input, InputArgs};
-use intentflow_schemas::Limits;
+use super::{progress_reader, report_bad_rows, InputArgs};
+use crate::external_sort::{ExternalSort, Keyed, SortOrder};
 use anyhow::{bail, Result};
+use intentflow_formats::BadRow;
+use intentflow_model::train::{SessionSet, SessionsBuilder};
+use intentflow_schemas::{Event, EventDecoder, EventType, Limits};
+use std::path::{Path, PathBuf};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use intentflow_model::calibrate::CalibrationMethod;
 use intentflow_model::train::{EpochReport, LabelHorizon, SplitSpec, TrainConfig};
 use intentflow_model::{Cell, DeviceKind};
 use intentflow_schemas::SessionConfig;
-use std::path::PathBuf;
 
 /// `intentflow train`.
 #[derive(Debug, Clone, Args)]
@@ -105,6 +108,16 @@ pub struct TrainArgs {
     /// (by default it also reads the dense features, see docs/model.md).
     #[arg(long)]
     pub no_skip: bool,
+    /// Events held in memory while the input is put in user order (about 250 bytes each);
+    /// beyond it, sorted runs are spilled to disk and merged. The model is the same whatever
+    /// the limit.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub max_events_in_memory: usize,
+    /// Where sorted runs, labelled sessions and training batches are spilled [default: the
+    /// system's temporary directory]. Needs about the input's size as JSON, and as much again
+    /// for the training split; removed when training ends.
+    #[arg(long)]
+    pub spill_dir: Option<PathBuf>,
 }
 
 /// `--arch` values.
@@ -215,6 +228,52 @@ fn epoch_line(member: usize, r: &EpochReport) -> String {
     )
 }
 
+/// Reads the input once, as a stream, into an external sort by user (at most `limit` events in
+/// memory), then cuts each user's events into labelled sessions spilled under `spill`: training
+/// never holds the input, so its size is bounded by disk. Each user's events are in time order,
+/// equal times in file order: the order an in-memory read gives them.
+fn spill_sessions(input: &InputArgs, cfg: &TrainConfig, limit: usize, spill: &Path) -> Result<SessionSet> {
+    let path = &input.input;
+    let decoder = EventDecoder::new(Limits::default());
+    let mut sort = ExternalSort::by(SortOrder::User, limit, spill);
+    let (mut pushed, mut bad, mut skipped) = (Ok(()), Vec::new(), 0usize);
+    let mut by_type = [0usize; EventType::ALL.len()];
+    intentflow_formats::for_each_row(path, input.format.into(), &decoder, progress_reader(path), |row, event| match event {
+        Ok(event) if pushed.is_ok() => {
+            by_type[event.kind.index()] += 1;
+            pushed = sort.push(Keyed { file: 0, row: row as u64, event });
+        }
+        Ok(_) => {}
+        Err(reason) => {
+            skipped += 1;
+            if bad.len() < 10 {
+                bad.push(BadRow { line: row, reason });
+            }
+        }
+    })?;
+    pushed?;
+    report_bad_rows(path, &bad, skipped);
+    if sort.runs() > 0 {
+        eprintln!("{} events exceed --max-events-in-memory {limit}: merging {} sorted runs from {}", sort.len(), sort.runs() + 1, spill.display());
+    }
+    let mut builder = SessionsBuilder::create(spill, &cfg.feature_spec(), cfg.label)?;
+    let (mut user, mut users): (Vec<Event>, usize) = (Vec::new(), 0);
+    for keyed in sort.sorted()? {
+        let event = keyed?.event;
+        if user.last().is_some_and(|u| u.user_id != event.user_id) {
+            builder.add_user(&user)?;
+            (users, user) = (users + 1, Vec::new());
+        }
+        user.push(event);
+    }
+    if !user.is_empty() {
+        builder.add_user(&user)?;
+        users += 1;
+    }
+    eprintln!("training on {}: {}", path.display(), intentflow_formats::summary(&by_type, users, skipped));
+    Ok(builder.finish()?)
+}
+
 /// Trains a model and writes it to `--model-dir`.
 ///
 /// # Errors
@@ -223,14 +282,14 @@ fn epoch_line(member: usize, r: &EpochReport) -> String {
 pub fn train_cmd(args: &TrainArgs) -> Result<()> {
     let cfg = args.config()?;
     let device = args.device.open()?;
-    let imported = read_input(&args.input, Limits::default())?;
-    eprintln!("training on {}: {}", args.input.input.display(), imported.summary());
+    let spill = args.spill_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let sessions = spill_sessions(&args.input, &cfg, args.max_events_in_memory, &spill)?;
     // Members train side by side on the CPU: the bar counts epochs of all of them (early stopping
     // may end them before the most).
     let most = (cfg.cells.len() * cfg.members * cfg.epochs) as u64;
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new(most) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("[{bar:30}] {pos}/{len} epochs (all cells and members; early stopping ends sooner) {elapsed} {msg}").expect("valid template"));
-    let trained = intentflow_model::train::train(&imported.events, &cfg, &device, |member, r| {
+    let trained = intentflow_model::train::train_sessions(&sessions, &cfg, &device, |member, r| {
         bar.inc(1);
         bar.set_message(format!("{} member {member} epoch {}", r.cell, r.epoch));
         let line = epoch_line(member, r);

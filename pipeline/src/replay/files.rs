@@ -1,7 +1,7 @@
 //! File replays: Parquet or JSONL files and data-lake directories, merged in event-time order
 //! through an external sort, validated by the same decoder as records on Kafka.
 
-use super::external_sort::{ExternalSort, Keyed};
+use crate::external_sort::{ExternalSort, Keyed};
 use super::progress::Progress;
 use super::{ReplayJob, Scorer};
 use crate::output::Output;

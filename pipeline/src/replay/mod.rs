@@ -17,9 +17,9 @@
 //! being continued.
 //!
 //! Modules: [`range`] (bounds), [`topics`] and [`files`] (the two kinds of source),
-//! [`progress`], and [`external_sort`] (event-time order of files larger than memory).
+//! and [`progress`]; files larger than memory are put in time order by
+//! [`crate::external_sort`].
 
-mod external_sort;
 mod files;
 mod progress;
 pub mod range;

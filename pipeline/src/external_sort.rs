@@ -1,13 +1,16 @@
-//! Event-time order for file replays in bounded memory: an external merge sort.
+//! Event-time order for file replays, and user order for training, in bounded memory: an
+//! external merge sort.
 //!
 //! Events are buffered up to a limit; a full buffer is sorted and spilled to a run file (JSON
 //! lines) under a temporary directory, and the runs are merged at the end (in groups of 256 first
-//! when there are more, to bound the open files). Every event is keyed
-//! by its time, its file and its row in the file, a total order, so the result is the same
-//! whatever the limit: the stable time order of the files' rows taken in the order given.
+//! when there are more, to bound the open files). Every event is keyed by its time, its file and
+//! its row in the file ([`SortOrder::Time`]), or by its user first ([`SortOrder::User`]): a
+//! total order, so the result is the same whatever the limit: the stable time order of the
+//! files' rows taken in the order given (per user, for the user order).
 
 use anyhow::{Context, Result};
-use intentflow_schemas::Event;
+use intentflow_schemas::{Event, Text};
+use std::cmp::Ordering;
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -26,9 +29,28 @@ pub struct Keyed {
     pub event: Event,
 }
 
+/// What events are sorted by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortOrder {
+    /// Time, then file, then row.
+    Time,
+    /// User id, then time, file and row: each user's events together, in time order.
+    User,
+}
+
+/// A merge key: the user (empty in time order), time, file and row.
+type Key = (Text, i64, u32, u64);
+
 impl Keyed {
-    fn key(&self) -> (i64, u32, u64) {
-        (self.event.ts, self.file, self.row)
+    fn key(&self, order: SortOrder) -> Key {
+        let user = if order == SortOrder::User { self.event.user_id.clone() } else { Text::default() };
+        (user, self.event.ts, self.file, self.row)
+    }
+
+    /// The order of two events, without building keys.
+    fn cmp_in(&self, other: &Keyed, order: SortOrder) -> Ordering {
+        let user = if order == SortOrder::User { self.event.user_id.cmp(&other.event.user_id) } else { Ordering::Equal };
+        user.then_with(|| (self.event.ts, self.file, self.row).cmp(&(other.event.ts, other.file, other.row)))
     }
 }
 
@@ -39,6 +61,7 @@ const FAN_IN: usize = 256;
 /// Collects events in any order and gives them back in `(time, file, row)` order, holding at most
 /// `limit` of them in memory.
 pub struct ExternalSort {
+    order: SortOrder,
     limit: usize,
     fan_in: usize,
     spill_parent: PathBuf,
@@ -51,10 +74,17 @@ pub struct ExternalSort {
 }
 
 impl ExternalSort {
-    /// A sort holding at most `limit` events in memory; runs go to a temporary directory under
-    /// `spill_parent`, made on the first spill and removed when the sorted events are dropped.
+    /// A sort by time holding at most `limit` events in memory; runs go to a temporary directory
+    /// under `spill_parent`, made on the first spill and removed when the sorted events are
+    /// dropped.
     pub fn new(limit: usize, spill_parent: &Path) -> ExternalSort {
+        ExternalSort::by(SortOrder::Time, limit, spill_parent)
+    }
+
+    /// [`ExternalSort::new`] in `order`.
+    pub fn by(order: SortOrder, limit: usize, spill_parent: &Path) -> ExternalSort {
         ExternalSort {
+            order,
             limit: limit.max(1),
             fan_in: FAN_IN,
             spill_parent: spill_parent.to_path_buf(),
@@ -92,7 +122,8 @@ impl ExternalSort {
     }
 
     fn spill_buffer(&mut self) -> Result<()> {
-        self.buffer.sort_unstable_by_key(Keyed::key);
+        let order = self.order;
+        self.buffer.sort_unstable_by(|a, b| a.cmp_in(b, order));
         let events = std::mem::take(&mut self.buffer);
         self.write_run(events.into_iter().map(Ok))
     }
@@ -101,7 +132,7 @@ impl ExternalSort {
     fn write_run(&mut self, events: impl Iterator<Item = Result<Keyed>>) -> Result<()> {
         if self.spill.is_none() {
             std::fs::create_dir_all(&self.spill_parent).with_context(|| format!("creating {}", self.spill_parent.display()))?;
-            let dir = tempfile::Builder::new().prefix("replay-spill-").tempdir_in(&self.spill_parent);
+            let dir = tempfile::Builder::new().prefix("sort-spill-").tempdir_in(&self.spill_parent);
             self.spill = Some(dir.with_context(|| format!("creating a spill directory under {}", self.spill_parent.display()))?);
         }
         let dir = self.spill.as_ref().map(tempfile::TempDir::path).expect("made above");
@@ -117,14 +148,15 @@ impl ExternalSort {
         Ok(())
     }
 
-    /// The events in `(time, file, row)` order.
+    /// The events in the sort's order.
     ///
     /// # Errors
     ///
     /// If a run cannot be written, opened or read.
     pub fn sorted(mut self) -> Result<Sorted> {
         if self.runs.is_empty() {
-            self.buffer.sort_unstable_by_key(Keyed::key);
+            let order = self.order;
+            self.buffer.sort_unstable_by(|a, b| a.cmp_in(b, order));
             return Ok(Sorted::Memory(self.buffer.into_iter()));
         }
         if !self.buffer.is_empty() {
@@ -133,12 +165,12 @@ impl ExternalSort {
         // The key is a total order, so runs merge the same in any grouping.
         while self.runs.len() > self.fan_in {
             let group: Vec<PathBuf> = self.runs.drain(..self.fan_in).collect();
-            self.write_run(Merge::open(&group, None)?)?;
+            self.write_run(Merge::open(&group, self.order, None)?)?;
             for path in group {
                 std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             }
         }
-        Ok(Sorted::Merge(Merge::open(&self.runs, self.spill.take())?))
+        Ok(Sorted::Merge(Merge::open(&self.runs, self.order, self.spill.take())?))
     }
 }
 
@@ -155,18 +187,19 @@ pub struct Merge {
     runs: Vec<Lines<BufReader<File>>>,
     /// The next event of each run.
     heads: Vec<Option<Keyed>>,
-    heap: BinaryHeap<Reverse<((i64, u32, u64), usize)>>,
+    order: SortOrder,
+    heap: BinaryHeap<Reverse<(Key, usize)>>,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl Merge {
-    fn open(paths: &[PathBuf], dir: Option<tempfile::TempDir>) -> Result<Merge> {
+    fn open(paths: &[PathBuf], order: SortOrder, dir: Option<tempfile::TempDir>) -> Result<Merge> {
         let mut runs = Vec::with_capacity(paths.len());
         for path in paths {
             let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
             runs.push(BufReader::with_capacity(1 << 16, file).lines());
         }
-        let mut merge = Merge { runs, heads: Vec::new(), heap: BinaryHeap::new(), _dir: dir };
+        let mut merge = Merge { runs, heads: Vec::new(), order, heap: BinaryHeap::new(), _dir: dir };
         for run in 0..merge.runs.len() {
             let head = merge.next_of(run)?;
             merge.heads.push(head);
@@ -178,7 +211,7 @@ impl Merge {
     fn next_of(&mut self, run: usize) -> Result<Option<Keyed>> {
         let Some(line) = self.runs[run].next() else { return Ok(None) };
         let event: Keyed = serde_json::from_str(&line.context("reading a spilled run")?).context("decoding a spilled run")?;
-        self.heap.push(Reverse((event.key(), run)));
+        self.heap.push(Reverse((event.key(self.order), run)));
         Ok(Some(event))
     }
 
@@ -232,7 +265,11 @@ mod tests {
     }
 
     fn sort(events: &[Keyed], limit: usize, fan_in: usize, dir: &Path) -> (Vec<Keyed>, usize) {
-        let mut sort = ExternalSort::new(limit, dir);
+        sort_by(SortOrder::Time, events, limit, fan_in, dir)
+    }
+
+    fn sort_by(order: SortOrder, events: &[Keyed], limit: usize, fan_in: usize, dir: &Path) -> (Vec<Keyed>, usize) {
+        let mut sort = ExternalSort::by(order, limit, dir);
         sort.fan_in = fan_in;
         events.iter().cloned().for_each(|e| sort.push(e).unwrap());
         let runs = sort.runs();
@@ -255,6 +292,30 @@ mod tests {
             prop_assert_eq!(got, expected);
             // The runs' directory is gone once the merge is dropped.
             prop_assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(30))]
+        /// In user order, spilled or not: each user's events together (users by id), in the
+        /// stable time order of the files' rows.
+        #[test]
+        fn any_limit_gives_the_stable_user_then_time_order(rows in prop::collection::vec((0u8..6, 0i64..10), 0..300), limit in 1usize..50, fan_in in 2usize..6) {
+            let dir = tempfile::tempdir().unwrap();
+            let events: Vec<Keyed> = rows
+                .iter()
+                .enumerate()
+                .map(|(i, &(user, ts))| {
+                    let mut k = keyed((i * 2 / rows.len().max(1)) as u32, i as u64, ts);
+                    // Long ids too (past the 24 bytes a Text keeps inline).
+                    k.event.user_id = format!("user-{user}-{}", "x".repeat(usize::from(user) * 8)).into();
+                    k
+                })
+                .collect();
+            let mut expected = events.clone();
+            expected.sort_by(|a, b| a.event.user_id.cmp(&b.event.user_id).then(a.event.ts.cmp(&b.event.ts)));
+            let (got, _) = sort_by(SortOrder::User, &events, limit, fan_in, dir.path());
+            prop_assert_eq!(got, expected);
         }
     }
 
