@@ -41,9 +41,15 @@ pub(super) struct ValidationEvents {
 }
 
 impl ValidationEvents {
-    pub(super) fn of(val_set: &[LabelledSession]) -> ValidationEvents {
-        let labels = val_set.iter().flat_map(|s| s.labels.iter().zip(&s.mask).filter(|(_, m)| **m > 0.0).map(|(l, _)| *l > 0.5)).collect();
-        let groups = val_set.iter().enumerate().flat_map(|(k, s)| s.mask.iter().filter(|m| **m > 0.0).map(move |_| k)).collect();
+    pub(super) fn of<S: std::borrow::Borrow<LabelledSession>>(val_set: impl IntoIterator<Item = S>) -> ValidationEvents {
+        let (mut labels, mut groups) = (Vec::new(), Vec::new());
+        for (k, s) in val_set.into_iter().enumerate() {
+            let s = s.borrow();
+            for (l, _) in s.labels.iter().zip(&s.mask).filter(|(_, m)| **m > 0.0) {
+                labels.push(*l > 0.5);
+                groups.push(k);
+            }
+        }
         ValidationEvents { labels, groups }
     }
 

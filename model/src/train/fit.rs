@@ -1,7 +1,7 @@
 //! Training one member: padded length-bucketed batches, the cell run over time, the weighted
 //! loss, AdamW with early stopping on validation PR-AUC, and the wide start the head begins from.
 
-use super::store::{HostBatch, TrainBatches};
+use super::store::{HostBatch, Split, TrainBatches};
 use super::{EpochReport, LabelledSession, TrainConfig};
 use crate::{eval, Cell, FeatureSpec, GruParams, Logistic, ModelError, Projection, FEATURE_DIM};
 use candle_core::{DType, Device, Tensor, Var};
@@ -76,12 +76,15 @@ fn uniform(rng: &mut ChaCha8Rng, shape: (usize, usize), bound: f32, device: &Dev
 }
 
 /// Raw (uncalibrated) network probabilities of every labelled event of `sessions`, in session and
-/// event order, with their labels.
-pub(super) fn predict(params: &GruParams, sessions: &[LabelledSession], spec: &FeatureSpec, device: &Device) -> Result<(Vec<f32>, Vec<bool>), ModelError> {
+/// event order, with their labels; 256 sessions at a time are read and stepped.
+pub(super) fn predict(params: &GruParams, sessions: &Split<'_>, spec: &FeatureSpec, device: &Device) -> Result<(Vec<f32>, Vec<bool>), ModelError> {
     let (mut scores, mut labels) = (Vec::new(), Vec::new());
-    let refs: Vec<&LabelledSession> = sessions.iter().collect();
-    for chunk in refs.chunks(256) {
-        let batch = Batch::of(&HostBatch::of(chunk, spec, usize::MAX, 1.0), device)?;
+    let mut chunk: Vec<LabelledSession> = Vec::with_capacity(256);
+    let mut all = sessions.iter().peekable();
+    while all.peek().is_some() {
+        chunk.clear();
+        chunk.extend(all.by_ref().take(256));
+        let batch = Batch::of(&HostBatch::of(&chunk.iter().collect::<Vec<_>>(), spec, usize::MAX, 1.0), device)?;
         let p: Vec<Vec<f32>> = crate::gru::sigmoid(&forward(params, &batch)?)?.to_vec2()?;
         for (s, row) in chunk.iter().zip(&p) {
             for j in 0..s.features.len() {
@@ -166,7 +169,7 @@ pub(super) struct Member {
 pub(super) fn fit_member(
     cell: Cell,
     batches: &TrainBatches,
-    val_set: &[LabelledSession],
+    val_set: &Split<'_>,
     spec: &FeatureSpec,
     cfg: &TrainConfig,
     wide: Option<&WideStart>,

@@ -44,7 +44,7 @@ use crate::{eval, Cell, FeatureSpec, GruParams, Logistic, ModelError};
 use candle_core::Device;
 use choice::{choose_cell, ValidationEvents};
 use fit::{aggregate_rows, fit_member, predict, Member, WideStart};
-use store::TrainBatches;
+use store::{Split, TrainBatches};
 use intentflow_schemas::{Event, SessionConfig};
 use serde::{Deserialize, Serialize};
 
@@ -240,8 +240,10 @@ pub fn train(events: &[Event], cfg: &TrainConfig, device: &Device, on_epoch: imp
 
 /// [`train`] on labelled sessions spilled to disk: built by a [`SessionsBuilder`] with
 /// [`TrainConfig::feature_spec`] and [`TrainConfig::label`] of `cfg`, from any number of events,
-/// one user at a time. Memory holds the validation split, at most [`MAX_FIT_ROWS`] rows for
-/// each regression, and the batch in hand; the training split is read from disk.
+/// one user at a time (in user-id order, for the tie order [`labelled_sessions`] gives). Both
+/// splits are read from disk whenever they are needed; memory holds at most [`MAX_FIT_ROWS`]
+/// rows for each regression, the validation split's aggregates, scores and labels (for the
+/// baselines, the calibration and the choice of cell), and the batch in hand.
 ///
 /// # Errors
 ///
@@ -250,13 +252,14 @@ pub fn train_sessions(sessions: &SessionSet, cfg: &TrainConfig, device: &Device,
     let unfitted = cfg.feature_spec();
     unfitted.validate().map_err(ModelError::Training)?;
     let [train_range, val_range, test_range] = sessions.ranges(&cfg.split);
-    let val_set: Vec<LabelledSession> = sessions.iter(val_range).collect();
+    // Read from disk whenever it is scored, as the training split is.
+    let val_set = Split { set: sessions, range: val_range };
     let count = |s: &LabelledSession, positive: bool| -> usize { s.labels.iter().zip(&s.mask).filter(|(l, m)| **m > 0.0 && (!positive || **l > 0.5)).count() };
     let (mut labelled, mut positives) = (0, 0);
     for s in sessions.iter(train_range.clone()) {
         (labelled, positives) = (labelled + count(&s, false), positives + count(&s, true));
     }
-    let val_positives: usize = val_set.iter().map(|s| count(s, true)).sum();
+    let val_positives: usize = val_set.iter().map(|s| count(&s, true)).sum();
     if positives == 0 || positives == labelled || val_positives == 0 {
         return Err(ModelError::Training(format!(
             "{} training sessions ({labelled} labelled events, {positives} positive) and {} validation sessions ({val_positives} positive): \
@@ -280,7 +283,7 @@ pub fn train_sessions(sessions: &SessionSet, cfg: &TrainConfig, device: &Device,
     let (train_agg, train_agg_labels) = aggregate_rows(sessions.iter(train_range.clone()), stride);
     let names = AGGREGATE_NAMES.iter().map(|s| s.to_string()).collect();
     let logistic = Logistic::fit(names, &train_agg, &train_agg_labels, 1.0);
-    let (val_agg, val_labels) = aggregate_rows(&val_set, 1);
+    let (val_agg, val_labels) = aggregate_rows(val_set.iter(), 1);
     let lr_val: Vec<f32> = val_agg.iter().map(|r| logistic.predict(r) as f32).collect();
     let boosting = GradientBoosting::fit(AGGREGATE_NAMES.iter().map(|s| s.to_string()).collect(), (&train_agg, &train_agg_labels), (&val_agg, &val_labels));
     let gb_val: Vec<f32> = val_agg.iter().map(|r| boosting.predict(r) as f32).collect();
@@ -351,7 +354,7 @@ pub fn train_sessions(sessions: &SessionSet, cfg: &TrainConfig, device: &Device,
     let cells: Vec<Cell> = Cell::ALL.into_iter().filter(|c| cfg.cells.contains(c)).collect();
     let (mut trained, val_scores): (Vec<Trained>, Vec<Vec<f32>>) =
         (if cells.is_empty() { vec![Cell::Gru] } else { cells }).into_iter().map(fit_cell).collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
-    let val = ValidationEvents::of(&val_set);
+    let val = ValidationEvents::of(val_set.iter());
     let best = choose_cell(&val_scores, &val, cfg.seed);
     let mut trials: Vec<CellTrial> = trained.iter().flat_map(|t| t.summary.trials.clone()).collect();
     for (i, trial) in trials.iter_mut().enumerate().filter(|(i, _)| *i != best) {

@@ -236,6 +236,25 @@ impl SessionSet {
     }
 }
 
+/// The sessions of one part of a split, read from disk when iterated.
+#[derive(Clone)]
+pub(super) struct Split<'a> {
+    pub(super) set: &'a SessionSet,
+    pub(super) range: Range<usize>,
+}
+
+impl Split<'_> {
+    /// The sessions, decoded one at a time.
+    pub(super) fn iter(&self) -> impl Iterator<Item = LabelledSession> + '_ {
+        self.set.iter(self.range.clone())
+    }
+
+    /// Number of sessions.
+    pub(super) fn len(&self) -> usize {
+        self.range.len()
+    }
+}
+
 /// Where one padded batch lies in the batch file.
 #[derive(Debug, Clone, Copy)]
 struct BatchPlace {
