@@ -177,6 +177,14 @@ pub fn http_get(addr: &str, path: &str) -> String {
     body
 }
 
+/// A probe's status code and JSON body (`(0, null)` when nothing answered).
+pub fn probe(addr: &str, path: &str) -> (u16, serde_json::Value) {
+    let response = http_get(addr, path);
+    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = response.split("\r\n\r\n").nth(1).and_then(|b| serde_json::from_str(b).ok()).unwrap_or_default();
+    (code, body)
+}
+
 /// The value of the Prometheus series `series` (name with labels) in `/metrics` text, 0 if
 /// absent.
 pub fn metric(text: &str, series: &str) -> u64 {

@@ -313,3 +313,49 @@ fn bench_topics(brokers: &str) -> HashSet<String> {
     let metadata = client.fetch_metadata(None, Duration::from_secs(10)).unwrap();
     metadata.topics().iter().map(|t| t.name().to_string()).filter(|t| t.starts_with("bench-")).collect()
 }
+
+/// The probes answer with status codes: `/readyz` turns 200 once the assigned partitions are
+/// restored and processing; `/livez` stays 200 while the operator waits for records, turns 503
+/// (naming the stall) while one batch takes longer than `liveness_timeout_ms` (a failpoint makes
+/// the first batch sleep 6 s), and is 200 again once the batch is done.
+#[test]
+fn readyz_follows_the_assignment_and_livez_fails_only_while_a_batch_stalls() {
+    let sc = Scenario::new("probes", 2);
+    let addr = free_addr();
+    let args = sc.run_args(&["--metrics-addr", &addr, "--liveness-timeout-ms", "1000"]);
+    let mut op = Operator::spawn_env("run", &args, sc.dir.path().join("op.log"), &[("FAILPOINTS", "batch=1*sleep(6000)")]).unwrap();
+    let started = Instant::now();
+    let ready = loop {
+        let (code, body) = probe(&addr, "/readyz");
+        if code == 200 {
+            break body;
+        }
+        // Before: 503 with a reason (starting, joining the group, restoring), or not serving yet.
+        assert!(code == 0 || (code == 503 && !body["reasons"].as_array().unwrap().is_empty()), "{code} {body}");
+        assert!(op.exited().is_none() && started.elapsed() < IDLE, "never ready; log:\n{}", op.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(ready["status"], "running", "{ready}");
+    assert_eq!(ready["reasons"][0], "2 partitions assigned, restored and processing", "{ready}");
+    let (code, live) = probe(&addr, "/livez");
+    assert_eq!((code, &live["reasons"][0]), (200, &serde_json::json!("waiting for records")), "{live}");
+
+    let events = generated_events(50, 400, 5);
+    produce_events(&sc.brokers, &sc.input, &events).unwrap();
+    let stalled = loop {
+        let (code, body) = probe(&addr, "/livez");
+        if code == 503 {
+            break body;
+        }
+        assert!(op.exited().is_none() && started.elapsed() < IDLE, "the stalled batch never failed /livez; log:\n{}", op.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let reason = stalled["reasons"][0].as_str().unwrap();
+    assert!(reason.starts_with("the batch loop has been in one batch or commit for") && reason.ends_with("(liveness_timeout_ms = 1000)"), "{stalled}");
+    let intents = sc.intents(events.len(), IDLE);
+    assert_eq!(intents.len(), events.len());
+    let (code, live) = probe(&addr, "/livez");
+    assert_eq!(code, 200, "live again after the batch: {live}");
+    let (status, log) = op.terminate().unwrap();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+}

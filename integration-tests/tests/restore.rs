@@ -44,6 +44,11 @@ fn caught_up_partitions_keep_scoring_while_another_restores_a_large_changelog() 
         let restoring_3 = health["restoring"].get("3").is_some();
         if restoring_3 && health["intents_out"].as_u64().unwrap_or(0) > 0 {
             assert_eq!(health["status"], "restoring", "{health}");
+            // Not ready while a partition restores, and saying which; live all the same.
+            let (code, ready) = probe(&addr, "/readyz");
+            assert_eq!(code, 503, "{ready}");
+            assert!(ready["reasons"].as_array().unwrap().iter().any(|r| r.as_str().unwrap().starts_with("partition 3 restoring from the changelog")), "{ready}");
+            assert_eq!(probe(&addr, "/livez").0, 200);
             break sc.intents(usize::MAX, Duration::from_secs(3));
         }
         assert!(op.exited().is_none(), "the operator exited; log:\n{}", op.log_text());
@@ -57,6 +62,9 @@ fn caught_up_partitions_keep_scoring_while_another_restores_a_large_changelog() 
     assert!(during.iter().all(|i| i.source.partition != 3), "partition 3 was scored before its state was restored");
 
     let intents = sc.intents(events.len(), IDLE);
+    // Every partition restored: ready.
+    let (code, ready) = probe(&addr, "/readyz");
+    assert_eq!((code, &ready["status"]), (200, &serde_json::json!("running")), "{ready}");
     let (status, log) = op.terminate().unwrap();
     assert!(status.success(), "exit {status}; log:\n{log}");
     assert!(intents.iter().any(|i| i.source.partition == 3), "partition 3 was never scored");

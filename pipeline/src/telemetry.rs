@@ -1,9 +1,11 @@
-//! Metrics (Prometheus text on `/metrics`) and health (`/health`) of a running operator.
+//! Metrics (Prometheus text on `/metrics`), health (`/health`) and the Kubernetes probes
+//! (`/livez`, `/readyz`) of a running operator.
 //!
 //! Naming follows `docs/metrics.md`: counters end in `_total`, durations are `_seconds`, label
 //! values come from bounded sets, every histogram has buckets in its own unit, and everything is
 //! emitted once per batch with handles registered up front.
 
+use axum::http::StatusCode;
 use axum::{routing::get, Json, Router};
 use intentflow_schemas::DecodeError;
 use metrics::{Counter, Gauge, Histogram};
@@ -76,6 +78,72 @@ pub struct Health {
     pub intents_out: AtomicU64,
     /// Records rejected as invalid.
     pub invalid: AtomicU64,
+    /// Assignments received (an empty one included).
+    assignments: AtomicU64,
+    /// When the batch loop began the batch, commit or restore report in hand (epoch ms), 0
+    /// while it waits.
+    busy_since_ms: AtomicI64,
+    /// How long the loop may stay in one piece of work before `/livez` fails (ms).
+    liveness_timeout_ms: AtomicU64,
+}
+
+/// The batch loop at work: [`Health::busy`] until dropped.
+pub struct Busy<'a>(&'a Health);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.busy_since_ms.store(0, Ordering::Relaxed);
+    }
+}
+
+/// A probe's answer: whether it passes, the phase, and why (also when it passes).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Probe {
+    /// Whether the probe passes (200) or not (503).
+    pub ok: bool,
+    /// The operator's phase.
+    pub status: Phase,
+    /// What decided it, in words.
+    pub reasons: Vec<String>,
+}
+
+impl Probe {
+    /// The answer of `/readyz`: ready once the partitions assigned to this instance are
+    /// restored and processing (or an assignment gave it none: the group has more instances than
+    /// partitions); not while starting, before the first assignment, while any assigned
+    /// partition restores, or when stopping.
+    pub fn readiness(status: Phase, assignments: u64, assigned: usize, restoring: &BTreeMap<i32, u64>) -> Probe {
+        let (ok, reasons) = match status {
+            Phase::Starting => (false, vec!["starting: loading the model, opening the state store, creating topics or handing over a replay".to_string()]),
+            Phase::WaitingForAssignment if assignments == 0 => (false, vec!["joining the consumer group: no partition assignment yet".to_string()]),
+            Phase::WaitingForAssignment => (true, vec!["no partitions assigned: the group has more instances than input partitions".to_string()]),
+            Phase::Restoring => (false, restoring.iter().map(|(p, n)| format!("partition {p} restoring from the changelog ({n} records applied)")).collect()),
+            Phase::Running => (true, vec![format!("{assigned} partitions assigned, restored and processing")]),
+            Phase::Stopping => (false, vec!["stopping: finishing the batch in hand after SIGTERM".to_string()]),
+            Phase::Stopped => (false, vec!["stopped".to_string()]),
+        };
+        Probe { ok, status, reasons }
+    }
+
+    /// The answer of `/livez`: live unless the batch loop has been inside one batch, commit or
+    /// restore report (`busy_since_ms`, 0 when it waits) for longer than `timeout_ms`, or has
+    /// ended. Waiting for records, however long, is live; so is starting (a bootstrap replay
+    /// may take hours and reports its own progress).
+    pub fn liveness(status: Phase, busy_since_ms: i64, now_ms: i64, timeout_ms: u64) -> Probe {
+        let busy_ms = (busy_since_ms > 0).then(|| (now_ms - busy_since_ms).max(0));
+        let (ok, reason) = match (status, busy_ms) {
+            (Phase::Stopped, _) => (false, "the batch loop has ended".to_string()),
+            (_, Some(ms)) if ms as u64 > timeout_ms => (false, format!("the batch loop has been in one batch or commit for {ms} ms (liveness_timeout_ms = {timeout_ms})")),
+            (_, Some(ms)) => (true, format!("processing: in the current batch or commit for {ms} ms")),
+            (Phase::Starting, None) => (true, "starting".to_string()),
+            (_, None) => (true, "waiting for records".to_string()),
+        };
+        Probe { ok, status, reasons: vec![reason] }
+    }
+
+    fn answer(self) -> (StatusCode, Json<Probe>) {
+        (if self.ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(self))
+    }
 }
 
 #[derive(Serialize)]
@@ -101,8 +169,32 @@ impl Health {
         Phase::from_u8(self.phase.load(Ordering::Relaxed))
     }
 
+    /// Sets how long the batch loop may stay in one piece of work before `/livez` fails.
+    pub fn set_liveness_timeout_ms(&self, ms: u64) {
+        self.liveness_timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Marks the batch loop at work until the guard is dropped (for `/livez`).
+    pub fn busy(&self) -> Busy<'_> {
+        self.busy_since_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        Busy(self)
+    }
+
+    /// `/readyz`.
+    pub fn readiness(&self) -> Probe {
+        let p = self.partitions.lock().expect("health lock");
+        let restoring: BTreeMap<i32, u64> = p.iter().filter_map(|(k, v)| v.map(|n| (*k, n))).collect();
+        Probe::readiness(self.phase(), self.assignments.load(Ordering::Relaxed), p.len(), &restoring)
+    }
+
+    /// `/livez`.
+    pub fn liveness(&self) -> Probe {
+        Probe::liveness(self.phase(), self.busy_since_ms.load(Ordering::Relaxed), chrono::Utc::now().timestamp_millis(), self.liveness_timeout_ms.load(Ordering::Relaxed))
+    }
+
     /// A new assignment: every partition in it starts restoring.
     pub fn assigned(&self, partitions: &[i32]) {
+        self.assignments.fetch_add(1, Ordering::Relaxed);
         let mut p = self.partitions.lock().expect("health lock");
         *p = partitions.iter().map(|&k| (k, Some(0))).collect();
         self.follow_partitions(&p);
@@ -154,17 +246,20 @@ impl Health {
     }
 }
 
-/// Serves `/metrics` and `/health` on `addr` until the task is dropped.
+/// Serves `/metrics`, `/health`, `/livez` and `/readyz` on `addr` until the task is dropped.
 ///
 /// # Errors
 ///
 /// If the address cannot be bound.
 pub async fn serve(addr: SocketAddr, prometheus: PrometheusHandle, health: Arc<Health>) -> anyhow::Result<()> {
+    let (live, ready) = (health.clone(), health.clone());
     let app = Router::new()
         .route("/metrics", get(move || std::future::ready(prometheus.render())))
-        .route("/health", get(move || std::future::ready(Json(health.report()))));
+        .route("/health", get(move || std::future::ready(Json(health.report()))))
+        .route("/livez", get(move || std::future::ready(live.liveness().answer())))
+        .route("/readyz", get(move || std::future::ready(ready.readiness().answer())));
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics and /health");
+    tracing::info!(%addr, "serving /metrics, /health, /livez and /readyz");
     axum::serve(listener, app).await?;
     Ok(())
 }
@@ -339,5 +434,50 @@ mod tests {
         assert_eq!(h.phase(), Phase::Stopped, "nothing moves a stopped operator back");
         let json = serde_json::to_string(&h.report()).unwrap();
         assert!(json.contains("\"status\":\"stopped\""), "{json}");
+    }
+
+    #[test]
+    fn readiness_waits_for_an_assignment_and_its_restores() {
+        let h = Health::default();
+        let ready = |h: &Health| (h.readiness().ok, h.readiness().status);
+        assert_eq!(ready(&h), (false, Phase::Starting));
+        h.set_phase(Phase::WaitingForAssignment);
+        assert_eq!(ready(&h), (false, Phase::WaitingForAssignment), "{:?}", h.readiness());
+        h.assigned(&[0, 3]);
+        h.restoring(3, 180_000);
+        h.ready(0);
+        let restoring = h.readiness();
+        assert!(!restoring.ok);
+        assert_eq!(restoring.reasons, ["partition 3 restoring from the changelog (180000 records applied)"]);
+        h.ready(3);
+        assert_eq!(ready(&h), (true, Phase::Running));
+        // An empty assignment (more instances than partitions) is ready: it has nothing to own.
+        h.assigned(&[]);
+        assert_eq!(ready(&h), (true, Phase::WaitingForAssignment));
+        h.set_phase(Phase::Stopping);
+        assert_eq!(ready(&h), (false, Phase::Stopping));
+        let json = serde_json::to_string(&restoring).unwrap();
+        assert_eq!(json, r#"{"ok":false,"status":"restoring","reasons":["partition 3 restoring from the changelog (180000 records applied)"]}"#);
+    }
+
+    #[test]
+    fn liveness_fails_only_when_one_piece_of_work_outlasts_the_timeout() {
+        let live = |status, since, now| Probe::liveness(status, since, now, 60_000);
+        assert!(live(Phase::Running, 0, 1_000_000).ok, "waiting for records, however long, is live");
+        assert!(live(Phase::Starting, 0, 1_000_000).ok);
+        assert!(live(Phase::Running, 1_000_000, 1_060_000).ok);
+        let stalled = live(Phase::Running, 1_000_000, 1_060_001);
+        assert!(!stalled.ok);
+        assert_eq!(stalled.reasons, ["the batch loop has been in one batch or commit for 60001 ms (liveness_timeout_ms = 60000)"]);
+        assert!(!live(Phase::Stopped, 0, 1).ok);
+        let h = Health::default();
+        h.set_liveness_timeout_ms(0);
+        h.set_phase(Phase::Running);
+        {
+            let _busy = h.busy();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            assert!(!h.liveness().ok, "{:?}", h.liveness());
+        }
+        assert!(h.liveness().ok, "the guard marks the loop waiting again");
     }
 }

@@ -225,7 +225,9 @@ pub struct Trained {
 
 /// Trains a model on `events`: for each of `cfg.cells`, `cfg.members` networks from consecutive
 /// seeds packed into one ([`GruParams::pack`]), then one of them chosen to serve (see the module
-/// documentation). `on_epoch` sees (member, epoch report), for progress display.
+/// documentation). `on_epoch` sees (member, epoch report), for progress display. The sessions
+/// and batches are spilled under the system's temporary directory, as [`train_sessions`] reads
+/// them; events too many for memory go through a [`SessionsBuilder`] instead.
 ///
 /// # Errors
 ///

@@ -22,7 +22,7 @@ use memmap2::Mmap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Bytes of one event in the session file before its aggregates: the dense features, four
 /// buckets, the label and the mask.
@@ -77,6 +77,8 @@ struct Place {
 /// Writes labelled sessions to a spill file one user at a time.
 pub struct SessionsBuilder {
     dir: tempfile::TempDir,
+    /// The spill file in `dir`.
+    path: PathBuf,
     out: BufWriter<File>,
     spec: FeatureSpec,
     horizon: LabelHorizon,
@@ -98,7 +100,7 @@ impl SessionsBuilder {
         let dir = tempfile::Builder::new().prefix("train-spill-").tempdir_in(parent).map_err(io(parent))?;
         let path = dir.path().join("sessions.bin");
         let file = create(&path)?;
-        Ok(SessionsBuilder { dir, out: BufWriter::with_capacity(1 << 20, file), spec: spec.clone(), horizon, places: Vec::new(), written: 0, events: 0, buffer: Vec::new() })
+        Ok(SessionsBuilder { dir, path, out: BufWriter::with_capacity(1 << 20, file), spec: spec.clone(), horizon, places: Vec::new(), written: 0, events: 0, buffer: Vec::new() })
     }
 
     /// Adds one user's events, in time order (equal times in input order).
@@ -116,7 +118,6 @@ impl SessionsBuilder {
         self.buffer.clear();
         user_sessions(events, &self.spec, self.horizon, &mut self.buffer);
         self.events += events.len();
-        let path = self.dir.path().join("sessions.bin");
         for s in &self.buffer {
             let width = s.aggregates.first().map_or(0, Vec::len);
             let mut bytes = Vec::with_capacity(s.features.len() * (EVENT_BYTES + width * 8));
@@ -129,7 +130,7 @@ impl SessionsBuilder {
                 bytes.extend_from_slice(&s.mask[j].to_le_bytes());
                 s.aggregates[j].iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
             }
-            self.out.write_all(&bytes).map_err(io(&path))?;
+            self.out.write_all(&bytes).map_err(io(&self.path))?;
             self.places.push(Place { start_ms: s.start_ms, offset: self.written, events: s.features.len() as u32, aggregates: width as u32 });
             self.written += bytes.len() as u64;
         }
@@ -147,7 +148,7 @@ impl SessionsBuilder {
     ///
     /// If the file cannot be flushed or mapped.
     pub fn finish(self) -> Result<SessionSet, ModelError> {
-        let path = self.dir.path().join("sessions.bin");
+        let path = self.path;
         let file = self.out.into_inner().map_err(|e| ModelError::Io { path: path.clone(), source: e.into_error() })?;
         let map = map(&file, &path)?;
         let mut places = self.places;

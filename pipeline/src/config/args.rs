@@ -66,6 +66,9 @@ pub struct RunArgs {
     /// Most model steps per micro-batch; a user's events beyond it wait for the next batch (0: no cap) [default: 64].
     #[arg(long)]
     pub max_waves_per_batch: Option<usize>,
+    /// Milliseconds the batch loop may spend in one batch or commit before /livez answers 503 [default: 60000].
+    #[arg(long)]
+    pub liveness_timeout_ms: Option<u64>,
     /// Milliseconds between commits; under exactly-once one transaction spans them [default: 100].
     #[arg(long)]
     pub commit_interval_ms: Option<u64>,
@@ -185,6 +188,9 @@ impl RunConfig {
         }
         if let Some(v) = args.max_waves_per_batch {
             cfg.max_waves_per_batch = v;
+        }
+        if let Some(v) = args.liveness_timeout_ms {
+            cfg.liveness_timeout_ms = v;
         }
         if let Some(v) = args.commit_interval_ms {
             cfg.commit_interval_ms = v;

@@ -80,8 +80,11 @@ pub struct RunConfig {
     /// recently used out first; RocksDB stays the record); 0 sends every wave's states up and
     /// down instead.
     pub gpu_resident_users: usize,
-    /// Address of the `/metrics` and `/health` endpoints; empty to disable.
+    /// Address of the `/metrics`, `/health`, `/livez` and `/readyz` endpoints; empty to disable.
     pub metrics_addr: String,
+    /// How long the batch loop may stay in one batch, commit or restore report before `/livez`
+    /// answers 503 (waiting for records never fails it).
+    pub liveness_timeout_ms: u64,
     /// Largest accepted input record in bytes.
     pub max_record_bytes: usize,
     /// With several input topics: how long a partition's records wait for a co-partitioned topic
@@ -133,6 +136,7 @@ impl Default for RunConfig {
             state_cache_mib: 256,
             gpu_resident_users: DEFAULT_GPU_RESIDENT_USERS,
             metrics_addr: "127.0.0.1:9464".into(),
+            liveness_timeout_ms: 60_000,
             max_record_bytes: 64 * 1024,
             max_task_idle_ms: 1_000,
             kafka: KafkaOverrides::default(),
@@ -247,6 +251,9 @@ impl RunConfig {
         }
         if self.output_topic.trim().is_empty() || self.dlq_topic.trim().is_empty() || self.group.trim().is_empty() {
             return bad("output topic, dead-letter topic and group must not be empty".into());
+        }
+        if self.liveness_timeout_ms == 0 {
+            return bad("liveness_timeout_ms must be at least 1".into());
         }
         if self.max_batch_records == 0 {
             return bad("max_batch_records must be at least 1".into());

@@ -5,11 +5,13 @@ use anyhow::{bail, Context, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::Consumer;
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use std::time::Duration;
 
 /// Metadata and admin requests give up after this long.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Further attempts of a metadata request whose connection failed (0.5, 1, 1.5 s apart).
+const METADATA_RETRIES: u32 = 3;
 
 /// Creates `topic` with `partitions` partitions (the broker's default replication factor) if it
 /// does not exist yet. Returns the topic's partition count.
@@ -75,10 +77,20 @@ pub async fn delete_topics(clients: &KafkaClients, topics: &[&str]) -> Result<()
 ///
 /// If the broker cannot be reached (or refuses the client's credentials).
 pub fn partition_count(clients: &KafkaClients, topic: &str) -> Result<Option<i32>> {
-    let md = clients
-        .metadata_client()?
-        .fetch_metadata(Some(topic), ADMIN_TIMEOUT)
-        .with_context(|| format!("fetching metadata of {topic} from {}", clients.brokers))?;
+    let client = clients.metadata_client()?;
+    // A connection the broker drops (a restarting or overloaded broker, a SASL handshake cut
+    // short) fails at once rather than within the timeout: try a few more times before giving up.
+    let mut attempt = 0;
+    let md = loop {
+        match client.fetch_metadata(Some(topic), ADMIN_TIMEOUT) {
+            Err(KafkaError::MetadataFetch(code @ (RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown))) if attempt < METADATA_RETRIES => {
+                attempt += 1;
+                tracing::warn!(topic, brokers = %clients.brokers, error = %code, attempt, "fetching metadata failed; trying again");
+                std::thread::sleep(Duration::from_millis(500 * u64::from(attempt)));
+            }
+            result => break result.with_context(|| format!("fetching metadata of {topic} from {}", clients.brokers))?,
+        }
+    };
     Ok(md
         .topics()
         .iter()

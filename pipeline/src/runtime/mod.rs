@@ -137,6 +137,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// committed, so a restart repeats it.
 pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Arc<Health>) -> Result<RunSummary> {
     health.set_phase(Phase::Starting);
+    health.set_liveness_timeout_ms(cfg.liveness_timeout_ms);
     let (started, mut restores) = startup::start(cfg, &health).await?;
     health.set_phase(Phase::WaitingForAssignment);
     let summary = BatchLoop::new(&started, &health).run(&mut shutdown, &mut restores).await;
@@ -259,6 +260,7 @@ impl<'s> BatchLoop<'s> {
                 // Restores that finished meanwhile resume their partitions now: a carry that
                 // never empties (a hot user behind a backlog) must not keep them paused.
                 while let Ok(done) = restores.try_recv() {
+                    let _busy = self.health.busy();
                     self.restored(consumer, done)?;
                 }
             }
@@ -266,10 +268,12 @@ impl<'s> BatchLoop<'s> {
                 biased;
                 () = stopped(shutdown) => break,
                 Some(done) = restores.recv() => {
+                    let _busy = self.health.busy();
                     self.restored(consumer, done)?;
                     continue;
                 }
                 () = sleep_until(self.unit.as_ref().map(|u| u.began + self.interval)) => {
+                    let _busy = self.health.busy();
                     self.end_unit(order.as_mut()).await?;
                     continue;
                 }
@@ -312,6 +316,9 @@ impl<'s> BatchLoop<'s> {
                     released
                 }
             };
+            // From here to the next wait the loop is at work: `/livez` fails if it stays longer
+            // than `liveness_timeout_ms`.
+            let _busy = self.health.busy();
             if !batch.is_empty() || !self.carry.is_empty() {
                 self.process(&batch, order.as_mut()).await?;
             }
@@ -414,6 +421,8 @@ impl<'s> BatchLoop<'s> {
         let cfg = &s.cfg;
         let consumer = &s.consumer;
         let started = Instant::now();
+        // Fault injection for the probe tests: a batch that takes long (`batch=sleep(ms)`).
+        fail::fail_point!("batch");
         let mut stats = BatchStats { records: batch.len() as u64, ..Default::default() };
         let mut fresh = Vec::with_capacity(batch.len());
         for m in batch {
