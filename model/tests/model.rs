@@ -379,6 +379,9 @@ fn sessions_spilled_user_by_user_train_the_model_of_the_events_in_memory() {
             let from_memory = train(&events, &cfg, &Device::Cpu, |_, _| {}).unwrap();
             let (a, b) = (dir.path().join("a"), dir.path().join("b"));
             assert_eq!(from_disk.save(&a).unwrap().version, from_memory.save(&b).unwrap().version);
+            // A set trains again (its batches go to a file of their own each time).
+            let again = train_sessions(&spilled, &TrainConfig { epochs: 2, ..cfg.clone() }, &Device::Cpu, |_, _| {}).unwrap();
+            assert_eq!(again.summary.train_sessions, from_disk.summary.train_sessions);
             assert_eq!(std::fs::read(a.join("model.safetensors")).unwrap(), std::fs::read(b.join("model.safetensors")).unwrap());
         }
     }

@@ -58,7 +58,7 @@ impl Keyed {
 /// open files stay well under the usual limit of 1,024 per process.
 const FAN_IN: usize = 256;
 
-/// Collects events in any order and gives them back in `(time, file, row)` order, holding at most
+/// Collects events in any order and gives them back in [`SortOrder`], holding at most
 /// `limit` of them in memory.
 pub struct ExternalSort {
     order: SortOrder,

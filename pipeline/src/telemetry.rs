@@ -13,8 +13,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 /// Buckets of histograms in seconds (batch and step times).
 const SECONDS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -78,13 +79,21 @@ pub struct Health {
     pub intents_out: AtomicU64,
     /// Records rejected as invalid.
     pub invalid: AtomicU64,
-    /// Assignments received (an empty one included).
-    assignments: AtomicU64,
-    /// When the batch loop began the batch, commit or restore report in hand (epoch ms), 0
-    /// while it waits.
+    /// Whether the last rebalance event assigned partitions (possibly none), rather than
+    /// revoking them or failing.
+    holds_assignment: AtomicBool,
+    /// When the batch loop began the batch, commit or restore report in hand ([`monotonic_ms`]),
+    /// 0 while it waits.
     busy_since_ms: AtomicI64,
     /// How long the loop may stay in one piece of work before `/livez` fails (ms).
     liveness_timeout_ms: AtomicU64,
+}
+
+/// Milliseconds on a monotonic clock (since its first use, plus one, so never 0): a wall-clock
+/// step cannot fake or hide a stall.
+fn monotonic_ms() -> i64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as i64 + 1
 }
 
 /// The batch loop at work: [`Health::busy`] until dropped.
@@ -110,12 +119,12 @@ pub struct Probe {
 impl Probe {
     /// The answer of `/readyz`: ready once the partitions assigned to this instance are
     /// restored and processing (or an assignment gave it none: the group has more instances than
-    /// partitions); not while starting, before the first assignment, while any assigned
-    /// partition restores, or when stopping.
-    pub fn readiness(status: Phase, assignments: u64, assigned: usize, restoring: &BTreeMap<i32, u64>) -> Probe {
+    /// partitions); not while starting, between a revocation (or a failed rebalance) and the
+    /// next assignment, while any assigned partition restores, or when stopping.
+    pub fn readiness(status: Phase, holds_assignment: bool, assigned: usize, restoring: &BTreeMap<i32, u64>) -> Probe {
         let (ok, reasons) = match status {
             Phase::Starting => (false, vec!["starting: loading the model, opening the state store, creating topics or handing over a replay".to_string()]),
-            Phase::WaitingForAssignment if assignments == 0 => (false, vec!["joining the consumer group: no partition assignment yet".to_string()]),
+            Phase::WaitingForAssignment if !holds_assignment => (false, vec!["joining the consumer group: no partition assignment yet".to_string()]),
             Phase::WaitingForAssignment => (true, vec!["no partitions assigned: the group has more instances than input partitions".to_string()]),
             Phase::Restoring => (false, restoring.iter().map(|(p, n)| format!("partition {p} restoring from the changelog ({n} records applied)")).collect()),
             Phase::Running => (true, vec![format!("{assigned} partitions assigned, restored and processing")]),
@@ -176,7 +185,7 @@ impl Health {
 
     /// Marks the batch loop at work until the guard is dropped (for `/livez`).
     pub fn busy(&self) -> Busy<'_> {
-        self.busy_since_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        self.busy_since_ms.store(monotonic_ms(), Ordering::Relaxed);
         Busy(self)
     }
 
@@ -184,17 +193,26 @@ impl Health {
     pub fn readiness(&self) -> Probe {
         let p = self.partitions.lock().expect("health lock");
         let restoring: BTreeMap<i32, u64> = p.iter().filter_map(|(k, v)| v.map(|n| (*k, n))).collect();
-        Probe::readiness(self.phase(), self.assignments.load(Ordering::Relaxed), p.len(), &restoring)
+        Probe::readiness(self.phase(), self.holds_assignment.load(Ordering::Relaxed), p.len(), &restoring)
     }
 
     /// `/livez`.
     pub fn liveness(&self) -> Probe {
-        Probe::liveness(self.phase(), self.busy_since_ms.load(Ordering::Relaxed), chrono::Utc::now().timestamp_millis(), self.liveness_timeout_ms.load(Ordering::Relaxed))
+        Probe::liveness(self.phase(), self.busy_since_ms.load(Ordering::Relaxed), monotonic_ms(), self.liveness_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// The partitions were revoked (or the rebalance failed): none is held until the next
+    /// assignment.
+    pub fn revoked(&self) {
+        self.holds_assignment.store(false, Ordering::Relaxed);
+        let mut p = self.partitions.lock().expect("health lock");
+        p.clear();
+        self.follow_partitions(&p);
     }
 
     /// A new assignment: every partition in it starts restoring.
     pub fn assigned(&self, partitions: &[i32]) {
-        self.assignments.fetch_add(1, Ordering::Relaxed);
+        self.holds_assignment.store(true, Ordering::Relaxed);
         let mut p = self.partitions.lock().expect("health lock");
         *p = partitions.iter().map(|&k| (k, Some(0))).collect();
         self.follow_partitions(&p);
@@ -451,7 +469,10 @@ mod tests {
         assert_eq!(restoring.reasons, ["partition 3 restoring from the changelog (180000 records applied)"]);
         h.ready(3);
         assert_eq!(ready(&h), (true, Phase::Running));
-        // An empty assignment (more instances than partitions) is ready: it has nothing to own.
+        // A revocation (every eager rebalance begins with one) is not ready until the next
+        // assignment; an empty assignment (more instances than partitions) is: nothing to own.
+        h.revoked();
+        assert_eq!(ready(&h), (false, Phase::WaitingForAssignment));
         h.assigned(&[]);
         assert_eq!(ready(&h), (true, Phase::WaitingForAssignment));
         h.set_phase(Phase::Stopping);

@@ -269,6 +269,9 @@ struct BatchPlace {
 pub(super) struct TrainBatches {
     map: Option<Mmap>,
     places: Vec<BatchPlace>,
+    /// The file, of its own name (a set may be trained on more than once), deleted when dropped
+    /// (after the mapping, declared before it).
+    _file: tempfile::NamedTempFile,
 }
 
 /// One padded batch in host memory: dense inputs `(B, T, D)`, the four buckets, labels and loss
@@ -343,9 +346,10 @@ impl TrainBatches {
     /// Sorts the sessions of `range` by length (stable) and writes them as batches of
     /// `batch_size` into `sessions`' directory.
     pub(super) fn write(sessions: &SessionSet, range: Range<usize>, spec: &FeatureSpec, batch_size: usize, max_len: usize, pos_weight: f32) -> Result<TrainBatches, ModelError> {
-        let path = sessions.dir().join("batches.bin");
-        let file = create(&path)?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let dir = sessions.dir();
+        let mut named = tempfile::Builder::new().prefix("batches-").tempfile_in(dir).map_err(io(dir))?;
+        let path = named.path().to_path_buf();
+        let mut out = BufWriter::with_capacity(1 << 20, named.as_file_mut());
         // Length buckets: sessions of similar length share a batch, so little is padding.
         let mut by_len: Vec<usize> = range.collect();
         by_len.sort_by_key(|&i| sessions.events_in(i));
@@ -358,8 +362,9 @@ impl TrainBatches {
             places.push(BatchPlace { offset, rows: batch.rows, steps: batch.steps });
             offset += HostBatch::bytes(batch.rows, batch.steps);
         }
-        let file = out.into_inner().map_err(|e| ModelError::Io { path: path.clone(), source: e.into_error() })?;
-        Ok(TrainBatches { map: map(&file, &path)?, places })
+        out.flush().map_err(io(&path))?;
+        drop(out);
+        Ok(TrainBatches { map: map(named.as_file(), &path)?, places, _file: named })
     }
 
     /// Number of batches.

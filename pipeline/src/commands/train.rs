@@ -114,8 +114,9 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 2_000_000)]
     pub max_events_in_memory: usize,
     /// Where sorted runs, labelled sessions and training batches are spilled [default: the
-    /// system's temporary directory]. Needs about the input's size as JSON, and as much again
-    /// for the training split; removed when training ends.
+    /// system's temporary directory]. Needs about 2.5 times the input's size as JSON (runs of
+    /// JSON, then about 300 bytes a labelled event, then the padded batches); removed when
+    /// training ends, left behind (`sort-spill-*`, `train-spill-*`) if it is killed.
     #[arg(long)]
     pub spill_dir: Option<PathBuf>,
 }

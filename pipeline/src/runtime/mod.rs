@@ -327,6 +327,7 @@ impl<'s> BatchLoop<'s> {
             }
         }
         self.health.set_phase(Phase::Stopping);
+        let _busy = self.health.busy();
         // Deferred events are applied before the last commit, so that a clean stop leaves
         // nothing to read again.
         while !self.carry.is_empty() && ctx.generation() == self.generation {
@@ -345,6 +346,8 @@ impl<'s> BatchLoop<'s> {
     /// reads them again from the committed offsets).
     fn follow_generation(&mut self, generation: u64, order: Option<&mut InputOrder<'_>>) -> Result<()> {
         if generation != self.generation {
+            // Aborting the open transaction is a broker call: watched by `/livez` like a commit.
+            let _busy = self.health.busy();
             if self.unit.is_some() {
                 // Its partitions were revoked: their next owner (maybe this instance again) reads
                 // them from the committed offsets and restores the committed states.

@@ -114,12 +114,12 @@ impl ConsumerContext for RebalanceContext {
             Rebalance::Revoke(tpl) => {
                 tracing::info!(partitions = tpl.count(), "partitions revoked");
                 *a = Assignment::default();
-                self.health.assigned(&[]);
+                self.health.revoked();
             }
             Rebalance::Error(e) => {
                 tracing::warn!(error = %e, "rebalance error");
                 *a = Assignment::default();
-                self.health.assigned(&[]);
+                self.health.revoked();
             }
         }
     }
