@@ -317,12 +317,13 @@ fn bench_topics(brokers: &str) -> HashSet<String> {
 /// The probes answer with status codes: `/readyz` turns 200 once the assigned partitions are
 /// restored and processing; `/livez` stays 200 while the operator waits for records, turns 503
 /// (naming the stall) while one batch takes longer than `liveness_timeout_ms` (a failpoint makes
-/// the first batch sleep 6 s), and is 200 again once the batch is done.
+/// the first batch sleep 6 s), and is 200 again once the batch is done. The operator logs JSON
+/// (`--log-format json`): one object a line, a rejected record's position as keys of its own.
 #[test]
 fn readyz_follows_the_assignment_and_livez_fails_only_while_a_batch_stalls() {
     let sc = Scenario::new("probes", 2);
     let addr = free_addr();
-    let args = sc.run_args(&["--metrics-addr", &addr, "--liveness-timeout-ms", "1000"]);
+    let args = sc.run_args(&["--metrics-addr", &addr, "--liveness-timeout-ms", "1000", "--log-format", "json"]);
     let mut op = Operator::spawn_env("run", &args, sc.dir.path().join("op.log"), &[("FAILPOINTS", "batch=1*sleep(6000)")]).unwrap();
     let started = Instant::now();
     let ready = loop {
@@ -349,6 +350,7 @@ fn readyz_follows_the_assignment_and_livez_fails_only_while_a_batch_stalls() {
     }
 
     let events = generated_events(50, 400, 5);
+    produce(&sc.brokers, &sc.input, &[("u-bad".to_string(), b"{not json".to_vec())]).unwrap();
     produce_events(&sc.brokers, &sc.input, &events).unwrap();
     let stalled = loop {
         let (code, body) = probe(&addr, "/livez");
@@ -366,4 +368,14 @@ fn readyz_follows_the_assignment_and_livez_fails_only_while_a_batch_stalls() {
     assert_eq!(code, 200, "live again after the batch: {live}");
     let (status, log) = op.terminate().unwrap();
     assert!(status.success(), "exit {status}; log:\n{log}");
+    // Every log line is a JSON object but the closing summary the binary prints itself.
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.starts_with("intentflow run:") && !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().all(|l| l["timestamp"].is_string() && l["level"].is_string() && l["message"].is_string()), "{log}");
+    let rejected = lines.iter().find(|l| l["message"].as_str().is_some_and(|m| m.starts_with("rejected record:"))).unwrap_or_else(|| panic!("no rejection logged:\n{log}"));
+    assert_eq!((&rejected["topic"], &rejected["error_type"]), (&serde_json::json!(sc.input), &serde_json::json!("invalid_json")), "{rejected}");
+    assert!(rejected["partition"].is_i64() && rejected["offset"].is_i64(), "{rejected}");
 }

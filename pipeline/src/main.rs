@@ -19,6 +19,20 @@ struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `intentflow_pipeline=debug`.
     #[arg(long, global = true, env = "INTENTFLOW_LOG", default_value = "info")]
     log: String,
+    /// Log lines as `text` (for people) or `json` (one object a line, for a log pipeline: time,
+    /// level, target, message and every field, such as a rejected record's topic, partition and
+    /// offset, as a key of its own).
+    #[arg(long, global = true, env = "INTENTFLOW_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines, coloured on a terminal.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -91,11 +105,11 @@ async fn main() -> Result<()> {
         intentflow_pipeline::kafka::builtin_features()
     ));
     let cli = Cli::from_arg_matches(&Cli::command().long_version(long_version).get_matches())?;
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log)?)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let logs = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log)?).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).init(),
+    }
     match cli.command {
         Command::Run(args) => run(args).await,
         Command::Generate(args) => commands::generate::generate_cmd(&args).await,
