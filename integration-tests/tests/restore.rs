@@ -8,6 +8,12 @@ use intentflow_state::UserState;
 use std::time::{Duration, Instant};
 
 const IDLE: Duration = Duration::from_secs(120);
+
+/// `intentflow_consumer_lag_records` of one input partition in `/metrics` text, if reported.
+fn partition_lag(metrics: &str, topic: &str, partition: i32) -> Option<u64> {
+    let series = format!("intentflow_consumer_lag_records{{topic=\"{topic}\",partition=\"{partition}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(series.as_str())?.trim().parse::<f64>().ok()).map(|v| v as u64)
+}
 /// Records on the changelog partition that has to be restored.
 const LARGE: usize = 300_000;
 
@@ -62,6 +68,12 @@ fn caught_up_partitions_keep_scoring_while_another_restores_a_large_changelog() 
     assert!(during.iter().all(|i| i.source.partition != 3), "partition 3 was scored before its state was restored");
 
     let intents = sc.intents(events.len(), IDLE);
+    // Everything consumed: every partition reports its lag (librdkafka's statistics, every 5 s),
+    // and it is 0.
+    while (0..4).any(|p| partition_lag(&http_get(&addr, "/metrics"), &sc.input, p) != Some(0)) {
+        assert!(started.elapsed() < IDLE * 2, "lag never 0 on every partition:\n{}", http_get(&addr, "/metrics"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // Every partition restored: ready.
     let (code, ready) = probe(&addr, "/readyz");
     assert_eq!((code, &ready["status"]), (200, &serde_json::json!("running")), "{ready}");

@@ -75,10 +75,12 @@ impl KafkaClients {
     /// (in its transactions or after its batches), the eager assignors, and static membership
     /// as `intentflow-<instance>` so that a restarted instance takes its partitions back without
     /// a rebalance and a second process with the same id is fenced. Session and heartbeat
-    /// timings default to 10 s / 2 s and may be overridden in `[kafka.consumer]`.
+    /// timings default to 10 s / 2 s, and statistics (the lag metric) to every 5 s; each may be
+    /// overridden in `[kafka.consumer]`.
     pub fn group_consumer_config(&self, group: &str, instance: &str, offset_reset: &str) -> ClientConfig {
         let mut cfg = self.base();
-        cfg.set("session.timeout.ms", "10000").set("heartbeat.interval.ms", "2000");
+        // Statistics feed `intentflow_consumer_lag_records` (runtime::rebalance).
+        cfg.set("session.timeout.ms", "10000").set("heartbeat.interval.ms", "2000").set("statistics.interval.ms", "5000");
         for (k, v) in &self.consumer {
             cfg.set(k, v);
         }

@@ -10,9 +10,10 @@
 //! collected across a rebalance, and a restore whose partition was revoked stops early.
 
 use super::restore::{RestoreDone, Restorer};
+use crate::config::OffsetReset;
 use crate::telemetry::Health;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,8 @@ pub struct RebalanceContext {
     generation: Arc<AtomicU64>,
     /// The assigned partitions (of every input topic) and those still restoring.
     assignment: Mutex<Assignment>,
+    /// Where a partition without a committed offset starts: for its lag before it is consumed.
+    offset_reset: OffsetReset,
 }
 
 /// The current assignment.
@@ -57,8 +60,9 @@ impl Assignment {
 
 impl RebalanceContext {
     /// A context that restores with `restorer` and reports finished restores to `done`.
-    pub fn new(health: Arc<Health>, restorer: Arc<Restorer>, done: UnboundedSender<RestoreDone>) -> RebalanceContext {
-        RebalanceContext { health, restorer, done, generation: Arc::new(AtomicU64::new(0)), assignment: Mutex::new(Assignment::default()) }
+    /// `offset_reset` is the group's policy for partitions without a committed offset.
+    pub fn new(health: Arc<Health>, restorer: Arc<Restorer>, done: UnboundedSender<RestoreDone>, offset_reset: OffsetReset) -> RebalanceContext {
+        RebalanceContext { health, restorer, done, generation: Arc::new(AtomicU64::new(0)), assignment: Mutex::new(Assignment::default()), offset_reset }
     }
 
     /// The current generation: it changes with every rebalance event.
@@ -87,7 +91,39 @@ impl RebalanceContext {
     }
 }
 
-impl ClientContext for RebalanceContext {}
+/// Records of a partition the operator has not consumed yet: from its position (the next offset
+/// it will be handed, else the committed one, else where `offset_reset` starts it: `reset`) to
+/// the last stable offset (what a `read_committed` consumer can read). `None` while none of
+/// them is known (librdkafka says -1 or -1001).
+pub fn partition_lag(ls_offset: i64, app_offset: i64, committed_offset: i64, reset: Option<i64>) -> Option<i64> {
+    let position = [Some(app_offset), Some(committed_offset), reset].into_iter().flatten().find(|&o| o >= 0)?;
+    (ls_offset >= 0).then(|| (ls_offset - position).max(0))
+}
+
+/// The lag gauge of one input partition.
+fn lag_gauge(topic: &str, partition: i32) -> metrics::Gauge {
+    metrics::gauge!("intentflow_consumer_lag_records", "topic" => topic.to_string(), "partition" => partition.to_string())
+}
+
+impl ClientContext for RebalanceContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): the lag of each assigned input
+    /// partition ([`partition_lag`]), restoring ones included (their position is the committed
+    /// offset).
+    fn stats(&self, statistics: Statistics) {
+        let assigned = self.assignment.lock().expect("assignment lock").topic_partitions.clone();
+        for (topic, partition) in assigned {
+            let Some(p) = statistics.topics.get(&topic).and_then(|t| t.partitions.get(&partition)) else { continue };
+            let reset = match self.offset_reset {
+                OffsetReset::Earliest => Some(p.lo_offset),
+                OffsetReset::Latest => Some(p.ls_offset),
+                OffsetReset::Fail => None,
+            };
+            if let Some(lag) = partition_lag(p.ls_offset, p.app_offset, p.committed_offset, reset) {
+                lag_gauge(&topic, partition).set(lag as f64);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for RebalanceContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -113,6 +149,10 @@ impl ConsumerContext for RebalanceContext {
             }
             Rebalance::Revoke(tpl) => {
                 tracing::info!(partitions = tpl.count(), "partitions revoked");
+                // Their lag is their next owner's to report.
+                for (topic, partition) in &a.topic_partitions {
+                    lag_gauge(topic, *partition).set(0.0);
+                }
                 *a = Assignment::default();
                 self.health.revoked();
             }
@@ -122,5 +162,22 @@ impl ConsumerContext for RebalanceContext {
                 self.health.revoked();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partition_lag;
+
+    #[test]
+    fn lag_runs_from_the_position_to_the_last_stable_offset() {
+        assert_eq!(partition_lag(1_000, 400, 300, Some(0)), Some(600), "consumed up to 400");
+        assert_eq!(partition_lag(1_000, -1, 300, Some(0)), Some(700), "nothing consumed yet (paused while restoring): from the committed offset");
+        assert_eq!(partition_lag(1_000, -1, -1001, Some(0)), Some(1_000), "a new group starts at the reset position");
+        assert_eq!(partition_lag(1_000, 1_000, 300, None), Some(0));
+        // A transaction marker can put the position one past the last stable offset.
+        assert_eq!(partition_lag(1_000, 1_001, 300, None), Some(0));
+        assert_eq!(partition_lag(-1, 400, 300, None), None);
+        assert_eq!(partition_lag(1_000, -1, -1001, None), None, "no committed offset (librdkafka's OFFSET_INVALID), offset_reset = fail");
     }
 }

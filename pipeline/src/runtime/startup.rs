@@ -105,7 +105,7 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
         dlq_topic: cfg.dlq_topic.clone(),
         health: health.clone(),
     })?;
-    let context = RebalanceContext::new(health.clone(), Arc::new(restorer), done_tx);
+    let context = RebalanceContext::new(health.clone(), Arc::new(restorer), done_tx, cfg.offset_reset);
     let consumer: StreamConsumer<RebalanceContext> = clients
         .group_consumer_config(&cfg.group, &instance, cfg.offset_reset.librdkafka())
         .create_with_context(context)
