@@ -366,6 +366,11 @@ fn readyz_follows_the_assignment_and_livez_fails_only_while_a_batch_stalls() {
     assert_eq!(intents.len(), events.len());
     let (code, live) = probe(&addr, "/livez");
     assert_eq!(code, 200, "live again after the batch: {live}");
+    // Which build serves which model.
+    let metrics = http_get(&addr, "/metrics");
+    let info = metrics.lines().find(|l| l.starts_with("intentflow_build_info{")).unwrap_or_else(|| panic!("no build info:\n{metrics}"));
+    let model = intentflow_model::IntentModel::load(trained_model_dir(), &intentflow_model::Device::Cpu).unwrap().version().to_string();
+    assert!(info.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))) && info.contains(&format!("model_version=\"{model}\"")) && info.contains("git_sha=\"") && info.ends_with(" 1"), "{info}");
     let (status, log) = op.terminate().unwrap();
     assert!(status.success(), "exit {status}; log:\n{log}");
     // Every log line is a JSON object but the closing summary the binary prints itself.

@@ -99,8 +99,9 @@ async fn main() -> Result<()> {
     // `--version` names the librdkafka build: what TLS, SASL mechanisms and codecs it has.
     // Leaked once: clap wants a `'static` string (its `string` feature is off).
     let long_version: &'static str = String::leak(format!(
-        "{}\nlibrdkafka {} ({})",
+        "{} (git {})\nlibrdkafka {} ({})",
         env!("CARGO_PKG_VERSION"),
+        env!("INTENTFLOW_GIT_SHA"),
         intentflow_pipeline::kafka::librdkafka_version(),
         intentflow_pipeline::kafka::builtin_features()
     ));

@@ -373,6 +373,18 @@ impl Default for BatchMetrics {
     }
 }
 
+/// Sets `intentflow_build_info{version, git_sha, model_version}` to 1: which build serves which
+/// model, for dashboards and alerts across a rolling update.
+pub fn build_info(model_version: &str) {
+    metrics::gauge!(
+        "intentflow_build_info",
+        "version" => env!("CARGO_PKG_VERSION"),
+        "git_sha" => env!("INTENTFLOW_GIT_SHA"),
+        "model_version" => model_version.to_string()
+    )
+    .set(1.0);
+}
+
 /// The counter of quarantined state records: `source` is `store` (the local RocksDB) or
 /// `changelog` (a restore).
 pub fn state_records_invalid(source: &'static str) -> Counter {

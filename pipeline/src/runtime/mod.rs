@@ -139,6 +139,7 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
     health.set_phase(Phase::Starting);
     health.set_liveness_timeout_ms(cfg.liveness_timeout_ms);
     let (started, mut restores) = startup::start(cfg, &health).await?;
+    crate::telemetry::build_info(started.operator.model().version());
     health.set_phase(Phase::WaitingForAssignment);
     let summary = BatchLoop::new(&started, &health).run(&mut shutdown, &mut restores).await;
     health.set_phase(Phase::Stopped);
