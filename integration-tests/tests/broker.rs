@@ -366,8 +366,12 @@ fn readyz_follows_the_assignment_and_livez_fails_only_while_a_batch_stalls() {
     assert_eq!(intents.len(), events.len());
     let (code, live) = probe(&addr, "/livez");
     assert_eq!(code, 200, "live again after the batch: {live}");
-    // Which build serves which model.
+    // Which build serves which model; and every series says what it is.
     let metrics = http_get(&addr, "/metrics");
+    for typed in metrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let name = typed.split_whitespace().next().unwrap();
+        assert!(metrics.lines().any(|l| l.starts_with(&format!("# HELP {name} "))), "no # HELP for {name}:\n{metrics}");
+    }
     let info = metrics.lines().find(|l| l.starts_with("intentflow_build_info{")).unwrap_or_else(|| panic!("no build info:\n{metrics}"));
     let model = intentflow_model::IntentModel::load(trained_model_dir(), &intentflow_model::Device::Cpu).unwrap().version().to_string();
     assert!(info.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))) && info.contains(&format!("model_version=\"{model}\"")) && info.contains("git_sha=\"") && info.ends_with(" 1"), "{info}");

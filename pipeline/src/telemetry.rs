@@ -32,12 +32,43 @@ const BATCHES: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 
 ///
 /// If a recorder is already installed.
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
-    Ok(PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets(SECONDS)?
         .set_buckets_for_metric(Matcher::Full("intentflow_restore_seconds".into()), RESTORE_SECONDS)?
         .set_buckets_for_metric(Matcher::Full("intentflow_batch_records".into()), RECORDS)?
         .set_buckets_for_metric(Matcher::Full("intentflow_commit_batches".into()), BATCHES)?
-        .install_recorder()?)
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+/// The `# HELP` text of every series (docs/metrics.md says more).
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("intentflow_records_in_total", "Input records consumed.");
+    describe_counter!("intentflow_records_skipped_total", "Records the state already reflected (the partition's stored offset or the user's fence): not applied again.");
+    describe_counter!("intentflow_intents_out_total", "Intents produced and acknowledged (counted when their commit succeeds).");
+    describe_counter!("intentflow_records_invalid_total", "Input records rejected and dead-lettered, by error_type.");
+    describe_counter!("intentflow_state_resets_total", "Stored states restarted from zero, by reason (hidden_size, foreign_model).");
+    describe_counter!("intentflow_state_records_invalid_total", "State records that did not decode and were quarantined, by source (store, changelog).");
+    describe_counter!("intentflow_batches_total", "Micro-batches processed.");
+    describe_histogram!("intentflow_batch_seconds", Unit::Seconds, "Wall time of a micro-batch.");
+    describe_histogram!("intentflow_batch_records", Unit::Count, "Records per micro-batch.");
+    describe_counter!("intentflow_model_steps_total", "Batched model steps (waves).");
+    describe_counter!("intentflow_events_deferred_total", "Events the wave cap (max_waves_per_batch) left for the next batch.");
+    describe_gauge!("intentflow_gpu_resident_users", Unit::Count, "Users whose hidden states are resident on the GPU.");
+    describe_counter!("intentflow_gpu_state_loads_total", "Hidden states uploaded to GPU slots.");
+    describe_counter!("intentflow_gpu_evictions_total", "GPU slots reused for other users (least recently used first).");
+    describe_counter!("intentflow_gpu_fallback_batches_total", "Batches too large for the GPU slab, stepped without resident states.");
+    describe_counter!("intentflow_commits_total", "Commits (under exactly-once, transactions committed).");
+    describe_histogram!("intentflow_commit_batches", Unit::Count, "Batches per commit.");
+    describe_histogram!("intentflow_commit_open_seconds", Unit::Seconds, "How long a commit's unit stayed open, from its first batch to the end of its commit.");
+    describe_counter!("intentflow_transactions_aborted_total", "Transactions aborted (after a failure or at a rebalance); their batches are processed again.");
+    describe_counter!("intentflow_restored_records_total", "Changelog records applied to the local store when partitions were assigned.");
+    describe_histogram!("intentflow_restore_seconds", Unit::Seconds, "Wall time of each partition's restore from the changelog.");
+    describe_counter!("intentflow_offsets_lost_total", "Input offsets deleted by retention before they were processed.");
+    describe_gauge!("intentflow_consumer_lag_records", Unit::Count, "Records of an assigned input partition not yet consumed, to its last stable offset.");
+    describe_gauge!("intentflow_build_info", "1, labelled with the build's version and git commit and the served model's version.");
 }
 
 /// Where the operator is in its life.
