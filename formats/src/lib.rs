@@ -17,7 +17,7 @@ pub mod columnar;
 pub mod generate;
 pub mod text;
 
-use intentflow_schemas::{DecodeError, Event, EventDecoder, EventType};
+use intentflow_schemas::{Event, EventDecoder, EventType};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -171,22 +171,15 @@ pub fn read_events_with(path: &Path, format: Format, decoder: &EventDecoder, wra
 
 /// Streams the events of a schema-v1 file (Parquet or JSONL, told apart by content) to `row` in
 /// file order, validated by `decoder`: each row's 1-based number (line, or row for Parquet) and
-/// its event or why it was rejected. Unlike [`read_events`] it neither sorts nor holds the file: memory stays bounded
-/// whatever the file's size.
+/// its event or why it was rejected: [`for_each_row`] in the format the file's content shows.
+/// Unlike [`read_events`] it neither sorts nor holds the file: memory stays bounded whatever the
+/// file's size.
 ///
 /// # Errors
 ///
 /// If the file cannot be opened or read, or (Parquet) lacks a required column.
-pub fn for_each_event(path: &Path, decoder: &EventDecoder, mut row: impl FnMut(usize, Result<Event, DecodeError>)) -> Result<(), FormatError> {
-    let now = now_ms();
-    if Format::detect(path)? == Format::Parquet {
-        columnar::for_each_event(path, decoder, now, |i, event| row(i + 1, event))?;
-    } else {
-        let file = open(path)?;
-        text::jsonl_rows(std::io::BufReader::with_capacity(1 << 20, file), decoder, now, |i, _, event| row(i, event))
-            .map_err(|source| FormatError::Io { path: path.to_path_buf(), source })?;
-    }
-    Ok(())
+pub fn for_each_event(path: &Path, decoder: &EventDecoder, row: impl FnMut(usize, Result<Event, String>)) -> Result<(), FormatError> {
+    for_each_row(path, Format::detect(path)?, decoder, |file, _| Box::new(file), row)
 }
 
 /// Streams the rows of `path` in `format` (any of them, CSV layouts included) to `row` in file

@@ -223,8 +223,7 @@ impl Health {
     /// `/readyz`.
     pub fn readiness(&self) -> Probe {
         let p = self.partitions.lock().expect("health lock");
-        let restoring: BTreeMap<i32, u64> = p.iter().filter_map(|(k, v)| v.map(|n| (*k, n))).collect();
-        Probe::readiness(self.phase(), self.holds_assignment.load(Ordering::Relaxed), p.len(), &restoring)
+        Probe::readiness(self.phase(), self.holds_assignment.load(Ordering::Relaxed), p.len(), &restoring(&p))
     }
 
     /// `/livez`.
@@ -286,13 +285,18 @@ impl Health {
         HealthReport {
             status: self.phase(),
             assigned_partitions: p.len(),
-            restoring: p.iter().filter_map(|(k, v)| v.map(|n| (*k, n))).collect(),
+            restoring: restoring(&p),
             last_batch_ms: self.last_batch_ms.load(Ordering::Relaxed),
             records_in: self.records_in.load(Ordering::Relaxed),
             intents_out: self.intents_out.load(Ordering::Relaxed),
             invalid: self.invalid.load(Ordering::Relaxed),
         }
     }
+}
+
+/// The assigned partitions still restoring, with the changelog records applied so far.
+fn restoring(partitions: &BTreeMap<i32, Option<u64>>) -> BTreeMap<i32, u64> {
+    partitions.iter().filter_map(|(k, v)| v.map(|n| (*k, n))).collect()
 }
 
 /// Serves `/metrics`, `/health`, `/livez` and `/readyz` on `addr` until the task is dropped.

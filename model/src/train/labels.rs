@@ -100,19 +100,20 @@ pub struct LabelledSession {
 /// not applied). Events are grouped by user and ordered by time; events with equal times keep
 /// their input order. Sessions come sorted by start time (ties by user).
 pub fn labelled_sessions(events: &[Event], spec: &FeatureSpec, horizon: LabelHorizon) -> Vec<LabelledSession> {
-    let mut order: Vec<usize> = (0..events.len()).collect();
-    order.sort_by(|&a, &b| events[a].user_id.cmp(&events[b].user_id).then(events[a].ts.cmp(&events[b].ts)));
     let mut out: Vec<LabelledSession> = Vec::new();
-    let mut user: Vec<(usize, &Event)> = Vec::new();
-    for (k, &i) in order.iter().enumerate() {
-        user.push((i, &events[i]));
-        if order.get(k + 1).is_none_or(|&j| events[j].user_id != events[i].user_id) {
-            user_sessions(&user, spec, horizon, &mut out);
-            user.clear();
-        }
+    for user in by_user(events) {
+        user_sessions(&user, spec, horizon, &mut out);
     }
     out.sort_by_key(|s| s.start_ms);
     out
+}
+
+/// Each user's (input index, event), users by id, each user's events in time order (equal times
+/// in input order): the order sessions are cut in.
+pub fn by_user(events: &[Event]) -> Vec<Vec<(usize, &Event)>> {
+    let mut order: Vec<usize> = (0..events.len()).collect();
+    order.sort_by(|&a, &b| events[a].user_id.cmp(&events[b].user_id).then(events[a].ts.cmp(&events[b].ts)));
+    order.chunk_by(|&a, &b| events[a].user_id == events[b].user_id).map(|user| user.iter().map(|&i| (i, &events[i])).collect()).collect()
 }
 
 /// Appends the labelled sessions of one user's events to `out`, in order: `events` are the

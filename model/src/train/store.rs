@@ -14,7 +14,7 @@
 //! system pages the mappings in and out: a training split larger than memory is read from disk
 //! each epoch instead of failing.
 
-use super::labels::user_sessions;
+use super::labels::{by_user, user_sessions};
 use super::{LabelHorizon, LabelledSession, SplitSpec};
 use crate::{FeatureSpec, Features, ModelError, FEATURE_DIM};
 use intentflow_schemas::Event;
@@ -173,16 +173,9 @@ impl SessionSet {
     ///
     /// If the spill cannot be written.
     pub fn of_events(events: &[Event], spec: &FeatureSpec, horizon: LabelHorizon, parent: &Path) -> Result<SessionSet, ModelError> {
-        let mut order: Vec<usize> = (0..events.len()).collect();
-        order.sort_by(|&a, &b| events[a].user_id.cmp(&events[b].user_id).then(events[a].ts.cmp(&events[b].ts)));
         let mut builder = SessionsBuilder::create(parent, spec, horizon)?;
-        let mut user: Vec<(usize, &Event)> = Vec::new();
-        for (k, &i) in order.iter().enumerate() {
-            user.push((i, &events[i]));
-            if order.get(k + 1).is_none_or(|&j| events[j].user_id != events[i].user_id) {
-                builder.add_indexed(&user)?;
-                user.clear();
-            }
+        for user in by_user(events) {
+            builder.add_indexed(&user)?;
         }
         builder.finish()
     }

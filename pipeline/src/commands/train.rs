@@ -263,7 +263,8 @@ fn spill_sessions(input: &InputArgs, cfg: &TrainConfig, limit: usize, spill: &Pa
         let event = keyed?.event;
         if user.last().is_some_and(|u| u.user_id != event.user_id) {
             builder.add_user(&user)?;
-            (users, user) = (users + 1, Vec::new());
+            users += 1;
+            user.clear();
         }
         user.push(event);
     }

@@ -482,12 +482,10 @@ impl<'s> BatchLoop<'s> {
         for (partition, next) in offsets::next_offsets(batch.iter().map(|m| (m.topic(), m.partition(), m.offset()))) {
             self.collected.entry(partition).and_modify(|n| *n = (*n).max(next)).or_insert(next);
         }
-        // Every record the batch read, the deferred ones it began with included.
-        let read = || batch.iter().map(|m| (m.topic(), m.partition(), m.offset())).chain(events[..carried].iter().map(|e| (&*e.source.topic, e.source.partition, e.source.offset)));
-        let mut next: BTreeMap<(String, i32), i64> = offsets::first_offsets(read()).into_keys().map(|k| {
-            let n = self.collected[&k];
-            (k, n)
-        }).collect();
+        // The first offset of every partition the batch read, the deferred events it began with
+        // included: where an abort rewinds to, and the partitions whose next offset it stages.
+        let first = offsets::first_offsets(batch.iter().map(|m| (m.topic(), m.partition(), m.offset())).chain(events[..carried].iter().map(|e| (&*e.source.topic, e.source.partition, e.source.offset))));
+        let mut next: BTreeMap<(String, i32), i64> = first.keys().map(|k| (k.clone(), self.collected[k])).collect();
         offsets::hold_at_deferred(&mut next, out.deferred.iter().map(|&i| (&*events[i].source.topic, events[i].source.partition, events[i].source.offset)));
         // An invalid record beyond a partition's held offset waits with the deferred events: it
         // is dead-lettered once the offset passes it, so a restart that reads it again cannot
@@ -505,7 +503,7 @@ impl<'s> BatchLoop<'s> {
         }
         let unit = self.unit.as_mut().expect("begun above");
         unit.batches += 1;
-        for (partition, offset) in offsets::first_offsets(read()) {
+        for (partition, offset) in first {
             unit.first.entry(partition).and_modify(|o| *o = (*o).min(offset)).or_insert(offset);
         }
         let sink = s.sink();
