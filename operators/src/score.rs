@@ -69,6 +69,9 @@ pub struct BatchOutput {
     pub already_applied: usize,
     /// Batched model steps taken (the number of waves).
     pub waves: usize,
+    /// Wall time of each wave's model step in seconds (the recurrent step and the head, not the
+    /// features or the state reads around it).
+    pub step_seconds: Vec<f64>,
     /// Events left for the next batch by the wave cap ([`IntentOperator::with_wave_cap`]): the
     /// later events of users with more than the cap, as input indices in input order. They are
     /// not applied, get no intent and move no fence: the caller gives them again, ahead of any
@@ -405,6 +408,7 @@ impl IntentOperator {
         let mut hidden: Vec<f32> = Vec::with_capacity(slots.len() * h);
         let mut wave_slots: Vec<usize> = Vec::with_capacity(slots.len());
         let mut scores: Vec<f32> = Vec::with_capacity(slots.len());
+        let mut step_seconds: Vec<f64> = Vec::with_capacity(max_len);
         for wave in 0..max_len {
             features.clear();
             hidden.clear();
@@ -432,6 +436,7 @@ impl IntentOperator {
                 wave_slots.push(si);
             }
             scores.clear();
+            let stepping = std::time::Instant::now();
             match (&device_slots, resident.as_deref_mut()) {
                 (Some(_), Some(r)) => scores.extend(r.step()?.iter().zip(&features).map(|(&logit, f)| self.model.probability(logit, f))),
                 _ => {
@@ -442,6 +447,7 @@ impl IntentOperator {
                     scores.extend_from_slice(&out.scores);
                 }
             }
+            step_seconds.push(stepping.elapsed().as_secs_f64());
             for (k, &si) in wave_slots.iter().enumerate() {
                 let slot = &mut slots[si];
                 let input = slot.inputs[wave];
@@ -491,6 +497,7 @@ impl IntentOperator {
             invalid_states,
             already_applied,
             waves: max_len,
+            step_seconds,
             deferred: {
                 deferred.sort_unstable();
                 deferred

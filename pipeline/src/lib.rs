@@ -1,7 +1,8 @@
 //! The `intentflow` binary's library: CLI commands, configuration, Kafka wiring and the
 //! streaming runtime. This is the only crate that knows Kafka.
 //!
-//! * [`config`] — `intentflow run` configuration (TOML + flags) and its checks.
+//! * [`config`] — the configuration in layers (defaults, TOML, environment, flags), its checks
+//!   and the redaction of secrets.
 //! * [`kafka`] — every client's properties in one place, topics, bounded deliveries and reads.
 //! * [`state_dir`] — the life of a state directory: instance id, replay markers, model adoption.
 //! * [`runtime`] — the consume → score → produce → store → commit loop, with background
@@ -11,16 +12,18 @@
 //! * [`dlq`] — what goes to the dead-letter topic, with which headers; [`offsets`] — the offset
 //!   decisions as pure functions. Both serve the runtime and replays, which depend on them and
 //!   not on each other (a bootstrap is a replay the runtime runs).
-//! * [`commands`] — `generate`, `import`, `train`, `eval` and `tail`.
+//! * [`commands`] — `generate`, `import`, `train`, `eval`, `tail`, `bench` and `config`.
 //! * [`external_sort`] — event files larger than memory in time order (replays) or user order
 //!   (training).
-//! * [`telemetry`] — Prometheus metrics and the health endpoint.
+//! * [`telemetry`] — Prometheus metrics, the probes and the HTTP endpoints; [`live`] — what the
+//!   status page shows.
 
 pub mod commands;
 pub mod config;
 pub mod dlq;
 pub mod external_sort;
 pub mod kafka;
+pub mod live;
 pub mod offsets;
 pub mod output;
 pub mod replay;

@@ -53,6 +53,10 @@ enum Command {
     Replay(replay::ReplayArgs),
     /// Measure the hot path in-process (decode, RocksDB state, model, encode), or the live operator through a broker: events/s, latency, CPU, RSS, bytes per user.
     Bench(commands::bench::BenchArgs),
+    /// Check a config file (`config check FILE`) or print the defaults (`config print-defaults`).
+    Config(commands::config::ConfigArgs),
+    /// A running operator's status page in the terminal: throughput, lag, latency, scores, rising users.
+    Status(commands::status::StatusArgs),
 }
 
 /// Turns SIGTERM and SIGINT into the shutdown signal.
@@ -119,6 +123,8 @@ async fn main() -> Result<()> {
         Command::Eval(args) => tokio::task::block_in_place(|| commands::eval::eval_cmd(&args)),
         Command::Tail(args) => tokio::task::block_in_place(|| commands::tail::tail_cmd(&args)),
         Command::Bench(args) => commands::bench::bench_cmd(&args).await,
+        Command::Config(args) => commands::config::config_cmd(&args),
+        Command::Status(args) => tokio::task::block_in_place(|| commands::status::status_cmd(&args)),
         Command::Replay(args) => {
             let s = replay::replay(&args.job()?).await?;
             for ((source, partition), (from, to)) in &s.ranges {

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Buckets of histograms in seconds (batch and step times).
 const SECONDS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -25,6 +25,13 @@ const RESTORE_SECONDS: &[f64] = &[0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 12
 const RECORDS: &[f64] = &[1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0];
 /// Buckets of batches per commit.
 const BATCHES: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+/// Buckets of one model step (a wave): from a few rows on the CPU to a full batch.
+const STEP_SECONDS: &[f64] = &[0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1];
+/// Buckets of latencies to a produced intent: milliseconds live, up to days for replayed or
+/// late history (event time).
+const LATENCY_SECONDS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86_400.0];
+/// How often the exporter's upkeep (draining histogram samples) and the state store's figures run.
+pub const UPKEEP: Duration = Duration::from_secs(5);
 
 /// Installs the global Prometheus recorder. Call once per process.
 ///
@@ -37,9 +44,26 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Full("intentflow_restore_seconds".into()), RESTORE_SECONDS)?
         .set_buckets_for_metric(Matcher::Full("intentflow_batch_records".into()), RECORDS)?
         .set_buckets_for_metric(Matcher::Full("intentflow_commit_batches".into()), BATCHES)?
+        .set_buckets_for_metric(Matcher::Full("intentflow_model_step_seconds".into()), STEP_SECONDS)?
+        .set_buckets_for_metric(Matcher::Full("intentflow_event_to_produce_seconds".into()), LATENCY_SECONDS)?
+        .set_buckets_for_metric(Matcher::Full("intentflow_consume_to_produce_seconds".into()), LATENCY_SECONDS)?
         .install_recorder()?;
     describe();
+    register();
     Ok(handle)
+}
+
+/// Registers every series whose labels are known up front, so that each is exported (at 0)
+/// from start-up rather than from its first event.
+fn register() {
+    drop(BatchMetrics::default());
+    metrics::counter!("intentflow_offsets_lost_total").absolute(0);
+    metrics::counter!("intentflow_restored_records_total").absolute(0);
+    drop(metrics::histogram!("intentflow_restore_seconds"));
+    metrics::gauge!("intentflow_restoring_partitions").set(0.0);
+    for source in ["store", "changelog"] {
+        state_records_invalid(source).absolute(0);
+    }
 }
 
 /// The `# HELP` text of every series (docs/metrics.md says more).
@@ -69,6 +93,29 @@ fn describe() {
     describe_counter!("intentflow_offsets_lost_total", "Input offsets deleted by retention before they were processed.");
     describe_gauge!("intentflow_consumer_lag_records", Unit::Count, "Records of an assigned input partition not yet consumed, to its last stable offset.");
     describe_gauge!("intentflow_build_info", "1, labelled with the build's version and git commit and the served model's version.");
+    describe_histogram!("intentflow_event_to_produce_seconds", Unit::Seconds, "From an event's own time to its intent produced (committed under exactly-once).");
+    describe_histogram!("intentflow_consume_to_produce_seconds", Unit::Seconds, "From a record handed to the operator to its intent produced (committed under exactly-once).");
+    describe_histogram!("intentflow_model_step_seconds", Unit::Seconds, "Wall time of one batched model step (a wave).");
+    describe_histogram!("intentflow_commit_seconds", Unit::Seconds, "Wall time of a commit: the last acknowledgements and the transaction (or offset) commit.");
+    describe_gauge!("intentflow_restoring_partitions", Unit::Count, "Assigned partitions still restoring from the changelog.");
+    describe_gauge!("intentflow_state_size_bytes", Unit::Bytes, "Bytes of the RocksDB state store (SST files and memtables).");
+    describe_gauge!("intentflow_state_keys", Unit::Count, "RocksDB's estimate of the keys in the state store (user states and a few offset records).");
+    describe_gauge!("intentflow_state_pending_compaction_bytes", Unit::Bytes, "RocksDB's estimate of the bytes compaction has yet to rewrite.");
+    describe_counter!("intentflow_state_block_cache_hits_total", "RocksDB block cache hits (the hit ratio is their rate over hits plus misses).");
+    describe_counter!("intentflow_state_block_cache_misses_total", "RocksDB block cache misses.");
+}
+
+/// Puts `intentflow_state_*` figures of `store` into their gauges and counters.
+pub fn store_figures(store: &intentflow_state::StateStore) {
+    let s = match store.stats() {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!(error = %e, "could not read the state store's figures"),
+    };
+    metrics::gauge!("intentflow_state_size_bytes").set(s.size_bytes as f64);
+    metrics::gauge!("intentflow_state_keys").set(s.estimated_keys as f64);
+    metrics::gauge!("intentflow_state_pending_compaction_bytes").set(s.pending_compaction_bytes as f64);
+    metrics::counter!("intentflow_state_block_cache_hits_total").absolute(s.block_cache_hits);
+    metrics::counter!("intentflow_state_block_cache_misses_total").absolute(s.block_cache_misses);
 }
 
 /// Where the operator is in its life.
@@ -118,6 +165,8 @@ pub struct Health {
     busy_since_ms: AtomicI64,
     /// How long the loop may stay in one piece of work before `/livez` fails (ms).
     liveness_timeout_ms: AtomicU64,
+    /// What the status page shows.
+    pub live: crate::live::Live,
 }
 
 /// Milliseconds on a monotonic clock (since its first use, plus one, so never 0): a wall-clock
@@ -235,6 +284,7 @@ impl Health {
     /// assignment.
     pub fn revoked(&self) {
         self.holds_assignment.store(false, Ordering::Relaxed);
+        self.live.clear_lag();
         let mut p = self.partitions.lock().expect("health lock");
         p.clear();
         self.follow_partitions(&p);
@@ -248,12 +298,21 @@ impl Health {
         self.follow_partitions(&p);
     }
 
-    /// Records restore progress of a partition.
+    /// Records restore progress of a partition: `records` applied so far (counted into
+    /// `intentflow_restored_records_total` as they come).
     pub fn restoring(&self, partition: i32, records: u64) {
-        if let Some(slot) = self.partitions.lock().expect("health lock").get_mut(&partition) {
-            if slot.is_some() {
-                *slot = Some(records);
-            }
+        if let Some(Some(so_far)) = self.partitions.lock().expect("health lock").get_mut(&partition) {
+            metrics::counter!("intentflow_restored_records_total").increment(records.saturating_sub(*so_far));
+            *so_far = records;
+        }
+    }
+
+    /// Totals for the status page.
+    pub fn totals(&self) -> crate::live::Totals {
+        crate::live::Totals {
+            records_in: self.records_in.load(Ordering::Relaxed),
+            intents_out: self.intents_out.load(Ordering::Relaxed),
+            invalid: self.invalid.load(Ordering::Relaxed),
         }
     }
 
@@ -267,6 +326,7 @@ impl Health {
     }
 
     fn follow_partitions(&self, p: &BTreeMap<i32, Option<u64>>) {
+        metrics::gauge!("intentflow_restoring_partitions").set(p.values().filter(|v| v.is_some()).count() as f64);
         if matches!(self.phase(), Phase::Starting | Phase::Stopping | Phase::Stopped) {
             return;
         }
@@ -299,20 +359,34 @@ fn restoring(partitions: &BTreeMap<i32, Option<u64>>) -> BTreeMap<i32, u64> {
     partitions.iter().filter_map(|(k, v)| v.map(|n| (*k, n))).collect()
 }
 
-/// Serves `/metrics`, `/health`, `/livez` and `/readyz` on `addr` until the task is dropped.
+/// The status page: one self-contained file that polls `status.json`.
+const STATUS_PAGE: &str = include_str!("../assets/status.html");
+
+/// Serves the status page (`/`, `/status.json`), `/metrics`, `/health`, `/livez` and `/readyz`
+/// on `addr` until the task is dropped, and runs the exporter's upkeep every [`UPKEEP`].
 ///
 /// # Errors
 ///
 /// If the address cannot be bound.
 pub async fn serve(addr: SocketAddr, prometheus: PrometheusHandle, health: Arc<Health>) -> anyhow::Result<()> {
-    let (live, ready) = (health.clone(), health.clone());
+    let upkeep = prometheus.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(UPKEEP);
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let (live, ready, status) = (health.clone(), health.clone(), health.clone());
     let app = Router::new()
+        .route("/", get(|| std::future::ready(axum::response::Html(STATUS_PAGE))))
+        .route("/status.json", get(move || std::future::ready(Json(status.live.status(&status)))))
         .route("/metrics", get(move || std::future::ready(prometheus.render())))
         .route("/health", get(move || std::future::ready(Json(health.report()))))
         .route("/livez", get(move || std::future::ready(live.liveness().answer())))
         .route("/readyz", get(move || std::future::ready(ready.readiness().answer())));
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics, /health, /livez and /readyz");
+    tracing::info!(%addr, "serving the status page (/), /status.json, /metrics, /health, /livez and /readyz");
     axum::serve(listener, app).await?;
     Ok(())
 }
@@ -339,6 +413,8 @@ pub struct BatchStats {
     pub waves: u64,
     /// Events the wave cap left for the next batch (`max_waves_per_batch`).
     pub deferred: u64,
+    /// Wall time of each model step (wave).
+    pub step_seconds: Vec<f64>,
     /// With hidden states resident on a GPU: what the slab did for the batch.
     pub resident: Option<intentflow_operators::ResidentBatch>,
 }
@@ -378,6 +454,11 @@ pub struct BatchMetrics {
     commits: Counter,
     commit_batches: Histogram,
     commit_open_seconds: Histogram,
+    commit_seconds: Histogram,
+    model_step_seconds: Histogram,
+    event_to_produce: Histogram,
+    consume_to_produce: Histogram,
+    aborted: Counter,
 }
 
 impl Default for BatchMetrics {
@@ -404,6 +485,11 @@ impl Default for BatchMetrics {
             commits: metrics::counter!("intentflow_commits_total"),
             commit_batches: metrics::histogram!("intentflow_commit_batches"),
             commit_open_seconds: metrics::histogram!("intentflow_commit_open_seconds"),
+            commit_seconds: metrics::histogram!("intentflow_commit_seconds"),
+            model_step_seconds: metrics::histogram!("intentflow_model_step_seconds"),
+            event_to_produce: metrics::histogram!("intentflow_event_to_produce_seconds"),
+            consume_to_produce: metrics::histogram!("intentflow_consume_to_produce_seconds"),
+            aborted: metrics::counter!("intentflow_transactions_aborted_total"),
         }
     }
 }
@@ -427,12 +513,31 @@ pub fn state_records_invalid(source: &'static str) -> Counter {
 }
 
 impl BatchMetrics {
-    /// Records a committed unit (a transaction under exactly-once): its batches, and how long
-    /// it stayed open from its first batch to the end of its commit.
-    pub fn unit_committed(&self, batches: u64, seconds: f64) {
+    /// Records a committed unit (a transaction under exactly-once): its batches, how long it
+    /// stayed open from its first batch to the end of its commit, and how long the commit took.
+    pub fn unit_committed(&self, batches: u64, open_seconds: f64, commit_seconds: f64) {
         self.commits.increment(1);
         self.commit_batches.record(batches as f64);
-        self.commit_open_seconds.record(seconds);
+        self.commit_open_seconds.record(open_seconds);
+        self.commit_seconds.record(commit_seconds);
+    }
+
+    /// Records an aborted transaction.
+    pub fn unit_aborted(&self) {
+        self.aborted.increment(1);
+    }
+
+    /// Records the latencies of a committed unit's intents: per batch, when its records were
+    /// handed to the operator and its intents' event times (epoch ms); `now_ms` and `now` are
+    /// the commit's end on the wall and monotonic clocks.
+    pub fn produced(&self, batches: &[(Instant, Vec<i64>)], now_ms: i64, now: Instant, health: &Health) {
+        for (consumed, event_ms) in batches {
+            let waited = now.saturating_duration_since(*consumed).as_secs_f64();
+            self.consume_to_produce.record_many(waited, event_ms.len());
+            let event_to_produce = event_ms.iter().map(|&t| (now_ms - t).max(0) as f64 / 1000.0);
+            event_to_produce.clone().for_each(|s| self.event_to_produce.record(s));
+            health.live.produced(event_to_produce, std::iter::repeat_n(waited, event_ms.len()));
+        }
     }
 
     /// Records one batch.
@@ -443,6 +548,7 @@ impl BatchMetrics {
         self.batch_records.record(stats.records as f64);
         self.waves.increment(stats.waves);
         self.deferred.increment(stats.deferred);
+        stats.step_seconds.iter().for_each(|&s| self.model_step_seconds.record(s));
         if let Some(r) = &stats.resident {
             self.gpu_resident_users.set(r.held as f64);
             self.gpu_state_loads.increment(r.loaded as u64);

@@ -28,7 +28,7 @@ mod store;
 pub use encoding::{topic_id, Fence, UserState, STATE_ENCODING_VERSION};
 pub use intentflow_schemas::{SessionState, UserHistory};
 pub use staged::{StateRead, Staged, StagedView};
-pub use store::{Loaded, RawUser, StateStore, StoreOptions};
+pub use store::{Loaded, RawUser, StateStore, StoreOptions, StoreStats};
 
 /// Errors of the state layer.
 #[derive(Debug, thiserror::Error)]

@@ -90,6 +90,21 @@ impl StoreOptions {
     }
 }
 
+/// Monitoring figures of a [`StateStore`] ([`StateStore::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Bytes of its SST files and memtables.
+    pub size_bytes: u64,
+    /// RocksDB's estimate of its keys (user states, plus a few offset and metadata records).
+    pub estimated_keys: u64,
+    /// RocksDB's estimate of the bytes compaction has yet to rewrite.
+    pub pending_compaction_bytes: u64,
+    /// Block cache hits since the store was opened.
+    pub block_cache_hits: u64,
+    /// Block cache misses since the store was opened.
+    pub block_cache_misses: u64,
+}
+
 /// User states and recorded input offsets in one RocksDB database.
 ///
 /// Keys: `u` + partition (i32, big-endian) + user id for states; `o` + topic + `0x00` +
@@ -97,6 +112,8 @@ impl StoreOptions {
 /// offset the partition's states reflect.
 pub struct StateStore {
     db: DB,
+    /// The options the store was opened with: they hold its statistics (block cache tickers).
+    options: Options,
     write_options: WriteOptions,
     /// Recently written states; its shards are locked around every write of their user keys,
     /// so the cache and RocksDB change together.
@@ -185,6 +202,10 @@ impl StateStore {
         // down the skip list.
         opts.set_memtable_prefix_bloom_ratio(0.05);
         opts.set_memtable_whole_key_filtering(true);
+        // Tickers (block cache hits and misses) for `stats`; timers stay off, which keeps the
+        // cost to counter increments.
+        opts.enable_statistics();
+        opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptTimers);
         let mut write_options = WriteOptions::default();
         if options.bulk_load {
             opts.set_write_buffer_size(256 << 20);
@@ -198,7 +219,25 @@ impl StateStore {
         // Opened with the default column family named, so that batched reads can address it.
         let default_cf = ColumnFamilyDescriptor::new(DEFAULT_COLUMN_FAMILY_NAME, opts.clone());
         let hot = HotCache::new(options.hot_state_bytes);
-        Ok(StateStore { db: DB::open_cf_descriptors(&opts, path, [default_cf])?, write_options, hot })
+        Ok(StateStore { db: DB::open_cf_descriptors(&opts, path, [default_cf])?, options: opts, write_options, hot })
+    }
+
+    /// Size, keys, compaction debt and block cache figures, for monitoring.
+    ///
+    /// # Errors
+    ///
+    /// RocksDB property reads.
+    pub fn stats(&self) -> Result<StoreStats, StateError> {
+        use rocksdb::properties::{CUR_SIZE_ALL_MEM_TABLES, ESTIMATE_NUM_KEYS, ESTIMATE_PENDING_COMPACTION_BYTES, TOTAL_SST_FILES_SIZE};
+        use rocksdb::statistics::Ticker;
+        let int = |name| self.db.property_int_value(name).map(Option::unwrap_or_default);
+        Ok(StoreStats {
+            size_bytes: int(TOTAL_SST_FILES_SIZE)? + int(CUR_SIZE_ALL_MEM_TABLES)?,
+            estimated_keys: int(ESTIMATE_NUM_KEYS)?,
+            pending_compaction_bytes: int(ESTIMATE_PENDING_COMPACTION_BYTES)?,
+            block_cache_hits: self.options.get_ticker_count(Ticker::BlockCacheHit),
+            block_cache_misses: self.options.get_ticker_count(Ticker::BlockCacheMiss),
+        })
     }
 
     /// Reads the states of many users at once. A stored value that does not decode is

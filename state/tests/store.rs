@@ -199,3 +199,24 @@ fn the_hot_state_cache_never_answers_with_a_value_rocksdb_no_longer_holds() {
     assert_eq!(off.hot_states(), (0, 0));
     assert_eq!(states(&off, &[(1, "a"), (1, "b")]), vec![Some(a), None]);
 }
+
+#[test]
+fn stats_count_keys_bytes_and_block_cache_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), StoreOptions { hot_state_bytes: 0, ..StoreOptions::default() }).unwrap();
+    let empty = store.stats().unwrap();
+    assert_eq!((empty.estimated_keys, empty.block_cache_hits, empty.block_cache_misses), (0, 0, 0));
+    let s = UserState { hidden: vec![0.5; 40], model_version: "m".into(), ..Default::default() };
+    let users: Vec<String> = (0..500).map(|i| format!("user-{i}")).collect();
+    store.commit(users.iter().map(|u| (0, u.as_str(), &s)), [("events", 0, 500)], []).unwrap();
+    store.flush().unwrap();
+    let written = store.stats().unwrap();
+    assert!(written.size_bytes > 500 * 8, "compressed, still more than the user keys: {written:?}");
+    assert!((500..=520).contains(&written.estimated_keys), "{written:?}");
+    // Read from the SST file: the first read of a block misses the cache, later ones hit it.
+    for _ in 0..3 {
+        assert!(states(&store, &[(0, "user-7"), (0, "user-400")]).iter().all(Option::is_some));
+    }
+    let read = store.stats().unwrap();
+    assert!(read.block_cache_misses > 0 && read.block_cache_hits > 0, "{read:?}");
+}

@@ -192,7 +192,8 @@ pub fn eval_cmd(args: &EvalArgs) -> Result<()> {
         PartArg::Train => Part::Train,
         PartArg::All => Part::All,
     };
-    let streamed = args.intents.as_deref().map(|path| read_intents(path).and_then(|intents| streamed_scores(&imported.events, &intents, model.version()))).transpose()?;
+    let intents = args.intents.as_deref().map(read_intents).transpose()?;
+    let streamed = intents.as_deref().map(|intents| streamed_scores(&imported.events, intents, model.version())).transpose()?;
     let gru = match &streamed {
         Some(scores) => GruScores::Streamed(scores),
         None => GruScores::Stepped(args.state_precision.into()),
@@ -227,6 +228,16 @@ pub fn eval_cmd(args: &EvalArgs) -> Result<()> {
         );
     }
     print_table(&a);
+    if let Some(intents) = &intents {
+        // The model's F1-maximising threshold from validation (0.5 for models without one).
+        let threshold = model.meta().threshold.unwrap_or(0.5);
+        // The test part of the model's split: the latest sessions by start, never trained on.
+        let test = model.meta().training.as_ref().map_or(0.3, |t| t.split.test_fraction);
+        let (all, later) = super::anticipation::anticipation(intents, threshold, test);
+        println!();
+        println!("anticipation, every streamed session: {all}");
+        println!("  the latest {:.0} % of sessions by start (the test part, never trained on): {later}", test * 100.0);
+    }
     eprintln!("wrote {} and {}", metrics_path.display(), report_path.display());
     Ok(())
 }

@@ -1,13 +1,16 @@
-//! The batch-style commands, one module each: `generate`, `import`, `train`, `eval`, `tail`, `bench`
+//! The batch-style commands, one module each: `generate`, `import`, `train`, `eval`, `tail`, `bench`, `config`
 //! (`run` is [`crate::runtime`], `replay` is [`crate::replay`]).
 //!
 //! Shared here: how a command names an input file ([`InputArgs`]) and where event commands write
 //! ([`EventOutputArgs`]).
 
+pub mod anticipation;
 pub mod bench;
+pub mod config;
 pub mod eval;
 pub mod generate;
 pub mod import;
+pub mod status;
 pub mod tail;
 pub mod train;
 
@@ -85,6 +88,25 @@ pub fn progress_reader(path: &Path) -> impl FnOnce(std::fs::File, u64) -> Box<dy
     }
 }
 
+/// Writes `records` spread over about `seconds`: each when its time's share of their span has
+/// passed (records come in time order; an earlier one after a later goes at once).
+async fn paced<R: Record>(out: &mut Output<'_, R>, records: Vec<R>, seconds: f64) -> Result<()> {
+    let (first, last) = records.iter().fold((i64::MAX, i64::MIN), |(lo, hi), r| (lo.min(r.time_ms()), hi.max(r.time_ms())));
+    let span = (last - first).max(1) as f64;
+    let start = tokio::time::Instant::now();
+    let mut due: Vec<R> = Vec::new();
+    for r in records {
+        let at = std::time::Duration::from_secs_f64((r.time_ms() - first) as f64 / span * seconds);
+        // Sleeps of at least 50 ms: what is due by then goes out together.
+        if at > start.elapsed() + std::time::Duration::from_millis(50) {
+            out.write(due.drain(..)).await?;
+            tokio::time::sleep_until(start + at).await;
+        }
+        due.push(r);
+    }
+    out.write(due).await
+}
+
 /// Prints the first of `total` skipped rows of `path` (`first` holds at least the first ten).
 pub fn report_bad_rows(path: &Path, first: &[intentflow_formats::BadRow], total: usize) {
     for b in first.iter().take(10) {
@@ -116,6 +138,11 @@ pub struct EventOutputArgs {
     /// existing topic that setting yourself.
     #[arg(long, requires = "topic")]
     pub event_time: bool,
+    /// With --topic: spread the events over about this many seconds, each sent when its share of
+    /// the events' time span has passed: their own rhythm, compressed (or stretched), for a live
+    /// demonstration. Without it events go as fast as the broker takes them.
+    #[arg(long, requires = "topic")]
+    pub pace_seconds: Option<f64>,
 }
 
 impl EventOutputArgs {
@@ -137,7 +164,10 @@ impl EventOutputArgs {
         ensure_output_topic(&clients, topic, self.partitions, self.event_time).await?;
         let producer = clients.producer(&[])?;
         let mut out = Output::topic(&producer, topic, self.event_time);
-        out.write(records).await?;
+        match self.pace_seconds.filter(|s| *s > 0.0) {
+            Some(seconds) => paced(&mut out, records, seconds).await?,
+            None => out.write(records).await?,
+        }
         out.finish().await?;
         Ok(n)
     }

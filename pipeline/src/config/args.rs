@@ -1,85 +1,112 @@
 //! Command-line flags: those of `intentflow run`, which override its config file, and the Kafka
 //! flags of the other commands.
 
+use super::layers::{self, Environment};
 use super::{ConfigError, OffsetReset, ProcessingGuarantee, RunConfig};
 use clap::Args;
+use serde::Serialize;
 use intentflow_model::DeviceKind;
 use std::path::PathBuf;
 
-/// Command-line flags of `intentflow run`; each one overrides the config file.
-#[derive(Debug, Clone, Default, Args)]
+/// Command-line flags of `intentflow run`; each one overrides the environment and the config
+/// file. Serialized, they are the top layer: unset flags serialize to nothing.
+#[derive(Debug, Clone, Default, Args, Serialize)]
 pub struct RunArgs {
     /// TOML config file (flags override its values).
     #[arg(long)]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Kafka bootstrap servers [default: 127.0.0.1:9092].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub brokers: Option<String>,
     /// Input topic; repeat for several [default: events].
     #[arg(long = "input-topic")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub input_topics: Vec<String>,
     /// Output topic of scored intents [default: intents].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub output_topic: Option<String>,
     /// Dead-letter topic of rejected records [default: intentflow-dlq].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dlq_topic: Option<String>,
     /// Consumer group [default: intentflow].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     /// RocksDB state directory [default: ./intentflow-state].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
     /// Trained model directory [default: ./intentflow-model].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub model_dir: Option<PathBuf>,
     /// Device: cpu or cuda [default: cpu].
     #[arg(long, value_parser = super::parse_device)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<DeviceKind>,
     /// When a committed offset was deleted by retention: earliest, latest or fail [default: earliest].
     #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub offset_reset: Option<OffsetReset>,
     /// exactly_once (Kafka transactions) or at_least_once [default: exactly_once].
     #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub processing_guarantee: Option<ProcessingGuarantee>,
     /// Compacted changelog topic of the state [default: <group>-changelog].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub changelog_topic: Option<String>,
     /// Stable instance id (transactional id suffix) [default: kept in the state directory].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
     /// Build states from history first: an RFC 3339 time or `earliest` (see docs/replay.md).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bootstrap_from: Option<String>,
     /// With --bootstrap-from: also send the history's intents to this (backfill) topic.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bootstrap_output_topic: Option<String>,
     /// Start every user from zero if the state was built by another model (otherwise refuse).
     #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub reset_state_on_model_change: bool,
     /// Each intent carries the signals that raised its score most (`reasons`).
     #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub reasons: bool,
     /// Most records per micro-batch [default: 4096].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_batch_records: Option<usize>,
     /// Most model steps per micro-batch; a user's events beyond it wait for the next batch (0: no cap) [default: 64].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_waves_per_batch: Option<usize>,
     /// Milliseconds the batch loop may spend in one batch or commit before /livez answers 503 [default: 60000].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub liveness_timeout_ms: Option<u64>,
     /// Milliseconds between commits; under exactly-once one transaction spans them [default: 100].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub commit_interval_ms: Option<u64>,
     /// MiB for user states: RocksDB's block cache and the cache of recently written states [default: 256].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub state_cache_mib: Option<usize>,
     /// With --device cuda: users whose hidden states stay resident on the GPU [default: 1048576].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_resident_users: Option<usize>,
     /// Address for /metrics and /health, or "" to disable [default: 127.0.0.1:9464].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<String>,
 }
 
@@ -97,21 +124,22 @@ pub struct KafkaArgs {
     pub config: Option<PathBuf>,
 }
 
+/// The flag of [`KafkaArgs`] that is a configuration key, as a layer.
+#[derive(Serialize)]
+struct BrokersFlag<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    brokers: Option<&'a String>,
+}
+
 impl KafkaArgs {
-    /// The config file (or the defaults) with `--brokers` applied.
+    /// The operator's configuration as this command sees it: the defaults, the config file, the
+    /// environment (`INTENTFLOW_…`), then `--brokers`.
     ///
     /// # Errors
     ///
-    /// An unreadable or invalid config file.
+    /// An unreadable or invalid config file, or an invalid environment variable.
     pub fn run_config(&self) -> Result<RunConfig, ConfigError> {
-        let mut cfg = match &self.config {
-            Some(path) => RunConfig::from_file(path)?,
-            None => RunConfig::default(),
-        };
-        if let Some(b) = &self.brokers {
-            cfg.brokers.clone_from(b);
-        }
-        Ok(cfg)
+        layers::load(self.config.as_deref(), &Environment::process(), Some(BrokersFlag { brokers: self.brokers.as_ref() }))
     }
 
     /// The Kafka clients these flags describe.
@@ -125,85 +153,23 @@ impl KafkaArgs {
 }
 
 impl RunConfig {
-    /// Builds the effective configuration: defaults, then the file, then the flags; validated.
+    /// Builds the effective configuration of `intentflow run`: the defaults, the config file,
+    /// the environment (`INTENTFLOW_…`), the flags; validated.
     ///
     /// # Errors
     ///
     /// Any [`ConfigError`].
     pub fn resolve(args: &RunArgs) -> Result<RunConfig, ConfigError> {
-        let mut cfg = match &args.config {
-            Some(path) => RunConfig::from_file(path)?,
-            None => RunConfig::default(),
-        };
-        if let Some(v) = &args.brokers {
-            cfg.brokers.clone_from(v);
-        }
-        if !args.input_topics.is_empty() {
-            cfg.input_topics.clone_from(&args.input_topics);
-        }
-        if let Some(v) = &args.output_topic {
-            cfg.output_topic.clone_from(v);
-        }
-        if let Some(v) = &args.dlq_topic {
-            cfg.dlq_topic.clone_from(v);
-        }
-        if let Some(v) = &args.group {
-            cfg.group.clone_from(v);
-        }
-        if let Some(v) = &args.state_dir {
-            cfg.state_dir.clone_from(v);
-        }
-        if let Some(v) = &args.model_dir {
-            cfg.model_dir.clone_from(v);
-        }
-        if let Some(v) = args.device {
-            cfg.device = v;
-        }
-        if let Some(v) = args.offset_reset {
-            cfg.offset_reset = v;
-        }
-        if let Some(v) = args.processing_guarantee {
-            cfg.processing_guarantee = v;
-        }
-        if let Some(v) = &args.changelog_topic {
-            cfg.changelog_topic.clone_from(v);
-        }
-        if let Some(v) = &args.instance_id {
-            cfg.instance_id.clone_from(v);
-        }
-        if let Some(v) = &args.bootstrap_from {
-            cfg.bootstrap_from.clone_from(v);
-        }
-        if let Some(v) = &args.bootstrap_output_topic {
-            cfg.bootstrap_output_topic.clone_from(v);
-        }
-        if args.reasons {
-            cfg.reasons = true;
-        }
-        if args.reset_state_on_model_change {
-            cfg.reset_state_on_model_change = true;
-        }
-        if let Some(v) = args.max_batch_records {
-            cfg.max_batch_records = v;
-        }
-        if let Some(v) = args.max_waves_per_batch {
-            cfg.max_waves_per_batch = v;
-        }
-        if let Some(v) = args.liveness_timeout_ms {
-            cfg.liveness_timeout_ms = v;
-        }
-        if let Some(v) = args.commit_interval_ms {
-            cfg.commit_interval_ms = v;
-        }
-        if let Some(v) = args.state_cache_mib {
-            cfg.state_cache_mib = v;
-        }
-        if let Some(v) = args.gpu_resident_users {
-            cfg.gpu_resident_users = v;
-        }
-        if let Some(v) = &args.metrics_addr {
-            cfg.metrics_addr.clone_from(v);
-        }
+        RunConfig::resolve_in(args, &Environment::process())
+    }
+
+    /// [`RunConfig::resolve`] with the given environment.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ConfigError`].
+    pub fn resolve_in(args: &RunArgs, env: &Environment) -> Result<RunConfig, ConfigError> {
+        let cfg = layers::load(args.config.as_deref(), env, Some(args))?;
         cfg.validate()?;
         Ok(cfg)
     }

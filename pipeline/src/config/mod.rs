@@ -1,12 +1,16 @@
-//! Configuration of `intentflow run`: a TOML file, command-line flags over it (`args`), and
-//! checks.
+//! Configuration of `intentflow run` (and of every command that talks to Kafka): layers of
+//! defaults, a TOML file, the environment and command-line flags ([`layers`], flags in
+//! [`args`]), and checks.
 //!
 //! Plain data with units in the names, `deny_unknown_fields` so a typo is an error, and
-//! cross-field checks in [`RunConfig::validate`]. The reference is `docs/config.md`.
+//! cross-field checks in [`RunConfig::validate`]. Secrets are redacted wherever a configuration
+//! is shown. The reference is `docs/configuration.md`, tested against [`RunConfig::default`].
 
 mod args;
+pub mod layers;
 
 pub use args::{KafkaArgs, RunArgs};
+pub use layers::Environment;
 
 use intentflow_model::DeviceKind;
 
@@ -16,7 +20,7 @@ pub const DEFAULT_GPU_RESIDENT_USERS: usize = 1 << 20;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Everything `intentflow run` needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,8 +101,9 @@ pub struct RunConfig {
     pub kafka: KafkaOverrides,
 }
 
-/// librdkafka properties passed through as they are (see librdkafka's CONFIGURATION.md).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+/// librdkafka properties passed through as they are (see librdkafka's CONFIGURATION.md). Its
+/// `Debug` redacts secret properties ([`layers::is_secret`]).
+#[derive(Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaOverrides {
     /// Properties of every client: admin, metadata, consumers and producers of every command,
@@ -108,6 +113,23 @@ pub struct KafkaOverrides {
     pub consumer: BTreeMap<String, String>,
     /// Producer properties, e.g. `"compression.type" = "lz4"`.
     pub producer: BTreeMap<String, String>,
+}
+
+impl KafkaOverrides {
+    /// These properties with the values of secret ones replaced by [`layers::REDACTED`].
+    pub fn redacted(&self) -> KafkaOverrides {
+        let hide = |m: &BTreeMap<String, String>| {
+            m.iter().map(|(k, v)| (k.clone(), if layers::is_secret(k) { layers::REDACTED.to_string() } else { v.clone() })).collect()
+        };
+        KafkaOverrides { common: hide(&self.common), consumer: hide(&self.consumer), producer: hide(&self.producer) }
+    }
+}
+
+impl std::fmt::Debug for KafkaOverrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = self.redacted();
+        f.debug_struct("KafkaOverrides").field("common", &shown.common).field("consumer", &shown.consumer).field("producer", &shown.producer).finish()
+    }
 }
 
 impl Default for RunConfig {
@@ -155,14 +177,11 @@ pub enum ConfigError {
         /// Cause.
         source: std::io::Error,
     },
-    /// The TOML file is malformed or has unknown keys.
-    #[error("invalid config {path}: {source}")]
-    Parse {
-        /// File.
-        path: PathBuf,
-        /// Cause.
-        source: toml::de::Error,
-    },
+    /// A layer (the TOML file, an environment variable, a flag) is malformed, has an unknown
+    /// key or a value of the wrong type; the message names the layer and the key, with secret
+    /// values redacted.
+    #[error("invalid configuration: {0}")]
+    Load(String),
     /// A value or a combination of values is invalid.
     #[error("invalid configuration: {0}")]
     Invalid(String),
@@ -220,14 +239,10 @@ pub fn parse_device(s: &str) -> Result<DeviceKind, String> {
 }
 
 impl RunConfig {
-    /// Reads a TOML file; absent keys keep their defaults.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Read`] and [`ConfigError::Parse`].
-    pub fn from_file(path: &Path) -> Result<RunConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    /// This configuration as TOML, secret values redacted: what `intentflow config` prints.
+    pub fn to_redacted_toml(&self) -> String {
+        let shown = RunConfig { kafka: self.kafka.redacted(), ..self.clone() };
+        toml::to_string(&shown).expect("a RunConfig is TOML")
     }
 
     /// Cross-field checks.
@@ -336,6 +351,135 @@ impl RunConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Args as _;
+
+    fn resolve(args: &RunArgs) -> Result<RunConfig, ConfigError> {
+        RunConfig::resolve_in(args, &Environment::none())
+    }
+
+    fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn each_layer_overrides_the_one_below() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, "brokers = \"file:9092\"\ngroup = \"file-group\"\noutput_topic = \"file-out\"\nmax_batch_records = 100\n[kafka.common]\n\"client.id\" = \"file\"\n");
+        let env = Environment::from_pairs([
+            ("INTENTFLOW_GROUP", "env-group"),
+            ("INTENTFLOW_OUTPUT_TOPIC", "env-out"),
+            ("INTENTFLOW_MAX_BATCH_RECORDS", "200"),
+            ("INTENTFLOW_INPUT_TOPICS", "clicks, carts"),
+            ("INTENTFLOW_REASONS", "true"),
+            ("INTENTFLOW_KAFKA__COMMON__SASL_PASSWORD", "hunter2"),
+            ("INTENTFLOW_KAFKA__PRODUCER__COMPRESSION_TYPE", "zstd"),
+            // Not keys: the CLI's, and what Kubernetes adds for a service named `intentflow`.
+            ("INTENTFLOW_LOG", "debug"),
+            ("INTENTFLOW_PORT_9464_TCP_ADDR", "10.0.0.1"),
+            ("INTENTFLOW_SERVICE_HOST", "10.0.0.1"),
+            ("OTHER_GROUP", "ignored"),
+        ]);
+        let args = RunArgs { config: Some(path), output_topic: Some("flag-out".into()), ..Default::default() };
+        let cfg = RunConfig::resolve_in(&args, &env).unwrap();
+        assert_eq!(cfg.brokers, "file:9092", "the file over the defaults");
+        assert_eq!((cfg.group.as_str(), cfg.max_batch_records), ("env-group", 200), "the environment over the file");
+        assert_eq!(cfg.output_topic, "flag-out", "flags over the environment");
+        assert_eq!(cfg.input_topics, ["clicks", "carts"]);
+        assert!(cfg.reasons);
+        assert_eq!(cfg.dlq_topic, "intentflow-dlq", "the defaults under everything");
+        assert_eq!(cfg.kafka.common["client.id"], "file");
+        assert_eq!(cfg.kafka.common["sasl.password"], "hunter2");
+        assert_eq!(cfg.kafka.producer["compression.type"], "zstd");
+        // The other commands: the file, the environment, then --brokers.
+        let kafka = KafkaArgs { brokers: Some("flag:9092".into()), config: args.config.clone() };
+        assert_eq!(kafka.run_config().unwrap().brokers, "flag:9092");
+    }
+
+    #[test]
+    fn errors_name_the_layer_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, "max_batch_records = \"many\"\n");
+        let err = resolve(&RunArgs { config: Some(path.clone()), ..Default::default() }).unwrap_err().to_string();
+        assert!(err.contains("max_batch_records") && err.contains("TOML file") && err.contains(&path.display().to_string()), "{err}");
+        let env = Environment::from_pairs([("INTENTFLOW_MAX_BATCH_RECORDS", "lots")]);
+        let err = RunConfig::resolve_in(&RunArgs::default(), &env).unwrap_err().to_string();
+        assert!(err.contains("INTENTFLOW_MAX_BATCH_RECORDS = \"lots\": expected a whole number"), "{err}");
+        let env = Environment::from_pairs([("INTENTFLOW_KAFKA__BROKER__X", "1")]);
+        let err = RunConfig::resolve_in(&RunArgs::default(), &env).unwrap_err().to_string();
+        assert!(err.contains("INTENTFLOW_KAFKA__COMMON|CONSUMER|PRODUCER__<PROPERTY>"), "{err}");
+        let env = Environment::from_pairs([("INTENTFLOW_COMMIT_INTERVAL_MS", "60000")]);
+        let err = RunConfig::resolve_in(&RunArgs::default(), &env).unwrap_err().to_string();
+        assert!(err.contains("exceeds 10 s"), "cross-field checks see the environment too: {err}");
+        let err = resolve(&RunArgs { config: Some(dir.path().join("missing.toml")), ..Default::default() }).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_show_in_printed_configs_or_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        // Malformed: the parser's message quotes the line holding the secret.
+        let path = write(&dir, "brokers = \"k:9092\"\n[kafka.common]\n\"sasl.password\" = \"hunter2\n\"sasl.username\" = \"shop\"\n");
+        let err = resolve(&RunArgs { config: Some(path), ..Default::default() }).unwrap_err().to_string();
+        assert!(!err.contains("hunter2") && err.contains(layers::REDACTED), "{err}");
+        // A wrong type: the message quotes the value.
+        let path = write(&dir, "[kafka.common]\n\"ssl.key.password\" = 271828\n");
+        let err = resolve(&RunArgs { config: Some(path), ..Default::default() }).unwrap_err().to_string();
+        assert!(!err.contains("271828"), "{err}");
+        // A secret from the environment in another layer's error.
+        let path = write(&dir, "max_batch_records = \"s3cr3t-token\"\n");
+        let env = Environment::from_pairs([("INTENTFLOW_KAFKA__COMMON__SASL_OAUTHBEARER_CLIENT_SECRET", "s3cr3t-token")]);
+        let err = RunConfig::resolve_in(&RunArgs { config: Some(path), ..Default::default() }, &env).unwrap_err().to_string();
+        assert!(!err.contains("s3cr3t-token"), "{err}");
+        // Printed and logged configurations.
+        let env = Environment::from_pairs([("INTENTFLOW_KAFKA__COMMON__SASL_PASSWORD", "hunter2"), ("INTENTFLOW_KAFKA__COMMON__SASL_USERNAME", "shop")]);
+        let cfg = RunConfig::resolve_in(&RunArgs::default(), &env).unwrap();
+        for shown in [cfg.to_redacted_toml(), format!("{cfg:?}")] {
+            assert!(!shown.contains("hunter2") && shown.contains("shop") && shown.contains(layers::REDACTED), "{shown}");
+        }
+        assert_eq!(cfg.kafka.common["sasl.password"], "hunter2", "redaction is for showing only");
+    }
+
+    #[test]
+    fn the_printed_defaults_pass_the_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, &RunConfig::default().to_redacted_toml());
+        let cfg = resolve(&RunArgs { config: Some(path), ..Default::default() }).unwrap();
+        assert_eq!(cfg, RunConfig::default());
+    }
+
+    /// `docs/configuration.md`'s table: every key once, with its environment variable, its flag
+    /// (which `intentflow run` has) and its default.
+    #[test]
+    fn the_reference_matches_the_defaults() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md")).unwrap();
+        let defaults = toml::Table::try_from(RunConfig::default()).unwrap();
+        let run = RunArgs::augment_args(clap::Command::new("run"));
+        let flags: Vec<String> = run.get_arguments().filter_map(|a| a.get_long().map(|l| format!("`--{l}`"))).collect();
+        let mut seen = Vec::new();
+        for row in doc.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = row.trim_matches('|').split(" | ").map(str::trim).collect();
+            let key = cells[0].trim_matches('`');
+            if key.starts_with('[') {
+                continue;
+            }
+            let Some(default) = defaults.get(key) else { panic!("docs/configuration.md documents `{key}`, which is no key") };
+            let shown = match default {
+                toml::Value::String(s) if s.is_empty() => "\"\"".to_string(),
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            assert_eq!(cells[1], format!("`INTENTFLOW_{}`", key.to_uppercase()), "{key}");
+            assert!(cells[2] == "—" || flags.iter().any(|f| cells[2].starts_with(f.as_str())), "{key}: no flag {}", cells[2]);
+            assert_eq!(cells[3], format!("`{shown}`"), "{key}'s default");
+            seen.push(key.to_string());
+        }
+        let mut keys: Vec<String> = defaults.keys().filter(|k| *k != "kafka").cloned().collect();
+        keys.sort();
+        seen.sort();
+        assert_eq!(seen, keys, "every key documented once");
+    }
 
     #[test]
     fn flags_override_file_and_file_overrides_defaults() {
@@ -347,7 +491,7 @@ mod tests {
         )
         .unwrap();
         let args = RunArgs { config: Some(path), group: Some("g2".into()), ..Default::default() };
-        let cfg = RunConfig::resolve(&args).unwrap();
+        let cfg = resolve(&args).unwrap();
         assert_eq!(cfg.brokers, "k1:9092");
         assert_eq!(cfg.input_topics, ["a", "b"]);
         assert_eq!(cfg.group, "g2");
@@ -360,18 +504,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run.toml");
         std::fs::write(&path, "brokerz = \"x\"\n").unwrap();
-        let err = RunConfig::resolve(&RunArgs { config: Some(path), ..Default::default() }).unwrap_err();
-        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        let err = resolve(&RunArgs { config: Some(path), ..Default::default() }).unwrap_err();
+        assert!(matches!(err, ConfigError::Load(_)), "{err}");
         let args = RunArgs { input_topics: vec!["intents".into()], ..Default::default() };
-        assert!(RunConfig::resolve(&args).unwrap_err().to_string().contains("feed back"));
+        assert!(resolve(&args).unwrap_err().to_string().contains("feed back"));
         let args = RunArgs { dlq_topic: Some("events".into()), ..Default::default() };
-        assert!(RunConfig::resolve(&args).unwrap_err().to_string().contains("dead-letter topic `events`"));
+        assert!(resolve(&args).unwrap_err().to_string().contains("dead-letter topic `events`"));
         let args = RunArgs { changelog_topic: Some("intents".into()), ..Default::default() };
-        assert!(RunConfig::resolve(&args).unwrap_err().to_string().contains("changelog topic `intents`"));
+        assert!(resolve(&args).unwrap_err().to_string().contains("changelog topic `intents`"));
         let args = RunArgs { group: Some("shop".into()), ..Default::default() };
-        let cfg = RunConfig::resolve(&args).unwrap();
+        let cfg = resolve(&args).unwrap();
         assert_eq!((cfg.changelog(), cfg.processing_guarantee), ("shop-changelog".to_string(), ProcessingGuarantee::ExactlyOnce));
         let args = RunArgs { commit_interval_ms: Some(5_000), ..Default::default() };
-        assert!(RunConfig::resolve(&args).unwrap_err().to_string().contains("10 × commit_interval_ms"));
+        assert!(resolve(&args).unwrap_err().to_string().contains("10 × commit_interval_ms"));
     }
 }

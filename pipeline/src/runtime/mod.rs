@@ -140,8 +140,18 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
     health.set_liveness_timeout_ms(cfg.liveness_timeout_ms);
     let (started, mut restores) = startup::start(cfg, &health).await?;
     crate::telemetry::build_info(started.operator.model().version());
+    // The state store's figures, now and every few seconds while the loop runs.
+    let store = started.store.clone();
+    let figures = tokio::spawn(async move {
+        let mut every = tokio::time::interval(crate::telemetry::UPKEEP);
+        loop {
+            every.tick().await;
+            crate::telemetry::store_figures(&store);
+        }
+    });
     health.set_phase(Phase::WaitingForAssignment);
     let summary = BatchLoop::new(&started, &health).run(&mut shutdown, &mut restores).await;
+    figures.abort();
     health.set_phase(Phase::Stopped);
     started.consumer.unsubscribe();
     let summary = summary?;
@@ -202,6 +212,9 @@ struct Unit<'s> {
     batches: u64,
     /// What its batches did, counted when it commits.
     outcome: BatchStats,
+    /// Per batch, when its records were handed over and its intents' event times (epoch ms):
+    /// their latencies are taken when the unit commits.
+    latency: Vec<(Instant, Vec<i64>)>,
 }
 
 impl<'s> BatchLoop<'s> {
@@ -384,7 +397,6 @@ impl<'s> BatchLoop<'s> {
             return Ok(());
         };
         consumer.resume(&tpl)?;
-        metrics::counter!("intentflow_restored_records_total").increment(r.records);
         metrics::counter!("intentflow_state_resets_total", "reason" => "foreign_model").increment(r.reset_users);
         metrics::histogram!("intentflow_restore_seconds").record(r.seconds);
         tracing::info!(
@@ -536,9 +548,13 @@ impl<'s> BatchLoop<'s> {
         stats.waves = out.waves as u64;
         stats.deferred = out.deferred.len() as u64;
         stats.resident = out.resident;
+        stats.step_seconds = out.step_seconds;
         stats.seconds = started.elapsed().as_secs_f64();
         self.metrics.emit_batch(&stats, self.health);
-        self.unit.as_mut().expect("begun above").outcome.add(&stats);
+        self.health.live.batch(stats.records, out.scored.iter().map(|x| (events[x.input].event.user_id.as_str(), x.score)));
+        let unit = self.unit.as_mut().expect("begun above");
+        unit.outcome.add(&stats);
+        unit.latency.push((started, out.scored.iter().map(|x| events[x.input].event.ts).collect()));
         tracing::debug!(records = stats.records, intents = stats.intents, waves = stats.waves, deferred = stats.deferred, seconds = stats.seconds, "batch done");
         Ok(())
     }
@@ -553,7 +569,7 @@ impl<'s> BatchLoop<'s> {
             None
         };
         sink.begin()?;
-        Ok(Unit { window: DeliveryWindow::new(&self.s.producer, sink::WINDOW), group, first: BTreeMap::new(), tombstones: BTreeMap::new(), began: Instant::now(), batches: 0, outcome: BatchStats::default() })
+        Ok(Unit { window: DeliveryWindow::new(&self.s.producer, sink::WINDOW), group, first: BTreeMap::new(), tombstones: BTreeMap::new(), began: Instant::now(), batches: 0, outcome: BatchStats::default(), latency: Vec::new() })
     }
 
     /// Commits the open unit (steps 5–7 of the module docs). A failure under exactly-once
@@ -567,6 +583,7 @@ impl<'s> BatchLoop<'s> {
         }
         let Some(mut unit) = self.unit.take() else { return Ok(()) };
         let sink = s.sink();
+        let commit_began = Instant::now();
         let committed = async {
             let tpl = offsets_tpl(self.staged.offsets())?;
             if !sink.exactly_once {
@@ -613,7 +630,9 @@ impl<'s> BatchLoop<'s> {
                 tracing::warn!(error = %e, "offset commit failed");
             }
         }
-        self.metrics.unit_committed(unit.batches, unit.began.elapsed().as_secs_f64());
+        let commit_seconds = commit_began.elapsed().as_secs_f64();
+        self.metrics.unit_committed(unit.batches, unit.began.elapsed().as_secs_f64(), commit_seconds);
+        self.metrics.produced(&unit.latency, chrono::Utc::now().timestamp_millis(), Instant::now(), self.health);
         self.metrics.emit_committed(&unit.outcome, self.health);
         let o = &unit.outcome;
         self.summary.records += o.records;
@@ -650,7 +669,7 @@ impl<'s> BatchLoop<'s> {
         if self.s.sink().exactly_once {
             tracing::info!(batches = unit.batches, "aborting the open transaction after {why}");
             self.s.sink().abort()?;
-            metrics::counter!("intentflow_transactions_aborted_total").increment(1);
+            self.metrics.unit_aborted();
             self.summary.aborted += 1;
         }
         for (p, t) in unit.tombstones {

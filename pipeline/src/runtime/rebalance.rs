@@ -120,6 +120,7 @@ impl ClientContext for RebalanceContext {
             };
             if let Some(lag) = partition_lag(p.ls_offset, p.app_offset, p.committed_offset, reset) {
                 lag_gauge(&topic, partition).set(lag as f64);
+                self.health.live.set_lag(&topic, partition, lag);
             }
         }
     }

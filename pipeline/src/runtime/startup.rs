@@ -92,6 +92,7 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
     }
 
     let instance = dir.instance_id(&cfg.instance_id)?;
+    health.live.identify(operator.model().version(), &instance);
     let exactly_once = cfg.processing_guarantee == ProcessingGuarantee::ExactlyOnce;
     let producer = transactional_producer(&clients, &cfg, &instance)?;
 

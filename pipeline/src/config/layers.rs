@@ -1,0 +1,210 @@
+//! The layers of a configuration, lowest first: the defaults, the TOML file (`--config`), the
+//! environment (`INTENTFLOW_…`), the command-line flags. [`figment`] merges and extracts them,
+//! so an error names the layer a bad value came from; [`Secrets`] keeps secret values out of
+//! everything printed or logged, parse errors included.
+//!
+//! Environment variables: `INTENTFLOW_` and the key in capitals (`INTENTFLOW_BROKERS`,
+//! `INTENTFLOW_MAX_BATCH_RECORDS`); nested keys are joined by `__`. A librdkafka property of
+//! `[kafka.common]`, `[kafka.consumer]` or `[kafka.producer]` is
+//! `INTENTFLOW_KAFKA__<SECTION>__<PROPERTY>` with the property's dots written as `_`
+//! (`INTENTFLOW_KAFKA__COMMON__SASL_PASSWORD` is `[kafka.common] "sasl.password"`). Values
+//! take the key's type: whole numbers, `true`/`false`, and for lists a comma-separated string
+//! (`INTENTFLOW_INPUT_TOPICS=clicks,carts`).
+
+use super::{ConfigError, RunConfig};
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::Serialize;
+use std::path::Path;
+
+/// Prefix of the environment variables of the configuration.
+pub const ENV_PREFIX: &str = "INTENTFLOW_";
+/// Separator of nested keys in environment variable names.
+pub const ENV_SEPARATOR: &str = "__";
+/// What secret values are replaced with when shown.
+pub const REDACTED: &str = "***";
+
+/// `INTENTFLOW_…` variables that are not configuration keys: the CLI's own (`--log`,
+/// `--log-format`) and those of the project's scripts and tests.
+const NOT_CONFIG_KEYS: &[&str] = &["LOG", "LOG_FORMAT", "KAFKA_DIR", "SKIP_LOG", "BIN", "SHARED_DATA"];
+
+/// Whether a librdkafka property (or any key) holds a secret: passwords, pass phrases, client
+/// secrets, private keys, tokens and the OAUTHBEARER config that may hold one.
+pub fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase().replace('_', ".");
+    ["password", "secret", "passphrase", "private.key", "ssl.key.pem", "oauthbearer.config", "token"].iter().any(|w| key.contains(w))
+}
+
+/// The `INTENTFLOW_…` environment variables, taken once (tests build their own).
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    vars: Vec<(String, String)>,
+}
+
+impl Environment {
+    /// This process's `INTENTFLOW_…` variables.
+    pub fn process() -> Environment {
+        Environment::from_pairs(std::env::vars())
+    }
+
+    /// The `INTENTFLOW_…` variables among `pairs`.
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Environment {
+        let vars = pairs.into_iter().map(|(k, v)| (k.into(), v.into())).filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+        Environment { vars }
+    }
+
+    /// No variables: the file alone (`intentflow config check --no-env`).
+    pub fn none() -> Environment {
+        Environment::default()
+    }
+
+    /// The values of secret librdkafka properties set here.
+    fn secret_values(&self) -> impl Iterator<Item = &str> {
+        self.vars.iter().filter(|(k, _)| k.to_ascii_uppercase().starts_with("INTENTFLOW_KAFKA__") && is_secret(k)).map(|(_, v)| v.as_str())
+    }
+
+    /// The variables as figment data: each value parsed as its key's type in the defaults.
+    fn dict(&self) -> Result<Dict, figment::Error> {
+        let defaults = Value::serialize(RunConfig::default())?.into_dict().expect("RunConfig serializes to a map");
+        let mut dict = Dict::new();
+        let mut kafka: Dict = Dict::new();
+        for (name, raw) in &self.vars {
+            let key = name[ENV_PREFIX.len()..].to_ascii_lowercase();
+            if let Some(rest) = key.strip_prefix(&format!("kafka{ENV_SEPARATOR}")) {
+                let (section, property) = rest.split_once(ENV_SEPARATOR).unwrap_or((rest, ""));
+                if !["common", "consumer", "producer"].contains(&section) || property.is_empty() {
+                    return Err(format!("environment variable {name}: expected INTENTFLOW_KAFKA__COMMON|CONSUMER|PRODUCER__<PROPERTY>").into());
+                }
+                let table = kafka.entry(section.to_string()).or_insert_with(|| Dict::new().into());
+                if let Value::Dict(_, table) = table {
+                    table.insert(property.replace('_', "."), raw.clone().into());
+                }
+                continue;
+            }
+            match defaults.get(&key) {
+                Some(default) => {
+                    dict.insert(key, typed(name, raw, default)?);
+                }
+                None if NOT_CONFIG_KEYS.contains(&&name[ENV_PREFIX.len()..]) => {}
+                // Kubernetes puts `<SERVICE>_PORT…` and `<SERVICE>_SERVICE_…` in every pod's
+                // environment for each service, `INTENTFLOW_…` ones for a service named so.
+                None if key.starts_with("port") || key.starts_with("service_") => {}
+                None => tracing::warn!(variable = %name, "ignored: INTENTFLOW_ prefix but not a configuration key (docs/configuration.md)"),
+            }
+        }
+        if !kafka.is_empty() {
+            dict.insert("kafka".into(), kafka.into());
+        }
+        Ok(dict)
+    }
+}
+
+/// `raw` as the type of `default` (a string, a whole number, a boolean or a list of strings).
+fn typed(name: &str, raw: &str, default: &Value) -> Result<Value, figment::Error> {
+    let bad = |what: &str| figment::Error::from(format!("environment variable {name} = {raw:?}: expected {what}"));
+    Ok(match default {
+        Value::Num(..) => raw.trim().parse::<u64>().map_err(|_| bad("a whole number"))?.into(),
+        Value::Bool(..) => match raw.trim() {
+            "true" | "1" => true.into(),
+            "false" | "0" => false.into(),
+            _ => return Err(bad("true or false")),
+        },
+        Value::Array(..) => raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect::<Vec<_>>().into(),
+        _ => raw.into(),
+    })
+}
+
+impl Provider for Environment {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("environment variable(s)").interpolater(|_, keys| {
+            let name = keys.iter().map(|k| k.replace('.', "_")).collect::<Vec<_>>().join(ENV_SEPARATOR);
+            format!("{ENV_PREFIX}{}", name.to_ascii_uppercase())
+        })
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.dict()?))
+    }
+}
+
+/// Command-line flags as a layer: the flags given (unset ones serialize to nothing).
+struct Flags<T>(T);
+
+impl<T: Serialize> Provider for Flags<T> {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("command-line flag(s)").interpolater(|_, keys| format!("--{}", keys.join(".").replace('_', "-")))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Serialized::defaults(&self.0).data()
+    }
+}
+
+/// Secret values that must not be shown: those of secret keys in the file and the environment.
+#[derive(Debug, Default)]
+pub struct Secrets {
+    values: Vec<String>,
+}
+
+impl Secrets {
+    /// The secrets of a TOML text (read loosely, line by line, so a file that does not parse
+    /// still has its secrets found) and of the environment.
+    pub fn of(toml_text: Option<&str>, env: &Environment) -> Secrets {
+        let mut values: Vec<String> = env.secret_values().map(String::from).collect();
+        for line in toml_text.unwrap_or("").lines() {
+            if let Some((_, value)) = line.split_once('=').filter(|(k, _)| is_secret(k)) {
+                let value = value.trim();
+                values.push(value.to_string());
+                values.push(value.trim_matches(|c| c == '"' || c == '\'').to_string());
+            }
+        }
+        values.retain(|v| !v.is_empty());
+        // Longest first, so that a secret containing another is replaced whole.
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        values.dedup();
+        Secrets { values }
+    }
+
+    /// `text` with every line that assigns a secret key cut after its `=`, and every secret
+    /// value replaced by [`REDACTED`].
+    pub fn scrub(&self, text: &str) -> String {
+        let lines: Vec<String> = text
+            .lines()
+            .map(|line| match line.split_once('=') {
+                Some((key, _)) if is_secret(key) => format!("{key}= \"{REDACTED}\""),
+                _ => line.to_string(),
+            })
+            .collect();
+        let mut out = lines.join("\n");
+        for v in &self.values {
+            out = out.replace(v.as_str(), REDACTED);
+        }
+        out
+    }
+}
+
+/// Merges defaults < `file` < `env` < `flags` and extracts the configuration (not yet
+/// validated); errors name the layer and have secrets scrubbed.
+///
+/// # Errors
+///
+/// [`ConfigError::Read`] for an unreadable file, [`ConfigError::Load`] for a value that does
+/// not parse, an unknown key or a wrong type.
+pub fn load<F: Serialize>(file: Option<&Path>, env: &Environment, flags: Option<F>) -> Result<RunConfig, ConfigError> {
+    let text = match file {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?),
+        None => None,
+    };
+    let secrets = Secrets::of(text.as_deref(), env);
+    let mut figment = Figment::from(Serialized::defaults(RunConfig::default()));
+    if let Some(path) = file {
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    figment = figment.merge(env.clone());
+    if let Some(flags) = flags {
+        figment = figment.merge(Flags(flags));
+    }
+    // Keys are named without figment's profile ("default.").
+    figment.extract().map_err(|e| ConfigError::Load(secrets.scrub(&e.to_string().replace("for key \"default.", "for key \""))))
+}
