@@ -124,7 +124,7 @@ fn every_spec_metric_is_exported_from_start_up_and_counts_a_known_input_and_the_
 }
 
 /// Renders the status page in headless Chromium (`scripts/browser-check`): after the page's
-/// scripts ran, each chart has data marks, those of throughput, latency and scores above zero,
+/// scripts ran, each chart has data marks, those of throughput (its peak), latency and scores above zero,
 /// the risers table has rows, and the screenshot holds thousands of pixels of the marks'
 /// colour (#1f77b4). The screenshot is kept in `target/status-page.png`.
 fn screenshot_shows_the_charts(addr: &str, dir: &Path) {
@@ -137,7 +137,9 @@ fn screenshot_shows_the_charts(addr: &str, dir: &Path) {
     for chart in ["throughput", "lag", "latency", "scores"] {
         let at = dom.find(&format!("data-chart=\"{chart}\"")).unwrap_or_else(|| panic!("no {chart} chart:\n{dom}"));
         let svg = &dom[at..at + dom[at..].find("</svg>").unwrap()];
-        let values: Vec<f64> = svg.split("data-value=\"").skip(1).map(|v| v[..v.find('"').unwrap()].parse().unwrap()).collect();
+        // A throughput line's value is its latest second; its peak is `data-max`.
+        let attribute = if chart == "throughput" { "data-max=\"" } else { "data-value=\"" };
+        let values: Vec<f64> = svg.split(attribute).skip(1).map(|v| v[..v.find('"').unwrap()].parse().unwrap()).collect();
         assert!(!values.is_empty(), "{chart}: no marks:\n{svg}");
         if chart != "lag" {
             assert!(values.iter().any(|&v| v > 0.0), "{chart}: all marks zero:\n{svg}");
