@@ -15,7 +15,7 @@
 # CPU only: `device = "cuda"` needs a binary built with `--features cuda` against the CUDA
 # toolkit (scripts/build-cuda) on a CUDA runtime base image, which this file does not do.
 
-ARG RUST_IMAGE=rust:1.88-bookworm
+ARG RUST_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 FROM ${RUST_IMAGE} AS builder

@@ -174,9 +174,15 @@ pub fn read_intents(brokers: &str, topic: &str, expected: usize, idle: Duration)
 /// committed offsets (read without joining the group). Under exactly-once, progress that no
 /// crash can take back.
 pub fn committed_records(brokers: &str, group: &str, topic: &str) -> Result<i64> {
+    Ok(committed_offsets(brokers, group, topic)?.into_iter().filter(|o| *o > 0).sum())
+}
+
+/// The offset `group` has committed on each partition of `topic`, in partition order (negative
+/// where it has committed none); empty while the topic does not exist.
+pub fn committed_offsets(brokers: &str, group: &str, topic: &str) -> Result<Vec<i64>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let clients = KafkaClients::new(brokers);
-    let Some(partitions) = admin::partition_count(&clients, topic)? else { return Ok(0) };
+    let Some(partitions) = admin::partition_count(&clients, topic)? else { return Ok(Vec::new()) };
     // read_uncommitted: the offsets committed so far, without waiting for an open transaction's.
     let consumer: BaseConsumer = clients.reader_config(group, "read_uncommitted").create()?;
     let mut tpl = rdkafka::TopicPartitionList::new();
@@ -184,7 +190,10 @@ pub fn committed_records(brokers: &str, group: &str, topic: &str) -> Result<i64>
         tpl.add_partition(topic, p);
     }
     let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
-    Ok(committed.elements().iter().filter_map(|e| e.offset().to_raw()).filter(|o| *o > 0).sum())
+    let mut offsets: Vec<(i32, i64)> =
+        committed.elements().iter().map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1))).collect();
+    offsets.sort_unstable();
+    Ok(offsets.into_iter().map(|(_, o)| o).collect())
 }
 
 /// Offsets in use in `topic` so far: the sum of its partitions' high minus low watermarks. An

@@ -158,6 +158,24 @@ pub fn wait_for_committed(brokers: &str, group: &str, topic: &str, n: i64, op: &
     }
 }
 
+/// Waits until `group` has committed at least `n` records on every partition of `topic`, so
+/// that each partition has state in the changelog to hand over. Panics with `op`'s log if `op`
+/// exits or after `limit`.
+pub fn wait_for_committed_everywhere(brokers: &str, group: &str, topic: &str, n: i64, op: &mut Operator, limit: Duration) {
+    let started = Instant::now();
+    loop {
+        let offsets = crate::committed_offsets(brokers, group, topic).unwrap_or_default();
+        if !offsets.is_empty() && offsets.iter().all(|o| *o >= n) {
+            return;
+        }
+        if let Some(status) = op.exited() {
+            panic!("the operator exited ({status}) before every partition of {topic} had {n} records committed; log:\n{}", op.log_text());
+        }
+        assert!(started.elapsed() < limit, "committed offsets of {topic} still {offsets:?} after {limit:?}; log:\n{}", op.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Waits until `op` has logged a line containing `line`; panics with its log after `limit`.
 pub fn wait_for_log(op: &Operator, line: &str, limit: Duration) {
     let started = Instant::now();
