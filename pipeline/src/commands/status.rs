@@ -72,11 +72,15 @@ pub fn render(s: &Value, risers: usize) -> String {
     );
     let l = &s["latency"];
     let (e, c) = (&l["event_to_produce_seconds"], &l["consume_to_produce_seconds"]);
+    // Event times a day or more behind are history being replayed (a backfill, the demo), not
+    // a slow pipeline: say so next to the figure.
+    let replayed = e["p50"].as_f64().is_some_and(|s| s >= 86_400.0);
     out += &format!(
-        "latency (last {} s): event → intent p50 {} p99 {} · consume → intent p50 {} p99 {}\n",
+        "latency (last {} s): event → intent p50 {} p99 {}{} · consume → intent p50 {} p99 {}\n",
         n(&l["window_seconds"]),
         seconds(&e["p50"]),
         seconds(&e["p99"]),
+        if replayed { " (old event times: history replayed)" } else { "" },
         seconds(&c["p50"]),
         seconds(&c["p99"])
     );
@@ -123,5 +127,10 @@ mod tests {
         assert_eq!(text.lines().last().unwrap().matches(" → ").count(), 3, "{text}");
         let empty = render(&serde_json::json!({}), 3);
         assert!(empty.contains("rising (last minute): none") && empty.contains("p50 –"), "{empty}");
+        assert!(!text.contains("history replayed"), "{text}");
+        let mut replay = fixture.clone();
+        replay["latency"]["event_to_produce_seconds"]["p50"] = serde_json::json!(226_000_000.0);
+        assert!(render(&replay, 3).contains("event → intent p50 2615.7 d p99"), "{}", render(&replay, 3));
+        assert!(render(&replay, 3).contains("(old event times: history replayed)"), "{}", render(&replay, 3));
     }
 }
