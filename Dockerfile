@@ -56,7 +56,8 @@ RUN apt-get update \
 COPY --from=builder /out/intentflow /usr/local/bin/intentflow
 USER 10001:10001
 WORKDIR /var/lib/intentflow
-# /metrics, /health, /livez and /readyz (docs/metrics.md), when metrics_addr binds 0.0.0.0:9464
+# The status page (/, /status.json), /metrics, /health, /livez and /readyz (docs/metrics.md),
+# when metrics_addr binds 0.0.0.0:9464
 # (the binary's default is loopback only; the Helm chart sets it).
 EXPOSE 9464
 VOLUME ["/var/lib/intentflow/state"]

@@ -15,7 +15,8 @@ use std::time::Instant;
 pub const HISTORY_SECONDS: i64 = 300;
 /// Seconds over which latencies, scores and risers are taken.
 pub const WINDOW_SECONDS: i64 = 60;
-/// Latency samples kept per second (each kind); beyond it every n-th is kept.
+/// Latency samples kept per second (each kind); beyond it a uniform sample of the second's
+/// latencies is kept (reservoir sampling).
 pub const SAMPLES_PER_SECOND: usize = 2048;
 /// Users followed at once for the risers; new users beyond it are not followed until the
 /// window drops older ones.
@@ -35,7 +36,7 @@ struct Second {
     /// Latency samples in seconds: event time → produce, consume → produce.
     event_to_produce: Vec<f32>,
     consume_to_produce: Vec<f32>,
-    /// Latency samples offered this second (the stride of what is kept).
+    /// Latency samples offered this second.
     offered: usize,
 }
 
@@ -59,15 +60,24 @@ struct Inner {
     seconds: VecDeque<Second>,
     lag: BTreeMap<(String, i32), i64>,
     users: HashMap<String, Rise>,
+    /// The second the followed users were last trimmed to the window.
+    users_trimmed: i64,
+    /// State of the reservoir sampling's generator (xorshift64).
+    rng: u64,
 }
 
 impl Inner {
-    /// The entry of second `t`, made (and the history trimmed) if it is new.
+    /// The entry of second `t`, made (and the history trimmed) if it is new. Seconds that
+    /// leave the window drop their latency samples; their counts stay for the history.
     fn second(&mut self, t: i64) -> &mut Second {
         if self.seconds.back().is_none_or(|s| s.t < t) {
             self.seconds.push_back(Second { t, ..Second::default() });
             while self.seconds.front().is_some_and(|s| s.t <= t - HISTORY_SECONDS) {
                 self.seconds.pop_front();
+            }
+            for old in self.seconds.iter_mut().take_while(|s| s.t <= t - WINDOW_SECONDS) {
+                old.event_to_produce = Vec::new();
+                old.consume_to_produce = Vec::new();
             }
         }
         // A clock that stepped back lands in the latest second.
@@ -264,28 +274,46 @@ impl Live {
         }
         let second = inner.second(t);
         second.scores.iter_mut().zip(bins).for_each(|(a, b)| *a += b);
-        if inner.users.len() >= MAX_TRACKED_USERS {
+        // Full: drop the users the window left, at most once a second (a full map of users all
+        // active would otherwise be rescanned on every batch).
+        if inner.users.len() >= MAX_TRACKED_USERS && inner.users_trimmed < t {
             inner.users.retain(|_, r| r.last_ms > now_ms - WINDOW_SECONDS * 1000);
+            inner.users_trimmed = t;
         }
     }
 
     /// A commit made intents visible: their latencies in seconds (event time → produce, and
     /// consume → produce, one per intent).
     pub fn produced(&self, event_to_produce: impl ExactSizeIterator<Item = f64>, consume_to_produce: impl Iterator<Item = f64>) {
+        self.produced_at(now_ms(), event_to_produce, consume_to_produce);
+    }
+
+    fn produced_at(&self, now_ms: i64, event_to_produce: impl ExactSizeIterator<Item = f64>, consume_to_produce: impl Iterator<Item = f64>) {
         let n = event_to_produce.len();
         let mut inner = self.inner.lock().expect("live lock");
-        let second = inner.second(now_ms().div_euclid(1000));
+        let inner = &mut *inner;
+        let mut rng = if inner.rng == 0 { 0x9E37_79B9_7F4A_7C15 } else { inner.rng };
+        let second = inner.second(now_ms.div_euclid(1000));
         second.intents += n as u64;
-        // Every stride-th sample, so that a second keeps at most SAMPLES_PER_SECOND of each.
-        let stride = (second.offered + n).div_ceil(SAMPLES_PER_SECOND).max(1);
-        let start = second.offered;
-        second.offered += n;
-        for (i, (e, c)) in event_to_produce.zip(consume_to_produce).enumerate() {
-            if (start + i) % stride == 0 && second.event_to_produce.len() < SAMPLES_PER_SECOND {
+        // Algorithm R: after k offers each is kept with probability SAMPLES_PER_SECOND / k, so
+        // the kept samples are a uniform sample of the second, early and late batches alike.
+        for (e, c) in event_to_produce.zip(consume_to_produce) {
+            second.offered += 1;
+            if second.event_to_produce.len() < SAMPLES_PER_SECOND {
                 second.event_to_produce.push(e as f32);
                 second.consume_to_produce.push(c as f32);
+                continue;
+            }
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let slot = (rng % second.offered as u64) as usize;
+            if slot < SAMPLES_PER_SECOND {
+                second.event_to_produce[slot] = e as f32;
+                second.consume_to_produce[slot] = c as f32;
             }
         }
+        inner.rng = rng;
     }
 
     /// The lag of an assigned input partition.
@@ -305,46 +333,60 @@ impl Live {
 
     fn status_at(&self, now_ms: i64, health: &crate::telemetry::Health) -> Status {
         let t = now_ms.div_euclid(1000);
-        let inner = self.inner.lock().expect("live lock");
-        let by_second: HashMap<i64, &Second> = inner.seconds.iter().map(|s| (s.t, s)).collect();
-        let points = (t - HISTORY_SECONDS + 1..=t)
-            .map(|s| {
-                let x = by_second.get(&s);
-                Point { t_ms: s * 1000, records: x.map_or(0, |x| x.records), intents: x.map_or(0, |x| x.intents) }
-            })
-            .collect();
-        let window: Vec<&Second> = inner.seconds.iter().filter(|s| s.t > t - WINDOW_SECONDS).collect();
-        let mut bins = [0u64; 10];
-        for s in &window {
-            bins.iter_mut().zip(s.scores).for_each(|(a, b)| *a += b);
-        }
-        let samples = |f: fn(&Second) -> &Vec<f32>| Percentiles::of(window.iter().flat_map(|s| f(s).iter().copied()).collect());
-        let mut risers: Vec<Riser> = inner
-            .users
-            .iter()
-            .filter(|(_, r)| r.since > t - WINDOW_SECONDS && r.to > r.from)
-            .map(|(u, r)| Riser { user: u.clone(), from: r.from, to: r.to, rise: r.to - r.from, events: r.events, last_ms: r.last_ms })
-            .collect();
-        risers.sort_by(|a, b| b.rise.total_cmp(&a.rise).then_with(|| a.user.cmp(&b.user)));
-        risers.truncate(RISERS);
-        let totals = health.totals();
+        // Copy out under the lock; sort and format after it, so the batch loop never waits
+        // on a status request.
+        let (points, bins, event_to_produce, consume_to_produce, risers, lag) = {
+            let inner = self.inner.lock().expect("live lock");
+            let mut counts = inner.seconds.iter().map(|s| (s.t, s.records, s.intents)).peekable();
+            let points = (t - HISTORY_SECONDS + 1..=t)
+                .map(|sec| {
+                    while counts.next_if(|&(at, ..)| at < sec).is_some() {}
+                    let (records, intents) = counts.next_if(|&(at, ..)| at == sec).map_or((0, 0), |(_, r, i)| (r, i));
+                    Point { t_ms: sec * 1000, records, intents }
+                })
+                .collect::<Vec<_>>();
+            let window = || inner.seconds.iter().filter(|s| s.t > t - WINDOW_SECONDS);
+            let mut bins = [0u64; 10];
+            window().for_each(|s| bins.iter_mut().zip(s.scores).for_each(|(a, b)| *a += b));
+            let event_to_produce: Vec<f32> = window().flat_map(|s| s.event_to_produce.iter().copied()).collect();
+            let consume_to_produce: Vec<f32> = window().flat_map(|s| s.consume_to_produce.iter().copied()).collect();
+            let lag: Vec<Lag> = inner.lag.iter().map(|((topic, partition), &records)| Lag { topic: topic.clone(), partition: *partition, records }).collect();
+            (points, bins, event_to_produce, consume_to_produce, top_risers(&inner.users, t), lag)
+        };
         Status {
             status: health.phase(),
             model_version: self.model_version.get().cloned().unwrap_or_default(),
             instance_id: self.instance_id.get().cloned().unwrap_or_default(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
-            totals,
+            totals: health.totals(),
             throughput: Throughput { interval_seconds: 1, points },
-            lag: inner.lag.iter().map(|((topic, partition), &records)| Lag { topic: topic.clone(), partition: *partition, records }).collect(),
+            lag,
             latency: Latency {
                 window_seconds: WINDOW_SECONDS,
-                event_to_produce_seconds: samples(|s| &s.event_to_produce),
-                consume_to_produce_seconds: samples(|s| &s.consume_to_produce),
+                event_to_produce_seconds: Percentiles::of(event_to_produce),
+                consume_to_produce_seconds: Percentiles::of(consume_to_produce),
             },
             scores: Scores { window_seconds: WINDOW_SECONDS, bins, count: bins.iter().sum() },
             risers,
         }
     }
+}
+
+/// The [`RISERS`] users whose score rose most in the window ending at second `t`, largest rise
+/// first (ties by user id): one pass keeping the best few, only they copied out.
+fn top_risers(users: &HashMap<String, Rise>, t: i64) -> Vec<Riser> {
+    let better = |a: (&String, f32), b: (&String, f32)| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0));
+    let mut best: Vec<(&String, &Rise)> = Vec::with_capacity(RISERS + 1);
+    for (user, r) in users.iter().filter(|(_, r)| r.since > t - WINDOW_SECONDS && r.to > r.from) {
+        let rise = r.to - r.from;
+        if best.len() == RISERS && better((user, rise), (best[RISERS - 1].0, best[RISERS - 1].1.to - best[RISERS - 1].1.from)).is_ge() {
+            continue;
+        }
+        let at = best.partition_point(|&(u, b)| better((u, b.to - b.from), (user, rise)).is_lt());
+        best.insert(at, (user, r));
+        best.truncate(RISERS);
+    }
+    best.into_iter().map(|(u, r)| Riser { user: u.clone(), from: r.from, to: r.to, rise: r.to - r.from, events: r.events, last_ms: r.last_ms }).collect()
 }
 
 #[cfg(test)]
@@ -378,17 +420,44 @@ mod tests {
     }
 
     #[test]
-    fn latencies_are_sampled_within_a_bound_and_summarised() {
+    fn latencies_are_sampled_uniformly_within_a_bound_and_summarised() {
         let live = Live::default();
-        let n = 3 * SAMPLES_PER_SECOND;
-        live.produced((0..n).map(|i| i as f64 / n as f64), (0..n).map(|_| 0.02));
-        let s = live.status(&Health::default());
+        let health = Health::default();
+        let t0 = 1_764_500_000_000;
+        // One second: a first commit of fast intents, then three times as many slow ones. A
+        // uniform sample keeps about three slow for each fast one, whatever came first.
+        let (fast, slow) = (SAMPLES_PER_SECOND, 3 * SAMPLES_PER_SECOND);
+        live.produced_at(t0, (0..fast).map(|_| 0.01), (0..fast).map(|_| 0.02));
+        live.produced_at(t0 + 500, (0..slow).map(|i| 1.0 + i as f64 / slow as f64), (0..slow).map(|_| 0.02));
+        let s = live.status_at(t0 + 900, &health);
         let e = &s.latency.event_to_produce_seconds;
-        assert!(e.count <= SAMPLES_PER_SECOND && e.count >= SAMPLES_PER_SECOND / 2, "{e:?}");
-        assert!((e.p50.unwrap() - 0.5).abs() < 0.01, "{e:?}");
+        assert_eq!(e.count, SAMPLES_PER_SECOND, "{e:?}");
+        let kept_slow = live.inner.lock().unwrap().seconds[0].event_to_produce.iter().filter(|&&x| x >= 1.0).count();
+        let share = kept_slow as f64 / SAMPLES_PER_SECOND as f64;
+        assert!((share - 0.75).abs() < 0.05, "slow share {share}");
+        assert!(e.p50.unwrap() >= 1.0 && e.max.unwrap() < 2.0, "{e:?}");
         assert_eq!(s.latency.consume_to_produce_seconds.p99, Some(f64::from(0.02f32)));
-        assert_eq!(s.throughput.points.iter().map(|p| p.intents).sum::<u64>(), n as u64);
-        let empty = Live::default().status(&Health::default());
+        assert_eq!(s.throughput.points.iter().map(|p| p.intents).sum::<u64>(), (fast + slow) as u64);
+        // A minute on, the samples have left the window and are dropped; the counts stay.
+        live.produced_at(t0 + 61_000, [0.5].into_iter(), [0.5].into_iter());
+        assert!(live.inner.lock().unwrap().seconds[0].event_to_produce.is_empty());
+        let s = live.status_at(t0 + 61_000, &health);
+        assert_eq!((s.latency.event_to_produce_seconds.count, s.throughput.points.iter().map(|p| p.intents).sum::<u64>()), (1, (fast + slow + 1) as u64));
+        let empty = Live::default().status(&health);
         assert_eq!((empty.latency.event_to_produce_seconds.count, empty.latency.event_to_produce_seconds.p50), (0, None));
+    }
+
+    #[test]
+    fn the_risers_are_the_largest_rises_in_order() {
+        let live = Live::default();
+        let t0 = 1_764_500_000_000;
+        let users: Vec<String> = (0..100).map(|i| format!("u{i:03}")).collect();
+        live.batch_at(t0, 100, users.iter().map(|u| (u.as_str(), 0.1)));
+        // u000 rises 0.0, u001 0.005, …; u051 and u050 rise most, tie, and are listed by id.
+        live.batch_at(t0 + 1_000, 100, users.iter().enumerate().map(|(i, u)| (u.as_str(), 0.1 + if matches!(i, 50 | 51) { 0.6 } else { i as f32 * 0.005 })));
+        let risers = live.status_at(t0 + 2_000, &Health::default()).risers;
+        let names: Vec<&str> = risers.iter().map(|r| r.user.as_str()).collect();
+        assert_eq!(names, ["u050", "u051", "u099", "u098", "u097", "u096", "u095", "u094", "u093", "u092"]);
+        assert!(risers.windows(2).all(|w| w[0].rise >= w[1].rise));
     }
 }

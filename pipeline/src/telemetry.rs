@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Buckets of histograms in seconds (batch and step times).
-const SECONDS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Buckets of histograms in seconds (batch and commit times): up to the minute a transaction may
+/// stay open by default (`transaction.timeout.ms`), and beyond, so a stalled commit is seen.
+const SECONDS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 /// Buckets of restore durations: from an up-to-date partition to a changelog of many millions.
 const RESTORE_SECONDS: &[f64] = &[0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
 /// Buckets of batch sizes in records (up to the largest `max_batch_records` worth using).
@@ -283,26 +284,26 @@ impl Health {
     /// The partitions were revoked (or the rebalance failed): none is held until the next
     /// assignment.
     pub fn revoked(&self) {
-        self.holds_assignment.store(false, Ordering::Relaxed);
         self.live.clear_lag();
         let mut p = self.partitions.lock().expect("health lock");
+        self.holds_assignment.store(false, Ordering::Relaxed);
         p.clear();
         self.follow_partitions(&p);
     }
 
     /// A new assignment: every partition in it starts restoring.
     pub fn assigned(&self, partitions: &[i32]) {
-        self.holds_assignment.store(true, Ordering::Relaxed);
         let mut p = self.partitions.lock().expect("health lock");
+        self.holds_assignment.store(true, Ordering::Relaxed);
         *p = partitions.iter().map(|&k| (k, Some(0))).collect();
         self.follow_partitions(&p);
     }
 
-    /// Records restore progress of a partition: `records` applied so far (counted into
-    /// `intentflow_restored_records_total` as they come).
+    /// Records restore progress of a partition: `records` applied so far, for the probes and
+    /// the status page (the restore counts `intentflow_restored_records_total` itself, so that
+    /// a cancelled restore's late report cannot count twice).
     pub fn restoring(&self, partition: i32, records: u64) {
         if let Some(Some(so_far)) = self.partitions.lock().expect("health lock").get_mut(&partition) {
-            metrics::counter!("intentflow_restored_records_total").increment(records.saturating_sub(*so_far));
             *so_far = records;
         }
     }

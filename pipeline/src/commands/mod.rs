@@ -91,6 +91,9 @@ pub fn progress_reader(path: &Path) -> impl FnOnce(std::fs::File, u64) -> Box<dy
 /// Writes `records` spread over about `seconds`: each when its time's share of their span has
 /// passed (records come in time order; an earlier one after a later goes at once).
 async fn paced<R: Record>(out: &mut Output<'_, R>, records: Vec<R>, seconds: f64) -> Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
     let (first, last) = records.iter().fold((i64::MAX, i64::MIN), |(lo, hi), r| (lo.min(r.time_ms()), hi.max(r.time_ms())));
     let span = (last - first).max(1) as f64;
     let start = tokio::time::Instant::now();

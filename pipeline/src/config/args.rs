@@ -104,7 +104,7 @@ pub struct RunArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_resident_users: Option<usize>,
-    /// Address for /metrics and /health, or "" to disable [default: 127.0.0.1:9464].
+    /// Address of the status page (/, /status.json), /metrics, /health, /livez and /readyz, or "" to disable [default: 127.0.0.1:9464].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<String>,

@@ -26,8 +26,12 @@ pub const ENV_SEPARATOR: &str = "__";
 pub const REDACTED: &str = "***";
 
 /// `INTENTFLOW_…` variables that are not configuration keys: the CLI's own (`--log`,
-/// `--log-format`) and those of the project's scripts and tests.
-const NOT_CONFIG_KEYS: &[&str] = &["LOG", "LOG_FORMAT", "KAFKA_DIR", "SKIP_LOG", "BIN", "SHARED_DATA"];
+/// `--log-format`) and those of the project's scripts, demo and tests (docs/configuration.md
+/// lists them). They are passed over without a warning.
+const NOT_CONFIG_KEYS: &[&str] =
+    &["LOG", "LOG_FORMAT", "KAFKA_DIR", "SKIP_LOG", "BIN", "SHARED_DATA", "CACHE", "TEST_BROKERS", "SEED", "TRAIN_ARGS", "QUALITY_DIR"];
+/// Prefixes of such variables (`INTENTFLOW_DEMO_DATA`, `INTENTFLOW_DEMO_PACE_SECONDS`, …).
+const NOT_CONFIG_PREFIXES: &[&str] = &["DEMO_"];
 
 /// Whether a librdkafka property (or any key) holds a secret: passwords, pass phrases, client
 /// secrets, private keys, tokens and the OAUTHBEARER config that may hold one.
@@ -86,7 +90,7 @@ impl Environment {
                 Some(default) => {
                     dict.insert(key, typed(name, raw, default)?);
                 }
-                None if NOT_CONFIG_KEYS.contains(&&name[ENV_PREFIX.len()..]) => {}
+                None if NOT_CONFIG_KEYS.contains(&&name[ENV_PREFIX.len()..]) || NOT_CONFIG_PREFIXES.iter().any(|p| name[ENV_PREFIX.len()..].starts_with(p)) => {}
                 // Kubernetes puts `<SERVICE>_PORT…` and `<SERVICE>_SERVICE_…` in every pod's
                 // environment for each service, `INTENTFLOW_…` ones for a service named so.
                 None if key.starts_with("port") || key.starts_with("service_") => {}
@@ -133,7 +137,11 @@ struct Flags<T>(T);
 
 impl<T: Serialize> Provider for Flags<T> {
     fn metadata(&self) -> Metadata {
-        Metadata::named("command-line flag(s)").interpolater(|_, keys| format!("--{}", keys.join(".").replace('_', "-")))
+        Metadata::named("command-line flag(s)").interpolater(|_, keys| match keys.join(".").as_str() {
+            // The one flag not named as its key: `--input-topic`, repeated.
+            "input_topics" => "--input-topic".to_string(),
+            key => format!("--{}", key.replace('_', "-")),
+        })
     }
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
@@ -148,15 +156,23 @@ pub struct Secrets {
 }
 
 impl Secrets {
-    /// The secrets of a TOML text (read loosely, line by line, so a file that does not parse
-    /// still has its secrets found) and of the environment.
+    /// The secrets of a TOML text and of the environment. A file that parses has every value
+    /// under a secret key taken, at any depth (inline tables and multi-line strings included);
+    /// one that does not is also read loosely, `key = value` fragment by fragment, so its
+    /// secrets are found too.
     pub fn of(toml_text: Option<&str>, env: &Environment) -> Secrets {
         let mut values: Vec<String> = env.secret_values().map(String::from).collect();
-        for line in toml_text.unwrap_or("").lines() {
-            if let Some((_, value)) = line.split_once('=').filter(|(k, _)| is_secret(k)) {
-                let value = value.trim();
-                values.push(value.to_string());
-                values.push(value.trim_matches(|c| c == '"' || c == '\'').to_string());
+        let text = toml_text.unwrap_or("");
+        if let Ok(table) = text.parse::<toml::Table>() {
+            secret_values_in(&table, &mut values);
+        }
+        for line in text.lines() {
+            for (key, value) in fragments(line) {
+                if is_secret(key) {
+                    let value = value.trim().trim_end_matches('}').trim();
+                    values.push(value.to_string());
+                    values.push(value.trim_matches(|c| c == '"' || c == '\'').to_string());
+                }
             }
         }
         values.retain(|v| !v.is_empty());
@@ -166,14 +182,17 @@ impl Secrets {
         Secrets { values }
     }
 
-    /// `text` with every line that assigns a secret key cut after its `=`, and every secret
-    /// value replaced by [`REDACTED`].
+    /// `text` with every line that assigns a secret key cut after that key's `=`, and every
+    /// secret value replaced by [`REDACTED`].
     pub fn scrub(&self, text: &str) -> String {
         let lines: Vec<String> = text
             .lines()
-            .map(|line| match line.split_once('=') {
-                Some((key, _)) if is_secret(key) => format!("{key}= \"{REDACTED}\""),
-                _ => line.to_string(),
+            .map(|line| match fragments(line).find(|(key, _)| is_secret(key)) {
+                Some((key, _)) => {
+                    let cut = key.as_ptr() as usize - line.as_ptr() as usize + key.len();
+                    format!("{}= \"{REDACTED}\"", &line[..cut])
+                }
+                None => line.to_string(),
             })
             .collect();
         let mut out = lines.join("\n");
@@ -181,6 +200,33 @@ impl Secrets {
             out = out.replace(v.as_str(), REDACTED);
         }
         out
+    }
+}
+
+/// The `key = value` fragments of one TOML line, read loosely: `a = 1`, and each pair of an
+/// inline table (`common = { "sasl.password" = "x", b = 2 }` gives `common`, `"sasl.password"`
+/// and `b`). A value runs to the next `,` or the end of the line.
+fn fragments(line: &str) -> impl Iterator<Item = (&str, &str)> {
+    line.split([',', '{']).filter_map(|part| part.split_once('='))
+}
+
+/// Pushes onto `out` every value under a secret key in `table`, at any depth.
+fn secret_values_in(table: &toml::Table, out: &mut Vec<String>) {
+    fn all(value: &toml::Value, out: &mut Vec<String>) {
+        match value {
+            toml::Value::String(s) => out.extend(s.lines().map(String::from).chain([s.clone()])),
+            toml::Value::Table(t) => t.values().for_each(|v| all(v, out)),
+            toml::Value::Array(a) => a.iter().for_each(|v| all(v, out)),
+            other => out.push(other.to_string()),
+        }
+    }
+    for (key, value) in table {
+        match value {
+            _ if is_secret(key) => all(value, out),
+            toml::Value::Table(t) => secret_values_in(t, out),
+            toml::Value::Array(a) => a.iter().filter_map(toml::Value::as_table).for_each(|t| secret_values_in(t, out)),
+            _ => {}
+        }
     }
 }
 
@@ -197,6 +243,17 @@ pub fn load<F: Serialize>(file: Option<&Path>, env: &Environment, flags: Option<
         None => None,
     };
     let secrets = Secrets::of(text.as_deref(), env);
+    if let (Some(path), Some(text)) = (file, &text) {
+        // The parser's own message quotes the lines around the error, which may hold a secret
+        // the loose reading missed (a multi-line string): say where, not what.
+        if let Err(e) = text.parse::<toml::Table>() {
+            let at = e.span().map_or(0, |s| s.start);
+            let line = text[..at].matches('\n').count() + 1;
+            let column = at - text[..at].rfind('\n').map_or(0, |i| i + 1) + 1;
+            let message = secrets.scrub(e.message().trim());
+            return Err(ConfigError::Load(format!("{}: TOML parse error at line {line}, column {column}: {message}", path.display())));
+        }
+    }
     let mut figment = Figment::from(Serialized::defaults(RunConfig::default()));
     if let Some(path) = file {
         figment = figment.merge(Toml::file_exact(path));

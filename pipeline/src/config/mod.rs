@@ -84,7 +84,8 @@ pub struct RunConfig {
     /// recently used out first; RocksDB stays the record); 0 sends every wave's states up and
     /// down instead.
     pub gpu_resident_users: usize,
-    /// Address of the `/metrics`, `/health`, `/livez` and `/readyz` endpoints; empty to disable.
+    /// Address of the HTTP server: the status page (`/`, `/status.json`), `/metrics`, `/health`,
+    /// `/livez` and `/readyz`; empty to disable.
     pub metrics_addr: String,
     /// How long the batch loop may stay in one batch, commit or restore report before `/livez`
     /// answers 503 (waiting for records never fails it).
@@ -419,8 +420,21 @@ mod tests {
     #[test]
     fn secrets_never_show_in_printed_configs_or_errors() {
         let dir = tempfile::tempdir().unwrap();
-        // Malformed: the parser's message quotes the line holding the secret.
+        // Malformed: the parser's message would quote the line holding the secret; ours says
+        // where the error is.
         let path = write(&dir, "brokers = \"k:9092\"\n[kafka.common]\n\"sasl.password\" = \"hunter2\n\"sasl.username\" = \"shop\"\n");
+        let err = resolve(&RunArgs { config: Some(path), ..Default::default() }).unwrap_err().to_string();
+        assert!(!err.contains("hunter2") && err.contains("line 3"), "{err}");
+        // Malformed inside a multi-line string that the loose reading cannot see as a value.
+        let path = write(&dir, "[kafka.common]\n\"sasl.password\" = \"\"\"\nhunter2\n");
+        let err = resolve(&RunArgs { config: Some(path), ..Default::default() }).unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        // A secret in an inline table, shown by another key's error.
+        let path = write(&dir, "max_batch_records = \"hunter2\"\n[kafka]\ncommon = { \"sasl.password\" = \"hunter2\", \"sasl.username\" = \"shop\" }\n");
+        let err = resolve(&RunArgs { config: Some(path), ..Default::default() }).unwrap_err().to_string();
+        assert!(!err.contains("hunter2") && err.contains(layers::REDACTED), "{err}");
+        // A multi-line secret, shown by another key's error.
+        let path = write(&dir, "max_batch_records = \"hunter2\"\n[kafka.common]\n\"sasl.password\" = \"\"\"\nhunter2\"\"\"\n");
         let err = resolve(&RunArgs { config: Some(path), ..Default::default() }).unwrap_err().to_string();
         assert!(!err.contains("hunter2") && err.contains(layers::REDACTED), "{err}");
         // A wrong type: the message quotes the value.
@@ -435,7 +449,7 @@ mod tests {
         // Printed and logged configurations.
         let env = Environment::from_pairs([("INTENTFLOW_KAFKA__COMMON__SASL_PASSWORD", "hunter2"), ("INTENTFLOW_KAFKA__COMMON__SASL_USERNAME", "shop")]);
         let cfg = RunConfig::resolve_in(&RunArgs::default(), &env).unwrap();
-        for shown in [cfg.to_redacted_toml(), format!("{cfg:?}")] {
+        for shown in [cfg.to_redacted_toml(), format!("{cfg:?}"), format!("{:?}", cfg.clients())] {
             assert!(!shown.contains("hunter2") && shown.contains("shop") && shown.contains(layers::REDACTED), "{shown}");
         }
         assert_eq!(cfg.kafka.common["sasl.password"], "hunter2", "redaction is for showing only");

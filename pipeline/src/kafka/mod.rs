@@ -23,8 +23,9 @@ use rdkafka::consumer::BaseConsumer;
 use rdkafka::producer::FutureProducer;
 use std::collections::BTreeMap;
 
-/// Builds every Kafka client of a command from one set of properties.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Builds every Kafka client of a command from one set of properties. Its `Debug` redacts
+/// secret properties, as [`crate::config::KafkaOverrides`]'s does.
+#[derive(Clone, Default, PartialEq)]
 pub struct KafkaClients {
     /// Bootstrap servers.
     pub brokers: String,
@@ -34,6 +35,19 @@ pub struct KafkaClients {
     pub consumer: BTreeMap<String, String>,
     /// Properties of producers, applied after `common`.
     pub producer: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaClients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let overrides = crate::config::KafkaOverrides { common: self.common.clone(), consumer: self.consumer.clone(), producer: self.producer.clone() };
+        let shown = overrides.redacted();
+        f.debug_struct("KafkaClients")
+            .field("brokers", &self.brokers)
+            .field("common", &shown.common)
+            .field("consumer", &shown.consumer)
+            .field("producer", &shown.producer)
+            .finish()
+    }
 }
 
 impl KafkaClients {

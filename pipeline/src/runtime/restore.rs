@@ -256,9 +256,11 @@ impl Restorer {
             reader.next_batch(CHUNK, &mut chunk).with_context(|| format!("restoring changelog {}/{partition}", self.topic))?;
             // Everything read so far is applied: the chunk's end is where the reader stands.
             let reached = if reader.done() { high } else { reader.positions()[0] };
+            let before = done.records;
             self.apply(partition, &chunk, reached, &mut track, &mut done)?;
             chunk.clear();
             done.changelog_offset = reached;
+            metrics::counter!("intentflow_restored_records_total").increment(done.records - before);
             self.health.restoring(partition, done.records);
             fail::fail_point!("restore-chunk");
             if reader.done() {
