@@ -79,7 +79,8 @@ impl Render {
     fn new(name: &'static str, set: &[&str]) -> Render {
         let mut args = vec!["template", RELEASE, CHART, "--namespace", "streams"];
         for s in set {
-            args.extend(["--set", s]);
+            // Annotation values are strings to Kubernetes, whatever they look like.
+            args.extend([if s.starts_with("podAnnotations.") { "--set-string" } else { "--set" }, s]);
         }
         let text = helm(&args);
         let docs = serde_yaml_ng::Deserializer::from_str(&text)
@@ -192,6 +193,9 @@ fn renders() -> &'static [Render] {
                 "secret from values",
                 &["kafka.secret.sasl\\.username=shop", "kafka.secret.sasl\\.password=hunter2", "config.state_cache_mib=2048"],
             ),
+            // The scrape port given again among the pod annotations must not be rendered twice
+            // (a duplicate key, which the YAML parser rejects).
+            Render::new("startup probe, own scrape annotation", &["probes.startup.enabled=true", "podAnnotations.prometheus\\.io/port=9464"]),
         ]
     })
 }
@@ -262,7 +266,8 @@ fn probes_hit_paths_the_operator_serves_on_the_port_of_metrics_addr() {
         let named = |name: &str| ports.iter().find(|p| p["name"].as_str() == Some(name)).and_then(|p| p["containerPort"].as_u64());
         for (probe, path) in [("livenessProbe", "/livez"), ("readinessProbe", "/readyz"), ("startupProbe", "/livez")] {
             let get = &c[probe]["httpGet"];
-            if probe == "startupProbe" && c[probe].is_null() {
+            if probe == "startupProbe" && !r.name.starts_with("startup probe") {
+                assert!(c[probe].is_null(), "{}: a startup probe by default", r.name);
                 continue;
             }
             assert_eq!(get["path"].as_str(), Some(path), "{}: {probe} path", r.name);
@@ -326,6 +331,10 @@ fn kafka_credentials_come_from_a_secret_as_configuration_variables() {
     for r in renders() {
         let env = seq(&r.container()["env"]);
         let from_secret: Vec<&Value> = env.iter().filter(|e| !e["valueFrom"]["secretKeyRef"].is_null()).collect();
+        // Credentials the chart renders roll the pods when they change; an existing Secret's
+        // are rolled out by its owner.
+        let checksum = &r.statefulset()["spec"]["template"]["metadata"]["annotations"]["checksum/secret"];
+        assert_eq!(checksum.is_null(), r.name != "secret from values", "{}: checksum/secret {checksum:?}", r.name);
         let secret = match r.name {
             "existing secret" => {
                 assert!(r.all("Secret").is_empty(), "{}: the chart made a Secret beside the existing one", r.name);

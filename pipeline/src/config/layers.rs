@@ -12,7 +12,7 @@
 //! (`INTENTFLOW_INPUT_TOPICS=clicks,carts`).
 
 use super::{ConfigError, RunConfig};
-use figment::providers::{Format, Serialized, Toml};
+use figment::providers::Serialized;
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::Serialize;
@@ -132,6 +132,22 @@ impl Provider for Environment {
     }
 }
 
+/// The `--config` file as a layer: its table, parsed by [`load`], named as the file.
+struct TomlFile<'a> {
+    path: &'a Path,
+    table: toml::Table,
+}
+
+impl Provider for TomlFile<'_> {
+    fn metadata(&self) -> Metadata {
+        Metadata::from("TOML file", self.path)
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Serialized::defaults(&self.table).data()
+    }
+}
+
 /// Command-line flags as a layer: the flags given (unset ones serialize to nothing).
 struct Flags<T>(T);
 
@@ -197,10 +213,27 @@ impl Secrets {
             .collect();
         let mut out = lines.join("\n");
         for v in &self.values {
-            out = out.replace(v.as_str(), REDACTED);
+            out = replace_whole(&out, v, REDACTED);
         }
         out
     }
+}
+
+/// `text` with each occurrence of `needle` that is not part of a longer word replaced by `with`
+/// (a secret `x` hides `"x"`, not the x of `expected`).
+fn replace_whole(text: &str, needle: &str, with: &str) -> String {
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(needle) {
+        let end = at + needle.len();
+        let inside = word(rest[..at].chars().next_back()) && word(needle.chars().next()) || word(rest[end..].chars().next()) && word(needle.chars().next_back());
+        out.push_str(&rest[..at]);
+        out.push_str(if inside { needle } else { with });
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The `key = value` fragments of one TOML line, read loosely: `a = 1`, and each pair of an
@@ -243,20 +276,19 @@ pub fn load<F: Serialize>(file: Option<&Path>, env: &Environment, flags: Option<
         None => None,
     };
     let secrets = Secrets::of(text.as_deref(), env);
-    if let (Some(path), Some(text)) = (file, &text) {
-        // The parser's own message quotes the lines around the error, which may hold a secret
-        // the loose reading missed (a multi-line string): say where, not what.
-        if let Err(e) = text.parse::<toml::Table>() {
-            let at = e.span().map_or(0, |s| s.start);
-            let line = text[..at].matches('\n').count() + 1;
-            let column = at - text[..at].rfind('\n').map_or(0, |i| i + 1) + 1;
-            let message = secrets.scrub(e.message().trim());
-            return Err(ConfigError::Load(format!("{}: TOML parse error at line {line}, column {column}: {message}", path.display())));
-        }
-    }
     let mut figment = Figment::from(Serialized::defaults(RunConfig::default()));
-    if let Some(path) = file {
-        figment = figment.merge(Toml::file_exact(path));
+    if let (Some(path), Some(text)) = (file, &text) {
+        // Parsed here, once, and merged as a table: the parser's own message quotes the lines
+        // around an error, which may hold a secret the loose reading missed (a multi-line
+        // string), so a syntax error says where, not what.
+        let table = text.parse::<toml::Table>().map_err(|e| {
+            let at = e.span().map(|s| {
+                let line_start = text[..s.start].rfind('\n').map_or(0, |i| i + 1);
+                format!(" at line {}, column {}", text[..s.start].matches('\n').count() + 1, text[line_start..s.start].chars().count() + 1)
+            });
+            ConfigError::Load(format!("{}: TOML parse error{}: {}", path.display(), at.unwrap_or_default(), secrets.scrub(e.message().trim())))
+        })?;
+        figment = figment.merge(TomlFile { path, table });
     }
     figment = figment.merge(env.clone());
     if let Some(flags) = flags {

@@ -433,6 +433,10 @@ mod tests {
         let path = write(&dir, "max_batch_records = \"hunter2\"\n[kafka]\ncommon = { \"sasl.password\" = \"hunter2\", \"sasl.username\" = \"shop\" }\n");
         let err = resolve(&RunArgs { config: Some(path), ..Default::default() }).unwrap_err().to_string();
         assert!(!err.contains("hunter2") && err.contains(layers::REDACTED), "{err}");
+        // A short secret hides its own value, not the letters of other words.
+        let path = write(&dir, "max_batch_records = \"x\"\n[kafka]\ncommon = { \"sasl.password\" = \"x\" }\n");
+        let err = resolve(&RunArgs { config: Some(path), ..Default::default() }).unwrap_err().to_string();
+        assert!(err.contains("expected") && err.contains("max_batch_records") && !err.contains("\"x\""), "{err}");
         // A multi-line secret, shown by another key's error.
         let path = write(&dir, "max_batch_records = \"hunter2\"\n[kafka.common]\n\"sasl.password\" = \"\"\"\nhunter2\"\"\"\n");
         let err = resolve(&RunArgs { config: Some(path), ..Default::default() }).unwrap_err().to_string();
