@@ -1,0 +1,59 @@
+//! The consumers' side on the real broker: the example consumer of `examples/alerts-consumer`
+//! reading the operator's committed output.
+
+use intentflow_integration_tests::*;
+use intentflow_schemas::EventType;
+use std::process::Command;
+use std::time::Duration;
+
+#[test]
+fn the_example_consumer_prints_each_rise_above_the_threshold_once_and_skips_what_is_no_intent() {
+    let sc = Scenario::new("alerts", 2);
+    let events = generated_events(40, 800, 5);
+    produce_events(&sc.brokers, &sc.input, &events).unwrap();
+    let (intents, _) = sc.run_until("op", &sc.run_args(&[]), events.len(), Duration::from_secs(120));
+    assert_eq!(intents.len(), events.len());
+    produce(&sc.brokers, &sc.output, &[("x".into(), b"{not an intent".to_vec())]).unwrap();
+
+    // A threshold some shoppers cross: the scores' 80th percentile. What the consumer should
+    // print: each upward crossing, in each shopper's own order, except those scored on a
+    // purchase (the shopper already bought).
+    let mut scores: Vec<f32> = intents.iter().map(|i| i.score).collect();
+    scores.sort_by(f32::total_cmp);
+    let min = scores[scores.len() * 4 / 5];
+    let mut expected: Vec<(String, String)> = Vec::new();
+    for (user, theirs) in intents_by_user(&intents) {
+        let mut previous: Option<f32> = None;
+        for i in theirs {
+            if i.score >= min && previous.is_none_or(|p| p < min) && i.event_type != EventType::Purchase {
+                expected.push((user.clone(), i.event_ts.clone()));
+            }
+            previous = Some(i.score);
+        }
+    }
+    let above = intents.iter().filter(|i| i.score >= min).count();
+    assert!(expected.len() >= 2 && expected.len() < above, "{} crossings of {min}, {above} intents at or above it", expected.len());
+
+    // Exits once nothing came for 15 s (joining the group takes a few of them).
+    let bin = intentflow_bin().with_file_name("intentflow-alerts");
+    let group = unique("alerts-reader");
+    let out = Command::new(&bin)
+        .args(["--brokers", &sc.brokers, "--topic", &sc.output, "--group", &group, "--min-score", &min.to_string(), "--from-beginning", "--idle-seconds", "15"])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (built by `cargo build --release --workspace --bins`)", bin.display()));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "exit {}:\n{stderr}", out.status);
+    let mut printed: Vec<(String, String)> = stdout
+        .lines()
+        .map(|l| {
+            let mut parts = l.split("  ");
+            let ts = parts.next().unwrap_or_default().to_string();
+            let user = parts.next().and_then(|p| p.strip_prefix("user ")).unwrap_or_else(|| panic!("line without a user: {l}"));
+            (user.to_string(), ts)
+        })
+        .collect();
+    printed.sort();
+    expected.sort();
+    assert_eq!(printed, expected, "stdout:\n{stdout}");
+    assert!(stderr.contains(&format!("skipped {}/", sc.output)) && stderr.contains("not an intent"), "stderr:\n{stderr}");
+}
