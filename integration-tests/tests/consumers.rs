@@ -1,8 +1,11 @@
 //! The consumers' side on the real broker: the example consumer of `examples/alerts-consumer`
-//! reading the operator's committed output.
+//! reading the operator's committed output, and the output's optional record headers.
 
 use intentflow_integration_tests::*;
+use intentflow_pipeline::kafka::read::read_topic;
+use intentflow_pipeline::kafka::KafkaClients;
 use intentflow_schemas::EventType;
+use rdkafka::message::{Headers, Message};
 use std::process::Command;
 use std::time::Duration;
 
@@ -11,8 +14,20 @@ fn the_example_consumer_prints_each_rise_above_the_threshold_once_and_skips_what
     let sc = Scenario::new("alerts", 2);
     let events = generated_events(40, 800, 5);
     produce_events(&sc.brokers, &sc.input, &events).unwrap();
-    let (intents, _) = sc.run_until("op", &sc.run_args(&[]), events.len(), Duration::from_secs(120));
+    let (intents, _) = sc.run_until("op", &sc.run_args(&["--output-headers"]), events.len(), Duration::from_secs(120));
     assert_eq!(intents.len(), events.len());
+
+    // Every intent record names its schema and the model that scored it in headers.
+    let records = read_topic(&KafkaClients::new(&sc.brokers), &sc.output, Duration::from_secs(10), |n| n >= events.len()).unwrap();
+    assert_eq!(records.len(), events.len());
+    for m in &records {
+        let headers: Vec<(String, String)> = m
+            .headers()
+            .map(|h| h.iter().map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())).collect())
+            .unwrap_or_default();
+        let intent: intentflow_schemas::ScoredIntent = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        assert_eq!(headers, [("intentflow.schema".to_string(), "intent/1".to_string()), ("intentflow.model".to_string(), intent.model_version)], "offset {}", m.offset());
+    }
     produce(&sc.brokers, &sc.output, &[("x".into(), b"{not an intent".to_vec())]).unwrap();
 
     // A threshold some shoppers cross: the scores' 80th percentile. What the consumer should

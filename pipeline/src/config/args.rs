@@ -80,6 +80,10 @@ pub struct RunArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub reasons: bool,
+    /// Intent records carry the headers intentflow.schema and intentflow.model.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub output_headers: bool,
     /// Most records per micro-batch [default: 4096].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

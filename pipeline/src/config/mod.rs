@@ -68,6 +68,10 @@ pub struct RunConfig {
     /// Whether each intent carries the signals that raised its score most (`reasons`,
     /// `docs/schemas.md`); off by default.
     pub reasons: bool,
+    /// Whether each intent record on the output topic carries the headers `intentflow.schema`
+    /// (`intent/1`) and `intentflow.model` (the version of the model that scored it), for
+    /// consumers that route or filter without parsing the value; off by default.
+    pub output_headers: bool,
     /// Most records per micro-batch (a batch is what has arrived, up to this many).
     pub max_batch_records: usize,
     /// Most waves (batched model steps) per micro-batch: a user with more events in a batch
@@ -151,6 +155,7 @@ impl Default for RunConfig {
             transaction_timeout_ms: 30_000,
             reset_state_on_model_change: false,
             reasons: false,
+            output_headers: false,
             bootstrap_from: String::new(),
             bootstrap_output_topic: String::new(),
             max_batch_records: 4096,

@@ -16,6 +16,7 @@ use intentflow_operators::{BatchOutput, PositionedEvent, Rejected};
 use intentflow_state::changelog::{encode_offset, ChangelogKey};
 use intentflow_state::Staged;
 use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::TopicPartitionList;
 use std::collections::BTreeMap;
@@ -42,6 +43,8 @@ pub struct BatchSink<'a> {
     pub watchdog: &'a Watchdog,
     /// Whether batches are transactions.
     pub exactly_once: bool,
+    /// Headers of every intent record (`output_headers`), or none.
+    pub intent_headers: Option<&'a OwnedHeaders>,
 }
 
 /// One batch's results, ready to send.
@@ -69,7 +72,8 @@ impl BatchSink<'_> {
         for scored in &batch.out.scored {
             buf.clear();
             batch.out.encode_intent(batch.events, scored, &mut buf);
-            window.send(self.output_topic, batch.events[scored.input].event.user_id.as_bytes(), &buf).await?;
+            let key = batch.events[scored.input].event.user_id.as_bytes();
+            window.send_with_headers(self.output_topic, key, &buf, self.intent_headers.cloned()).await?;
         }
         for r in batch.rejected {
             let key = format!("{}/{}", r.source.topic, r.source.partition);

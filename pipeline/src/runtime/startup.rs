@@ -25,6 +25,7 @@ use intentflow_operators::IntentOperator;
 use intentflow_state::changelog::ModelPolicy;
 use intentflow_state::{StateStore, StoreOptions};
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, Producer};
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +47,8 @@ pub struct Started {
     pub changelog: String,
     /// The subscribed consumer.
     pub consumer: StreamConsumer<RebalanceContext>,
+    /// The headers of every intent record (`output_headers`), or none.
+    pub intent_headers: Option<OwnedHeaders>,
 }
 
 impl Started {
@@ -58,8 +61,17 @@ impl Started {
             changelog: &self.changelog,
             watchdog: &self.watchdog,
             exactly_once: self.cfg.processing_guarantee == ProcessingGuarantee::ExactlyOnce,
+            intent_headers: self.intent_headers.as_ref(),
         }
     }
+}
+
+/// The headers of every intent record with `output_headers`: the schema and the model.
+fn intent_headers(model_version: &str) -> OwnedHeaders {
+    let schema = format!("intent/{}", intentflow_schemas::INTENT_SCHEMA_VERSION);
+    OwnedHeaders::new()
+        .insert(Header { key: "intentflow.schema", value: Some(schema.as_str()) })
+        .insert(Header { key: "intentflow.model", value: Some(model_version) })
 }
 
 /// Opens everything, hands over a replayed state if there is one, and subscribes. Also returns
@@ -113,7 +125,8 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
         .context("creating the Kafka consumer")?;
     // Beyond the retries of a transaction call plus a margin.
     let watchdog = Watchdog::start(RETRY_FOR + Duration::from_secs(30));
-    let started = Started { cfg, operator, store, producer, watchdog, changelog, consumer };
+    let intent_headers = cfg.output_headers.then(|| intent_headers(operator.model().version()));
+    let started = Started { cfg, operator, store, producer, watchdog, changelog, consumer, intent_headers };
 
     if dir.replay_status()?.is_some() {
         let (cfg, store) = (&started.cfg, &started.store);
