@@ -16,10 +16,14 @@
 //! With several co-partitioned input topics, [`merge::TopicMerge`] fixes the order in which one
 //! partition's records of the different topics are applied, the same live and in a replay.
 //!
+//! [`emit`] decides when an output publishes a user's intent (every event, a change, a threshold
+//! crossing, a segment change), from what the output remembers of the user.
+//!
 //! The caller (the pipeline) produces the outputs, then writes the returned states and commits
 //! offsets; nothing here touches Kafka or files (those live in `intentflow-formats`).
 
 pub mod decode;
+pub mod emit;
 pub mod encode;
 pub mod merge;
 pub mod resident;
