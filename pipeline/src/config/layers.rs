@@ -33,6 +33,11 @@ const NOT_CONFIG_KEYS: &[&str] =
 /// Prefixes of such variables (`INTENTFLOW_DEMO_DATA`, `INTENTFLOW_DEMO_PACE_SECONDS`, …).
 const NOT_CONFIG_PREFIXES: &[&str] = &["DEMO_"];
 
+/// `properties` with the values of secret ones ([`is_secret`]) replaced by [`REDACTED`].
+pub fn redacted(properties: &std::collections::BTreeMap<String, String>) -> std::collections::BTreeMap<String, String> {
+    properties.iter().map(|(k, v)| (k.clone(), if is_secret(k) { REDACTED.to_string() } else { v.clone() })).collect()
+}
+
 /// Whether a librdkafka property (or any key) holds a secret: passwords, pass phrases, client
 /// secrets, private keys, tokens and the OAUTHBEARER config that may hold one.
 pub fn is_secret(key: &str) -> bool {
@@ -172,17 +177,16 @@ pub struct Secrets {
 }
 
 impl Secrets {
-    /// The secrets of a TOML text and of the environment. A file that parses has every value
-    /// under a secret key taken, at any depth (inline tables and multi-line strings included);
-    /// one that does not is also read loosely, `key = value` fragment by fragment, so its
-    /// secrets are found too.
-    pub fn of(toml_text: Option<&str>, env: &Environment) -> Secrets {
+    /// The secrets of a TOML text and of the environment. `parsed` is the text's table when it
+    /// parses: every value under a secret key is taken from it, at any depth (inline tables and
+    /// multi-line strings included). The text is also read loosely, `key = value` fragment by
+    /// fragment, so a file that does not parse has its secrets found too.
+    pub fn of(toml_text: Option<&str>, parsed: Option<&toml::Table>, env: &Environment) -> Secrets {
         let mut values: Vec<String> = env.secret_values().map(String::from).collect();
-        let text = toml_text.unwrap_or("");
-        if let Ok(table) = text.parse::<toml::Table>() {
-            secret_values_in(&table, &mut values);
+        if let Some(table) = parsed {
+            secret_values_in(table, &mut values);
         }
-        for line in text.lines() {
+        for line in toml_text.unwrap_or("").lines() {
             for (key, value) in fragments(line) {
                 if is_secret(key) {
                     let value = value.trim().trim_end_matches('}').trim();
@@ -275,13 +279,14 @@ pub fn load<F: Serialize>(file: Option<&Path>, env: &Environment, flags: Option<
         Some(path) => Some(std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?),
         None => None,
     };
-    let secrets = Secrets::of(text.as_deref(), env);
+    // Parsed here, once, and merged as a table: the parser's own message quotes the lines
+    // around an error, which may hold a secret the loose reading missed (a multi-line string),
+    // so a syntax error says where, not what.
+    let parsed = text.as_deref().map(str::parse::<toml::Table>);
+    let secrets = Secrets::of(text.as_deref(), parsed.as_ref().and_then(|p| p.as_ref().ok()), env);
     let mut figment = Figment::from(Serialized::defaults(RunConfig::default()));
-    if let (Some(path), Some(text)) = (file, &text) {
-        // Parsed here, once, and merged as a table: the parser's own message quotes the lines
-        // around an error, which may hold a secret the loose reading missed (a multi-line
-        // string), so a syntax error says where, not what.
-        let table = text.parse::<toml::Table>().map_err(|e| {
+    if let (Some(path), Some(text), Some(parsed)) = (file, &text, parsed) {
+        let table = parsed.map_err(|e| {
             let at = e.span().map(|s| {
                 let line_start = text[..s.start].rfind('\n').map_or(0, |i| i + 1);
                 format!(" at line {}, column {}", text[..s.start].matches('\n').count() + 1, text[line_start..s.start].chars().count() + 1)

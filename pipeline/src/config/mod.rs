@@ -123,10 +123,7 @@ pub struct KafkaOverrides {
 impl KafkaOverrides {
     /// These properties with the values of secret ones replaced by [`layers::REDACTED`].
     pub fn redacted(&self) -> KafkaOverrides {
-        let hide = |m: &BTreeMap<String, String>| {
-            m.iter().map(|(k, v)| (k.clone(), if layers::is_secret(k) { layers::REDACTED.to_string() } else { v.clone() })).collect()
-        };
-        KafkaOverrides { common: hide(&self.common), consumer: hide(&self.consumer), producer: hide(&self.producer) }
+        KafkaOverrides { common: layers::redacted(&self.common), consumer: layers::redacted(&self.consumer), producer: layers::redacted(&self.producer) }
     }
 }
 

@@ -39,13 +39,12 @@ pub struct KafkaClients {
 
 impl std::fmt::Debug for KafkaClients {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let overrides = crate::config::KafkaOverrides { common: self.common.clone(), consumer: self.consumer.clone(), producer: self.producer.clone() };
-        let shown = overrides.redacted();
+        use crate::config::layers::redacted;
         f.debug_struct("KafkaClients")
             .field("brokers", &self.brokers)
-            .field("common", &shown.common)
-            .field("consumer", &shown.consumer)
-            .field("producer", &shown.producer)
+            .field("common", &redacted(&self.common))
+            .field("consumer", &redacted(&self.consumer))
+            .field("producer", &redacted(&self.producer))
             .finish()
     }
 }
