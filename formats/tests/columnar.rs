@@ -196,6 +196,8 @@ fn intent(i: i64) -> ScoredIntent {
             1 => vec!["cart_added".into()],
             _ => vec!["returning_buyer".into(), "max_price".into()],
         },
+        detail: Default::default(),
+        placement: Default::default(),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The consumers' side on the real broker: the example consumer of `examples/alerts-consumer`
-//! reading the operator's committed output, and the output's optional record headers.
+//! reading the operator's committed output (the every-event topic, and a threshold
+//! `[[output]]`'s alerts topic), and the output's optional record headers.
 
 use intentflow_integration_tests::*;
 use intentflow_pipeline::kafka::read::read_topic;
@@ -71,4 +72,42 @@ fn the_example_consumer_prints_each_rise_above_the_threshold_once_and_skips_what
     expected.sort();
     assert_eq!(printed, expected, "stdout:\n{stdout}");
     assert!(stderr.contains(&format!("skipped {}/", sc.output)) && stderr.contains("not an intent"), "stderr:\n{stderr}");
+}
+
+#[test]
+fn the_example_consumer_prints_the_up_crossings_of_the_operators_alerts_topic() {
+    let sc = Scenario::new("alerts-topic", 2);
+    let events = generated_events(40, 800, 6);
+    let mut scores: Vec<f32> = offline_scores(&events).values().flat_map(|s| s.scores.iter().copied()).collect();
+    scores.sort_by(f32::total_cmp);
+    let enter = scores[scores.len() * 4 / 5];
+    let alerts = unique("purchase-intent-alerts");
+    let config = sc.dir.path().join("run.toml");
+    std::fs::write(&config, format!("[[output]]\ntopic = \"{alerts}\"\npolicy = \"threshold\"\nenter = {enter}\nleave = {}\nexclude_purchases = true\n", enter * 0.8)).unwrap();
+    produce_events(&sc.brokers, &sc.input, &events).unwrap();
+    let (intents, _) = sc.run_until("op", &sc.run_args(&["--config", &config.display().to_string()]), events.len(), Duration::from_secs(120));
+    assert_eq!(intents.len(), events.len());
+    let published = read_intents(&sc.brokers, &alerts, usize::MAX, Duration::from_secs(5)).unwrap();
+    let mut expected: Vec<(String, String)> =
+        published.iter().filter(|i| i.placement.crossing == Some(intentflow_schemas::Crossing::Up)).map(|i| (i.user_id.clone(), i.event_ts.clone())).collect();
+    assert!(expected.len() >= 2 && published.iter().all(|i| i.event_type != EventType::Purchase), "{} up crossings of {} alerts", expected.len(), published.len());
+
+    let bin = intentflow_bin().with_file_name("intentflow-alerts");
+    let out = Command::new(&bin)
+        .args(["--brokers", &sc.brokers, "--topic", &alerts, "--group", &unique("alerts-topic-reader"), "--min-score", "0.99", "--from-beginning", "--idle-seconds", "15"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "exit {}:\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let mut printed: Vec<(String, String)> = stdout
+        .lines()
+        .map(|l| {
+            let parts: Vec<&str> = l.split("  ").collect();
+            assert!(parts[2].contains(" (up from ") || parts[2].contains(" (up, first score)"), "{l}");
+            (parts[1].trim_start_matches("user ").to_string(), parts[0].to_string())
+        })
+        .collect();
+    printed.sort();
+    expected.sort();
+    assert_eq!(printed, expected, "stdout:\n{stdout}");
 }

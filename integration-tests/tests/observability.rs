@@ -40,9 +40,11 @@ fn every_spec_metric_is_exported_from_start_up_and_counts_a_known_input_and_the_
     // The layers of the real binary: the output topic comes from the environment, the group
     // from a flag over a wrong one in the environment, the batch cap from the environment over
     // the file's, the commit interval from the file over the default (100 ms): 300 ms, so that
-    // no unit can commit sooner than a quarter second.
+    // no unit can commit sooner than a quarter second. One [[output]] (every event but
+    // purchases) has its own counter.
     let config = sc.dir.path().join("run.toml");
-    std::fs::write(&config, "commit_interval_ms = 300\nmax_batch_records = 8\n").unwrap();
+    let no_purchases = unique("observe-no-purchases");
+    std::fs::write(&config, format!("commit_interval_ms = 300\nmax_batch_records = 8\n[[output]]\ntopic = \"{no_purchases}\"\npolicy = \"every\"\nexclude_purchases = true\n")).unwrap();
     let mut args = sc.run_args(&["--metrics-addr", &addr, "--config", &config.display().to_string()]);
     let at = args.iter().position(|a| a == "--output-topic").unwrap();
     args.drain(at..at + 2);
@@ -84,6 +86,10 @@ fn every_spec_metric_is_exported_from_start_up_and_counts_a_known_input_and_the_
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(value(&text, "intentflow_records_in_total"), n + 2.0);
+    let purchases = events.iter().filter(|e| e.kind == intentflow_schemas::EventType::Purchase).count();
+    assert!(purchases > 0);
+    assert_eq!(value(&text, &format!("intentflow_output_intents_total{{output=\"{no_purchases}\"}}")), n - purchases as f64, "{text}");
+    assert_eq!(read_intents(&sc.brokers, &no_purchases, usize::MAX, Duration::from_secs(5)).unwrap().len(), events.len() - purchases);
     assert_eq!(value(&text, "intentflow_records_invalid_total{error_type=\"invalid_json\"}"), 1.0, "{text}");
     assert_eq!(value(&text, "intentflow_records_invalid_total{error_type=\"missing_field\"}"), 1.0, "{text}");
     assert_eq!(value(&text, "intentflow_batch_records_sum"), n + 2.0);

@@ -2,9 +2,15 @@
 //!
 //! A decision depends only on the policy, the score and what the output remembers of the user
 //! ([`EmitMemory`]: the last score it published and the level it was at), so it is the same
-//! live, after a crash and in a replay once that memory is kept with the user's state. This
-//! module is the decision alone; keeping the memory in the user state and producing to several
-//! outputs is the pipeline's part (issue 15, not wired yet).
+//! live, after a crash and in a replay, since that memory is kept with the user's state
+//! ([`intentflow_state::UserState::outputs`]). The operator decides for each of its
+//! [`PolicyOutput`]s as it scores ([`crate::IntentOperator::with_outputs`]) and returns what
+//! each publishes ([`Published`]); the caller produces them with the states, in one transaction
+//! under exactly-once.
+
+pub use intentflow_state::EmitMemory;
+use intentflow_schemas::IntentSchema;
+use intentflow_state::topic_id;
 
 /// When an output publishes an intent.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,7 +37,43 @@ pub enum EmitPolicy {
     Segments {
         /// Ascending cut-offs; segment `i` is the number of cut-offs at or below the score.
         cuts: Vec<f32>,
+        /// The segments' names, one more than the cut-offs (`["cold", "warm", "hot"]`).
+        names: Vec<String>,
     },
+}
+
+/// An output with a policy, as the operator sees it: a name (the topic), a policy, and whether
+/// purchase events are left out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyOutput {
+    /// The output's name: its topic. [`topic_id`] of it keys the output's memory in user states,
+    /// so renaming an output starts its memory afresh.
+    pub name: String,
+    /// When it publishes.
+    pub policy: EmitPolicy,
+    /// Whether purchase events are left out: they are neither published nor change the memory.
+    pub exclude_purchases: bool,
+    /// The schema its intents are written in.
+    pub schema: IntentSchema,
+}
+
+impl PolicyOutput {
+    /// The key of this output's memory in user states.
+    pub fn id(&self) -> u32 {
+        topic_id(&self.name)
+    }
+}
+
+/// One intent an output publishes: the scored event, the output, and its place under the
+/// output's policy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Published {
+    /// Index of the scored event in [`crate::BatchOutput::scored`].
+    pub scored: usize,
+    /// The output, as its index among the operator's outputs.
+    pub output: usize,
+    /// Its level and the previously published score.
+    pub emission: Emission,
 }
 
 /// A policy that cannot work.
@@ -44,16 +86,6 @@ pub struct InvalidPolicy {
     pub reason: &'static str,
 }
 
-/// What an output remembers of one user between events.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct EmitMemory {
-    /// The score it last published for the user, if any.
-    pub last_published: Option<f32>,
-    /// The user's level under the policy: inside (1) or outside (0) for a threshold, the
-    /// segment for segments; 0 otherwise.
-    pub level: u8,
-}
-
 /// A published intent's place under its policy.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Emission {
@@ -64,8 +96,24 @@ pub struct Emission {
 }
 
 impl EmitPolicy {
-    /// Checks the parameters: probabilities in [0, 1], `leave <= enter`, at most 255 ascending
-    /// cut-offs.
+    /// Whether the policy needs a memory of the user (all but [`EmitPolicy::Every`], whose
+    /// intents carry no previous score).
+    pub fn remembers(&self) -> bool {
+        !matches!(self, EmitPolicy::Every)
+    }
+
+    /// The policy's name in configurations: `every`, `delta`, `threshold`, `segments`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EmitPolicy::Every => "every",
+            EmitPolicy::Delta { .. } => "delta",
+            EmitPolicy::Threshold { .. } => "threshold",
+            EmitPolicy::Segments { .. } => "segments",
+        }
+    }
+
+    /// Checks the parameters: probabilities in [0, 1], `leave <= enter`, at most 254 ascending
+    /// cut-offs with a distinct name for each segment.
     ///
     /// # Errors
     ///
@@ -78,9 +126,13 @@ impl EmitPolicy {
             EmitPolicy::Delta { min_change } if !(*min_change > 0.0 && *min_change <= 1.0) => bad("min_change must be in (0, 1]"),
             EmitPolicy::Threshold { enter, leave } if !probability(*enter) || !probability(*leave) => bad("enter and leave must be in [0, 1]"),
             EmitPolicy::Threshold { enter, leave } if leave > enter => bad("leave must not exceed enter"),
-            EmitPolicy::Segments { cuts } if cuts.is_empty() || cuts.len() > 255 => bad("1 to 255 cut-offs"),
-            EmitPolicy::Segments { cuts } if !cuts.iter().all(|&c| probability(c)) || !cuts.windows(2).all(|w| w[0] < w[1]) => {
+            EmitPolicy::Segments { cuts, .. } if cuts.is_empty() || cuts.len() > 254 => bad("1 to 254 cut-offs"),
+            EmitPolicy::Segments { cuts, .. } if !cuts.iter().all(|&c| probability(c)) || !cuts.windows(2).all(|w| w[0] < w[1]) => {
                 bad("cut-offs must be strictly ascending probabilities")
+            }
+            EmitPolicy::Segments { cuts, names } if names.len() != cuts.len() + 1 => bad("one segment name more than cut-offs"),
+            EmitPolicy::Segments { names, .. } if names.iter().enumerate().any(|(i, n)| n.is_empty() || names[..i].contains(n)) => {
+                bad("segment names must be distinct and not empty")
             }
             _ => Ok(()),
         }
@@ -105,7 +157,7 @@ impl EmitPolicy {
                     _ => return None,
                 }
             }
-            EmitPolicy::Segments { cuts } => {
+            EmitPolicy::Segments { cuts, .. } => {
                 let segment = cuts.iter().filter(|&&c| c <= score).count() as u8;
                 if memory.last_published.is_some() && segment == memory.level {
                     return None;
@@ -127,6 +179,10 @@ mod tests {
     fn published(policy: &EmitPolicy, scores: &[f32]) -> Vec<(f32, u8)> {
         let mut memory = EmitMemory::default();
         scores.iter().filter_map(|&s| policy.decide(&mut memory, s).map(|e| (s, e.level))).collect()
+    }
+
+    fn segments(cuts: &[f32]) -> EmitPolicy {
+        EmitPolicy::Segments { cuts: cuts.to_vec(), names: (0..=cuts.len()).map(|i| format!("s{i}")).collect() }
     }
 
     const SCORES: [f32; 9] = [0.10, 0.12, 0.30, 0.55, 0.62, 0.58, 0.64, 0.45, 0.70];
@@ -155,7 +211,7 @@ mod tests {
 
     #[test]
     fn segments_publish_the_first_score_and_each_change() {
-        let got = published(&EmitPolicy::Segments { cuts: vec![0.2, 0.6] }, &SCORES);
+        let got = published(&segments(&[0.2, 0.6]), &SCORES);
         assert_eq!(got, [(0.10, 0), (0.30, 1), (0.62, 2), (0.58, 1), (0.64, 2), (0.45, 1), (0.70, 2)]);
     }
 
@@ -175,12 +231,14 @@ mod tests {
             EmitPolicy::Delta { min_change: 0.0 },
             EmitPolicy::Threshold { enter: 0.5, leave: 0.6 },
             EmitPolicy::Threshold { enter: 1.5, leave: 0.6 },
-            EmitPolicy::Segments { cuts: vec![] },
-            EmitPolicy::Segments { cuts: vec![0.6, 0.2] },
+            segments(&[]),
+            segments(&[0.6, 0.2]),
+            EmitPolicy::Segments { cuts: vec![0.5], names: vec!["cold".into()] },
+            EmitPolicy::Segments { cuts: vec![0.5], names: vec!["hot".into(), "hot".into()] },
         ] {
             assert!(p.validate().is_err(), "{p:?}");
         }
-        for p in [EmitPolicy::Every, EmitPolicy::Delta { min_change: 0.05 }, EmitPolicy::Threshold { enter: 0.6, leave: 0.5 }, EmitPolicy::Segments { cuts: vec![0.2, 0.6] }] {
+        for p in [EmitPolicy::Every, EmitPolicy::Delta { min_change: 0.05 }, EmitPolicy::Threshold { enter: 0.6, leave: 0.5 }, segments(&[0.2, 0.6])] {
             assert_eq!(p.validate(), Ok(()), "{p:?}");
         }
     }

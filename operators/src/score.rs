@@ -1,8 +1,9 @@
 //! The scoring operator: per-user state in, batched GRU steps, scored intents and states out.
 
+use crate::emit::{Emission, EmitPolicy, InvalidPolicy, PolicyOutput, Published};
 use crate::OperatorError;
 use intentflow_model::{Features, IntentModel, Reasons};
-use intentflow_schemas::{format_ts_ms, write_ts_ms, Event, ScoredIntent, SourcePosition, INTENT_SCHEMA_VERSION};
+use intentflow_schemas::{format_ts_ms, write_ts_ms, Crossing, Event, EventType, IntentDetail, IntentSchema, Placement, ScoredIntent, SourcePosition, HORIZON_SESSION};
 use intentflow_state::changelog::ModelPolicy;
 use intentflow_state::{topic_id, Loaded, StateError, StateRead, UserState};
 use crate::resident::{Resident, ResidentBatch};
@@ -32,6 +33,10 @@ pub struct Scored {
     pub session_seq: u32,
     /// Events in the session, this one included.
     pub session_events: u32,
+    /// Items added to the cart in the session, after the event.
+    pub cart_count: u32,
+    /// Their value.
+    pub cart_value: f64,
     /// The shop's session id, as an index into the batch's session ids.
     session_id: Option<u32>,
     /// The signals that raised the score most, when the operator gives reasons
@@ -52,6 +57,8 @@ pub struct BatchOutput {
     emitted_at: Option<String>,
     /// The model that scored the batch.
     model_version: String,
+    /// The model's decision threshold, if it has one (schema v2's `decision`).
+    threshold: Option<f64>,
     /// Events in the batch's input: the slice `intent` and `encode_intent` must be given.
     inputs: usize,
     /// The final state of every user the batch touched, keyed by (partition, user id).
@@ -79,6 +86,9 @@ pub struct BatchOutput {
     pub deferred: Vec<usize>,
     /// What the resident slab did, when the operator has one.
     pub resident: Option<ResidentBatch>,
+    /// The intents the operator's policy outputs publish ([`IntentOperator::with_outputs`]),
+    /// by scored event, then output: each user's in event order.
+    pub published: Vec<Published>,
 }
 
 impl BatchOutput {
@@ -87,45 +97,111 @@ impl BatchOutput {
         scored.session_id.map(|i| self.session_ids[i as usize].as_str())
     }
 
-    /// The intent of a scored event; `events` must be the slice the batch was processed from.
+    /// The intent (schema v1) of a scored event; `events` must be the slice the batch was
+    /// processed from.
     pub fn intent(&self, events: &[PositionedEvent], scored: &Scored) -> ScoredIntent {
+        self.intent_as(events, scored, IntentSchema::V1)
+    }
+
+    /// The intent of a scored event in `schema`; `events` is the batch's input.
+    pub fn intent_as(&self, events: &[PositionedEvent], scored: &Scored, schema: IntentSchema) -> ScoredIntent {
         debug_assert_eq!(events.len(), self.inputs, "intents are built from the batch's own input");
         let pe = &events[scored.input];
         let event_ts = format_ts_ms(pe.event.ts);
+        let ev = &pe.event;
+        let text = |t: &Option<intentflow_schemas::Text>| t.as_deref().map(str::to_string);
+        let detail = match schema {
+            IntentSchema::V1 => IntentDetail::default(),
+            IntentSchema::V2 => IntentDetail {
+                item_id: text(&ev.item_id),
+                category: text(&ev.category),
+                category_id: text(&ev.category_id),
+                brand: text(&ev.brand),
+                price: ev.price,
+                cart_count: Some(scored.cart_count),
+                cart_value: Some(scored.cart_value),
+                decision: self.threshold.map(|t| f64::from(scored.score) >= t),
+                threshold: self.threshold,
+                horizon: Some(HORIZON_SESSION.to_string()),
+            },
+        };
         ScoredIntent {
-            v: INTENT_SCHEMA_VERSION,
-            user_id: pe.event.user_id.to_string(),
+            v: schema.number(),
+            user_id: ev.user_id.to_string(),
             score: scored.score,
             emitted_at: self.emitted_at.clone().unwrap_or_else(|| event_ts.clone()),
             event_ts,
-            event_type: pe.event.kind,
-            event_id: pe.event.event_id.as_deref().map(str::to_string),
+            event_type: ev.kind,
+            event_id: text(&ev.event_id),
             session_id: self.session_id(scored).map(str::to_string),
             session_seq: scored.session_seq,
             session_events: scored.session_events,
             model_version: self.model_version.clone(),
             source: pe.source.clone(),
             reasons: scored.reasons.names().map(str::to_string).collect(),
+            detail,
+            placement: Placement::default(),
         }
     }
 
-    /// Every intent of the batch, in input order; `events` is the batch's input.
+    /// The intent `published` names, as `output` publishes it: the scored event's intent in
+    /// the output's schema with the previous published score, the crossing or the segment.
+    /// `events` is the batch's input.
+    pub fn published_intent(&self, events: &[PositionedEvent], published: &Published, output: &PolicyOutput) -> ScoredIntent {
+        let (previous_score, crossing, segment) = placement(published.emission, &output.policy);
+        let placement = Placement { previous_score, crossing, segment: segment.map(str::to_string) };
+        ScoredIntent { placement, ..self.intent_as(events, &self.scored[published.scored], output.schema) }
+    }
+
+    /// Every intent of the batch (schema v1), in input order; `events` is the batch's input.
     pub fn intents<'a>(&'a self, events: &'a [PositionedEvent]) -> impl Iterator<Item = ScoredIntent> + 'a {
-        self.scored.iter().map(move |s| self.intent(events, s))
+        self.intents_as(events, IntentSchema::V1)
+    }
+
+    /// Every intent of the batch in `schema`, in input order; `events` is the batch's input.
+    pub fn intents_as<'a>(&'a self, events: &'a [PositionedEvent], schema: IntentSchema) -> impl Iterator<Item = ScoredIntent> + 'a {
+        self.scored.iter().map(move |s| self.intent_as(events, s, schema))
     }
 
     /// Appends a scored event's intent to `out` as the JSON object [`crate::encode::encode_intent`]
     /// writes for [`BatchOutput::intent`] — the same bytes — without building the intent.
     pub fn encode_intent(&self, events: &[PositionedEvent], scored: &Scored, out: &mut Vec<u8>) {
-        // Strings and numbers go through serde_json's own writers (its escaping, its number
-        // formats), into the buffer: nothing is allocated.
-        fn json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
-            serde_json::to_writer(&mut *out, value).expect("strings and numbers serialise");
+        self.encode_intent_as(events, scored, IntentSchema::V1, out);
+    }
+
+    /// [`BatchOutput::encode_intent`] in `schema`: the bytes of [`BatchOutput::intent_as`]'s
+    /// serde encoding.
+    pub fn encode_intent_as(&self, events: &[PositionedEvent], scored: &Scored, schema: IntentSchema, out: &mut Vec<u8>) {
+        self.write_intent_fields(events, scored, schema, out);
+        out.push(b'}');
+    }
+
+    /// Appends the intent `published` names as `output` publishes it: the bytes of
+    /// [`BatchOutput::published_intent`]'s serde encoding, without building it.
+    pub fn encode_published(&self, events: &[PositionedEvent], published: &Published, output: &PolicyOutput, out: &mut Vec<u8>) {
+        self.write_intent_fields(events, &self.scored[published.scored], output.schema, out);
+        let (previous_score, crossing, segment) = placement(published.emission, &output.policy);
+        if let Some(previous) = previous_score {
+            out.extend_from_slice(b",\"previous_score\":");
+            json(out, &previous);
         }
+        if let Some(crossing) = crossing {
+            out.extend_from_slice(b",\"crossing\":");
+            json(out, &crossing);
+        }
+        if let Some(segment) = segment {
+            out.extend_from_slice(b",\"segment\":");
+            json(out, segment);
+        }
+        out.push(b'}');
+    }
+
+    /// The intent's JSON object in `schema` up to its closing brace.
+    fn write_intent_fields(&self, events: &[PositionedEvent], scored: &Scored, schema: IntentSchema, out: &mut Vec<u8>) {
         debug_assert_eq!(events.len(), self.inputs, "intents are built from the batch's own input");
         let (pe, ev) = (&events[scored.input], &events[scored.input].event);
         out.extend_from_slice(b"{\"v\":");
-        json(out, &INTENT_SCHEMA_VERSION);
+        json(out, &schema.number());
         out.extend_from_slice(b",\"user_id\":");
         json(out, ev.user_id.as_str());
         out.extend_from_slice(b",\"score\":");
@@ -169,7 +245,52 @@ impl BatchOutput {
             }
             out.push(b']');
         }
-        out.push(b'}');
+        if schema == IntentSchema::V2 {
+            self.write_detail(ev, scored, out);
+        }
+    }
+
+    /// v2's fields, in [`IntentDetail`]'s order.
+    fn write_detail(&self, ev: &Event, scored: &Scored, out: &mut Vec<u8>) {
+        for (name, value) in [(&b",\"item_id\":"[..], &ev.item_id), (b",\"category\":", &ev.category), (b",\"category_id\":", &ev.category_id), (b",\"brand\":", &ev.brand)] {
+            if let Some(v) = value {
+                out.extend_from_slice(name);
+                json(out, v.as_str());
+            }
+        }
+        if let Some(price) = ev.price {
+            out.extend_from_slice(b",\"price\":");
+            json(out, &price);
+        }
+        out.extend_from_slice(b",\"cart_count\":");
+        json(out, &scored.cart_count);
+        out.extend_from_slice(b",\"cart_value\":");
+        json(out, &scored.cart_value);
+        if let Some(threshold) = self.threshold {
+            out.extend_from_slice(b",\"decision\":");
+            json(out, &(f64::from(scored.score) >= threshold));
+            out.extend_from_slice(b",\"threshold\":");
+            json(out, &threshold);
+        }
+        out.extend_from_slice(b",\"horizon\":");
+        json(out, HORIZON_SESSION);
+    }
+}
+
+/// Appends a string or number to `out` through serde_json's own writers (its escaping, its
+/// number formats): nothing is allocated.
+fn json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    serde_json::to_writer(&mut *out, value).expect("strings and numbers serialise");
+}
+
+/// What a published intent adds to the scored event's: the previous published score, the
+/// crossing (threshold outputs) and the segment (segment outputs).
+fn placement(emission: Emission, policy: &EmitPolicy) -> (Option<f32>, Option<Crossing>, Option<&str>) {
+    match policy {
+        EmitPolicy::Every => (None, None, None),
+        EmitPolicy::Delta { .. } => (emission.previous, None, None),
+        EmitPolicy::Threshold { .. } => (emission.previous, Some(if emission.level == 1 { Crossing::Up } else { Crossing::Down }), None),
+        EmitPolicy::Segments { names, .. } => (emission.previous, None, names.get(usize::from(emission.level)).map(String::as_str)),
     }
 }
 
@@ -216,13 +337,16 @@ pub struct IntentOperator {
     resident: Option<Mutex<Resident>>,
     /// Most waves per batch, if capped.
     wave_cap: Option<NonZeroUsize>,
+    /// Outputs with an emit policy, and the keys of their memories in user states.
+    outputs: Vec<PolicyOutput>,
+    output_ids: Vec<u32>,
 }
 
 impl IntentOperator {
     /// Wraps a loaded model; states of another model are refused. Every wave is stepped with
     /// the stateless [`IntentModel::step`] until [`IntentOperator::with_resident_slots`].
     pub fn new(model: IntentModel) -> IntentOperator {
-        IntentOperator { model, policy: ModelPolicy::Refuse, fencing: true, reasons: false, resident: None, wave_cap: None }
+        IntentOperator { model, policy: ModelPolicy::Refuse, fencing: true, reasons: false, resident: None, wave_cap: None, outputs: Vec::new(), output_ids: Vec::new() }
     }
 
     /// Keeps up to `slots` users' hidden states resident where the model steps (least recently
@@ -295,6 +419,34 @@ impl IntentOperator {
         self
     }
 
+    /// Decides for each of `outputs` which scores it publishes ([`BatchOutput::published`]),
+    /// keeping what each remembers of a user in the user's state; memories of outputs not
+    /// among `outputs` are dropped from the states the operator writes.
+    ///
+    /// # Errors
+    ///
+    /// A policy that cannot work, two outputs with one name, more than 255 outputs.
+    pub fn with_outputs(mut self, outputs: Vec<PolicyOutput>) -> Result<IntentOperator, InvalidPolicy> {
+        let refuse = |policy: String, reason| Err(InvalidPolicy { policy, reason });
+        if outputs.len() > usize::from(u8::MAX) {
+            return refuse(format!("{} outputs", outputs.len()), "at most 255 outputs");
+        }
+        for (i, o) in outputs.iter().enumerate() {
+            o.policy.validate()?;
+            if outputs[..i].iter().any(|p| p.id() == o.id()) {
+                return refuse(o.name.clone(), "two outputs with one name (or names of one hash)");
+            }
+        }
+        self.output_ids = outputs.iter().map(PolicyOutput::id).collect();
+        self.outputs = outputs;
+        Ok(self)
+    }
+
+    /// The outputs with an emit policy, in the order [`Published::output`] indexes.
+    pub fn outputs(&self) -> &[PolicyOutput] {
+        &self.outputs
+    }
+
     /// What to do with a stored state built by another model.
     pub fn with_model_policy(mut self, policy: ModelPolicy) -> IntentOperator {
         self.policy = policy;
@@ -350,8 +502,9 @@ impl IntentOperator {
                     ModelPolicy::Reset => {
                         foreign_states += 1;
                         // The fences stay: events the old state applied are not applied again
-                        // (a restart reads them again behind events a wave cap deferred).
-                        UserState { fences: state.fences, ..UserState::default() }
+                        // (a restart reads them again behind events a wave cap deferred). So do
+                        // the outputs' memories: what they published is a fact of their topics.
+                        UserState { fences: state.fences, outputs: state.outputs, ..UserState::default() }
                     }
                 },
                 Loaded::Invalid { bytes, error } => {
@@ -380,6 +533,7 @@ impl IntentOperator {
             }
             slot.state.model_version.clear();
             slot.state.model_version.push_str(version);
+            slot.state.outputs.retain(|m| self.output_ids.contains(&m.output));
         }
 
         let emitted_at = match stamp {
@@ -409,6 +563,8 @@ impl IntentOperator {
         let mut wave_slots: Vec<usize> = Vec::with_capacity(slots.len());
         let mut scores: Vec<f32> = Vec::with_capacity(slots.len());
         let mut step_seconds: Vec<f64> = Vec::with_capacity(max_len);
+        // (input, output, emission), turned into `Published` once the scored events are final.
+        let mut published: Vec<(usize, usize, Emission)> = Vec::new();
         for wave in 0..max_len {
             features.clear();
             hidden.clear();
@@ -463,7 +619,17 @@ impl IntentOperator {
                     }
                 };
                 let reasons = if self.reasons { self.model.reasons(&features[k]) } else { Reasons::default() };
-                scored[input] = Some(Scored { input, score: scores[k], session_seq: session.session_seq, session_events: session.events, session_id, reasons });
+                scored[input] = Some(Scored {
+                    input,
+                    score: scores[k],
+                    session_seq: session.session_seq,
+                    session_events: session.events,
+                    cart_count: session.cart_count,
+                    cart_value: session.cart_value,
+                    session_id,
+                    reasons,
+                });
+                self.decide_outputs(&mut slot.state, input, events[input].event.kind, scores[k], &mut published);
             }
         }
         // The batch's new vectors come back once, to be written with its states.
@@ -474,6 +640,20 @@ impl IntentOperator {
             }
         }
         drop(resident);
+        // Each user's inputs rise, and so do its waves: sorted by input (stably, so outputs keep
+        // their order), the published intents keep every user's event order.
+        published.sort_by_key(|&(input, _, _)| input);
+        let scored: Vec<Scored> = scored.into_iter().flatten().collect();
+        let mut at = 0;
+        let published = published
+            .into_iter()
+            .map(|(input, output, emission)| {
+                while scored[at].input < input {
+                    at += 1;
+                }
+                Published { scored: at, output, emission }
+            })
+            .collect();
         if self.fencing {
             for slot in &mut slots {
                 // Inputs are in offset order per topic: the last of each topic moves its fence.
@@ -485,10 +665,12 @@ impl IntentOperator {
         }
         Ok(BatchOutput {
             // Fenced events have no intent.
-            scored: scored.into_iter().flatten().collect(),
+            scored,
+            published,
             session_ids,
             emitted_at,
             model_version: version.to_string(),
+            threshold: self.model.meta().threshold,
             inputs: events.len(),
             resident: resident_report,
             states: slots.into_iter().filter(|s| !s.inputs.is_empty()).map(|s| (s.partition, s.user, s.state)).collect(),
@@ -503,6 +685,27 @@ impl IntentOperator {
                 deferred
             },
         })
+    }
+}
+
+impl IntentOperator {
+    /// Decides for each policy output whether the score of the event at `input` is published,
+    /// with the memory the output keeps in `state`.
+    fn decide_outputs(&self, state: &mut UserState, input: usize, kind: EventType, score: f32, published: &mut Vec<(usize, usize, Emission)>) {
+        for (o, (output, &id)) in self.outputs.iter().zip(&self.output_ids).enumerate() {
+            if output.exclude_purchases && kind == EventType::Purchase {
+                continue;
+            }
+            let emission = if output.policy.remembers() {
+                let mut memory = state.output_memory(id);
+                let Some(emission) = output.policy.decide(&mut memory, score) else { continue };
+                state.remember(id, memory);
+                emission
+            } else {
+                Emission { level: 0, previous: None }
+            };
+            published.push((input, o, emission));
+        }
     }
 }
 
@@ -570,6 +773,96 @@ mod tests {
 
     fn positioned(events: &[Event], topic: &str) -> Vec<PositionedEvent> {
         events.iter().enumerate().map(|(i, e)| PositionedEvent { source: SourcePosition { topic: topic.into(), partition: 0, offset: i as i64 }, event: e.clone() }).collect()
+    }
+
+    /// Policy outputs publish, over any batch cuts and with a wave cap, what each policy decides
+    /// on each user's scores in order (purchases left out where asked), their memories survive
+    /// in the stored states, and the published intents are the serde encoding of built ones.
+    #[test]
+    fn policy_outputs_publish_each_users_decisions_whatever_the_batches() {
+        use crate::emit::{EmitMemory, EmitPolicy, PolicyOutput};
+        let events = generated(200, 4_000);
+        let positioned = spread(&events, 3);
+        let outputs = vec![
+            PolicyOutput { name: "alerts".into(), policy: EmitPolicy::Threshold { enter: 0.3, leave: 0.2 }, exclude_purchases: true, schema: IntentSchema::V1 },
+            PolicyOutput { name: "moves".into(), policy: EmitPolicy::Delta { min_change: 0.05 }, exclude_purchases: false, schema: IntentSchema::V2 },
+            PolicyOutput {
+                name: "segments".into(),
+                policy: EmitPolicy::Segments { cuts: vec![0.1, 0.3], names: vec!["cold".into(), "warm".into(), "hot".into()] },
+                exclude_purchases: false,
+                schema: IntentSchema::V1,
+            },
+            PolicyOutput { name: "no-purchases".into(), policy: EmitPolicy::Every, exclude_purchases: true, schema: IntentSchema::V2 },
+        ];
+        let op = IntentOperator::new(model()).with_outputs(outputs.clone()).unwrap().with_wave_cap(NonZeroUsize::new(3));
+        // Per (output, user): the published scores and what the records say about them.
+        type Streamed = BTreeMap<(usize, String), Vec<(f32, Option<f32>, Option<Crossing>, Option<String>)>>;
+        let run = |cuts: &mut dyn FnMut() -> usize| -> (Streamed, BTreeMap<String, Vec<f32>>, StateStore, tempfile::TempDir) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+            let (mut published, mut scores) = (Streamed::new(), BTreeMap::<String, Vec<f32>>::new());
+            let (mut pending, mut next) = (Vec::<PositionedEvent>::new(), 0);
+            while next < positioned.len() || !pending.is_empty() {
+                let end = (next + cuts()).min(positioned.len());
+                pending.extend_from_slice(&positioned[next..end]);
+                next = end;
+                let batch = std::mem::take(&mut pending);
+                let out = op.process(&batch, &store, EmittedAt::EventTime).unwrap();
+                for s in &out.scored {
+                    scores.entry(batch[s.input].event.user_id.to_string()).or_default().push(s.score);
+                }
+                let mut buf = Vec::new();
+                for p in &out.published {
+                    let intent = out.published_intent(&batch, p, &outputs[p.output]);
+                    buf.clear();
+                    out.encode_published(&batch, p, &outputs[p.output], &mut buf);
+                    assert_eq!(buf, serde_json::to_vec(&intent).unwrap());
+                    assert_eq!(intent.v, outputs[p.output].schema.number());
+                    let pl = intent.placement;
+                    published.entry((p.output, intent.user_id.clone())).or_default().push((intent.score, pl.previous_score, pl.crossing, pl.segment));
+                }
+                store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
+                pending = out.deferred.iter().map(|&i| batch[i].clone()).collect();
+            }
+            (published, scores, store, dir)
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let (published, scores, store, _dir) = run(&mut || rng.random_range(1..500));
+        let (whole, _, _, _dir2) = run(&mut || positioned.len());
+        assert_eq!(published, whole, "the same intents whatever the batch cuts");
+
+        // Each policy's own decisions on each user's scores in order.
+        let states: BTreeMap<String, UserState> = store.users().unwrap().into_iter().map(|(_, u, s)| (u, s)).collect();
+        let mut expected = Streamed::new();
+        let mut counts = vec![0; outputs.len()];
+        for (user, user_scores) in &scores {
+            let kinds: Vec<EventType> = events.iter().filter(|e| e.user_id.as_str() == user).map(|e| e.kind).collect();
+            for (o, output) in outputs.iter().enumerate() {
+                let mut memory = EmitMemory::default();
+                for (&score, &kind) in user_scores.iter().zip(&kinds) {
+                    if output.exclude_purchases && kind == EventType::Purchase {
+                        continue;
+                    }
+                    if let Some(e) = output.policy.decide(&mut memory, score) {
+                        let (previous, crossing, segment) = placement(e, &output.policy);
+                        expected.entry((o, user.clone())).or_default().push((score, previous, crossing, segment.map(str::to_string)));
+                        counts[o] += 1;
+                    }
+                }
+                let stored = states[user].output_memory(output.id());
+                assert_eq!(stored, if output.policy.remembers() { memory } else { EmitMemory::default() }, "{user}: {}", output.name);
+            }
+        }
+        assert_eq!(published, expected);
+        // Every policy took part: alerts are rarer than moves, and every-but-purchases is every
+        // event but the purchases.
+        let purchases = events.iter().filter(|e| e.kind == EventType::Purchase).count();
+        assert!(counts[0] > 0 && counts[0] < counts[1] && counts[2] > 0, "{counts:?}");
+        assert_eq!(counts[3], events.len() - purchases);
+        // An operator without these outputs forgets their memories of the users it touches.
+        let later = PositionedEvent { source: SourcePosition { offset: positioned.len() as i64, ..positioned[0].source.clone() }, event: positioned[0].event.clone() };
+        let out = IntentOperator::new(model()).process(std::slice::from_ref(&later), &store, EmittedAt::EventTime).unwrap();
+        assert!(!states[later.event.user_id.as_str()].outputs.is_empty() && out.states[0].2.outputs.is_empty() && out.published.is_empty());
     }
 
     /// Streaming in waves over arbitrary batch cuts reproduces offline per-user scoring.
@@ -950,6 +1243,19 @@ mod tests {
                 straight.clear();
                 out.encode_intent(&events, scored, &mut straight);
                 assert_eq!(String::from_utf8(straight.clone()).unwrap(), String::from_utf8(crate::encode::encode_intent(&built)).unwrap());
+            }
+            // Schema v2 with the event's product, the session's cart and the model's decision.
+            for (scored, built) in out.scored.iter().zip(out.intents_as(&events, IntentSchema::V2)) {
+                straight.clear();
+                out.encode_intent_as(&events, scored, IntentSchema::V2, &mut straight);
+                assert_eq!(String::from_utf8(straight.clone()).unwrap(), String::from_utf8(crate::encode::encode_intent(&built)).unwrap());
+                let ev = &events[scored.input].event;
+                let d = &built.detail;
+                assert_eq!((built.v, d.item_id.as_deref(), d.category.as_deref(), d.brand.as_deref(), d.price), (2, ev.item_id.as_deref(), ev.category.as_deref(), ev.brand.as_deref(), ev.price));
+                assert_eq!((d.cart_count, d.cart_value, d.horizon.as_deref()), (Some(scored.cart_count), Some(scored.cart_value), Some("session")));
+                let threshold = model.meta().threshold.expect("a trained model has a threshold");
+                assert_eq!((d.decision, d.threshold), (Some(f64::from(scored.score) >= threshold), Some(threshold)));
+                assert_eq!(serde_json::from_slice::<ScoredIntent>(&straight).unwrap(), built, "v2 reads back");
             }
         }
     }

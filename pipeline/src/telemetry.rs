@@ -73,6 +73,7 @@ fn describe() {
     describe_counter!("intentflow_records_in_total", "Input records consumed.");
     describe_counter!("intentflow_records_skipped_total", "Records the state already reflected (the partition's stored offset or the user's fence): not applied again.");
     describe_counter!("intentflow_intents_out_total", "Intents produced and acknowledged (counted when their commit succeeds).");
+    describe_counter!("intentflow_output_intents_total", "Intents an [[output]] published under its emit policy, by output (its topic); counted when their commit succeeds.");
     describe_counter!("intentflow_records_invalid_total", "Input records rejected and dead-lettered, by error_type.");
     describe_counter!("intentflow_state_resets_total", "Stored states restarted from zero, by reason (hidden_size, foreign_model).");
     describe_counter!("intentflow_state_records_invalid_total", "State records that did not decode and were quarantined, by source (store, changelog).");
@@ -402,6 +403,8 @@ pub struct BatchStats {
     pub skipped: u64,
     /// Intents produced.
     pub intents: u64,
+    /// Intents each `[[output]]` published, by output index.
+    pub published: Vec<u64>,
     /// Rejections by [`DecodeError::kind`].
     pub invalid: HashMap<&'static str, u64>,
     /// Users whose hidden vector was restarted because it did not fit the model.
@@ -426,6 +429,10 @@ impl BatchStats {
         self.records += other.records;
         self.skipped += other.skipped;
         self.intents += other.intents;
+        if self.published.len() < other.published.len() {
+            self.published.resize(other.published.len(), 0);
+        }
+        self.published.iter_mut().zip(&other.published).for_each(|(a, b)| *a += b);
         for (kind, n) in &other.invalid {
             *self.invalid.entry(kind).or_default() += n;
         }
@@ -440,6 +447,8 @@ pub struct BatchMetrics {
     records_in: Counter,
     skipped: Counter,
     intents_out: Counter,
+    /// `intentflow_output_intents_total` of each `[[output]]`, by output index.
+    published: Vec<Counter>,
     invalid: HashMap<&'static str, Counter>,
     state_resets: Counter,
     foreign_states: Counter,
@@ -468,6 +477,7 @@ impl Default for BatchMetrics {
             records_in: metrics::counter!("intentflow_records_in_total"),
             skipped: metrics::counter!("intentflow_records_skipped_total"),
             intents_out: metrics::counter!("intentflow_intents_out_total"),
+            published: Vec::new(),
             invalid: DecodeError::KINDS
                 .iter()
                 .map(|k| (*k, metrics::counter!("intentflow_records_invalid_total", "error_type" => *k)))
@@ -514,6 +524,20 @@ pub fn state_records_invalid(source: &'static str) -> Counter {
 }
 
 impl BatchMetrics {
+    /// These metrics with a counter of published intents for each of `outputs` (their topics),
+    /// registered at zero.
+    pub fn with_outputs<'o>(mut self, outputs: impl IntoIterator<Item = &'o str>) -> BatchMetrics {
+        self.published = outputs
+            .into_iter()
+            .map(|topic| {
+                let c = metrics::counter!("intentflow_output_intents_total", "output" => topic.to_string());
+                c.absolute(0);
+                c
+            })
+            .collect();
+        self
+    }
+
     /// Records a committed unit (a transaction under exactly-once): its batches, how long it
     /// stayed open from its first batch to the end of its commit, and how long the commit took.
     pub fn unit_committed(&self, batches: u64, open_seconds: f64, commit_seconds: f64) {
@@ -566,6 +590,7 @@ impl BatchMetrics {
     pub fn emit_committed(&self, stats: &BatchStats, health: &Health) {
         self.skipped.increment(stats.skipped);
         self.intents_out.increment(stats.intents);
+        self.published.iter().zip(&stats.published).for_each(|(c, n)| c.increment(*n));
         let mut invalid = 0;
         for (kind, n) in &stats.invalid {
             invalid += n;

@@ -17,7 +17,7 @@ mod session;
 
 pub use decode::{Cell, EventDecoder, FieldSource};
 pub use event::{DecodeError, Event, EventType, Limits, Text};
-pub use intent::{ScoredIntent, SourcePosition, INTENT_SCHEMA_VERSION};
+pub use intent::{Crossing, IntentDetail, IntentSchema, Placement, ScoredIntent, SourcePosition, HORIZON_SESSION, INTENT_SCHEMA_VERSION};
 pub use session::{item_key, DistinctSketch, SessionConfig, SessionCounts, SessionState, SessionStep, UserHistory};
 
 /// Formats epoch milliseconds as RFC 3339 UTC with millisecond precision, e.g.

@@ -45,7 +45,17 @@
 //! u32 items sketch | u32 categories sketch
 //! ```
 //!
-//! Older versions still decode, with explicit migrations: versions 3 and 4 are read with an
+//! Versions 7 and 8 are versions 5 and 6 (the history block always written) followed by what
+//! the operator's policy outputs remember of the user ([`OutputMemory`]), written only when some
+//! output does:
+//!
+//! ```text
+//! u8 k, k × (u32 output id, u8 flags: bit 0 = a score was published, [f32 last published] (only if bit 0), u8 level)
+//! ```
+//!
+//! Older versions still decode, with explicit migrations: versions 3 to 6 are read with no
+//! output memory (each policy output starts as if it had published nothing for the user, so
+//! its next score is judged as a first one); versions 3 and 4 are read with an
 //! empty history and empty session counts (the user's earlier purchases and carts, and the
 //! current session's counts, are unknown and count from the next event on; sessions before are
 //! still `session_seq`); version 2 is version 3 without fences
@@ -60,10 +70,13 @@ use crate::StateError;
 use intentflow_schemas::{DistinctSketch, SessionCounts, SessionState, UserHistory};
 
 /// Newest encoding version. The first byte of an encoded state is 4 for f16 states, else 3,
-/// plus 2 when the user has a history or session counts (5, 6).
-pub const STATE_ENCODING_VERSION: u8 = 6;
+/// plus 2 when the user has a history or session counts (5, 6), plus 4 when policy outputs
+/// remember the user (7, 8).
+pub const STATE_ENCODING_VERSION: u8 = 8;
 /// What the history block adds to the version byte.
 const WITH_HISTORY: u8 = 2;
+/// What the history and output blocks add to the version byte.
+const WITH_OUTPUTS: u8 = 4;
 /// Oldest version [`UserState::decode`] still reads.
 const OLDEST_READABLE_VERSION: u8 = 1;
 /// First bytes above this are not taken for a future version but for garbage.
@@ -83,6 +96,29 @@ pub struct UserState {
     /// state. An event below its topic's fence is already in the state and is not applied again,
     /// whatever the partition's recorded offset says (see `docs/state.md`).
     pub fences: Vec<Fence>,
+    /// What each policy output (an `[[output]]` whose policy is not `every`) remembers of the
+    /// user: the score it last published and the level it is at. Kept with the state so a
+    /// policy decides the same live, after a crash and in a replay.
+    pub outputs: Vec<OutputMemory>,
+}
+
+/// What an output remembers of one user between events.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct EmitMemory {
+    /// The score it last published for the user, if any.
+    pub last_published: Option<f32>,
+    /// The user's level under the output's policy: inside (1) or outside (0) for a threshold,
+    /// the segment for segments; 0 otherwise.
+    pub level: u8,
+}
+
+/// One output's [`EmitMemory`] of a user.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutputMemory {
+    /// The output, as [`topic_id`] of its topic.
+    pub output: u32,
+    /// What it remembers.
+    pub memory: EmitMemory,
 }
 
 /// How far a state has applied one input topic: events at offsets below `next` are in it.
@@ -108,6 +144,20 @@ impl UserState {
     /// Whether the event at `offset` of topic `topic` (a [`topic_id`]) is already applied.
     pub fn has_applied(&self, topic: u32, offset: i64) -> bool {
         self.fences.iter().any(|f| f.topic == topic && offset < f.next)
+    }
+
+    /// What output `output` (a [`topic_id`]) remembers of this user; nothing published yet if
+    /// it has no memory.
+    pub fn output_memory(&self, output: u32) -> EmitMemory {
+        self.outputs.iter().find(|m| m.output == output).map_or_else(EmitMemory::default, |m| m.memory)
+    }
+
+    /// Sets what output `output` remembers of this user.
+    pub fn remember(&mut self, output: u32, memory: EmitMemory) {
+        match self.outputs.iter_mut().find(|m| m.output == output) {
+            Some(m) => m.memory = memory,
+            None => self.outputs.push(OutputMemory { output, memory }),
+        }
     }
 
     /// Records that the event at `offset` of `topic` has been applied.
@@ -173,16 +223,31 @@ impl<'a> Reader<'a> {
     fn f32(&mut self) -> Result<f32, StateError> {
         Ok(f32::from_le_bytes(self.array()?))
     }
-    /// The end of every version: `session` completed with the history block when
-    /// `with_history` (versions 5 and 6), and no bytes after it.
-    fn finish(mut self, mut session: SessionState, with_history: bool) -> Result<SessionState, StateError> {
-        if with_history {
+    /// The end of every version: `session` completed with the history block when the version
+    /// has one (5 to 8), the output block (7 and 8), and no bytes after them.
+    fn finish(mut self, mut session: SessionState, version: u8) -> Result<(SessionState, Vec<OutputMemory>), StateError> {
+        if version >= 3 + WITH_HISTORY {
             (session.history, session.counts) = self.history()?;
         }
+        let outputs = if version >= 3 + WITH_OUTPUTS { self.outputs()? } else { Vec::new() };
         if !self.bytes.is_empty() {
             return Err(StateError::Corrupt(format!("{} trailing bytes", self.bytes.len())));
         }
-        Ok(session)
+        Ok((session, outputs))
+    }
+
+    /// The output block of versions 7 and 8.
+    fn outputs(&mut self) -> Result<Vec<OutputMemory>, StateError> {
+        let [k] = self.array()?;
+        let mut outputs = Vec::with_capacity(usize::from(k));
+        for _ in 0..k {
+            let output = self.u32()?;
+            let [flags] = self.array()?;
+            let last_published = if flags & 1 != 0 { Some(self.f32()?) } else { None };
+            let [level] = self.array()?;
+            outputs.push(OutputMemory { output, memory: EmitMemory { last_published, level } });
+        }
+        Ok(outputs)
     }
 
     /// The history block of versions 5 and 6.
@@ -223,11 +288,33 @@ fn put_zigzag(out: &mut Vec<u8>, v: i64) {
     put_varint(out, ((v << 1) ^ (v >> 63)) as u64);
 }
 
-/// Appends the history block of versions 5 and 6 and returns what it adds to the version byte
-/// (nothing for an empty history and empty counts, which are not written).
-fn put_history(out: &mut Vec<u8>, s: &SessionState) -> u8 {
+/// Appends the history block of versions 5 to 8 and the output block of 7 and 8, and returns
+/// what they add to the version byte (nothing for an empty history, empty counts and no output
+/// memory, which are not written).
+fn put_tail(out: &mut Vec<u8>, state: &UserState) -> u8 {
+    let added = put_history(out, &state.session, !state.outputs.is_empty());
+    if state.outputs.is_empty() {
+        return added;
+    }
+    // Outputs of one operator are few; more than 255 cannot be kept and are dropped.
+    let outputs = &state.outputs[..state.outputs.len().min(u8::MAX as usize)];
+    out.push(outputs.len() as u8);
+    for m in outputs {
+        out.extend_from_slice(&m.output.to_le_bytes());
+        out.push(u8::from(m.memory.last_published.is_some()));
+        if let Some(score) = m.memory.last_published {
+            out.extend_from_slice(&score.to_le_bytes());
+        }
+        out.push(m.memory.level);
+    }
+    WITH_OUTPUTS
+}
+
+/// Appends the history block; an empty one only when `always`. Returns what it adds to the
+/// version byte.
+fn put_history(out: &mut Vec<u8>, s: &SessionState, always: bool) -> u8 {
     let (h, c) = (&s.history, &s.counts);
-    if *h == UserHistory::default() && *c == SessionCounts::default() {
+    if !always && *h == UserHistory::default() && *c == SessionCounts::default() {
         return 0;
     }
     put_varint(out, u64::from(h.purchases));
@@ -261,7 +348,7 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 
 impl UserState {
     /// Encodes this state: version 4 when the hidden vector goes in f16, else the same bytes as
-    /// version 3; 6 and 5 when the user has a history.
+    /// version 3; 6 and 5 when the user has a history; 8 and 7 when outputs remember the user.
     pub fn encode(&self) -> Vec<u8> {
         if let Some(compact) = self.encode_compact() {
             return compact;
@@ -296,7 +383,7 @@ impl UserState {
             out.extend_from_slice(&f.topic.to_le_bytes());
             out.extend_from_slice(&f.next.to_le_bytes());
         }
-        out[0] += put_history(&mut out, s);
+        out[0] += put_tail(&mut out, self);
         out
     }
 
@@ -350,12 +437,12 @@ impl UserState {
             out.extend_from_slice(&f.topic.to_le_bytes());
             put_zigzag(&mut out, f.next);
         }
-        out[0] += put_history(&mut out, s);
+        out[0] += put_tail(&mut out, self);
         Some(out)
     }
 
-    /// Reads version 4 (or 6, `with_history`) after its version byte.
-    fn decode_compact(mut r: Reader<'_>, with_history: bool) -> Result<UserState, StateError> {
+    /// Reads version 4, 6 or 8 after its version byte.
+    fn decode_compact(mut r: Reader<'_>, version: u8) -> Result<UserState, StateError> {
         let [flags] = r.array()?;
         if flags & 8 == 0 {
             return Err(StateError::Corrupt("a version-4 state without its f16 flag".into()));
@@ -390,7 +477,8 @@ impl UserState {
             last_item,
             ..SessionState::default()
         };
-        Ok(UserState { session: r.finish(session, with_history)?, hidden, model_version, fences })
+        let (session, outputs) = r.finish(session, version)?;
+        Ok(UserState { session, hidden, model_version, fences, outputs })
     }
 
     /// Decodes bytes written by [`UserState::encode`] of this or an older version.
@@ -408,9 +496,9 @@ impl UserState {
         if !(OLDEST_READABLE_VERSION..=STATE_ENCODING_VERSION).contains(&version) {
             return Err(StateError::Corrupt(format!("first byte {version:#04x} is no state encoding version")));
         }
-        let with_history = version >= 5;
-        if version == 4 || version == 6 {
-            return UserState::decode_compact(r, with_history);
+        // Versions 4, 6 and 8 are the compact layout (2 is an old fixed-width one).
+        if version >= 4 && version % 2 == 0 {
+            return UserState::decode_compact(r, version);
         }
         let [flags] = r.array()?;
         let session_seq = r.u32()?;
@@ -445,7 +533,8 @@ impl UserState {
             last_item,
             ..SessionState::default()
         };
-        Ok(UserState { session: r.finish(session, with_history)?, hidden, model_version, fences })
+        let (session, outputs) = r.finish(session, version)?;
+        Ok(UserState { session, hidden, model_version, fences, outputs })
     }
 }
 
@@ -464,6 +553,7 @@ mod tests {
             hidden in proptest::collection::vec(-1.0f32..1.0, 0..128),
             fences in proptest::collection::vec((any::<u32>(), any::<i64>()), 0..4),
             in_f16 in any::<bool>(),
+            outputs in proptest::collection::vec((any::<u32>(), proptest::option::of(0.0f32..1.0), any::<u8>()), 0..3),
             history in proptest::option::of((any::<u32>(), any::<u32>(), any::<i64>())),
             counts in proptest::option::of((proptest::collection::vec(0u32..1000, 5), proptest::collection::vec(0.0f32..1e6, 3), any::<u32>(), any::<u32>())),
         ) {
@@ -483,11 +573,14 @@ mod tests {
                 hidden,
                 model_version: version,
                 fences: fences.into_iter().map(|(topic, next)| Fence { topic, next }).collect(),
+                outputs: outputs.into_iter().map(|(output, last_published, level)| OutputMemory { output, memory: EmitMemory { last_published, level } }).collect(),
             };
             let bytes = state.encode();
-            // The compact version 4 exactly when f16 keeps every value's bits; 2 more with a history.
+            // The compact version 4 exactly when f16 keeps every value's bits; 2 more with a
+            // history, 4 more with output memory (which writes the history block too).
             let with_history = state.session.history != UserHistory::default() || state.session.counts != SessionCounts::default();
-            prop_assert_eq!(bytes[0], if exact { 4 } else { 3 } + if with_history { 2 } else { 0 });
+            let added = if !state.outputs.is_empty() { 4 } else if with_history { 2 } else { 0 };
+            prop_assert_eq!(bytes[0], if exact { 4 } else { 3 } + added);
             prop_assert_eq!(UserState::decode(&bytes).unwrap(), state);
         }
 
@@ -559,6 +652,34 @@ mod tests {
     }
 
     #[test]
+    fn output_memory_adds_its_block_and_older_versions_read_without_one() {
+        let mut state = UserState { hidden: vec![0.5, -0.25], model_version: "gru-x".into(), ..Default::default() };
+        let v4 = state.encode();
+        let alerts = topic_id("alerts");
+        assert_eq!(state.output_memory(alerts), EmitMemory::default(), "nothing published yet");
+        state.remember(alerts, EmitMemory { last_published: Some(0.625), level: 1 });
+        state.remember(topic_id("segments"), EmitMemory { last_published: None, level: 0 });
+        let v8 = state.encode();
+        // The empty history block (3 + 5 + 8 bytes), then 1 + (4 + 1 + 4 + 1) + (4 + 1 + 1).
+        assert_eq!((v4[0], v8[0], v8.len() - v4.len()), (4, 8, 16 + 1 + 10 + 6));
+        assert_eq!(&v8[1..v4.len()], &v4[1..]);
+        let read = UserState::decode(&v8).unwrap();
+        assert_eq!(read, state);
+        assert_eq!(read.output_memory(alerts), EmitMemory { last_published: Some(0.625), level: 1 });
+        state.remember(alerts, EmitMemory { last_published: Some(0.25), level: 0 });
+        assert_eq!(state.outputs.len(), 2, "remembering again replaces");
+        // In f32 (version 7), with a history.
+        state.hidden = vec![0.1, 0.2];
+        state.session.history = UserHistory { purchases: 1, carts: 2, previous_gap_ms: 60_000 };
+        let v7 = state.encode();
+        assert_eq!(v7[0], 7);
+        assert_eq!(UserState::decode(&v7).unwrap(), state);
+        assert!(matches!(UserState::decode(&v7[..v7.len() - 1]), Err(StateError::Corrupt(_))), "a cut output block is corrupt");
+        // Written before outputs had memory: read with none.
+        assert_eq!(UserState::decode(&UserState { outputs: vec![], ..state.clone() }.encode()).unwrap().outputs, []);
+    }
+
+    #[test]
     fn fences_say_what_is_applied_per_topic() {
         let mut s = UserState::default();
         let (a, b) = (topic_id("views"), topic_id("carts"));
@@ -623,7 +744,7 @@ mod tests {
         assert!(matches!(UserState::decode(&bytes[..bytes.len() - 1]), Err(StateError::Corrupt(_))));
         bytes[0] = 9;
         let err = UserState::decode(&bytes).unwrap_err();
-        assert!(matches!(err, StateError::UnsupportedVersion { found: 9, supported: 6 }));
-        assert!(err.to_string().contains("version 9") && err.to_string().contains("1..=6"), "{err}");
+        assert!(matches!(err, StateError::UnsupportedVersion { found: 9, supported: 8 }));
+        assert!(err.to_string().contains("version 9") && err.to_string().contains("1..=8"), "{err}");
     }
 }

@@ -25,7 +25,7 @@ mod hot;
 mod staged;
 mod store;
 
-pub use encoding::{topic_id, Fence, UserState, STATE_ENCODING_VERSION};
+pub use encoding::{topic_id, EmitMemory, Fence, OutputMemory, UserState, STATE_ENCODING_VERSION};
 pub use intentflow_schemas::{SessionState, UserHistory};
 pub use staged::{StateRead, Staged, StagedView};
 pub use store::{Loaded, RawUser, StateStore, StoreOptions, StoreStats};

@@ -10,6 +10,15 @@
 //! 2019-10-01T02:27:05.000Z  user 555463090  intent 0.63 (crossed 0.50) after add_to_cart, event 2 of the session  why: cart_added  [lstm-2618e5c3cd89]
 //! ```
 //!
+//! Given the operator's own alerts topic instead (an `[[output]]` with `policy = "threshold"`),
+//! whose records carry the operator's decision (`"crossing":"up"` or `"down"`, kept exactly-once
+//! in the user state), it prints each `up` crossing as it is, with the score before it, and
+//! ignores `--min-score` (`--include-exits` prints the `down` ones too):
+//!
+//! ```text
+//! 2019-10-01T02:27:05.000Z  user 555463090  intent 0.63 (up from 0.41) after add_to_cart, event 2 of the session  [lstm-2618e5c3cd89]
+//! ```
+//!
 //! It decodes only the fields it uses; the others (and fields a later schema version adds) are
 //! ignored. A record that does not decode is reported on stderr with its topic, partition and
 //! offset, and skipped.
@@ -49,6 +58,9 @@ struct Args {
     /// Also print crossings scored on a purchase event (by default only those before one).
     #[arg(long)]
     include_purchases: bool,
+    /// On an alerts topic (records with `crossing`): also print the `down` crossings.
+    #[arg(long)]
+    include_exits: bool,
     /// Exit after this many seconds without a record (0: run until stopped).
     #[arg(long, default_value_t = 0)]
     idle_seconds: u64,
@@ -66,6 +78,12 @@ struct Intent {
     model_version: String,
     #[serde(default)]
     reasons: Vec<String>,
+    /// `up` or `down` on an operator's threshold output; absent on the every-event output.
+    #[serde(default)]
+    crossing: Option<String>,
+    /// On a policy output: the score it published before this one.
+    #[serde(default)]
+    previous_score: Option<f32>,
 }
 
 /// Whether `score` is an upward crossing of `min`, given the shopper's previous score.
@@ -73,13 +91,15 @@ fn crossed(previous: Option<f32>, score: f32, min: f32) -> bool {
     score >= min && previous.is_none_or(|p| p < min)
 }
 
-/// The line printed for a crossing.
+/// The line printed for a crossing: of `min`, or as the operator decided it.
 fn line(i: &Intent, min: f32) -> String {
     let why = if i.reasons.is_empty() { String::new() } else { format!("  why: {}", i.reasons.join(", ")) };
-    format!(
-        "{}  user {}  intent {:.2} (crossed {min:.2}) after {}, event {} of the session{why}  [{}]",
-        i.event_ts, i.user_id, i.score, i.event_type, i.session_events, i.model_version
-    )
+    let how = match (&i.crossing, i.previous_score) {
+        (Some(direction), Some(previous)) => format!("{direction} from {previous:.2}"),
+        (Some(direction), None) => format!("{direction}, first score"),
+        (None, _) => format!("crossed {min:.2}"),
+    };
+    format!("{}  user {}  intent {:.2} ({how}) after {}, event {} of the session{why}  [{}]", i.event_ts, i.user_id, i.score, i.event_type, i.session_events, i.model_version)
 }
 
 fn main() -> Result<()> {
@@ -105,9 +125,13 @@ fn main() -> Result<()> {
         let m = message.context("consuming")?;
         match serde_json::from_slice::<Intent>(m.payload().unwrap_or_default()) {
             Ok(intent) => {
-                let previous = last.insert(intent.user_id.clone(), intent.score);
                 let actionable = args.include_purchases || intent.event_type != "purchase";
-                if actionable && crossed(previous, intent.score, args.min_score) {
+                let hit = match intent.crossing.as_deref() {
+                    // The operator's threshold output decided already.
+                    Some(direction) => direction == "up" || args.include_exits,
+                    None => crossed(last.insert(intent.user_id.clone(), intent.score), intent.score, args.min_score),
+                };
+                if actionable && hit {
                     println!("{}", line(&intent, args.min_score));
                 }
             }
@@ -135,6 +159,13 @@ mod tests {
             .collect();
         assert_eq!(printed, [0.6, 0.55]);
         assert!(crossed(None, 0.9, 0.5), "a shopper first seen above the threshold");
+    }
+
+    #[test]
+    fn the_operators_crossings_print_as_decided() {
+        let raw = br#"{"v":1,"user_id":"u1","score":0.63,"event_ts":"2019-10-01T02:27:05.000Z","event_type":"add_to_cart","session_events":2,"model_version":"gru-1","previous_score":0.41,"crossing":"up"}"#;
+        let i: Intent = serde_json::from_slice(raw).unwrap();
+        assert_eq!(line(&i, 0.9), "2019-10-01T02:27:05.000Z  user u1  intent 0.63 (up from 0.41) after add_to_cart, event 2 of the session  [gru-1]");
     }
 
     #[test]

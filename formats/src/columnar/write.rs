@@ -190,6 +190,9 @@ pub fn read_intents(path: &Path) -> Result<Vec<ScoredIntent>, ColumnarError> {
                 source: intentflow_schemas::SourcePosition { topic: topic.value(row).into(), partition: partition.value(row), offset: offset.value(row) },
                 emitted_at: intentflow_schemas::format_ts_ms(emitted_at.value(row)),
                 reasons: reasons.as_ref().and_then(|r| optional(r, row)).map_or_else(Vec::new, |r| r.split(',').map(str::to_string).collect()),
+                // Intent files hold v1's columns of the every-event output.
+                detail: Default::default(),
+                placement: Default::default(),
             });
         }
     }

@@ -266,6 +266,8 @@ mod tests {
             source: SourcePosition { topic: "t".into(), partition: 0, offset: 0 },
             emitted_at: String::new(),
             reasons: Vec::new(),
+            detail: Default::default(),
+            placement: Default::default(),
         }
     }
 

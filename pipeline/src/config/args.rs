@@ -28,6 +28,10 @@ pub struct RunArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_topic: Option<String>,
+    /// Schema of the output topic's intents: 1 or 2 (docs/schemas.md) [default: 1].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=2))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_schema: Option<u32>,
     /// Dead-letter topic of rejected records [default: intentflow-dlq].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

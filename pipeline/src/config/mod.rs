@@ -8,11 +8,14 @@
 
 mod args;
 pub mod layers;
+mod outputs;
 
 pub use args::{KafkaArgs, RunArgs};
+pub use outputs::{OutputConfig, PolicyKind};
 pub use layers::Environment;
 
 use intentflow_model::DeviceKind;
+use intentflow_schemas::IntentSchema;
 
 /// Users whose hidden states a GPU operator keeps resident by default: 160 MiB of device memory
 /// for the default model's 40 hidden units.
@@ -32,6 +35,9 @@ pub struct RunConfig {
     pub input_topics: Vec<String>,
     /// Output topic of scored intents.
     pub output_topic: String,
+    /// Schema of the output topic's intents: 1, or 2 with the event's product, the session's
+    /// cart, the decision at the model's threshold and the label horizon (`docs/schemas.md`).
+    pub output_schema: IntentSchema,
     /// Dead-letter topic: every record that cannot be decoded or validated goes here with its
     /// original bytes and headers naming the reason and the source position.
     pub dlq_topic: String,
@@ -102,6 +108,10 @@ pub struct RunConfig {
     /// timestamp order across its topics (ties: topic order, then offset), the order a replay
     /// uses.
     pub max_task_idle_ms: u64,
+    /// Outputs beside `output_topic`, each a topic with its own emit policy (`[[output]]` in
+    /// the file; not settable from the environment or flags).
+    #[serde(rename = "output")]
+    pub outputs: Vec<OutputConfig>,
     /// librdkafka properties: `common` for every client (security), then `consumer` / `producer`.
     pub kafka: KafkaOverrides,
 }
@@ -140,6 +150,7 @@ impl Default for RunConfig {
             brokers: "127.0.0.1:9092".into(),
             input_topics: vec!["events".into()],
             output_topic: "intents".into(),
+            output_schema: IntentSchema::V1,
             dlq_topic: "intentflow-dlq".into(),
             group: "intentflow".into(),
             state_dir: PathBuf::from("./intentflow-state"),
@@ -164,6 +175,7 @@ impl Default for RunConfig {
             liveness_timeout_ms: 60_000,
             max_record_bytes: 64 * 1024,
             max_task_idle_ms: 1_000,
+            outputs: Vec::new(),
             kafka: KafkaOverrides::default(),
         }
     }
@@ -308,7 +320,30 @@ impl RunConfig {
             return bad(format!("max_task_idle_ms = {} exceeds 10 minutes", self.max_task_idle_ms));
         }
         self.metrics_socket()?;
+        self.policy_outputs()?;
+        let mut taken: Vec<&str> = self.input_topics.iter().map(String::as_str).chain([self.output_topic.as_str(), &self.dlq_topic, &changelog]).collect();
+        for o in &self.outputs {
+            if o.topic.trim().is_empty() {
+                return bad("an [[output]] without a topic".into());
+            }
+            if taken.contains(&o.topic.as_str()) {
+                return bad(format!("[[output]] topic `{}` is already an input, output, dead-letter, changelog or other [[output]] topic", o.topic));
+            }
+            taken.push(&o.topic);
+        }
         Ok(())
+    }
+
+    /// The `[[output]]`s as the operator takes them.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] naming the output and what is wrong with its policy.
+    pub fn policy_outputs(&self) -> Result<Vec<intentflow_operators::emit::PolicyOutput>, ConfigError> {
+        if self.outputs.len() > 32 {
+            return Err(ConfigError::Invalid(format!("{} [[output]]s: at most 32", self.outputs.len())));
+        }
+        self.outputs.iter().map(OutputConfig::policy_output).collect()
     }
 
     /// The Kafka clients of this configuration.
@@ -495,7 +530,7 @@ mod tests {
             assert_eq!(cells[3], format!("`{shown}`"), "{key}'s default");
             seen.push(key.to_string());
         }
-        let mut keys: Vec<String> = defaults.keys().filter(|k| *k != "kafka").cloned().collect();
+        let mut keys: Vec<String> = defaults.keys().filter(|k| !["kafka", "output"].contains(&k.as_str())).cloned().collect();
         keys.sort();
         seen.sort();
         assert_eq!(seen, keys, "every key documented once");
@@ -517,6 +552,27 @@ mod tests {
         assert_eq!(cfg.group, "g2");
         assert_eq!(cfg.output_topic, "intents");
         assert_eq!(cfg.kafka.consumer["fetch.max.bytes"], "1048576");
+    }
+
+    #[test]
+    fn outputs_come_from_the_file_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "output_topic = \"scores\"\n[[output]]\ntopic = \"alerts\"\npolicy = \"threshold\"\nenter = 0.6\nleave = 0.5\nexclude_purchases = true\n\n[[output]]\ntopic = \"segments\"\npolicy = \"segments\"\ncuts = [0.2, 0.6]\n";
+        let cfg = resolve(&RunArgs { config: Some(write(&dir, text)), ..Default::default() }).unwrap();
+        let outputs = cfg.policy_outputs().unwrap();
+        assert_eq!(outputs.iter().map(|o| (o.name.as_str(), o.policy.kind(), o.exclude_purchases)).collect::<Vec<_>>(), [("alerts", "threshold", true), ("segments", "segments", false)]);
+        // What `intentflow config` prints reads back as the same configuration.
+        let printed = cfg.to_redacted_toml();
+        assert!(printed.contains("[[output]]"), "{printed}");
+        assert_eq!(resolve(&RunArgs { config: Some(write(&dir, &printed)), ..Default::default() }).unwrap(), cfg);
+        for (text, says) in [
+            ("[[output]]\ntopic = \"intents\"\npolicy = \"every\"\n", "`intents` is already"),
+            ("[[output]]\ntopic = \"a\"\npolicy = \"every\"\n[[output]]\ntopic = \"a\"\npolicy = \"delta\"\nmin_change = 0.1\n", "`a` is already"),
+            ("[[output]]\ntopic = \"a\"\npolicy = \"delta\"\n", "needs `min_change`"),
+        ] {
+            let err = resolve(&RunArgs { config: Some(write(&dir, text)), ..Default::default() }).unwrap_err().to_string();
+            assert!(err.contains(says), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -34,8 +34,9 @@ use crate::state_dir::{ReplaySource, ReplayStatus, StateDir};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use intentflow_model::{DeviceKind, IntentModel};
+use intentflow_operators::emit::PolicyOutput;
 use intentflow_operators::{EmittedAt, IntentOperator, PositionedEvent};
-use intentflow_schemas::{Limits, ScoredIntent};
+use intentflow_schemas::{IntentSchema, Limits, ScoredIntent};
 use intentflow_state::changelog::ModelPolicy;
 use intentflow_state::{StateStore, StoreOptions};
 use std::collections::BTreeMap;
@@ -148,6 +149,11 @@ pub struct ReplayJob {
     pub limits: Limits,
     /// Whether intents carry their reasons (the run's `reasons`).
     pub reasons: bool,
+    /// The run's `[[output]]`s: their memories are built into the states (so the live operator
+    /// goes on deciding from the history), their intents are not written.
+    pub outputs: Vec<PolicyOutput>,
+    /// The schema of the intents written (the run's `output_schema`).
+    pub schema: IntentSchema,
 }
 
 impl ReplayArgs {
@@ -192,6 +198,8 @@ impl ReplayArgs {
             device: self.device,
             limits: run.limits(),
             reasons: run.reasons,
+            outputs: run.policy_outputs()?,
+            schema: run.output_schema,
         })
     }
 }
@@ -231,6 +239,7 @@ pub async fn replay(job: &ReplayJob) -> Result<ReplaySummary> {
     let operator = IntentOperator::new(model)
         .with_fencing(source == ReplaySource::Topics)
         .with_reasons(job.reasons)
+        .with_outputs(job.outputs.clone())?
         .with_gpu_resident_slots(crate::config::DEFAULT_GPU_RESIDENT_USERS)?;
     let store = dir.open_store(StoreOptions::bulk())?;
     StateDir::adopt_model(&store, operator.model().version(), ModelPolicy::Refuse)?;
@@ -250,7 +259,7 @@ pub async fn replay(job: &ReplayJob) -> Result<ReplaySummary> {
         }
     };
     let mut summary = ReplaySummary::default();
-    let mut scorer = Scorer { operator: &operator, store: &store, summary: &mut summary, dir: &dir, source, writing: false };
+    let mut scorer = Scorer { operator: &operator, store: &store, summary: &mut summary, dir: &dir, source, schema: job.schema, writing: false };
     match &job.inputs {
         Inputs::Topics(topics) => topics::replay_topics(job, topics, &job.from, &job.to, &mut scorer, &mut output).await?,
         Inputs::Files(inputs) => {
@@ -277,6 +286,8 @@ pub struct Scorer<'a> {
     summary: &'a mut ReplaySummary,
     dir: &'a StateDir,
     source: ReplaySource,
+    /// The schema of the intents returned.
+    schema: IntentSchema,
     /// Whether states have been written (and the marker says `running`).
     writing: bool,
 }
@@ -298,7 +309,7 @@ impl Scorer<'_> {
         self.store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), next, [])?;
         self.summary.events += events.len() as u64;
         self.summary.outputs += out.scored.len() as u64;
-        Ok(out.intents(events).collect())
+        Ok(out.intents_as(events, self.schema).collect())
     }
 }
 
@@ -333,6 +344,8 @@ pub async fn bootstrap(cfg: &RunConfig) -> Result<()> {
         device: cfg.device,
         limits: cfg.limits(),
         reasons: cfg.reasons,
+        outputs: cfg.policy_outputs()?,
+        schema: cfg.output_schema,
     };
     let s = replay(&job).await?;
     tracing::info!(events = s.events, invalid = s.invalid, seconds = s.seconds, ranges = ?s.ranges, "bootstrap: states built from history");

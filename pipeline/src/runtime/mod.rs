@@ -223,7 +223,7 @@ impl<'s> BatchLoop<'s> {
             s,
             health,
             decoder: EventDecoder::new(s.cfg.limits()),
-            metrics: BatchMetrics::default(),
+            metrics: BatchMetrics::default().with_outputs(s.operator.outputs().iter().map(|o| o.name.as_str())),
             invalid_states: crate::telemetry::state_records_invalid("store"),
             applied: offsets::AppliedOffsets::default(),
             generation: 0,
@@ -543,6 +543,8 @@ impl<'s> BatchLoop<'s> {
 
         stats.skipped += out.already_applied as u64;
         stats.intents = out.scored.len() as u64;
+        stats.published = vec![0; s.operator.outputs().len()];
+        out.published.iter().for_each(|p| stats.published[p.output] += 1);
         stats.state_resets = out.reset_states as u64;
         stats.foreign_states = out.foreign_states as u64;
         stats.waves = out.waves as u64;

@@ -1,4 +1,5 @@
-//! Where a batch's results go: intents to the output topic, dead letters to the dead-letter
+//! Where a batch's results go: intents to the output topic and to the `[[output]]` topics whose
+//! policies publish them, dead letters to the dead-letter
 //! topic, users' states and input offsets to the changelog — under exactly-once in the Kafka
 //! transaction of the commit interval, with the consumer offsets.
 //!
@@ -12,6 +13,9 @@
 use super::watchdog::Watchdog;
 use crate::kafka::DeliveryWindow;
 use anyhow::{Context, Result};
+use super::startup::IntentHeaders;
+use intentflow_operators::emit::PolicyOutput;
+use intentflow_schemas::IntentSchema;
 use intentflow_operators::{BatchOutput, PositionedEvent, Rejected};
 use intentflow_state::changelog::{encode_offset, ChangelogKey};
 use intentflow_state::Staged;
@@ -35,6 +39,8 @@ pub struct BatchSink<'a> {
     pub producer: &'a FutureProducer,
     /// Output topic of intents.
     pub output_topic: &'a str,
+    /// The schema of its intents.
+    pub output_schema: IntentSchema,
     /// Dead-letter topic.
     pub dlq_topic: &'a str,
     /// Changelog topic.
@@ -43,8 +49,10 @@ pub struct BatchSink<'a> {
     pub watchdog: &'a Watchdog,
     /// Whether batches are transactions.
     pub exactly_once: bool,
-    /// Headers of every intent record (`output_headers`), or none.
-    pub intent_headers: Option<&'a OwnedHeaders>,
+    /// Headers of intent records (`output_headers`), or none.
+    pub intent_headers: Option<&'a IntentHeaders>,
+    /// The `[[output]]`s, in the order [`intentflow_operators::emit::Published::output`] indexes.
+    pub outputs: &'a [PolicyOutput],
 }
 
 /// One batch's results, ready to send.
@@ -62,7 +70,7 @@ pub struct BatchRecords<'b> {
 }
 
 impl BatchSink<'_> {
-    /// Enqueues a batch's intents and dead letters.
+    /// Enqueues a batch's intents (the output topic's, then the policy outputs'), and dead letters.
     ///
     /// # Errors
     ///
@@ -71,9 +79,16 @@ impl BatchSink<'_> {
         let mut buf = Vec::with_capacity(512);
         for scored in &batch.out.scored {
             buf.clear();
-            batch.out.encode_intent(batch.events, scored, &mut buf);
+            batch.out.encode_intent_as(batch.events, scored, self.output_schema, &mut buf);
             let key = batch.events[scored.input].event.user_id.as_bytes();
-            window.send_with_headers(self.output_topic, key, &buf, self.intent_headers.cloned()).await?;
+            window.send_with_headers(self.output_topic, key, &buf, self.headers(self.output_schema)).await?;
+        }
+        for published in &batch.out.published {
+            let output = &self.outputs[published.output];
+            buf.clear();
+            batch.out.encode_published(batch.events, published, output, &mut buf);
+            let key = batch.events[batch.out.scored[published.scored].input].event.user_id.as_bytes();
+            window.send_with_headers(&output.name, key, &buf, self.headers(output.schema)).await?;
         }
         for r in batch.rejected {
             let key = format!("{}/{}", r.source.topic, r.source.partition);
@@ -84,6 +99,11 @@ impl BatchSink<'_> {
             window.send_with_headers(self.dlq_topic, &q.key, &q.value, Some(q.headers())).await?;
         }
         Ok(())
+    }
+
+    /// The headers of an intent record in `schema`, if records carry them.
+    fn headers(&self, schema: IntentSchema) -> Option<OwnedHeaders> {
+        self.intent_headers.map(|h| h.of(schema).clone())
     }
 
     /// Enqueues `tombstones`, then the batch's users' states, to the changelog. Tombstones come

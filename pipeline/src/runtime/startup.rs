@@ -3,7 +3,8 @@
 //! 1. a bootstrap from history, if asked for (`--bootstrap-from`, a replay into the state
 //!    directory); a directory left by an unfinished replay is refused;
 //! 2. the model, and the state store with the model check ([`StateDir::adopt_model`]);
-//! 3. the output, dead-letter and changelog topics (one changelog partition per input partition);
+//! 3. the output (`output_topic` and each `[[output]]`), dead-letter and changelog topics (one
+//!    changelog partition per input partition);
 //! 4. the producer; under exactly-once `init_transactions` fences an earlier life of this
 //!    instance and aborts its open transaction before any changelog partition is restored;
 //! 5. the consumer, whose rebalance context restores assigned partitions in the background;
@@ -21,6 +22,7 @@ use crate::state_dir::StateDir;
 use crate::telemetry::Health;
 use anyhow::{bail, Context, Result};
 use intentflow_model::IntentModel;
+use intentflow_schemas::IntentSchema;
 use intentflow_operators::IntentOperator;
 use intentflow_state::changelog::ModelPolicy;
 use intentflow_state::{StateStore, StoreOptions};
@@ -47,8 +49,35 @@ pub struct Started {
     pub changelog: String,
     /// The subscribed consumer.
     pub consumer: StreamConsumer<RebalanceContext>,
-    /// The headers of every intent record (`output_headers`), or none.
-    pub intent_headers: Option<OwnedHeaders>,
+    /// The headers of intent records in each schema (`output_headers`), or none.
+    pub intent_headers: Option<IntentHeaders>,
+}
+
+/// The headers of intent records with `output_headers`: the schema and the model.
+pub struct IntentHeaders {
+    v1: OwnedHeaders,
+    v2: OwnedHeaders,
+}
+
+impl IntentHeaders {
+    /// The headers of records scored by `model_version`.
+    fn new(model_version: &str) -> IntentHeaders {
+        let of = |schema: IntentSchema| {
+            let schema = format!("intent/{}", schema.number());
+            OwnedHeaders::new()
+                .insert(Header { key: "intentflow.schema", value: Some(schema.as_str()) })
+                .insert(Header { key: "intentflow.model", value: Some(model_version) })
+        };
+        IntentHeaders { v1: of(IntentSchema::V1), v2: of(IntentSchema::V2) }
+    }
+
+    /// The headers of a record in `schema`.
+    pub fn of(&self, schema: IntentSchema) -> &OwnedHeaders {
+        match schema {
+            IntentSchema::V1 => &self.v1,
+            IntentSchema::V2 => &self.v2,
+        }
+    }
 }
 
 impl Started {
@@ -57,21 +86,15 @@ impl Started {
         BatchSink {
             producer: &self.producer,
             output_topic: &self.cfg.output_topic,
+            output_schema: self.cfg.output_schema,
             dlq_topic: &self.cfg.dlq_topic,
             changelog: &self.changelog,
             watchdog: &self.watchdog,
             exactly_once: self.cfg.processing_guarantee == ProcessingGuarantee::ExactlyOnce,
             intent_headers: self.intent_headers.as_ref(),
+            outputs: self.operator.outputs(),
         }
     }
-}
-
-/// The headers of every intent record with `output_headers`: the schema and the model.
-fn intent_headers(model_version: &str) -> OwnedHeaders {
-    let schema = format!("intent/{}", intentflow_schemas::INTENT_SCHEMA_VERSION);
-    OwnedHeaders::new()
-        .insert(Header { key: "intentflow.schema", value: Some(schema.as_str()) })
-        .insert(Header { key: "intentflow.model", value: Some(model_version) })
 }
 
 /// Opens everything, hands over a replayed state if there is one, and subscribes. Also returns
@@ -89,14 +112,18 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
     let model = IntentModel::load(&cfg.model_dir, &device)?;
     tracing::info!(version = model.version(), hidden = model.hidden_dim(), device = ?cfg.device, "model loaded");
     let policy = ModelPolicy::from_reset_flag(cfg.reset_state_on_model_change);
-    let operator = IntentOperator::new(model).with_model_policy(policy).with_reasons(cfg.reasons).with_wave_cap(std::num::NonZeroUsize::new(cfg.max_waves_per_batch)).with_gpu_resident_slots(cfg.gpu_resident_users)?;
+    let operator = IntentOperator::new(model).with_model_policy(policy).with_reasons(cfg.reasons).with_wave_cap(std::num::NonZeroUsize::new(cfg.max_waves_per_batch))
+        .with_outputs(cfg.policy_outputs()?)?
+        .with_gpu_resident_slots(cfg.gpu_resident_users)?;
     let store = Arc::new(dir.open_store(StoreOptions::with_cache_budget(cfg.state_cache_mib << 20))?);
     StateDir::adopt_model(&store, operator.model().version(), policy)?;
 
     let clients = cfg.clients();
     let changelog = cfg.changelog();
     let input_partitions = admin::input_partition_count(&clients, &cfg.input_topics)?;
-    admin::ensure_topic(&clients, &cfg.output_topic, input_partitions).await?;
+    for topic in std::iter::once(&cfg.output_topic).chain(cfg.outputs.iter().map(|o| &o.topic)) {
+        admin::ensure_topic(&clients, topic, input_partitions).await?;
+    }
     admin::ensure_topic(&clients, &cfg.dlq_topic, input_partitions).await?;
     let changelog_partitions = admin::ensure_topic_with(&clients, &changelog, input_partitions, &[("cleanup.policy", "compact")]).await?;
     if changelog_partitions < input_partitions {
@@ -125,7 +152,7 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
         .context("creating the Kafka consumer")?;
     // Beyond the retries of a transaction call plus a margin.
     let watchdog = Watchdog::start(RETRY_FOR + Duration::from_secs(30));
-    let intent_headers = cfg.output_headers.then(|| intent_headers(operator.model().version()));
+    let intent_headers = cfg.output_headers.then(|| IntentHeaders::new(operator.model().version()));
     let started = Started { cfg, operator, store, producer, watchdog, changelog, consumer, intent_headers };
 
     if dir.replay_status()?.is_some() {
@@ -136,7 +163,7 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
     started.consumer.subscribe(&topics)?;
     let cfg = &started.cfg;
     tracing::info!(
-        topics = ?cfg.input_topics, group = %cfg.group, output = %cfg.output_topic, changelog = %started.changelog,
+        topics = ?cfg.input_topics, group = %cfg.group, output = %cfg.output_topic, policy_outputs = ?cfg.outputs.iter().map(|o| &o.topic).collect::<Vec<_>>(), changelog = %started.changelog,
         guarantee = ?cfg.processing_guarantee, exactly_once, "subscribed"
     );
     Ok((started, restores))
