@@ -629,6 +629,7 @@ impl IntentOperator {
                     session_id,
                     reasons,
                 });
+                slot.state.last_score = Some(scores[k]);
                 self.decide_outputs(&mut slot.state, input, events[input].event.kind, scores[k], &mut published);
             }
         }

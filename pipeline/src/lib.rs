@@ -16,7 +16,8 @@
 //! * [`external_sort`] — event files larger than memory in time order (replays) or user order
 //!   (training).
 //! * [`telemetry`] — Prometheus metrics, the probes and the HTTP endpoints; [`live`] — what the
-//!   status page shows.
+//!   status page shows; [`query`] — per-user queries, answered locally or redirected to the
+//!   partition's owner.
 
 pub mod commands;
 pub mod config;
@@ -26,6 +27,7 @@ pub mod kafka;
 pub mod live;
 pub mod offsets;
 pub mod output;
+pub mod query;
 pub mod replay;
 pub mod runtime;
 pub mod state_dir;

@@ -169,6 +169,8 @@ pub struct Health {
     liveness_timeout_ms: AtomicU64,
     /// What the status page shows.
     pub live: crate::live::Live,
+    /// What answers per-user queries, once the operator has opened its state.
+    pub query: OnceLock<crate::query::Query>,
 }
 
 /// Milliseconds on a monotonic clock (since its first use, plus one, so never 0): a wall-clock
@@ -292,6 +294,11 @@ impl Health {
         self.follow_partitions(&p);
     }
 
+    /// The assigned partitions, each with its restore progress (`None` once it processes).
+    pub fn partition_progress(&self) -> BTreeMap<i32, Option<u64>> {
+        self.partitions.lock().expect("health lock").clone()
+    }
+
     /// A new assignment: every partition in it starts restoring.
     pub fn assigned(&self, partitions: &[i32]) {
         let mut p = self.partitions.lock().expect("health lock");
@@ -364,8 +371,9 @@ fn restoring(partitions: &BTreeMap<i32, Option<u64>>) -> BTreeMap<i32, u64> {
 /// The status page: one self-contained file that polls `status.json`.
 const STATUS_PAGE: &str = include_str!("../assets/status.html");
 
-/// Serves the status page (`/`, `/status.json`), `/metrics`, `/health`, `/livez` and `/readyz`
-/// on `addr` until the task is dropped, and runs the exporter's upkeep every [`UPKEEP`].
+/// Serves the status page (`/`, `/status.json`), `/metrics`, `/health`, `/livez`, `/readyz` and
+/// the per-user query (`/v1/users/{id}/intent`, [`crate::query`]) on `addr` until the task is
+/// dropped, and runs the exporter's upkeep every [`UPKEEP`].
 ///
 /// # Errors
 ///
@@ -379,18 +387,29 @@ pub async fn serve(addr: SocketAddr, prometheus: PrometheusHandle, health: Arc<H
             upkeep.run_upkeep();
         }
     });
-    let (live, ready, status) = (health.clone(), health.clone(), health.clone());
+    let (live, ready, status, query) = (health.clone(), health.clone(), health.clone(), health.clone());
     let app = Router::new()
         .route("/", get(|| std::future::ready(axum::response::Html(STATUS_PAGE))))
         .route("/status.json", get(move || std::future::ready(Json(status.live.status(&status)))))
         .route("/metrics", get(move || std::future::ready(prometheus.render())))
         .route("/health", get(move || std::future::ready(Json(health.report()))))
         .route("/livez", get(move || std::future::ready(live.liveness().answer())))
-        .route("/readyz", get(move || std::future::ready(ready.readiness().answer())));
+        .route("/readyz", get(move || std::future::ready(ready.readiness().answer())))
+        .route("/v1/users/{id}/intent", get(move |axum::extract::Path(id): axum::extract::Path<String>| user_intent(query.clone(), id)));
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving the status page (/), /status.json, /metrics, /health, /livez and /readyz");
+    tracing::info!(%addr, "serving the status page (/), /status.json, /metrics, /health, /livez, /readyz and /v1/users/{{id}}/intent");
     axum::serve(listener, app).await?;
     Ok(())
+}
+
+/// The answer to `GET /v1/users/{id}/intent` (blocking reads, off the async workers).
+async fn user_intent(health: Arc<Health>, user: String) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let answer = tokio::task::spawn_blocking(move || match health.query.get() {
+        Some(query) => query.answer(&health, &user),
+        None => (axum::http::StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": "starting: the state is not open yet", "user_id": user}))).into_response(),
+    });
+    answer.await.unwrap_or_else(|e| (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response())
 }
 
 /// What one batch did, for [`BatchMetrics::emit`].

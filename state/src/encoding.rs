@@ -45,11 +45,12 @@
 //! u32 items sketch | u32 categories sketch
 //! ```
 //!
-//! Versions 7 and 8 are versions 5 and 6 (the history block always written) followed by what
-//! the operator's policy outputs remember of the user ([`OutputMemory`]), written only when some
-//! output does:
+//! Versions 7 and 8 are versions 5 and 6 (the history block always written) followed by the
+//! user's latest score and what the operator's policy outputs remember of the user
+//! ([`OutputMemory`]), written when either is there (every user the operator has scored):
 //!
 //! ```text
+//! u8 flags: bit 0 = latest score present | [f32 latest score]
 //! u8 k, k × (u32 output id, u8 flags: bit 0 = a score was published, [f32 last published] (only if bit 0), u8 level)
 //! ```
 //!
@@ -100,6 +101,8 @@ pub struct UserState {
     /// user: the score it last published and the level it is at. Kept with the state so a
     /// policy decides the same live, after a crash and in a replay.
     pub outputs: Vec<OutputMemory>,
+    /// The score of the user's latest applied event (what `/v1/users/{id}/intent` answers).
+    pub last_score: Option<f32>,
 }
 
 /// What an output remembers of one user between events.
@@ -225,19 +228,21 @@ impl<'a> Reader<'a> {
     }
     /// The end of every version: `session` completed with the history block when the version
     /// has one (5 to 8), the output block (7 and 8), and no bytes after them.
-    fn finish(mut self, mut session: SessionState, version: u8) -> Result<(SessionState, Vec<OutputMemory>), StateError> {
+    fn finish(mut self, mut session: SessionState, version: u8) -> Result<(SessionState, Option<f32>, Vec<OutputMemory>), StateError> {
         if version >= 3 + WITH_HISTORY {
             (session.history, session.counts) = self.history()?;
         }
-        let outputs = if version >= 3 + WITH_OUTPUTS { self.outputs()? } else { Vec::new() };
+        let (last_score, outputs) = if version >= 3 + WITH_OUTPUTS { self.outputs()? } else { (None, Vec::new()) };
         if !self.bytes.is_empty() {
             return Err(StateError::Corrupt(format!("{} trailing bytes", self.bytes.len())));
         }
-        Ok((session, outputs))
+        Ok((session, last_score, outputs))
     }
 
-    /// The output block of versions 7 and 8.
-    fn outputs(&mut self) -> Result<Vec<OutputMemory>, StateError> {
+    /// The latest score and output block of versions 7 and 8.
+    fn outputs(&mut self) -> Result<(Option<f32>, Vec<OutputMemory>), StateError> {
+        let [flags] = self.array()?;
+        let last_score = if flags & 1 != 0 { Some(self.f32()?) } else { None };
         let [k] = self.array()?;
         let mut outputs = Vec::with_capacity(usize::from(k));
         for _ in 0..k {
@@ -247,7 +252,7 @@ impl<'a> Reader<'a> {
             let [level] = self.array()?;
             outputs.push(OutputMemory { output, memory: EmitMemory { last_published, level } });
         }
-        Ok(outputs)
+        Ok((last_score, outputs))
     }
 
     /// The history block of versions 5 and 6.
@@ -288,13 +293,18 @@ fn put_zigzag(out: &mut Vec<u8>, v: i64) {
     put_varint(out, ((v << 1) ^ (v >> 63)) as u64);
 }
 
-/// Appends the history block of versions 5 to 8 and the output block of 7 and 8, and returns
-/// what they add to the version byte (nothing for an empty history, empty counts and no output
-/// memory, which are not written).
+/// Appends the history block of versions 5 to 8 and the latest score and output block of 7 and
+/// 8, and returns what they add to the version byte (nothing for an empty history, empty counts,
+/// no latest score and no output memory, which are not written).
 fn put_tail(out: &mut Vec<u8>, state: &UserState) -> u8 {
-    let added = put_history(out, &state.session, !state.outputs.is_empty());
-    if state.outputs.is_empty() {
+    let scored = state.last_score.is_some() || !state.outputs.is_empty();
+    let added = put_history(out, &state.session, scored);
+    if !scored {
         return added;
+    }
+    out.push(u8::from(state.last_score.is_some()));
+    if let Some(score) = state.last_score {
+        out.extend_from_slice(&score.to_le_bytes());
     }
     // Outputs of one operator are few; more than 255 cannot be kept and are dropped.
     let outputs = &state.outputs[..state.outputs.len().min(u8::MAX as usize)];
@@ -477,8 +487,8 @@ impl UserState {
             last_item,
             ..SessionState::default()
         };
-        let (session, outputs) = r.finish(session, version)?;
-        Ok(UserState { session, hidden, model_version, fences, outputs })
+        let (session, last_score, outputs) = r.finish(session, version)?;
+        Ok(UserState { session, hidden, model_version, fences, outputs, last_score })
     }
 
     /// Decodes bytes written by [`UserState::encode`] of this or an older version.
@@ -533,8 +543,8 @@ impl UserState {
             last_item,
             ..SessionState::default()
         };
-        let (session, outputs) = r.finish(session, version)?;
-        Ok(UserState { session, hidden, model_version, fences, outputs })
+        let (session, last_score, outputs) = r.finish(session, version)?;
+        Ok(UserState { session, hidden, model_version, fences, outputs, last_score })
     }
 }
 
@@ -554,6 +564,7 @@ mod tests {
             fences in proptest::collection::vec((any::<u32>(), any::<i64>()), 0..4),
             in_f16 in any::<bool>(),
             outputs in proptest::collection::vec((any::<u32>(), proptest::option::of(0.0f32..1.0), any::<u8>()), 0..3),
+            last_score in proptest::option::of(0.0f32..1.0),
             history in proptest::option::of((any::<u32>(), any::<u32>(), any::<i64>())),
             counts in proptest::option::of((proptest::collection::vec(0u32..1000, 5), proptest::collection::vec(0.0f32..1e6, 3), any::<u32>(), any::<u32>())),
         ) {
@@ -574,12 +585,13 @@ mod tests {
                 model_version: version,
                 fences: fences.into_iter().map(|(topic, next)| Fence { topic, next }).collect(),
                 outputs: outputs.into_iter().map(|(output, last_published, level)| OutputMemory { output, memory: EmitMemory { last_published, level } }).collect(),
+                last_score,
             };
             let bytes = state.encode();
             // The compact version 4 exactly when f16 keeps every value's bits; 2 more with a
-            // history, 4 more with output memory (which writes the history block too).
+            // history, 4 more with a latest score or output memory (which write the history block too).
             let with_history = state.session.history != UserHistory::default() || state.session.counts != SessionCounts::default();
-            let added = if !state.outputs.is_empty() { 4 } else if with_history { 2 } else { 0 };
+            let added = if state.last_score.is_some() || !state.outputs.is_empty() { 4 } else if with_history { 2 } else { 0 };
             prop_assert_eq!(bytes[0], if exact { 4 } else { 3 } + added);
             prop_assert_eq!(UserState::decode(&bytes).unwrap(), state);
         }
@@ -660,8 +672,8 @@ mod tests {
         state.remember(alerts, EmitMemory { last_published: Some(0.625), level: 1 });
         state.remember(topic_id("segments"), EmitMemory { last_published: None, level: 0 });
         let v8 = state.encode();
-        // The empty history block (3 + 5 + 8 bytes), then 1 + (4 + 1 + 4 + 1) + (4 + 1 + 1).
-        assert_eq!((v4[0], v8[0], v8.len() - v4.len()), (4, 8, 16 + 1 + 10 + 6));
+        // The empty history block (3 + 5 + 8 bytes), no latest score (1), then 1 + (4 + 1 + 4 + 1) + (4 + 1 + 1).
+        assert_eq!((v4[0], v8[0], v8.len() - v4.len()), (4, 8, 16 + 1 + 1 + 10 + 6));
         assert_eq!(&v8[1..v4.len()], &v4[1..]);
         let read = UserState::decode(&v8).unwrap();
         assert_eq!(read, state);
@@ -675,8 +687,13 @@ mod tests {
         assert_eq!(v7[0], 7);
         assert_eq!(UserState::decode(&v7).unwrap(), state);
         assert!(matches!(UserState::decode(&v7[..v7.len() - 1]), Err(StateError::Corrupt(_))), "a cut output block is corrupt");
+        // The latest score alone also takes the block: 1 + 4 + 1 bytes after the history.
+        let scored = UserState { outputs: vec![], last_score: Some(0.5), ..state.clone() };
+        let bytes = scored.encode();
+        assert_eq!((bytes[0], bytes.len() - UserState { last_score: None, ..scored.clone() }.encode().len()), (7, 6));
+        assert_eq!(UserState::decode(&bytes).unwrap(), scored);
         // Written before outputs had memory: read with none.
-        assert_eq!(UserState::decode(&UserState { outputs: vec![], ..state.clone() }.encode()).unwrap().outputs, []);
+        assert_eq!(UserState::decode(&UserState { outputs: vec![], last_score: None, ..state.clone() }.encode()).unwrap().outputs, []);
     }
 
     #[test]

@@ -97,6 +97,14 @@ pub struct RunConfig {
     /// Address of the HTTP server: the status page (`/`, `/status.json`), `/metrics`, `/health`,
     /// `/livez` and `/readyz`; empty to disable.
     pub metrics_addr: String,
+    /// The address other instances send per-user queries to (`/v1/users/{id}/intent`) for
+    /// users of this instance's partitions, e.g. the pod's IP and port; empty: `metrics_addr`,
+    /// with the host name for an unspecified host (`0.0.0.0`).
+    pub advertised_addr: String,
+    /// How the producers of the input spread user ids over partitions, for per-user queries to
+    /// find a user's partition: `consistent_random` (librdkafka's default, CRC32) or
+    /// `murmur2_random` (the Java client's default).
+    pub input_partitioner: crate::query::Partitioner,
     /// How long the batch loop may stay in one batch, commit or restore report before `/livez`
     /// answers 503 (waiting for records never fails it).
     pub liveness_timeout_ms: u64,
@@ -172,6 +180,8 @@ impl Default for RunConfig {
             state_cache_mib: 256,
             gpu_resident_users: DEFAULT_GPU_RESIDENT_USERS,
             metrics_addr: "127.0.0.1:9464".into(),
+            advertised_addr: String::new(),
+            input_partitioner: crate::query::Partitioner::ConsistentRandom,
             liveness_timeout_ms: 60_000,
             max_record_bytes: 64 * 1024,
             max_task_idle_ms: 1_000,
@@ -368,6 +378,25 @@ impl RunConfig {
         } else {
             self.changelog_topic.clone()
         }
+    }
+
+    /// The address advertised for per-user queries: `advertised_addr`, else `metrics_addr` with
+    /// an unspecified host replaced by this machine's host name; `None` when the HTTP server is
+    /// disabled.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] for an unparseable `metrics_addr`.
+    pub fn query_address(&self) -> Result<Option<String>, ConfigError> {
+        let Some(socket) = self.metrics_socket()? else { return Ok(None) };
+        if !self.advertised_addr.trim().is_empty() {
+            return Ok(Some(self.advertised_addr.trim().to_string()));
+        }
+        if !socket.ip().is_unspecified() {
+            return Ok(Some(socket.to_string()));
+        }
+        let host = std::env::var("HOSTNAME").ok().or_else(|| std::fs::read_to_string("/etc/hostname").ok()).map(|h| h.trim().to_string()).filter(|h| !h.is_empty());
+        Ok(Some(format!("{}:{}", host.unwrap_or_else(|| "localhost".into()), socket.port())))
     }
 
     /// The metrics address, or `None` when disabled.

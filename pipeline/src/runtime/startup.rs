@@ -146,10 +146,16 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
         health: health.clone(),
     })?;
     let context = RebalanceContext::new(health.clone(), Arc::new(restorer), done_tx, cfg.offset_reset);
-    let consumer: StreamConsumer<RebalanceContext> = clients
-        .group_consumer_config(&cfg.group, &instance, cfg.offset_reset.librdkafka())
-        .create_with_context(context)
-        .context("creating the Kafka consumer")?;
+    let mut consumer_config = clients.group_consumer_config(&cfg.group, &instance, cfg.offset_reset.librdkafka());
+    // Per-user queries: the instance's address, advertised to the group through its client id.
+    if let Some(address) = cfg.query_address()? {
+        consumer_config.set("client.id", crate::query::advertised_client_id(&instance, &address));
+        let query = crate::query::Query::new(&clients, store.clone(), &cfg.input_topics[0], input_partitions, cfg.input_partitioner, &cfg.group, &instance)?;
+        if health.query.set(query).is_err() {
+            tracing::warn!("per-user queries were already set up");
+        }
+    }
+    let consumer: StreamConsumer<RebalanceContext> = consumer_config.create_with_context(context).context("creating the Kafka consumer")?;
     // Beyond the retries of a transaction call plus a margin.
     let watchdog = Watchdog::start(RETRY_FOR + Duration::from_secs(30));
     let intent_headers = cfg.output_headers.then(|| IntentHeaders::new(operator.model().version()));
