@@ -6,10 +6,10 @@
 use intentflow_integration_tests::*;
 use intentflow_pipeline::kafka::read::read_topic;
 use intentflow_pipeline::kafka::KafkaClients;
+use rdkafka::message::Headers;
 use rdkafka::Message;
-use intentflow_operators::emit::{EmitMemory, EmitPolicy};
+use intentflow_operators::emit::{memory_id, EmitMemory, EmitPolicy};
 use intentflow_schemas::{Crossing, EventType, ScoredIntent};
-use intentflow_state::topic_id;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -28,8 +28,8 @@ fn per_user(intents: &[ScoredIntent]) -> PerUser {
     by
 }
 
-/// Checks every record of `topic` against `docs/schemas/intent-v<version>.schema.json`; returns
-/// how many there were.
+/// Checks every record of `topic` against `docs/schemas/intent-v<version>.schema.json` and its
+/// `intentflow.schema` header; returns how many there were.
 fn assert_schema(brokers: &str, topic: &str, version: u32) -> usize {
     let path = format!("{}/../docs/schemas/intent-v{version}.schema.json", env!("CARGO_MANIFEST_DIR"));
     let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -39,6 +39,8 @@ fn assert_schema(brokers: &str, topic: &str, version: u32) -> usize {
         let value: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
         let errors: Vec<String> = validator.iter_errors(&value).map(|e| e.to_string()).collect();
         assert!(errors.is_empty(), "{topic}@{}: {value} breaks {path}: {errors:?}", m.offset());
+        let header = m.headers().and_then(|h| h.iter().find(|x| x.key == "intentflow.schema")).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).into_owned());
+        assert_eq!(header, Some(format!("intent/{version}")), "{topic}@{}", m.offset());
     }
     records.len()
 }
@@ -87,7 +89,8 @@ fn policy_outputs_publish_each_decision_exactly_once_across_sigkills_and_a_repla
     )
     .unwrap();
     let config_arg = config.display().to_string();
-    let args = sc.run_args(&["--config", &config_arg, "--max-batch-records", "500"]);
+    // The every-event output in schema v2 too, and every record with its schema in a header.
+    let args = sc.run_args(&["--config", &config_arg, "--max-batch-records", "500", "--output-schema", "2", "--output-headers"]);
 
     // Three lives killed at random moments of their own part of the input, then a last one.
     let records: Vec<(String, Vec<u8>)> = events.iter().map(|e| (e.user_id.to_string(), serde_json::to_vec(e).unwrap())).collect();
@@ -126,13 +129,14 @@ fn policy_outputs_publish_each_decision_exactly_once_across_sigkills_and_a_repla
         assert_eq!(got.len(), n, "{topic}: {} intents, the policy decides {n}", got.len());
         assert_eq!(per_user(&got), want, "{topic}");
         for (user, memory) in &memories {
-            assert_eq!(states[user].output_memory(topic_id(topic)), *memory, "{topic}: the memory of {user}");
+            assert_eq!(states[user].output_memory(memory_id(topic, policy)), *memory, "{topic}: the memory of {user}");
         }
         counts.push(n);
     }
     assert!(counts[0] > 0 && counts[0] < counts[1] && counts[1] < all.len() && counts[2] > 600, "{counts:?} of {}", all.len());
-    // Every record in its schema: v2 on the moves output, v1 elsewhere.
-    for (topic, version, n) in [(&sc.output, 1, all.len()), (&alerts, 1, counts[0]), (&moves, 2, counts[1]), (&segments, 1, counts[2])] {
+    // Every record in its schema: v2 on the every-event and moves outputs, v1 elsewhere.
+    assert!(all.iter().all(|i| i.v == 2 && i.detail.cart_count.is_some()));
+    for (topic, version, n) in [(&sc.output, 2, all.len()), (&alerts, 1, counts[0]), (&moves, 2, counts[1]), (&segments, 1, counts[2])] {
         assert_eq!(assert_schema(&sc.brokers, topic, version), n, "{topic}");
     }
     let v2 = read_intents(&sc.brokers, &moves, usize::MAX, Duration::from_secs(5)).unwrap();

@@ -8,8 +8,8 @@
 //! each publishes ([`Published`]); the caller produces them with the states, in one transaction
 //! under exactly-once.
 
-pub use intentflow_state::EmitMemory;
 use intentflow_schemas::IntentSchema;
+pub use intentflow_state::EmitMemory;
 use intentflow_state::topic_id;
 
 /// When an output publishes an intent.
@@ -46,8 +46,9 @@ pub enum EmitPolicy {
 /// purchase events are left out.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyOutput {
-    /// The output's name: its topic. [`topic_id`] of it keys the output's memory in user states,
-    /// so renaming an output starts its memory afresh.
+    /// The output's name: its topic. With the policy's kind it keys the output's memory in user
+    /// states ([`PolicyOutput::id`]), so renaming an output or changing its kind of policy
+    /// starts its memory afresh.
     pub name: String,
     /// When it publishes.
     pub policy: EmitPolicy,
@@ -58,10 +59,16 @@ pub struct PolicyOutput {
 }
 
 impl PolicyOutput {
-    /// The key of this output's memory in user states.
+    /// The key of this output's memory in user states: [`topic_id`] of `<name>/<policy kind>`
+    /// (a segment level must not be read as a threshold's inside or outside).
     pub fn id(&self) -> u32 {
-        topic_id(&self.name)
+        memory_id(&self.name, &self.policy)
     }
+}
+
+/// The key of the memory of an output named `name` with `policy` ([`PolicyOutput::id`]).
+pub fn memory_id(name: &str, policy: &EmitPolicy) -> u32 {
+    topic_id(&format!("{name}/{}", policy.kind()))
 }
 
 /// One intent an output publishes: the scored event, the output, and its place under the

@@ -1285,11 +1285,12 @@ mod tests {
             for s in &out.scored {
                 streamed.entry(positioned[start + s.input].event.user_id.to_string()).or_default().push(s.score.to_bits());
             }
-            for (_, _, state) in &out.states {
+            for (_, user, state) in &out.states {
                 let bytes = state.encode();
-                // Every event counts in the session or the history: version 6, version 4's f16
+                // Every scored user has a history and a latest score: version 8, version 4's f16
                 // hidden vector followed by them.
-                assert_eq!((bytes[0], bytes[1] & 8), (6, 8), "version 6, hidden in f16");
+                assert_eq!((bytes[0], bytes[1] & 8), (8, 8), "version 8, hidden in f16");
+                assert_eq!(state.last_score.map(f32::to_bits), streamed[user].last().copied(), "the latest score is kept");
             }
             store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
             start = end;

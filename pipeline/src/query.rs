@@ -19,8 +19,12 @@ use axum::Json;
 use intentflow_state::{Loaded, StateStore};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::json;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How long a description of the group's owners is reused before the group is read again.
+const OWNERS_FOR: Duration = Duration::from_secs(2);
 
 /// How producers spread user ids over partitions (`input_partitioner`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -97,7 +101,9 @@ pub struct Query {
     /// This instance's id.
     pub instance: String,
     /// A client for group descriptions.
-    pub metadata: BaseConsumer,
+    metadata: BaseConsumer,
+    /// The owner of each partition, as last read from the group, and when.
+    owners: Mutex<Option<(Instant, BTreeMap<i32, Owner>)>>,
 }
 
 impl std::fmt::Debug for Query {
@@ -113,7 +119,16 @@ impl Query {
     ///
     /// If the metadata client cannot be created.
     pub fn new(clients: &KafkaClients, store: Arc<StateStore>, topic: &str, partitions: i32, partitioner: Partitioner, group: &str, instance: &str) -> Result<Query> {
-        Ok(Query { store, partitions, topic: topic.to_string(), partitioner, group: group.to_string(), instance: instance.to_string(), metadata: clients.metadata_client()? })
+        Ok(Query {
+            store,
+            partitions,
+            topic: topic.to_string(),
+            partitioner,
+            group: group.to_string(),
+            instance: instance.to_string(),
+            metadata: clients.metadata_client()?,
+            owners: Mutex::new(None),
+        })
     }
 
     /// The answer for `user`.
@@ -171,6 +186,10 @@ impl Query {
     /// The answer for a user of a partition this instance does not own: a redirect to its owner.
     fn elsewhere(&self, user: &str, partition: i32) -> Response {
         match self.owner(partition) {
+            // The group already names this instance, whose assignment has not arrived yet.
+            Ok(Some(owner)) if owner.instance == self.instance => {
+                error(StatusCode::SERVICE_UNAVAILABLE, json!({"error": format!("partition {partition} is being assigned to this instance (a rebalance)"), "user_id": user, "partition": partition}))
+            }
             Ok(Some(owner)) => {
                 let location = format!("http://{}/v1/users/{}/intent", owner.address, encode_path(user));
                 let body = json!({"user_id": user, "partition": partition, "owner": {"instance": owner.instance, "address": owner.address}, "location": location});
@@ -181,22 +200,30 @@ impl Query {
         }
     }
 
-    /// The member of the group assigned `partition` of the input, from the group's description.
+    /// The member of the group assigned `partition` of the input, from the group's description
+    /// (read again when the last one is older than [`OWNERS_FOR`], or does not name the partition).
     fn owner(&self, partition: i32) -> Result<Option<Owner>> {
+        let mut cached = self.owners.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((read, owners)) = cached.as_ref() {
+            if read.elapsed() < OWNERS_FOR && owners.contains_key(&partition) {
+                return Ok(owners.get(&partition).cloned());
+            }
+        }
         let groups = self.metadata.fetch_group_list(Some(&self.group), Duration::from_secs(5)).context("describing the consumer group")?;
+        let mut owners = BTreeMap::new();
         for group in groups.groups() {
             for member in group.members() {
-                let Some(assignment) = member.assignment() else { continue };
-                if !assigned(assignment, &self.topic).contains(&partition) {
-                    continue;
-                }
                 let Some((instance, address)) = member.client_id().strip_prefix("intentflow-").and_then(|id| id.rsplit_once('@')) else {
                     continue;
                 };
-                return Ok(Some(Owner { instance: instance.to_string(), address: address.to_string() }));
+                for p in member.assignment().map(|a| assigned(a, &self.topic)).unwrap_or_default() {
+                    owners.insert(p, Owner { instance: instance.to_string(), address: address.to_string() });
+                }
             }
         }
-        Ok(None)
+        let owner = owners.get(&partition).cloned();
+        *cached = Some((Instant::now(), owners));
+        Ok(owner)
     }
 }
 
@@ -205,6 +232,7 @@ impl Query {
 struct UserIntent<'a> {
     user_id: &'a str,
     /// The score of the user's latest event (absent for a state written before scores were kept).
+    #[serde(skip_serializing_if = "Option::is_none")]
     score: Option<f32>,
     model_version: &'a str,
     /// The time of the user's latest event.

@@ -66,7 +66,7 @@ pub struct SourcePosition {
 /// The purchase intent of one user right after one event, keyed by `user_id` on Kafka.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScoredIntent {
-    /// Schema version ([`INTENT_SCHEMA_VERSION`]).
+    /// Schema version: 1 ([`INTENT_SCHEMA_VERSION`], the default) or 2 ([`IntentSchema`]).
     pub v: u32,
     /// The user.
     pub user_id: String,

@@ -31,7 +31,7 @@
 //! u8  m, m × (u32 topic id, zigzag next)
 //! ```
 //!
-//! Every other state is written as version 3 (or 5, below).
+//! Every other state is written as version 3 (or 5 or 7, below).
 //!
 //! Versions 5 and 6 are versions 3 and 4 followed by the user's long-term history
 //! ([`UserHistory`]) and the current session's counts ([`SessionCounts`]), written only when
@@ -71,8 +71,8 @@ use crate::StateError;
 use intentflow_schemas::{DistinctSketch, SessionCounts, SessionState, UserHistory};
 
 /// Newest encoding version. The first byte of an encoded state is 4 for f16 states, else 3,
-/// plus 2 when the user has a history or session counts (5, 6), plus 4 when policy outputs
-/// remember the user (7, 8).
+/// plus 2 when the user has a history or session counts (5, 6), plus 4 when the user has a
+/// latest score or policy outputs remember it (7, 8: every user the operator has scored).
 pub const STATE_ENCODING_VERSION: u8 = 8;
 /// What the history block adds to the version byte.
 const WITH_HISTORY: u8 = 2;
@@ -306,7 +306,8 @@ fn put_tail(out: &mut Vec<u8>, state: &UserState) -> u8 {
     if let Some(score) = state.last_score {
         out.extend_from_slice(&score.to_le_bytes());
     }
-    // Outputs of one operator are few; more than 255 cannot be kept and are dropped.
+    // Outputs of one operator are few (the operator takes at most 255); more cannot be kept.
+    debug_assert!(state.outputs.len() <= usize::from(u8::MAX), "more than 255 output memories");
     let outputs = &state.outputs[..state.outputs.len().min(u8::MAX as usize)];
     out.push(outputs.len() as u8);
     for m in outputs {
@@ -358,7 +359,8 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 
 impl UserState {
     /// Encodes this state: version 4 when the hidden vector goes in f16, else the same bytes as
-    /// version 3; 6 and 5 when the user has a history; 8 and 7 when outputs remember the user.
+    /// version 3; 6 and 5 when the user has a history; 8 and 7 when the user has a latest score
+    /// or outputs remember it.
     pub fn encode(&self) -> Vec<u8> {
         if let Some(compact) = self.encode_compact() {
             return compact;

@@ -92,6 +92,9 @@ impl Environment {
                 continue;
             }
             match defaults.get(&key) {
+                Some(_) if key == "output" => {
+                    return Err(format!("environment variable {name}: [[output]]s are set in the config file only (docs/configuration.md)").into());
+                }
                 Some(default) => {
                     dict.insert(key, typed(name, raw, default)?);
                 }

@@ -331,13 +331,13 @@ impl RunConfig {
         }
         self.metrics_socket()?;
         self.policy_outputs()?;
-        let mut taken: Vec<&str> = self.input_topics.iter().map(String::as_str).chain([self.output_topic.as_str(), &self.dlq_topic, &changelog]).collect();
+        let mut taken: Vec<&str> = self.input_topics.iter().map(String::as_str).chain([self.output_topic.as_str(), &self.dlq_topic, &changelog, &self.bootstrap_output_topic]).collect();
         for o in &self.outputs {
             if o.topic.trim().is_empty() {
                 return bad("an [[output]] without a topic".into());
             }
             if taken.contains(&o.topic.as_str()) {
-                return bad(format!("[[output]] topic `{}` is already an input, output, dead-letter, changelog or other [[output]] topic", o.topic));
+                return bad(format!("[[output]] topic `{}` is already an input, output, bootstrap output, dead-letter, changelog or other [[output]] topic", o.topic));
             }
             taken.push(&o.topic);
         }
@@ -598,10 +598,14 @@ mod tests {
             ("[[output]]\ntopic = \"intents\"\npolicy = \"every\"\n", "`intents` is already"),
             ("[[output]]\ntopic = \"a\"\npolicy = \"every\"\n[[output]]\ntopic = \"a\"\npolicy = \"delta\"\nmin_change = 0.1\n", "`a` is already"),
             ("[[output]]\ntopic = \"a\"\npolicy = \"delta\"\n", "needs `min_change`"),
+            ("bootstrap_output_topic = \"b\"\n[[output]]\ntopic = \"b\"\npolicy = \"every\"\n", "`b` is already"),
         ] {
             let err = resolve(&RunArgs { config: Some(write(&dir, text)), ..Default::default() }).unwrap_err().to_string();
             assert!(err.contains(says), "{text}: {err}");
         }
+        let env = Environment::from_pairs([("INTENTFLOW_OUTPUT", "alerts")]);
+        let err = RunConfig::resolve_in(&RunArgs::default(), &env).unwrap_err().to_string();
+        assert!(err.contains("INTENTFLOW_OUTPUT") && err.contains("config file only"), "{err}");
     }
 
     #[test]

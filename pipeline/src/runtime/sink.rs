@@ -10,13 +10,13 @@
 //! `intentflow_state::UserState::fences`) then keep the re-read events from being applied to it
 //! twice, and their intents were already delivered.
 
+use super::startup::IntentHeaders;
 use super::watchdog::Watchdog;
 use crate::kafka::DeliveryWindow;
 use anyhow::{Context, Result};
-use super::startup::IntentHeaders;
 use intentflow_operators::emit::PolicyOutput;
-use intentflow_schemas::IntentSchema;
 use intentflow_operators::{BatchOutput, PositionedEvent, Rejected};
+use intentflow_schemas::IntentSchema;
 use intentflow_state::changelog::{encode_offset, ChangelogKey};
 use intentflow_state::Staged;
 use rdkafka::consumer::ConsumerGroupMetadata;

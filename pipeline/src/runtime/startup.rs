@@ -112,7 +112,10 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
     let model = IntentModel::load(&cfg.model_dir, &device)?;
     tracing::info!(version = model.version(), hidden = model.hidden_dim(), device = ?cfg.device, "model loaded");
     let policy = ModelPolicy::from_reset_flag(cfg.reset_state_on_model_change);
-    let operator = IntentOperator::new(model).with_model_policy(policy).with_reasons(cfg.reasons).with_wave_cap(std::num::NonZeroUsize::new(cfg.max_waves_per_batch))
+    let operator = IntentOperator::new(model)
+        .with_model_policy(policy)
+        .with_reasons(cfg.reasons)
+        .with_wave_cap(std::num::NonZeroUsize::new(cfg.max_waves_per_batch))
         .with_outputs(cfg.policy_outputs()?)?
         .with_gpu_resident_slots(cfg.gpu_resident_users)?;
     let store = Arc::new(dir.open_store(StoreOptions::with_cache_budget(cfg.state_cache_mib << 20))?);
@@ -149,6 +152,9 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
     let mut consumer_config = clients.group_consumer_config(&cfg.group, &instance, cfg.offset_reset.librdkafka());
     // Per-user queries: the instance's address, advertised to the group through its client id.
     if let Some(address) = cfg.query_address()? {
+        if let Some(id) = cfg.kafka.consumer.get("client.id").or_else(|| cfg.kafka.common.get("client.id")) {
+            tracing::warn!(configured = %id, "the group consumer's client.id advertises the query address instead of the configured one (docs/metrics.md)");
+        }
         consumer_config.set("client.id", crate::query::advertised_client_id(&instance, &address));
         let query = crate::query::Query::new(&clients, store.clone(), &cfg.input_topics[0], input_partitions, cfg.input_partitioner, &cfg.group, &instance)?;
         if health.query.set(query).is_err() {
