@@ -141,27 +141,29 @@ impl Render {
         volumes.iter().find(|v| v["name"].as_str() == Some(name)).unwrap_or_else(|| panic!("{}: no volume {name}", self.name))
     }
 
-    /// The container's environment as the kubelet would give it to pod `<statefulset>-0`:
-    /// `fieldRef: metadata.name` is the pod name, a `secretKeyRef` the value `secrets` holds for
-    /// the key.
+    /// The container's environment as the kubelet would give it to pod `<statefulset>-0` in
+    /// namespace `shop`: `fieldRef: metadata.name` is the pod name, `metadata.namespace` the
+    /// namespace, a `secretKeyRef` the value `secrets` holds for the key, and `$(NAME)` in a
+    /// value an earlier variable's value.
     fn pod_env(&self, secrets: &BTreeMap<String, String>) -> Vec<(String, String)> {
         let pod = format!("{}-0", str_of(&self.statefulset()["metadata"]["name"]));
-        seq(&self.container()["env"])
-            .iter()
-            .map(|e| {
-                let name = str_of(&e["name"]).to_string();
-                let value = if let Some(v) = e["value"].as_str() {
-                    v.to_string()
-                } else if e["valueFrom"]["fieldRef"]["fieldPath"].as_str() == Some("metadata.name") {
-                    pod.clone()
-                } else if let Some(key) = e["valueFrom"]["secretKeyRef"]["key"].as_str() {
-                    secrets.get(key).unwrap_or_else(|| panic!("{}: no test value for secret key {key}", self.name)).clone()
-                } else {
-                    panic!("{}: environment variable {name} of an unexpected source: {e:?}", self.name)
-                };
-                (name, value)
-            })
-            .collect()
+        let mut env: Vec<(String, String)> = Vec::new();
+        for e in seq(&self.container()["env"]) {
+            let name = str_of(&e["name"]).to_string();
+            let value = if let Some(v) = e["value"].as_str() {
+                env.iter().fold(v.to_string(), |v, (k, x)| v.replace(&format!("$({k})"), x))
+            } else if e["valueFrom"]["fieldRef"]["fieldPath"].as_str() == Some("metadata.name") {
+                pod.clone()
+            } else if e["valueFrom"]["fieldRef"]["fieldPath"].as_str() == Some("metadata.namespace") {
+                "shop".to_string()
+            } else if let Some(key) = e["valueFrom"]["secretKeyRef"]["key"].as_str() {
+                secrets.get(key).unwrap_or_else(|| panic!("{}: no test value for secret key {key}", self.name)).clone()
+            } else {
+                panic!("{}: environment variable {name} of an unexpected source: {e:?}", self.name)
+            };
+            env.push((name, value));
+        }
+        env
     }
 }
 
@@ -399,6 +401,10 @@ fn the_rendered_config_passes_intentflow_config_check_with_the_pods_environment(
         let pod = format!("{}-0", str_of(&r.statefulset()["metadata"]["name"]));
         assert_eq!(effective.get("instance_id").and_then(toml::Value::as_str), Some(pod.as_str()), "{}: instance id from the pod name:\n{stdout}", r.name);
         assert_eq!(effective.get("metrics_addr").and_then(toml::Value::as_str), r.config()["metrics_addr"].as_str(), "{}", r.name);
+        // Per-user queries are redirected to the pod's stable name under the headless Service.
+        let port = r.config()["metrics_addr"].as_str().and_then(|a| a.rsplit(':').next()).unwrap_or_else(|| panic!("{}: no metrics port", r.name)).to_string();
+        let advertised = format!("{pod}.{}.shop.svc:{port}", str_of(&r.statefulset()["spec"]["serviceName"]));
+        assert_eq!(effective.get("advertised_addr").and_then(toml::Value::as_str), Some(advertised.as_str()), "{}:\n{stdout}", r.name);
         let common = effective.get("kafka").and_then(|k| k.get("common"));
         if env.iter().any(|(k, _)| k.starts_with("INTENTFLOW_KAFKA__")) {
             let username = common.and_then(|c| c.get("sasl.username")).and_then(toml::Value::as_str);
