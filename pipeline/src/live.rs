@@ -241,6 +241,14 @@ impl Live {
         let _ = self.instance_id.set(instance_id.to_string());
     }
 
+    /// Forgets these users (erased or expired): the rising users no longer list them.
+    pub fn forget<'a>(&self, users: impl IntoIterator<Item = &'a str>) {
+        let mut inner = self.inner.lock().expect("live lock");
+        for user in users {
+            inner.users.remove(user);
+        }
+    }
+
     /// A batch consumed `records` and scored these users (user, score).
     pub fn batch<'a>(&self, records: u64, scored: impl IntoIterator<Item = (&'a str, f32)>) {
         self.batch_at(now_ms(), records, scored);

@@ -57,6 +57,8 @@ enum Command {
     Config(commands::config::ConfigArgs),
     /// A running operator's status page in the terminal: throughput, lag, latency, scores, rising users.
     Status(commands::status::StatusArgs),
+    /// Delete users' states wherever they live (the erasure path for a GDPR delete request): the owning operators apply it and tombstone the changelog.
+    Erase(commands::erase::EraseArgs),
 }
 
 /// Turns SIGTERM and SIGINT into the shutdown signal.
@@ -125,6 +127,7 @@ async fn main() -> Result<()> {
         Command::Bench(args) => commands::bench::bench_cmd(&args).await,
         Command::Config(args) => commands::config::config_cmd(&args),
         Command::Status(args) => tokio::task::block_in_place(|| commands::status::status_cmd(&args)),
+        Command::Erase(args) => commands::erase::erase_cmd(&args).await,
         Command::Replay(args) => {
             let s = replay::replay(&args.job()?).await?;
             for ((source, partition), (from, to)) in &s.ranges {

@@ -76,6 +76,8 @@ fn describe() {
     describe_counter!("intentflow_output_intents_total", "Intents an [[output]] published under its emit policy, by output (its topic); counted when their commit succeeds.");
     describe_counter!("intentflow_records_invalid_total", "Input records rejected and dead-lettered, by error_type.");
     describe_counter!("intentflow_state_resets_total", "Stored states restarted from zero, by reason (hidden_size, foreign_model).");
+    describe_counter!("intentflow_erasure_requests_total", "Erasure requests (intentflow erase) applied, by result: deleted (a state was deleted and tombstoned), absent (no state here), invalid (no usable user id).");
+    describe_counter!("intentflow_users_expired_total", "Users deleted (and tombstoned on the changelog) by the expiry sweep: no event for state_ttl_ms.");
     describe_counter!("intentflow_state_records_invalid_total", "State records that did not decode and were quarantined, by source (store, changelog).");
     describe_counter!("intentflow_batches_total", "Micro-batches processed.");
     describe_histogram!("intentflow_batch_seconds", Unit::Seconds, "Wall time of a micro-batch.");
@@ -440,6 +442,14 @@ pub struct BatchStats {
     pub step_seconds: Vec<f64>,
     /// With hidden states resident on a GPU: what the slab did for the batch.
     pub resident: Option<intentflow_operators::ResidentBatch>,
+    /// Erasure requests that deleted a state.
+    pub erased: u64,
+    /// Erasure requests of users without a state here.
+    pub erasures_absent: u64,
+    /// Erasure requests without a usable user id.
+    pub erasures_invalid: u64,
+    /// Users deleted by the expiry sweep.
+    pub expired: u64,
 }
 
 impl BatchStats {
@@ -458,6 +468,10 @@ impl BatchStats {
         self.state_resets += other.state_resets;
         self.foreign_states += other.foreign_states;
         self.waves += other.waves;
+        self.erased += other.erased;
+        self.erasures_absent += other.erasures_absent;
+        self.erasures_invalid += other.erasures_invalid;
+        self.expired += other.expired;
     }
 }
 
@@ -471,6 +485,9 @@ pub struct BatchMetrics {
     invalid: HashMap<&'static str, Counter>,
     state_resets: Counter,
     foreign_states: Counter,
+    /// `intentflow_erasure_requests_total` by result: deleted, absent, invalid.
+    erasures: [Counter; 3],
+    expired: Counter,
     batches: Counter,
     batch_seconds: Histogram,
     batch_records: Histogram,
@@ -503,6 +520,8 @@ impl Default for BatchMetrics {
                 .collect(),
             state_resets: metrics::counter!("intentflow_state_resets_total", "reason" => "hidden_size"),
             foreign_states: metrics::counter!("intentflow_state_resets_total", "reason" => "foreign_model"),
+            erasures: ["deleted", "absent", "invalid"].map(|r| metrics::counter!("intentflow_erasure_requests_total", "result" => r)),
+            expired: metrics::counter!("intentflow_users_expired_total"),
             batches: metrics::counter!("intentflow_batches_total"),
             batch_seconds: metrics::histogram!("intentflow_batch_seconds"),
             batch_records: metrics::histogram!("intentflow_batch_records"),
@@ -619,6 +638,10 @@ impl BatchMetrics {
         }
         self.state_resets.increment(stats.state_resets);
         self.foreign_states.increment(stats.foreign_states);
+        for (c, n) in self.erasures.iter().zip([stats.erased, stats.erasures_absent, stats.erasures_invalid]) {
+            c.increment(n);
+        }
+        self.expired.increment(stats.expired);
         health.intents_out.fetch_add(stats.intents, Ordering::Relaxed);
         health.invalid.fetch_add(invalid, Ordering::Relaxed);
     }

@@ -30,11 +30,12 @@ impl StateRead for StateStore {
     }
 }
 
-/// Uncommitted writes: the latest encoded state per user, the next input offset per
-/// topic-partition and the next changelog offset per partition.
+/// Uncommitted writes: the latest encoded state per user (or its deletion), the next input
+/// offset per topic-partition and the next changelog offset per partition.
 #[derive(Debug, Default)]
 pub struct Staged {
-    /// Store key → encoded state (the latest of the open transaction).
+    /// Store key → encoded state (the latest of the open transaction); empty for a deleted
+    /// user (an encoded state is never empty).
     users: HashMap<Vec<u8>, Vec<u8>, RandomState>,
     /// Bytes of the staged states' keys and values.
     bytes: usize,
@@ -61,6 +62,20 @@ impl Staged {
         }
     }
 
+    /// Stages the deletion of a user's state (an erasure, an expiry): reads through a
+    /// [`StagedView`] find no state, and the commit deletes it from RocksDB. A later
+    /// [`Staged::put_user`] of the same user replaces the deletion.
+    pub fn delete_user(&mut self, partition: i32, user: &str) {
+        self.put_user(partition, user, Vec::new());
+    }
+
+    /// Whether a user is staged, and if so whether as deleted (`Some(true)`).
+    pub fn staged_deleted(&self, partition: i32, user: &str) -> Option<bool> {
+        let mut key = Vec::with_capacity(5 + user.len());
+        user_key_into(partition, user, &mut key);
+        self.users.get(&key).map(Vec::is_empty)
+    }
+
     /// Stages the next input offset of a topic-partition (the highest staged wins).
     pub fn put_offset(&mut self, topic: String, partition: i32, next: i64) {
         let o = self.offsets.entry((topic, partition)).or_insert(next);
@@ -78,7 +93,8 @@ impl Staged {
         &self.offsets
     }
 
-    /// The staged states as (partition, user, encoded state), in no particular order.
+    /// The staged states as (partition, user, encoded state), in no particular order; a deleted
+    /// user's encoded state is empty.
     pub fn user_states(&self) -> impl Iterator<Item = (i32, &str, &[u8])> {
         self.users.iter().map(|(k, v)| {
             let (partition, user) = crate::store::split_user_key(k).expect("staged keys are user keys");
@@ -131,6 +147,7 @@ impl StateRead for StagedView<'_> {
         for &(partition, user) in &keys {
             user_key_into(partition, user, &mut key);
             match self.staged.users.get(&key) {
+                Some(bytes) if bytes.is_empty() => found.push(Some(Loaded::Absent)),
                 Some(bytes) => found.push(Some(crate::store::decoded(bytes))),
                 None => {
                     found.push(None);
@@ -144,8 +161,8 @@ impl StateRead for StagedView<'_> {
 }
 
 impl StateStore {
-    /// Writes what an open transaction staged, and the changelog offsets `staged` holds, in
-    /// one atomic batch (see [`StateStore::commit_encoded`]). The caller clears `staged` after.
+    /// Writes what an open transaction staged (deleting the users staged as deleted), and the
+    /// changelog offsets `staged` holds, in one atomic batch (see [`StateStore::commit_encoded`]). The caller clears `staged` after.
     ///
     /// # Errors
     ///
@@ -207,5 +224,34 @@ mod tests {
         staged.clear();
         let view = StagedView { store: &store, staged: &staged };
         assert_eq!(events(view.get_many(keys).unwrap()), [Some(8), Some(2), Some(3), None, Some(8)], "an aborted transaction's writes are gone");
+    }
+
+    #[test]
+    fn a_staged_deletion_hides_the_stored_state_and_deletes_it_when_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+        store.commit([(0, "a", &state(1)), (0, "b", &state(2))], [], []).unwrap();
+        // Read once, so that the hot cache holds it too.
+        assert_eq!(events(store.get_many([(0, "a")]).unwrap()), [Some(1)]);
+        let mut staged = Staged::default();
+        staged.put_user(0, "a", state(5).encode());
+        staged.delete_user(0, "a");
+        staged.delete_user(0, "c");
+        assert_eq!((staged.staged_deleted(0, "a"), staged.staged_deleted(0, "b")), (Some(true), None));
+        let keys = [(0, "a"), (0, "b"), (0, "c")];
+        let view = StagedView { store: &store, staged: &staged };
+        assert_eq!(events(view.get_many(keys).unwrap()), [None, Some(2), None]);
+        assert_eq!(events(store.get_many(keys).unwrap()), [Some(1), Some(2), None], "nothing deleted before the commit");
+        store.commit_staged(&staged).unwrap();
+        assert_eq!(events(store.get_many(keys).unwrap()), [None, Some(2), None]);
+        assert_eq!(store.users().unwrap().len(), 1);
+
+        // A state staged after a deletion wins.
+        staged.clear();
+        staged.delete_user(0, "b");
+        staged.put_user(0, "b", state(9).encode());
+        assert_eq!(staged.staged_deleted(0, "b"), Some(false));
+        store.commit_staged(&staged).unwrap();
+        assert_eq!(events(store.get_many(keys).unwrap()), [None, Some(9), None]);
     }
 }

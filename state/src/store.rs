@@ -313,7 +313,12 @@ impl StateStore {
         users.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
         let mut batch = WriteBatch::default();
         for (key, state) in &users {
-            batch.put(key.as_ref(), state);
+            // An empty value is a staged deletion (see `Staged::delete_user`).
+            if state.is_empty() {
+                batch.delete(key.as_ref());
+            } else {
+                batch.put(key.as_ref(), state);
+            }
         }
         for (topic, partition, next_offset) in offsets {
             batch.put(offset_key(topic, partition), next_offset.to_le_bytes());
@@ -324,7 +329,11 @@ impl StateStore {
         let mut hot = self.hot.lock_for(users.iter().map(|(k, _)| k.as_ref()));
         self.db.write_opt(batch, &self.write_options)?;
         for (key, state) in &users {
-            hot.put(key.as_ref(), state);
+            if state.is_empty() {
+                hot.remove(key.as_ref());
+            } else {
+                hot.put(key.as_ref(), state);
+            }
         }
         Ok(())
     }
@@ -557,6 +566,30 @@ impl StateStore {
                 break;
             }
             if after == Some(&key[..]) {
+                continue;
+            }
+            let (partition, user) = parse_user_key(&key)?;
+            out.push(RawUser { key: key.to_vec(), partition, user, value: value.to_vec() });
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` stored user states of `partition` as raw bytes, in key order, starting
+    /// after the user `after` (from the partition's first when `None`): a sweep over one
+    /// partition, chunk by chunk.
+    ///
+    /// # Errors
+    ///
+    /// RocksDB read errors and malformed keys.
+    pub fn partition_users_after(&self, partition: i32, after: Option<&str>, limit: usize) -> Result<Vec<RawUser>, StateError> {
+        let start = user_key(partition, after.unwrap_or(""));
+        let mut out = Vec::with_capacity(limit.min(1 << 16));
+        for item in self.db.iterator(IteratorMode::From(&start, Direction::Forward)) {
+            let (key, value) = item?;
+            if out.len() >= limit || key.first() != Some(&USER_PREFIX) || key.get(1..5) != Some(&partition.to_be_bytes()[..]) {
+                break;
+            }
+            if after.is_some() && key[..] == start[..] {
                 continue;
             }
             let (partition, user) = parse_user_key(&key)?;

@@ -165,6 +165,30 @@ fn users_come_in_chunks_that_resume_after_a_key() {
     assert_eq!(store.users_after(None, 100).unwrap().len(), 25, "meta keys are not users");
 }
 
+#[test]
+fn a_partition_sweep_sees_that_partition_alone_chunk_by_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+    let s = UserState::default();
+    let users: Vec<String> = (0..13).map(|i| format!("u{i:02}")).collect();
+    // Partition 1's users, with neighbours on partitions 0 and 2 (and 256, whose key shares a byte).
+    for p in [0, 1, 2, 256] {
+        store.commit(users.iter().map(|u| (p, u.as_str(), &s)), [], []).unwrap();
+    }
+    let (mut seen, mut after) = (Vec::new(), None::<String>);
+    loop {
+        let chunk = store.partition_users_after(1, after.as_deref(), 5).unwrap();
+        if chunk.is_empty() {
+            break;
+        }
+        assert!(chunk.len() <= 5 && chunk.iter().all(|r| r.partition == 1));
+        after = Some(chunk.last().unwrap().user.clone());
+        seen.extend(chunk.into_iter().map(|r| r.user));
+    }
+    assert_eq!(seen, users);
+    assert!(store.partition_users_after(7, None, 5).unwrap().is_empty());
+}
+
 /// The in-process cache of recently written states answers reads only with what RocksDB holds:
 /// restores, resets and dropped partitions take their keys out of it.
 #[test]

@@ -1,4 +1,4 @@
-//! The batch-style commands, one module each: `generate`, `import`, `train`, `eval`, `tail`, `bench`, `config`
+//! The batch-style commands, one module each: `generate`, `import`, `train`, `eval`, `tail`, `bench`, `config`, `erase`
 //! (`run` is [`crate::runtime`], `replay` is [`crate::replay`]).
 //!
 //! Shared here: how a command names an input file ([`InputArgs`]) and where event commands write
@@ -7,6 +7,7 @@
 pub mod anticipation;
 pub mod bench;
 pub mod config;
+pub mod erase;
 pub mod eval;
 pub mod generate;
 pub mod import;

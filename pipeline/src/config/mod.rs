@@ -116,6 +116,23 @@ pub struct RunConfig {
     /// timestamp order across its topics (ties: topic order, then offset), the order a replay
     /// uses.
     pub max_task_idle_ms: u64,
+    /// Topic of erasure requests (`intentflow erase`), keyed by user id, one partition per input
+    /// partition; the operators consume it with the input and delete each named user's state
+    /// and changelog record. Empty means `<group>-erasures`.
+    pub erasure_topic: String,
+    /// Users whose last event is older than this (by the wall clock) are deleted, with a
+    /// changelog tombstone, by a periodic sweep; 0 (the default) keeps states forever.
+    pub state_ttl_ms: u64,
+    /// How often the expiry sweep (`state_ttl_ms`) passes over the assigned partitions.
+    pub state_ttl_sweep_ms: u64,
+    /// Whether a new model in `model_dir` is loaded without a restart: `off`, or `reset` (on
+    /// SIGHUP and on a change seen every `model_watch_ms`, a new model is loaded and checked in
+    /// the background and served from the next commit on; a state built by another model has
+    /// its hidden vector restarted from zero on its user's next event).
+    pub model_reload: ModelReload,
+    /// With `model_reload = "reset"`: how often `model_dir` is checked for a new model; 0
+    /// leaves reloads to SIGHUP.
+    pub model_watch_ms: u64,
     /// Outputs beside `output_topic`, each a topic with its own emit policy (`[[output]]` in
     /// the file; not settable from the environment or flags).
     #[serde(rename = "output")]
@@ -185,6 +202,11 @@ impl Default for RunConfig {
             liveness_timeout_ms: 60_000,
             max_record_bytes: 64 * 1024,
             max_task_idle_ms: 1_000,
+            erasure_topic: String::new(),
+            state_ttl_ms: 0,
+            state_ttl_sweep_ms: 60_000,
+            model_reload: ModelReload::Off,
+            model_watch_ms: 5_000,
             outputs: Vec::new(),
             kafka: KafkaOverrides::default(),
         }
@@ -248,6 +270,18 @@ impl OffsetReset {
             OffsetReset::Fail => "error",
         }
     }
+}
+
+/// Whether the operator loads a new model without a restart (`model_reload`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelReload {
+    /// The model loaded at start-up is served until the process stops.
+    Off,
+    /// A new model is loaded, checked and switched to between commits; each state of another
+    /// model has its hidden vector restarted on its user's next event (session counters, fences
+    /// and output memories stay).
+    Reset,
 }
 
 /// Parses `cpu` or `cuda`.
@@ -329,15 +363,26 @@ impl RunConfig {
         if self.max_task_idle_ms > 600_000 {
             return bad(format!("max_task_idle_ms = {} exceeds 10 minutes", self.max_task_idle_ms));
         }
+        if self.state_ttl_ms > 0 && self.state_ttl_sweep_ms == 0 {
+            return bad("state_ttl_sweep_ms must be at least 1 with a state_ttl_ms".into());
+        }
+        if self.model_reload == ModelReload::Reset && self.model_watch_ms > 0 && self.model_watch_ms < 100 {
+            return bad(format!("model_watch_ms = {} is under 100 ms", self.model_watch_ms));
+        }
         self.metrics_socket()?;
         self.policy_outputs()?;
+        let erasures = self.erasure_topic();
         let mut taken: Vec<&str> = self.input_topics.iter().map(String::as_str).chain([self.output_topic.as_str(), &self.dlq_topic, &changelog, &self.bootstrap_output_topic]).collect();
+        if taken.contains(&erasures.as_str()) {
+            return bad(format!("erasure topic `{erasures}` must differ from the input, output, bootstrap output, dead-letter and changelog topics"));
+        }
+        taken.push(&erasures);
         for o in &self.outputs {
             if o.topic.trim().is_empty() {
                 return bad("an [[output]] without a topic".into());
             }
             if taken.contains(&o.topic.as_str()) {
-                return bad(format!("[[output]] topic `{}` is already an input, output, bootstrap output, dead-letter, changelog or other [[output]] topic", o.topic));
+                return bad(format!("[[output]] topic `{}` is already an input, output, bootstrap output, dead-letter, changelog, erasure or other [[output]] topic", o.topic));
             }
             taken.push(&o.topic);
         }
@@ -369,6 +414,22 @@ impl RunConfig {
     /// The validation limits of input records.
     pub fn limits(&self) -> intentflow_schemas::Limits {
         intentflow_schemas::Limits { max_record_bytes: self.max_record_bytes, ..intentflow_schemas::Limits::default() }
+    }
+
+    /// The erasure topic: `erasure_topic`, or `<group>-erasures` when empty.
+    pub fn erasure_topic(&self) -> String {
+        if self.erasure_topic.is_empty() {
+            format!("{}-erasures", self.group)
+        } else {
+            self.erasure_topic.clone()
+        }
+    }
+
+    /// What to do with a stored state built by another model: reset it when the run says so
+    /// (`reset_state_on_model_change`, or `model_reload = "reset"`, after which states of the
+    /// models served before remain), refuse it otherwise.
+    pub fn model_policy(&self) -> intentflow_state::changelog::ModelPolicy {
+        intentflow_state::changelog::ModelPolicy::from_reset_flag(self.reset_state_on_model_change || self.model_reload == ModelReload::Reset)
     }
 
     /// The changelog topic: `changelog_topic`, or `<group>-changelog` when empty.

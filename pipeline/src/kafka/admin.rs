@@ -23,6 +23,21 @@ pub async fn ensure_topic(clients: &KafkaClients, topic: &str, partitions: i32) 
     ensure_topic_with(clients, topic, partitions, &[]).await
 }
 
+/// Creates the erasure topic (`erasure_topic`) if it does not exist: compacted, so that the
+/// latest request of every erased user is kept (a state replayed from history later has them
+/// applied again when it goes live), with one partition per input partition.
+///
+/// # Errors
+///
+/// Admin failures, and an existing topic with another partition count than the input.
+pub async fn ensure_erasure_topic(clients: &KafkaClients, topic: &str, input_partitions: i32) -> Result<()> {
+    let found = ensure_topic_with(clients, topic, input_partitions, &[("cleanup.policy", "compact")]).await?;
+    if found != input_partitions {
+        bail!("erasure topic {topic} has {found} partitions, the input has {input_partitions}: it needs one per input partition (the partition of a user's events)");
+    }
+    Ok(())
+}
+
 /// [`ensure_topic`] with topic configs (such as `cleanup.policy = compact`) for a new topic.
 ///
 /// # Errors

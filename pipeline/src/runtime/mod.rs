@@ -53,6 +53,7 @@
 //! is named in [`crate::dlq`]; the offset decisions are pure functions in [`crate::offsets`].
 
 mod consume;
+mod forget;
 pub mod handover;
 pub mod inputs;
 pub mod rebalance;
@@ -67,6 +68,7 @@ use crate::config::RunConfig;
 use crate::telemetry::{BatchMetrics, BatchStats, Health, Phase};
 use anyhow::{bail, Context, Result};
 use consume::{collect, report_gap, rewind};
+use forget::{ErasureRequest, Sweep};
 use crate::dlq::{self, QuarantinedState};
 use crate::offsets;
 use inputs::InputOrder;
@@ -74,14 +76,14 @@ use intentflow_operators::decode::{decode_batch, Rejected};
 use intentflow_operators::{EmittedAt, PositionedEvent, SourceRecord};
 use intentflow_schemas::EventDecoder;
 use crate::kafka::DeliveryWindow;
-use intentflow_state::{Staged, StagedView};
+use intentflow_state::{Staged, StagedView, StateRead};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerGroupMetadata, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::Producer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use restore::RestoreDone;
 use sink::{changelog_positions, offsets_tpl, BatchRecords};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -193,6 +195,12 @@ struct BatchLoop<'s> {
     /// rebalance: a partition's next offset once nothing of it is deferred (a batch of deferred
     /// events alone must not move it back to theirs).
     collected: BTreeMap<(String, i32), i64>,
+    /// The erasure topic, consumed with the input ([`forget`]).
+    erasures: String,
+    /// Erasure requests of partitions held back by deferred events: applied by a later batch.
+    carry_erasures: Vec<ErasureRequest>,
+    /// The expiry sweep, with a `state_ttl_ms`.
+    sweep: Option<Sweep>,
 }
 
 /// The batches of one commit interval: under exactly-once one Kafka transaction.
@@ -237,6 +245,9 @@ impl<'s> BatchLoop<'s> {
             carry: Vec::new(),
             carry_rejected: Vec::new(),
             collected: BTreeMap::new(),
+            erasures: s.cfg.erasure_topic(),
+            carry_erasures: Vec::new(),
+            sweep: Sweep::new(s.cfg.state_ttl_ms, s.cfg.state_ttl_sweep_ms),
         }
     }
 
@@ -292,6 +303,11 @@ impl<'s> BatchLoop<'s> {
                     continue;
                 }
                 () = sleep_until(order.as_ref().and_then(InputOrder::deadline)) => None,
+                () = sleep_until(self.sweep.as_ref().map(Sweep::due)) => {
+                    let _busy = self.health.busy();
+                    self.sweep_step(order.as_mut()).await?;
+                    continue;
+                }
                 m = consumer.recv() => Some(m),
             }};
             // Deferred events count against the batch's records.
@@ -322,8 +338,15 @@ impl<'s> BatchLoop<'s> {
             let batch = match &mut order {
                 None => fetched,
                 Some(o) => {
-                    fetched.into_iter().for_each(|m| o.push(m));
+                    // Erasure requests need no merging: they are applied after the batch's events.
                     let mut released = Vec::with_capacity(cfg.max_batch_records);
+                    for m in fetched {
+                        if m.topic() == self.erasures {
+                            released.push(m);
+                        } else {
+                            o.push(m);
+                        }
+                    }
                     // A topic whose consumer position is not known yet (nothing consumed since the
                     // assignment) is where the store says its partition stands.
                     o.release(consumer, |t, p| s.store.offset(t, p).ok().flatten(), &mut released);
@@ -441,6 +464,8 @@ impl<'s> BatchLoop<'s> {
         fail::fail_point!("batch");
         let mut stats = BatchStats { records: batch.len() as u64, ..Default::default() };
         let mut fresh = Vec::with_capacity(batch.len());
+        let mut requests = std::mem::take(&mut self.carry_erasures);
+        let carried_requests: Vec<(i32, i64)> = requests.iter().map(|r| (r.partition, r.offset)).collect();
         for m in batch {
             // A partition's recorded offset is loaded on its first record after start-up or a
             // rebalance, which is when a committed offset lost to retention shows: check then,
@@ -455,6 +480,8 @@ impl<'s> BatchLoop<'s> {
             })?;
             if offsets::already_applied(m.offset(), stored) {
                 stats.skipped += 1;
+            } else if m.topic() == self.erasures {
+                requests.push(ErasureRequest::of(m));
             } else {
                 fresh.push(SourceRecord {
                     topic: m.topic(),
@@ -475,7 +502,12 @@ impl<'s> BatchLoop<'s> {
         rejected.append(&mut decoded.rejected);
         // The users' states as the open unit left them.
         let view = StagedView { store: &s.store, staged: &self.staged };
-        let out = tokio::task::block_in_place(|| s.operator.process(&events, &view, EmittedAt::Now(now_ms)))?;
+        let mut out = tokio::task::block_in_place(|| s.operator.process(&events, &view, EmittedAt::Now(now_ms)))?;
+        // Erasure requests apply after the batch's events, except in partitions the wave cap
+        // holds back (see `forget`): those wait with the deferred events.
+        let held_partitions: BTreeSet<i32> = out.deferred.iter().map(|&i| events[i].source.partition).collect();
+        let (postponed, requests): (Vec<ErasureRequest>, Vec<ErasureRequest>) = requests.into_iter().partition(|r| held_partitions.contains(&r.partition));
+        let erased = self.erasures_of(&requests, &view, &mut out, &mut stats)?;
         let quarantined: Vec<QuarantinedState> = out
             .invalid_states
             .iter()
@@ -496,9 +528,22 @@ impl<'s> BatchLoop<'s> {
         }
         // The first offset of every partition the batch read, the deferred events it began with
         // included: where an abort rewinds to, and the partitions whose next offset it stages.
-        let first = offsets::first_offsets(batch.iter().map(|m| (m.topic(), m.partition(), m.offset())).chain(events[..carried].iter().map(|e| (&*e.source.topic, e.source.partition, e.source.offset))));
+        let erasures = self.erasures.as_str();
+        let first = offsets::first_offsets(
+            batch
+                .iter()
+                .map(|m| (m.topic(), m.partition(), m.offset()))
+                .chain(events[..carried].iter().map(|e| (&*e.source.topic, e.source.partition, e.source.offset)))
+                .chain(carried_requests.iter().map(|&(p, o)| (erasures, p, o))),
+        );
         let mut next: BTreeMap<(String, i32), i64> = first.keys().map(|k| (k.clone(), self.collected[k])).collect();
-        offsets::hold_at_deferred(&mut next, out.deferred.iter().map(|&i| (&*events[i].source.topic, events[i].source.partition, events[i].source.offset)));
+        offsets::hold_at_deferred(
+            &mut next,
+            out.deferred
+                .iter()
+                .map(|&i| (&*events[i].source.topic, events[i].source.partition, events[i].source.offset))
+                .chain(postponed.iter().map(|r| (erasures, r.partition, r.offset))),
+        );
         // An invalid record beyond a partition's held offset waits with the deferred events: it
         // is dead-lettered once the offset passes it, so a restart that reads it again cannot
         // dead-letter it twice.
@@ -527,6 +572,10 @@ impl<'s> BatchLoop<'s> {
         if sent.is_ok() && sink.exactly_once {
             sent = sink.send_states(&mut unit.window, &records, &tombstones).await;
         }
+        if sent.is_ok() && sink.exactly_once {
+            // After the batch's states, so that an erased user's last changelog record is its tombstone.
+            sent = sink.send_users(&mut unit.window, erased.iter().map(|(p, u)| (*p, u.as_str(), [].as_slice()))).await;
+        }
         unit.tombstones.extend(tombstones);
         if let Err(e) = sent {
             self.failed_unit(e, order)?;
@@ -535,11 +584,16 @@ impl<'s> BatchLoop<'s> {
         for ((p, u, _), bytes) in out.states.iter().zip(states) {
             self.staged.put_user(*p, u, bytes);
         }
+        for (p, u) in &erased {
+            self.staged.delete_user(*p, u);
+        }
+        self.health.live.forget(erased.iter().map(|(_, u)| u.as_str()));
         for ((t, p), o) in next {
             self.staged.put_offset(t, p, o);
         }
         self.carry = out.deferred.iter().map(|&i| events[i].clone()).collect();
         self.carry_rejected = held;
+        self.carry_erasures = postponed;
 
         stats.skipped += out.already_applied as u64;
         stats.intents = out.scored.len() as u64;
@@ -558,6 +612,74 @@ impl<'s> BatchLoop<'s> {
         unit.outcome.add(&stats);
         unit.latency.push((started, out.scored.iter().map(|x| events[x.input].event.ts).collect()));
         tracing::debug!(records = stats.records, intents = stats.intents, waves = stats.waves, deferred = stats.deferred, seconds = stats.seconds, "batch done");
+        Ok(())
+    }
+
+    /// The users the erasure `requests` name (each once), taken out of the batch's states `out`,
+    /// for the caller to stage as deleted and tombstone; counts them in `stats`. A request
+    /// without a usable user id is logged and counted, and otherwise ignored.
+    fn erasures_of(&self, requests: &[ErasureRequest], view: &StagedView<'_>, out: &mut intentflow_operators::BatchOutput, stats: &mut BatchStats) -> Result<Vec<(i32, String)>> {
+        let mut users: Vec<(i32, String)> = Vec::with_capacity(requests.len());
+        for r in requests {
+            match &r.user {
+                Some(user) => users.push((r.partition, user.clone())),
+                None => {
+                    stats.erasures_invalid += 1;
+                    tracing::warn!(topic = %self.erasures, partition = r.partition, offset = r.offset, "erasure request ignored: its key (the user id) is missing, empty, over 1024 bytes or not UTF-8");
+                }
+            }
+        }
+        if users.is_empty() {
+            return Ok(users);
+        }
+        let touched: BTreeSet<(i32, &str)> = out.states.iter().map(|(p, u, _)| (*p, u.as_str())).collect();
+        let stored = view.get_many(users.iter().map(|(p, u)| (*p, u.as_str())))?;
+        for (r, ((p, u), loaded)) in requests.iter().filter(|r| r.user.is_some()).zip(users.iter().zip(stored)) {
+            let existed = touched.contains(&(*p, u.as_str())) || !matches!(loaded, intentflow_state::Loaded::Absent);
+            if existed {
+                stats.erased += 1;
+            } else {
+                stats.erasures_absent += 1;
+            }
+            // The request's position, not the user id: the log must not keep what is erased.
+            tracing::info!(topic = %self.erasures, partition = r.partition, offset = r.offset, had_state = existed, "erasure request applied: the user's state is deleted, and tombstoned on the changelog, with this commit");
+        }
+        users.sort_unstable();
+        users.dedup();
+        out.states.retain(|(p, u, _)| users.binary_search_by(|(q, v)| (*q, v.as_str()).cmp(&(*p, u.as_str()))).is_err());
+        Ok(users)
+    }
+
+    /// One step of the expiry sweep ([`Sweep::step`]): the expired users it names are staged
+    /// as deleted in the open unit (begun if there is none) and tombstoned on the changelog.
+    async fn sweep_step(&mut self, order: Option<&mut InputOrder<'_>>) -> Result<()> {
+        let Some(sweep) = self.sweep.as_mut() else { return Ok(()) };
+        let s = self.s;
+        let assignment = s.consumer.context().assignment();
+        let ready: BTreeSet<i32> = assignment.partitions().into_iter().filter(|p| !assignment.restoring.contains(p)).collect();
+        let held: BTreeSet<i32> = self.carry.iter().map(|e| e.source.partition).chain(self.carry_erasures.iter().map(|r| r.partition)).collect();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let expired = tokio::task::block_in_place(|| sweep.step(&s.store, &self.staged, &ready, &held, now_ms))?;
+        if expired.is_empty() {
+            return Ok(());
+        }
+        if self.unit.is_none() {
+            self.unit = Some(self.begin_unit()?);
+        }
+        let unit = self.unit.as_mut().expect("begun above");
+        let sink = s.sink();
+        if sink.exactly_once {
+            if let Err(e) = sink.send_users(&mut unit.window, expired.iter().map(|(p, u)| (*p, u.as_str(), [].as_slice()))).await {
+                // The users stay; the next pass finds them again.
+                return self.failed_unit(e, order);
+            }
+        }
+        for (p, u) in &expired {
+            self.staged.delete_user(*p, u);
+        }
+        self.health.live.forget(expired.iter().map(|(_, u)| u.as_str()));
+        tracing::info!(users = expired.len(), ttl_ms = s.cfg.state_ttl_ms, "inactive users expired: their states are deleted, and tombstoned on the changelog, with this commit");
+        unit.outcome.expired += expired.len() as u64;
         Ok(())
     }
 
@@ -626,7 +748,7 @@ impl<'s> BatchLoop<'s> {
             self.applied.advance(t, *p, *o);
         }
         self.staged.clear();
-        if !sink.exactly_once {
+        if !sink.exactly_once && tpl.count() > 0 {
             if let Err(e) = s.consumer.commit(&tpl, CommitMode::Async) {
                 // The state store holds the offsets too, so a lost commit only costs a re-read.
                 tracing::warn!(error = %e, "offset commit failed");
@@ -689,6 +811,7 @@ impl<'s> BatchLoop<'s> {
     fn forget_collected(&mut self) {
         self.carry.clear();
         self.carry_rejected.clear();
+        self.carry_erasures.clear();
         self.collected.clear();
     }
 

@@ -53,7 +53,8 @@ impl Assignment {
         tpl
     }
 
-    fn partitions(&self) -> BTreeSet<i32> {
+    /// The assigned partition numbers.
+    pub fn partitions(&self) -> BTreeSet<i32> {
         self.topic_partitions.iter().map(|(_, p)| *p).collect()
     }
 }

@@ -175,7 +175,8 @@ impl BatchSink<'_> {
         })
     }
 
-    /// Sends users' encoded states to the changelog partitions of their input partitions.
+    /// Sends users' encoded states to the changelog partitions of their input partitions; an
+    /// empty state (a deleted user) goes as a tombstone.
     ///
     /// # Errors
     ///
@@ -185,7 +186,11 @@ impl BatchSink<'_> {
         for (partition, user, state) in users {
             key.clear();
             ChangelogKey::User(user).encode_into(&mut key);
-            window.send_tracked(self.changelog, partition, &key, state).await?;
+            if state.is_empty() {
+                window.send_tombstone(self.changelog, partition, &key).await?;
+            } else {
+                window.send_tracked(self.changelog, partition, &key, state).await?;
+            }
         }
         Ok(())
     }

@@ -3,13 +3,13 @@
 //! 1. a bootstrap from history, if asked for (`--bootstrap-from`, a replay into the state
 //!    directory); a directory left by an unfinished replay is refused;
 //! 2. the model, and the state store with the model check ([`StateDir::adopt_model`]);
-//! 3. the output (`output_topic` and each `[[output]]`), dead-letter and changelog topics (one
-//!    changelog partition per input partition);
+//! 3. the output (`output_topic` and each `[[output]]`), dead-letter, changelog and erasure
+//!    topics (one changelog and one erasure partition per input partition);
 //! 4. the producer; under exactly-once `init_transactions` fences an earlier life of this
 //!    instance and aborts its open transaction before any changelog partition is restored;
 //! 5. the consumer, whose rebalance context restores assigned partitions in the background;
 //! 6. the hand-over of a replayed state, if the directory holds one;
-//! 7. the subscription.
+//! 7. the subscription: the input topics and the erasure topic.
 
 use super::handover::hand_over;
 use super::rebalance::RebalanceContext;
@@ -132,6 +132,10 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
     if changelog_partitions < input_partitions {
         bail!("changelog topic {changelog} has {changelog_partitions} partitions, the input has {input_partitions}: it needs one per input partition");
     }
+    // Erasure requests are consumed with the input: partition p's requests with partition p's
+    // events (the range assignor gives one member the same partition of every topic).
+    let erasures = cfg.erasure_topic();
+    admin::ensure_erasure_topic(&clients, &erasures, input_partitions).await?;
 
     let instance = dir.instance_id(&cfg.instance_id)?;
     health.live.identify(operator.model().version(), &instance);
@@ -171,11 +175,11 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
         let (cfg, store) = (&started.cfg, &started.store);
         hand_over(&started.sink(), &started.consumer, store, &dir, &cfg.input_topics, input_partitions).await.context("handing the replayed state over")?;
     }
-    let topics: Vec<&str> = started.cfg.input_topics.iter().map(String::as_str).collect();
+    let topics: Vec<&str> = started.cfg.input_topics.iter().map(String::as_str).chain([erasures.as_str()]).collect();
     started.consumer.subscribe(&topics)?;
     let cfg = &started.cfg;
     tracing::info!(
-        topics = ?cfg.input_topics, group = %cfg.group, output = %cfg.output_topic, policy_outputs = ?cfg.outputs.iter().map(|o| &o.topic).collect::<Vec<_>>(), changelog = %started.changelog,
+        topics = ?cfg.input_topics, erasures = %erasures, group = %cfg.group, output = %cfg.output_topic, policy_outputs = ?cfg.outputs.iter().map(|o| &o.topic).collect::<Vec<_>>(), changelog = %started.changelog,
         guarantee = ?cfg.processing_guarantee, exactly_once, "subscribed"
     );
     Ok((started, restores))
