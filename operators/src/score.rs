@@ -506,6 +506,12 @@ impl IntentOperator {
                         // the outputs' memories: what they published is a fact of their topics.
                         UserState { fences: state.fences, outputs: state.outputs, ..UserState::default() }
                     }
+                    ModelPolicy::Migrate => {
+                        foreign_states += 1;
+                        // Only the hidden vector means nothing to the loaded model: it restarts
+                        // from zero below, and everything else goes on.
+                        UserState { hidden: Vec::new(), ..state }
+                    }
                 },
                 Loaded::Invalid { bytes, error } => {
                     invalid_states.push(InvalidState { partition: slot.partition, user: slot.user.clone(), bytes, error });
@@ -1044,9 +1050,27 @@ mod tests {
         store.commit([(0, user.as_str(), &foreign)], [], []).unwrap();
         let err = IntentOperator::new(model.clone()).process(&mine, &store, EmittedAt::EventTime).unwrap_err();
         assert!(err.to_string().contains("built by model gru-other"), "{err}");
-        let out = IntentOperator::new(model).with_model_policy(ModelPolicy::Reset).process(&mine, &store, EmittedAt::EventTime).unwrap();
+        let out = IntentOperator::new(model.clone()).with_model_policy(ModelPolicy::Reset).process(&mine, &store, EmittedAt::EventTime).unwrap();
         assert_eq!(out.foreign_states, 1);
         assert!(close(&out), "the user started fresh");
+
+        // Migrated (a model reload): the session goes on, the hidden vector restarts from zero.
+        let scratch_dir = tempfile::tempdir().unwrap();
+        let scratch = StateStore::open(scratch_dir.path(), StoreOptions::default()).unwrap();
+        let first = IntentOperator::new(model.clone()).process(&mine[..1], &scratch, EmittedAt::EventTime).unwrap();
+        let before = first.states[0].2.clone();
+        let old = UserState { hidden: vec![0.9; model.state_dim()], model_version: "gru-other".into(), ..before.clone() };
+        store.commit([(0, user.as_str(), &old)], [], []).unwrap();
+        let out = IntentOperator::new(model.clone()).with_model_policy(ModelPolicy::Migrate).process(&mine[1..2], &store, EmittedAt::EventTime).unwrap();
+        assert_eq!(out.foreign_states, 1);
+        let migrated = &out.states[0].2;
+        assert_eq!(migrated.model_version, model.version());
+        // The same as the user's own state with a zero hidden vector.
+        let zero = UserState { hidden: vec![0.0; model.state_dim()], ..before };
+        scratch.commit([(0, user.as_str(), &zero)], [], []).unwrap();
+        let want = IntentOperator::new(model).process(&mine[1..2], &scratch, EmittedAt::EventTime).unwrap();
+        assert_eq!(out.scored[0].score, want.scored[0].score);
+        assert_eq!(migrated, &want.states[0].2, "session counters, fences and the restarted hidden vector");
     }
 
     /// Resident states (here on the CPU slab, which runs the GPU path's logic) give the stateless

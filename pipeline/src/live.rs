@@ -91,13 +91,14 @@ impl Inner {
 pub struct Live {
     inner: Mutex<Inner>,
     started: Instant,
-    model_version: OnceLock<String>,
+    /// The model served now (a reload replaces it).
+    model_version: Mutex<String>,
     instance_id: OnceLock<String>,
 }
 
 impl Default for Live {
     fn default() -> Self {
-        Live { inner: Mutex::default(), started: Instant::now(), model_version: OnceLock::new(), instance_id: OnceLock::new() }
+        Live { inner: Mutex::default(), started: Instant::now(), model_version: Mutex::default(), instance_id: OnceLock::new() }
     }
 }
 
@@ -237,8 +238,13 @@ fn now_ms() -> i64 {
 impl Live {
     /// Names what is served (once the model is loaded and the instance id known).
     pub fn identify(&self, model_version: &str, instance_id: &str) {
-        let _ = self.model_version.set(model_version.to_string());
+        self.serves(model_version);
         let _ = self.instance_id.set(instance_id.to_string());
+    }
+
+    /// The model served from now on.
+    pub fn serves(&self, model_version: &str) {
+        *self.model_version.lock().expect("model lock") = model_version.to_string();
     }
 
     /// Forgets these users (erased or expired): the rising users no longer list them.
@@ -363,7 +369,7 @@ impl Live {
         };
         Status {
             status: health.phase(),
-            model_version: self.model_version.get().cloned().unwrap_or_default(),
+            model_version: self.model_version.lock().expect("model lock").clone(),
             instance_id: self.instance_id.get().cloned().unwrap_or_default(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             totals: health.totals(),

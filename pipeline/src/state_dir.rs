@@ -182,16 +182,20 @@ impl StateDir {
 
     /// Decides whether the states of `store` may continue under the loaded model: a store
     /// without a recorded model takes it; another model's states are refused, or (under
-    /// [`ModelPolicy::Reset`]) dropped so that every user starts from zero. Records the loaded
-    /// model as the store's.
+    /// [`ModelPolicy::Reset`]) dropped so that every user starts from zero, or (under
+    /// [`ModelPolicy::Migrate`]) kept for the operator to migrate user by user. Records the
+    /// loaded model as the store's.
     ///
     /// # Errors
     ///
     /// A store built by another model under [`ModelPolicy::Refuse`], and RocksDB errors.
     pub fn adopt_model(store: &StateStore, loaded: &str, policy: ModelPolicy) -> Result<()> {
-        match check_model(store.model_version()?.as_deref(), loaded, policy == ModelPolicy::Reset) {
+        match check_model(store.model_version()?.as_deref(), loaded, policy != ModelPolicy::Refuse) {
             ModelCheck::Same => return Ok(()),
             ModelCheck::Fresh => {}
+            ModelCheck::Reset { previous } if policy == ModelPolicy::Migrate => {
+                tracing::info!(previous = %previous, loaded, "the state was built by another model: each user's hidden vector restarts from zero at its next event (model_reload)");
+            }
             ModelCheck::Reset { previous } => {
                 tracing::warn!(previous = %previous, loaded, "the state was built by another model: every user starts from zero");
                 store.clear_users()?;
@@ -254,7 +258,10 @@ mod tests {
         StateDir::adopt_model(&store, "a", ModelPolicy::Refuse).unwrap();
         let err = StateDir::adopt_model(&store, "b", ModelPolicy::Refuse).unwrap_err().to_string();
         assert!(err.contains("built by model a") && err.contains("reset-state-on-model-change"), "{err}");
+        StateDir::adopt_model(&store, "c", ModelPolicy::Migrate).unwrap();
+        assert_eq!((store.model_version().unwrap().as_deref(), store.users().unwrap().len()), (Some("c"), 1), "migrated states are kept");
         StateDir::adopt_model(&store, "b", ModelPolicy::Reset).unwrap();
+        assert!(store.users().unwrap().is_empty(), "reset states are dropped");
         assert!(store.users().unwrap().is_empty());
         assert_eq!(store.model_version().unwrap().as_deref(), Some("b"));
     }

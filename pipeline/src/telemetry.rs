@@ -65,6 +65,9 @@ fn register() {
     for source in ["store", "changelog"] {
         state_records_invalid(source).absolute(0);
     }
+    for result in ["switched", "rejected"] {
+        model_reloads(result).absolute(0);
+    }
 }
 
 /// The `# HELP` text of every series (docs/metrics.md says more).
@@ -77,6 +80,7 @@ fn describe() {
     describe_counter!("intentflow_records_invalid_total", "Input records rejected and dead-lettered, by error_type.");
     describe_counter!("intentflow_state_resets_total", "Stored states restarted from zero, by reason (hidden_size, foreign_model).");
     describe_counter!("intentflow_erasure_requests_total", "Erasure requests (intentflow erase) applied, by result: deleted (a state was deleted and tombstoned), absent (no state here), invalid (no usable user id).");
+    describe_counter!("intentflow_model_reloads_total", "Model reloads (model_reload), by result: switched, or rejected (did not load or failed its check; the served model went on).");
     describe_counter!("intentflow_users_expired_total", "Users deleted (and tombstoned on the changelog) by the expiry sweep: no event for state_ttl_ms.");
     describe_counter!("intentflow_state_records_invalid_total", "State records that did not decode and were quarantined, by source (store, changelog).");
     describe_counter!("intentflow_batches_total", "Micro-batches processed.");
@@ -546,13 +550,30 @@ impl Default for BatchMetrics {
 /// Sets `intentflow_build_info{version, git_sha, model_version}` to 1: which build serves which
 /// model, for dashboards and alerts across a rolling update.
 pub fn build_info(model_version: &str) {
+    build_info_series(model_version).set(1.0);
+}
+
+/// After a model reload: `intentflow_build_info` is 0 for the model served before and 1 for the
+/// one served now, and `intentflow_model_reloads_total{result="switched"}` counts it.
+pub fn model_switched(previous: &str, now: &str) {
+    build_info_series(previous).set(0.0);
+    build_info(now);
+    model_reloads("switched").increment(1);
+}
+
+/// The counter of model reloads by result: `switched`, or `rejected` (a model that did not load
+/// or failed its check; the served one went on).
+pub fn model_reloads(result: &'static str) -> Counter {
+    metrics::counter!("intentflow_model_reloads_total", "result" => result)
+}
+
+fn build_info_series(model_version: &str) -> Gauge {
     metrics::gauge!(
         "intentflow_build_info",
         "version" => env!("CARGO_PKG_VERSION"),
         "git_sha" => env!("INTENTFLOW_GIT_SHA"),
         "model_version" => model_version.to_string()
     )
-    .set(1.0);
 }
 
 /// The counter of quarantined state records: `source` is `store` (the local RocksDB) or

@@ -138,6 +138,10 @@ pub enum ModelPolicy {
     Refuse,
     /// Drop the state: the user starts from zero with the loaded model.
     Reset,
+    /// Keep the state and continue it under the loaded model (`model_reload`): at its user's
+    /// next event its hidden vector restarts from zero, while its session counters, fences and
+    /// output memories stay.
+    Migrate,
 }
 
 impl ModelPolicy {

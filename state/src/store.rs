@@ -425,7 +425,7 @@ impl StateStore {
                         track.unusable.remove(key);
                         track.foreign.insert(user.to_string(), state.model_version);
                         match model.1 {
-                            ModelPolicy::Refuse => batch.put(user_key(partition, user), v),
+                            ModelPolicy::Refuse | ModelPolicy::Migrate => batch.put(user_key(partition, user), v),
                             ModelPolicy::Reset => {
                                 batch.delete(user_key(partition, user));
                                 out.reset_users += 1;

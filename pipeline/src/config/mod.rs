@@ -425,11 +425,15 @@ impl RunConfig {
         }
     }
 
-    /// What to do with a stored state built by another model: reset it when the run says so
-    /// (`reset_state_on_model_change`, or `model_reload = "reset"`, after which states of the
-    /// models served before remain), refuse it otherwise.
+    /// What to do with a stored state built by another model: migrate it user by user under
+    /// `model_reload = "reset"` (states of the models served before remain after a reload),
+    /// drop it with `reset_state_on_model_change`, refuse it otherwise.
     pub fn model_policy(&self) -> intentflow_state::changelog::ModelPolicy {
-        intentflow_state::changelog::ModelPolicy::from_reset_flag(self.reset_state_on_model_change || self.model_reload == ModelReload::Reset)
+        use intentflow_state::changelog::ModelPolicy;
+        match self.model_reload {
+            ModelReload::Reset => ModelPolicy::Migrate,
+            ModelReload::Off => ModelPolicy::from_reset_flag(self.reset_state_on_model_change),
+        }
     }
 
     /// The changelog topic: `changelog_topic`, or `<group>-changelog` when empty.

@@ -47,6 +47,10 @@
 //! SIGTERM/SIGINT the loop finishes the batch in hand and any deferred events, commits the unit
 //! and returns.
 //!
+//! Erasure requests (the erasure topic, consumed with the input) and the expiry sweep delete
+//! users' states within the unit (`forget`); a reloaded model ([`reload`]) is switched to
+//! between two units.
+//!
 //! The other modules: [`startup`] opens everything, [`handover`] adopts a replayed state,
 //! [`watchdog`] ends a process stuck in a transaction call, and `consume` is what the loop does
 //! with the consumer (collecting, rewinding, reporting gaps). What goes to the dead-letter topic
@@ -55,6 +59,7 @@
 mod consume;
 mod forget;
 pub mod handover;
+pub mod reload;
 pub mod inputs;
 pub mod rebalance;
 pub mod restore;
@@ -82,6 +87,7 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::Producer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use restore::RestoreDone;
+use startup::Serving;
 use sink::{changelog_positions, offsets_tpl, BatchRecords};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -141,7 +147,7 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
     health.set_phase(Phase::Starting);
     health.set_liveness_timeout_ms(cfg.liveness_timeout_ms);
     let (started, mut restores) = startup::start(cfg, &health).await?;
-    crate::telemetry::build_info(started.operator.model().version());
+    crate::telemetry::build_info(started.serving.version());
     // The state store's figures, now and every few seconds while the loop runs.
     let store = started.store.clone();
     let figures = tokio::spawn(async move {
@@ -152,7 +158,8 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
         }
     });
     health.set_phase(Phase::WaitingForAssignment);
-    let summary = BatchLoop::new(&started, &health).run(&mut shutdown, &mut restores).await;
+    let mut reloads = reload::watch(&started.cfg, started.serving.operator.model().device().clone(), started.serving.version())?;
+    let summary = BatchLoop::new(&started, &health).run(&mut shutdown, &mut restores, &mut reloads).await;
     figures.abort();
     health.set_phase(Phase::Stopped);
     started.consumer.unsubscribe();
@@ -201,6 +208,9 @@ struct BatchLoop<'s> {
     carry_erasures: Vec<ErasureRequest>,
     /// The expiry sweep, with a `state_ttl_ms`.
     sweep: Option<Sweep>,
+    /// The operator and model that score the batches: the one loaded at start-up until a
+    /// reload switches to another ([`reload`]).
+    serving: Arc<Serving>,
 }
 
 /// The batches of one commit interval: under exactly-once one Kafka transaction.
@@ -231,7 +241,7 @@ impl<'s> BatchLoop<'s> {
             s,
             health,
             decoder: EventDecoder::new(s.cfg.limits()),
-            metrics: BatchMetrics::default().with_outputs(s.operator.outputs().iter().map(|o| o.name.as_str())),
+            metrics: BatchMetrics::default().with_outputs(s.serving.operator.outputs().iter().map(|o| o.name.as_str())),
             invalid_states: crate::telemetry::state_records_invalid("store"),
             applied: offsets::AppliedOffsets::default(),
             generation: 0,
@@ -248,11 +258,17 @@ impl<'s> BatchLoop<'s> {
             erasures: s.cfg.erasure_topic(),
             carry_erasures: Vec::new(),
             sweep: Sweep::new(s.cfg.state_ttl_ms, s.cfg.state_ttl_sweep_ms),
+            serving: s.serving.clone(),
         }
     }
 
-    async fn run(mut self, shutdown: &mut watch::Receiver<bool>, restores: &mut tokio::sync::mpsc::UnboundedReceiver<RestoreDone>) -> Result<RunSummary> {
-        match self.batches(shutdown, restores).await {
+    async fn run(
+        mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        restores: &mut tokio::sync::mpsc::UnboundedReceiver<RestoreDone>,
+        reloads: &mut tokio::sync::mpsc::Receiver<Serving>,
+    ) -> Result<RunSummary> {
+        match self.batches(shutdown, restores, reloads).await {
             Ok(()) => Ok(self.summary),
             Err(e) => {
                 // Abort an open transaction now rather than leave it to block `read_committed`
@@ -266,7 +282,12 @@ impl<'s> BatchLoop<'s> {
     }
 
     /// The loop itself; returns on shutdown or on the first error.
-    async fn batches(&mut self, shutdown: &mut watch::Receiver<bool>, restores: &mut tokio::sync::mpsc::UnboundedReceiver<RestoreDone>) -> Result<()> {
+    async fn batches(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        restores: &mut tokio::sync::mpsc::UnboundedReceiver<RestoreDone>,
+        reloads: &mut tokio::sync::mpsc::Receiver<Serving>,
+    ) -> Result<()> {
         let s = self.s;
         let cfg = &s.cfg;
         let consumer = &s.consumer;
@@ -303,6 +324,11 @@ impl<'s> BatchLoop<'s> {
                     continue;
                 }
                 () = sleep_until(order.as_ref().and_then(InputOrder::deadline)) => None,
+                Some(serving) = reloads.recv() => {
+                    let _busy = self.health.busy();
+                    self.switch_model(serving, order.as_mut()).await?;
+                    continue;
+                }
                 () = sleep_until(self.sweep.as_ref().map(Sweep::due)) => {
                     let _busy = self.health.busy();
                     self.sweep_step(order.as_mut()).await?;
@@ -502,7 +528,8 @@ impl<'s> BatchLoop<'s> {
         rejected.append(&mut decoded.rejected);
         // The users' states as the open unit left them.
         let view = StagedView { store: &s.store, staged: &self.staged };
-        let mut out = tokio::task::block_in_place(|| s.operator.process(&events, &view, EmittedAt::Now(now_ms)))?;
+        let serving = self.serving.clone();
+        let mut out = tokio::task::block_in_place(|| serving.operator.process(&events, &view, EmittedAt::Now(now_ms)))?;
         // Erasure requests apply after the batch's events, except in partitions the wave cap
         // holds back (see `forget`): those wait with the deferred events.
         let held_partitions: BTreeSet<i32> = out.deferred.iter().map(|&i| events[i].source.partition).collect();
@@ -563,7 +590,7 @@ impl<'s> BatchLoop<'s> {
         for (partition, offset) in first {
             unit.first.entry(partition).and_modify(|o| *o = (*o).min(offset)).or_insert(offset);
         }
-        let sink = s.sink();
+        let sink = self.s.sink(self.serving.clone());
         // Inside a transaction order does not matter: the states go now, while the next batch
         // is scored, after the unit's tombstones (sent once per unit, before any state).
         // At-least-once sends states when the unit commits, after its intents are acknowledged.
@@ -597,7 +624,7 @@ impl<'s> BatchLoop<'s> {
 
         stats.skipped += out.already_applied as u64;
         stats.intents = out.scored.len() as u64;
-        stats.published = vec![0; s.operator.outputs().len()];
+        stats.published = vec![0; serving.operator.outputs().len()];
         out.published.iter().for_each(|p| stats.published[p.output] += 1);
         stats.state_resets = out.reset_states as u64;
         stats.foreign_states = out.foreign_states as u64;
@@ -667,7 +694,7 @@ impl<'s> BatchLoop<'s> {
             self.unit = Some(self.begin_unit()?);
         }
         let unit = self.unit.as_mut().expect("begun above");
-        let sink = s.sink();
+        let sink = self.s.sink(self.serving.clone());
         if sink.exactly_once {
             if let Err(e) = sink.send_users(&mut unit.window, expired.iter().map(|(p, u)| (*p, u.as_str(), [].as_slice()))).await {
                 // The users stay; the next pass finds them again.
@@ -683,9 +710,23 @@ impl<'s> BatchLoop<'s> {
         Ok(())
     }
 
+    /// Serves a reloaded model ([`reload`]) from the next batch on: the open unit, scored by the
+    /// model served so far, is committed first, and the store records the new model.
+    async fn switch_model(&mut self, serving: Serving, order: Option<&mut InputOrder<'_>>) -> Result<()> {
+        self.end_unit(order).await?;
+        let previous = self.serving.version().to_string();
+        self.s.store.set_model_version(serving.version())?;
+        self.serving = Arc::new(serving);
+        let now = self.serving.version();
+        crate::telemetry::model_switched(&previous, now);
+        self.health.live.serves(now);
+        tracing::info!(previous = %previous, model = now, "model switched: intents from the next batch on are scored by it; each state of an earlier model restarts its hidden vector at its user's next event");
+        Ok(())
+    }
+
     /// Opens a unit: a transaction under exactly-once.
     fn begin_unit(&self) -> Result<Unit<'s>> {
-        let sink = self.s.sink();
+        let sink = self.s.sink(self.serving.clone());
         let group = if sink.exactly_once {
             // Taken now, so that a rebalance before the commit fences the unit's offsets.
             Some(self.s.consumer.group_metadata().context("the consumer has no group metadata")?)
@@ -706,7 +747,7 @@ impl<'s> BatchLoop<'s> {
             return self.follow_generation(s.consumer.context().generation(), order);
         }
         let Some(mut unit) = self.unit.take() else { return Ok(()) };
-        let sink = s.sink();
+        let sink = self.s.sink(self.serving.clone());
         let commit_began = Instant::now();
         let committed = async {
             let tpl = offsets_tpl(self.staged.offsets())?;
@@ -772,7 +813,7 @@ impl<'s> BatchLoop<'s> {
     /// hand is already among them) and process them again. Under at-least-once the operator
     /// stops; a restart re-reads from the committed offsets.
     fn failed_unit(&mut self, e: anyhow::Error, order: Option<&mut InputOrder<'_>>) -> Result<()> {
-        if !self.s.sink().exactly_once {
+        if !self.s.sink(self.serving.clone()).exactly_once {
             return Err(e);
         }
         tracing::warn!(error = format!("{e:#}"), "transaction failed; aborting it and processing its batches again");
@@ -790,9 +831,9 @@ impl<'s> BatchLoop<'s> {
     /// states. Its tombstones are sent again by the next unit.
     fn abandon_unit(&mut self, why: &str) -> Result<()> {
         let Some(unit) = self.unit.take() else { return Ok(()) };
-        if self.s.sink().exactly_once {
+        if self.s.sink(self.serving.clone()).exactly_once {
             tracing::info!(batches = unit.batches, "aborting the open transaction after {why}");
-            self.s.sink().abort()?;
+            self.s.sink(self.serving.clone()).abort()?;
             self.metrics.unit_aborted();
             self.summary.aborted += 1;
         }
@@ -817,7 +858,7 @@ impl<'s> BatchLoop<'s> {
 
     /// After the last batch: under at-least-once, make the last position durable in the group.
     fn finish(&self) -> Result<()> {
-        if self.s.sink().exactly_once {
+        if self.s.sink(self.serving.clone()).exactly_once {
             // Every batch's offsets were committed in its transaction.
             return Ok(());
         }

@@ -279,7 +279,9 @@ impl Restorer {
                 return Err(e.into());
             }
         }
-        done.reset_users = track.foreign.len() as u64;
+        if self.policy == ModelPolicy::Reset {
+            done.reset_users = track.foreign.len() as u64;
+        }
         done.tombstones = track.tombstones(self.policy);
         done.seconds = started.elapsed().as_secs_f64();
         Ok(done)

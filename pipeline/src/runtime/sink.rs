@@ -10,7 +10,7 @@
 //! `intentflow_state::UserState::fences`) then keep the re-read events from being applied to it
 //! twice, and their intents were already delivered.
 
-use super::startup::IntentHeaders;
+use super::startup::Serving;
 use super::watchdog::Watchdog;
 use crate::kafka::DeliveryWindow;
 use anyhow::{Context, Result};
@@ -24,6 +24,7 @@ use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::TopicPartitionList;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Transaction calls give up after this long.
@@ -49,10 +50,10 @@ pub struct BatchSink<'a> {
     pub watchdog: &'a Watchdog,
     /// Whether batches are transactions.
     pub exactly_once: bool,
-    /// Headers of intent records (`output_headers`), or none.
-    pub intent_headers: Option<&'a IntentHeaders>,
-    /// The `[[output]]`s, in the order [`intentflow_operators::emit::Published::output`] indexes.
-    pub outputs: &'a [PolicyOutput],
+    /// The operator whose `[[output]]`s (in the order
+    /// [`intentflow_operators::emit::Published::output`] indexes) and headers of intent records
+    /// (`output_headers`) the batches' intents go out with.
+    pub serving: Arc<Serving>,
 }
 
 /// One batch's results, ready to send.
@@ -84,7 +85,7 @@ impl BatchSink<'_> {
             window.send_with_headers(self.output_topic, key, &buf, self.headers(self.output_schema)).await?;
         }
         for published in &batch.out.published {
-            let output = &self.outputs[published.output];
+            let output = &self.outputs()[published.output];
             buf.clear();
             batch.out.encode_published(batch.events, published, output, &mut buf);
             let key = batch.events[batch.out.scored[published.scored].input].event.user_id.as_bytes();
@@ -103,7 +104,12 @@ impl BatchSink<'_> {
 
     /// The headers of an intent record in `schema`, if records carry them.
     fn headers(&self, schema: IntentSchema) -> Option<OwnedHeaders> {
-        self.intent_headers.map(|h| h.of(schema).clone())
+        self.serving.intent_headers.as_ref().map(|h| h.of(schema).clone())
+    }
+
+    /// The `[[output]]`s.
+    fn outputs(&self) -> &[PolicyOutput] {
+        self.serving.operator.outputs()
     }
 
     /// Enqueues `tombstones`, then the batch's users' states, to the changelog. Tombstones come

@@ -24,7 +24,6 @@ use anyhow::{bail, Context, Result};
 use intentflow_model::IntentModel;
 use intentflow_schemas::IntentSchema;
 use intentflow_operators::IntentOperator;
-use intentflow_state::changelog::ModelPolicy;
 use intentflow_state::{StateStore, StoreOptions};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -37,8 +36,8 @@ use tokio::sync::mpsc;
 pub struct Started {
     /// The configuration.
     pub cfg: RunConfig,
-    /// The scoring operator with its model.
-    pub operator: IntentOperator,
+    /// The operator and model served at start-up (the loop switches to others on a reload).
+    pub serving: Arc<Serving>,
     /// The state store.
     pub store: Arc<StateStore>,
     /// The producer (transactional under exactly-once).
@@ -49,8 +48,39 @@ pub struct Started {
     pub changelog: String,
     /// The subscribed consumer.
     pub consumer: StreamConsumer<RebalanceContext>,
+}
+
+/// What scores the batches: the operator with its model, and the headers of intent records that
+/// name the model.
+pub struct Serving {
+    /// The scoring operator with its model.
+    pub operator: IntentOperator,
     /// The headers of intent records in each schema (`output_headers`), or none.
     pub intent_headers: Option<IntentHeaders>,
+}
+
+impl Serving {
+    /// `model` in an operator set up as `cfg` says: the policy for other models' states,
+    /// reasons, the wave cap, the `[[output]]`s, GPU-resident states.
+    ///
+    /// # Errors
+    ///
+    /// An invalid `[[output]]` and a GPU that cannot hold the resident slab.
+    pub fn new(cfg: &RunConfig, model: IntentModel) -> Result<Serving> {
+        let operator = IntentOperator::new(model)
+            .with_model_policy(cfg.model_policy())
+            .with_reasons(cfg.reasons)
+            .with_wave_cap(std::num::NonZeroUsize::new(cfg.max_waves_per_batch))
+            .with_outputs(cfg.policy_outputs()?)?
+            .with_gpu_resident_slots(cfg.gpu_resident_users)?;
+        let intent_headers = cfg.output_headers.then(|| IntentHeaders::new(operator.model().version()));
+        Ok(Serving { operator, intent_headers })
+    }
+
+    /// The version of the model served.
+    pub fn version(&self) -> &str {
+        self.operator.model().version()
+    }
 }
 
 /// The headers of intent records with `output_headers`: the schema and the model.
@@ -81,8 +111,8 @@ impl IntentHeaders {
 }
 
 impl Started {
-    /// The sink of the batches' results.
-    pub fn sink(&self) -> BatchSink<'_> {
+    /// The sink of the batches' results, with `serving`'s `[[output]]`s and headers.
+    pub fn sink(&self, serving: Arc<Serving>) -> BatchSink<'_> {
         BatchSink {
             producer: &self.producer,
             output_topic: &self.cfg.output_topic,
@@ -91,8 +121,7 @@ impl Started {
             changelog: &self.changelog,
             watchdog: &self.watchdog,
             exactly_once: self.cfg.processing_guarantee == ProcessingGuarantee::ExactlyOnce,
-            intent_headers: self.intent_headers.as_ref(),
-            outputs: self.operator.outputs(),
+            serving,
         }
     }
 }
@@ -111,15 +140,10 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
     let device = cfg.device.open()?;
     let model = IntentModel::load(&cfg.model_dir, &device)?;
     tracing::info!(version = model.version(), hidden = model.hidden_dim(), device = ?cfg.device, "model loaded");
-    let policy = ModelPolicy::from_reset_flag(cfg.reset_state_on_model_change);
-    let operator = IntentOperator::new(model)
-        .with_model_policy(policy)
-        .with_reasons(cfg.reasons)
-        .with_wave_cap(std::num::NonZeroUsize::new(cfg.max_waves_per_batch))
-        .with_outputs(cfg.policy_outputs()?)?
-        .with_gpu_resident_slots(cfg.gpu_resident_users)?;
+    let policy = cfg.model_policy();
+    let serving = Arc::new(Serving::new(&cfg, model)?);
     let store = Arc::new(dir.open_store(StoreOptions::with_cache_budget(cfg.state_cache_mib << 20))?);
-    StateDir::adopt_model(&store, operator.model().version(), policy)?;
+    StateDir::adopt_model(&store, serving.version(), policy)?;
 
     let clients = cfg.clients();
     let changelog = cfg.changelog();
@@ -138,7 +162,7 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
     admin::ensure_erasure_topic(&clients, &erasures, input_partitions).await?;
 
     let instance = dir.instance_id(&cfg.instance_id)?;
-    health.live.identify(operator.model().version(), &instance);
+    health.live.identify(serving.version(), &instance);
     let exactly_once = cfg.processing_guarantee == ProcessingGuarantee::ExactlyOnce;
     let producer = transactional_producer(&clients, &cfg, &instance)?;
 
@@ -147,7 +171,7 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
         clients: clients.clone(),
         topic: changelog.clone(),
         store: store.clone(),
-        model: operator.model().version().to_string(),
+        model: serving.version().to_string(),
         policy,
         dlq_topic: cfg.dlq_topic.clone(),
         health: health.clone(),
@@ -168,12 +192,11 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
     let consumer: StreamConsumer<RebalanceContext> = consumer_config.create_with_context(context).context("creating the Kafka consumer")?;
     // Beyond the retries of a transaction call plus a margin.
     let watchdog = Watchdog::start(RETRY_FOR + Duration::from_secs(30));
-    let intent_headers = cfg.output_headers.then(|| IntentHeaders::new(operator.model().version()));
-    let started = Started { cfg, operator, store, producer, watchdog, changelog, consumer, intent_headers };
+    let started = Started { cfg, serving, store, producer, watchdog, changelog, consumer };
 
     if dir.replay_status()?.is_some() {
         let (cfg, store) = (&started.cfg, &started.store);
-        hand_over(&started.sink(), &started.consumer, store, &dir, &cfg.input_topics, input_partitions).await.context("handing the replayed state over")?;
+        hand_over(&started.sink(started.serving.clone()), &started.consumer, store, &dir, &cfg.input_topics, input_partitions).await.context("handing the replayed state over")?;
     }
     let topics: Vec<&str> = started.cfg.input_topics.iter().map(String::as_str).chain([erasures.as_str()]).collect();
     started.consumer.subscribe(&topics)?;

@@ -161,7 +161,7 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
         store.sst_bytes()?
     };
     std::fs::remove_dir_all(&state_dir)?;
-    admin::delete_topics(&clients, &[&input, &output, &format!("{group}-changelog")]).await?;
+    admin::delete_topics(&clients, &[&input, &output, &format!("{group}-changelog"), &format!("{group}-erasures")]).await?;
     Ok(RunResult {
         mode: format!("live run, {}, commit interval {} ms", args.processing_guarantee, args.commit_interval_ms),
         rate,
