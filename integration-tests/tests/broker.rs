@@ -261,6 +261,13 @@ fn a_committed_offset_deleted_by_retention_follows_the_policy() {
     let loud: Vec<&str> = log.lines().filter(|l| l.contains("records deleted by retention")).collect();
     assert_eq!(loud.len(), 1, "{log}");
     assert!(loud[0].contains("ERROR") && loud[0].contains("lost=500") && loud[0].contains("expected=1000"), "{}", loud[0]);
+
+    // `fail` again, now that the input's committed offset exists: the erasure topic, whose
+    // partitions have none (no request yet), is read from its beginning and stops nothing.
+    let third = generated_events(10, 10, 23);
+    produce_events(&sc.brokers, &sc.input, &third).unwrap();
+    let (intents, _) = sc.run_until("fail-again", &sc.run_args(&["--offset-reset", "fail"]), 1_510, IDLE);
+    assert_eq!(intents.len(), 1_510);
 }
 
 /// Epoch milliseconds a year from now: far beyond the decoder's one-day tolerance.

@@ -145,10 +145,16 @@ fn users_inactive_past_the_ttl_expire_under_at_least_once_and_stay_expired_after
         e.ts = if old.contains(&e.user_id.to_string()) { now - 2 * 86_400_000 + offset } else { now - 600_000 + offset };
     }
     events.sort_by_key(|e| e.ts);
-    let ttl = [("INTENTFLOW_STATE_TTL_MS", "86400000"), ("INTENTFLOW_STATE_TTL_SWEEP_MS", "1000")];
-    let mut op = start_serving(&sc, "first", &args, &ttl, &addr);
+    // The first life scores everything without a TTL; the second sweeps what the store holds
+    // (an old user scored mid-sweep could otherwise expire twice).
+    let first = start_serving(&sc, "first", &args, &[], &addr);
     produce_events(&sc.brokers, &sc.input, &events).unwrap();
     assert_eq!(sc.intents(events.len(), IDLE).len(), events.len());
+    let (status, log) = first.terminate().unwrap();
+    assert!(status.success(), "{log}");
+    assert_eq!(stored_states(&sc.state).len(), users.len());
+    let ttl = [("INTENTFLOW_STATE_TTL_MS", "86400000"), ("INTENTFLOW_STATE_TTL_SWEEP_MS", "1000")];
+    let mut op = start_serving(&sc, "second", &args, &ttl, &addr);
     wait_for_metric(&addr, "intentflow_users_expired_total", old.len() as u64, &mut op, IDLE);
     let (status, log) = op.terminate().unwrap();
     assert!(status.success(), "{log}");

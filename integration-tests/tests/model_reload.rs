@@ -1,6 +1,6 @@
 //! A model update without a restart, on the real broker: the operator runs with
-//! `model_reload = "reset"`, a new model is written into its model directory while events
-//! stream in, and the operator is SIGKILLed after the switch and started again. Every event is
+//! `model_reload = "reset"`, a new model is written into its model directory while events are
+//! being scored, and the operator is SIGKILLed after the switch and started again. Every event is
 //! scored exactly once; each user's intents are the old model's and then the new one's; and the
 //! scores are bit for bit those of the old model up to the switch and of the new one after it,
 //! with each user's session going on and its hidden vector restarted from zero.
@@ -69,14 +69,14 @@ fn a_model_switched_mid_stream_and_a_crash_after_it_score_every_event_exactly_on
     let mut op = start("first");
     produce_events(&sc.brokers, &sc.input, &events[..5_000]).unwrap();
     wait_for_committed(&sc.brokers, &sc.group, &sc.input, 3_000, &mut op, IDLE);
-    // The new model arrives while events stream in.
+    // The new model arrives while the first events are being scored; the rest follow the switch.
     install_model(other.path(), &model_dir);
-    produce_events(&sc.brokers, &sc.input, &events[5_000..]).unwrap();
     let started = Instant::now();
     while metric(&http_get(&addr, "/metrics"), "intentflow_model_reloads_total{result=\"switched\"}") < 1 {
         assert!(op.exited().is_none() && started.elapsed() < IDLE, "no switch; log:\n{}", op.log_text());
         std::thread::sleep(Duration::from_millis(100));
     }
+    produce_events(&sc.brokers, &sc.input, &events[5_000..]).unwrap();
     assert!(op.log_text().contains("model switched"), "{}", op.log_text());
     wait_for_committed(&sc.brokers, &sc.group, &sc.input, 9_000, &mut op, IDLE);
     op.crash().unwrap();

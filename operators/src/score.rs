@@ -466,7 +466,8 @@ impl IntentOperator {
     /// no event is applied twice to a hidden state even when a crash let a state reach the
     /// changelog ahead of its input offset. A stored state that does not decode, or (under
     /// [`ModelPolicy::Reset`]) was built by another model, is replaced by a fresh one and
-    /// reported in the output.
+    /// reported in the output; under [`ModelPolicy::Migrate`] a state of another model goes on
+    /// with its hidden vector restarted from zero.
     ///
     /// # Errors
     ///

@@ -378,7 +378,8 @@ impl StateStore {
     /// not decode, or (a user state) uses an unknown encoding version is left out and returned in
     /// [`Applied::quarantined`]; its user, if any, is deleted so that it starts fresh. A user
     /// state built by another model than `model` is kept under [`ModelPolicy::Refuse`] (the
-    /// operator refuses it when loading it) and dropped under [`ModelPolicy::Reset`]. `track`
+    /// operator refuses it when loading it), kept under [`ModelPolicy::Migrate`] (the operator
+    /// migrates it) and dropped under [`ModelPolicy::Reset`]. `track`
     /// follows, across the chunks of one restore, which keys end on such a record (see
     /// [`RestoreTrack`]).
     ///

@@ -26,13 +26,15 @@ pub struct EraseArgs {
     /// write them).
     #[arg(long, default_value_t = 0)]
     pub wait_seconds: u64,
+    /// The brokers and the run's configuration (`--config`): the group, input topics,
+    /// `input_partitioner`, `erasure_topic` and Kafka security settings.
     #[command(flatten)]
     pub kafka: KafkaArgs,
 }
 
 /// One written request: where it lies in the erasure topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
+struct Request {
     /// The user.
     pub user: String,
     /// Partition of the erasure topic, that of the user's events.
@@ -54,11 +56,15 @@ pub async fn erase_cmd(args: &EraseArgs) -> Result<()> {
     }
     let clients = cfg.clients();
     let topic = cfg.erasure_topic();
+    if let Some(missing) = cfg.input_topics.iter().find(|t| !matches!(admin::partition_count(&clients, t), Ok(Some(_)))) {
+        bail!("input topic {missing} does not exist on {}: erase takes the run's configuration (--config), whose input topics give the partition of each user", cfg.brokers);
+    }
     let partitions = admin::input_partition_count(&clients, &cfg.input_topics)?;
     admin::ensure_erasure_topic(&clients, &topic, partitions).await?;
     let producer = clients.producer(&[])?;
     let mut window = DeliveryWindow::new(&producer, 1024);
     let now = intentflow_schemas::format_ts_ms(chrono::Utc::now().timestamp_millis());
+    let mut requests = Vec::with_capacity(args.users.len());
     for user in &args.users {
         let partition = cfg.input_partitioner.partition(user.as_bytes(), partitions);
         let payload = serde_json::json!({ "user_id": user, "requested_at": now }).to_string();
@@ -66,24 +72,25 @@ pub async fn erase_cmd(args: &EraseArgs) -> Result<()> {
         // One at a time, so that each request's offset is known.
         window.finish().await?;
         let offset = window.tracked()[&partition];
-        let request = Request { user: user.clone(), partition, offset };
         println!("erasure of user {user} requested: {topic} partition {partition} offset {offset}");
-        if args.wait_seconds > 0 {
-            tokio::task::block_in_place(|| await_applied(&clients, &cfg.group, &topic, &request, Duration::from_secs(args.wait_seconds)))?;
-            println!("erasure of user {user} applied: its state and changelog record are deleted");
-        }
+        requests.push(Request { user: user.clone(), partition, offset });
     }
     if args.wait_seconds == 0 {
         println!("the operators of group {} apply them with their next commit (intentflow erase --wait-seconds N waits for it)", cfg.group);
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(args.wait_seconds);
+    for request in &requests {
+        tokio::task::block_in_place(|| await_applied(&clients, &cfg.group, &topic, request, deadline))?;
+        println!("erasure of user {} applied: its state and changelog record are deleted", request.user);
     }
     Ok(())
 }
 
 /// Waits until `group` has committed an offset past `request` on its partition: the operator
 /// applied it (the commit is the transaction that deleted the state).
-fn await_applied(clients: &crate::kafka::KafkaClients, group: &str, topic: &str, request: &Request, wait: Duration) -> Result<()> {
+fn await_applied(clients: &crate::kafka::KafkaClients, group: &str, topic: &str, request: &Request, deadline: Instant) -> Result<()> {
     let consumer: BaseConsumer = clients.reader_config(group, "read_committed").create().context("creating a Kafka consumer")?;
-    let deadline = Instant::now() + wait;
     loop {
         let mut tpl = rdkafka::TopicPartitionList::new();
         tpl.add_partition(topic, request.partition);
@@ -94,12 +101,11 @@ fn await_applied(clients: &crate::kafka::KafkaClients, group: &str, topic: &str,
         }
         if Instant::now() >= deadline {
             bail!(
-                "the erasure of user {} ({topic} partition {} offset {}) is not applied after {} s: is an operator of group {group} running? \
+                "the erasure of user {} ({topic} partition {} offset {}) is not applied yet: is an operator of group {group} running? \
                  The request stays in the topic and is applied when one is",
                 request.user,
                 request.partition,
-                request.offset,
-                wait.as_secs()
+                request.offset
             );
         }
         std::thread::sleep(Duration::from_millis(200));

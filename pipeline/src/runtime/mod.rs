@@ -146,6 +146,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Arc<Health>) -> Result<RunSummary> {
     health.set_phase(Phase::Starting);
     health.set_liveness_timeout_ms(cfg.liveness_timeout_ms);
+    let before = reload::Before::take(&cfg)?;
     let (started, mut restores) = startup::start(cfg, &health).await?;
     crate::telemetry::build_info(started.serving.version());
     // The state store's figures, now and every few seconds while the loop runs.
@@ -158,7 +159,7 @@ pub async fn run(cfg: RunConfig, mut shutdown: watch::Receiver<bool>, health: Ar
         }
     });
     health.set_phase(Phase::WaitingForAssignment);
-    let mut reloads = reload::watch(&started.cfg, started.serving.operator.model().device().clone(), started.serving.version())?;
+    let mut reloads = reload::watch(&started.cfg, before, started.serving.operator.model().device().clone(), started.serving.version());
     let summary = BatchLoop::new(&started, &health).run(&mut shutdown, &mut restores, &mut reloads).await;
     figures.abort();
     health.set_phase(Phase::Stopped);
@@ -530,11 +531,6 @@ impl<'s> BatchLoop<'s> {
         let view = StagedView { store: &s.store, staged: &self.staged };
         let serving = self.serving.clone();
         let mut out = tokio::task::block_in_place(|| serving.operator.process(&events, &view, EmittedAt::Now(now_ms)))?;
-        // Erasure requests apply after the batch's events, except in partitions the wave cap
-        // holds back (see `forget`): those wait with the deferred events.
-        let held_partitions: BTreeSet<i32> = out.deferred.iter().map(|&i| events[i].source.partition).collect();
-        let (postponed, requests): (Vec<ErasureRequest>, Vec<ErasureRequest>) = requests.into_iter().partition(|r| held_partitions.contains(&r.partition));
-        let erased = self.erasures_of(&requests, &view, &mut out, &mut stats)?;
         let quarantined: Vec<QuarantinedState> = out
             .invalid_states
             .iter()
@@ -564,13 +560,12 @@ impl<'s> BatchLoop<'s> {
                 .chain(carried_requests.iter().map(|&(p, o)| (erasures, p, o))),
         );
         let mut next: BTreeMap<(String, i32), i64> = first.keys().map(|k| (k.clone(), self.collected[k])).collect();
-        offsets::hold_at_deferred(
-            &mut next,
-            out.deferred
-                .iter()
-                .map(|&i| (&*events[i].source.topic, events[i].source.partition, events[i].source.offset))
-                .chain(postponed.iter().map(|r| (erasures, r.partition, r.offset))),
-        );
+        offsets::hold_at_deferred(&mut next, out.deferred.iter().map(|&i| (&*events[i].source.topic, events[i].source.partition, events[i].source.offset)));
+        // Erasure requests apply after the batch's events, once their users have nothing beyond
+        // the position their partition commits (see `forget`); the others wait, their offsets
+        // held like deferred events'.
+        let (erased, postponed) = self.erasures_of(requests, &view, &mut out, &events, &next, &mut stats)?;
+        offsets::hold_at_deferred(&mut next, postponed.iter().map(|r| (erasures, r.partition, r.offset)));
         // An invalid record beyond a partition's held offset waits with the deferred events: it
         // is dead-lettered once the offset passes it, so a restart that reads it again cannot
         // dead-letter it twice.
@@ -614,7 +609,6 @@ impl<'s> BatchLoop<'s> {
         for (p, u) in &erased {
             self.staged.delete_user(*p, u);
         }
-        self.health.live.forget(erased.iter().map(|(_, u)| u.as_str()));
         for ((t, p), o) in next {
             self.staged.put_offset(t, p, o);
         }
@@ -635,6 +629,7 @@ impl<'s> BatchLoop<'s> {
         stats.seconds = started.elapsed().as_secs_f64();
         self.metrics.emit_batch(&stats, self.health);
         self.health.live.batch(stats.records, out.scored.iter().map(|x| (events[x.input].event.user_id.as_str(), x.score)));
+        self.health.live.forget(erased.iter().map(|(_, u)| u.as_str()));
         let unit = self.unit.as_mut().expect("begun above");
         unit.outcome.add(&stats);
         unit.latency.push((started, out.scored.iter().map(|x| events[x.input].event.ts).collect()));
@@ -642,51 +637,95 @@ impl<'s> BatchLoop<'s> {
         Ok(())
     }
 
-    /// The users the erasure `requests` name (each once), taken out of the batch's states `out`,
-    /// for the caller to stage as deleted and tombstone; counts them in `stats`. A request
-    /// without a usable user id is logged and counted, and otherwise ignored.
-    fn erasures_of(&self, requests: &[ErasureRequest], view: &StagedView<'_>, out: &mut intentflow_operators::BatchOutput, stats: &mut BatchStats) -> Result<Vec<(i32, String)>> {
-        let mut users: Vec<(i32, String)> = Vec::with_capacity(requests.len());
+    /// Decides the batch's erasure `requests`: returns the users to forget now (each once),
+    /// taken out of the batch's states `out`, for the caller to stage as deleted and tombstone,
+    /// and the requests that must wait: those of a partition with events the wave cap deferred,
+    /// and those of a user with events beyond the position its partition commits (`next`, else
+    /// the unit's staged offsets, else the store's; see `forget`). Counts them in `stats`. A
+    /// request without a usable user id is logged and counted, and otherwise ignored.
+    fn erasures_of(
+        &self,
+        requests: Vec<ErasureRequest>,
+        view: &StagedView<'_>,
+        out: &mut intentflow_operators::BatchOutput,
+        events: &[PositionedEvent],
+        next: &BTreeMap<(String, i32), i64>,
+        stats: &mut BatchStats,
+    ) -> Result<(Vec<(i32, String)>, Vec<ErasureRequest>)> {
+        let (mut valid, mut postponed) = (Vec::with_capacity(requests.len()), Vec::new());
+        let held: BTreeSet<i32> = out.deferred.iter().map(|&i| events[i].source.partition).collect();
         for r in requests {
-            match &r.user {
-                Some(user) => users.push((r.partition, user.clone())),
-                None => {
-                    stats.erasures_invalid += 1;
-                    tracing::warn!(topic = %self.erasures, partition = r.partition, offset = r.offset, "erasure request ignored: its key (the user id) is missing, empty, over 1024 bytes or not UTF-8");
-                }
+            if held.contains(&r.partition) {
+                postponed.push(r);
+            } else if r.user.is_some() {
+                valid.push(r);
+            } else {
+                stats.erasures_invalid += 1;
+                tracing::warn!(topic = %self.erasures, partition = r.partition, offset = r.offset, "erasure request ignored: its key (the user id) is missing, empty, over 1024 bytes or not UTF-8");
             }
         }
-        if users.is_empty() {
-            return Ok(users);
+        let mut users: Vec<(i32, String)> = Vec::with_capacity(valid.len());
+        if valid.is_empty() {
+            return Ok((users, postponed));
         }
-        let touched: BTreeSet<(i32, &str)> = out.states.iter().map(|(p, u, _)| (*p, u.as_str())).collect();
-        let stored = view.get_many(users.iter().map(|(p, u)| (*p, u.as_str())))?;
-        for (r, ((p, u), loaded)) in requests.iter().filter(|r| r.user.is_some()).zip(users.iter().zip(stored)) {
-            let existed = touched.contains(&(*p, u.as_str())) || !matches!(loaded, intentflow_state::Loaded::Absent);
-            if existed {
+        fn user(r: &ErasureRequest) -> (i32, &str) {
+            (r.partition, r.user.as_deref().expect("valid requests name a user"))
+        }
+        let stored = view.get_many(valid.iter().map(user))?;
+        for (r, loaded) in valid.into_iter().zip(stored) {
+            let (partition, name) = user(&r);
+            // The user's latest state: the batch's, else the unit's or the store's.
+            let state = match out.states.iter().rev().find(|(p, u, _)| *p == partition && u == name) {
+                Some((_, _, s)) => Some(s),
+                None => match &loaded {
+                    intentflow_state::Loaded::State(s) => Some(s),
+                    _ => None,
+                },
+            };
+            if state.is_some_and(|s| forget::applied_beyond(s, |topic| self.position(topic, partition, next))) {
+                postponed.push(r);
+                continue;
+            }
+            let had_state = state.is_some() || matches!(loaded, intentflow_state::Loaded::Invalid { .. });
+            if users.iter().any(|(p, u)| *p == partition && u == name) {
+                // A second request of the same user in the batch: already counted.
+            } else if had_state {
                 stats.erased += 1;
             } else {
                 stats.erasures_absent += 1;
             }
             // The request's position, not the user id: the log must not keep what is erased.
-            tracing::info!(topic = %self.erasures, partition = r.partition, offset = r.offset, had_state = existed, "erasure request applied: the user's state is deleted, and tombstoned on the changelog, with this commit");
+            tracing::info!(topic = %self.erasures, partition, offset = r.offset, had_state, "erasure request applied: the user's state is deleted, and tombstoned on the changelog, with this commit");
+            users.push((partition, name.to_string()));
         }
         users.sort_unstable();
         users.dedup();
         out.states.retain(|(p, u, _)| users.binary_search_by(|(q, v)| (*q, v.as_str()).cmp(&(*p, u.as_str()))).is_err());
-        Ok(users)
+        Ok((users, postponed))
+    }
+
+    /// Where input topic `topic` (a [`intentflow_state::topic_id`]) of `partition` stands once
+    /// the open unit commits: the batch's `next` offset, else the unit's staged one, else the
+    /// store's (`None` for a topic that is not an input, or with no recorded offset).
+    fn position(&self, topic: u32, partition: i32, next: &BTreeMap<(String, i32), i64>) -> Option<i64> {
+        let name = self.s.cfg.input_topics.iter().find(|t| intentflow_state::topic_id(t) == topic)?;
+        let key = (name.clone(), partition);
+        next.get(&key).or_else(|| self.staged.offsets().get(&key)).copied().or_else(|| self.s.store.offset(name, partition).ok().flatten())
     }
 
     /// One step of the expiry sweep ([`Sweep::step`]): the expired users it names are staged
     /// as deleted in the open unit (begun if there is none) and tombstoned on the changelog.
     async fn sweep_step(&mut self, order: Option<&mut InputOrder<'_>>) -> Result<()> {
-        let Some(sweep) = self.sweep.as_mut() else { return Ok(()) };
+        let Some(mut sweep) = self.sweep.take() else { return Ok(()) };
         let s = self.s;
         let assignment = s.consumer.context().assignment();
-        let ready: BTreeSet<i32> = assignment.partitions().into_iter().filter(|p| !assignment.restoring.contains(p)).collect();
-        let held: BTreeSet<i32> = self.carry.iter().map(|e| e.source.partition).chain(self.carry_erasures.iter().map(|r| r.partition)).collect();
+        let ready: BTreeSet<i32> = assignment.owned.iter().copied().filter(|p| !assignment.restoring.contains(p)).collect();
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let expired = tokio::task::block_in_place(|| sweep.step(&s.store, &self.staged, &ready, &held, now_ms))?;
+        let none = BTreeMap::new();
+        let this = &*self;
+        let stepped = tokio::task::block_in_place(|| sweep.step(&s.store, &this.staged, &ready, now_ms, |p, state| forget::applied_beyond(state, |t| this.position(t, p, &none))));
+        self.sweep = Some(sweep);
+        let expired = stepped?;
         if expired.is_empty() {
             return Ok(());
         }
@@ -813,7 +852,7 @@ impl<'s> BatchLoop<'s> {
     /// hand is already among them) and process them again. Under at-least-once the operator
     /// stops; a restart re-reads from the committed offsets.
     fn failed_unit(&mut self, e: anyhow::Error, order: Option<&mut InputOrder<'_>>) -> Result<()> {
-        if !self.s.sink(self.serving.clone()).exactly_once {
+        if !self.s.exactly_once() {
             return Err(e);
         }
         tracing::warn!(error = format!("{e:#}"), "transaction failed; aborting it and processing its batches again");
@@ -831,7 +870,7 @@ impl<'s> BatchLoop<'s> {
     /// states. Its tombstones are sent again by the next unit.
     fn abandon_unit(&mut self, why: &str) -> Result<()> {
         let Some(unit) = self.unit.take() else { return Ok(()) };
-        if self.s.sink(self.serving.clone()).exactly_once {
+        if self.s.exactly_once() {
             tracing::info!(batches = unit.batches, "aborting the open transaction after {why}");
             self.s.sink(self.serving.clone()).abort()?;
             self.metrics.unit_aborted();
@@ -858,7 +897,7 @@ impl<'s> BatchLoop<'s> {
 
     /// After the last batch: under at-least-once, make the last position durable in the group.
     fn finish(&self) -> Result<()> {
-        if self.s.sink(self.serving.clone()).exactly_once {
+        if self.s.exactly_once() {
             // Every batch's offsets were committed in its transaction.
             return Ok(());
         }

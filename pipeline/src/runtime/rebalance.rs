@@ -8,12 +8,23 @@
 //! to the batch loop, which resumes that partition ([`Assignment::resume`]) if it still belongs to
 //! the same assignment. Every rebalance event bumps a generation counter: the loop drops a batch
 //! collected across a rebalance, and a restore whose partition was revoked stops early.
+//!
+//! The erasure topic is assigned with the input topics. Its partitions without a committed
+//! offset (no request applied yet) start from their beginning whatever `offset_reset` says (one
+//! committed-offsets request per assignment, before the assignment is made), so that no request
+//! is skipped and `offset_reset = "fail"` does not stop on them. A partition number counts as
+//! this instance's (restored, resumed, swept) only when its input partitions are assigned: in a
+//! group where some members do not consume the erasure topic (a rolling upgrade), an erasure
+//! partition assigned without its input partition stays paused until the next rebalance.
 
 use super::restore::{RestoreDone, Restorer};
 use crate::config::OffsetReset;
 use crate::telemetry::Health;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::{ClientContext, Statistics, TopicPartitionList};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
+use std::time::Duration;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +41,8 @@ pub struct RebalanceContext {
     assignment: Mutex<Assignment>,
     /// Where a partition without a committed offset starts: for its lag before it is consumed.
     offset_reset: OffsetReset,
+    /// The erasure topic.
+    erasures: String,
 }
 
 /// The current assignment.
@@ -37,6 +50,8 @@ pub struct RebalanceContext {
 pub struct Assignment {
     /// Assigned `(topic, partition)`s.
     pub topic_partitions: Vec<(String, i32)>,
+    /// The partition numbers whose input partitions are assigned: this instance's.
+    pub owned: BTreeSet<i32>,
     /// Partitions whose restore has not finished.
     pub restoring: BTreeSet<i32>,
     /// When the partitions were assigned.
@@ -52,18 +67,36 @@ impl Assignment {
         }
         tpl
     }
-
-    /// The assigned partition numbers.
-    pub fn partitions(&self) -> BTreeSet<i32> {
-        self.topic_partitions.iter().map(|(_, p)| *p).collect()
-    }
 }
 
 impl RebalanceContext {
     /// A context that restores with `restorer` and reports finished restores to `done`.
     /// `offset_reset` is the group's policy for partitions without a committed offset.
-    pub fn new(health: Arc<Health>, restorer: Arc<Restorer>, done: UnboundedSender<RestoreDone>, offset_reset: OffsetReset) -> RebalanceContext {
-        RebalanceContext { health, restorer, done, generation: Arc::new(AtomicU64::new(0)), assignment: Mutex::new(Assignment::default()), offset_reset }
+    /// `erasures` is the erasure topic.
+    pub fn new(health: Arc<Health>, restorer: Arc<Restorer>, done: UnboundedSender<RestoreDone>, offset_reset: OffsetReset, erasures: String) -> RebalanceContext {
+        RebalanceContext { health, restorer, done, generation: Arc::new(AtomicU64::new(0)), assignment: Mutex::new(Assignment::default()), offset_reset, erasures }
+    }
+
+    /// Sets the erasure partitions of `tpl` that have no committed offset to start from their
+    /// beginning (see the module docs).
+    fn erasures_from_their_start(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let mut erasures = TopicPartitionList::new();
+        for e in tpl.elements_for_topic(&self.erasures) {
+            erasures.add_partition(&self.erasures, e.partition());
+        }
+        if erasures.count() == 0 {
+            return;
+        }
+        match consumer.committed_offsets(erasures, Duration::from_secs(10)) {
+            Ok(committed) => {
+                for e in committed.elements().iter().filter(|e| e.offset() == Offset::Invalid) {
+                    if let Err(err) = tpl.set_partition_offset(&self.erasures, e.partition(), Offset::Beginning) {
+                        tracing::warn!(partition = e.partition(), error = %err, "could not start an erasure partition at its beginning");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(topic = %self.erasures, error = %e, "committed offsets of the erasure topic unknown: its new partitions start where offset_reset says"),
+        }
     }
 
     /// The current generation: it changes with every rebalance event.
@@ -121,13 +154,39 @@ impl ClientContext for RebalanceContext {
             };
             if let Some(lag) = partition_lag(p.ls_offset, p.app_offset, p.committed_offset, reset) {
                 lag_gauge(&topic, partition).set(lag as f64);
-                self.health.live.set_lag(&topic, partition, lag);
+                // The status page shows the clickstream's lag; the erasure topic's (requests not
+                // applied yet) is in the metric alone.
+                if topic != self.erasures {
+                    self.health.live.set_lag(&topic, partition, lag);
+                }
             }
         }
     }
 }
 
 impl ConsumerContext for RebalanceContext {
+    /// rdkafka's own rebalance (for the eager assignors, the only ones accepted), with the
+    /// erasure partitions' starting offsets set before the assignment.
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let assign = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS;
+        if assign {
+            self.erasures_from_their_start(consumer, tpl);
+        }
+        let client = consumer.client().native_ptr();
+        // SAFETY: the client pointer is valid while `consumer` lives and the list's for the
+        // call; librdkafka copies the list.
+        let result = unsafe { rdkafka::bindings::rd_kafka_assign(client, if assign { tpl.ptr() } else { std::ptr::null_mut() }) };
+        if result != RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
+            tracing::error!(error = ?result, assign, "librdkafka refused the (un)assignment");
+        }
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+            e => Rebalance::Error(KafkaError::Rebalance(e.into())),
+        };
+        self.post_rebalance(consumer, &rebalance);
+    }
+
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         // The eager assignors revoke everything, then assign the new set. (Asking the consumer
         // for its assignment here can deadlock while it closes.)
@@ -140,7 +199,8 @@ impl ConsumerContext for RebalanceContext {
                     tracing::error!(error = %e, "pausing newly assigned partitions failed");
                 }
                 a.topic_partitions = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
-                a.restoring = a.partitions();
+                a.owned = a.topic_partitions.iter().filter(|(t, _)| *t != self.erasures).map(|(_, p)| *p).collect();
+                a.restoring = a.owned.clone();
                 a.since = Some(std::time::Instant::now());
                 let partitions: Vec<i32> = a.restoring.iter().copied().collect();
                 tracing::info!(partitions = ?partitions, generation, "partitions assigned; restoring them in the background");

@@ -34,67 +34,117 @@ use tokio::sync::mpsc;
 /// How long a changed model directory must stay unchanged before it is loaded.
 pub const SETTLE: Duration = Duration::from_millis(500);
 
-/// Each file of a directory: name, size, modification time.
-type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+/// How many times in a row a changing directory is waited for before the look is given up
+/// (the next one tries again).
+const SETTLE_TRIES: u32 = 20;
 
-fn fingerprint(dir: &Path) -> Fingerprint {
-    let mut files: Fingerprint = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let meta = e.metadata().ok()?;
-            meta.is_file().then(|| (e.file_name().into(), meta.len(), meta.modified().ok()))
-        })
-        .collect();
-    files.sort();
-    files
+/// Each file of a directory, symbolic links followed (a Kubernetes ConfigMap or projected
+/// volume is links to links): name, where it leads, size, modification time.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fingerprint(Vec<(PathBuf, Option<PathBuf>, u64, Option<SystemTime>)>);
+
+impl Fingerprint {
+    /// The fingerprint of `dir` now (empty when it cannot be read).
+    pub fn of(dir: &Path) -> Fingerprint {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let meta = std::fs::metadata(e.path()).ok()?;
+                let target = std::fs::canonicalize(e.path()).ok();
+                meta.is_file().then(|| (e.file_name().into(), target, meta.len(), meta.modified().ok()))
+            })
+            .collect();
+        files.sort();
+        Fingerprint(files)
+    }
 }
 
-/// Starts the watcher of `cfg.model_dir` (on `device`, serving `served` now). The receiver
-/// yields each checked new model, ready to serve; it never yields with `model_reload = "off"`.
-///
-/// # Errors
-///
-/// If the SIGHUP handler cannot be installed.
-pub fn watch(cfg: &RunConfig, device: Device, served: &str) -> Result<mpsc::Receiver<Serving>> {
+/// The watcher's inputs taken before the model is loaded at start-up, so that nothing written
+/// or signalled while the operator starts is missed: the model directory's fingerprint and the
+/// SIGHUP stream (installed now: SIGHUP would otherwise end the process).
+pub struct Before {
+    fingerprint: Fingerprint,
+    hangups: tokio::signal::unix::Signal,
+}
+
+impl Before {
+    /// Takes them for `cfg`'s model directory.
+    ///
+    /// # Errors
+    ///
+    /// If the SIGHUP handler cannot be installed.
+    pub fn take(cfg: &RunConfig) -> Result<Before> {
+        let hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        Ok(Before { fingerprint: Fingerprint::of(&cfg.model_dir), hangups })
+    }
+}
+
+/// Starts the watcher of `cfg.model_dir` (on `device`, serving `served` now, loaded after
+/// `before` was taken). The receiver yields each checked new model, ready to serve; it never
+/// yields with `model_reload = "off"`.
+pub fn watch(cfg: &RunConfig, before: Before, device: Device, served: &str) -> mpsc::Receiver<Serving> {
     let (tx, rx) = mpsc::channel(1);
-    let mut hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let Before { fingerprint: mut known, mut hangups } = before;
     let (cfg, mut served) = (cfg.clone(), served.to_string());
     tokio::spawn(async move {
         let every = (cfg.model_reload == ModelReload::Reset && cfg.model_watch_ms > 0).then(|| Duration::from_millis(cfg.model_watch_ms));
-        let mut known = fingerprint(&cfg.model_dir);
+        // A look right away: the directory may have changed while the operator started.
+        let mut first = true;
         loop {
-            let hangup = tokio::select! {
-                h = hangups.recv() => h.is_some(),
-                () = async {
-                    match every {
-                        Some(d) => tokio::time::sleep(d).await,
-                        None => std::future::pending().await,
-                    }
-                } => false,
+            let hangup = if std::mem::take(&mut first) {
+                false
+            } else {
+                tokio::select! {
+                    h = hangups.recv() => h.is_some(),
+                    () = async {
+                        match every {
+                            Some(d) => tokio::time::sleep(d).await,
+                            None => std::future::pending().await,
+                        }
+                    } => false,
+                }
             };
             if cfg.model_reload == ModelReload::Off {
-                tracing::warn!("SIGHUP received: ignored, model_reload is off (docs/model-updates.md)");
+                if hangup {
+                    tracing::warn!("SIGHUP received: ignored, model_reload is off (docs/model-updates.md)");
+                }
                 continue;
             }
-            let now = fingerprint(&cfg.model_dir);
+            let mut now = Fingerprint::of(&cfg.model_dir);
             if now == known && !hangup {
                 continue;
             }
-            tokio::time::sleep(SETTLE).await;
-            if fingerprint(&cfg.model_dir) != now {
-                // Still being written: the next look tries again.
+            // Wait for the writer to finish: the files must stay as they are for SETTLE.
+            let mut tries = 0;
+            loop {
+                tokio::time::sleep(SETTLE).await;
+                let again = Fingerprint::of(&cfg.model_dir);
+                if again == now {
+                    break;
+                }
+                now = again;
+                tries += 1;
+                if tries == SETTLE_TRIES {
+                    break;
+                }
+            }
+            if tries == SETTLE_TRIES {
+                tracing::warn!(dir = %cfg.model_dir.display(), "model_dir keeps changing: looked at again later");
                 continue;
             }
             known = now;
-            let (dir, dev, current) = (cfg.model_dir.clone(), device.clone(), served.clone());
+            let (job_cfg, dev, current) = (cfg.clone(), device.clone(), served.clone());
             let began = std::time::Instant::now();
-            let checked = tokio::task::spawn_blocking(move || check(&dir, &dev, &current)).await;
+            // Loading, checking and building the operator (a GPU slab included) off the runtime's threads.
+            let checked = tokio::task::spawn_blocking(move || check(&job_cfg.model_dir, &dev, &current).and_then(|m| m.map(|m| Serving::new(&job_cfg, m)).transpose())).await;
             let serving = match checked {
-                Ok(Ok(Some(model))) => Serving::new(&cfg, model),
+                Ok(Ok(Some(serving))) => Ok(serving),
                 Ok(Ok(None)) => {
-                    tracing::info!(model = %served, hangup, "model_dir holds the model already served: nothing to switch to");
+                    if hangup {
+                        tracing::info!(model = %served, "model_dir holds the model already served: nothing to switch to");
+                    }
                     continue;
                 }
                 Ok(Err(e)) => Err(e),
@@ -115,7 +165,7 @@ pub fn watch(cfg: &RunConfig, device: Device, served: &str) -> Result<mpsc::Rece
             }
         }
     });
-    Ok(rx)
+    rx
 }
 
 /// Loads the model in `dir` on `device` and checks that it can serve: `None` when it is the
@@ -151,14 +201,26 @@ mod tests {
     #[test]
     fn a_changed_file_changes_the_fingerprint() {
         let dir = tempfile::tempdir().unwrap();
-        let before = fingerprint(dir.path());
-        assert!(before.is_empty());
+        assert_eq!(Fingerprint::of(dir.path()), Fingerprint::default());
         std::fs::write(dir.path().join("model.json"), "{}").unwrap();
-        let one = fingerprint(dir.path());
-        assert_eq!(one.len(), 1);
+        let one = Fingerprint::of(dir.path());
+        assert_eq!(one.0.len(), 1);
+        assert_eq!(Fingerprint::of(dir.path()), one);
         std::fs::write(dir.path().join("model.json"), "{ }").unwrap();
-        assert_ne!(fingerprint(dir.path()), one, "a new size");
-        assert!(fingerprint(&dir.path().join("missing")).is_empty());
+        assert_ne!(Fingerprint::of(dir.path()), one, "a new size");
+        // A link to another file of the same size and time, as a ConfigMap update makes.
+        let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+        std::fs::write(&a, "1").unwrap();
+        std::fs::copy(&a, &b).unwrap();
+        let linked = dir.path().join("linked");
+        std::fs::create_dir(&linked).unwrap();
+        std::os::unix::fs::symlink(&a, linked.join("model.json")).unwrap();
+        let via_a = Fingerprint::of(&linked);
+        assert_eq!(via_a.0.len(), 1, "a link to a file counts as the file");
+        std::fs::remove_file(linked.join("model.json")).unwrap();
+        std::os::unix::fs::symlink(&b, linked.join("model.json")).unwrap();
+        assert_ne!(Fingerprint::of(&linked), via_a, "the link leads elsewhere");
+        assert_eq!(Fingerprint::of(&dir.path().join("missing")), Fingerprint::default());
     }
 
     #[test]

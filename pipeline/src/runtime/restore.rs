@@ -14,7 +14,7 @@
 //!
 //! A changelog record that cannot be used — it does not decode, names no known key, or uses a
 //! newer encoding — is quarantined to the dead-letter topic and its user starts fresh; a
-//! partition whose users end on another model's state is refused or those users dropped, per
+//! partition whose users end on another model's state is refused, those users dropped or (under `model_reload`) kept for the operator to migrate, per
 //! the configured policy. Neither stops the partition (a refusal stops the operator, by the
 //! user's choice). Keys that end on a quarantined or dropped record are returned, and the batch
 //! loop writes their tombstones in the partition's next transaction, so the changelog converges

@@ -111,6 +111,11 @@ impl IntentHeaders {
 }
 
 impl Started {
+    /// Whether batches are Kafka transactions (`processing_guarantee = "exactly_once"`).
+    pub fn exactly_once(&self) -> bool {
+        self.cfg.processing_guarantee == ProcessingGuarantee::ExactlyOnce
+    }
+
     /// The sink of the batches' results, with `serving`'s `[[output]]`s and headers.
     pub fn sink(&self, serving: Arc<Serving>) -> BatchSink<'_> {
         BatchSink {
@@ -120,7 +125,7 @@ impl Started {
             dlq_topic: &self.cfg.dlq_topic,
             changelog: &self.changelog,
             watchdog: &self.watchdog,
-            exactly_once: self.cfg.processing_guarantee == ProcessingGuarantee::ExactlyOnce,
+            exactly_once: self.exactly_once(),
             serving,
         }
     }
@@ -176,7 +181,7 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
         dlq_topic: cfg.dlq_topic.clone(),
         health: health.clone(),
     })?;
-    let context = RebalanceContext::new(health.clone(), Arc::new(restorer), done_tx, cfg.offset_reset);
+    let context = RebalanceContext::new(health.clone(), Arc::new(restorer), done_tx, cfg.offset_reset, erasures.clone());
     let mut consumer_config = clients.group_consumer_config(&cfg.group, &instance, cfg.offset_reset.librdkafka());
     // Per-user queries: the instance's address, advertised to the group through its client id.
     if let Some(address) = cfg.query_address()? {
