@@ -82,7 +82,7 @@ pub async fn erase_cmd(args: &EraseArgs) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(args.wait_seconds);
     for request in &requests {
         tokio::task::block_in_place(|| await_applied(&clients, &cfg.group, &topic, request, deadline))?;
-        println!("erasure of user {} applied: its state and changelog record are deleted", request.user);
+        println!("erasure of user {} applied: its state, if its partition held one, is deleted and tombstoned on the changelog", request.user);
     }
     Ok(())
 }
