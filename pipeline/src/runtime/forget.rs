@@ -156,7 +156,7 @@ mod tests {
         let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
         let now = 10_000_000;
         // Partition 0: 25,000 users, every third one inactive; partition 1: one old user;
-        // partition 2 (not ready) and 3 (held back): old users that must stay.
+        // partition 2 (not ready) and 3 (events beyond its position): old users that must stay.
         let users: Vec<(i32, String, UserState)> = (0..25_000)
             .map(|i| (0, format!("u{i:05}"), state(if i % 3 == 0 { now - 5_000 } else { now - 10 })))
             .chain([(1, "a".to_string(), state(0)), (2, "b".to_string(), state(0)), (3, "c".to_string(), state(0))])
