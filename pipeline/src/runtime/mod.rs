@@ -585,7 +585,7 @@ impl<'s> BatchLoop<'s> {
         for (partition, offset) in first {
             unit.first.entry(partition).and_modify(|o| *o = (*o).min(offset)).or_insert(offset);
         }
-        let sink = self.s.sink(self.serving.clone());
+        let sink = s.sink(serving.clone());
         // Inside a transaction order does not matter: the states go now, while the next batch
         // is scored, after the unit's tombstones (sent once per unit, before any state).
         // At-least-once sends states when the unit commits, after its intents are acknowledged.
@@ -629,7 +629,9 @@ impl<'s> BatchLoop<'s> {
         stats.seconds = started.elapsed().as_secs_f64();
         self.metrics.emit_batch(&stats, self.health);
         self.health.live.batch(stats.records, out.scored.iter().map(|x| (events[x.input].event.user_id.as_str(), x.score)));
-        self.health.live.forget(erased.iter().map(|(_, u)| u.as_str()));
+        if !erased.is_empty() {
+            self.health.live.forget(erased.iter().map(|(_, u)| u.as_str()));
+        }
         let unit = self.unit.as_mut().expect("begun above");
         unit.outcome.add(&stats);
         unit.latency.push((started, out.scored.iter().map(|x| events[x.input].event.ts).collect()));
@@ -652,6 +654,9 @@ impl<'s> BatchLoop<'s> {
         next: &BTreeMap<(String, i32), i64>,
         stats: &mut BatchStats,
     ) -> Result<(Vec<(i32, String)>, Vec<ErasureRequest>)> {
+        if requests.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
         let (mut valid, mut postponed) = (Vec::with_capacity(requests.len()), Vec::new());
         let held: BTreeSet<i32> = out.deferred.iter().map(|&i| events[i].source.partition).collect();
         for r in requests {
