@@ -66,9 +66,11 @@ fn sigkill_at_random_moments_loses_nothing_doubles_nothing_and_keeps_states_bit_
     // One wave per batch: a user's second event in a batch waits for the next one, so kills
     // also land while events are deferred and their partitions' offsets held back (a restart
     // reads the other users' events after them again, and their fences skip them).
+    // Three compute threads: a full batch's users are scored in three shards side by side
+    // whatever the machine's cores, so kills also land while shards are being merged.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2026);
     let parts: Vec<&[(String, Vec<u8>)]> = records.chunks(records.len().div_ceil(7)).collect();
-    let args = sc.run_args(&["--max-batch-records", "1000", "--max-waves-per-batch", "1"]);
+    let args = sc.run_args(&["--max-batch-records", "2000", "--max-waves-per-batch", "1", "--compute-threads", "3"]);
     let mut logs = Vec::new();
     let mut produced = 0;
     let snapshot = sc.dir.path().join("snapshot");

@@ -8,7 +8,9 @@ use intentflow_state::changelog::ModelPolicy;
 use intentflow_state::{topic_id, Loaded, StateError, StateRead, UserState};
 use crate::resident::{Resident, ResidentBatch};
 use intentflow_model::{ResidentRow, ResidentStates};
+use rayon::prelude::*;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::num::NonZeroUsize;
 use std::sync::{Mutex, PoisonError};
 
@@ -61,8 +63,11 @@ pub struct BatchOutput {
     threshold: Option<f64>,
     /// Events in the batch's input: the slice `intent` and `encode_intent` must be given.
     inputs: usize,
-    /// The final state of every user the batch touched, keyed by (partition, user id).
+    /// The final state of every user the batch touched, keyed by (partition, user id), in the
+    /// order of each user's first event in the batch.
     pub states: Vec<(i32, String, UserState)>,
+    /// Input index of the first event of each of `states`' users: how shards' states merge.
+    state_firsts: Vec<usize>,
     /// Users whose stored hidden vector did not fit the model and was restarted from zero.
     pub reset_states: usize,
     /// Users whose stored state was built by another model and was dropped
@@ -74,10 +79,11 @@ pub struct BatchOutput {
     /// Events their user's state had already applied (fenced: a redelivery after a crash under
     /// at-least-once). They are not applied again and get no intent.
     pub already_applied: usize,
-    /// Batched model steps taken (the number of waves).
+    /// Waves of the batch: the most events one user had applied in it (each shard steps its
+    /// own waves).
     pub waves: usize,
-    /// Wall time of each wave's model step in seconds (the recurrent step and the head, not the
-    /// features or the state reads around it).
+    /// Wall time of each batched model step in seconds (one per wave of each shard; the
+    /// recurrent step and the head, not the features or the state reads around it).
     pub step_seconds: Vec<f64>,
     /// Events left for the next batch by the wave cap ([`IntentOperator::with_wave_cap`]): the
     /// later events of users with more than the cap, as input indices in input order. They are
@@ -92,6 +98,62 @@ pub struct BatchOutput {
 }
 
 impl BatchOutput {
+    /// One batch's output from the outputs of its shards, each of which scored a disjoint set
+    /// of its users: scores in input order (published intents with them), session ids,
+    /// states, rejections and deferrals of all, counts summed, `waves` the deepest shard's.
+    fn merge(mut parts: Vec<BatchOutput>) -> BatchOutput {
+        if parts.len() == 1 {
+            return parts.pop().expect("one part");
+        }
+        // Where each shard's scored events go among all, by input index (unique to one shard).
+        let mut order: Vec<(usize, usize, usize)> =
+            parts.iter().enumerate().flat_map(|(p, part)| part.scored.iter().enumerate().map(move |(j, s)| (s.input, p, j))).collect();
+        order.sort_unstable_by_key(|&(input, _, _)| input);
+        let mut position: Vec<Vec<usize>> = parts.iter().map(|p| vec![0; p.scored.len()]).collect();
+        let mut session_base = Vec::with_capacity(parts.len());
+        let mut base = 0;
+        for part in &parts {
+            session_base.push(base);
+            base += part.session_ids.len() as u32;
+        }
+        let mut scored = Vec::with_capacity(order.len());
+        for (k, &(_, p, j)) in order.iter().enumerate() {
+            position[p][j] = k;
+            let mut s = parts[p].scored[j];
+            s.session_id = s.session_id.map(|i| i + session_base[p]);
+            scored.push(s);
+        }
+        let first = &parts[0];
+        let mut out = BatchOutput {
+            scored,
+            emitted_at: first.emitted_at.clone(),
+            model_version: first.model_version.clone(),
+            threshold: first.threshold,
+            inputs: first.inputs,
+            ..BatchOutput::default()
+        };
+        for (part, position) in parts.into_iter().zip(&position) {
+            out.session_ids.extend(part.session_ids);
+            out.states.extend(part.states);
+            out.state_firsts.extend(part.state_firsts);
+            out.published.extend(part.published.into_iter().map(|p| Published { scored: position[p.scored], ..p }));
+            out.reset_states += part.reset_states;
+            out.foreign_states += part.foreign_states;
+            out.invalid_states.extend(part.invalid_states);
+            out.already_applied += part.already_applied;
+            out.waves = out.waves.max(part.waves);
+            out.step_seconds.extend(part.step_seconds);
+            out.deferred.extend(part.deferred);
+        }
+        // Stable: one event's intents (one per output) come from one shard, in output order.
+        out.published.sort_by_key(|p| p.scored);
+        let mut states: Vec<_> = std::mem::take(&mut out.state_firsts).into_iter().zip(std::mem::take(&mut out.states)).collect();
+        states.sort_unstable_by_key(|&(first, _)| first);
+        (out.state_firsts, out.states) = states.into_iter().unzip();
+        out.deferred.sort_unstable();
+        out
+    }
+
     /// The shop's session id of a scored event.
     pub fn session_id(&self, scored: &Scored) -> Option<&str> {
         scored.session_id.map(|i| self.session_ids[i as usize].as_str())
@@ -316,12 +378,18 @@ pub enum EmittedAt {
     EventTime,
 }
 
+/// Seed of the hash that puts a user in a shard: any fixed value (a user's shard changes
+/// nothing but which core scores it).
+const SHARD_SEED: u64 = 0x1e7e_47f1_0a5c_0de5;
+
 /// One user's slot during a batch.
 struct Slot {
     partition: i32,
     user: String,
     state: UserState,
     inputs: Vec<usize>,
+    /// Input index of the user's first event in the batch, applied or not.
+    first: usize,
     /// The batch's index of this user's current session id, once one was recorded.
     session_id: Option<u32>,
 }
@@ -340,13 +408,30 @@ pub struct IntentOperator {
     /// Outputs with an emit policy, and the keys of their memories in user states.
     outputs: Vec<PolicyOutput>,
     output_ids: Vec<u32>,
+    /// Shards a batch's users are split into, each scored on a core of its own; `None`: one per
+    /// core of rayon's pool, at most one per [`MIN_SHARD_EVENTS`] events.
+    shards: Option<NonZeroUsize>,
 }
+
+/// Events per shard below which a batch is not split further: a shard must outweigh handing it
+/// to another core.
+const MIN_SHARD_EVENTS: usize = 512;
 
 impl IntentOperator {
     /// Wraps a loaded model; states of another model are refused. Every wave is stepped with
     /// the stateless [`IntentModel::step`] until [`IntentOperator::with_resident_slots`].
     pub fn new(model: IntentModel) -> IntentOperator {
-        IntentOperator { model, policy: ModelPolicy::Refuse, fencing: true, reasons: false, resident: None, wave_cap: None, outputs: Vec::new(), output_ids: Vec::new() }
+        IntentOperator {
+            model,
+            policy: ModelPolicy::Refuse,
+            fencing: true,
+            reasons: false,
+            resident: None,
+            wave_cap: None,
+            outputs: Vec::new(),
+            output_ids: Vec::new(),
+            shards: None,
+        }
     }
 
     /// Keeps up to `slots` users' hidden states resident where the model steps (least recently
@@ -447,6 +532,29 @@ impl IntentOperator {
         &self.outputs
     }
 
+    /// Splits each batch's users into `shards` shards (0: one per core, the default), scored on
+    /// rayon's pool side by side: a user's events all fall into one shard (by a hash of its
+    /// partition and id) and stay in order there. Nothing but time depends on it: a row's step is
+    /// the same whatever rows share its wave, so scores, states, intents and their order are
+    /// the same for any number of shards (tested). A batch is split into at most one shard per
+    /// 512 events unless `shards` is given, and never when hidden states are resident on a
+    /// device ([`IntentOperator::with_resident_slots`]), whose waves are better large.
+    pub fn with_shards(mut self, shards: usize) -> IntentOperator {
+        self.shards = NonZeroUsize::new(shards);
+        self
+    }
+
+    /// The shards a batch of `events` events is split into.
+    fn shards_for(&self, events: usize) -> usize {
+        if self.resident.is_some() {
+            return 1;
+        }
+        match self.shards {
+            Some(n) => n.get(),
+            None => rayon::current_num_threads().min(events / MIN_SHARD_EVENTS).max(1),
+        }
+    }
+
     /// What to do with a stored state built by another model.
     pub fn with_model_policy(mut self, policy: ModelPolicy) -> IntentOperator {
         self.policy = policy;
@@ -473,13 +581,33 @@ impl IntentOperator {
     ///
     /// State read errors, a state of another model under [`ModelPolicy::Refuse`], and model
     /// errors; the batch then has no effect.
-    pub fn process(&self, events: &[PositionedEvent], store: &impl StateRead, stamp: EmittedAt) -> Result<BatchOutput, OperatorError> {
+    ///
+    /// The batch's users are scored in shards side by side ([`IntentOperator::with_shards`]).
+    pub fn process(&self, events: &[PositionedEvent], store: &(impl StateRead + Sync), stamp: EmittedAt) -> Result<BatchOutput, OperatorError> {
+        let shards = self.shards_for(events.len());
+        if shards == 1 {
+            return self.process_shard(events, 0..events.len(), store, stamp);
+        }
+        let hasher = foldhash::fast::FixedState::with_seed(SHARD_SEED);
+        let mut rows: Vec<Vec<usize>> = vec![Vec::with_capacity(events.len() / shards + 1); shards];
+        for (i, pe) in events.iter().enumerate() {
+            let shard = hasher.hash_one((pe.source.partition, pe.event.user_id.as_str())) % shards as u64;
+            rows[shard as usize].push(i);
+        }
+        let parts = rows.par_iter().map(|rows| self.process_shard(events, rows.iter().copied(), store, stamp)).collect::<Result<Vec<_>, _>>()?;
+        Ok(BatchOutput::merge(parts))
+    }
+
+    /// Scores the events at `rows` (ascending indices into `events`, every event of each of
+    /// their users): [`IntentOperator::process`] of one shard.
+    fn process_shard(&self, events: &[PositionedEvent], rows: impl Iterator<Item = usize>, store: &impl StateRead, stamp: EmittedAt) -> Result<BatchOutput, OperatorError> {
         let mut slots: Vec<Slot> = Vec::new();
         let mut index: HashMap<(i32, &str), usize> = HashMap::new();
-        for (i, pe) in events.iter().enumerate() {
+        for i in rows {
+            let pe = &events[i];
             let key = (pe.source.partition, pe.event.user_id.as_str());
             let slot = *index.entry(key).or_insert_with(|| {
-                slots.push(Slot { partition: key.0, user: key.1.to_string(), state: UserState::default(), inputs: Vec::new(), session_id: None });
+                slots.push(Slot { partition: key.0, user: key.1.to_string(), state: UserState::default(), inputs: Vec::new(), first: i, session_id: None });
                 slots.len() - 1
             });
             slots[slot].inputs.push(i);
@@ -681,6 +809,7 @@ impl IntentOperator {
             threshold: self.model.meta().threshold,
             inputs: events.len(),
             resident: resident_report,
+            state_firsts: slots.iter().filter(|s| !s.inputs.is_empty()).map(|s| s.first).collect(),
             states: slots.into_iter().filter(|s| !s.inputs.is_empty()).map(|s| (s.partition, s.user, s.state)).collect(),
             reset_states,
             foreign_states,
@@ -994,6 +1123,68 @@ mod tests {
         assert!(deferred_total > 0, "the cap deferred events");
         assert_eq!(scored, expected, "the same scores for the same events, each once");
         assert_eq!(store.users().unwrap(), uncapped.users().unwrap(), "the same final states");
+    }
+
+    /// Scoring a batch's users in shards side by side changes nothing but time: over the same
+    /// batches (with policy outputs, a wave cap and redelivered events), one shard and three
+    /// give the same intents byte for byte, in the same order, the same published intents,
+    /// deferrals, fenced counts and stored states.
+    #[test]
+    fn shards_change_no_intent_state_or_order() {
+        use crate::emit::{EmitPolicy, PolicyOutput};
+        let events = spread(&generated(300, 6_000), 4);
+        let outputs = vec![
+            PolicyOutput { name: "alerts".into(), policy: EmitPolicy::Threshold { enter: 0.3, leave: 0.2 }, exclude_purchases: true, schema: IntentSchema::V2 },
+            PolicyOutput { name: "moves".into(), policy: EmitPolicy::Delta { min_change: 0.05 }, exclude_purchases: false, schema: IntentSchema::V1 },
+        ];
+        // Everything a batch hands its caller, as bytes and indices, and its states in order.
+        type Seen = (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<usize>, usize, usize, Vec<(i32, String, UserState)>);
+        let run = |shards: usize| -> (Vec<Seen>, Vec<(i32, String, UserState)>) {
+            let op = IntentOperator::new(model()).with_outputs(outputs.clone()).unwrap().with_wave_cap(NonZeroUsize::new(3)).with_shards(shards);
+            let dir = tempfile::tempdir().unwrap();
+            let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+            let (mut seen, mut carry) = (Vec::new(), Vec::<PositionedEvent>::new());
+            for (k, chunk) in events.chunks(1_500).enumerate() {
+                let mut batch = std::mem::take(&mut carry);
+                // Every other batch gets the one before it again, as after a crash.
+                if k % 2 == 1 {
+                    batch.extend_from_slice(&events[(k - 1) * 1_500..k * 1_500]);
+                }
+                batch.extend_from_slice(chunk);
+                let out = op.process(&batch, &store, EmittedAt::Now(1_700_000_000_000)).unwrap();
+                assert_eq!(out.step_seconds.len() > out.waves, shards > 1 && !out.scored.is_empty(), "each shard steps its own waves");
+                let intents = out
+                    .scored
+                    .iter()
+                    .map(|s| {
+                        let mut buf = Vec::new();
+                        out.encode_intent(&batch, s, &mut buf);
+                        buf
+                    })
+                    .collect();
+                let published = out
+                    .published
+                    .iter()
+                    .map(|p| {
+                        let mut buf = Vec::new();
+                        out.encode_published(&batch, p, &outputs[p.output], &mut buf);
+                        buf
+                    })
+                    .collect();
+                seen.push((intents, published, out.deferred.clone(), out.already_applied, out.waves, out.states.clone()));
+                carry = out.deferred.iter().map(|&i| batch[i].clone()).collect();
+                store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
+            }
+            (seen, store.users().unwrap())
+        };
+        let (one, one_states) = run(1);
+        let (three, three_states) = run(3);
+        assert!(one.iter().any(|s| !s.2.is_empty()) && one.iter().any(|s| s.3 > 0) && one.iter().all(|s| !s.1.is_empty()), "deferrals, redeliveries and published intents occur");
+        assert_eq!(one.len(), three.len());
+        for (k, (a, b)) in one.iter().zip(&three).enumerate() {
+            assert!(a == b, "batch {k}: one shard and three differ");
+        }
+        assert_eq!(one_states, three_states, "the same stored states");
     }
 
     /// A redelivered event is below its user's fence: not applied again, no intent; the rest of

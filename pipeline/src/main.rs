@@ -1,6 +1,6 @@
 //! `intentflow`: purchase-intent scores from Kafka clickstreams.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use intentflow_pipeline::{commands, config, replay, runtime, telemetry};
 use std::sync::Arc;
@@ -80,6 +80,13 @@ fn watch_signals() -> Result<watch::Receiver<bool>> {
 
 async fn run(args: config::RunArgs) -> Result<()> {
     let cfg = config::RunConfig::resolve(&args)?;
+    if cfg.compute_threads > 0 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.compute_threads)
+            .thread_name(|i| format!("intentflow-compute-{i}"))
+            .build_global()
+            .context("starting the compute threads")?;
+    }
     let health = Arc::new(telemetry::Health::default());
     if let Some(addr) = cfg.metrics_socket()? {
         let prometheus = telemetry::install_recorder()?;

@@ -86,7 +86,7 @@ fn describe() {
     describe_counter!("intentflow_batches_total", "Micro-batches processed.");
     describe_histogram!("intentflow_batch_seconds", Unit::Seconds, "Wall time of a micro-batch.");
     describe_histogram!("intentflow_batch_records", Unit::Count, "Records per micro-batch.");
-    describe_counter!("intentflow_model_steps_total", "Batched model steps (waves).");
+    describe_counter!("intentflow_model_steps_total", "Batched model steps (a wave of one shard of a batch).");
     describe_counter!("intentflow_events_deferred_total", "Events the wave cap (max_waves_per_batch) left for the next batch.");
     describe_gauge!("intentflow_gpu_resident_users", Unit::Count, "Users whose hidden states are resident on the GPU.");
     describe_counter!("intentflow_gpu_state_loads_total", "Hidden states uploaded to GPU slots.");
@@ -438,7 +438,7 @@ pub struct BatchStats {
     pub foreign_states: u64,
     /// Wall time of the batch.
     pub seconds: f64,
-    /// GRU steps (waves) in the batch.
+    /// Batched model steps in the batch (a wave of each of its shards).
     pub waves: u64,
     /// Events the wave cap left for the next batch (`max_waves_per_batch`).
     pub deferred: u64,

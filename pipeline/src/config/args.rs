@@ -96,6 +96,10 @@ pub struct RunArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_waves_per_batch: Option<usize>,
+    /// Threads that decode and score a batch's records side by side (0: one per core) [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compute_threads: Option<usize>,
     /// Milliseconds the batch loop may spend in one batch or commit before /livez answers 503 [default: 60000].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -84,6 +84,9 @@ pub struct RunConfig {
     /// has the rest deferred to the next one, so one hot user cannot turn a batch into
     /// thousands of one-row steps. 0: no cap.
     pub max_waves_per_batch: usize,
+    /// Threads that decode a batch's records and score its users, in shards by user, side by
+    /// side (rayon's pool, which the fused model step shares). 0: one per core.
+    pub compute_threads: usize,
     /// How often results are committed; under exactly-once one transaction spans the batches of
     /// this interval. 0 commits after every batch.
     pub commit_interval_ms: u64,
@@ -193,6 +196,7 @@ impl Default for RunConfig {
             bootstrap_output_topic: String::new(),
             max_batch_records: 4096,
             max_waves_per_batch: 64,
+            compute_threads: 0,
             commit_interval_ms: 100,
             state_cache_mib: 256,
             gpu_resident_users: DEFAULT_GPU_RESIDENT_USERS,

@@ -77,7 +77,7 @@ use forget::{ErasureRequest, Sweep};
 use crate::dlq::{self, QuarantinedState};
 use crate::offsets;
 use inputs::InputOrder;
-use intentflow_operators::decode::{decode_batch, Rejected};
+use intentflow_operators::decode::{decode_records, Rejected};
 use intentflow_operators::{EmittedAt, PositionedEvent, SourceRecord};
 use intentflow_schemas::EventDecoder;
 use crate::kafka::DeliveryWindow;
@@ -520,7 +520,7 @@ impl<'s> BatchLoop<'s> {
             }
         }
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let mut decoded = decode_batch(&self.decoder, fresh, now_ms);
+        let mut decoded = tokio::task::block_in_place(|| decode_records(&self.decoder, &fresh, now_ms));
         // Events deferred by the last batch go first: each user's events stay in order.
         let mut events = std::mem::take(&mut self.carry);
         let carried = events.len();
@@ -622,7 +622,7 @@ impl<'s> BatchLoop<'s> {
         out.published.iter().for_each(|p| stats.published[p.output] += 1);
         stats.state_resets = out.reset_states as u64;
         stats.foreign_states = out.foreign_states as u64;
-        stats.waves = out.waves as u64;
+        stats.waves = out.step_seconds.len() as u64;
         stats.deferred = out.deferred.len() as u64;
         stats.resident = out.resident;
         stats.step_seconds = out.step_seconds;

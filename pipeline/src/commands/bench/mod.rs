@@ -26,7 +26,7 @@ use hdrhistogram::Histogram;
 use intentflow_formats::generate::{generate, GeneratorConfig};
 use intentflow_model::train::{train, TrainConfig};
 use intentflow_model::{Device, DeviceKind, IntentModel};
-use intentflow_operators::decode::decode_batch;
+use intentflow_operators::decode::decode_records;
 use intentflow_operators::{EmittedAt, IntentOperator, SourceRecord};
 use intentflow_schemas::EventDecoder;
 use intentflow_state::{StateStore, StoreOptions};
@@ -289,15 +289,15 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
         cpu_paused += cpu_seconds(SELF) - cpu_before;
         let fetched = clock.now();
         let mut start = 0;
-        let records = ends.iter().zip(&partitions).map(|(&end, &partition)| {
+        let records: Vec<SourceRecord> = ends.iter().zip(&partitions).map(|(&end, &partition)| {
             let payload = &buf[start..end];
             start = end;
             let offset = &mut offsets[partition as usize];
             *offset += 1;
             SourceRecord { topic: "bench-events", partition, offset: *offset - 1, timestamp_ms: None, payload: Some(payload) }
-        });
+        }).collect();
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let decoded = decode_batch(&decoder, records, now_ms);
+        let decoded = decode_records(&decoder, &records, now_ms);
         if !decoded.rejected.is_empty() {
             bail!("the generator wrote a record the decoder rejects: {:?}", decoded.rejected[0].error);
         }
