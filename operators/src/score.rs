@@ -68,13 +68,15 @@ pub struct BatchOutput {
     pub states: Vec<(i32, String, UserState)>,
     /// Input index of the first event of each of `states`' users: how shards' states merge.
     state_firsts: Vec<usize>,
+    /// The same for each of `invalid_states`.
+    invalid_firsts: Vec<usize>,
     /// Users whose stored hidden vector did not fit the model and was restarted from zero.
     pub reset_states: usize,
     /// Users whose stored state was built by another model and was dropped
     /// ([`ModelPolicy::Reset`]).
     pub foreign_states: usize,
-    /// Stored states that did not decode: their users started fresh, the bytes are here to be
-    /// quarantined.
+    /// Stored states that did not decode, in the order of each user's first event in the
+    /// batch: their users started fresh, the bytes are here to be quarantined.
     pub invalid_states: Vec<InvalidState>,
     /// Events their user's state had already applied (fenced: a redelivery after a crash under
     /// at-least-once). They are not applied again and get no intent.
@@ -140,6 +142,7 @@ impl BatchOutput {
             out.reset_states += part.reset_states;
             out.foreign_states += part.foreign_states;
             out.invalid_states.extend(part.invalid_states);
+            out.invalid_firsts.extend(part.invalid_firsts);
             out.already_applied += part.already_applied;
             out.waves = out.waves.max(part.waves);
             out.step_seconds.extend(part.step_seconds);
@@ -147,9 +150,8 @@ impl BatchOutput {
         }
         // Stable: one event's intents (one per output) come from one shard, in output order.
         out.published.sort_by_key(|p| p.scored);
-        let mut states: Vec<_> = std::mem::take(&mut out.state_firsts).into_iter().zip(std::mem::take(&mut out.states)).collect();
-        states.sort_unstable_by_key(|&(first, _)| first);
-        (out.state_firsts, out.states) = states.into_iter().unzip();
+        (out.state_firsts, out.states) = by_first(std::mem::take(&mut out.state_firsts), std::mem::take(&mut out.states));
+        (out.invalid_firsts, out.invalid_states) = by_first(std::mem::take(&mut out.invalid_firsts), std::mem::take(&mut out.invalid_states));
         out.deferred.sort_unstable();
         out
     }
@@ -378,6 +380,13 @@ pub enum EmittedAt {
     EventTime,
 }
 
+/// `items` ordered by their users' first input indices `firsts` (unique: one user each).
+fn by_first<T>(firsts: Vec<usize>, items: Vec<T>) -> (Vec<usize>, Vec<T>) {
+    let mut both: Vec<(usize, T)> = firsts.into_iter().zip(items).collect();
+    both.sort_unstable_by_key(|&(first, _)| first);
+    both.into_iter().unzip()
+}
+
 /// Seed of the hash that puts a user in a shard: any fixed value (a user's shard changes
 /// nothing but which core scores it).
 const SHARD_SEED: u64 = 0x1e7e_47f1_0a5c_0de5;
@@ -537,8 +546,8 @@ impl IntentOperator {
     /// partition and id) and stay in order there. Nothing but time depends on it: a row's step is
     /// the same whatever rows share its wave, so scores, states, intents and their order are
     /// the same for any number of shards (tested). A batch is split into at most one shard per
-    /// 512 events unless `shards` is given, and never when hidden states are resident on a
-    /// device ([`IntentOperator::with_resident_slots`]), whose waves are better large.
+    /// 512 events unless `shards` is given, and never when the model runs on a GPU: its step
+    /// holds the device's buffers for the whole wave, and its waves are better large.
     pub fn with_shards(mut self, shards: usize) -> IntentOperator {
         self.shards = NonZeroUsize::new(shards);
         self
@@ -546,7 +555,7 @@ impl IntentOperator {
 
     /// The shards a batch of `events` events is split into.
     fn shards_for(&self, events: usize) -> usize {
-        if self.resident.is_some() {
+        if self.resident.is_some() || !self.model.device().is_cpu() {
             return 1;
         }
         match self.shards {
@@ -594,8 +603,9 @@ impl IntentOperator {
             let shard = hasher.hash_one((pe.source.partition, pe.event.user_id.as_str())) % shards as u64;
             rows[shard as usize].push(i);
         }
-        let parts = rows.par_iter().map(|rows| self.process_shard(events, rows.iter().copied(), store, stamp)).collect::<Result<Vec<_>, _>>()?;
-        Ok(BatchOutput::merge(parts))
+        let parts: Vec<Result<BatchOutput, OperatorError>> = rows.par_iter().map(|rows| self.process_shard(events, rows.iter().copied(), store, stamp)).collect();
+        // The first shard's error, whichever failed first in time.
+        Ok(BatchOutput::merge(parts.into_iter().collect::<Result<_, _>>()?))
     }
 
     /// Scores the events at `rows` (ascending indices into `events`, every event of each of
@@ -616,7 +626,7 @@ impl IntentOperator {
         let h = self.model.state_dim();
         let version = self.model.version();
         let (mut reset_states, mut foreign_states, mut already_applied) = (0, 0, 0);
-        let mut invalid_states = Vec::new();
+        let (mut invalid_states, mut invalid_firsts) = (Vec::new(), Vec::new());
         let mut deferred = Vec::new();
         let mut topics = TopicIds::default();
         for (slot, loaded) in slots.iter_mut().zip(stored) {
@@ -644,6 +654,7 @@ impl IntentOperator {
                 },
                 Loaded::Invalid { bytes, error } => {
                     invalid_states.push(InvalidState { partition: slot.partition, user: slot.user.clone(), bytes, error });
+                    invalid_firsts.push(slot.first);
                     UserState::default()
                 }
             };
@@ -814,6 +825,7 @@ impl IntentOperator {
             reset_states,
             foreign_states,
             invalid_states,
+            invalid_firsts,
             already_applied,
             waves: max_len,
             step_seconds,
@@ -1126,9 +1138,10 @@ mod tests {
     }
 
     /// Scoring a batch's users in shards side by side changes nothing but time: over the same
-    /// batches (with policy outputs, a wave cap and redelivered events), one shard and three
-    /// give the same intents byte for byte, in the same order, the same published intents,
-    /// deferrals, fenced counts and stored states.
+    /// batches (with policy outputs, a wave cap, redelivered events and stored states that do
+    /// not decode), one shard and three give the same intents byte for byte, in the same order,
+    /// the same published intents, deferrals, fenced counts, states and broken states in order,
+    /// and the same stored states.
     #[test]
     fn shards_change_no_intent_state_or_order() {
         use crate::emit::{EmitPolicy, PolicyOutput};
@@ -1138,11 +1151,15 @@ mod tests {
             PolicyOutput { name: "moves".into(), policy: EmitPolicy::Delta { min_change: 0.05 }, exclude_purchases: false, schema: IntentSchema::V1 },
         ];
         // Everything a batch hands its caller, as bytes and indices, and its states in order.
-        type Seen = (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<usize>, usize, usize, Vec<(i32, String, UserState)>);
+        type Seen = (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<usize>, usize, usize, Vec<(i32, String, UserState)>, Vec<(i32, String)>, bool);
         let run = |shards: usize| -> (Vec<Seen>, Vec<(i32, String, UserState)>) {
             let op = IntentOperator::new(model()).with_outputs(outputs.clone()).unwrap().with_wave_cap(NonZeroUsize::new(3)).with_shards(shards);
             let dir = tempfile::tempdir().unwrap();
             let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+            // Some users' stored states do not decode: they start fresh and come back to be
+            // quarantined.
+            let broken: Vec<(i32, &str)> = events.iter().step_by(997).map(|e| (e.source.partition, e.event.user_id.as_str())).collect();
+            store.commit_encoded(broken.iter().map(|&(p, u)| (p, u, b"not a state".as_slice())), [], []).unwrap();
             let (mut seen, mut carry) = (Vec::new(), Vec::<PositionedEvent>::new());
             for (k, chunk) in events.chunks(1_500).enumerate() {
                 let mut batch = std::mem::take(&mut carry);
@@ -1171,7 +1188,9 @@ mod tests {
                         buf
                     })
                     .collect();
-                seen.push((intents, published, out.deferred.clone(), out.already_applied, out.waves, out.states.clone()));
+                let invalid = out.invalid_states.iter().map(|i| (i.partition, i.user.clone())).collect();
+                let both_outputs = out.published.windows(2).any(|w| w[0].scored == w[1].scored);
+                seen.push((intents, published, out.deferred.clone(), out.already_applied, out.waves, out.states.clone(), invalid, both_outputs));
                 carry = out.deferred.iter().map(|&i| batch[i].clone()).collect();
                 store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
             }
@@ -1180,6 +1199,7 @@ mod tests {
         let (one, one_states) = run(1);
         let (three, three_states) = run(3);
         assert!(one.iter().any(|s| !s.2.is_empty()) && one.iter().any(|s| s.3 > 0) && one.iter().all(|s| !s.1.is_empty()), "deferrals, redeliveries and published intents occur");
+        assert!(one.iter().any(|s| s.6.len() > 1) && one.iter().any(|s| s.7), "several broken states in a batch, and events published to both outputs");
         assert_eq!(one.len(), three.len());
         for (k, (a, b)) in one.iter().zip(&three).enumerate() {
             assert!(a == b, "batch {k}: one shard and three differ");
