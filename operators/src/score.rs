@@ -382,9 +382,11 @@ pub enum EmittedAt {
 
 /// `items` ordered by their users' first input indices `firsts` (unique: one user each).
 fn by_first<T>(firsts: Vec<usize>, items: Vec<T>) -> (Vec<usize>, Vec<T>) {
-    let mut both: Vec<(usize, T)> = firsts.into_iter().zip(items).collect();
-    both.sort_unstable_by_key(|&(first, _)| first);
-    both.into_iter().unzip()
+    // The small keys are sorted, and each (large) item moved once into its place.
+    let mut order: Vec<(usize, usize)> = firsts.into_iter().zip(0..).collect();
+    order.sort_unstable();
+    let mut items: Vec<Option<T>> = items.into_iter().map(Some).collect();
+    order.into_iter().map(|(first, i)| (first, items[i].take().expect("each item once"))).unzip()
 }
 
 /// Seed of the hash that puts a user in a shard: any fixed value (a user's shard changes
