@@ -75,14 +75,53 @@ impl StatePrecision {
         *self == StatePrecision::F32
     }
 
-    /// Rounds `values` to this precision (to nearest, ties to even), in place.
+    /// Rounds `values` to this precision (to nearest, ties to even), in place: the same bits as
+    /// a conversion there and back with `half` (tested on every `f32`), in plain integer and
+    /// `f32` operations that the compiler vectorises (`half` converts one value per call).
     pub fn round(self, values: &mut [f32]) {
         match self {
             StatePrecision::F32 => {}
-            StatePrecision::F16 => values.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
-            StatePrecision::Bf16 => values.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+            StatePrecision::F16 => values.iter_mut().for_each(|v| *v = round_f16(*v)),
+            StatePrecision::Bf16 => values.iter_mut().for_each(|v| *v = round_bf16(*v)),
         }
     }
+}
+
+/// `v` rounded to IEEE half precision and back: `half::f16::from_f32(v).to_f32()`.
+#[inline(always)]
+fn round_f16(v: f32) -> f32 {
+    /// The smallest normal f16, 2^-14: below it f16 steps by 2^-24.
+    const MIN_NORMAL: f32 = 6.103_515_6e-5;
+    /// Halfway between the largest f16 (65,504) and 65,536: from here on, infinity.
+    const OVERFLOW: f32 = 65_520.0;
+    let bits = v.to_bits();
+    let sign = bits & 0x8000_0000;
+    let a = f32::from_bits(bits ^ sign);
+    let ab = a.to_bits();
+    // Subnormal f16: f32 addition at 0.5 (an ulp of 2^-24) rounds to nearest, ties to even.
+    let subnormal = ((a + 0.5) - 0.5).to_bits();
+    // Normal f16: the 13 mantissa bits f16 lacks, rounded away to nearest, ties to even.
+    let normal = (ab + 0x0FFF + ((ab >> 13) & 1)) & !0x1FFF;
+    // Infinity, or a NaN made quiet with its payload's upper bits kept.
+    let big = if a.is_nan() { (ab & !0x1FFF) | 0x0040_0000 } else { 0x7F80_0000 };
+    let r = if a < MIN_NORMAL {
+        subnormal
+    } else if a < OVERFLOW {
+        normal
+    } else {
+        big
+    };
+    f32::from_bits(sign | r)
+}
+
+/// `v` rounded to bfloat16 and back: `half::bf16::from_f32(v).to_f32()`.
+#[inline(always)]
+fn round_bf16(v: f32) -> f32 {
+    let bits = v.to_bits();
+    let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) & 0xFFFF_0000;
+    // A NaN is made quiet with its payload's upper bits kept; anything else rounds, overflow to
+    // infinity included.
+    f32::from_bits(if v.is_nan() { (bits & 0xFFFF_0000) | 0x0040_0000 } else { rounded })
 }
 
 /// Errors of the model crate.
@@ -485,4 +524,26 @@ pub struct SequenceScores {
     pub hidden: Vec<f32>,
     /// Session state after the last event.
     pub session: SessionState,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    /// The vectorisable roundings give `half`'s bits for every `f32` there is: zeros,
+    /// subnormals, ties, the overflow edge, infinities and NaN payloads.
+    #[test]
+    fn state_roundings_equal_half_on_every_f32() {
+        let differ = |round: fn(f32) -> f32, reference: fn(f32) -> f32| -> Option<u32> {
+            (0..=u16::MAX).into_par_iter().find_map_any(|high| {
+                (0..=u16::MAX).map(|low| (u32::from(high) << 16) | u32::from(low)).find(|&bits| {
+                    let v = f32::from_bits(bits);
+                    round(v).to_bits() != reference(v).to_bits()
+                })
+            })
+        };
+        assert_eq!(differ(round_f16, |v| half::f16::from_f32(v).to_f32()), None, "f16");
+        assert_eq!(differ(round_bf16, |v| half::bf16::from_f32(v).to_f32()), None, "bf16");
+    }
 }
