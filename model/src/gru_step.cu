@@ -49,8 +49,8 @@ __device__ __forceinline__ float sigmoid_fixed(float x) { return 1.0f / (1.0f + 
 __device__ __forceinline__ float tanh_fixed(float x) { return 1.0f - 2.0f / (exp_fixed(2.0f * x) + 1.0f); }
 
 // A new state value as the model keeps it: with f16 states, rounded to IEEE half precision (to
-// nearest, ties to even, subnormals kept: PTX cvt.rn without .ftz, as the `half` crate rounds on
-// the CPU) and widened back; else unchanged.
+// nearest, ties to even, subnormals kept: PTX cvt.rn without .ftz, as `StatePrecision::round`
+// rounds on the CPU) and widened back; else unchanged.
 __device__ __forceinline__ float kept(float x, unsigned int f16_states) {
     if (!f16_states) return x;
     unsigned short half_bits;
