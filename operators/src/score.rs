@@ -103,10 +103,7 @@ impl BatchOutput {
     /// One batch's output from the outputs of its shards, each of which scored a disjoint set
     /// of its users: scores in input order (published intents with them), session ids,
     /// states, rejections and deferrals of all, counts summed, `waves` the deepest shard's.
-    fn merge(mut parts: Vec<BatchOutput>) -> BatchOutput {
-        if parts.len() == 1 {
-            return parts.pop().expect("one part");
-        }
+    fn merge(parts: Vec<BatchOutput>) -> BatchOutput {
         // Where each shard's scored events go among all, by input index (unique to one shard).
         let mut order: Vec<(usize, usize, usize)> =
             parts.iter().enumerate().flat_map(|(p, part)| part.scored.iter().enumerate().map(move |(j, s)| (s.input, p, j))).collect();
