@@ -67,6 +67,10 @@ pub enum StatePrecision {
     F16,
     /// Rounded to bfloat16 after every step (same size as f16, fewer mantissa bits).
     Bf16,
+    /// Rounded to 8-bit integers after every step, in blocks of 8 consecutive values that
+    /// share one power-of-two scale ([`intentflow_schemas::int8`]): a state then takes a byte a
+    /// value and one a block.
+    Int8,
 }
 
 impl StatePrecision {
@@ -83,6 +87,7 @@ impl StatePrecision {
             StatePrecision::F32 => {}
             StatePrecision::F16 => values.iter_mut().for_each(|v| *v = round_f16(*v)),
             StatePrecision::Bf16 => values.iter_mut().for_each(|v| *v = round_bf16(*v)),
+            StatePrecision::Int8 => intentflow_schemas::int8::round_int8(values),
         }
     }
 }
@@ -487,6 +492,12 @@ impl IntentModel {
             StatePrecision::F32 => {}
             StatePrecision::F16 => h1 = h1.to_dtype(candle_core::DType::F16)?.to_dtype(candle_core::DType::F32)?,
             StatePrecision::Bf16 => h1 = h1.to_dtype(candle_core::DType::BF16)?.to_dtype(candle_core::DType::F32)?,
+            StatePrecision::Int8 => {
+                // Block scales have no tensor op: rounded row by row on the host, as the kernel does.
+                let mut rows: Vec<f32> = h1.flatten_all()?.to_vec1()?;
+                rows.chunks_mut(h).for_each(|row| StatePrecision::Int8.round(row));
+                h1 = Tensor::from_vec(rows, (b, h), &self.device)?;
+            }
         }
         let logits: Vec<f32> = self.params.logits(&h1, how)?.to_vec1()?;
         let scores = logits.into_iter().zip(inputs).map(|(l, f)| self.probability(l, f)).collect();

@@ -878,7 +878,7 @@ impl TopicIds {
 mod tests {
     use super::*;
     use intentflow_formats::generate::{generate, GeneratorConfig};
-    use intentflow_model::Device;
+    use intentflow_model::{Device, StatePrecision};
     use intentflow_model::train::{train, TrainConfig};
     use intentflow_state::{StateStore, StoreOptions};
     use rand::{Rng, SeedableRng};
@@ -1500,13 +1500,27 @@ mod tests {
     /// bit for bit, and every stored hidden vector is encoded in f16 (2 bytes a value).
     #[test]
     fn a_model_with_f16_states_streams_its_offline_scores_and_stores_its_states_in_f16() {
+        streams_offline_scores_and_stores_states_in(StatePrecision::F16, 1 << 3);
+    }
+
+    /// The same with int8 states: the stored hidden vectors are int8 blocks (a byte a value).
+    #[test]
+    fn a_model_with_int8_states_streams_its_offline_scores_and_stores_its_states_in_int8() {
+        streams_offline_scores_and_stores_states_in(StatePrecision::Int8, 1 << 5);
+    }
+
+    /// Trains a small model keeping states in `precision`, streams its events in random batch
+    /// cuts and checks the scores against the offline ones and each stored state's hidden flag
+    /// (`flag`, in its second byte).
+    fn streams_offline_scores_and_stores_states_in(precision: StatePrecision, flag: u8) {
         let events = generated(120, 2_500);
-        let cfg = TrainConfig { hidden_dim: 8, members: 2, epochs: 1, state_precision: intentflow_model::StatePrecision::F16, ..TrainConfig::default() };
+        // A hidden size whose state does not fill its last int8 block.
+        let cfg = TrainConfig { hidden_dim: 6, members: 2, epochs: 1, state_precision: precision, ..TrainConfig::default() };
         let trained = train(&events, &cfg, &Device::Cpu, |_, _| {}).unwrap();
         let model_dir = tempfile::tempdir().unwrap();
         trained.save(model_dir.path()).unwrap();
         let model = IntentModel::load(model_dir.path(), &Device::Cpu).unwrap();
-        assert_eq!(model.meta().state_precision, intentflow_model::StatePrecision::F16);
+        assert_eq!(model.meta().state_precision, precision);
         let positioned = positioned(&events, "t");
         let op = IntentOperator::new(model.clone());
         let dir = tempfile::tempdir().unwrap();
@@ -1522,9 +1536,9 @@ mod tests {
             }
             for (_, user, state) in &out.states {
                 let bytes = state.encode();
-                // Every scored user has a history and a latest score: version 8, version 4's f16
-                // hidden vector followed by them.
-                assert_eq!((bytes[0], bytes[1] & 8), (8, 8), "version 8, hidden in f16");
+                // Every scored user has a history and a latest score: version 8, version 4's
+                // compact hidden vector followed by them.
+                assert_eq!((bytes[0], bytes[1] & (1 << 3 | 1 << 5)), (8, flag), "version 8, hidden in {precision:?}");
                 assert_eq!(state.last_score.map(f32::to_bits), streamed[user].last().copied(), "the latest score is kept");
             }
             store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), [], []).unwrap();
@@ -1537,13 +1551,9 @@ mod tests {
         for (user, evs) in by_user {
             let offline = model.score_sequence(evs.iter().copied()).unwrap();
             assert_eq!(streamed[user], offline.scores.iter().map(|s| s.to_bits()).collect::<Vec<_>>(), "user {user}");
-            assert!(offline.hidden.iter().all(|v| half_exact(*v)));
+            let mut kept = offline.hidden.clone();
+            precision.round(&mut kept);
+            assert_eq!(kept.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), offline.hidden.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "user {user}: the state is in {precision:?}");
         }
-    }
-
-    fn half_exact(v: f32) -> bool {
-        let mut r = [v];
-        intentflow_model::StatePrecision::F16.round(&mut r);
-        r[0].to_bits() == v.to_bits()
     }
 }

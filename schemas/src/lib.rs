@@ -7,12 +7,15 @@
 //!   user's current session ends in a purchase, with provenance.
 //! * [`SessionState`] is the plain-data session part of a user's state (counters and times),
 //!   shared by the state encoding, the feature code and the training code so they cannot drift.
+//! * [`int8`] is the 8-bit block format of hidden states, shared by the model that rounds to it
+//!   and the state encoding that stores it.
 //!
 //! The formats are documented with examples in `docs/schemas.md`.
 
 mod decode;
 mod event;
 mod intent;
+pub mod int8;
 mod session;
 
 pub use decode::{Cell, EventDecoder, FieldSource};

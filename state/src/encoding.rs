@@ -14,20 +14,24 @@
 //! u8  m, m × (u32 topic id, i64 next)  fences: per input topic, the offset after the last event applied
 //! ```
 //!
-//! Version 4, for a hidden vector that f16 holds exactly (every value converts to f16 and back
-//! to the same bits, not all zero: the states of a model trained with `--state-precision f16`),
-//! is compact; varints are unsigned LEB128, signed ones zigzag-encoded first:
+//! Version 4, for a hidden vector that the int8 block format or f16 holds exactly (every value
+//! comes back with the same bits, not all zero: the states of a model trained with
+//! `--state-precision int8` or `f16`), is compact; varints are unsigned LEB128, signed ones
+//! zigzag-encoded first:
 //!
 //! ```text
 //! u8  version (= 4)
-//! u8  flags: bits 0-2 as in version 3, bit 3 = hidden in f16 (always set), bit 4 = cart_value present
+//! u8  flags: bits 0-2 as in version 3, bit 3 = hidden in f16, bit 4 = cart_value present,
+//!     bit 5 = hidden in int8 blocks (exactly one of bits 3 and 5 is set)
 //! varint session_seq | varint events | varint cart_count
 //! [f64 cart_value]                     (only if flag bit 4; else 0)
 //! zigzag started_ms | zigzag (last_ts_ms - started_ms) | varint total_events
 //! [u64 last_item]                      (only if flag bit 2)
 //! [varint len, bytes] session_id       (only if flag bit 1)
 //! varint len, bytes   model_version
-//! varint n, n × f16   hidden vector
+//! varint n, hidden vector: bit 3: n × f16;
+//!     bit 5: per block of 8 values from the start (the last may be shorter), i8 exponent e,
+//!     then the block's values as i8 q, each worth q · 2^e (`intentflow_schemas::int8`)
 //! u8  m, m × (u32 topic id, zigzag next)
 //! ```
 //!
@@ -68,9 +72,10 @@
 //! ([`StateError::UnsupportedVersion`]): the operator quarantines such a record rather than guess.
 
 use crate::StateError;
+use intentflow_schemas::int8::{int8_codes, int8_value, INT8_BLOCK};
 use intentflow_schemas::{DistinctSketch, SessionCounts, SessionState, UserHistory};
 
-/// Newest encoding version. The first byte of an encoded state is 4 for f16 states, else 3,
+/// Newest encoding version. The first byte of an encoded state is 4 for f16 and int8 states, else 3,
 /// plus 2 when the user has a history or session counts (5, 6), plus 4 when the user has a
 /// latest score or policy outputs remember it (7, 8: every user the operator has scored).
 pub const STATE_ENCODING_VERSION: u8 = 8;
@@ -272,6 +277,20 @@ impl<'a> Reader<'a> {
         (c.items, c.categories) = (DistinctSketch(self.u32()?), DistinctSketch(self.u32()?));
         Ok((history, c))
     }
+    /// `n` hidden values in the int8 block format: per block, its exponent, then its integers.
+    fn int8_hidden(&mut self, n: usize) -> Result<Vec<f32>, StateError> {
+        let mut hidden = Vec::with_capacity(n);
+        while hidden.len() < n {
+            let len = (n - hidden.len()).min(INT8_BLOCK);
+            let [e] = self.array()?;
+            let e = e as i8;
+            for q in self.take(len)? {
+                hidden.push(int8_value(*q as i8, e).ok_or_else(|| StateError::Corrupt(format!("int8 block exponent {e} outside the format")))?);
+            }
+        }
+        Ok(hidden)
+    }
+
     fn varint_str(&mut self) -> Result<String, StateError> {
         let n = self.varint()?;
         if n > u64::from(u16::MAX) {
@@ -344,6 +363,44 @@ fn put_history(out: &mut Vec<u8>, s: &SessionState, always: bool) -> u8 {
     WITH_HISTORY
 }
 
+/// Compact flag: the hidden vector is in f16.
+const FLAG_F16: u8 = 1 << 3;
+/// Compact flag: the hidden vector is in the int8 block format.
+const FLAG_INT8: u8 = 1 << 5;
+
+/// Appends `hidden` in f16 and returns true when f16 gives back every value's exact bits;
+/// else appends nothing and returns false. Each value is converted once.
+fn put_f16_hidden(out: &mut Vec<u8>, hidden: &[f32]) -> bool {
+    let start = out.len();
+    for h in hidden {
+        let half = half::f16::from_f32(*h);
+        if half.to_f32().to_bits() != h.to_bits() {
+            out.truncate(start);
+            return false;
+        }
+        out.extend_from_slice(&half.to_le_bytes());
+    }
+    true
+}
+
+/// Appends `hidden` in the int8 block format (per block of [`INT8_BLOCK`], its exponent, then
+/// its integers) and returns true when every block is exactly in it (the states of a model
+/// trained with `--state-precision int8`); else appends nothing and returns false.
+fn put_int8_hidden(out: &mut Vec<u8>, hidden: &[f32]) -> bool {
+    let start = out.len();
+    let mut codes = [0i8; INT8_BLOCK];
+    for block in hidden.chunks(INT8_BLOCK) {
+        let codes = &mut codes[..block.len()];
+        let Some(e) = int8_codes(block, codes) else {
+            out.truncate(start);
+            return false;
+        };
+        out.push(e as u8);
+        out.extend(codes.iter().map(|q| *q as u8));
+    }
+    true
+}
+
 fn put_varint_str(out: &mut Vec<u8>, s: &str) {
     let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
     put_varint(out, bytes.len() as u64);
@@ -358,7 +415,7 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 }
 
 impl UserState {
-    /// Encodes this state: version 4 when the hidden vector goes in f16, else the same bytes as
+    /// Encodes this state: version 4 when the hidden vector goes in int8 blocks or f16, else the same bytes as
     /// version 3; 6 and 5 when the user has a history; 8 and 7 when the user has a latest score
     /// or outputs remember it.
     pub fn encode(&self) -> Vec<u8> {
@@ -367,7 +424,7 @@ impl UserState {
         }
         let s = &self.session;
         let mut out = Vec::with_capacity(64 + self.hidden.len() * 4 + self.model_version.len());
-        // Without f16 the record is what version 3 wrote (then 5 with a history block).
+        // Without int8 or f16 the record is what version 3 wrote (then 5 with a history block).
         out.push(3);
         out.push(self.base_flags());
         out.extend_from_slice(&s.session_seq.to_le_bytes());
@@ -405,15 +462,16 @@ impl UserState {
         u8::from(s.purchased) | (u8::from(s.session_id.is_some()) << 1) | (u8::from(s.last_item.is_some()) << 2)
     }
 
-    /// Version 4: the hidden vector in f16, counters and times as varints. `None` unless f16
-    /// gives back every value's exact bits, and for an all-zero vector (any model's fresh state,
-    /// written as version 3, which older builds read); each value is converted once.
+    /// Version 4: the hidden vector in int8 blocks or f16, counters and times as varints.
+    /// `None` unless one of them gives back every value's exact bits (int8 tried first: a byte a
+    /// value), and for an all-zero vector (any model's fresh state, written as version 3, which
+    /// older builds read).
     fn encode_compact(&self) -> Option<Vec<u8>> {
         let s = &self.session;
         let mut out = Vec::with_capacity(32 + self.hidden.len() * 2 + self.model_version.len());
         out.push(4);
         let cart_value = s.cart_value.to_bits() != 0;
-        out.push(self.base_flags() | (1 << 3) | (u8::from(cart_value) << 4));
+        out.push(self.base_flags() | (u8::from(cart_value) << 4));
         put_varint(&mut out, u64::from(s.session_seq));
         put_varint(&mut out, u64::from(s.events));
         put_varint(&mut out, u64::from(s.cart_count));
@@ -430,17 +488,15 @@ impl UserState {
             put_varint_str(&mut out, id);
         }
         put_varint_str(&mut out, &self.model_version);
-        put_varint(&mut out, self.hidden.len() as u64);
-        let mut nonzero = false;
-        for h in &self.hidden {
-            let half = half::f16::from_f32(*h);
-            if half.to_f32().to_bits() != h.to_bits() {
-                return None;
-            }
-            nonzero |= *h != 0.0;
-            out.extend_from_slice(&half.to_le_bytes());
+        if self.hidden.iter().all(|h| *h == 0.0) {
+            return None;
         }
-        if !nonzero {
+        put_varint(&mut out, self.hidden.len() as u64);
+        if put_int8_hidden(&mut out, &self.hidden) {
+            out[1] |= FLAG_INT8;
+        } else if put_f16_hidden(&mut out, &self.hidden) {
+            out[1] |= FLAG_F16;
+        } else {
             return None;
         }
         let fences = &self.fences[..self.fences.len().min(u8::MAX as usize)];
@@ -456,8 +512,8 @@ impl UserState {
     /// Reads version 4, 6 or 8 after its version byte.
     fn decode_compact(mut r: Reader<'_>, version: u8) -> Result<UserState, StateError> {
         let [flags] = r.array()?;
-        if flags & 8 == 0 {
-            return Err(StateError::Corrupt("a version-4 state without its f16 flag".into()));
+        if (flags & FLAG_F16 != 0) == (flags & FLAG_INT8 != 0) {
+            return Err(StateError::Corrupt("a version-4 state without one of its f16 and int8 flags".into()));
         }
         let session_seq = r.varint_u32()?;
         let events = r.varint_u32()?;
@@ -470,7 +526,7 @@ impl UserState {
         let session_id = if flags & 2 != 0 { Some(r.varint_str()?) } else { None };
         let model_version = r.varint_str()?;
         let n = usize::try_from(r.varint()?).ok().filter(|n| *n <= usize::from(u16::MAX)).ok_or_else(|| StateError::Corrupt("a hidden vector over 65,535 values".into()))?;
-        let hidden = r.take(n * 2)?.chunks_exact(2).map(|c| half::f16::from_le_bytes(c.try_into().expect("2 bytes")).to_f32()).collect();
+        let hidden = if flags & FLAG_F16 != 0 { r.take(n * 2)?.chunks_exact(2).map(|c| half::f16::from_le_bytes(c.try_into().expect("2 bytes")).to_f32()).collect() } else { r.int8_hidden(n)? };
         let [m] = r.array()?;
         let mut fences = Vec::with_capacity(usize::from(m));
         for _ in 0..m {
@@ -564,15 +620,23 @@ mod tests {
             last_item in proptest::option::of(any::<u64>()),
             hidden in proptest::collection::vec(-1.0f32..1.0, 0..128),
             fences in proptest::collection::vec((any::<u32>(), any::<i64>()), 0..4),
-            in_f16 in any::<bool>(),
+            rounding in 0u8..3,
             outputs in proptest::collection::vec((any::<u32>(), proptest::option::of(0.0f32..1.0), any::<u8>()), 0..3),
             last_score in proptest::option::of(0.0f32..1.0),
             history in proptest::option::of((any::<u32>(), any::<u32>(), any::<i64>())),
             counts in proptest::option::of((proptest::collection::vec(0u32..1000, 5), proptest::collection::vec(0.0f32..1e6, 3), any::<u32>(), any::<u32>())),
         ) {
-            // Half the cases hold f16 values (what a model with f16 states stores).
-            let hidden: Vec<f32> = if in_f16 { hidden.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect() } else { hidden };
-            let exact = hidden.iter().any(|v| *v != 0.0) && hidden.iter().all(|v| half::f16::from_f32(*v).to_f32().to_bits() == v.to_bits());
+            // A third of the cases hold f16 values, a third int8 blocks (what models with f16 or
+            // int8 states store).
+            let mut hidden = hidden;
+            match rounding {
+                0 => hidden.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+                1 => intentflow_schemas::int8::round_int8(&mut hidden),
+                _ => {}
+            }
+            let nonzero = hidden.iter().any(|v| *v != 0.0);
+            let in_int8 = nonzero && hidden.chunks(INT8_BLOCK).all(|b| int8_codes(b, &mut [0; INT8_BLOCK][..b.len()]).is_some());
+            let exact = in_int8 || nonzero && hidden.iter().all(|v| half::f16::from_f32(*v).to_f32().to_bits() == v.to_bits());
             let state = UserState {
                 session: SessionState { session_id: sid, session_seq: seq, events, cart_count: cart, cart_value: value,
                     started_ms: started, last_ts_ms: last, purchased, total_events: total, last_item,
@@ -595,6 +659,9 @@ mod tests {
             let with_history = state.session.history != UserHistory::default() || state.session.counts != SessionCounts::default();
             let added = if state.last_score.is_some() || !state.outputs.is_empty() { 4 } else if with_history { 2 } else { 0 };
             prop_assert_eq!(bytes[0], if exact { 4 } else { 3 } + added);
+            // Int8 blocks whenever they hold the vector (f16 may too).
+            prop_assert_eq!(exact && bytes[1] & FLAG_INT8 != 0, in_int8);
+            prop_assert!(rounding != 1 || !nonzero || in_int8);
             prop_assert_eq!(UserState::decode(&bytes).unwrap(), state);
         }
 
@@ -741,17 +808,40 @@ mod tests {
     }
 
     #[test]
+    fn an_int8_state_takes_a_byte_a_value_and_one_a_block() {
+        let mut state = UserState { hidden: (0..40).map(|i| i as f32 / 50.0 - 0.4).collect(), model_version: "gru-519253fe015e".into(), ..Default::default() };
+        intentflow_schemas::int8::round_int8(&mut state.hidden);
+        state.session.last_item = Some(7);
+        let bytes = state.encode();
+        let f16 = UserState { hidden: state.hidden.iter().map(|v| half::f16::from_f32(*v + 1e-3).to_f32()).collect(), ..state.clone() }.encode();
+        // The hidden vector: 5 exponents and 40 integers against 80 bytes of f16.
+        assert_eq!((bytes[0], bytes[1] & (FLAG_INT8 | FLAG_F16), f16[1] & (FLAG_INT8 | FLAG_F16)), (4, FLAG_INT8, FLAG_F16));
+        assert_eq!(f16.len() - bytes.len(), 80 - 45);
+        assert_eq!(UserState::decode(&bytes).unwrap(), state);
+        // An exponent the format never writes is corruption, not a value.
+        // The first exponent: 45 bytes of hidden vector before the fence count.
+        let at = bytes.len() - 1 - 45;
+        let mut bad = bytes.clone();
+        bad[at] = 121;
+        assert!(matches!(UserState::decode(&bad), Err(StateError::Corrupt(m)) if m.contains("exponent 121")));
+        // Neither flag, or both, is corruption.
+        let mut both = bytes.clone();
+        both[1] |= FLAG_F16;
+        assert!(matches!(UserState::decode(&both), Err(StateError::Corrupt(_))));
+    }
+
+    #[test]
     fn reads_version_3_with_its_hidden_vector_in_f32() {
         // A version-3 record (what this build writes for vectors f16 cannot hold), its two
-        // hidden floats then replaced by values f16 can hold: still read as f32, and written
-        // back as version 4.
+        // hidden floats then replaced by values f16 can hold (int8 blocks cannot: 2^-12 is no
+        // multiple of 0.5's scale, 2^-8): still read as f32, and written back as version 4.
         let mut v3 = UserState { hidden: vec![0.1, 0.2], model_version: "gru-x".into(), ..Default::default() }.encode();
         assert_eq!(v3[0], 3);
         let at = v3.len() - 1 - 8;
         v3[at..at + 4].copy_from_slice(&0.5f32.to_le_bytes());
-        v3[at + 4..at + 8].copy_from_slice(&(-0.25f32).to_le_bytes());
+        v3[at + 4..at + 8].copy_from_slice(&(-0.000_244_140_63f32).to_le_bytes());
         let state = UserState::decode(&v3).unwrap();
-        assert_eq!(state.hidden, [0.5, -0.25]);
+        assert_eq!(state.hidden, [0.5, -0.000_244_140_63]);
         let v4 = state.encode();
         assert_eq!((v4[0], v4[1] & 8), (4, 8));
         assert_eq!(UserState::decode(&v4).unwrap(), state);

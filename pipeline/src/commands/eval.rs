@@ -33,8 +33,8 @@ pub struct EvalArgs {
     /// Seed of the bootstrap.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Keep the GRU's hidden states in this precision between steps: `f16` or `bf16` measure
-    /// what storing states in half the bytes would cost (what `intentflow train
+    /// Keep the GRU's hidden states in this precision between steps: `f16`, `bf16` or `int8`
+    /// measure what storing states in half or a quarter of the bytes would cost (what `intentflow train
     /// --state-precision` makes the served model do). metrics.json records it; write it
     /// elsewhere with --out-dir to keep the model's own metrics.
     #[arg(long, value_enum, default_value = "f32")]
@@ -56,6 +56,8 @@ pub enum PrecisionArg {
     F16,
     /// bfloat16.
     Bf16,
+    /// 8-bit integers in blocks of 8 values that share a power-of-two scale.
+    Int8,
 }
 
 /// `--part` values.
@@ -77,6 +79,7 @@ impl From<PrecisionArg> for StatePrecision {
             PrecisionArg::F32 => StatePrecision::F32,
             PrecisionArg::F16 => StatePrecision::F16,
             PrecisionArg::Bf16 => StatePrecision::Bf16,
+            PrecisionArg::Int8 => StatePrecision::Int8,
         }
     }
 }

@@ -45,7 +45,8 @@ pub struct TrainArgs {
     /// Precision the served model keeps hidden states in: `f16` (the default) rounds each new
     /// state to f16 in the step, on the CPU and the GPU alike, so states take half the bytes in
     /// RocksDB and the changelog (quality cost measured with `intentflow eval --state-precision
-    /// f16`: docs/performance.md); `f32` keeps them whole.
+    /// f16`: docs/performance.md); `int8` rounds them to 8-bit integers in blocks of 8 sharing
+    /// a power-of-two scale (a quarter of the bytes; CPU only); `f32` keeps them whole.
     #[arg(long, value_enum, default_value = "f16")]
     pub state_precision: super::eval::PrecisionArg,
     /// Seed of initialisation and batch order.
@@ -176,7 +177,7 @@ impl TrainArgs {
             bail!("--hidden-dim, --members, --epochs and --batch-size must be at least 1");
         }
         if self.state_precision == super::eval::PrecisionArg::Bf16 {
-            bail!("--state-precision: a model keeps states in f32 or f16 (bf16 is for `intentflow eval --state-precision` only)");
+            bail!("--state-precision: a model keeps states in f32, f16 or int8 (bf16 is for `intentflow eval --state-precision` only)");
         }
         let fractions_ok = self.val_fraction > 0.0 && self.test_fraction >= 0.0 && self.val_fraction + self.test_fraction < 1.0;
         if !fractions_ok {
