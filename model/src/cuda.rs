@@ -48,8 +48,9 @@ struct Weights {
     bias_hn: CudaSlice<f32>,
     head: CudaSlice<f32>,
     head_bias: f32,
-    /// 1 when new state values are rounded to f16 (a model trained with `--state-precision f16`).
-    f16_states: u32,
+    /// How new state values are kept (the model's `--state-precision`): 0 in f32, 1 rounded to
+    /// f16, 2 rounded to int8 blocks.
+    precision: u32,
     item_buckets: u32,
     category_buckets: u32,
 }
@@ -110,10 +111,11 @@ impl CudaStates {
         if units > 1024 {
             return Err(ModelError::Invalid(format!("the GPU step takes at most 1,024 hidden units, the model has {units}")));
         }
-        let f16_states = match kernel.state_precision() {
+        let precision = match kernel.state_precision() {
             StatePrecision::F32 => 0u32,
             StatePrecision::F16 => 1,
-            other => return Err(ModelError::Invalid(format!("the GPU step keeps states in f32 or f16; this model rounds them to {other:?}: run it on the CPU"))),
+            StatePrecision::Int8 => 2,
+            other => return Err(ModelError::Invalid(format!("the GPU step keeps states in f32, f16 or int8; this model rounds them to {other:?}: run it on the CPU"))),
         };
         let stream = dev.cuda_stream();
         let func = |name: &str| dev.get_or_load_custom_func(name, MODULE, PTX).map(|f| f.into_cuda_function()).map_err(driver);
@@ -135,7 +137,7 @@ impl CudaStates {
             bias_hn: up(layout.bias_hn)?,
             head: up(layout.head)?,
             head_bias: layout.head_bias,
-            f16_states,
+            precision,
             item_buckets: (layout.item_rows.len() / g3) as u32,
             category_buckets: (layout.category_rows.len() / g3) as u32,
         };
@@ -375,7 +377,8 @@ impl CudaStates {
         let cfg = LaunchConfig {
             grid_dim: (count.div_ceil(rows_per_block) as u32, 1, 1),
             block_dim: ((rows_per_block * h) as u32, 1, 1),
-            shared_mem_bytes: (rows_per_block * (FEATURE_DIM + 2 * h) * 4) as u32,
+            // SHARED_PER_ROW in the kernel: features, old hidden units, the new state (up to 3H).
+            shared_mem_bytes: (rows_per_block * (FEATURE_DIM + 4 * h) * 4) as u32,
         };
         let (w, st) = (&self.weights, &mut self.staging);
         let input = st.dev_in.slice(first * STRIDE..(first + count) * STRIDE);
@@ -395,7 +398,7 @@ impl CudaStates {
         if self.cell == Cell::Gru {
             launch.arg(&w.bias_hn);
         }
-        launch.arg(&w.head).arg(&w.head_bias).arg(&w.f16_states).arg(&input).arg(&mut self.states).arg(&mut output);
+        launch.arg(&w.head).arg(&w.head_bias).arg(&w.precision).arg(&input).arg(&mut self.states).arg(&mut output);
         // SAFETY: the arguments match the signature of the cell's kernel (`gru_step`, `lstm_step`
         // or `cnn_step`), and every slot was checked to be in range while its row was packed. (A
         // slot repeated in one step, against the contract, makes its rows race on values: no

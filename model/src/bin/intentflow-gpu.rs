@@ -154,10 +154,12 @@ fn variants(model: &IntentModel, served: &Arc<FusedStep>) -> Result<Vec<(String,
         let kernel = Arc::new(FusedStep::new(&other, members)?);
         out.push((format!("the {cell} cell (H = {h}, {} blocks)", kernel.blocks()), kernel));
         out.push((format!("the {cell} cell, f16 states"), Arc::new(FusedStep::new(&other, members)?.with_state_precision(StatePrecision::F16))));
+        out.push((format!("the {cell} cell, int8 states"), Arc::new(FusedStep::new(&other, members)?.with_state_precision(StatePrecision::Int8))));
     }
-    // States rounded to f16 in the step (`--state-precision f16`): the served cell too.
-    if served.state_precision().is_f32() {
-        out.push((format!("served {} model, f16 states", served.cell()), Arc::new(FusedStep::new(p, members)?.with_state_precision(StatePrecision::F16))));
+    // States rounded in the step (`--state-precision f16|int8`): the served cell in each
+    // precision it is not served in.
+    for precision in [StatePrecision::F16, StatePrecision::Int8].into_iter().filter(|q| *q != served.state_precision()) {
+        out.push((format!("served {} model, {precision:?} states", served.cell()), Arc::new(FusedStep::new(p, members)?.with_state_precision(precision))));
     }
     Ok(out)
 }

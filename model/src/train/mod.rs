@@ -95,9 +95,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// How sessions are cut.
     pub session: SessionConfig,
-    /// Precision the served model keeps hidden states in between steps (default f16). Training
-    /// itself runs in f32; `f16` halves the stored hidden state at a measured cost below 0.001
-    /// ROC-AUC (`intentflow eval --state-precision`, docs/performance.md).
+    /// Precision the served model keeps hidden states in between steps (default int8 blocks).
+    /// Training itself runs in f32; `int8` stores a quarter of the f32 bytes (and `f16` half) at
+    /// a measured cost below 0.0001 ROC-AUC (`intentflow eval --state-precision`,
+    /// docs/performance.md).
     pub state_precision: StatePrecision,
     /// Whether the head also reads the dense features directly (the skip connection of
     /// `skip.weight`, see the `gru` module), beside the cell's output.
@@ -127,7 +128,7 @@ impl Default for TrainConfig {
             calibration: CalibrationMethod::Platt,
             seed: 7,
             session: SessionConfig::default(),
-            state_precision: StatePrecision::F16,
+            state_precision: StatePrecision::Int8,
             skip: true,
             head_buckets: (256, 64),
         }

@@ -42,12 +42,12 @@ pub struct TrainArgs {
     /// ensemble).
     #[arg(long, default_value_t = TrainConfig::default().members)]
     pub members: usize,
-    /// Precision the served model keeps hidden states in: `f16` (the default) rounds each new
-    /// state to f16 in the step, on the CPU and the GPU alike, so states take half the bytes in
-    /// RocksDB and the changelog (quality cost measured with `intentflow eval --state-precision
-    /// f16`: docs/performance.md); `int8` rounds them to 8-bit integers in blocks of 8 sharing
-    /// a power-of-two scale (a quarter of the bytes; CPU only); `f32` keeps them whole.
-    #[arg(long, value_enum, default_value = "f16")]
+    /// Precision the served model keeps hidden states in: `int8` (the default) rounds each new
+    /// state in the step, on the CPU and the GPU alike, to 8-bit integers in blocks of 8 that
+    /// share a power-of-two scale, so states take a byte a value in RocksDB and the changelog;
+    /// `f16` rounds them to half precision (two bytes a value); `f32` keeps them whole. Quality
+    /// cost measured with `intentflow eval --state-precision int8|f16`: docs/performance.md.
+    #[arg(long, value_enum, default_value = "int8")]
     pub state_precision: super::eval::PrecisionArg,
     /// Seed of initialisation and batch order.
     #[arg(long, default_value_t = TrainConfig::default().seed)]
