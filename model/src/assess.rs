@@ -206,7 +206,7 @@ pub enum GruScores<'a> {
 }
 
 /// [`assess`] with the served model's scores taken from `gru`: stepped with hidden states kept in
-/// a given precision (what storing states in f16 or bf16 would cost in quality), or streamed by
+/// a given precision (what storing states in f16, bf16 or int8 would cost in quality), or streamed by
 /// the operator (the model measured from outside, as a user would); and with `candidates`, the
 /// cells trained beside it ([`crate::candidate_dirs`]), scored and compared with it.
 ///

@@ -25,8 +25,9 @@
 //!
 //! [`FusedStep::step`] splits a batch into chunks of [`ROWS_PER_TASK`] rows over all cores
 //! (rayon); a row's arithmetic is the same in any chunk. It equals candle's step within 1e-5
-//! (tested here and through the PyTorch interop fixture) for f32 states; with f16 states both
-//! round, and may differ by an f16 step where candle's unrounded value fell on the other side.
+//! (tested here and through the PyTorch interop fixture) for f32 states; with f16 or int8
+//! states both round, and may differ by a rounding step where candle's unrounded value fell on
+//! the other side.
 
 use crate::{Cell, Features, GruParams, StatePrecision, FEATURE_DIM};
 use rayon::prelude::*;

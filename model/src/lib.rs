@@ -53,10 +53,10 @@ use std::sync::{Arc, Mutex};
 
 /// The precision hidden states are kept in between steps.
 ///
-/// A model trained with `--state-precision f16` rounds every new hidden vector to f16 inside
-/// its step (so a state is the same whether it stayed in memory or went through RocksDB, where
-/// it then takes 2 bytes a value); `intentflow eval --state-precision` rounds any model's
-/// states so, to measure what that costs.
+/// A model trained with `--state-precision int8` (the default) or `f16` rounds every new
+/// hidden vector inside its step (so a state is the same whether it stayed in memory or went
+/// through RocksDB, where it then takes about 1 or 2 bytes a value); `intentflow eval
+/// --state-precision` rounds any model's states so, to measure what that costs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StatePrecision {
@@ -79,9 +79,10 @@ impl StatePrecision {
         *self == StatePrecision::F32
     }
 
-    /// Rounds `values` to this precision (to nearest, ties to even), in place: the same bits as
-    /// a conversion there and back with `half` (tested on every `f32`), in plain integer and
-    /// `f32` operations that the compiler vectorises (`half` converts one value per call).
+    /// Rounds `values` to this precision (to nearest, ties to even), in place. f16 and bf16:
+    /// the same bits as a conversion there and back with `half` (tested on every `f32`), in
+    /// plain integer and `f32` operations that the compiler vectorises (`half` converts one
+    /// value per call). Int8: blocks of 8 from the start of `values`, so pass a whole state row.
     pub fn round(self, values: &mut [f32]) {
         match self {
             StatePrecision::F32 => {}
@@ -404,6 +405,24 @@ impl IntentModel {
     /// the kernel is checked against, and the baseline of its benchmark.
     pub fn with_candle_step(&self) -> IntentModel {
         IntentModel { serving: Serving::Candle, ..self.clone() }
+    }
+
+    /// The same weights keeping states in `precision` instead of the trained one: a reference
+    /// for checks (candle's unrounded step against the fused kernel's, which a rounding step
+    /// apart could not compare within 1e-5) and for measurements. Its version stays the trained
+    /// model's, so it is not for serving.
+    ///
+    /// # Errors
+    ///
+    /// As [`IntentModel::resident_states`], on a GPU.
+    pub fn with_state_precision(&self, precision: StatePrecision) -> Result<IntentModel, ModelError> {
+        let mut model = self.clone();
+        model.meta.state_precision = precision;
+        model.kernel = Arc::new(self.kernel.as_ref().clone().with_state_precision(precision));
+        if let Serving::Gpu(_) = model.serving {
+            model.serving = Serving::Gpu(Arc::new(Mutex::new(model.resident_states(1024)?)));
+        }
+        Ok(model)
     }
 
     /// The model's metadata (`model.json`).

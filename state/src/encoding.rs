@@ -654,7 +654,7 @@ mod tests {
                 last_score,
             };
             let bytes = state.encode();
-            // The compact version 4 exactly when f16 keeps every value's bits; 2 more with a
+            // The compact version 4 exactly when int8 blocks or f16 keep every value's bits; 2 more with a
             // history, 4 more with a latest score or output memory (which write the history block too).
             let with_history = state.session.history != UserHistory::default() || state.session.counts != SessionCounts::default();
             let added = if state.last_score.is_some() || !state.outputs.is_empty() { 4 } else if with_history { 2 } else { 0 };
@@ -825,16 +825,18 @@ mod tests {
         bad[at] = 121;
         assert!(matches!(UserState::decode(&bad), Err(StateError::Corrupt(m)) if m.contains("exponent 121")));
         // Neither flag, or both, is corruption.
-        let mut both = bytes.clone();
-        both[1] |= FLAG_F16;
-        assert!(matches!(UserState::decode(&both), Err(StateError::Corrupt(_))));
+        for flags in [bytes[1] & !FLAG_INT8, bytes[1] | FLAG_F16] {
+            let mut bad = bytes.clone();
+            bad[1] = flags;
+            assert!(matches!(UserState::decode(&bad), Err(StateError::Corrupt(_))));
+        }
     }
 
     #[test]
     fn reads_version_3_with_its_hidden_vector_in_f32() {
         // A version-3 record (what this build writes for vectors f16 cannot hold), its two
         // hidden floats then replaced by values f16 can hold (int8 blocks cannot: 2^-12 is no
-        // multiple of 0.5's scale, 2^-8): still read as f32, and written back as version 4.
+        // multiple of 0.5's scale, 2^-7): still read as f32, and written back as version 4.
         let mut v3 = UserState { hidden: vec![0.1, 0.2], model_version: "gru-x".into(), ..Default::default() }.encode();
         assert_eq!(v3[0], 3);
         let at = v3.len() - 1 - 8;

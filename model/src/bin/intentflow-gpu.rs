@@ -279,9 +279,11 @@ fn equality(cpu_model: &IntentModel, gpu_model: &IntentModel, kernel: &Arc<Fused
     let on_cpu = cpu_model.step(&inputs, &hidden)?;
     let on_gpu = gpu_model.step(&inputs, &hidden)?;
     check("IntentModel::step, CPU against CUDA, batch 4,096".into(), bits(&on_cpu.hidden) == bits(&on_gpu.hidden) && bits(&on_cpu.scores) == bits(&on_gpu.scores), format!("largest difference {:e}", max_diff(&on_cpu.hidden, &on_gpu.hidden)));
-    let candle = gpu_model.with_candle_step().step(&inputs, &hidden)?;
-    let worst = max_diff(&candle.hidden, &on_gpu.hidden).max(max_diff(&candle.scores, &on_gpu.scores));
-    check("candle's CUDA step against the fused kernel, batch 4,096".into(), worst <= 1e-5, format!("largest difference {worst:e} (bound 1e-5)"));
+    // In f32: with rounded states, candle's unrounded value may fall a rounding step away.
+    let whole = gpu_model.with_state_precision(StatePrecision::F32)?;
+    let (candle, fused) = (whole.with_candle_step().step(&inputs, &hidden)?, whole.step(&inputs, &hidden)?);
+    let worst = max_diff(&candle.hidden, &fused.hidden).max(max_diff(&candle.scores, &fused.scores));
+    check("candle's CUDA step against the fused kernel, f32 states, batch 4,096".into(), worst <= 1e-5, format!("largest difference {worst:e} (bound 1e-5)"));
     Ok(failures)
 }
 

@@ -34,7 +34,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Keep the GRU's hidden states in this precision between steps: `f16`, `bf16` or `int8`
-    /// measure what storing states in half or a quarter of the bytes would cost (what `intentflow train
+    /// measure what storing states in 2 or about 1.1 bytes a value would cost (what `intentflow train
     /// --state-precision` makes the served model do). metrics.json records it; write it
     /// elsewhere with --out-dir to keep the model's own metrics.
     #[arg(long, value_enum, default_value = "f32")]
