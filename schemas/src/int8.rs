@@ -82,23 +82,32 @@ pub fn int8_codes(block: &[f32], codes: &mut [i8]) -> Option<i8> {
     }
     let e = int8_exponent(max);
     let (down, up) = (pow2(-e), pow2(e));
+    let mut exact = true;
     for (v, code) in block.iter().zip(codes.iter_mut()) {
-        // |v · 2^−e| ≤ 127 by the choice of e; exact unless v is no multiple of 2^e.
-        let q = *v * down;
-        *code = q as i8;
-        if q.fract() != 0.0 || (f32::from(*code) * up).to_bits() != v.to_bits() {
-            return None;
-        }
+        // |v · 2^−e| ≤ 127 by the choice of e. The cast truncates, so the value read back has
+        // v's bits only when v is a multiple of 2^e (and not −0.0).
+        *code = (*v * down) as i8;
+        exact &= (f32::from(*code) * up).to_bits() == v.to_bits();
+    }
+    if !exact {
+        return None;
     }
     i8::try_from(e).ok()
+}
+
+/// The scale `2^e` of a block of exponent `e`, or `None` for an exponent the format never
+/// writes; a value of the block is its integer times the scale ([`int8_value`]).
+#[inline(always)]
+pub fn int8_scale(e: i8) -> Option<f32> {
+    let e = i32::from(e);
+    (INT8_MIN_EXPONENT..=MAX_EXPONENT).contains(&e).then(|| pow2(e))
 }
 
 /// The value of integer `q` in a block of exponent `e`, or `None` for an exponent the format
 /// never writes.
 #[inline(always)]
 pub fn int8_value(q: i8, e: i8) -> Option<f32> {
-    let e = i32::from(e);
-    (INT8_MIN_EXPONENT..=MAX_EXPONENT).contains(&e).then(|| f32::from(q) * pow2(e))
+    int8_scale(e).map(|scale| f32::from(q) * scale)
 }
 
 #[cfg(test)]

@@ -72,7 +72,7 @@
 //! ([`StateError::UnsupportedVersion`]): the operator quarantines such a record rather than guess.
 
 use crate::StateError;
-use intentflow_schemas::int8::{int8_codes, int8_value, INT8_BLOCK};
+use intentflow_schemas::int8::{int8_codes, int8_scale, INT8_BLOCK};
 use intentflow_schemas::{DistinctSketch, SessionCounts, SessionState, UserHistory};
 
 /// Newest encoding version. The first byte of an encoded state is 4 for f16 and int8 states, else 3,
@@ -284,9 +284,8 @@ impl<'a> Reader<'a> {
             let len = (n - hidden.len()).min(INT8_BLOCK);
             let [e] = self.array()?;
             let e = e as i8;
-            for q in self.take(len)? {
-                hidden.push(int8_value(*q as i8, e).ok_or_else(|| StateError::Corrupt(format!("int8 block exponent {e} outside the format")))?);
-            }
+            let scale = int8_scale(e).ok_or_else(|| StateError::Corrupt(format!("int8 block exponent {e} outside the format")))?;
+            hidden.extend(self.take(len)?.iter().map(|q| f32::from(*q as i8) * scale));
         }
         Ok(hidden)
     }
