@@ -279,7 +279,7 @@ mod tests {
         // A new instance reads the whole retained changelog; an empty changelog needs nothing.
         assert_eq!(plan_restore(None, 0, 500), RestorePlan::CatchUp { from: 0 });
         assert_eq!(plan_restore(None, 40, 40), RestorePlan::UpToDate);
-        // After kill -9 the store is behind by the batches committed but not yet written locally.
+        // After kill -9 the store is behind by what was committed since its last memtable flush.
         assert_eq!(plan_restore(Some(480), 0, 500), RestorePlan::CatchUp { from: 480 });
         assert_eq!(plan_restore(Some(500), 0, 500), RestorePlan::UpToDate);
         // Compaction or retention moved the start past a store that has been away too long.

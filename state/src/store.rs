@@ -64,10 +64,24 @@ pub struct StoreOptions {
     /// Budget of the in-process cache of the states this process wrote last (default 192 MiB;
     /// 0 turns it off): a user read back soon after a write skips RocksDB.
     pub hot_state_bytes: usize,
-    /// Bulk loading (replays): large memtables, no write-ahead log, L0 compactions deferred
-    /// to larger runs. Writes survive only once [`StateStore::flush`] returns (or the store is
-    /// closed cleanly), so a crashed bulk load must be started again in a fresh directory.
+    /// Bulk loading (replays): large memtables, L0 compactions deferred to larger runs (and,
+    /// from [`StoreOptions::bulk`], no write-ahead log). Writes survive only once
+    /// [`StateStore::flush`] returns (or the store is closed cleanly), so a crashed bulk load
+    /// must be started again in a fresh directory.
     pub bulk_load: bool,
+    /// Whether writes go through RocksDB's write-ahead log (the default). Without it a write
+    /// is durable once its memtable is flushed (RocksDB flushes full memtables as it goes, and
+    /// all of them at [`StateStore::flush`] and on a clean close); a crash loses the writes
+    /// after the last flush. Every write of the store then skips the log, so a store reopened
+    /// after a crash holds a prefix of its writes, exactly as if the process had died earlier.
+    ///
+    /// The live operator turns it off, as Kafka Streams does for its RocksDB stores: its
+    /// changelog topic is the log, and a store that lost its latest writes catches up from it
+    /// (see [`crate::changelog`]). The store's bookkeeping writes
+    /// ([`StateStore::set_model_version`], [`StateStore::set_meta`], [`StateStore::clear_users`],
+    /// [`StateStore::clear_partition`]) flush at once; anything else that must survive on its own is followed by
+    /// [`StateStore::flush`].
+    pub write_ahead_log: bool,
 }
 
 impl Default for StoreOptions {
@@ -81,12 +95,18 @@ impl StoreOptions {
     /// three quarters for the cache of recently written states (see
     /// [`StoreOptions::hot_state_bytes`]). Memtables come on top.
     pub fn with_cache_budget(bytes: usize) -> StoreOptions {
-        StoreOptions { block_cache_bytes: (bytes / 4).max(1 << 20), hot_state_bytes: bytes - bytes / 4, bulk_load: false }
+        StoreOptions { block_cache_bytes: (bytes / 4).max(1 << 20), hot_state_bytes: bytes - bytes / 4, bulk_load: false, write_ahead_log: true }
+    }
+
+    /// These options with writes that skip the write-ahead log (see
+    /// [`StoreOptions::write_ahead_log`]): for a store whose changelog topic is its log.
+    pub fn changelog_backed(self) -> StoreOptions {
+        StoreOptions { write_ahead_log: false, ..self }
     }
 
     /// The options of a bulk load (replay): see [`StoreOptions::bulk_load`].
     pub fn bulk() -> StoreOptions {
-        StoreOptions { bulk_load: true, ..StoreOptions::default() }
+        StoreOptions { bulk_load: true, write_ahead_log: false, ..StoreOptions::default() }
     }
 }
 
@@ -115,6 +135,8 @@ pub struct StateStore {
     /// The options the store was opened with: they hold its statistics (block cache tickers).
     options: Options,
     write_options: WriteOptions,
+    /// Whether `write_options` go through the write-ahead log.
+    logged: bool,
     /// Recently written states; its shards are locked around every write of their user keys,
     /// so the cache and RocksDB change together.
     hot: HotCache,
@@ -207,6 +229,7 @@ impl StateStore {
         opts.enable_statistics();
         opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptTimers);
         let mut write_options = WriteOptions::default();
+        write_options.disable_wal(!options.write_ahead_log);
         if options.bulk_load {
             opts.set_write_buffer_size(256 << 20);
             opts.set_max_write_buffer_number(4);
@@ -214,12 +237,11 @@ impl StateStore {
             opts.set_level_zero_slowdown_writes_trigger(32);
             opts.set_level_zero_stop_writes_trigger(64);
             opts.set_max_background_jobs(4);
-            write_options.disable_wal(true);
         }
         // Opened with the default column family named, so that batched reads can address it.
         let default_cf = ColumnFamilyDescriptor::new(DEFAULT_COLUMN_FAMILY_NAME, opts.clone());
         let hot = HotCache::new(options.hot_state_bytes);
-        Ok(StateStore { db: DB::open_cf_descriptors(&opts, path, [default_cf])?, options: opts, write_options, hot })
+        Ok(StateStore { db: DB::open_cf_descriptors(&opts, path, [default_cf])?, options: opts, write_options, logged: options.write_ahead_log, hot })
     }
 
     /// Size, keys, compaction debt and block cache figures, for monitoring.
@@ -468,7 +490,7 @@ impl StateStore {
         }
         batch.put(changelog_key(partition), next.to_le_bytes());
         let mut hot = self.hot.lock_partition(partition);
-        self.db.write(batch)?;
+        self.db.write_opt(batch, &self.write_options)?;
         touched.iter().for_each(|k| hot.remove(k));
         Ok(out)
     }
@@ -491,17 +513,29 @@ impl StateStore {
         Ok(self.db.get(MODEL_KEY)?.map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
-    /// Records the model version the states are (from now on) built with.
+    /// Records the model version the states are (from now on) built with; durable on return.
     ///
     /// # Errors
     ///
     /// RocksDB write errors.
     pub fn set_model_version(&self, version: &str) -> Result<(), StateError> {
-        self.db.put(MODEL_KEY, version.as_bytes())?;
+        self.db.put_opt(MODEL_KEY, version.as_bytes(), &self.write_options)?;
+        self.persist_bookkeeping()
+    }
+
+    /// Makes a bookkeeping write (model, meta, a reset, a dropped partition) durable at once when the store writes
+    /// without a write-ahead log, by flushing the memtables: a crash must not take back what
+    /// the operator did on its strength, such as serving a new model. States and offsets need no
+    /// such flush: the changelog restores them. Rare, so the flush costs nothing that matters.
+    fn persist_bookkeeping(&self) -> Result<(), StateError> {
+        if !self.logged {
+            self.db.flush()?;
+        }
         Ok(())
     }
 
     /// Drops every user state (all partitions), keeping the offsets: users start from zero.
+    /// Durable on return.
     ///
     /// # Errors
     ///
@@ -510,13 +544,15 @@ impl StateStore {
         let mut batch = WriteBatch::default();
         batch.delete_range([USER_PREFIX].as_slice(), [USER_PREFIX + 1].as_slice());
         let mut hot = self.hot.lock_all();
-        self.db.write(batch)?;
+        self.db.write_opt(batch, &self.write_options)?;
         hot.clear();
-        Ok(())
+        drop(hot);
+        self.persist_bookkeeping()
     }
 
     /// Drops everything the store holds for `partition`: its users, its input offsets and its
-    /// changelog offset (before a rebuild from the changelog).
+    /// changelog offset (before a rebuild from the changelog). Durable on return: a store
+    /// that lost it could later count as up to date with states it was to drop.
     ///
     /// # Errors
     ///
@@ -537,9 +573,10 @@ impl StateStore {
         }
         batch.delete(changelog_key(partition));
         let mut hot = self.hot.lock_partition(partition);
-        self.db.write(batch)?;
+        self.db.write_opt(batch, &self.write_options)?;
         hot.remove_partition(partition);
-        Ok(())
+        drop(hot);
+        self.persist_bookkeeping()
     }
 
     /// The next input offset recorded for a topic-partition, if any.
@@ -608,17 +645,18 @@ impl StateStore {
         Ok(self.db.get(meta_key(name))?)
     }
 
-    /// Stores a bookkeeping value under `name`, or deletes it when `value` is `None`.
+    /// Stores a bookkeeping value under `name`, or deletes it when `value` is `None`; durable on
+    /// return.
     ///
     /// # Errors
     ///
     /// RocksDB write errors.
     pub fn set_meta(&self, name: &str, value: Option<&[u8]>) -> Result<(), StateError> {
         match value {
-            Some(v) => self.db.put(meta_key(name), v)?,
-            None => self.db.delete(meta_key(name))?,
+            Some(v) => self.db.put_opt(meta_key(name), v, &self.write_options)?,
+            None => self.db.delete_opt(meta_key(name), &self.write_options)?,
         }
-        Ok(())
+        self.persist_bookkeeping()
     }
 
     /// Every stored user state as `(partition, user id, state)`, in key order.

@@ -102,6 +102,8 @@ pub async fn hand_over(
     keep_highest(&mut changelog_next, window.tracked());
     // The local store already holds the states: record that it reflects the changelog so far.
     store.commit_encoded([], [], changelog_positions(&changelog_next))?;
+    // Durable before the directory says so: the live store writes without a write-ahead log.
+    store.flush()?;
     // Adopted first, then the progress forgotten: a crash in between leaves an adopted
     // directory with a stale key, never a replay that hands everything over again.
     dir.mark_adopted()?;

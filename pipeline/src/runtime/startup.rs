@@ -147,7 +147,9 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
     tracing::info!(version = model.version(), hidden = model.hidden_dim(), device = ?cfg.device, "model loaded");
     let policy = cfg.model_policy();
     let serving = Arc::new(Serving::new(&cfg, model)?);
-    let store = Arc::new(dir.open_store(StoreOptions::with_cache_budget(cfg.state_cache_mib << 20))?);
+    // The changelog is the store's log: a store that lost its latest writes in a crash catches
+    // up from it, so its writes skip RocksDB's write-ahead log (as Kafka Streams' stores do).
+    let store = Arc::new(dir.open_store(StoreOptions::with_cache_budget(cfg.state_cache_mib << 20).changelog_backed())?);
     StateDir::adopt_model(&store, serving.version(), policy)?;
 
     let clients = cfg.clients();

@@ -10,7 +10,7 @@
 //! The operator's CPU time and peak RSS are read from procfs before it is stopped with SIGTERM;
 //! its state is then compacted and measured, and the run's topics are deleted.
 
-use super::{cpu_seconds, latency_histogram, peak_rss_bytes, BenchArgs, RunResult, Seen, Stages, Synth};
+use super::{cpu_seconds, disk_write_bytes, latency_histogram, peak_rss_bytes, BenchArgs, RunResult, Seen, Stages, Synth};
 use crate::kafka::{admin, DeliveryWindow, KafkaClients};
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
@@ -111,7 +111,7 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let pid = pid.to_string();
-    let cpu_start = cpu_seconds(&pid);
+    let (cpu_start, disk_start) = (cpu_seconds(&pid), disk_write_bytes(&pid));
 
     // The reader of the intents runs on its own thread while this one produces.
     let reader = {
@@ -154,6 +154,9 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
     let seconds = last_arrival.duration_since(t0).as_secs_f64();
     let cpu_seconds = cpu_seconds(&pid) - cpu_start;
     let peak_rss = peak_rss_bytes(&pid);
+    // Up to the last intent: what its shutdown flushes is not counted, so a run too short to
+    // fill a memtable (64 MiB) may show next to nothing.
+    let disk_bytes = disk_write_bytes(&pid) - disk_start;
     operator.terminate()?;
     let state_bytes = {
         let store = StateStore::open(&state_dir, StoreOptions::default())?;
@@ -172,6 +175,7 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
         latency_us,
         peak_rss,
         state_bytes,
+        disk_bytes,
         batches: 0,
         stages: Stages::default(),
     })

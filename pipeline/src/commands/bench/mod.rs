@@ -5,11 +5,13 @@
 //! live operator does to a batch between the consumer and the producer: decode, the users' states
 //! read from RocksDB (one batched read), featurize and step the model in waves, the intents encoded as
 //! JSON into one reused buffer, the states encoded and committed with the input offsets in one
-//! write batch. Kafka's share (fetch, produce, transactions) is measured with `--brokers`
+//! write batch (without RocksDB's write-ahead log, as `run` writes: its changelog is the log;
+//! `--write-ahead-log` measures the store with it). Kafka's share (fetch, produce, transactions) is measured with `--brokers`
 //! against the live `run` (`bench/live.rs`), and by `scripts/bench`.
 //!
 //! Each run reports events/s, event→score latency percentiles, CPU seconds per million events,
-//! peak RSS and the state's bytes per user on disk once compacted. Latency is measured on a clock
+//! peak RSS, the state's bytes per user on disk once compacted, and the bytes written to storage
+//! per event (procfs `write_bytes`: memtable flushes, compactions, any write-ahead log). Latency is measured on a clock
 //! that stops while events are generated:
 //!
 //! * at an offered load (`--rates 250000`), event *i* arrives at *i*/rate seconds; a batch takes
@@ -78,6 +80,10 @@ pub struct BenchArgs {
     /// Random seed of the events.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// In-process: state writes go through RocksDB's write-ahead log. `run` writes without it
+    /// (its changelog topic is the log), and so does the bench by default.
+    #[arg(long, conflicts_with = "brokers")]
+    pub write_ahead_log: bool,
     /// Measure the live operator (`intentflow run` as a child process) through these brokers
     /// instead of the hot path in-process.
     #[arg(long)]
@@ -102,6 +108,8 @@ struct RunResult {
     latency_us: Histogram<u64>,
     peak_rss: u64,
     state_bytes: u64,
+    /// Bytes written to storage (the store's files, its write-ahead log if any).
+    disk_bytes: u64,
     batches: u64,
     stages: Stages,
 }
@@ -247,7 +255,8 @@ impl Clock {
 
 fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate: Option<f64>) -> Result<RunResult> {
     reset_peak_rss();
-    let store = StateStore::open(dir, StoreOptions::with_cache_budget((args.state_cache_mib as usize) << 20))?;
+    let options = StoreOptions::with_cache_budget((args.state_cache_mib as usize) << 20);
+    let store = StateStore::open(dir, if args.write_ahead_log { options } else { options.changelog_backed() })?;
     let operator = IntentOperator::new(model.clone()).with_reasons(args.reasons).with_gpu_resident_slots(args.gpu_resident_users)?;
     let decoder = EventDecoder::default();
     let synth = Synth { seed: args.seed, users: args.users };
@@ -260,6 +269,7 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
     let mut cpu_paused = 0.0;
     let mut stages = Stages::default();
     let cpu_start = cpu_seconds(SELF);
+    let disk_start = disk_write_bytes(SELF);
     let mut clock = Clock { start: Instant::now(), paused: Duration::ZERO };
     while next < events {
         let now = clock.now().as_secs_f64();
@@ -331,6 +341,9 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
     let seconds = clock.now().as_secs_f64();
     let cpu_seconds = cpu_seconds(SELF) - cpu_start - cpu_paused;
     let peak_rss = peak_rss_bytes(SELF);
+    // What the run wrote once all of it is on disk.
+    store.flush()?;
+    let disk_bytes = disk_write_bytes(SELF) - disk_start;
     store.compact()?;
     let state_bytes = store.sst_bytes()?;
     Ok(RunResult {
@@ -343,6 +356,7 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
         latency_us,
         peak_rss,
         state_bytes,
+        disk_bytes,
         batches,
         stages,
     })
@@ -354,7 +368,7 @@ fn table(args: &BenchArgs, model: &IntentModel, results: &[RunResult]) -> String
     let _ = writeln!(
         s,
         "intentflow bench: intentflow {}, model {} ({} state of {} values) on {}, batch {}, {} partitions, \
-         state cache {} MiB (a quarter RocksDB block cache), RocksDB with its write-ahead log, {cores} cores",
+         state cache {} MiB (a quarter RocksDB block cache), RocksDB {} its write-ahead log, {cores} cores",
         env!("CARGO_PKG_VERSION"),
         model.version(),
         model.cell(),
@@ -365,15 +379,16 @@ fn table(args: &BenchArgs, model: &IntentModel, results: &[RunResult]) -> String
         },
         args.batch,
         args.partitions,
-        args.state_cache_mib
+        args.state_cache_mib,
+        if args.write_ahead_log && args.brokers.is_none() { "with" } else { "without" }
     );
-    let _ = writeln!(s, "| mode | offered | events | users | events/s | p50 ms | p99 ms | p99.9 ms | CPU s per M events | peak RSS MiB | state B/user | batches |");
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "| mode | offered | events | users | events/s | p50 ms | p99 ms | p99.9 ms | CPU s per M events | peak RSS MiB | state B/user | disk writes B/event | batches |");
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in results {
         let ms = |q: f64| r.latency_us.value_at_quantile(q) as f64 / 1000.0;
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.1} | {} |",
+            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.1} | {:.0} | {} |",
             r.mode,
             r.rate.map_or_else(|| "flat out".to_string(), |r| format!("{r:.0}/s")),
             r.events,
@@ -385,6 +400,7 @@ fn table(args: &BenchArgs, model: &IntentModel, results: &[RunResult]) -> String
             r.cpu_seconds * 1e6 / r.events as f64,
             r.peak_rss as f64 / f64::from(1 << 20),
             r.state_bytes as f64 / r.users.max(1) as f64,
+            r.disk_bytes as f64 / r.events.max(1) as f64,
             r.batches
         );
     }
@@ -412,6 +428,15 @@ fn cpu_seconds(proc: &str) -> f64 {
     let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
     let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|t| t.parse::<f64>().ok()).sum());
     ticks / 100.0
+}
+
+/// Bytes the process `proc` (a pid, or [`SELF`]) has had written to storage so far, all threads
+/// (procfs `write_bytes`); 0 where there is none.
+fn disk_write_bytes(proc: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{proc}/io"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("write_bytes:").and_then(|v| v.trim().parse::<u64>().ok())))
+        .unwrap_or(0)
 }
 
 /// Resets the kernel's peak-RSS mark of this process (`/proc/self/clear_refs`, Linux ≥ 4.0).
