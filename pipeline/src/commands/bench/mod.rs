@@ -6,13 +6,14 @@
 //! read from RocksDB (one batched read), featurize and step the model in waves, the intents encoded as
 //! JSON into one reused buffer, the states encoded and committed with the input offsets in one
 //! write batch (without RocksDB's write-ahead log, as `run` writes: its changelog is the log;
-//! `--write-ahead-log` measures the store with it). Kafka's share (fetch, produce, transactions) is measured with `--brokers`
-//! against the live `run` (`bench/live.rs`), and by `scripts/bench`.
+//! `--write-ahead-log` measures the store with it). Kafka's share (fetch, produce,
+//! transactions) is measured with `--brokers` against the live `run` (`bench/live.rs`), and by
+//! `scripts/bench`.
 //!
 //! Each run reports events/s, event→score latency percentiles, CPU seconds per million events,
 //! peak RSS, the state's bytes per user on disk once compacted, and the bytes written to storage
-//! per event (procfs `write_bytes`: memtable flushes, compactions, any write-ahead log). Latency is measured on a clock
-//! that stops while events are generated:
+//! per event (procfs `write_bytes`: memtable flushes, compactions, any write-ahead log). Latency
+//! is measured on a clock that stops while events are generated:
 //!
 //! * at an offered load (`--rates 250000`), event *i* arrives at *i*/rate seconds; a batch takes
 //!   whatever has arrived (up to `--batch`), and an event's latency runs from its arrival until
