@@ -96,18 +96,11 @@ pub fn int8_codes(block: &[f32], codes: &mut [i8]) -> Option<i8> {
 }
 
 /// The scale `2^e` of a block of exponent `e`, or `None` for an exponent the format never
-/// writes; a value of the block is its integer times the scale ([`int8_value`]).
+/// writes; a value of the block is its integer times the scale.
 #[inline(always)]
 pub fn int8_scale(e: i8) -> Option<f32> {
     let e = i32::from(e);
     (INT8_MIN_EXPONENT..=MAX_EXPONENT).contains(&e).then(|| pow2(e))
-}
-
-/// The value of integer `q` in a block of exponent `e`, or `None` for an exponent the format
-/// never writes.
-#[inline(always)]
-pub fn int8_value(q: i8, e: i8) -> Option<f32> {
-    int8_scale(e).map(|scale| f32::from(q) * scale)
 }
 
 #[cfg(test)]
@@ -171,7 +164,8 @@ mod tests {
             // in the format) is refused.
             let mut codes = vec![0i8; len];
             let stored = int8_codes(&block, &mut codes).unwrap_or_else(|| panic!("case {case}: {block:?} from {before:?}"));
-            let back: Vec<u32> = codes.iter().map(|q| int8_value(*q, stored).expect("a written exponent").to_bits()).collect();
+            let scale = int8_scale(stored).expect("a written exponent");
+            let back: Vec<u32> = codes.iter().map(|q| (f32::from(*q) * scale).to_bits()).collect();
             assert_eq!(back, block.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "case {case}");
             if before.iter().zip(&block).any(|(a, b)| a.to_bits() != b.to_bits()) {
                 assert_eq!(int8_codes(&before, &mut codes), None, "case {case}: {before:?}");
@@ -198,8 +192,8 @@ mod tests {
         assert_eq!(int8_codes(&[0.5, f32::NAN], &mut codes), None);
         assert_eq!(int8_codes(&[1.0, -0.25], &mut codes), Some(-6));
         assert_eq!(codes, [64, -16]);
-        assert_eq!(int8_value(1, -121), None);
-        assert_eq!(int8_value(1, 121), None);
-        assert_eq!(int8_value(-3, -2), Some(-0.75));
+        assert_eq!(int8_scale(-121), None);
+        assert_eq!(int8_scale(121), None);
+        assert_eq!(int8_scale(-2).map(|scale| f32::from(-3i8) * scale), Some(-0.75));
     }
 }
