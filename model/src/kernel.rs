@@ -15,9 +15,13 @@
 //!   its own. A matrix that is not block-diagonal runs as one block.
 //! * **Gates in one pass.** Per member, its gates are computed into a small scratch and the new
 //!   state is written directly; the head's logit is summed as they come.
-//! * **Products as column sweeps.** Every matrix is stored transposed and multiplied as
-//!   `out += column_i · x_i` for `i` in order: the loops run along the outputs, which the compiler
-//!   vectorises, and every output is summed in the same order whatever the vector width. Rust
+//! * **Products as column sweeps, summed in registers.** Every matrix is stored transposed and
+//!   multiplied as `out += column_i · x_i` for `i` in order, a block of outputs at a time (32 of
+//!   the input gates, or 64 with AVX2; two members' recurrent gates) held in vector registers
+//!   until all its inputs are summed: the loops run along the outputs, which the compiler
+//!   vectorises, and every output is summed in the same order whatever the block or vector
+//!   width. Where the CPU has AVX2 the rows run in a copy of the code compiled for it (chosen at
+//!   run time; without FMA, so that products and sums round as in the portable code). Rust
 //!   never contracts `a * b + c` into a fused multiply-add, and `exp` is a fixed polynomial
 //!   ([`exp`]) rather than the platform's libm: a row's result is bit-for-bit the same on any
 //!   x86-64 or ARM machine, whichever rows share its batch — the property that makes crash
@@ -34,6 +38,13 @@ use rayon::prelude::*;
 
 /// Rows per parallel task: below this, a batch runs on the calling thread.
 pub const ROWS_PER_TASK: usize = 256;
+
+/// Input-gate outputs summed in registers at once without AVX2: eight 128-bit vectors.
+const PORTABLE_LANES: usize = 32;
+
+/// Input-gate outputs summed in registers at once with AVX2: eight 256-bit vectors.
+#[cfg(target_arch = "x86_64")]
+const AVX2_LANES: usize = 64;
 
 /// A network of any cell (with its head) laid out for the fused CPU step.
 #[derive(Debug, Clone)]
@@ -247,40 +258,97 @@ impl FusedStep {
             .for_each(|((x, h), l)| self.rows(x, h, l));
     }
 
-    /// Steps consecutive rows on this thread.
+    /// Steps consecutive rows on this thread, in 256-bit vectors where the CPU has AVX2 (the
+    /// same operations in the same order: the same bits, see the module docs).
     fn rows(&self, inputs: &[Features], states: &mut [f32], logits: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            unsafe { self.rows_avx2(inputs, states, logits) };
+            return;
+        }
+        self.rows_in::<PORTABLE_LANES>(inputs, states, logits);
+    }
+
+    /// [`rows`](Self::rows) compiled for AVX2 (no FMA: products and sums stay separately
+    /// rounded), with twice the lanes in registers.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn rows_avx2(&self, inputs: &[Features], states: &mut [f32], logits: &mut [f32]) {
+        self.rows_in::<AVX2_LANES>(inputs, states, logits);
+    }
+
+    /// Steps consecutive rows, the input products swept `W` outputs at a time.
+    #[inline(always)]
+    fn rows_in<const W: usize>(&self, inputs: &[Features], states: &mut [f32], logits: &mut [f32]) {
         let g = self.cell.gates() * self.h;
         let (mut gates, mut rec, mut r) = (vec![0f32; g], vec![0f32; g], vec![0f32; self.h]);
         for ((f, state), logit) in inputs.iter().zip(states.chunks_exact_mut(self.state_dim())).zip(logits.iter_mut()) {
             *logit = match self.cell {
-                Cell::Gru => self.gru_row(f, state, &mut gates, &mut rec, &mut r),
-                Cell::Lstm => self.lstm_row(f, state, &mut gates, &mut rec),
-                Cell::Cnn => self.cnn_row(f, state, &mut gates),
+                Cell::Gru => self.gru_row::<W>(f, state, &mut gates, &mut rec, &mut r),
+                Cell::Lstm => self.lstm_row::<W>(f, state, &mut gates, &mut rec),
+                Cell::Cnn => self.cnn_row::<W>(f, state, &mut gates),
             };
         }
     }
 
-    /// A row's input gates (or a convolution's taps) into `gates` (`G·H`, `[gate][unit]`).
+    /// A row's input gates (or a convolution's taps) into `gates` (`G·H`, `[gate][unit]`):
+    /// `W` outputs at a time, each kept in a register while it sums the bias, the dense
+    /// columns in order, then the item's and the category's table rows. The last block may
+    /// overlap the one before; an output computed twice gets the same bits twice.
     #[inline(always)]
-    fn inputs(&self, f: &Features, gates: &mut [f32]) {
-        let g3 = gates.len();
-        gates.copy_from_slice(&self.bias_in);
-        for (c, x) in f.dense.iter().enumerate() {
-            axpy(gates, &self.dense_cols[c * g3..(c + 1) * g3], *x);
+    fn inputs<const W: usize>(&self, f: &Features, gates: &mut [f32]) {
+        let g = gates.len();
+        // Where the row's item and category rows start in their tables (none without a table).
+        let rows = [(&self.item_rows, f.item), (&self.category_rows, f.category)]
+            .map(|(table, bucket)| (!table.is_empty()).then(|| (bucket as usize).min(table.len() / g - 1) * g));
+        if g < W {
+            for first in 0..g {
+                gates[first] = self.input_block::<1>(f, rows, first)[0];
+            }
+            return;
         }
-        for (table, bucket) in [(&self.item_rows, f.item), (&self.category_rows, f.category)] {
-            if !table.is_empty() {
-                let b = (bucket as usize).min(table.len() / g3 - 1);
-                add(gates, &table[b * g3..(b + 1) * g3]);
+        let mut at = 0;
+        while at < g {
+            let first = at.min(g - W);
+            gates[first..first + W].copy_from_slice(&self.input_block::<W>(f, rows, first));
+            at = first + W;
+        }
+    }
+
+    /// The `W` input-gate outputs from `first` of a row whose table rows start at `rows`.
+    #[inline(always)]
+    fn input_block<const W: usize>(&self, f: &Features, rows: [Option<usize>; 2], first: usize) -> [f32; W] {
+        let g = self.bias_in.len();
+        let mut acc = *lanes::<W>(&self.bias_in, first);
+        for (c, x) in f.dense.iter().enumerate() {
+            axpy(&mut acc, lanes::<W>(&self.dense_cols, c * g + first), *x);
+        }
+        for (table, row) in [&self.item_rows, &self.category_rows].into_iter().zip(rows) {
+            if let Some(row) = row {
+                add(&mut acc, lanes::<W>(table, row + first));
             }
         }
+        acc
     }
 
     /// A row's input gates into `gates` and its members' recurrent products of `h` into `rec`
     /// (both `G·H`, `[gate][unit]`, `G` gates: a constant, so that the gate loop unrolls).
     #[inline(always)]
-    fn products<const G: usize>(&self, f: &Features, h: &[f32], gates: &mut [f32], rec: &mut [f32]) {
-        self.inputs(f, gates);
+    fn products<const G: usize, const W: usize>(&self, f: &Features, h: &[f32], gates: &mut [f32], rec: &mut [f32]) {
+        self.inputs::<W>(f, gates);
+        match (G, self.hm) {
+            // The default model's blocks (hidden size 8) in registers, two members at a time.
+            (3, 8) => self.recurrent_pairs::<G, 8, 24>(h, rec),
+            (4, 8) => self.recurrent_pairs::<G, 8, 32>(h, rec),
+            _ => self.recurrent::<G>(h, rec),
+        }
+    }
+
+    /// The members' recurrent products, any block size: per input, one sweep of each gate's
+    /// units through memory.
+    #[inline(always)]
+    fn recurrent<const G: usize>(&self, h: &[f32], rec: &mut [f32]) {
         let (hd, hm, k3) = (self.h, self.hm, G * self.hm);
         rec.fill(0.0);
         for m in 0..self.members {
@@ -295,11 +363,45 @@ impl FusedStep {
         }
     }
 
+    /// The members' recurrent products for blocks of `HM` units (`K = G·HM` outputs each), two
+    /// members' outputs in registers at once so that their sums interleave; each output is
+    /// summed from zero over its member's inputs in order, as in [`recurrent`](Self::recurrent).
+    #[inline(always)]
+    fn recurrent_pairs<const G: usize, const HM: usize, const K: usize>(&self, h: &[f32], rec: &mut [f32]) {
+        debug_assert_eq!((self.hm, K), (HM, G * HM));
+        let hd = self.h;
+        let column = |m: usize, i: usize| -> &[f32; K] { lanes(&self.recurrent_cols, (m * HM + i) * K) };
+        let mut store = |m: usize, acc: &[f32; K]| {
+            for gate in 0..G {
+                rec[gate * hd + m * HM..gate * hd + (m + 1) * HM].copy_from_slice(&acc[gate * HM..(gate + 1) * HM]);
+            }
+        };
+        let mut m = 0;
+        while m + 2 <= self.members {
+            let (mut a, mut b) = ([0f32; K], [0f32; K]);
+            for i in 0..HM {
+                axpy(&mut a, column(m, i), h[m * HM + i]);
+                axpy(&mut b, column(m + 1, i), h[(m + 1) * HM + i]);
+            }
+            store(m, &a);
+            store(m + 1, &b);
+            m += 2;
+        }
+        if m < self.members {
+            let mut a = [0f32; K];
+            for i in 0..HM {
+                axpy(&mut a, column(m, i), h[m * HM + i]);
+            }
+            store(m, &a);
+        }
+    }
+
     /// One GRU row: the products, then the gate math over all hidden units at once (plain array
     /// loops, which the compiler vectorises, `exp` included); returns the head's logit.
-    fn gru_row(&self, f: &Features, h: &mut [f32], gates: &mut [f32], rec: &mut [f32], r: &mut [f32]) -> f32 {
+    #[inline(always)]
+    fn gru_row<const W: usize>(&self, f: &Features, h: &mut [f32], gates: &mut [f32], rec: &mut [f32], r: &mut [f32]) -> f32 {
         let hd = self.h;
-        self.products::<3>(f, h, gates, rec);
+        self.products::<3, W>(f, h, gates, rec);
         let (g_r, rest) = gates.split_at(hd);
         let (g_z, g_n) = rest.split_at(hd);
         let (rec_r, rest) = rec.split_at(hd);
@@ -319,9 +421,10 @@ impl FusedStep {
 
     /// One LSTM row on its state `[h | c]`: the products, then `c' = f·c + i·g`, `h' =
     /// o·tanh(c')` over all hidden units at once; returns the head's logit.
-    fn lstm_row(&self, f: &Features, state: &mut [f32], gates: &mut [f32], rec: &mut [f32]) -> f32 {
+    #[inline(always)]
+    fn lstm_row<const W: usize>(&self, f: &Features, state: &mut [f32], gates: &mut [f32], rec: &mut [f32]) -> f32 {
         let hd = self.h;
-        self.products::<4>(f, &state[..hd], gates, rec);
+        self.products::<4, W>(f, &state[..hd], gates, rec);
         // Pre-activations, then each gate's nonlinearity over its units: plain loops that vectorise.
         for (g, r) in gates.iter_mut().zip(rec.iter()) {
             *g += *r;
@@ -349,9 +452,10 @@ impl FusedStep {
     /// One convolution row on its state `[y | P_1 | … | P_{k−1}]`: the taps `u_j` of the event,
     /// then `y = relu(u_0 + P_1)`, `P_m = u_m + P_{m+1}`, `P_{k−1} = u_{k−1}`; returns the head's
     /// logit of `y`.
-    fn cnn_row(&self, f: &Features, state: &mut [f32], taps: &mut [f32]) -> f32 {
+    #[inline(always)]
+    fn cnn_row<const W: usize>(&self, f: &Features, state: &mut [f32], taps: &mut [f32]) -> f32 {
         let hd = self.h;
-        self.inputs(f, taps);
+        self.inputs::<W>(f, taps);
         let (y, partials) = state.split_at_mut(hd);
         for ((y, u), p) in y.iter_mut().zip(&taps[..hd]).zip(partials.iter()) {
             *y = relu(*u + *p);
@@ -400,6 +504,13 @@ fn axpy(out: &mut [f32], col: &[f32], x: f32) {
     for (o, c) in out.iter_mut().zip(col) {
         *o += *c * x;
     }
+}
+
+/// The `W` values of `values` from `at`, as an array: its length known to the compiler, so
+/// that a sum over it stays in registers.
+#[inline(always)]
+fn lanes<const W: usize>(values: &[f32], at: usize) -> &[f32; W] {
+    values[at..at + W].try_into().expect("a slice of W values")
 }
 
 /// `out += row`, elementwise.
@@ -543,6 +654,36 @@ mod tests {
                 fused.step(std::slice::from_ref(x), &mut h, &mut l);
                 assert_eq!(h.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), batch_h[i * s..(i + 1) * s].iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{cell} row {i}");
                 assert_eq!(l[0].to_bits(), batch_l[i].to_bits(), "{cell} row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_vector_width_gives_a_row_the_same_bits() {
+        for cell in Cell::ALL {
+            let packed = GruParams::pack(&(1..=5).map(|s| member(cell, s, 8)).collect::<Vec<_>>()).unwrap();
+            // The default blocks (hidden size 8, in registers), a full matrix (through memory),
+            // and three members (a pair and one alone).
+            let three = GruParams::pack(&(1..=3).map(|s| member(cell, s, 8)).collect::<Vec<_>>()).unwrap();
+            for (params, members) in [(&packed, 5), (&member(cell, 9, 12), 1), (&three, 3)] {
+                let fused = FusedStep::new(params, members).unwrap().with_state_precision(StatePrecision::Int8);
+                let (mut seed, rows, s) = (5, 300, fused.state_dim());
+                let mut states: Vec<Vec<f32>> = vec![values(&mut seed, rows * s); 4];
+                for step in 0..3 {
+                    let f = features(&mut seed, rows);
+                    let mut logits = vec![vec![0f32; rows]; 4];
+                    // One output at a time (the scalar reference), the portable and the AVX2
+                    // widths compiled portably, and the CPU's own path.
+                    fused.rows_in::<1>(&f, &mut states[0], &mut logits[0]);
+                    fused.rows_in::<PORTABLE_LANES>(&f, &mut states[1], &mut logits[1]);
+                    fused.rows_in::<64>(&f, &mut states[2], &mut logits[2]);
+                    fused.rows(&f, &mut states[3], &mut logits[3]);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    for width in 1..4 {
+                        assert_eq!(bits(&states[width]), bits(&states[0]), "{cell}, {members} members, step {step}, states of path {width}");
+                        assert_eq!(bits(&logits[width]), bits(&logits[0]), "{cell}, {members} members, step {step}, logits of path {width}");
+                    }
+                }
             }
         }
     }
