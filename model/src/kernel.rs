@@ -432,8 +432,11 @@ impl FusedStep {
         let (g_i, rest) = gates.split_at_mut(hd);
         let (g_f, rest) = rest.split_at_mut(hd);
         let (g_g, g_o) = rest.split_at_mut(hd);
-        for x in g_i.iter_mut().chain(g_f.iter_mut()).chain(g_o.iter_mut()) {
-            *x = sigmoid(*x);
+        // One loop per gate: a chain of iterators would not vectorise.
+        for gate in [&mut *g_i, &mut *g_f, &mut *g_o] {
+            for x in gate.iter_mut() {
+                *x = sigmoid(*x);
+            }
         }
         for x in g_g.iter_mut() {
             *x = tanh(*x);
