@@ -16,9 +16,10 @@
 //! * **Gates in one pass.** Per member, its gates are computed into a small scratch and the new
 //!   state is written directly; the head's logit is summed as they come.
 //! * **Products as column sweeps, summed in registers.** Every matrix is stored transposed and
-//!   multiplied as `out += column_i · x_i` for `i` in order, a block of outputs at a time (32 of
-//!   the input gates, or 64 with AVX2; two members' recurrent gates) held in vector registers
-//!   until all its inputs are summed: the loops run along the outputs, which the compiler
+//!   multiplied as `out += column_i · x_i` for `i` in order, a block of outputs at a time (32
+//!   input gates, or 64 with AVX2; two members' recurrent gates, for members of hidden size 8)
+//!   held in vector registers until all its inputs are summed (other shapes sweep their outputs
+//!   through memory, summed in the same order): the loops run along the outputs, which the compiler
 //!   vectorises, and every output is summed in the same order whatever the block or vector
 //!   width. Where the CPU has AVX2 the rows run in a copy of the code compiled for it (chosen at
 //!   run time; without FMA, so that products and sums round as in the portable code). Rust
@@ -43,8 +44,11 @@ pub const ROWS_PER_TASK: usize = 256;
 const PORTABLE_LANES: usize = 32;
 
 /// Input-gate outputs summed in registers at once with AVX2: eight 256-bit vectors.
-#[cfg(target_arch = "x86_64")]
 const AVX2_LANES: usize = 64;
+
+/// A block width of 0: every product swept through memory, one input at a time over all its
+/// outputs (the simple form, and the tests' reference for the blocked ones).
+const SWEEP: usize = 0;
 
 /// A network of any cell (with its head) laid out for the fused CPU step.
 #[derive(Debug, Clone)]
@@ -293,26 +297,30 @@ impl FusedStep {
     }
 
     /// A row's input gates (or a convolution's taps) into `gates` (`G·H`, `[gate][unit]`):
-    /// `W` outputs at a time, each kept in a register while it sums the bias, the dense
-    /// columns in order, then the item's and the category's table rows. The last block may
-    /// overlap the one before; an output computed twice gets the same bits twice.
+    /// each output sums the bias, the dense columns in order, then the item's and the
+    /// category's table rows. `W` outputs at a time are kept in registers meanwhile; the last
+    /// block may overlap the one before, and an output computed twice gets the same bits
+    /// twice. With fewer than `W` outputs, or `W` = [`SWEEP`], the sums run through memory.
     #[inline(always)]
     fn inputs<const W: usize>(&self, f: &Features, gates: &mut [f32]) {
         let g = gates.len();
         // Where the row's item and category rows start in their tables (none without a table).
         let rows = [(&self.item_rows, f.item), (&self.category_rows, f.category)]
             .map(|(table, bucket)| (!table.is_empty()).then(|| (bucket as usize).min(table.len() / g - 1) * g));
-        if g < W {
-            for first in 0..g {
-                gates[first] = self.input_block::<1>(f, rows, first)[0];
+        if W == SWEEP || g < W {
+            gates.copy_from_slice(&self.bias_in);
+            for (c, x) in f.dense.iter().enumerate() {
+                axpy(gates, &self.dense_cols[c * g..(c + 1) * g], *x);
+            }
+            for (table, row) in [&self.item_rows, &self.category_rows].into_iter().zip(rows) {
+                if let Some(row) = row {
+                    add(gates, &table[row..row + g]);
+                }
             }
             return;
         }
-        let mut at = 0;
-        while at < g {
-            let first = at.min(g - W);
+        for first in (0..g).step_by(W).map(|at| at.min(g - W)) {
             gates[first..first + W].copy_from_slice(&self.input_block::<W>(f, rows, first));
-            at = first + W;
         }
     }
 
@@ -337,10 +345,11 @@ impl FusedStep {
     #[inline(always)]
     fn products<const G: usize, const W: usize>(&self, f: &Features, h: &[f32], gates: &mut [f32], rec: &mut [f32]) {
         self.inputs::<W>(f, gates);
-        match (G, self.hm) {
+        match (G, self.hm, W) {
+            (_, _, SWEEP) => self.recurrent::<G>(h, rec),
             // The default model's blocks (hidden size 8) in registers, two members at a time.
-            (3, 8) => self.recurrent_pairs::<G, 8, 24>(h, rec),
-            (4, 8) => self.recurrent_pairs::<G, 8, 32>(h, rec),
+            (3, 8, _) => self.recurrent_pairs::<3, 8, 24>(h, rec),
+            (4, 8, _) => self.recurrent_pairs::<4, 8, 32>(h, rec),
             _ => self.recurrent::<G>(h, rec),
         }
     }
@@ -368,7 +377,8 @@ impl FusedStep {
     /// summed from zero over its member's inputs in order, as in [`recurrent`](Self::recurrent).
     #[inline(always)]
     fn recurrent_pairs<const G: usize, const HM: usize, const K: usize>(&self, h: &[f32], rec: &mut [f32]) {
-        debug_assert_eq!((self.hm, K), (HM, G * HM));
+        const { assert!(K == G * HM) };
+        debug_assert_eq!(self.hm, HM);
         let hd = self.h;
         let column = |m: usize, i: usize| -> &[f32; K] { lanes(&self.recurrent_cols, (m * HM + i) * K) };
         let mut store = |m: usize, acc: &[f32; K]| {
@@ -662,29 +672,33 @@ mod tests {
     }
 
     #[test]
-    fn every_vector_width_gives_a_row_the_same_bits() {
+    fn every_block_width_gives_a_row_the_bits_of_the_sweeps_through_memory() {
         for cell in Cell::ALL {
-            let packed = GruParams::pack(&(1..=5).map(|s| member(cell, s, 8)).collect::<Vec<_>>()).unwrap();
-            // The default blocks (hidden size 8, in registers), a full matrix (through memory),
-            // and three members (a pair and one alone).
-            let three = GruParams::pack(&(1..=3).map(|s| member(cell, s, 8)).collect::<Vec<_>>()).unwrap();
-            for (params, members) in [(&packed, 5), (&member(cell, 9, 12), 1), (&three, 3)] {
-                let fused = FusedStep::new(params, members).unwrap().with_state_precision(StatePrecision::Int8);
-                let (mut seed, rows, s) = (5, 300, fused.state_dim());
-                let mut states: Vec<Vec<f32>> = vec![values(&mut seed, rows * s); 4];
-                for step in 0..3 {
-                    let f = features(&mut seed, rows);
-                    let mut logits = vec![vec![0f32; rows]; 4];
-                    // One output at a time (the scalar reference), the portable and the AVX2
-                    // widths compiled portably, and the CPU's own path.
-                    fused.rows_in::<1>(&f, &mut states[0], &mut logits[0]);
-                    fused.rows_in::<PORTABLE_LANES>(&f, &mut states[1], &mut logits[1]);
-                    fused.rows_in::<64>(&f, &mut states[2], &mut logits[2]);
-                    fused.rows(&f, &mut states[3], &mut logits[3]);
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    for width in 1..4 {
-                        assert_eq!(bits(&states[width]), bits(&states[0]), "{cell}, {members} members, step {step}, states of path {width}");
-                        assert_eq!(bits(&logits[width]), bits(&logits[0]), "{cell}, {members} members, step {step}, logits of path {width}");
+            let pack = |n: u64| GruParams::pack(&(1..=n).map(|s| member(cell, s, 8)).collect::<Vec<_>>()).unwrap();
+            // The default blocks (hidden size 8: pairs in registers), three members (a pair
+            // and one alone), and a full matrix (its recurrent products through memory; its
+            // 36 or 48 input gates take the overlapping blocks of 32, and are too few for 64).
+            for (params, members) in [(&pack(5), 5), (&pack(3), 3), (&member(cell, 9, 12), 1)] {
+                for precision in [StatePrecision::F32, StatePrecision::Int8] {
+                    let fused = FusedStep::new(params, members).unwrap().with_state_precision(precision);
+                    let (mut seed, rows, s) = (5, 300, fused.state_dim());
+                    let mut states: Vec<Vec<f32>> = vec![values(&mut seed, rows * s); 4];
+                    for step in 0..3 {
+                        let f = features(&mut seed, rows);
+                        let mut logits = vec![vec![0f32; rows]; 4];
+                        // Every product swept through memory (the plain form, which equals
+                        // candle's step above), the portable and the AVX2 block widths (both
+                        // compiled portably here), and the CPU's own path.
+                        fused.rows_in::<SWEEP>(&f, &mut states[0], &mut logits[0]);
+                        fused.rows_in::<PORTABLE_LANES>(&f, &mut states[1], &mut logits[1]);
+                        fused.rows_in::<AVX2_LANES>(&f, &mut states[2], &mut logits[2]);
+                        fused.rows(&f, &mut states[3], &mut logits[3]);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        for path in 1..4 {
+                            let what = format!("{cell}, {members} members, {precision:?} states, step {step}, path {path}");
+                            assert_eq!(bits(&states[path]), bits(&states[0]), "{what}: states");
+                            assert_eq!(bits(&logits[path]), bits(&logits[0]), "{what}: logits");
+                        }
                     }
                 }
             }
