@@ -282,7 +282,8 @@ impl FusedStep {
         self.rows_in::<AVX2_LANES>(inputs, states, logits);
     }
 
-    /// Steps consecutive rows, the input products swept `W` outputs at a time.
+    /// Steps consecutive rows, the products summed `W` outputs at a time in registers (`W` =
+    /// [`SWEEP`]: through memory).
     #[inline(always)]
     fn rows_in<const W: usize>(&self, inputs: &[Features], states: &mut [f32], logits: &mut [f32]) {
         let g = self.cell.gates() * self.h;
