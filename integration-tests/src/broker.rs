@@ -114,6 +114,25 @@ pub fn produce(brokers: &str, topic: &str, records: &[(String, Vec<u8>)]) -> Res
     })
 }
 
+/// Produces `(key, value)` records in order, `per_second` of them a second (one producer).
+pub fn produce_paced(brokers: &str, topic: &str, records: &[(String, Vec<u8>)], per_second: f64) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let producer = KafkaClients::new(brokers).producer(&[])?;
+        let mut window = DeliveryWindow::new(&producer, 50_000);
+        let started = std::time::Instant::now();
+        for (i, (k, v)) in records.iter().enumerate() {
+            let due = Duration::from_secs_f64(i as f64 / per_second);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+            window.send(topic, k.as_bytes(), v).await?;
+        }
+        window.finish().await?;
+        Ok(())
+    })
+}
+
 /// Produces `(partition, key, value)` records to explicit partitions, in order.
 pub fn produce_to_partitions(brokers: &str, topic: &str, records: &[(i32, Vec<u8>, Vec<u8>)]) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -153,6 +153,79 @@ fn sigkill_mid_stream_then_restart_loses_nothing_and_applies_each_event_once() {
     assert_matches_offline(&unique, &events, &sc.state);
 }
 
+/// Under at-least-once a unit's commit runs while the next unit is scored; instances joining
+/// and dying land rebalances among those commits in flight. None may lose an event, apply one
+/// twice to a state or leave a stale state on the changelog.
+#[test]
+fn at_least_once_instances_joining_and_dying_mid_commit_lose_nothing_and_apply_each_event_once() {
+    let sc = Scenario::new("alo-scale", 6);
+    let events = generated_events(3_000, 90_000, 43);
+    // The events arrive over about 15 s, so that the rebalances land while the instances score
+    // and commit.
+    let producer = {
+        let (brokers, input) = (sc.brokers.clone(), sc.input.clone());
+        let records: Vec<(String, Vec<u8>)> = events.iter().map(|e| (e.user_id.to_string(), serde_json::to_vec(e).unwrap())).collect();
+        std::thread::spawn(move || produce_paced(&brokers, &input, &records, 6_000.0).unwrap())
+    };
+    let config = sc.dir.path().join("run.toml");
+    std::fs::write(&config, "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n").unwrap();
+    let config = config.display().to_string();
+    let instance = |name: &str| {
+        let state = sc.dir.path().join(format!("state-{name}")).display().to_string();
+        // Short units: a commit is nearly always in flight when a rebalance comes.
+        sc.start(name, &sc.run_args(&["--config", &config, "--processing-guarantee", "at_least_once", "--state-dir", &state, "--max-batch-records", "300", "--commit-interval-ms", "5"]))
+    };
+    let mut a = instance("a");
+    let b = instance("b");
+    wait_for_size(&sc.brokers, &sc.output, 15_000, &mut a, IDLE);
+    let mut c = instance("c");
+    wait_for_log(&c, "assigned partitions are up to date with the changelog", IDLE);
+    wait_for_size(&sc.brokers, &sc.output, 45_000, &mut c, IDLE);
+    b.crash().unwrap();
+    producer.join().unwrap();
+    let started = Instant::now();
+    loop {
+        while topic_size(&sc.brokers, &sc.output).unwrap() < events.len() as i64 {
+            assert!(started.elapsed() < IDLE, "no progress; log of a:\n{}", a.log_text());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let seen: HashSet<(i32, i64)> = sc.intents(usize::MAX, Duration::from_secs(2)).iter().map(|i| (i.source.partition, i.source.offset)).collect();
+        if seen.len() == events.len() {
+            break;
+        }
+        assert!(started.elapsed() < IDLE, "{} of {} inputs scored; log of a:\n{}", seen.len(), events.len(), a.log_text());
+    }
+    let c_log = c.log_text();
+    for op in [a, c] {
+        let (status, log) = op.terminate().unwrap();
+        assert!(status.success(), "exit {status}; log:\n{log}");
+    }
+    assert!(c_log.contains("partition restored from the changelog"), "the joining instance took nothing over:\n{c_log}");
+
+    // A repeat re-scores an event from the state its first scoring started from.
+    let all = sc.intents(usize::MAX, Duration::from_secs(3));
+    let mut first_score: BTreeMap<(i32, i64), f32> = BTreeMap::new();
+    let mut unique = Vec::new();
+    for i in &all {
+        match first_score.get(&(i.source.partition, i.source.offset)) {
+            Some(s) => assert!((s - i.score).abs() <= 1e-6, "a repeat with another score"),
+            None => {
+                first_score.insert((i.source.partition, i.source.offset), i.score);
+                unique.push(i.clone());
+            }
+        }
+    }
+    // A fresh instance restores every partition from the changelog alone: each user's latest
+    // changelog record is the state of an uninterrupted offline pass, bit for bit.
+    let fresh_state = sc.dir.path().join("state-fresh");
+    let fresh = sc.start("fresh", &sc.run_args(&["--processing-guarantee", "at_least_once", "--state-dir", &fresh_state.display().to_string()]));
+    wait_for_log(&fresh, "assigned partitions are up to date with the changelog", IDLE);
+    let (status, log) = fresh.terminate().unwrap();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+    eprintln!("at-least-once scale-out test: {} intents for {} events ({} repeats)", all.len(), events.len(), all.len() - events.len());
+    assert_matches_offline(&unique, &events, &fresh_state);
+}
+
 #[test]
 fn malformed_records_are_dead_lettered_counted_and_logged_while_valid_ones_are_scored() {
     let sc = Scenario::new("bad", 4);

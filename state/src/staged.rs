@@ -126,19 +126,30 @@ impl Staged {
     }
 }
 
-/// The store as an open transaction sees it: its staged writes over the store.
+/// The store as an open transaction sees it: its staged writes over the store, and under them
+/// the writes of an earlier unit whose commit is still under way, if any.
 #[derive(Clone, Copy)]
 pub struct StagedView<'a> {
     /// The committed states.
     pub store: &'a StateStore,
     /// The open transaction's writes.
     pub staged: &'a Staged,
+    /// An earlier unit's writes that RocksDB does not hold yet (its commit is in flight): read
+    /// where `staged` has nothing for a user.
+    pub committing: Option<&'a Staged>,
+}
+
+impl StagedView<'_> {
+    /// A user's staged encoded state: the open unit's, else the committing one's.
+    fn staged_bytes(&self, key: &[u8]) -> Option<&[u8]> {
+        self.staged.users.get(key).or_else(|| self.committing.and_then(|c| c.users.get(key))).map(Vec::as_slice)
+    }
 }
 
 impl StateRead for StagedView<'_> {
     fn get_many<'a>(&self, keys: impl IntoIterator<Item = (i32, &'a str)>) -> Result<Vec<Loaded>, StateError> {
         let keys: Vec<(i32, &str)> = keys.into_iter().collect();
-        if self.staged.users.is_empty() {
+        if self.staged.users.is_empty() && self.committing.is_none_or(|c| c.users.is_empty()) {
             return self.store.get_many(keys);
         }
         let mut key = Vec::with_capacity(64);
@@ -146,7 +157,7 @@ impl StateRead for StagedView<'_> {
         let mut misses = Vec::new();
         for &(partition, user) in &keys {
             user_key_into(partition, user, &mut key);
-            match self.staged.users.get(&key) {
+            match self.staged_bytes(&key) {
                 Some(bytes) if bytes.is_empty() => found.push(Some(Loaded::Absent)),
                 Some(bytes) => found.push(Some(crate::store::decoded(bytes))),
                 None => {
@@ -205,7 +216,7 @@ mod tests {
         staged.put_offset("in".into(), 0, 11);
         staged.put_changelog(0, 9);
         assert_eq!(staged.users(), 2);
-        let view = StagedView { store: &store, staged: &staged };
+        let view = StagedView { store: &store, staged: &staged, committing: None };
         // The same user id on another partition is another key.
         let keys = [(0, "a"), (1, "b"), (0, "c"), (1, "a"), (0, "a")];
         assert_eq!(events(view.get_many(keys).unwrap()), [Some(8), Some(2), Some(3), None, Some(8)]);
@@ -219,11 +230,34 @@ mod tests {
         staged.clear();
         assert!(staged.is_empty());
         staged.put_user(1, "b", state(40).encode());
-        let view = StagedView { store: &store, staged: &staged };
+        let view = StagedView { store: &store, staged: &staged, committing: None };
         assert_eq!(events(view.get_many(keys).unwrap()), [Some(8), Some(40), Some(3), None, Some(8)]);
         staged.clear();
-        let view = StagedView { store: &store, staged: &staged };
+        let view = StagedView { store: &store, staged: &staged, committing: None };
         assert_eq!(events(view.get_many(keys).unwrap()), [Some(8), Some(2), Some(3), None, Some(8)], "an aborted transaction's writes are gone");
+    }
+
+    #[test]
+    fn a_committing_unit_is_read_under_the_open_one_and_over_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), StoreOptions::default()).unwrap();
+        store.commit([(0, "a", &state(1)), (0, "b", &state(2)), (0, "c", &state(3))], [], []).unwrap();
+        let mut committing = Staged::default();
+        committing.put_user(0, "a", state(10).encode());
+        committing.delete_user(0, "b");
+        committing.put_user(0, "d", state(40).encode());
+        let mut open = Staged::default();
+        open.put_user(0, "a", state(11).encode());
+        open.put_user(0, "b", state(21).encode());
+        let keys = [(0, "a"), (0, "b"), (0, "c"), (0, "d"), (0, "e")];
+        let view = StagedView { store: &store, staged: &open, committing: Some(&committing) };
+        assert_eq!(events(view.get_many(keys).unwrap()), [Some(11), Some(21), Some(3), Some(40), None], "the open unit first, then the committing one, then the store");
+        let view = StagedView { store: &store, staged: &Staged::default(), committing: Some(&committing) };
+        assert_eq!(events(view.get_many(keys).unwrap()), [Some(10), None, Some(3), Some(40), None], "a deletion in flight hides the stored state");
+        // Once RocksDB has the committing unit, the store alone answers as the layers did.
+        store.commit_staged(&committing).unwrap();
+        let view = StagedView { store: &store, staged: &open, committing: None };
+        assert_eq!(events(view.get_many(keys).unwrap()), [Some(11), Some(21), Some(3), Some(40), None]);
     }
 
     #[test]
@@ -239,7 +273,7 @@ mod tests {
         staged.delete_user(0, "c");
         assert_eq!((staged.staged_deleted(0, "a"), staged.staged_deleted(0, "b")), (Some(true), None));
         let keys = [(0, "a"), (0, "b"), (0, "c")];
-        let view = StagedView { store: &store, staged: &staged };
+        let view = StagedView { store: &store, staged: &staged, committing: None };
         assert_eq!(events(view.get_many(keys).unwrap()), [None, Some(2), None]);
         assert_eq!(events(store.get_many(keys).unwrap()), [Some(1), Some(2), None], "nothing deleted before the commit");
         store.commit_staged(&staged).unwrap();

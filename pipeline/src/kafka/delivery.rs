@@ -29,14 +29,17 @@ impl<'p> DeliveryWindow<'p> {
         DeliveryWindow { producer, pending: VecDeque::new(), capacity: capacity.max(1), delivered: 0, tracked: BTreeMap::new() }
     }
 
+    /// Awaits the oldest delivery. Cancellation-safe: a delivery leaves the window only once it
+    /// has settled, so a caller may race [`DeliveryWindow::finish`] against other events.
     async fn settle_oldest(&mut self) -> Result<()> {
-        if let Some((fut, track)) = self.pending.pop_front() {
-            let d = settle(fut.await)?;
-            self.delivered += 1;
-            if track {
-                let top = self.tracked.entry(d.partition).or_insert(d.offset);
-                *top = (*top).max(d.offset);
-            }
+        let Some((fut, _)) = self.pending.front_mut() else { return Ok(()) };
+        let result = fut.await;
+        let (_, track) = self.pending.pop_front().expect("the delivery awaited");
+        let d = settle(result)?;
+        self.delivered += 1;
+        if track {
+            let top = self.tracked.entry(d.partition).or_insert(d.offset);
+            *top = (*top).max(d.offset);
         }
         Ok(())
     }
@@ -121,7 +124,8 @@ impl<'p> DeliveryWindow<'p> {
         }
     }
 
-    /// Awaits every pending delivery; returns how many were delivered in all.
+    /// Awaits every pending delivery; returns how many were delivered in all. Cancellation-safe
+    /// (see `settle_oldest`).
     ///
     /// # Errors
     ///

@@ -32,6 +32,17 @@
 //!    RocksDB in one atomic batch;
 //! 7. at-least-once only: commit the offsets to the consumer group.
 //!
+//! Under exactly-once the loop does 5–7 itself (one producer runs one transaction at a time).
+//! Under at-least-once the unit is handed over to a *commit in flight* ([`Committing`]) and the
+//! loop goes on scoring the next unit: the loop's select moves the commit on whenever the
+//! acknowledgements it waits for have arrived, and the next unit's batches read its staged
+//! states under their own until RocksDB has them. One commit is in flight at a time (the next
+//! unit's end waits for it), so the store still takes the units in order. A rebalance settles
+//! it first: one whose states are not sent yet is dropped like the open unit (its partitions
+//! are read again; at-least-once repeats their intents), one whose states are sent completes.
+//! So that those states reach the changelog before a partition's next owner restores it, the
+//! consumer's context flushes the producer before it gives partitions up.
+//!
 //! Newly assigned partitions stay paused while they restore from the changelog in the
 //! background ([`rebalance`], [`restore`]); the loop resumes each one when its restore reports
 //! back, and the others go on meanwhile. A crash anywhere leaves a store that is a prefix of the
@@ -199,6 +210,8 @@ struct BatchLoop<'s> {
     /// The open unit's states and offsets, which its batches read and RocksDB gets when it
     /// commits.
     staged: Staged,
+    /// At-least-once: the unit before, while its commit is under way.
+    committing: Option<Committing<'s>>,
     /// Events the wave cap deferred: the next batch begins with them.
     carry: Vec<PositionedEvent>,
     /// Invalid records read beyond a deferred event of their partition: dead-lettered by a
@@ -241,6 +254,43 @@ struct Unit<'s> {
     latency: Vec<(Instant, Vec<i64>)>,
 }
 
+/// At-least-once, a unit whose commit (steps 5–7) is under way while the loop scores the next
+/// one: its intents, then its states and offsets, are awaited by [`commit_progress`] in the
+/// loop's select, not by the loop itself.
+struct Committing<'s> {
+    unit: Unit<'s>,
+    /// Its states and offsets: the open unit's batches read them (under their own) until
+    /// RocksDB has them.
+    staged: Staged,
+    /// Restore tombstones, sent before its states.
+    tombstones: BTreeMap<i32, (u64, Vec<Vec<u8>>)>,
+    /// What scored it (a reload may switch models before it completes).
+    serving: Arc<Serving>,
+    /// The assignment generation it belongs to.
+    generation: u64,
+    step: CommitStep,
+    /// When it was handed over.
+    began: Instant,
+}
+
+/// What a commit in flight waits for.
+#[derive(Clone, Copy)]
+enum CommitStep {
+    /// Its intents' acknowledgements; its states go after them.
+    Intents,
+    /// Its states' and offsets' acknowledgements; RocksDB gets them after.
+    States,
+}
+
+/// Resolves when the deliveries the commit in flight waits for have settled (never without
+/// one). Cancellation-safe, for the loop's select.
+async fn commit_progress(committing: &mut Option<Committing<'_>>) -> Result<()> {
+    match committing {
+        Some(c) => c.unit.window.finish().await.map(|_| ()),
+        None => std::future::pending().await,
+    }
+}
+
 impl<'s> BatchLoop<'s> {
     fn new(s: &'s startup::Started, health: &'s Health) -> BatchLoop<'s> {
         BatchLoop {
@@ -258,6 +308,7 @@ impl<'s> BatchLoop<'s> {
             interval: Duration::from_millis(s.cfg.commit_interval_ms),
             unit: None,
             staged: Staged::default(),
+            committing: None,
             carry: Vec::new(),
             carry_rejected: Vec::new(),
             collected: BTreeMap::new(),
@@ -301,7 +352,7 @@ impl<'s> BatchLoop<'s> {
         let mut order = InputOrder::new(&cfg.input_topics, Duration::from_millis(cfg.max_task_idle_ms), cfg.max_batch_records);
         loop {
             let mut generation = ctx.generation();
-            self.follow_generation(generation, order.as_mut())?;
+            self.follow(generation, order.as_mut()).await?;
             // Deferred events are processed at once, with whatever else has arrived; a stop
             // waits for them (below).
             let deferred = !self.carry.is_empty();
@@ -340,6 +391,12 @@ impl<'s> BatchLoop<'s> {
                     self.sweep_step(order.as_mut()).await?;
                     continue;
                 }
+                r = commit_progress(&mut self.committing) => {
+                    let _busy = self.health.busy();
+                    r?;
+                    self.advance_committing().await?;
+                    continue;
+                }
                 m = consumer.recv() => Some(m),
             }};
             // Deferred events count against the batch's records.
@@ -366,7 +423,7 @@ impl<'s> BatchLoop<'s> {
                 continue;
             }
             // A rebalance during the collection (the records kept are of the new assignment).
-            self.follow_generation(generation, order.as_mut())?;
+            self.follow(generation, order.as_mut()).await?;
             let batch = match &mut order {
                 None => fetched,
                 Some(o) => {
@@ -406,6 +463,7 @@ impl<'s> BatchLoop<'s> {
         if self.unit.is_some() {
             self.end_unit(order.as_mut()).await?;
         }
+        self.complete_committing().await?;
         self.finish()
     }
 
@@ -413,6 +471,20 @@ impl<'s> BatchLoop<'s> {
     /// buffers were filled (maybe while a restore report won the loop's select): what the store
     /// reflects may have moved, and buffered records belong to the old assignment (the new one
     /// reads them again from the committed offsets).
+    /// [`BatchLoop::follow_generation`], after settling the commit in flight: one whose states
+    /// are sent completes (its partitions' next owners restore them), one still waiting for
+    /// its intents is dropped, as the open unit is.
+    async fn follow(&mut self, generation: u64, order: Option<&mut InputOrder<'_>>) -> Result<()> {
+        if generation != self.generation {
+            match self.committing.as_ref().map(|c| c.step) {
+                Some(CommitStep::States) => self.complete_committing().await?,
+                Some(CommitStep::Intents) => self.abandon_committing(),
+                None => {}
+            }
+        }
+        self.follow_generation(generation, order)
+    }
+
     fn follow_generation(&mut self, generation: u64, order: Option<&mut InputOrder<'_>>) -> Result<()> {
         if generation != self.generation {
             // Aborting the open transaction is a broker call: watched by `/livez` like a commit.
@@ -533,7 +605,7 @@ impl<'s> BatchLoop<'s> {
         let mut rejected = std::mem::take(&mut self.carry_rejected);
         rejected.append(&mut decoded.rejected);
         // The users' states as the open unit left them.
-        let view = StagedView { store: &s.store, staged: &self.staged };
+        let view = StagedView { store: &s.store, staged: &self.staged, committing: self.committing.as_ref().map(|c| &c.staged) };
         let serving = self.serving.clone();
         let mut out = tokio::task::block_in_place(|| serving.operator.process(&events, &view, EmittedAt::Now(now_ms)))?;
         let quarantined: Vec<QuarantinedState> = out
@@ -720,12 +792,21 @@ impl<'s> BatchLoop<'s> {
     fn position(&self, topic: u32, partition: i32, next: &BTreeMap<(String, i32), i64>) -> Option<i64> {
         let name = self.s.cfg.input_topics.iter().find(|t| intentflow_state::topic_id(t) == topic)?;
         let key = (name.clone(), partition);
-        next.get(&key).or_else(|| self.staged.offsets().get(&key)).copied().or_else(|| self.s.store.offset(name, partition).ok().flatten())
+        next.get(&key)
+            .or_else(|| self.staged.offsets().get(&key))
+            .or_else(|| self.committing.as_ref().and_then(|c| c.staged.offsets().get(&key)))
+            .copied()
+            .or_else(|| self.s.store.offset(name, partition).ok().flatten())
     }
 
     /// One step of the expiry sweep ([`Sweep::step`]): the expired users it names are staged
     /// as deleted in the open unit (begun if there is none) and tombstoned on the changelog.
     async fn sweep_step(&mut self, order: Option<&mut InputOrder<'_>>) -> Result<()> {
+        if self.sweep.is_none() {
+            return Ok(());
+        }
+        // The sweep reads the store under the open unit's writes alone.
+        self.complete_committing().await?;
         let Some(mut sweep) = self.sweep.take() else { return Ok(()) };
         let s = self.s;
         let assignment = s.consumer.context().assignment();
@@ -763,6 +844,7 @@ impl<'s> BatchLoop<'s> {
     /// model served so far, is committed first, and the store records the new model.
     async fn switch_model(&mut self, serving: Serving, order: Option<&mut InputOrder<'_>>) -> Result<()> {
         self.end_unit(order).await?;
+        self.complete_committing().await?;
         let previous = self.serving.version().to_string();
         self.s.store.set_model_version(serving.version())?;
         self.serving = Arc::new(serving);
@@ -787,53 +869,120 @@ impl<'s> BatchLoop<'s> {
     }
 
     /// Commits the open unit (steps 5–7 of the module docs). A failure under exactly-once
-    /// aborts it and rewinds its partitions.
+    /// aborts it and rewinds its partitions. Under at-least-once the unit is handed over to a
+    /// commit in flight ([`Committing`]) once the one before it is done, and the loop goes on.
     async fn end_unit(&mut self, order: Option<&mut InputOrder<'_>>) -> Result<()> {
         let s = self.s;
         if s.consumer.context().generation() != self.generation {
             // A rebalance since the unit's last batch (seen here first when no records came):
             // its partitions may have moved.
-            return self.follow_generation(s.consumer.context().generation(), order);
+            return self.follow(s.consumer.context().generation(), order).await;
         }
         let Some(mut unit) = self.unit.take() else { return Ok(()) };
         let sink = self.s.sink(self.serving.clone());
+        if !sink.exactly_once {
+            // At most one commit in flight, so that the store takes the units in order.
+            self.complete_committing().await?;
+            self.committing = Some(Committing {
+                unit,
+                staged: std::mem::take(&mut self.staged),
+                tombstones: std::mem::take(&mut self.tombstones),
+                serving: self.serving.clone(),
+                generation: self.generation,
+                step: CommitStep::Intents,
+                began: Instant::now(),
+            });
+            return Ok(());
+        }
         let commit_began = Instant::now();
         let committed = async {
             let tpl = offsets_tpl(self.staged.offsets())?;
-            if !sink.exactly_once {
-                // Intents before states: a state on the changelog means its intents were delivered.
-                unit.window.finish().await?;
-                sink.send_staged(&mut unit.window, &self.tombstones, &self.staged).await?;
-            }
-            fail::fail_point!("changelog-between-users-and-offsets", |_| {
-                // Fault injection for the crash tests: the users' states are on the changelog,
-                // the offset records are never sent.
-                let _ = s.producer.flush(Duration::from_secs(30));
-                tracing::error!("failpoint changelog-between-users-and-offsets: aborting");
-                std::process::abort()
-            });
             sink.send_offsets(&mut unit.window, self.staged.offsets()).await?;
             unit.window.finish().await?;
             sink.commit(unit.group.as_ref().map(|g| (g, &tpl)))?;
-            anyhow::Ok(tpl)
+            anyhow::Ok(())
         }
         .await;
-        let tpl = match committed {
-            Ok(tpl) => tpl,
-            Err(e) if sink.exactly_once => {
-                self.unit = Some(unit);
-                return self.failed_unit(e, order);
-            }
-            Err(e) => return Err(e),
-        };
+        if let Err(e) = committed {
+            self.unit = Some(unit);
+            return self.failed_unit(e, order);
+        }
         self.aborts_in_a_row = 0;
-        if !sink.exactly_once {
-            self.tombstones.clear();
+        let mut staged = std::mem::take(&mut self.staged);
+        let done = self.record_commit(unit, &mut staged, commit_began);
+        staged.clear();
+        self.staged = staged;
+        done
+    }
+
+    /// Moves the commit in flight one step on, once [`commit_progress`] says its deliveries have
+    /// settled: after its intents, its states and offsets go to the changelog (unless a
+    /// rebalance came first: then it is dropped, as an open unit is); after those, RocksDB and
+    /// the consumer group get it.
+    async fn advance_committing(&mut self) -> Result<()> {
+        let s = self.s;
+        let Some(c) = self.committing.as_mut() else { return Ok(()) };
+        match c.step {
+            CommitStep::Intents => {
+                if s.consumer.context().generation() != c.generation {
+                    self.abandon_committing();
+                    return Ok(());
+                }
+                // Intents before states: a state on the changelog means its intents were
+                // delivered.
+                let sink = s.sink(c.serving.clone());
+                sink.send_staged(&mut c.unit.window, &c.tombstones, &c.staged).await?;
+                fail::fail_point!("changelog-between-users-and-offsets", |_| {
+                    // Fault injection for the crash tests: the users' states are on the
+                    // changelog, the offset records are never sent.
+                    let _ = s.producer.flush(Duration::from_secs(30));
+                    tracing::error!("failpoint changelog-between-users-and-offsets: aborting");
+                    std::process::abort()
+                });
+                sink.send_offsets(&mut c.unit.window, c.staged.offsets()).await?;
+                c.step = CommitStep::States;
+            }
+            CommitStep::States => {
+                // States sent before a rebalance are delivered before the revocation returns
+                // (the context flushes the producer), so the commit completes even after one.
+                let Committing { unit, mut staged, began, .. } = self.committing.take().expect("matched above");
+                self.record_commit(unit, &mut staged, began)?;
+            }
         }
+        Ok(())
+    }
+
+    /// Waits for the commit in flight, if any, to complete.
+    async fn complete_committing(&mut self) -> Result<()> {
+        while self.committing.is_some() {
+            commit_progress(&mut self.committing).await?;
+            self.advance_committing().await?;
+        }
+        Ok(())
+    }
+
+    /// Drops the commit in flight before its states were sent (a rebalance came first): its
+    /// partitions are read again from the committed offsets, like an abandoned unit's. Its
+    /// intents stay delivered: at-least-once repeats them.
+    fn abandon_committing(&mut self) {
+        if let Some(c) = self.committing.take() {
+            tracing::info!(batches = c.unit.batches, "a rebalance came before the commit's states were sent: its partitions are read again");
+            for (p, t) in c.tombstones {
+                self.tombstones.entry(p).or_insert(t);
+            }
+        }
+    }
+
+    /// After a unit's deliveries (and, under exactly-once, its transaction) succeeded (steps
+    /// 6–7): writes `staged` to RocksDB, commits the offsets to the group under at-least-once,
+    /// and counts the unit.
+    fn record_commit(&mut self, unit: Unit<'s>, staged: &mut Staged, commit_began: Instant) -> Result<()> {
+        let s = self.s;
+        let exactly_once = s.exactly_once();
         for (p, next) in changelog_positions(unit.window.tracked()) {
-            self.staged.put_changelog(p, next);
+            staged.put_changelog(p, next);
         }
-        s.store.commit_staged(&self.staged)?;
+        s.store.commit_staged(staged)?;
         if unit.outcome.erased > 0 {
             // The store writes without a write-ahead log, and a tombstone leaves the compacted
             // changelog after `delete.retention.ms`: a store that lost the deletion in a crash
@@ -841,14 +990,21 @@ impl<'s> BatchLoop<'s> {
             // come back. So an erasure is on disk before the unit counts as done.
             s.store.flush()?;
         }
-        for ((t, p), o) in self.staged.offsets() {
+        for ((t, p), o) in staged.offsets() {
             self.applied.advance(t, *p, *o);
         }
-        self.staged.clear();
-        if !sink.exactly_once && tpl.count() > 0 {
-            if let Err(e) = s.consumer.commit(&tpl, CommitMode::Async) {
-                // The state store holds the offsets too, so a lost commit only costs a re-read.
-                tracing::warn!(error = %e, "offset commit failed");
+        if !exactly_once {
+            // Only partitions still owned: a stale commit for a moved partition would rewind its
+            // owner.
+            let assignment = s.consumer.context().assignment();
+            let owned: BTreeMap<(String, i32), i64> =
+                staged.offsets().iter().filter(|((t, p), _)| assignment.topic_partitions.iter().any(|(u, q)| u == t && q == p)).map(|(k, o)| (k.clone(), *o)).collect();
+            let tpl = offsets_tpl(&owned)?;
+            if tpl.count() > 0 {
+                if let Err(e) = s.consumer.commit(&tpl, CommitMode::Async) {
+                    // The state store holds the offsets too, so a lost commit only costs a re-read.
+                    tracing::warn!(error = %e, "offset commit failed");
+                }
             }
         }
         let commit_seconds = commit_began.elapsed().as_secs_f64();

@@ -21,6 +21,7 @@ use super::restore::{RestoreDone, Restorer};
 use crate::config::OffsetReset;
 use crate::telemetry::Health;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
@@ -29,6 +30,11 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc::UnboundedSender;
+
+/// How long a revocation waits for the producer's deliveries (librdkafka's default
+/// `message.timeout.ms` is five minutes; a revocation must stay well within
+/// `max.poll.interval.ms`).
+const REVOKE_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The consumer's context: tracks the assignment and starts restores.
 pub struct RebalanceContext {
@@ -43,6 +49,10 @@ pub struct RebalanceContext {
     offset_reset: OffsetReset,
     /// The erasure topic.
     erasures: String,
+    /// At-least-once, the operator's producer: flushed before partitions are given up, so
+    /// that the states of a commit in flight reach the changelog before their next owner
+    /// restores it.
+    flush_on_revoke: Option<FutureProducer>,
 }
 
 /// The current assignment.
@@ -72,9 +82,17 @@ impl Assignment {
 impl RebalanceContext {
     /// A context that restores with `restorer` and reports finished restores to `done`.
     /// `offset_reset` is the group's policy for partitions without a committed offset.
-    /// `erasures` is the erasure topic.
-    pub fn new(health: Arc<Health>, restorer: Arc<Restorer>, done: UnboundedSender<RestoreDone>, offset_reset: OffsetReset, erasures: String) -> RebalanceContext {
-        RebalanceContext { health, restorer, done, generation: Arc::new(AtomicU64::new(0)), assignment: Mutex::new(Assignment::default()), offset_reset, erasures }
+    /// `erasures` is the erasure topic. `flush_on_revoke`, at-least-once, is the producer to
+    /// flush before a revocation returns.
+    pub fn new(
+        health: Arc<Health>,
+        restorer: Arc<Restorer>,
+        done: UnboundedSender<RestoreDone>,
+        offset_reset: OffsetReset,
+        erasures: String,
+        flush_on_revoke: Option<FutureProducer>,
+    ) -> RebalanceContext {
+        RebalanceContext { health, restorer, done, generation: Arc::new(AtomicU64::new(0)), assignment: Mutex::new(Assignment::default()), offset_reset, erasures, flush_on_revoke }
     }
 
     /// Sets the erasure partitions of `tpl` that have no committed offset to start from their
@@ -171,6 +189,11 @@ impl ConsumerContext for RebalanceContext {
         let assign = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS;
         if assign {
             self.erasures_from_their_start(consumer, tpl);
+        } else if let Some(producer) = &self.flush_on_revoke {
+            if let Err(e) = producer.flush(REVOKE_FLUSH_TIMEOUT) {
+                // The loop then finds the failed delivery and stops the operator.
+                tracing::error!(error = %e, "flushing the producer before giving up partitions failed");
+            }
         }
         let client = consumer.client().native_ptr();
         // SAFETY: the client pointer is valid while `consumer` lives and the list's for the

@@ -183,7 +183,7 @@ pub async fn start(cfg: RunConfig, health: &Arc<Health>) -> Result<(Started, mps
         dlq_topic: cfg.dlq_topic.clone(),
         health: health.clone(),
     })?;
-    let context = RebalanceContext::new(health.clone(), Arc::new(restorer), done_tx, cfg.offset_reset, erasures.clone());
+    let context = RebalanceContext::new(health.clone(), Arc::new(restorer), done_tx, cfg.offset_reset, erasures.clone(), (!exactly_once).then(|| producer.clone()));
     let mut consumer_config = clients.group_consumer_config(&cfg.group, &instance, cfg.offset_reset.librdkafka());
     // Per-user queries: the instance's address, advertised to the group through its client id.
     if let Some(address) = cfg.query_address()? {

@@ -5,8 +5,12 @@
 //! offered load (or flat out), each stamped with the time it was handed to the producer. A
 //! `read_committed` consumer of the output topic takes each intent's latency as the time it
 //! arrives minus its event's stamp: what a downstream consumer sees, transactions included. The
-//! first tenth of the events is a warm-up and not counted in the latency (metadata requests and
-//! first connections cost one-off hundreds of milliseconds).
+//! first tenth of the events is a warm-up and not counted in the latency: metadata requests and
+//! first connections cost one-off hundreds of milliseconds (the bench's own producer takes about
+//! 0.5 s to deliver its first record to a topic just created). At an offered load the bench then
+//! waits until every warm-up intent has been read back, so that the measured events do not queue
+//! behind that start; latency at an offered load is the steady state's. Flat out it does not
+//! wait (throughput counts from the first event).
 //! The operator's CPU time and peak RSS are read from procfs before it is stopped with SIGTERM;
 //! its state is then compacted and measured, and the run's topics are deleted.
 
@@ -23,6 +27,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long the operator may take to start and own its partitions.
@@ -114,6 +119,7 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
     let (cpu_start, disk_start) = (cpu_seconds(&pid), disk_write_bytes(&pid));
 
     // The reader of the intents runs on its own thread while this one produces.
+    let warm_seen = std::sync::Arc::new(AtomicU64::new(0));
     let reader = {
         // A fetch that finds nothing new waits at most 10 ms at the broker (librdkafka's default
         // is 500 ms, which would be measured as the operator's latency).
@@ -123,7 +129,8 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
             tpl.add_partition_offset(&output, p, Offset::Beginning)?;
         }
         consumer.assign(&tpl)?;
-        std::thread::spawn(move || read_latencies(&consumer, events))
+        let warm_seen = warm_seen.clone();
+        std::thread::spawn(move || read_latencies(&consumer, events, &warm_seen))
     };
 
     let producer = clients.producer(&[])?;
@@ -133,10 +140,26 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
     let mut buf = Vec::with_capacity(256);
     let mut key = String::new();
     let mut seen = Seen::new(args.users);
+    // Where the offered load's clock starts: the first event, then the first measured one.
+    let (mut paced_from, mut paced_at) = (0, t0);
+    // The wait for the warm-up's intents: not counted in the run's seconds.
+    let mut drained = Duration::ZERO;
     for i in 0..events {
         if let Some(r) = rate {
-            let due = Duration::from_secs_f64(i as f64 / r);
-            if let Some(wait) = due.checked_sub(t0.elapsed()) {
+            if i == warm_up(events) {
+                window.finish().await?;
+                let waited = Instant::now();
+                while warm_seen.load(Ordering::Relaxed) < warm_up(events) {
+                    if waited.elapsed() > DRAIN_TIMEOUT {
+                        bail!("the warm-up's intents were not all read back within {DRAIN_TIMEOUT:?}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                drained = waited.elapsed();
+                (paced_from, paced_at) = (i, Instant::now());
+            }
+            let due = Duration::from_secs_f64((i - paced_from) as f64 / r);
+            if let Some(wait) = due.checked_sub(paced_at.elapsed()) {
                 tokio::time::sleep(wait).await;
             }
         }
@@ -151,7 +174,7 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
     window.finish().await?;
     let read = tokio::task::spawn_blocking(move || reader.join().expect("the reader thread does not panic")).await?;
     let (latency_us, last_arrival) = read.map_err(|e| e.context(format!("reading the intents back; the end of the operator's log:\n{}", log_tail(&log_path))))?;
-    let seconds = last_arrival.duration_since(t0).as_secs_f64();
+    let seconds = (last_arrival.duration_since(t0) - drained).as_secs_f64();
     let cpu_seconds = cpu_seconds(&pid) - cpu_start;
     let peak_rss = peak_rss_bytes(&pid);
     // Up to the last intent: what its shutdown flushes is not counted, so a run too short to
@@ -181,10 +204,16 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
     })
 }
 
+/// The events that warm the clients up: the first tenth.
+fn warm_up(events: u64) -> u64 {
+    events / 10
+}
+
 /// Reads the intents of all `events` events (each counted once: an at-least-once repeat does
-/// not hide a missing one); each one's latency, after the first tenth, is its arrival minus its
-/// event's time (milliseconds: the resolution of event times).
-fn read_latencies(consumer: &BaseConsumer, events: u64) -> Result<(Histogram<u64>, Instant)> {
+/// not hide a missing one); each one's latency, after the warm-up, is its arrival minus its
+/// event's time (milliseconds: the resolution of event times). Counts the warm-up's intents
+/// read in `warm_seen`.
+fn read_latencies(consumer: &BaseConsumer, events: u64, warm_seen: &AtomicU64) -> Result<(Histogram<u64>, Instant)> {
     let mut latency_us = latency_histogram()?;
     let mut scored = Seen::new(events);
     let mut seen = 0u64;
@@ -205,7 +234,8 @@ fn read_latencies(consumer: &BaseConsumer, events: u64) -> Result<(Histogram<u64
         seen += 1;
         // The first tenth of the events warms the clients up (metadata, connections, the first
         // fetches): their latency is not the steady state's.
-        if index < events / 10 {
+        if index < warm_up(events) {
+            warm_seen.fetch_add(1, Ordering::Relaxed);
             continue;
         }
         let event_ms = chrono::DateTime::parse_from_rfc3339(&intent.event_ts)?.timestamp_millis();
