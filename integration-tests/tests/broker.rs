@@ -196,11 +196,19 @@ fn at_least_once_instances_joining_and_dying_mid_commit_lose_nothing_and_apply_e
         assert!(started.elapsed() < IDLE, "{} of {} inputs scored; log of a:\n{}", seen.len(), events.len(), a.log_text());
     }
     let c_log = c.log_text();
+    let mut logs = vec![std::fs::read_to_string(sc.dir.path().join("b.log")).unwrap()];
     for op in [a, c] {
         let (status, log) = op.terminate().unwrap();
         assert!(status.success(), "exit {status}; log:\n{log}");
+        logs.push(log);
     }
     assert!(c_log.contains("partition restored from the changelog"), "the joining instance took nothing over:\n{c_log}");
+    let settled = |line: &str| logs.iter().map(|l| l.matches(line).count()).sum::<usize>();
+    eprintln!(
+        "rebalances on a commit in flight: {} dropped before its states, {} completed after",
+        settled("a rebalance came before the commit's states were sent"),
+        settled("a rebalance came after the commit's states were sent")
+    );
 
     // A repeat re-scores an event from the state its first scoring started from.
     let all = sc.intents(usize::MAX, Duration::from_secs(3));
@@ -224,6 +232,14 @@ fn at_least_once_instances_joining_and_dying_mid_commit_lose_nothing_and_apply_e
     assert!(status.success(), "exit {status}; log:\n{log}");
     eprintln!("at-least-once scale-out test: {} intents for {} events ({} repeats)", all.len(), events.len(), all.len() - events.len());
     assert_matches_offline(&unique, &events, &fresh_state);
+    // The first instance's store was a prefix of the changelog throughout: caught up from where
+    // it stopped, it holds the offline states too.
+    let state_a = sc.dir.path().join("state-a");
+    let again = sc.start("a-again", &sc.run_args(&["--processing-guarantee", "at_least_once", "--state-dir", &state_a.display().to_string()]));
+    wait_for_log(&again, "assigned partitions are up to date with the changelog", IDLE);
+    let (status, log) = again.terminate().unwrap();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+    assert_matches_offline(&unique, &events, &state_a);
 }
 
 #[test]

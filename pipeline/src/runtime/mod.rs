@@ -110,7 +110,8 @@ use tokio::sync::watch;
 /// Consecutive aborted transactions after which the operator stops.
 const MAX_ABORTS_IN_A_ROW: u32 = 10;
 /// Staged states (keys and values) at which a unit commits before its interval is over, which
-/// bounds the memory of an open transaction whatever the interval and the rate.
+/// bounds the memory of an open transaction whatever the interval and the rate (twice this
+/// under at-least-once, with a commit in flight).
 const MAX_STAGED_BYTES: usize = 64 << 20;
 
 /// Totals of a run, returned when it stops.
@@ -467,17 +468,16 @@ impl<'s> BatchLoop<'s> {
         self.finish()
     }
 
-    /// Forgets what belongs to an earlier assignment when a rebalance happened since the loop's
-    /// buffers were filled (maybe while a restore report won the loop's select): what the store
-    /// reflects may have moved, and buffered records belong to the old assignment (the new one
-    /// reads them again from the committed offsets).
     /// [`BatchLoop::follow_generation`], after settling the commit in flight: one whose states
     /// are sent completes (its partitions' next owners restore them), one still waiting for
     /// its intents is dropped, as the open unit is.
     async fn follow(&mut self, generation: u64, order: Option<&mut InputOrder<'_>>) -> Result<()> {
         if generation != self.generation {
             match self.committing.as_ref().map(|c| c.step) {
-                Some(CommitStep::States) => self.complete_committing().await?,
+                Some(CommitStep::States) => {
+                    tracing::info!("a rebalance came after the commit's states were sent: completing it");
+                    self.complete_committing().await?;
+                }
                 Some(CommitStep::Intents) => self.abandon_committing(),
                 None => {}
             }
@@ -485,6 +485,11 @@ impl<'s> BatchLoop<'s> {
         self.follow_generation(generation, order)
     }
 
+    /// Forgets what belongs to an earlier assignment when a rebalance happened since the loop's
+    /// buffers were filled (maybe while a restore report won the loop's select): what the store
+    /// reflects may have moved, and buffered records belong to the old assignment (the new one
+    /// reads them again from the committed offsets). [`BatchLoop::follow`] settles the commit in
+    /// flight first.
     fn follow_generation(&mut self, generation: u64, order: Option<&mut InputOrder<'_>>) -> Result<()> {
         if generation != self.generation {
             // Aborting the open transaction is a broker call: watched by `/livez` like a commit.
@@ -788,7 +793,7 @@ impl<'s> BatchLoop<'s> {
 
     /// Where input topic `topic` (a [`intentflow_state::topic_id`]) of `partition` stands once
     /// the open unit commits: the batch's `next` offset, else the unit's staged one, else the
-    /// store's (`None` for a topic that is not an input, or with no recorded offset).
+    /// one of the commit in flight, else the store's (`None` for a topic that is not an input, or with no recorded offset).
     fn position(&self, topic: u32, partition: i32, next: &BTreeMap<(String, i32), i64>) -> Option<i64> {
         let name = self.s.cfg.input_topics.iter().find(|t| intentflow_state::topic_id(t) == topic)?;
         let key = (name.clone(), partition);
@@ -943,8 +948,9 @@ impl<'s> BatchLoop<'s> {
                 c.step = CommitStep::States;
             }
             CommitStep::States => {
-                // States sent before a rebalance are delivered before the revocation returns
-                // (the context flushes the producer), so the commit completes even after one.
+                // States sent before a rebalance were delivered before the revocation returned
+                // (the context flushes the producer, or stops the process when it cannot), so
+                // the commit completes even after one.
                 let Committing { unit, mut staged, began, .. } = self.committing.take().expect("matched above");
                 self.record_commit(unit, &mut staged, began)?;
             }

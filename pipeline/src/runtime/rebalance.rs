@@ -1,7 +1,9 @@
-//! What the consumer does when partitions move, without ever blocking in the rebalance
-//! callback.
+//! What the consumer does when partitions move, without blocking in the rebalance callback on
+//! anything but the producer.
 //!
-//! An assignment pauses its partitions at once and starts one background restore per partition
+//! A revocation under at-least-once first flushes the producer (the states of a commit in
+//! flight must reach the changelog before the partitions' next owner restores it; see
+//! [`super`]). An assignment pauses its partitions at once and starts one background restore per partition
 //! ([`super::restore`]); the callback returns immediately, so the consumer keeps polling (no
 //! eviction for exceeding `max.poll.interval.ms`, however long a changelog is) and the
 //! partitions that are already up to date go on processing. Each finished restore is reported
@@ -31,9 +33,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc::UnboundedSender;
 
-/// How long a revocation waits for the producer's deliveries (librdkafka's default
-/// `message.timeout.ms` is five minutes; a revocation must stay well within
-/// `max.poll.interval.ms`).
+/// How long a revocation waits for the producer's deliveries (well within
+/// `max.poll.interval.ms`; the producer's `message.timeout.ms` is longer, 120 s).
 const REVOKE_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The consumer's context: tracks the assignment and starts restores.
@@ -191,8 +192,11 @@ impl ConsumerContext for RebalanceContext {
             self.erasures_from_their_start(consumer, tpl);
         } else if let Some(producer) = &self.flush_on_revoke {
             if let Err(e) = producer.flush(REVOKE_FLUSH_TIMEOUT) {
-                // The loop then finds the failed delivery and stops the operator.
-                tracing::error!(error = %e, "flushing the producer before giving up partitions failed");
+                // Deliveries still in flight could land on the changelog after the next owner
+                // restored it, over its newer states. A crash instead leaves this instance's
+                // store a prefix of the changelog, and its restart catches up.
+                tracing::error!(error = %e, timeout = ?REVOKE_FLUSH_TIMEOUT, "the producer did not flush before partitions were given up; stopping at once");
+                std::process::abort();
             }
         }
         let client = consumer.client().native_ptr();
