@@ -32,16 +32,17 @@
 //!    RocksDB in one atomic batch;
 //! 7. at-least-once only: commit the offsets to the consumer group.
 //!
-//! Under exactly-once the loop does 5–7 itself (one producer runs one transaction at a time).
-//! Under at-least-once the unit is handed over to a *commit in flight* ([`Committing`]) and the
-//! loop goes on scoring the next unit: the loop's select moves the commit on whenever the
-//! acknowledgements it waits for have arrived, and the next unit's batches read its staged
-//! states under their own until RocksDB has them. One commit is in flight at a time (the next
-//! unit's end waits for it), so the store still takes the units in order. A rebalance settles
-//! it first: one whose states are not sent yet is dropped like the open unit (its partitions
-//! are read again; at-least-once repeats their intents), one whose states are sent completes.
-//! So that those states reach the changelog before a partition's next owner restores it, the
-//! consumer's context flushes the producer before it gives partitions up.
+//! Under exactly-once the loop does step 5 itself (one producer runs one transaction at a
+//! time). Under at-least-once the unit is handed over to a *commit in flight* ([`Committing`])
+//! and the loop goes on scoring the next unit: the loop's select moves the commit on whenever
+//! the acknowledgements it waits for have arrived. Under both, RocksDB's write (step 6) runs on
+//! a blocking thread, and the next unit's batches read the committing unit's states under
+//! their own until RocksDB has them. One commit is in flight at a time (the next unit's end
+//! waits for it), so the store still takes the units in order. A rebalance settles it first:
+//! one whose states are not sent yet (at-least-once) is dropped like the open unit (its
+//! partitions are read again; at-least-once repeats their intents); any other completes. So
+//! that at-least-once states sent reach the changelog before a partition's next owner restores
+//! it, the consumer's context flushes the producer before it gives partitions up.
 //!
 //! Newly assigned partitions stay paused while they restore from the changelog in the
 //! background ([`rebalance`], [`restore`]); the loop resumes each one when its restore reports
@@ -255,14 +256,15 @@ struct Unit<'s> {
     latency: Vec<(Instant, Vec<i64>)>,
 }
 
-/// At-least-once, a unit whose commit (steps 5–7) is under way while the loop scores the next
-/// one: its intents, then its states and offsets, are awaited by [`commit_progress`] in the
-/// loop's select, not by the loop itself.
+/// A unit whose commit is under way while the loop scores the next one: under at-least-once
+/// its intents, then its states and offsets, are awaited by [`commit_progress`] in the loop's
+/// select, not by the loop itself; under both guarantees RocksDB gets its states on a blocking
+/// thread.
 struct Committing<'s> {
     unit: Unit<'s>,
     /// Its states and offsets: the open unit's batches read them (under their own) until
     /// RocksDB has them.
-    staged: Staged,
+    staged: Arc<Staged>,
     /// Restore tombstones, sent before its states.
     tombstones: BTreeMap<i32, (u64, Vec<Vec<u8>>)>,
     /// What scored it (a reload may switch models before it completes).
@@ -275,20 +277,32 @@ struct Committing<'s> {
 }
 
 /// What a commit in flight waits for.
-#[derive(Clone, Copy)]
 enum CommitStep {
-    /// Its intents' acknowledgements; its states go after them.
+    /// At-least-once: its intents' acknowledgements; its states go after them.
     Intents,
-    /// Its states' and offsets' acknowledgements; RocksDB gets them after.
+    /// At-least-once: its states' and offsets' acknowledgements; RocksDB gets them after.
     States,
+    /// RocksDB writing its states and offsets (and flushing them, after an erasure).
+    Writing(tokio::task::JoinHandle<Result<(), intentflow_state::StateError>>),
+    /// The write's outcome.
+    Written(Result<()>),
 }
 
-/// Resolves when the deliveries the commit in flight waits for have settled (never without
-/// one). Cancellation-safe, for the loop's select.
+/// Resolves when what the commit in flight waits for has happened (never without one).
+/// Cancellation-safe, for the loop's select.
 async fn commit_progress(committing: &mut Option<Committing<'_>>) -> Result<()> {
-    match committing {
-        Some(c) => c.unit.window.finish().await.map(|_| ()),
-        None => std::future::pending().await,
+    let Some(c) = committing else { return std::future::pending().await };
+    match &mut c.step {
+        CommitStep::Intents | CommitStep::States => c.unit.window.finish().await.map(|_| ()),
+        CommitStep::Writing(write) => {
+            let written = match write.await {
+                Ok(r) => r.context("writing a commit to the state store"),
+                Err(e) => Err(anyhow::Error::from(e).context("the state store's writer")),
+            };
+            c.step = CommitStep::Written(written);
+            Ok(())
+        }
+        CommitStep::Written(_) => Ok(()),
     }
 }
 
@@ -473,12 +487,13 @@ impl<'s> BatchLoop<'s> {
     /// its intents is dropped, as the open unit is.
     async fn follow(&mut self, generation: u64, order: Option<&mut InputOrder<'_>>) -> Result<()> {
         if generation != self.generation {
-            match self.committing.as_ref().map(|c| c.step) {
+            match self.committing.as_ref().map(|c| &c.step) {
+                Some(CommitStep::Intents) => self.abandon_committing(),
                 Some(CommitStep::States) => {
                     tracing::info!("a rebalance came after the commit's states were sent: completing it");
                     self.complete_committing().await?;
                 }
-                Some(CommitStep::Intents) => self.abandon_committing(),
+                Some(CommitStep::Writing(_) | CommitStep::Written(_)) => self.complete_committing().await?,
                 None => {}
             }
         }
@@ -610,7 +625,7 @@ impl<'s> BatchLoop<'s> {
         let mut rejected = std::mem::take(&mut self.carry_rejected);
         rejected.append(&mut decoded.rejected);
         // The users' states as the open unit left them.
-        let view = StagedView { store: &s.store, staged: &self.staged, committing: self.committing.as_ref().map(|c| &c.staged) };
+        let view = StagedView { store: &s.store, staged: &self.staged, committing: self.committing.as_ref().map(|c| &*c.staged) };
         let serving = self.serving.clone();
         let mut out = tokio::task::block_in_place(|| serving.operator.process(&events, &view, EmittedAt::Now(now_ms)))?;
         let quarantined: Vec<QuarantinedState> = out
@@ -873,9 +888,10 @@ impl<'s> BatchLoop<'s> {
         Ok(Unit { window: DeliveryWindow::new(&self.s.producer, sink::WINDOW), group, first: BTreeMap::new(), tombstones: BTreeMap::new(), began: Instant::now(), batches: 0, outcome: BatchStats::default(), latency: Vec::new() })
     }
 
-    /// Commits the open unit (steps 5–7 of the module docs). A failure under exactly-once
-    /// aborts it and rewinds its partitions. Under at-least-once the unit is handed over to a
-    /// commit in flight ([`Committing`]) once the one before it is done, and the loop goes on.
+    /// Commits the open unit (steps 5–7 of the module docs) once the commit in flight before it
+    /// is done. Under at-least-once the unit is handed over to a commit in flight
+    /// ([`Committing`]) at once; under exactly-once once its transaction has committed, for
+    /// RocksDB's write. A failure under exactly-once aborts it and rewinds its partitions.
     async fn end_unit(&mut self, order: Option<&mut InputOrder<'_>>) -> Result<()> {
         let s = self.s;
         if s.consumer.context().generation() != self.generation {
@@ -885,12 +901,12 @@ impl<'s> BatchLoop<'s> {
         }
         let Some(mut unit) = self.unit.take() else { return Ok(()) };
         let sink = self.s.sink(self.serving.clone());
+        // At most one commit in flight, so that the store takes the units in order.
+        self.complete_committing().await?;
         if !sink.exactly_once {
-            // At most one commit in flight, so that the store takes the units in order.
-            self.complete_committing().await?;
             self.committing = Some(Committing {
                 unit,
-                staged: std::mem::take(&mut self.staged),
+                staged: Arc::new(std::mem::take(&mut self.staged)),
                 tombstones: std::mem::take(&mut self.tombstones),
                 serving: self.serving.clone(),
                 generation: self.generation,
@@ -913,11 +929,17 @@ impl<'s> BatchLoop<'s> {
             return self.failed_unit(e, order);
         }
         self.aborts_in_a_row = 0;
-        let mut staged = std::mem::take(&mut self.staged);
-        let done = self.record_commit(unit, &mut staged, commit_began);
-        staged.clear();
-        self.staged = staged;
-        done
+        self.committing = Some(Committing {
+            unit,
+            staged: Arc::new(std::mem::take(&mut self.staged)),
+            tombstones: BTreeMap::new(),
+            serving: self.serving.clone(),
+            generation: self.generation,
+            step: CommitStep::States,
+            began: commit_began,
+        });
+        self.write_committing();
+        Ok(())
     }
 
     /// Moves the commit in flight one step on, once [`commit_progress`] says its deliveries have
@@ -947,15 +969,43 @@ impl<'s> BatchLoop<'s> {
                 sink.send_offsets(&mut c.unit.window, c.staged.offsets()).await?;
                 c.step = CommitStep::States;
             }
-            CommitStep::States => {
-                // States sent before a rebalance were delivered before the revocation returned
-                // (the context flushes the producer, or stops the process when it cannot), so
-                // the commit completes even after one.
-                let Committing { unit, mut staged, began, .. } = self.committing.take().expect("matched above");
-                self.record_commit(unit, &mut staged, began)?;
+            // States sent before a rebalance were delivered before the revocation returned
+            // (the context flushes the producer, or stops the process when it cannot), so the
+            // commit completes even after one.
+            CommitStep::States => self.write_committing(),
+            CommitStep::Writing(_) => {}
+            CommitStep::Written(_) => {
+                let Committing { unit, staged, began, step, .. } = self.committing.take().expect("matched above");
+                let CommitStep::Written(written) = step else { unreachable!("matched above") };
+                written?;
+                self.record_commit(unit, &staged, began)?;
             }
         }
         Ok(())
+    }
+
+    /// Step 6 for the commit in flight whose deliveries (and, under exactly-once, transaction)
+    /// succeeded: RocksDB gets its staged states, input offsets and changelog offsets in one
+    /// atomic batch, written on a blocking thread while the loop goes on.
+    fn write_committing(&mut self) {
+        let Some(c) = self.committing.as_mut() else { return };
+        let staged = Arc::get_mut(&mut c.staged).expect("only the commit in flight holds its states before the write");
+        for (p, next) in changelog_positions(c.unit.window.tracked()) {
+            staged.put_changelog(p, next);
+        }
+        let (store, staged, erased) = (self.s.store.clone(), c.staged.clone(), c.unit.outcome.erased > 0);
+        c.step = CommitStep::Writing(tokio::task::spawn_blocking(move || {
+            store.commit_staged(&staged)?;
+            if erased {
+                // The store writes without a write-ahead log, and a tombstone leaves the
+                // compacted changelog after `delete.retention.ms`: a store that lost the
+                // deletion in a crash could then no longer learn it from the changelog, and the
+                // erased state would come back. So an erasure is on disk before the unit
+                // counts as done.
+                store.flush()?;
+            }
+            Ok(())
+        }));
     }
 
     /// Waits for the commit in flight, if any, to complete.
@@ -979,23 +1029,11 @@ impl<'s> BatchLoop<'s> {
         }
     }
 
-    /// After a unit's deliveries (and, under exactly-once, its transaction) succeeded (steps
-    /// 6–7): writes `staged` to RocksDB, commits the offsets to the group under at-least-once,
-    /// and counts the unit.
-    fn record_commit(&mut self, unit: Unit<'s>, staged: &mut Staged, commit_began: Instant) -> Result<()> {
+    /// After a unit's states reached RocksDB (step 7): commits the offsets to the group under
+    /// at-least-once, and counts the unit.
+    fn record_commit(&mut self, unit: Unit<'s>, staged: &Staged, commit_began: Instant) -> Result<()> {
         let s = self.s;
         let exactly_once = s.exactly_once();
-        for (p, next) in changelog_positions(unit.window.tracked()) {
-            staged.put_changelog(p, next);
-        }
-        s.store.commit_staged(staged)?;
-        if unit.outcome.erased > 0 {
-            // The store writes without a write-ahead log, and a tombstone leaves the compacted
-            // changelog after `delete.retention.ms`: a store that lost the deletion in a crash
-            // could then no longer learn it from the changelog, and the erased state would
-            // come back. So an erasure is on disk before the unit counts as done.
-            s.store.flush()?;
-        }
         for ((t, p), o) in staged.offsets() {
             self.applied.advance(t, *p, *o);
         }
