@@ -104,7 +104,7 @@ fn describe() {
     describe_histogram!("intentflow_event_to_produce_seconds", Unit::Seconds, "From an event's own time to its intent produced (committed under exactly-once).");
     describe_histogram!("intentflow_consume_to_produce_seconds", Unit::Seconds, "From a record handed to the operator to its intent produced (committed under exactly-once).");
     describe_histogram!("intentflow_model_step_seconds", Unit::Seconds, "Wall time of one batched model step (a wave).");
-    describe_histogram!("intentflow_commit_seconds", Unit::Seconds, "Wall time of a commit: the last acknowledgements and the transaction (or offset) commit.");
+    describe_histogram!("intentflow_commit_seconds", Unit::Seconds, "Wall time of a commit: the last acknowledgements, the transaction (or offset) commit and the state store's write (on its own thread while the next unit is scored).");
     describe_gauge!("intentflow_restoring_partitions", Unit::Count, "Assigned partitions still restoring from the changelog.");
     describe_gauge!("intentflow_state_size_bytes", Unit::Bytes, "Bytes of the RocksDB state store (SST files and memtables).");
     describe_gauge!("intentflow_state_keys", Unit::Count, "RocksDB's estimate of the keys in the state store (user states and a few offset records).");

@@ -27,7 +27,7 @@ mod store;
 
 pub use encoding::{topic_id, EmitMemory, Fence, OutputMemory, UserState, STATE_ENCODING_VERSION};
 pub use intentflow_schemas::{SessionState, UserHistory};
-pub use staged::{StateRead, Staged, StagedView};
+pub use staged::{AnnouncedWrite, StateRead, Staged, StagedView};
 pub use store::{Loaded, RawUser, StateStore, StoreOptions, StoreStats};
 
 /// Errors of the state layer.

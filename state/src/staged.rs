@@ -187,6 +187,37 @@ impl StateStore {
     }
 }
 
+/// A write announced with [`StateStore::announce_write`]: done when dropped.
+pub struct AnnouncedWrite(std::sync::Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>);
+
+impl Drop for AnnouncedWrite {
+    fn drop(&mut self) {
+        let (count, done) = &*self.0;
+        *count.lock().unwrap_or_else(std::sync::PoisonError::into_inner) -= 1;
+        done.notify_all();
+    }
+}
+
+impl StateStore {
+    /// Announces a write that another thread will do (a committed unit written while the next
+    /// one is scored): [`StateStore::wait_for_announced_writes`] waits for it until the
+    /// returned guard is dropped. A restore that starts after the announcement thus reads the
+    /// store after the write, never between.
+    pub fn announce_write(&self) -> AnnouncedWrite {
+        *self.announced.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        AnnouncedWrite(self.announced.clone())
+    }
+
+    /// Waits until every write announced so far is done.
+    pub fn wait_for_announced_writes(&self) {
+        let (count, done) = &*self.announced;
+        let mut n = count.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *n > 0 {
+            n = done.wait(n).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +266,32 @@ mod tests {
         staged.clear();
         let view = StagedView { store: &store, staged: &staged, committing: None };
         assert_eq!(events(view.get_many(keys).unwrap()), [Some(8), Some(2), Some(3), None, Some(8)], "an aborted transaction's writes are gone");
+    }
+
+    #[test]
+    fn waiting_for_announced_writes_returns_once_their_guards_are_dropped() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(StateStore::open(dir.path(), StoreOptions::default()).unwrap());
+        store.wait_for_announced_writes();
+        let announced = store.announce_write();
+        let written = Arc::new(AtomicBool::new(false));
+        let waiter = {
+            let (store, written) = (store.clone(), written.clone());
+            std::thread::spawn(move || {
+                store.wait_for_announced_writes();
+                // After the wait, the announced write is in the store.
+                assert!(written.load(Ordering::SeqCst), "the wait returned before the announced write was done");
+                assert_eq!(events(store.get_many([(0, "a")]).unwrap()), [Some(1)]);
+            })
+        };
+        let mut staged = Staged::default();
+        staged.put_user(0, "a", state(1).encode());
+        store.commit_staged(&staged).unwrap();
+        written.store(true, Ordering::SeqCst);
+        drop(announced);
+        waiter.join().unwrap();
     }
 
     #[test]

@@ -140,6 +140,8 @@ pub struct StateStore {
     /// Recently written states; its shards are locked around every write of their user keys,
     /// so the cache and RocksDB change together.
     hot: HotCache,
+    /// Writes announced and not yet done (see [`StateStore::announce_write`]).
+    pub(crate) announced: std::sync::Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>,
 }
 
 pub(crate) fn user_key(partition: i32, user: &str) -> Vec<u8> {
@@ -241,7 +243,7 @@ impl StateStore {
         // Opened with the default column family named, so that batched reads can address it.
         let default_cf = ColumnFamilyDescriptor::new(DEFAULT_COLUMN_FAMILY_NAME, opts.clone());
         let hot = HotCache::new(options.hot_state_bytes);
-        Ok(StateStore { db: DB::open_cf_descriptors(&opts, path, [default_cf])?, options: opts, write_options, logged: options.write_ahead_log, hot })
+        Ok(StateStore { db: DB::open_cf_descriptors(&opts, path, [default_cf])?, options: opts, write_options, logged: options.write_ahead_log, hot, announced: Default::default() })
     }
 
     /// Size, keys, compaction debt and block cache figures, for monitoring.

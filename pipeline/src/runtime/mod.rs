@@ -112,7 +112,7 @@ use tokio::sync::watch;
 const MAX_ABORTS_IN_A_ROW: u32 = 10;
 /// Staged states (keys and values) at which a unit commits before its interval is over, which
 /// bounds the memory of an open transaction whatever the interval and the rate (twice this
-/// under at-least-once, with a commit in flight).
+/// with a commit in flight).
 const MAX_STAGED_BYTES: usize = 64 << 20;
 
 /// Totals of a run, returned when it stops.
@@ -212,7 +212,7 @@ struct BatchLoop<'s> {
     /// The open unit's states and offsets, which its batches read and RocksDB gets when it
     /// commits.
     staged: Staged,
-    /// At-least-once: the unit before, while its commit is under way.
+    /// The unit before, while its commit is under way.
     committing: Option<Committing<'s>>,
     /// Events the wave cap deferred: the next batch begins with them.
     carry: Vec<PositionedEvent>,
@@ -347,6 +347,11 @@ impl<'s> BatchLoop<'s> {
                 // readers and the next owner's restore until the broker times it out.
                 if let Err(abort) = self.abandon_unit("an error that stops the operator") {
                     tracing::warn!(error = format!("{abort:#}"), "could not abort the open transaction; the broker aborts it after transaction_timeout_ms");
+                }
+                // A committed unit's write in flight lands before the store is flushed and
+                // closed (whatever its outcome: the error that stops the loop is reported).
+                if let Some(Committing { step: CommitStep::Writing(write), .. }) = self.committing.take() {
+                    let _ = write.await;
                 }
                 Err(e)
             }
@@ -899,10 +904,11 @@ impl<'s> BatchLoop<'s> {
             // its partitions may have moved.
             return self.follow(s.consumer.context().generation(), order).await;
         }
+        // At most one commit in flight, so that the store takes the units in order. (Before the
+        // open unit is taken: if this fails, the error path still finds it and aborts it.)
+        self.complete_committing().await?;
         let Some(mut unit) = self.unit.take() else { return Ok(()) };
         let sink = self.s.sink(self.serving.clone());
-        // At most one commit in flight, so that the store takes the units in order.
-        self.complete_committing().await?;
         if !sink.exactly_once {
             self.committing = Some(Committing {
                 unit,
@@ -929,6 +935,8 @@ impl<'s> BatchLoop<'s> {
             return self.failed_unit(e, order);
         }
         self.aborts_in_a_row = 0;
+        // Its intents are visible from now on, whenever RocksDB has its states.
+        self.metrics.produced(&unit.latency, chrono::Utc::now().timestamp_millis(), Instant::now(), self.health);
         self.committing = Some(Committing {
             unit,
             staged: Arc::new(std::mem::take(&mut self.staged)),
@@ -994,7 +1002,11 @@ impl<'s> BatchLoop<'s> {
             staged.put_changelog(p, next);
         }
         let (store, staged, erased) = (self.s.store.clone(), c.staged.clone(), c.unit.outcome.erased > 0);
+        // Announced now, before the loop polls the consumer again: a restore started by a later
+        // assignment waits for this write rather than have it land over its records.
+        let announced = store.announce_write();
         c.step = CommitStep::Writing(tokio::task::spawn_blocking(move || {
+            let _announced = announced;
             store.commit_staged(&staged)?;
             if erased {
                 // The store writes without a write-ahead log, and a tombstone leaves the
@@ -1053,7 +1065,10 @@ impl<'s> BatchLoop<'s> {
         }
         let commit_seconds = commit_began.elapsed().as_secs_f64();
         self.metrics.unit_committed(unit.batches, unit.began.elapsed().as_secs_f64(), commit_seconds);
-        self.metrics.produced(&unit.latency, chrono::Utc::now().timestamp_millis(), Instant::now(), self.health);
+        if !exactly_once {
+            // (Under exactly-once taken when the transaction committed.)
+            self.metrics.produced(&unit.latency, chrono::Utc::now().timestamp_millis(), Instant::now(), self.health);
+        }
         self.metrics.emit_committed(&unit.outcome, self.health);
         let o = &unit.outcome;
         self.summary.records += o.records;

@@ -193,6 +193,10 @@ impl Restorer {
         let lock = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(partition).or_default().clone();
         let _one_at_a_time = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let _turn = self.turn();
+        // A committed unit the batch loop is still writing (announced before this assignment)
+        // lands first: the restore reads the store after it, and its later records are not
+        // overwritten by it.
+        self.store.wait_for_announced_writes();
         let started = Instant::now();
         let skipped = |local| Restored {
             partition,
