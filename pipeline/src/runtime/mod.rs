@@ -950,10 +950,11 @@ impl<'s> BatchLoop<'s> {
         Ok(())
     }
 
-    /// Moves the commit in flight one step on, once [`commit_progress`] says its deliveries have
-    /// settled: after its intents, its states and offsets go to the changelog (unless a
-    /// rebalance came first: then it is dropped, as an open unit is); after those, RocksDB and
-    /// the consumer group get it.
+    /// Moves the commit in flight one step on, once [`commit_progress`] says what it waited for
+    /// has happened: after its intents, its states and offsets go to the changelog (unless a
+    /// rebalance came first: then it is dropped, as an open unit is); after those, RocksDB gets
+    /// it on a blocking thread; once written, the consumer group gets its offsets
+    /// (at-least-once) and it is counted.
     async fn advance_committing(&mut self) -> Result<()> {
         let s = self.s;
         let Some(c) = self.committing.as_mut() else { return Ok(()) };
