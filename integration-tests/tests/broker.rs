@@ -14,6 +14,42 @@ fn assert_matches_offline(intents: &[ScoredIntent], events: &[Event], state_dir:
     assert_exactly_once(intents, events, &stored_states(state_dir));
 }
 
+/// At-least-once output: waits until each of the `events` input positions has an intent
+/// (repeats count in the topic size, so the size only tells when to look); `op`'s log goes
+/// into a failure. Returns the positions scored.
+fn wait_for_every_input(sc: &Scenario, events: usize, op: &Operator) -> HashSet<(i32, i64)> {
+    let started = Instant::now();
+    loop {
+        while topic_size(&sc.brokers, &sc.output).unwrap() < events as i64 {
+            assert!(started.elapsed() < IDLE, "no progress; log:\n{}", op.log_text());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let seen: HashSet<(i32, i64)> =
+            sc.intents(usize::MAX, Duration::from_secs(2)).iter().map(|i| (i.source.partition, i.source.offset)).collect();
+        if seen.len() == events {
+            return seen;
+        }
+        assert!(started.elapsed() < IDLE, "{} of {} inputs scored; log:\n{}", seen.len(), events, op.log_text());
+    }
+}
+
+/// The first intent of each input position among `all`, asserting that every repeat carries
+/// its first score (a repeat re-scores an event from the state its first scoring started from).
+fn first_intents(all: &[ScoredIntent]) -> Vec<ScoredIntent> {
+    let mut first_score: BTreeMap<(i32, i64), f32> = BTreeMap::new();
+    let mut unique = Vec::new();
+    for i in all {
+        match first_score.get(&(i.source.partition, i.source.offset)) {
+            Some(s) => assert!((s - i.score).abs() <= 1e-6, "a repeat with another score"),
+            None => {
+                first_score.insert((i.source.partition, i.source.offset), i.score);
+                unique.push(i.clone());
+            }
+        }
+    }
+    unique
+}
+
 #[test]
 fn streamed_scores_equal_offline_scores_across_four_partitions() {
     let sc = Scenario::new("oracle", 4);
@@ -114,21 +150,7 @@ fn sigkill_mid_stream_then_restart_loses_nothing_and_applies_each_event_once() {
     first.crash().unwrap();
 
     let second = sc.start("second", &sc.run_args(&["--config", &config, "--processing-guarantee", "at_least_once"]));
-    // At-least-once output: wait for every input position to have an intent. Repeats count
-    // in the topic size, so the size only tells when to look.
-    let started = Instant::now();
-    let inputs: HashSet<(i32, i64)> = loop {
-        while topic_size(&sc.brokers, &sc.output).unwrap() < events.len() as i64 {
-            assert!(started.elapsed() < IDLE, "no progress; log:\n{}", second.log_text());
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let seen: HashSet<(i32, i64)> =
-            sc.intents(usize::MAX, Duration::from_secs(2)).iter().map(|i| (i.source.partition, i.source.offset)).collect();
-        if seen.len() == events.len() {
-            break seen;
-        }
-        assert!(started.elapsed() < IDLE, "{} of {} inputs scored; log:\n{}", seen.len(), events.len(), second.log_text());
-    };
+    let inputs = wait_for_every_input(&sc, events.len(), &second);
     let (status, log) = second.terminate().unwrap();
     assert!(status.success(), "exit {status}; log:\n{log}");
     assert_eq!(inputs.len(), events.len(), "no event lost");
@@ -136,17 +158,7 @@ fn sigkill_mid_stream_then_restart_loses_nothing_and_applies_each_event_once() {
     // A repeated intent comes from re-scoring a batch whose state was not yet written: it
     // carries the same score as the first time, because the state it started from is the same.
     let all = sc.intents(usize::MAX, Duration::from_secs(3));
-    let mut first_score: BTreeMap<(i32, i64), f32> = BTreeMap::new();
-    let mut unique = Vec::new();
-    for i in &all {
-        match first_score.get(&(i.source.partition, i.source.offset)) {
-            Some(s) => assert!((s - i.score).abs() <= 1e-6, "a repeat with another score"),
-            None => {
-                first_score.insert((i.source.partition, i.source.offset), i.score);
-                unique.push(i.clone());
-            }
-        }
-    }
+    let unique = first_intents(&all);
     eprintln!("crash test: {} intents for {} events ({} repeats)", all.len(), events.len(), all.len() - events.len());
     // Each event applied to the hidden states exactly once: scores and final states are those
     // of an uninterrupted offline pass.
@@ -183,18 +195,7 @@ fn at_least_once_instances_joining_and_dying_mid_commit_lose_nothing_and_apply_e
     wait_for_size(&sc.brokers, &sc.output, 45_000, &mut c, IDLE);
     b.crash().unwrap();
     producer.join().unwrap();
-    let started = Instant::now();
-    loop {
-        while topic_size(&sc.brokers, &sc.output).unwrap() < events.len() as i64 {
-            assert!(started.elapsed() < IDLE, "no progress; log of a:\n{}", a.log_text());
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let seen: HashSet<(i32, i64)> = sc.intents(usize::MAX, Duration::from_secs(2)).iter().map(|i| (i.source.partition, i.source.offset)).collect();
-        if seen.len() == events.len() {
-            break;
-        }
-        assert!(started.elapsed() < IDLE, "{} of {} inputs scored; log of a:\n{}", seen.len(), events.len(), a.log_text());
-    }
+    wait_for_every_input(&sc, events.len(), &a);
     let c_log = c.log_text();
     let mut logs = vec![std::fs::read_to_string(sc.dir.path().join("b.log")).unwrap()];
     for op in [a, c] {
@@ -210,19 +211,8 @@ fn at_least_once_instances_joining_and_dying_mid_commit_lose_nothing_and_apply_e
         settled("a rebalance came after the commit's states were sent")
     );
 
-    // A repeat re-scores an event from the state its first scoring started from.
     let all = sc.intents(usize::MAX, Duration::from_secs(3));
-    let mut first_score: BTreeMap<(i32, i64), f32> = BTreeMap::new();
-    let mut unique = Vec::new();
-    for i in &all {
-        match first_score.get(&(i.source.partition, i.source.offset)) {
-            Some(s) => assert!((s - i.score).abs() <= 1e-6, "a repeat with another score"),
-            None => {
-                first_score.insert((i.source.partition, i.source.offset), i.score);
-                unique.push(i.clone());
-            }
-        }
-    }
+    let unique = first_intents(&all);
     // A fresh instance restores every partition from the changelog alone: each user's latest
     // changelog record is the state of an uninterrupted offline pass, bit for bit.
     let fresh_state = sc.dir.path().join("state-fresh");

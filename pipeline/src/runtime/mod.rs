@@ -910,15 +910,10 @@ impl<'s> BatchLoop<'s> {
         let Some(mut unit) = self.unit.take() else { return Ok(()) };
         let sink = self.s.sink(self.serving.clone());
         if !sink.exactly_once {
-            self.committing = Some(Committing {
-                unit,
-                staged: Arc::new(std::mem::take(&mut self.staged)),
-                tombstones: std::mem::take(&mut self.tombstones),
-                serving: self.serving.clone(),
-                generation: self.generation,
-                step: CommitStep::Intents,
-                began: Instant::now(),
-            });
+            // The restore tombstones go with its states (under exactly-once they went with the
+            // unit's first batch, and any left belong to the next unit).
+            let tombstones = std::mem::take(&mut self.tombstones);
+            self.hand_over(unit, tombstones, CommitStep::Intents, Instant::now());
             return Ok(());
         }
         let commit_began = Instant::now();
@@ -937,17 +932,23 @@ impl<'s> BatchLoop<'s> {
         self.aborts_in_a_row = 0;
         // Its intents are visible from now on, whenever RocksDB has its states.
         self.metrics.produced(&unit.latency, chrono::Utc::now().timestamp_millis(), Instant::now(), self.health);
+        self.hand_over(unit, BTreeMap::new(), CommitStep::States, commit_began);
+        self.write_committing();
+        Ok(())
+    }
+
+    /// Makes `unit`, with the open unit's staged writes, the commit in flight (there is none).
+    fn hand_over(&mut self, unit: Unit<'s>, tombstones: BTreeMap<i32, (u64, Vec<Vec<u8>>)>, step: CommitStep, began: Instant) {
+        debug_assert!(self.committing.is_none(), "one commit in flight at a time");
         self.committing = Some(Committing {
             unit,
             staged: Arc::new(std::mem::take(&mut self.staged)),
-            tombstones: BTreeMap::new(),
+            tombstones,
             serving: self.serving.clone(),
             generation: self.generation,
-            step: CommitStep::States,
-            began: commit_began,
+            step,
+            began,
         });
-        self.write_committing();
-        Ok(())
     }
 
     /// Moves the commit in flight one step on, once [`commit_progress`] says what it waited for
