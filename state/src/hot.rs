@@ -6,11 +6,17 @@
 //! holds), so a hit is decoded exactly as a read from RocksDB would be.
 //!
 //! The cache is filled only by the store's own commits, never by reads, and every other write
-//! to a user key (restores, resets, partition drops) removes the keys it touches, under the same
-//! lock as the RocksDB write: so the cache never holds anything but the latest value of a key.
+//! to a user key (restores, resets, partition drops) removes the keys it touches: so the cache
+//! never holds anything but the latest value of a key. Each shard has two locks. Its *writer*
+//! lock ([`HotCache::write_for`]) is held by a writer of its keys across its RocksDB write and
+//! its cache changes, so writers of one shard take turns. Its cache lock is held briefly by
+//! readers and by writers' changes. A commit holds only the writer lock across its RocksDB
+//! write and takes the cache lock to put the new values after it: readers (the next batch,
+//! while the last one is written on another thread) never wait for RocksDB's write, and find
+//! a key's old value until the write is done, never an older value after a newer one.
 //!
-//! It is sharded by input partition, one lock per shard, so that a restore writing one
-//! partition's changelog chunk does not hold up the batch loop's reads and writes of the others.
+//! It is sharded by input partition, so that a restore writing one partition's changelog chunk
+//! does not hold up the batch loop's reads and writes of the others.
 //! Eviction is generational per shard, an approximation of LRU without per-entry bookkeeping:
 //! writes go to the shard's young generation; whenever the whole cache is over its budget, the
 //! shard being written turns its young generation old and frees its previous old one (and the
@@ -19,7 +25,7 @@
 use foldhash::fast::RandomState;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// Shards; partition `p` lives in shard `p mod SHARDS`.
 const SHARDS: usize = 16;
@@ -120,6 +126,9 @@ fn shard_of_key(key: &[u8]) -> usize {
 #[derive(Debug)]
 pub(crate) struct HotCache {
     shards: Vec<Mutex<Shard>>,
+    /// Per shard, the writer lock: held by a writer of the shard's keys across its RocksDB
+    /// write and its changes to the shard; readers never take it.
+    writers: Vec<Mutex<()>>,
     /// Bytes held by all shards, by [`size`]'s count.
     bytes: AtomicUsize,
     capacity: usize,
@@ -128,7 +137,12 @@ pub(crate) struct HotCache {
 impl HotCache {
     /// A cache of about `capacity` bytes (0 turns it off).
     pub(crate) fn new(capacity: usize) -> HotCache {
-        HotCache { shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(), bytes: AtomicUsize::new(0), capacity }
+        HotCache {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            writers: (0..SHARDS).map(|_| Mutex::new(())).collect(),
+            bytes: AtomicUsize::new(0),
+            capacity,
+        }
     }
 
     /// Locks one shard. A shard whose lock was poisoned (a panic between a RocksDB write and the
@@ -152,20 +166,32 @@ impl HotCache {
     }
 
     /// Locks the shards of `keys`' partitions.
-    pub(crate) fn lock_for<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) -> Locked<'_> {
+    #[cfg(test)]
+    fn lock_for<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) -> Locked<'_> {
+        self.write_for(keys).cache()
+    }
+
+    fn writing(&self, wanted: [bool; SHARDS]) -> Writing<'_> {
+        // In shard order, as the cache locks: no two writers wait on each other.
+        let turns = (0..SHARDS).filter(|&i| wanted[i]).map(|i| self.writers[i].lock().unwrap_or_else(PoisonError::into_inner)).collect();
+        Writing { cache: self, wanted, _turns: turns }
+    }
+
+    /// Takes the writer locks of the shards of `keys`' partitions.
+    pub(crate) fn write_for<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) -> Writing<'_> {
         let mut wanted = [false; SHARDS];
         keys.into_iter().for_each(|k| wanted[shard_of_key(k)] = true);
-        self.locked(|i| wanted[i])
+        self.writing(wanted)
     }
 
-    /// Locks the shard of one partition.
-    pub(crate) fn lock_partition(&self, partition: i32) -> Locked<'_> {
-        self.locked(|i| i == shard_of(partition))
+    /// Takes the writer lock of the shard of one partition.
+    pub(crate) fn write_partition(&self, partition: i32) -> Writing<'_> {
+        self.writing(std::array::from_fn(|i| i == shard_of(partition)))
     }
 
-    /// Locks every shard.
-    pub(crate) fn lock_all(&self) -> Locked<'_> {
-        self.locked(|_| true)
+    /// Takes every writer lock.
+    pub(crate) fn write_all(&self) -> Writing<'_> {
+        self.writing([true; SHARDS])
     }
 
     /// Calls `found(i, value)` for each of `keys` that is cached, one shard at a time.
@@ -189,6 +215,22 @@ impl HotCache {
     pub(crate) fn totals(&self) -> (usize, usize) {
         let entries = (0..SHARDS).map(|i| self.lock(i)).map(|s| s.young.len() + s.old.len()).sum();
         (entries, self.bytes.load(Ordering::Relaxed))
+    }
+}
+
+/// Shards whose writer locks are held: the RocksDB write of their keys and the cache's changes
+/// happen under it. Writer locks are always taken before cache locks.
+pub(crate) struct Writing<'c> {
+    cache: &'c HotCache,
+    wanted: [bool; SHARDS],
+    _turns: Vec<MutexGuard<'c, ()>>,
+}
+
+impl<'c> Writing<'c> {
+    /// Locks the cache of the shards held, for changes (briefly: readers wait for it).
+    pub(crate) fn cache(&self) -> Locked<'c> {
+        let wanted = self.wanted;
+        self.cache.locked(|i| wanted[i])
     }
 }
 
@@ -306,15 +348,15 @@ mod tests {
                     }
                     2 if user == 0 => {
                         let prefix = key(partition, 0)[..5].to_vec();
-                        cache.lock_partition(partition).remove_partition(partition);
+                        cache.write_partition(partition).cache().remove_partition(partition);
                         truth.retain(|t, _| !t.starts_with(&prefix));
                     }
                     2 => {
-                        cache.lock_partition(partition).remove(&k);
+                        cache.write_partition(partition).cache().remove(&k);
                         truth.remove(&k);
                     }
                     _ if user == 9 => {
-                        cache.lock_all().clear();
+                        cache.write_all().cache().clear();
                         truth.clear();
                     }
                     _ => {}

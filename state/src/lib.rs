@@ -9,7 +9,8 @@
 //!   batch of states together with the input offsets they reflect in one atomic write batch,
 //!   so the store never holds states without knowing how far they got.
 //! * [`Staged`] holds the writes of an open transaction, which the following batches read
-//!   through a [`StagedView`] and which reach RocksDB only when it commits.
+//!   through a [`StagedView`] and which reach RocksDB only when it commits. [`WriteBehind`]
+//!   writes each batch's on a thread of its own while the next batch is scored.
 //! * [`changelog`] defines the records of the compacted changelog topic that backs the store,
 //!   and the recovery decision ([`changelog::plan_restore`]) a partition's local copy follows
 //!   on start-up or when a rebalance assigns it.
@@ -19,12 +20,14 @@
 //! [`changelog::Applied::quarantined`]) so that the caller can quarantine it and start that user
 //! fresh, instead of stopping a partition.
 
+mod behind;
 pub mod changelog;
 mod encoding;
 mod hot;
 mod staged;
 mod store;
 
+pub use behind::WriteBehind;
 pub use encoding::{topic_id, EmitMemory, Fence, OutputMemory, UserState, STATE_ENCODING_VERSION};
 pub use intentflow_schemas::{SessionState, UserHistory};
 pub use staged::{AnnouncedWrite, StateRead, Staged, StagedView};
@@ -63,6 +66,9 @@ pub enum StateError {
         /// The model loaded.
         expected: String,
     },
+    /// The thread that writes behind ([`WriteBehind`]) could not be started.
+    #[error("starting the state writer thread: {0}")]
+    Writer(std::io::Error),
 }
 
 impl StateError {
@@ -73,6 +79,7 @@ impl StateError {
             StateError::Corrupt(_) => "corrupt_state",
             StateError::UnsupportedVersion { .. } => "unsupported_state_version",
             StateError::ForeignModel { .. } => "foreign_model",
+            StateError::Writer(_) => "state_writer",
         }
     }
 }

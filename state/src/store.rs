@@ -350,8 +350,12 @@ impl StateStore {
         for (partition, next) in changelog {
             batch.put(changelog_key(partition), next.to_le_bytes());
         }
-        let mut hot = self.hot.lock_for(users.iter().map(|(k, _)| k.as_ref()));
+        // Writers of these keys' shards take turns; readers do not wait for the write: until
+        // the cache takes the new values after it, they find the old ones there (or either in
+        // RocksDB, whose batch lands atomically), and never an older value after a newer one.
+        let writing = self.hot.write_for(users.iter().map(|(k, _)| k.as_ref()));
         self.db.write_opt(batch, &self.write_options)?;
+        let mut hot = writing.cache();
         for (key, state) in &users {
             if state.is_empty() {
                 hot.remove(key.as_ref());
@@ -491,7 +495,8 @@ impl StateStore {
             out.records += 1;
         }
         batch.put(changelog_key(partition), next.to_le_bytes());
-        let mut hot = self.hot.lock_partition(partition);
+        let writing = self.hot.write_partition(partition);
+        let mut hot = writing.cache();
         self.db.write_opt(batch, &self.write_options)?;
         touched.iter().for_each(|k| hot.remove(k));
         Ok(out)
@@ -545,10 +550,11 @@ impl StateStore {
     pub fn clear_users(&self) -> Result<(), StateError> {
         let mut batch = WriteBatch::default();
         batch.delete_range([USER_PREFIX].as_slice(), [USER_PREFIX + 1].as_slice());
-        let mut hot = self.hot.lock_all();
+        let writing = self.hot.write_all();
+        let mut hot = writing.cache();
         self.db.write_opt(batch, &self.write_options)?;
         hot.clear();
-        drop(hot);
+        drop((hot, writing));
         self.persist_bookkeeping()
     }
 
@@ -574,10 +580,11 @@ impl StateStore {
             }
         }
         batch.delete(changelog_key(partition));
-        let mut hot = self.hot.lock_partition(partition);
+        let writing = self.hot.write_partition(partition);
+        let mut hot = writing.cache();
         self.db.write_opt(batch, &self.write_options)?;
         hot.remove_partition(partition);
-        drop(hot);
+        drop((hot, writing));
         self.persist_bookkeeping()
     }
 

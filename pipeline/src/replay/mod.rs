@@ -38,7 +38,7 @@ use intentflow_operators::emit::PolicyOutput;
 use intentflow_operators::{EmittedAt, IntentOperator, PositionedEvent};
 use intentflow_schemas::{IntentSchema, Limits, ScoredIntent};
 use intentflow_state::changelog::ModelPolicy;
-use intentflow_state::{StateStore, StoreOptions};
+use intentflow_state::{StoreOptions, WriteBehind};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -241,7 +241,7 @@ pub async fn replay(job: &ReplayJob) -> Result<ReplaySummary> {
         .with_reasons(job.reasons)
         .with_outputs(job.outputs.clone())?
         .with_gpu_resident_slots(crate::config::DEFAULT_GPU_RESIDENT_USERS)?;
-    let store = dir.open_store(StoreOptions::bulk())?;
+    let store = std::sync::Arc::new(dir.open_store(StoreOptions::bulk())?);
     StateDir::adopt_model(&store, operator.model().version(), ModelPolicy::Refuse)?;
 
     let producer;
@@ -259,7 +259,7 @@ pub async fn replay(job: &ReplayJob) -> Result<ReplaySummary> {
         }
     };
     let mut summary = ReplaySummary::default();
-    let mut scorer = Scorer { operator: &operator, store: &store, summary: &mut summary, dir: &dir, source, schema: job.schema, writing: false };
+    let mut scorer = Scorer { operator: &operator, writer: WriteBehind::new(store.clone()), summary: &mut summary, dir: &dir, source, schema: job.schema, writing: false };
     match &job.inputs {
         Inputs::Topics(topics) => topics::replay_topics(job, topics, &job.from, &job.to, &mut scorer, &mut output).await?,
         Inputs::Files(inputs) => {
@@ -272,6 +272,8 @@ pub async fn replay(job: &ReplayJob) -> Result<ReplaySummary> {
             files::replay_files(job, inputs, span, &mut scorer, &mut output).await?;
         }
     }
+    // The last batch's states land before the store is flushed.
+    scorer.writer.wait()?;
     output.finish().await?;
     store.flush()?;
     dir.mark_replay(operator.model().version(), source, ReplayStatus::Complete)?;
@@ -282,7 +284,8 @@ pub async fn replay(job: &ReplayJob) -> Result<ReplaySummary> {
 /// Scores batches into the replay's store and counts them.
 pub struct Scorer<'a> {
     operator: &'a IntentOperator,
-    store: &'a StateStore,
+    /// Writes each batch's states and next offsets while the next batch is scored.
+    writer: WriteBehind,
     summary: &'a mut ReplaySummary,
     dir: &'a StateDir,
     source: ReplaySource,
@@ -293,20 +296,28 @@ pub struct Scorer<'a> {
 }
 
 impl Scorer<'_> {
-    /// Scores one batch of valid events, writes the states and the next offsets, returns the
-    /// intents. The first batch marks the state directory `running`: a replay that fails
+    /// Scores one batch of valid events, hands the states and the next offsets to the writer
+    /// (they reach RocksDB while the next batch is scored, which reads them meanwhile), returns
+    /// the intents. The first batch marks the state directory `running`: a replay that fails
     /// before (a bad file, an unreachable broker) leaves the directory as it was.
     ///
     /// # Errors
     ///
-    /// Marker, scoring and state errors.
+    /// Marker, scoring and state errors (of this batch's read, or of the last batch's write).
     pub fn score<'o>(&mut self, events: &[PositionedEvent], next: impl IntoIterator<Item = (&'o str, i32, i64)>) -> Result<Vec<ScoredIntent>> {
         if !self.writing {
             self.dir.mark_replay(self.operator.model().version(), self.source, ReplayStatus::Running)?;
             self.writing = true;
         }
-        let out = self.operator.process(events, self.store, EmittedAt::EventTime)?;
-        self.store.commit(out.states.iter().map(|(p, u, s)| (*p, u.as_str(), s)), next, [])?;
+        let out = self.operator.process(events, &self.writer.view(), EmittedAt::EventTime)?;
+        let mut staged = self.writer.next_batch();
+        for (p, u, s) in &out.states {
+            staged.put_user(*p, u, s.encode());
+        }
+        for (topic, p, o) in next {
+            staged.put_offset(topic.to_string(), p, o);
+        }
+        self.writer.write(staged)?;
         self.summary.events += events.len() as u64;
         self.summary.outputs += out.scored.len() as u64;
         Ok(out.intents_as(events, self.schema).collect())

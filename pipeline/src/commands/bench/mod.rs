@@ -6,7 +6,9 @@
 //! read from RocksDB (one batched read), featurize and step the model in waves, the intents encoded as
 //! JSON into one reused buffer, the states encoded and committed with the input offsets in one
 //! write batch (without RocksDB's write-ahead log, as `run` writes: its changelog is the log;
-//! `--write-ahead-log` measures the store with it). Kafka's share (fetch, produce,
+//! `--write-ahead-log` measures the store with it), written on a thread of its own while the
+//! next batch is scored, which reads those states meanwhile ([`WriteBehind`], as `run` writes a
+//! commit's and `replay` a batch's). Kafka's share (fetch, produce,
 //! transactions) is measured with `--brokers` against the live `run` (`bench/live.rs`), and by
 //! `scripts/bench`.
 //!
@@ -17,7 +19,8 @@
 //!
 //! * at an offered load (`--rates 250000`), event *i* arrives at *i*/rate seconds; a batch takes
 //!   whatever has arrived (up to `--batch`), and an event's latency runs from its arrival until
-//!   its batch's intents are encoded and its states committed;
+//!   its batch's intents are encoded and its states handed to the writer (after the batch
+//!   before it was written);
 //! * flat out (`--rates flat`), a full batch is always waiting, and an event's latency is its
 //!   batch's processing time.
 
@@ -32,7 +35,7 @@ use intentflow_model::{Device, DeviceKind, IntentModel};
 use intentflow_operators::decode::decode_records;
 use intentflow_operators::{EmittedAt, IntentOperator, SourceRecord};
 use intentflow_schemas::EventDecoder;
-use intentflow_state::{StateStore, StoreOptions};
+use intentflow_state::{StateStore, StoreOptions, WriteBehind};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -119,12 +122,13 @@ struct RunResult {
 #[derive(Default)]
 struct Stages {
     /// Decode; state read, featurize and model steps (`IntentOperator::process`); intents and
-    /// states encoded; the state write.
+    /// states encoded; waiting for the last batch's state write (each batch's runs on a thread of
+    /// its own while the next is scored).
     seconds: [f64; 4],
 }
 
 impl Stages {
-    const NAMES: [&'static str; 4] = ["decode", "state read + model (process)", "encode intents + states", "state write"];
+    const NAMES: [&'static str; 4] = ["decode", "state read + model (process)", "encode intents + states", "waiting for the last state write"];
 
     fn add(&mut self, stages: [Duration; 4]) {
         for (total, d) in self.seconds.iter_mut().zip(stages) {
@@ -257,7 +261,8 @@ impl Clock {
 fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate: Option<f64>) -> Result<RunResult> {
     reset_peak_rss();
     let options = StoreOptions::with_cache_budget((args.state_cache_mib as usize) << 20);
-    let store = StateStore::open(dir, if args.write_ahead_log { options } else { options.changelog_backed() })?;
+    let store = std::sync::Arc::new(StateStore::open(dir, if args.write_ahead_log { options } else { options.changelog_backed() })?);
+    let mut writer = WriteBehind::new(store.clone());
     let operator = IntentOperator::new(model.clone()).with_reasons(args.reasons).with_gpu_resident_slots(args.gpu_resident_users)?;
     let decoder = EventDecoder::default();
     let synth = Synth { seed: args.seed, users: args.users };
@@ -305,7 +310,7 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
             start = end;
             let offset = &mut offsets[partition as usize];
             *offset += 1;
-            SourceRecord { topic: "bench-events", partition, offset: *offset - 1, timestamp_ms: None, payload: Some(payload) }
+            SourceRecord { topic: TOPIC, partition, offset: *offset - 1, timestamp_ms: None, payload: Some(payload) }
         }).collect();
         let now_ms = chrono::Utc::now().timestamp_millis();
         let decoded = decode_records(&decoder, &records, now_ms);
@@ -313,20 +318,22 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
             bail!("the generator wrote a record the decoder rejects: {:?}", decoded.rejected[0].error);
         }
         let t_decoded = clock.now();
-        let out = operator.process(&decoded.events, &store, EmittedAt::Now(now_ms))?;
+        let out = operator.process(&decoded.events, &writer.view(), EmittedAt::Now(now_ms))?;
         let t_scored = clock.now();
         intents.clear();
         for scored in &out.scored {
             out.encode_intent(&decoded.events, scored, &mut intents);
         }
-        let states: Vec<Vec<u8>> = out.states.iter().map(|(_, _, s)| s.encode()).collect();
+        let mut staged = writer.next_batch();
+        for (p, u, s) in &out.states {
+            staged.put_user(*p, u, s.encode());
+        }
+        for (p, o) in offsets.iter().enumerate() {
+            staged.put_offset(TOPIC.to_string(), p as i32, *o);
+        }
         let t_encoded = clock.now();
-        let next_offsets: Vec<(i32, i64)> = offsets.iter().enumerate().map(|(p, o)| (p as i32, *o)).collect();
-        store.commit_encoded(
-            out.states.iter().zip(&states).map(|((p, u, _), bytes)| (*p, u.as_str(), bytes.as_slice())),
-            next_offsets.iter().map(|(p, o)| ("bench-events", *p, *o)),
-            [],
-        )?;
+        // Written while the next batch is scored, as `run` and `replay` write.
+        writer.write(staged)?;
         let done = clock.now();
         stages.add([t_decoded - fetched, t_scored - t_decoded, t_encoded - t_scored, done - t_encoded]);
         for i in next..next + n {
@@ -339,6 +346,7 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
         next += n;
         batches += 1;
     }
+    writer.wait()?;
     let seconds = clock.now().as_secs_f64();
     let cpu_seconds = cpu_seconds(SELF) - cpu_start - cpu_paused;
     let peak_rss = peak_rss_bytes(SELF);
@@ -420,6 +428,9 @@ fn table(args: &BenchArgs, model: &IntentModel, results: &[RunResult]) -> String
 
 /// The procfs entry of this process, for [`cpu_seconds`] and [`peak_rss_bytes`].
 const SELF: &str = "self";
+
+/// The topic the generated records claim to come from.
+const TOPIC: &str = "bench-events";
 
 /// User + system CPU seconds so far (all threads) of the process `proc` (a pid, or [`SELF`]),
 /// from procfs; 0 where there is none.
