@@ -253,3 +253,28 @@ fn bench_runs_the_hot_path_in_process_and_reports_every_column() {
     assert!(rows[1][12].parse::<u32>().unwrap() >= 12, "an offered load makes batches of what has arrived");
     assert!(stdout.contains("| offered | decode | state read + model"), "the per-stage table: {stdout}");
 }
+
+/// `bench --replay` replays a generated Parquet file and reports what a replay has: events,
+/// users, rate, CPU, memory and state, no latency; it refuses an offered load.
+#[test]
+fn bench_replay_replays_a_generated_parquet_file_and_reports_its_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().display().to_string();
+    let out = intentflow(&["bench", "--replay", "--users", "500", "--events", "4000", "--seed", "3", "--work-dir", &work]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let rows = bench_rows(&stdout, "replay, Parquet to Parquet");
+    assert_eq!(rows.len(), 1, "{stdout}");
+    let row = &rows[0];
+    let num = |i: usize| row[i].parse::<f64>().unwrap_or_else(|_| panic!("column {i} of {row:?}"));
+    assert_eq!((num(2), num(3)), (4000.0, 500.0), "events, users: {row:?}");
+    assert!(num(4) > 0.0 && num(8) > 0.0 && num(9) > 0.0, "events/s, CPU and RSS measured: {row:?}");
+    assert_eq!(&row[5..8], ["–", "–", "–"], "a replay has no latency: {row:?}");
+    assert!(num(10) > 40.0, "a compacted state of the default model: {row:?}");
+    assert!(stdout.contains("batch 16384, 1 partitions, the replay's store"), "{stdout}");
+    // The input stays in the work directory; the replay's state and intents are removed.
+    let left: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(left.iter().any(|f| f == "replay-events-500-4000-3.parquet") && !left.iter().any(|f| f.starts_with("replay-state")), "{left:?}");
+    let refused = intentflow(&["bench", "--replay", "--users", "500", "--rates", "1000", "--work-dir", &work]);
+    assert!(!refused.status.success() && text(&refused.stderr).contains("--replay runs flat out"), "{}", text(&refused.stderr));
+}

@@ -44,7 +44,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// Default of `--max-events-in-memory`: about 500 MB of events.
-const MAX_EVENTS_IN_MEMORY: usize = 2_000_000;
+pub const MAX_EVENTS_IN_MEMORY: usize = 2_000_000;
+
+/// Default of `--max-batch-records`, and the batch of `run --bootstrap-from`.
+pub const MAX_BATCH_RECORDS: usize = 16_384;
 
 /// Flags of `intentflow replay`.
 #[derive(Debug, Clone, Args)]
@@ -85,7 +88,7 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub output: Option<PathBuf>,
     /// Records per batch.
-    #[arg(long, default_value_t = 16_384)]
+    #[arg(long, default_value_t = MAX_BATCH_RECORDS)]
     pub max_batch_records: usize,
     /// File replays: events held in memory while sorting them by time (about 250 bytes each).
     /// Beyond it, sorted runs are spilled to disk and merged; the output is the same.
@@ -349,7 +352,7 @@ pub async fn bootstrap(cfg: &RunConfig) -> Result<()> {
         model_dir: cfg.model_dir.clone(),
         state_dir: cfg.state_dir.clone(),
         target: if cfg.bootstrap_output_topic.is_empty() { Target::Discard } else { Target::Topic(cfg.bootstrap_output_topic.clone()) },
-        max_batch_records: 16_384,
+        max_batch_records: MAX_BATCH_RECORDS,
         max_events_in_memory: MAX_EVENTS_IN_MEMORY,
         spill_dir: None,
         device: cfg.device,

@@ -1,5 +1,6 @@
 //! `intentflow bench`: the operator's hot path measured in-process, without Kafka, or with
-//! `--brokers` the live operator through the real broker (`bench/live.rs`).
+//! `--brokers` the live operator through the real broker (`bench/live.rs`), or with `--replay`
+//! a backfill by `intentflow replay` from a Parquet file (`bench/replay.rs`).
 //!
 //! Generated events, written as the JSON records a topic would hold, go through everything the
 //! live operator does to a batch between the consumer and the producer: decode, the users' states
@@ -25,6 +26,7 @@
 //!   batch's processing time.
 
 mod live;
+mod replay;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -96,6 +98,12 @@ pub struct BenchArgs {
     /// exactly-once one transaction spans the interval).
     #[arg(long, default_value_t = 100)]
     pub commit_interval_ms: u64,
+    /// Measure `intentflow replay` instead (in-process, flat out): the events are generated
+    /// into a Parquet file first, then replayed from it into a fresh state directory and a
+    /// Parquet file of intents, in the replay's own batches (`replay --max-batch-records`'s
+    /// default).
+    #[arg(long, conflicts_with_all = ["brokers", "write_ahead_log"])]
+    pub replay: bool,
     /// With `--brokers`: the operator's `processing_guarantee`.
     #[arg(long, default_value = "exactly_once", value_parser = ["exactly_once", "at_least_once"])]
     pub processing_guarantee: String,
@@ -167,6 +175,12 @@ pub async fn bench_cmd(args: &BenchArgs) -> Result<()> {
         eprintln!("bench: run {} of {}: {} events, {} users, {}", i + 1, rates.len(), events, args.users, describe_rate(*rate));
         match &args.brokers {
             Some(brokers) => results.push(live::run_live(args, brokers, &model_dir, &work, events, *rate).await?),
+            None if args.replay => {
+                if rate.is_some() {
+                    bail!("--replay runs flat out: a replay reads its file as fast as it can (--rates flat)");
+                }
+                results.push(replay::run_replay(args, &model_dir, &work, events, i).await?);
+            }
             None => {
                 let dir = work.join(format!("state-{i}"));
                 let _ = std::fs::remove_dir_all(&dir);
@@ -374,10 +388,19 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
 fn table(args: &BenchArgs, model: &IntentModel, results: &[RunResult]) -> String {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut s = String::new();
+    let store = if args.replay {
+        "the replay's store (bulk load: large memtables, no write-ahead log)".to_string()
+    } else {
+        // `--write-ahead-log` is refused with `--brokers`: a live `run` always writes without.
+        format!(
+            "state cache {} MiB (a quarter RocksDB block cache), RocksDB {} its write-ahead log",
+            args.state_cache_mib,
+            if args.write_ahead_log { "with" } else { "without" }
+        )
+    };
     let _ = writeln!(
         s,
-        "intentflow bench: intentflow {}, model {} ({} state of {} values) on {}, batch {}, {} partitions, \
-         state cache {} MiB (a quarter RocksDB block cache), RocksDB {} its write-ahead log, {cores} cores",
+        "intentflow bench: intentflow {}, model {} ({} state of {} values) on {}, batch {}, {} partitions, {store}, {cores} cores",
         env!("CARGO_PKG_VERSION"),
         model.version(),
         model.cell(),
@@ -386,19 +409,18 @@ fn table(args: &BenchArgs, model: &IntentModel, results: &[RunResult]) -> String
             DeviceKind::Cpu => "the CPU".to_string(),
             DeviceKind::Cuda => format!("CUDA, {} resident users", args.gpu_resident_users),
         },
-        args.batch,
-        args.partitions,
-        args.state_cache_mib,
-        // `--write-ahead-log` is refused with `--brokers`: a live `run` always writes without.
-        if args.write_ahead_log { "with" } else { "without" }
+        if args.replay { crate::replay::MAX_BATCH_RECORDS } else { args.batch },
+        // A file replay reads one stream.
+        if args.replay { 1 } else { args.partitions },
     );
     let _ = writeln!(s, "| mode | offered | events | users | events/s | p50 ms | p99 ms | p99.9 ms | CPU s per M events | peak RSS MiB | state B/user | disk writes B/event | batches |");
     let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in results {
-        let ms = |q: f64| r.latency_us.value_at_quantile(q) as f64 / 1000.0;
+        // A replay has no latency to report.
+        let ms = |q: f64| if r.latency_us.is_empty() { "–".to_string() } else { format!("{:.2}", r.latency_us.value_at_quantile(q) as f64 / 1000.0) };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.1} | {:.0} | {} |",
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.2} | {:.0} | {:.1} | {:.0} | {} |",
             r.mode,
             r.rate.map_or_else(|| "flat out".to_string(), |r| format!("{r:.0}/s")),
             r.events,
