@@ -55,6 +55,10 @@ impl WriteBehind {
     ///
     /// The write before it failed (this one is then not started), or the thread could not be
     /// started.
+    ///
+    /// # Panics
+    ///
+    /// With the writer thread's panic, if it panicked.
     pub fn write(&mut self, staged: Staged) -> Result<(), StateError> {
         self.wait()?;
         let writer = match &mut self.writer {
@@ -75,6 +79,10 @@ impl WriteBehind {
     /// # Errors
     ///
     /// That write failed.
+    ///
+    /// # Panics
+    ///
+    /// With the writer thread's panic, if it panicked.
     pub fn wait(&mut self) -> Result<(), StateError> {
         let Some(staged) = self.in_flight.take() else { return Ok(()) };
         let writer = self.writer.as_ref().expect("a write in flight has a writer");

@@ -25,7 +25,7 @@
 use foldhash::fast::RandomState;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 
 /// Shards; partition `p` lives in shard `p mod SHARDS`.
 const SHARDS: usize = 16;
@@ -145,35 +145,44 @@ impl HotCache {
         }
     }
 
-    /// Locks one shard. A shard whose lock was poisoned (a panic between a RocksDB write and the
-    /// cache update) may be stale: it is emptied before use.
+    /// Locks one shard. A shard whose lock was poisoned (a panic during a change) may be
+    /// stale: it is emptied before use.
     fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
         match self.shards[shard].lock() {
             Ok(guard) => guard,
             Err(poisoned) => {
                 let mut guard = poisoned.into_inner();
-                self.bytes.fetch_sub(guard.bytes, Ordering::Relaxed);
-                *guard = Shard::default();
+                self.empty(&mut guard);
                 self.shards[shard].clear_poison();
                 guard
             }
         }
     }
 
+    fn empty(&self, shard: &mut Shard) {
+        self.bytes.fetch_sub(shard.bytes, Ordering::Relaxed);
+        *shard = Shard::default();
+    }
+
     fn locked(&self, wanted: impl Fn(usize) -> bool) -> Locked<'_> {
-        // Always in shard order, so no two holders of several shards wait on each other.
+        // Always in shard order, so that holders of several shards cannot deadlock.
         Locked { cache: self, guards: (0..SHARDS).map(|i| wanted(i).then(|| self.lock(i))).collect(), dropped: Vec::new() }
     }
 
-    /// Locks the shards of `keys`' partitions.
-    #[cfg(test)]
-    fn lock_for<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) -> Locked<'_> {
-        self.write_for(keys).cache()
-    }
-
     fn writing(&self, wanted: [bool; SHARDS]) -> Writing<'_> {
-        // In shard order, as the cache locks: no two writers wait on each other.
-        let turns = (0..SHARDS).filter(|&i| wanted[i]).map(|i| self.writers[i].lock().unwrap_or_else(PoisonError::into_inner)).collect();
+        // In shard order, and before any cache lock, so that writers cannot deadlock (they take
+        // turns). A writer lock poisoned by a panic between a RocksDB write and the cache's
+        // update leaves the shard's cache possibly stale: it is emptied.
+        let turns = (0..SHARDS)
+            .filter(|&i| wanted[i])
+            .map(|i| {
+                self.writers[i].lock().unwrap_or_else(|poisoned| {
+                    self.empty(&mut self.lock(i));
+                    self.writers[i].clear_poison();
+                    poisoned.into_inner()
+                })
+            })
+            .collect();
         Writing { cache: self, wanted, _turns: turns }
     }
 
@@ -226,9 +235,10 @@ pub(crate) struct Writing<'c> {
     _turns: Vec<MutexGuard<'c, ()>>,
 }
 
-impl<'c> Writing<'c> {
-    /// Locks the cache of the shards held, for changes (briefly: readers wait for it).
-    pub(crate) fn cache(&self) -> Locked<'c> {
+impl Writing<'_> {
+    /// Locks the cache of the shards held, for changes (briefly: readers wait for it). The
+    /// writer locks outlive it.
+    pub(crate) fn cache(&self) -> Locked<'_> {
         let wanted = self.wanted;
         self.cache.locked(|i| wanted[i])
     }
@@ -341,7 +351,7 @@ mod tests {
                 let k = key(partition, user);
                 match op {
                     0 | 1 => {
-                        cache.lock_for([k.as_slice()]).put(&k, &v);
+                        cache.write_for([k.as_slice()]).cache().put(&k, &v);
                         if capacity > 0 {
                             truth.insert(k, v);
                         }
@@ -381,7 +391,7 @@ mod tests {
         let cache = HotCache::new(10 * (6 + 10 + ENTRY_OVERHEAD));
         for user in 0..100u8 {
             let k = key(3, user);
-            cache.lock_for([k.as_slice()]).put(&k, &[user; 10]);
+            cache.write_for([k.as_slice()]).cache().put(&k, &[user; 10]);
         }
         let mut hits = Vec::new();
         let keys: Vec<Vec<u8>> = (0..100).map(|u| key(3, u)).collect();
@@ -390,7 +400,7 @@ mod tests {
         assert!(!hits.iter().any(|(i, _)| *i == 0), "the first write is gone");
         assert!(hits.len() <= 11);
         let off = HotCache::new(0);
-        off.lock_for([keys[0].as_slice()]).put(&keys[0], &[1]);
+        off.write_for([keys[0].as_slice()]).cache().put(&keys[0], &[1]);
         assert_eq!(off.totals(), (0, 0));
     }
 }

@@ -68,7 +68,7 @@ pub enum StateError {
     },
     /// The thread that writes behind ([`WriteBehind`]) could not be started.
     #[error("starting the state writer thread: {0}")]
-    Writer(std::io::Error),
+    Writer(#[source] std::io::Error),
 }
 
 impl StateError {

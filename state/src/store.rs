@@ -554,7 +554,8 @@ impl StateStore {
         let mut hot = writing.cache();
         self.db.write_opt(batch, &self.write_options)?;
         hot.clear();
-        drop((hot, writing));
+        drop(hot);
+        drop(writing);
         self.persist_bookkeeping()
     }
 
@@ -584,7 +585,8 @@ impl StateStore {
         let mut hot = writing.cache();
         self.db.write_opt(batch, &self.write_options)?;
         hot.remove_partition(partition);
-        drop((hot, writing));
+        drop(hot);
+        drop(writing);
         self.persist_bookkeeping()
     }
 

@@ -225,11 +225,12 @@ fn the_hot_state_cache_never_answers_with_a_value_rocksdb_no_longer_holds() {
 }
 
 /// Readers do not wait for a commit's RocksDB write, and still never see a key go back to an
-/// older value: while one thread commits ever newer states of the same users (and a restore
-/// rewrites another partition's), another reads them, through a cache too small to hold them
-/// all, and every read is at least as new as the one before it.
+/// older value: while one thread commits ever newer states of the same users and another
+/// restores ever newer changelog records of a partition sharing their cache shard (16 and 0),
+/// a third reads them all, through a cache too small to hold them, and every read is at least
+/// as new as the one before it.
 #[test]
-fn reads_during_commits_on_another_thread_never_go_back_in_time() {
+fn reads_during_commits_and_restores_on_other_threads_never_go_back_in_time() {
     let dir = tempfile::tempdir().unwrap();
     let store = std::sync::Arc::new(StateStore::open(dir.path(), StoreOptions { hot_state_bytes: 16 << 10, ..StoreOptions::default() }).unwrap());
     let users: Vec<String> = (0..200).map(|u| format!("u{u}")).collect();
@@ -239,35 +240,41 @@ fn reads_during_commits_on_another_thread_never_go_back_in_time() {
         s
     };
     let rounds = 300u32;
-    let writer = {
+    let committer = {
         let (store, users) = (store.clone(), users.clone());
         std::thread::spawn(move || {
             for n in 1..=rounds {
                 let s = state(n);
                 store.commit(users.iter().enumerate().map(|(i, u)| (i as i32 % 4, u.as_str(), &s)), [("in", 0, i64::from(n))], []).unwrap();
-                if n % 50 == 0 {
-                    // A restore of a partition nobody reads, between the commits.
-                    let (k, v) = (ChangelogKey::User("other").encode(), state(n).encode());
-                    store.apply_changelog(9, vec![(0, k.as_slice(), Some(v.as_slice()))], 1, ("m", ModelPolicy::Refuse), &mut RestoreTrack::default()).unwrap();
-                }
             }
         })
     };
-    let keys: Vec<(i32, &str)> = users.iter().enumerate().map(|(i, u)| (i as i32 % 4, u.as_str())).collect();
-    let mut seen = vec![0u32; users.len()];
+    let restorer = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let k = ChangelogKey::User("restored").encode();
+            for n in 1..=rounds {
+                let v = state(n).encode();
+                let records = vec![(i64::from(n), k.as_slice(), Some(v.as_slice()))];
+                store.apply_changelog(16, records, i64::from(n) + 1, ("m", ModelPolicy::Refuse), &mut RestoreTrack::default()).unwrap();
+            }
+        })
+    };
+    let keys: Vec<(i32, &str)> = users.iter().enumerate().map(|(i, u)| (i as i32 % 4, u.as_str())).chain([(16, "restored")]).collect();
+    let events = |store: &StateStore| -> Vec<u32> { store.get_many(keys.iter().copied()).unwrap().into_iter().map(|l| l.state().map_or(0, |s| s.session.events)).collect() };
+    let mut seen = vec![0u32; keys.len()];
     let mut reads = 0u64;
-    while !writer.is_finished() || reads == 0 {
-        for (i, loaded) in store.get_many(keys.iter().copied()).unwrap().into_iter().enumerate() {
-            let n = loaded.state().map_or(0, |s| s.session.events);
-            assert!(n >= seen[i], "{} read {n} after {}", users[i], seen[i]);
+    while !(committer.is_finished() && restorer.is_finished()) || reads == 0 {
+        for (i, n) in events(&store).into_iter().enumerate() {
+            assert!(n >= seen[i], "{:?} read {n} after {}", keys[i], seen[i]);
             seen[i] = n;
         }
         reads += 1;
     }
-    writer.join().unwrap();
-    let last: Vec<u32> = store.get_many(keys.iter().copied()).unwrap().into_iter().map(|l| l.state().map_or(0, |s| s.session.events)).collect();
-    assert_eq!(last, vec![rounds; users.len()]);
-    eprintln!("{reads} reads of {} users during {rounds} commits", users.len());
+    committer.join().unwrap();
+    restorer.join().unwrap();
+    assert_eq!(events(&store), vec![rounds; keys.len()]);
+    eprintln!("{reads} reads of {} users during {rounds} commits and restores", keys.len());
 }
 
 #[test]

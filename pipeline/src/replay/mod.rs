@@ -302,7 +302,10 @@ impl Scorer<'_> {
     /// Scores one batch of valid events, hands the states and the next offsets to the writer
     /// (they reach RocksDB while the next batch is scored, which reads them meanwhile), returns
     /// the intents. The first batch marks the state directory `running`: a replay that fails
-    /// before (a bad file, an unreachable broker) leaves the directory as it was.
+    /// before (a bad file, an unreachable broker) leaves the directory as it was. A batch's
+    /// intents go out before its write is known to have succeeded; a failed write fails the
+    /// next batch or the end of the replay, which leaves the directory marked `running`:
+    /// refused by `run` and by a new replay, as after a crash.
     ///
     /// # Errors
     ///

@@ -16,7 +16,8 @@
 //! Each run reports events/s, event→score latency percentiles, CPU seconds per million events,
 //! peak RSS, the state's bytes per user on disk once compacted, and the bytes written to storage
 //! per event (procfs `write_bytes`: memtable flushes, compactions, any write-ahead log). Latency
-//! is measured on a clock that stops while events are generated:
+//! is measured on a clock that stops while events are generated (in chunks of many batches,
+//! once the last state write is done, so that no write runs uncounted):
 //!
 //! * at an offered load (`--rates 250000`), event *i* arrives at *i*/rate seconds; a batch takes
 //!   whatever has arrived (up to `--batch`), and an event's latency runs from its arrival until
@@ -100,8 +101,8 @@ pub struct BenchArgs {
     pub commit_interval_ms: u64,
     /// Measure `intentflow replay` instead (in-process, flat out): the events are generated
     /// into a Parquet file first, then replayed from it into a fresh state directory and a
-    /// Parquet file of intents, in the replay's own batches (`replay --max-batch-records`'s
-    /// default).
+    /// Parquet file of intents, as `replay` runs by default: its batches and bulk-load store
+    /// (`--batch`, `--partitions` and `--state-cache-mib` do not apply).
     #[arg(long, conflicts_with_all = ["brokers", "write_ahead_log"])]
     pub replay: bool,
     /// With `--brokers`: the operator's `processing_guarantee`.
@@ -163,6 +164,9 @@ pub async fn bench_cmd(args: &BenchArgs) -> Result<()> {
             r => r.parse::<f64>().ok().filter(|r| r.is_finite() && *r > 0.0).map(Some).with_context(|| format!("--rates: {r:?} is neither `flat` nor a positive number")),
         })
         .collect::<Result<Vec<_>>>()?;
+    if args.replay && rates.iter().any(Option::is_some) {
+        bail!("--replay runs flat out: a replay reads its file as fast as it can (--rates flat)");
+    }
     let tmp = tempfile::tempdir()?;
     let work = args.work_dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     let model_dir = match &args.model_dir {
@@ -176,9 +180,6 @@ pub async fn bench_cmd(args: &BenchArgs) -> Result<()> {
         match &args.brokers {
             Some(brokers) => results.push(live::run_live(args, brokers, &model_dir, &work, events, *rate).await?),
             None if args.replay => {
-                if rate.is_some() {
-                    bail!("--replay runs flat out: a replay reads its file as fast as it can (--rates flat)");
-                }
                 results.push(replay::run_replay(args, &model_dir, &work, events, i).await?);
             }
             None => {
@@ -282,7 +283,11 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
     let synth = Synth { seed: args.seed, users: args.users };
     let mut seen = Seen::new(args.users);
     let mut latency_us = latency_histogram()?;
+    // Generated events [generated_from, generated_from + ends.len()): their JSON, where each
+    // ends in `buf`, their partitions.
     let (mut buf, mut ends, mut partitions) = (Vec::new(), Vec::new(), Vec::new());
+    let mut generated_from = 0u64;
+    let chunk = (args.batch as u64 * 16).max(1 << 16);
     let mut offsets = vec![0i64; args.partitions as usize];
     let mut intents = Vec::with_capacity(1 << 20);
     let (mut next, mut batches) = (0u64, 0u64);
@@ -303,23 +308,34 @@ fn run_once(args: &BenchArgs, model: &IntentModel, dir: &Path, events: u64, rate
             continue;
         }
         let n = (arrived - next).min(args.batch as u64);
-        let cpu_before = cpu_seconds(SELF);
-        clock.pause(|| {
-            buf.clear();
-            ends.clear();
-            partitions.clear();
-            for i in next..next + n {
-                synth.write(i, 1_704_067_200_000 + i as i64, &mut buf);
-                ends.push(buf.len());
-                let user = synth.user(i);
-                seen.insert(user);
-                partitions.push((user % u64::from(args.partitions)) as i32);
-            }
-        });
-        cpu_paused += cpu_seconds(SELF) - cpu_before;
+        if next + n > generated_from + ends.len() as u64 {
+            // The next chunk of events, generated on the stopped clock once the last write is
+            // done: a write running meanwhile would go uncounted, in time and in CPU.
+            let waiting = clock.now();
+            writer.wait()?;
+            let waited = clock.now() - waiting;
+            stages.add([Duration::ZERO, Duration::ZERO, Duration::ZERO, waited]);
+            let cpu_before = cpu_seconds(SELF);
+            clock.pause(|| {
+                buf.clear();
+                ends.clear();
+                partitions.clear();
+                generated_from = next;
+                for i in next..(next + chunk).min(events) {
+                    synth.write(i, 1_704_067_200_000 + i as i64, &mut buf);
+                    ends.push(buf.len());
+                    let user = synth.user(i);
+                    seen.insert(user);
+                    partitions.push((user % u64::from(args.partitions)) as i32);
+                }
+            });
+            cpu_paused += cpu_seconds(SELF) - cpu_before;
+        }
         let fetched = clock.now();
-        let mut start = 0;
-        let records: Vec<SourceRecord> = ends.iter().zip(&partitions).map(|(&end, &partition)| {
+        let first = (next - generated_from) as usize;
+        let mut start = if first == 0 { 0 } else { ends[first - 1] };
+        let batch = first..first + n as usize;
+        let records: Vec<SourceRecord> = ends[batch.clone()].iter().zip(&partitions[batch]).map(|(&end, &partition)| {
             let payload = &buf[start..end];
             start = end;
             let offset = &mut offsets[partition as usize];

@@ -16,13 +16,17 @@ use std::path::Path;
 
 /// One replay of `events` generated events over `args.users` users, in `work`.
 pub(super) async fn run_replay(args: &BenchArgs, model_dir: &Path, work: &Path, events: u64, run: usize) -> Result<RunResult> {
-    let input = work.join(format!("replay-events-{}-{}-{}.parquet", args.users, events, args.seed));
+    let name = format!("replay-events-{}-{}-{}", args.users, events, args.seed);
+    let input = work.join(format!("{name}.parquet"));
     if !input.exists() {
         let users = usize::try_from(args.users).context("--users")?;
         let generated = generate(&GeneratorConfig { users, events: usize::try_from(events).context("--events")?.max(users), seed: args.seed, ..Default::default() });
-        let mut out = Output::file(&input)?;
+        // Renamed once whole: a run stopped while writing leaves no truncated file to reuse.
+        let partial = work.join(format!("{name}.partial.parquet"));
+        let mut out = Output::file(&partial)?;
         out.write(generated).await?;
         out.finish().await?;
+        std::fs::rename(&partial, &input)?;
     }
     let (state_dir, intents) = (work.join(format!("replay-state-{run}")), work.join(format!("replay-intents-{run}.parquet")));
     let _ = std::fs::remove_dir_all(&state_dir);
