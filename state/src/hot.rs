@@ -164,9 +164,9 @@ impl HotCache {
         *shard = Shard::default();
     }
 
-    fn locked(&self, wanted: impl Fn(usize) -> bool) -> Locked<'_> {
+    fn locked(&self, wanted: [bool; SHARDS]) -> Locked<'_> {
         // Always in shard order, so that holders of several shards cannot deadlock.
-        Locked { cache: self, guards: (0..SHARDS).map(|i| wanted(i).then(|| self.lock(i))).collect(), dropped: Vec::new() }
+        Locked { cache: self, guards: (0..SHARDS).map(|i| wanted[i].then(|| self.lock(i))).collect(), dropped: Vec::new() }
     }
 
     fn writing(&self, wanted: [bool; SHARDS]) -> Writing<'_> {
@@ -239,8 +239,7 @@ impl Writing<'_> {
     /// Locks the cache of the shards held, for changes (briefly: readers wait for it). The
     /// writer locks outlive it.
     pub(crate) fn cache(&self) -> Locked<'_> {
-        let wanted = self.wanted;
-        self.cache.locked(|i| wanted[i])
+        self.cache.locked(self.wanted)
     }
 }
 

@@ -137,8 +137,8 @@ pub struct StateStore {
     write_options: WriteOptions,
     /// Whether `write_options` go through the write-ahead log.
     logged: bool,
-    /// Recently written states; its shards are locked around every write of their user keys,
-    /// so the cache and RocksDB change together.
+    /// Recently written states; writers of a shard's user keys take turns under its writer
+    /// lock, and readers never wait for a RocksDB write (see `hot.rs`).
     hot: HotCache,
     /// Writes announced and not yet done (see [`StateStore::announce_write`]).
     pub(crate) announced: std::sync::Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>,

@@ -14,13 +14,12 @@
 //! The operator's CPU time and peak RSS are read from procfs before it is stopped with SIGTERM;
 //! its state is then compacted and measured, and the run's topics are deleted.
 
-use super::{cpu_seconds, disk_write_bytes, latency_histogram, peak_rss_bytes, BenchArgs, RunResult, Seen, Stages, Synth};
+use super::{compacted_state_bytes, cpu_seconds, disk_write_bytes, latency_histogram, peak_rss_bytes, BenchArgs, RunResult, Seen, Stages, Synth};
 use crate::kafka::{admin, DeliveryWindow, KafkaClients};
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use intentflow_model::DeviceKind;
 use intentflow_schemas::ScoredIntent;
-use intentflow_state::{StateStore, StoreOptions};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -181,11 +180,7 @@ pub(super) async fn run_live(args: &BenchArgs, brokers: &str, model_dir: &Path, 
     // fill a memtable (64 MiB) may show next to nothing.
     let disk_bytes = disk_write_bytes(&pid) - disk_start;
     operator.terminate()?;
-    let state_bytes = {
-        let store = StateStore::open(&state_dir, StoreOptions::default())?;
-        store.compact()?;
-        store.sst_bytes()?
-    };
+    let state_bytes = compacted_state_bytes(&state_dir)?;
     std::fs::remove_dir_all(&state_dir)?;
     admin::delete_topics(&clients, &[&input, &output, &format!("{group}-changelog"), &format!("{group}-erasures")]).await?;
     Ok(RunResult {

@@ -467,6 +467,13 @@ fn table(args: &BenchArgs, model: &IntentModel, results: &[RunResult]) -> String
 /// The procfs entry of this process, for [`cpu_seconds`] and [`peak_rss_bytes`].
 const SELF: &str = "self";
 
+/// Bytes of the state store a run left in `dir`, compacted (what an idle user costs on disk).
+fn compacted_state_bytes(dir: &Path) -> Result<u64> {
+    let store = StateStore::open(dir, StoreOptions::default())?;
+    store.compact()?;
+    Ok(store.sst_bytes()?)
+}
+
 /// The topic the generated records claim to come from.
 const TOPIC: &str = "bench-events";
 

@@ -5,13 +5,12 @@
 //! RSS and bytes written are the process's over the replay (the intents' Parquet file
 //! included); latency does not apply.
 
-use super::{cpu_seconds, disk_write_bytes, peak_rss_bytes, reset_peak_rss, BenchArgs, RunResult, Stages, SELF};
+use super::{compacted_state_bytes, cpu_seconds, disk_write_bytes, peak_rss_bytes, reset_peak_rss, BenchArgs, RunResult, Stages, SELF};
 use crate::config::RunConfig;
 use crate::output::Output;
 use crate::replay::{self, Bound, Inputs, ReplayJob, Target};
 use anyhow::{Context, Result};
 use intentflow_formats::generate::{generate, GeneratorConfig};
-use intentflow_state::StoreOptions;
 use std::path::Path;
 
 /// One replay of `events` generated events over `args.users` users, in `work`.
@@ -54,11 +53,7 @@ pub(super) async fn run_replay(args: &BenchArgs, model_dir: &Path, work: &Path, 
     let cpu = cpu_seconds(SELF) - cpu_start;
     let disk_bytes = disk_write_bytes(SELF) - disk_start;
     let peak_rss = peak_rss_bytes(SELF);
-    let state_bytes = tokio::task::block_in_place(|| -> Result<u64> {
-        let store = crate::state_dir::StateDir::new(&state_dir).open_store(StoreOptions::default())?;
-        store.compact()?;
-        Ok(store.sst_bytes()?)
-    })?;
+    let state_bytes = tokio::task::block_in_place(|| compacted_state_bytes(&state_dir))?;
     std::fs::remove_dir_all(&state_dir)?;
     std::fs::remove_file(&intents)?;
     Ok(RunResult {
